@@ -1,0 +1,1 @@
+"""Local stand-ins for the external HTTP services the orchestrator calls."""

@@ -1,0 +1,1 @@
+"""orchestrator: durable multi-step workflows on Celery, RabbitMQ, PostgreSQL, Redis and Kafka."""

@@ -1,0 +1,201 @@
+"""`orchestrator <command>`: every process of the product from one installed package."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import Settings, load_settings
+from .errors import ConfigError
+
+log = logging.getLogger("orchestrator")
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        sys.exit(f"configuration error: {exc.message}")
+
+
+def _logging(settings: Settings) -> None:
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
+
+
+def cmd_db(args: argparse.Namespace) -> None:
+    from .migrate import downgrade, upgrade
+
+    settings = _settings()
+    if args.action == "upgrade":
+        upgrade(settings.database_url, args.revision or "head")
+    else:
+        downgrade(settings.database_url, args.revision or "-1")
+    print(f"database {args.action}d: {settings.database_url.split('@')[-1]}")
+
+
+def cmd_api(args: argparse.Namespace) -> None:
+    settings = _settings()
+    _logging(settings)
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="orchestrator-metrics-")
+    from gunicorn.app.base import BaseApplication
+
+    from web import create_app
+
+    class Server(BaseApplication):  # type: ignore[misc]
+        def load_config(self) -> None:
+            self.cfg.set("bind", f"{args.host or settings.host}:{args.port or settings.port}")
+            self.cfg.set("workers", args.workers or settings.workers)
+            self.cfg.set("worker_class", "gthread")
+            self.cfg.set("threads", 8)
+            self.cfg.set("timeout", 60)
+            self.cfg.set("graceful_timeout", 10)
+            self.cfg.set("accesslog", "-" if args.access_log else None)
+
+        def load(self) -> Any:
+            return create_app()
+
+    Server().run()
+
+
+def cmd_worker(args: argparse.Namespace) -> None:
+    from . import runtime
+
+    rt = runtime.current()
+    argv = ["worker", "--loglevel", rt.settings.log_level.upper(), "-Q", args.queues,
+            "-c", str(args.concurrency), "-n", args.name, "--pool", args.pool]
+    rt.celery.worker_main(argv)
+
+
+def cmd_sweeper(args: argparse.Namespace) -> None:
+    from . import runtime
+    from .sweeper import run
+
+    rt = runtime.current()
+    _logging(rt.settings)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    run(rt, stop)
+
+
+def cmd_flower(args: argparse.Namespace) -> None:
+    from . import runtime
+
+    rt = runtime.current()
+    auth = rt.settings.flower_basic_auth
+    if not auth:
+        sys.exit("configuration error: FLOWER_BASIC_AUTH: required (user:password) so Flower is never open")
+    rt.celery.start(["flower", f"--basic-auth={auth}", f"--port={args.port}", f"--address={args.address}"])
+
+
+def cmd_dev(args: argparse.Namespace) -> None:
+    """Every process in the foreground, with the emulators, on embedded defaults."""
+    settings = _settings()
+    _logging(settings)
+    env = dict(os.environ)
+    env.setdefault("FLOWER_BASIC_AUTH", "admin:admin")
+    env.setdefault("EMULATOR_JOB_SECONDS", "2")
+    children: list[tuple[str, list[str]]] = []
+    ports = {"VIDEO_DOWNLOADER_URL": 8001, "AUDIO_NORMALIZATION_URL": 8002, "AUDIO_TRANSCRIBER_URL": 8003}
+    if not any(os.environ.get(name) for name in ports):
+        for name, port in ports.items():
+            env[name] = f"http://127.0.0.1:{port}"
+        children.append(("emulators", [sys.executable, "-m", "emulators.media", "--host", "127.0.0.1"]))
+    py = [sys.executable, "-m", "orchestrator.cli"]
+    children += [
+        ("api", py + ["api", "--workers", str(args.api_workers)]),
+        ("worker", py + ["worker", "--concurrency", str(args.concurrency), "--name", "dev@%h"]),
+        ("sweeper", py + ["sweeper"]),
+        ("flower", py + ["flower", "--port", str(args.flower_port)]),
+    ]
+    subprocess.run(py + ["db", "upgrade"], env=env, check=True)
+    procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+    stopping = threading.Event()
+
+    def stop(*_: Any) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    for name, cmd in children:
+        procs.append((name, subprocess.Popen(cmd, env=env, start_new_session=True)))
+    print(f"orchestrator dev: API http://{settings.host}:{settings.port}  "
+          f"Flower http://127.0.0.1:{args.flower_port} ({env['FLOWER_BASIC_AUTH']})  Ctrl-C stops all",
+          flush=True)
+    code = 0
+    while not stopping.is_set():
+        for name, proc in procs:
+            if proc.poll() is not None:
+                log.error("%s exited with %s; stopping everything", name, proc.returncode)
+                code = 1
+                stopping.set()
+        stopping.wait(0.5)
+    for _, proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.time() + 15
+    for _, proc in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    sys.exit(code)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="orchestrator", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    db = sub.add_parser("db", help="database migrations")
+    db.add_argument("action", choices=["upgrade", "downgrade"])
+    db.add_argument("revision", nargs="?")
+    db.set_defaults(func=cmd_db)
+
+    api = sub.add_parser("api", help="the HTTP API (gunicorn)")
+    api.add_argument("--host")
+    api.add_argument("--port", type=int)
+    api.add_argument("--workers", type=int)
+    api.add_argument("--access-log", action="store_true")
+    api.set_defaults(func=cmd_api)
+
+    worker = sub.add_parser("worker", help="a Celery worker for step tasks")
+    worker.add_argument("--queues", default="default,media,engine")
+    worker.add_argument("--concurrency", type=int, default=2)
+    worker.add_argument("--name", default="worker@%h")
+    worker.add_argument("--pool", default="prefork")
+    worker.set_defaults(func=cmd_worker)
+
+    for name in ("sweeper", "beat"):
+        sw = sub.add_parser(name, help="outbox relay, timers and lease sweeper" + (" (alias)" if name == "beat" else ""))
+        sw.set_defaults(func=cmd_sweeper)
+
+    flower = sub.add_parser("flower", help="Flower with basic auth (FLOWER_BASIC_AUTH)")
+    flower.add_argument("--port", type=int, default=5555)
+    flower.add_argument("--address", default="127.0.0.1")
+    flower.set_defaults(func=cmd_flower)
+
+    dev = sub.add_parser("dev", help="all processes and the emulators together, in the foreground")
+    dev.add_argument("--concurrency", type=int, default=4)
+    dev.add_argument("--api-workers", type=int, default=2)
+    dev.add_argument("--flower-port", type=int, default=5555)
+    dev.set_defaults(func=cmd_dev)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,703 @@
+"""The engine: every change to a workflow instance is one transaction.
+
+    lock the instance row -> rebuild the machine from the stored state -> fire the event ->
+    write state, step rows, one history row, timers and outbox rows -> commit -> relay
+
+Steps report back through `claim_step`, `step_progress`, `step_succeeded` and `step_failed`;
+every one of them is keyed by (instance, step, attempt[, branch]) so a redelivered task or a
+duplicated report has one effect.
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Callable, Iterator
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm.attributes import flag_modified
+from statemachine.exceptions import TransitionNotAllowed
+
+from .config import Settings
+from .errors import Conflict, IllegalTransition, InvalidInput, NotFound
+from .jsonutil import digest
+from .models import (
+    ACTIVE_STEP_STATUSES,
+    HistoryEntry,
+    OutboxMessage,
+    StepRun,
+    StepStatus,
+    Timer,
+    WorkflowInstance,
+    utcnow,
+)
+from .workflow import Registry, Step, Workflow
+
+log = logging.getLogger(__name__)
+
+ACTIVE = tuple(s.value for s in ACTIVE_STEP_STATUSES)
+
+
+@dataclass
+class StepContext:
+    """What a step task gets: the instance's input and its own saved data. No ORM objects."""
+
+    instance_id: str
+    step: str
+    attempt: int
+    branch: int | None
+    input: dict[str, Any]
+    data: dict[str, Any]
+    outputs: dict[str, Any]
+    polls: int
+    restarts: int
+    settings: Settings
+    engine: "Engine" = field(repr=False)
+
+    @property
+    def idempotency_key(self) -> str:
+        """Stable across retries of one run; new after a restart (the old effect failed)."""
+        key = f"{self.instance_id}:{self.step}:{self.restarts}"
+        return key if self.branch is None else f"{key}:{self.branch}"
+
+    def save(self, **data: Any) -> None:
+        """Persist partial progress (e.g. a remote job id) before the next call."""
+        self.data.update(data)
+        self.engine.save_step_data(self.instance_id, self.step, self.attempt, data, self.branch)
+
+
+@dataclass
+class Done:
+    """The step succeeded: fire `event` (default: the step's join for a branch) with `output`."""
+
+    event: str = ""
+    output: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Poll:
+    """Not finished yet: look again after `after` seconds (a timer row, not a sleeping worker)."""
+
+    after: float
+    progress: float | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+class UnitOfWork:
+    """One transaction. Outbox rows added here are relayed right after commit."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.outbox_ids: list[int] = []
+        self._pending: list[OutboxMessage] = []
+
+    def add_message(self, channel: str, target: str, payload: dict[str, Any], *,
+                    instance_id: str | None = None, key: str | None = None) -> None:
+        msg = OutboxMessage(message_id=uuid.uuid4().hex, instance_id=instance_id, channel=channel,
+                            target=target, key=key, payload=payload)
+        self.session.add(msg)
+        self._pending.append(msg)
+
+    def lock(self, instance_id: str) -> WorkflowInstance:
+        inst = self.session.execute(
+            select(WorkflowInstance).where(WorkflowInstance.id == instance_id).with_for_update()
+        ).scalar_one_or_none()
+        if inst is None:
+            raise NotFound(f"instance {instance_id} not found", instance_id=instance_id)
+        return inst
+
+    def step_run(self, instance_id: str, name: str) -> StepRun | None:
+        return self.session.execute(
+            select(StepRun).where(StepRun.instance_id == instance_id, StepRun.name == name)
+        ).scalar_one_or_none()
+
+    def flush_ids(self) -> None:
+        if self._pending:
+            self.session.flush()
+            self.outbox_ids.extend(m.id for m in self._pending)
+            self._pending.clear()
+
+
+class Engine:
+    def __init__(self, settings: Settings, session_factory: sessionmaker[Session], registry: Registry,
+                 relay: Callable[[list[int]], None] | None = None) -> None:
+        self.settings = settings
+        self.sessions = session_factory
+        self.registry = registry
+        self.relay = relay
+
+    # -- transactions --------------------------------------------------------------------------
+    @contextmanager
+    def unit_of_work(self) -> Iterator[UnitOfWork]:
+        with self.sessions() as session:
+            with session.begin():
+                uow = UnitOfWork(session)
+                yield uow
+                uow.flush_ids()
+        if uow.outbox_ids and self.relay is not None:
+            try:
+                self.relay(uow.outbox_ids)
+            except Exception:  # the sweeper publishes what the kick could not
+                log.warning("relay after commit failed; the sweeper will publish", exc_info=True)
+
+    def workflow_class(self, type_name: str) -> type[Workflow]:
+        cls = self.registry.get(type_name)
+        if cls is None:
+            raise NotFound(f"unknown workflow type '{type_name}'", type=type_name,
+                           known=self.registry.names())
+        return cls
+
+    # -- start ---------------------------------------------------------------------------------
+    def start(self, type_name: str, data: Any, *, key: str | None = None,
+              idempotency_key: str | None = None, actor: str = "api") -> tuple[dict[str, Any], bool]:
+        """Create an instance, or return the existing one for the same key. (snapshot, created)."""
+        cls = self.workflow_class(type_name)
+        data = cls.validate_input(data, self.settings)
+        fingerprint = cls.fingerprint(data)
+        if key is not None and (not isinstance(key, str) or not key.strip() or len(key) > 255):
+            raise InvalidInput("key", "must be a non-empty string of at most 255 characters")
+        if idempotency_key is not None and (not idempotency_key.strip() or len(idempotency_key) > 255):
+            raise InvalidInput("Idempotency-Key", "must be a non-empty header of at most 255 characters")
+
+        existing = self._find_existing(cls, key, idempotency_key, fingerprint)
+        if existing is not None:
+            return self.snapshot(existing), False
+        instance_id = str(uuid.uuid4())
+        try:
+            with self.unit_of_work() as uow:
+                now = utcnow()
+                inst = WorkflowInstance(id=instance_id, type=cls.type, business_key=key,
+                                        idempotency_key=idempotency_key, fingerprint=fingerprint,
+                                        state=None, context={"input": data}, created_at=now,
+                                        updated_at=now)
+                machine = cls(model=inst, settings=self.settings)  # enters the initial state
+                uow.session.add(inst)
+                uow.session.flush()  # the row first: history and timers point at it
+                self._record(uow, inst, None, "create", data, actor)
+                self._write_messages(uow, inst, machine)
+                uow.session.flush()
+                deadline = cls.timeout(self.settings)
+                if deadline is not None:
+                    uow.session.add(Timer(instance_id=inst.id, kind="expire", due_at=now + deadline))
+                if cls.start_event:
+                    self._transition(uow, inst, cls.start_event, data, actor)
+                else:
+                    self._enter_step(uow, inst, cls)
+        except IntegrityError:
+            # A concurrent start with the same key won the race; answer with its instance.
+            existing = self._find_existing(cls, key, idempotency_key, fingerprint)
+            if existing is None:
+                raise
+            return self.snapshot(existing), False
+        return self.snapshot(instance_id), True
+
+    def _find_existing(self, cls: type[Workflow], key: str | None, idem: str | None,
+                       fingerprint: str | None) -> str | None:
+        with self.sessions() as s:
+            if idem is not None:
+                row = s.execute(select(WorkflowInstance.id, WorkflowInstance.fingerprint).where(
+                    WorkflowInstance.type == cls.type, WorkflowInstance.idempotency_key == idem)).first()
+                if row is not None:
+                    if fingerprint is not None and row.fingerprint not in (None, fingerprint):
+                        raise Conflict("Idempotency-Key was already used with a different request",
+                                       field="Idempotency-Key", instance_id=row.id)
+                    return row.id
+            if key is not None:
+                found = s.execute(select(WorkflowInstance.id).where(
+                    WorkflowInstance.type == cls.type, WorkflowInstance.business_key == key)).scalar()
+                if found is not None:
+                    return found
+            reuse = cls.reuse_within(self.settings)
+            if reuse is not None and fingerprint is not None and cls.success_states:
+                return s.execute(select(WorkflowInstance.id).where(
+                    WorkflowInstance.type == cls.type,
+                    WorkflowInstance.fingerprint == fingerprint,
+                    WorkflowInstance.state.in_(cls.success_states),
+                    WorkflowInstance.finished_at >= utcnow() - reuse,
+                ).order_by(WorkflowInstance.finished_at.desc()).limit(1)).scalar()
+        return None
+
+    # -- events --------------------------------------------------------------------------------
+    def fire(self, instance_id: str, event: str, payload: dict[str, Any] | None = None, *,
+             actor: str = "api") -> dict[str, Any]:
+        """Fire a signal or human-input event. Raises IllegalTransition (409) or InvalidInput."""
+        with self.unit_of_work() as uow:
+            inst = uow.lock(instance_id)
+            self._transition(uow, inst, event, payload or {}, actor)
+        return self.snapshot(instance_id)
+
+    def _machine(self, inst: WorkflowInstance) -> Workflow:
+        cls = self.workflow_class(inst.type)
+        return cls(model=inst, settings=self.settings)
+
+    def _transition(self, uow: UnitOfWork, inst: WorkflowInstance, event: str,
+                    payload: dict[str, Any], actor: str, failed_step: bool = False) -> None:
+        cls = self.workflow_class(inst.type)
+        if event not in cls.event_names():
+            raise InvalidInput("event", f"unknown event '{event}' for workflow '{cls.type}'", status=400)
+        machine = cls(model=inst, settings=self.settings)
+        before = inst.state
+        try:
+            machine.send(event, payload=payload)
+        except TransitionNotAllowed:
+            raise IllegalTransition(inst.id, event, before or "") from None
+        after = inst.state
+        now = utcnow()
+        flag_modified(inst, "context")
+        inst.updated_at = now
+        if after != before:
+            old_step = cls.step_for_state(before)
+            if old_step is not None:
+                run = uow.step_run(inst.id, old_step.name)
+                if run is not None and run.status in ACTIVE:
+                    run.status = (StepStatus.FAILED if failed_step else StepStatus.CANCELLED).value
+                    run.finished_at = now
+        finished = after in cls.finished_state_ids()
+        if finished != inst.finished:
+            inst.finished = finished
+            inst.finished_at = now if finished else None
+            deadline = cls.timeout(self.settings)
+            if not finished and deadline is not None:  # restarted: the job gets a new deadline
+                uow.session.add(Timer(instance_id=inst.id, kind="expire", due_at=now + deadline))
+        self._record(uow, inst, before, event, payload, actor)
+        self._write_messages(uow, inst, machine)
+        if after != before:
+            if event == cls.cancel_event:
+                self._compensate(uow, inst, cls)
+            self._enter_step(uow, inst, cls)
+
+    def _record(self, uow: UnitOfWork, inst: WorkflowInstance, before: str | None, event: str,
+                payload: Any, actor: str) -> None:
+        uow.session.add(HistoryEntry(instance_id=inst.id, from_state=before, to_state=inst.state,
+                                     event=event, payload_digest=digest(payload), actor=actor))
+
+    def _write_messages(self, uow: UnitOfWork, inst: WorkflowInstance, machine: Workflow) -> None:
+        for channel, target, key, payload in machine.messages:
+            uow.add_message(channel, target, payload, instance_id=inst.id, key=key)
+        machine.messages.clear()
+
+    # -- steps ---------------------------------------------------------------------------------
+    def _enter_step(self, uow: UnitOfWork, inst: WorkflowInstance, cls: type[Workflow]) -> None:
+        step = cls.step_for_state(inst.state)
+        if step is None:
+            return
+        run = uow.step_run(inst.id, step.name)
+        now = utcnow()
+        if run is None:
+            run = StepRun(instance_id=inst.id, name=step.name, task=step.tasks[-1], attempt=0,
+                          restarts=0, data={}, failures=0)
+            uow.session.add(run)
+        else:
+            # Entering again (a restart): keep completed branches, forget the failed effect.
+            run.restarts += 1
+            if not step.fanout:
+                run.data = {}
+        seq = uow.session.execute(select(func.coalesce(func.max(StepRun.seq), 0)).where(
+            StepRun.instance_id == inst.id)).scalar_one()
+        run.seq = seq + 1
+        run.attempt += 1
+        run.failures = 0
+        run.polls = 0
+        run.progress = 0.0
+        run.error = None
+        run.started_at = None
+        run.finished_at = None
+        run.queued_at = now
+        branches = None
+        if step.fanout:
+            machine = cls(model=inst, settings=self.settings)
+            previous = (run.data or {}).get("branches") or []
+            if previous:
+                branches = [i for i, b in enumerate(previous) if b["status"] != StepStatus.COMPLETED.value]
+                for i in branches:
+                    previous[i].update(status=StepStatus.QUEUED.value, attempt=previous[i]["attempt"] + 1,
+                                       error=None)
+                run.failed = 0
+            else:
+                items = list(getattr(machine, step.fanout)())
+                previous = [{"input": item, "status": StepStatus.QUEUED.value, "attempt": 1,
+                             "error": None} for item in items]
+                branches = list(range(len(items)))
+                run.total, run.done, run.failed = len(items), 0, 0
+            run.data = {**(run.data or {}), "branches": previous}
+            flag_modified(run, "data")
+            if run.total == 0:
+                run.status = StepStatus.COMPLETED.value
+                run.finished_at = now
+                uow.session.flush()
+                self._transition(uow, inst, step.join, {"branches": []}, "engine")
+                return
+        run.status = StepStatus.QUEUED.value
+        self._dispatch(uow, inst.id, step, run, branches)
+        if step.timeout is not None:
+            uow.session.add(Timer(instance_id=inst.id, kind="deadline", step=step.name,
+                                  attempt=run.attempt, due_at=now + step.timeout))
+
+    def _dispatch(self, uow: UnitOfWork, instance_id: str, step: Step, run: StepRun,
+                  branches: list[int] | None = None) -> None:
+        args = [instance_id, run.name, run.attempt]
+        if branches is not None:
+            payload = {"group": [[step.task, args + [i]] for i in branches]}
+        elif len(step.tasks) > 1:
+            payload = {"chain": [[t, args] for t in step.tasks]}
+        else:
+            payload = {"task": [step.task, args]}
+        uow.add_message("celery", step.tasks[0], payload, instance_id=instance_id)
+
+    def claim_step(self, instance_id: str, step: str, attempt: int,
+                   branch: int | None = None) -> StepContext | None:
+        """Called by a task before doing work. None means: stale or duplicate delivery, do nothing."""
+        with self.unit_of_work() as uow:
+            try:
+                inst = uow.lock(instance_id)
+            except NotFound:
+                return None
+            run = uow.step_run(instance_id, step)
+            if run is None or run.attempt != attempt or run.status not in ACTIVE:
+                return None
+            data = dict(run.data or {})
+            if branch is not None:
+                b = data["branches"][branch]
+                if b["status"] not in ACTIVE:
+                    return None
+                b["status"] = StepStatus.RUNNING.value
+                flag_modified(run, "data")
+            now = utcnow()
+            run.status = StepStatus.RUNNING.value
+            run.started_at = run.started_at or now
+            run.lease_until = now + timedelta(seconds=self.settings.step_lease_seconds)
+            outputs = self._outputs(uow, instance_id)
+            return StepContext(instance_id=instance_id, step=step, attempt=attempt, branch=branch,
+                               input=dict(inst.context.get("input") or {}), data=data, outputs=outputs,
+                               polls=run.polls, restarts=run.restarts, settings=self.settings, engine=self)
+
+    def _outputs(self, uow: UnitOfWork, instance_id: str) -> dict[str, Any]:
+        rows = uow.session.execute(select(StepRun.name, StepRun.data).where(
+            StepRun.instance_id == instance_id, StepRun.status == StepStatus.COMPLETED.value)).all()
+        return {name: (data or {}).get("output") for name, data in rows}
+
+    def _active_run(self, uow: UnitOfWork, instance_id: str, step: str, attempt: int,
+                    branch: int | None) -> tuple[WorkflowInstance, StepRun] | None:
+        try:
+            inst = uow.lock(instance_id)
+        except NotFound:
+            return None
+        run = uow.step_run(instance_id, step)
+        if run is None or run.attempt != attempt or run.status not in ACTIVE:
+            return None
+        if branch is not None and run.data["branches"][branch]["status"] not in ACTIVE:
+            return None
+        return inst, run
+
+    def save_step_data(self, instance_id: str, step: str, attempt: int, data: dict[str, Any],
+                       branch: int | None = None) -> None:
+        with self.unit_of_work() as uow:
+            found = self._active_run(uow, instance_id, step, attempt, branch)
+            if found is None:
+                return
+            _, run = found
+            if branch is None:
+                run.data = {**(run.data or {}), **data}
+            else:
+                run.data["branches"][branch].setdefault("data", {}).update(data)
+            flag_modified(run, "data")
+
+    def step_progress(self, instance_id: str, step: str, attempt: int, poll: Poll,
+                      branch: int | None = None) -> None:
+        """Record progress and re-arm a timer; the step gives its worker slot back meanwhile."""
+        with self.unit_of_work() as uow:
+            found = self._active_run(uow, instance_id, step, attempt, branch)
+            if found is None:
+                return
+            _, run = found
+            if poll.progress is not None:
+                run.progress = max(0.0, min(100.0, float(poll.progress)))
+            if poll.data:
+                run.data = {**(run.data or {}), **poll.data}
+                flag_modified(run, "data")
+            run.polls += 1
+            run.failures = 0
+            run.status = StepStatus.WAITING.value
+            run.lease_until = None
+            uow.session.add(Timer(instance_id=instance_id, kind="poll", step=step, attempt=attempt,
+                                  branch=branch, due_at=utcnow() + timedelta(seconds=poll.after)))
+
+    def step_succeeded(self, instance_id: str, step: str, attempt: int, done: Done,
+                       branch: int | None = None, actor: str = "worker") -> None:
+        with self.unit_of_work() as uow:
+            found = self._active_run(uow, instance_id, step, attempt, branch)
+            if found is None:
+                return
+            inst, run = found
+            cls = self.workflow_class(inst.type)
+            now = utcnow()
+            if branch is not None:
+                b = run.data["branches"][branch]
+                b.update(status=StepStatus.COMPLETED.value, output=done.output, error=None)
+                flag_modified(run, "data")
+                run.done += 1
+                if run.done < run.total:
+                    if run.done + run.failed == run.total:
+                        self._fail_step(uow, inst, cls, run, "some branches failed")
+                    return
+                event = cls.step_named(step)[1].join  # type: ignore[index]
+                payload = {"branches": [x.get("output") for x in run.data["branches"]]}
+            else:
+                run.data = {**(run.data or {}), "output": done.output}
+                flag_modified(run, "data")
+                event, payload = done.event, done.output
+            run.status = StepStatus.COMPLETED.value
+            run.progress = 100.0
+            run.finished_at = now
+            run.lease_until = None
+            self._transition(uow, inst, event, payload, actor)
+
+    def step_failed(self, instance_id: str, step: str, attempt: int, error: str, retryable: bool,
+                    branch: int | None = None) -> None:
+        """Retry after a backoff timer if the policy allows, else fail the step for good."""
+        with self.unit_of_work() as uow:
+            found = self._active_run(uow, instance_id, step, attempt, branch)
+            if found is None:
+                return
+            inst, run = found
+            cls = self.workflow_class(inst.type)
+            policy = cls.step_named(step)[1].policy(self.settings)  # type: ignore[index]
+            run.failures += 1
+            run.error = error[:2000]
+            if policy.should_retry(run.failures, retryable):
+                delay = policy.delay(run.failures)
+                run.status = StepStatus.WAITING.value
+                run.lease_until = None
+                if branch is not None:
+                    run.data["branches"][branch].update(status=StepStatus.WAITING.value, error=error)
+                    flag_modified(run, "data")
+                uow.session.add(Timer(instance_id=instance_id, kind="retry", step=step, attempt=attempt,
+                                      branch=branch, due_at=utcnow() + timedelta(seconds=delay)))
+                log.info("step %s of %s failed (%s); retry %d in %.1fs", step, instance_id, error,
+                         run.failures, delay)
+                return
+            if branch is not None:
+                run.data["branches"][branch].update(status=StepStatus.FAILED.value, error=error)
+                flag_modified(run, "data")
+                run.failed += 1
+                if run.done + run.failed < run.total:
+                    return  # the others may still finish; the step fails when all have reported
+            self._fail_step(uow, inst, cls, run, error)
+
+    def _fail_step(self, uow: UnitOfWork, inst: WorkflowInstance, cls: type[Workflow], run: StepRun,
+                   error: str) -> None:
+        step = cls.step_named(run.name)[1]  # type: ignore[index]
+        run.status = StepStatus.FAILED.value
+        run.error = error[:2000]
+        run.finished_at = utcnow()
+        run.lease_until = None
+        self._transition(uow, inst, step.on_failure, {"step": run.name, "error": error}, "engine",
+                         failed_step=True)
+
+    # -- restart and cancel --------------------------------------------------------------------
+    def restart(self, instance_id: str, step: str, actor: str = "api") -> dict[str, Any]:
+        with self.unit_of_work() as uow:
+            inst = uow.lock(instance_id)
+            cls = self.workflow_class(inst.type)
+            if not isinstance(step, str) or cls.step_named(step) is None:
+                raise InvalidInput("step", f"unknown step '{step}'; steps: "
+                                   + ", ".join(s.name for s in cls.step_table().values()))
+            run = uow.step_run(instance_id, step)
+            if run is None or run.status not in (StepStatus.FAILED.value, StepStatus.CANCELLED.value):
+                raise Conflict(f"step '{step}' is {run.status if run else 'not started'}; only a failed "
+                               "step can be restarted", state=inst.state,
+                               step_status=run.status if run else None)
+            run.status = StepStatus.PENDING.value
+            self._transition(uow, inst, cls.restart_event, {"step": step}, actor)
+        return self.snapshot(instance_id)
+
+    def cancel(self, instance_id: str, actor: str = "api") -> dict[str, Any]:
+        with self.unit_of_work() as uow:
+            inst = uow.lock(instance_id)
+            cls = self.workflow_class(inst.type)
+            if cls.cancel_event not in cls.event_names():
+                raise Conflict(f"workflow '{cls.type}' cannot be cancelled", state=inst.state)
+            self._transition(uow, inst, cls.cancel_event, {}, actor)
+        return self.snapshot(instance_id)
+
+    def _compensate(self, uow: UnitOfWork, inst: WorkflowInstance, cls: type[Workflow]) -> None:
+        """Run the declared compensations of completed steps, newest first, as one Celery chain."""
+        runs = uow.session.execute(select(StepRun).where(
+            StepRun.instance_id == inst.id, StepRun.status == StepStatus.COMPLETED.value
+        ).order_by(StepRun.seq.desc())).scalars().all()
+        links = []
+        for run in runs:
+            found = cls.step_named(run.name)
+            if found and found[1].compensate:
+                links.append([found[1].compensate, [inst.id, run.name, run.attempt]])
+        if links:
+            uow.add_message("celery", links[0][0], {"chain": links}, instance_id=inst.id)
+
+    def compensated(self, instance_id: str, step: str, attempt: int) -> bool:
+        """Mark a completed step compensated; False if it was already (a duplicate delivery)."""
+        with self.unit_of_work() as uow:
+            uow.lock(instance_id)
+            run = uow.step_run(instance_id, step)
+            if run is None or run.attempt != attempt or run.status != StepStatus.COMPLETED.value:
+                return False
+            run.status = StepStatus.COMPENSATED.value
+            return True
+
+    # -- sweeper -------------------------------------------------------------------------------
+    def fire_due_timers(self, limit: int = 200) -> int:
+        """Turn due timers into dispatches and events. Safe with several sweepers (SKIP LOCKED)."""
+        fired = 0
+        while fired < limit:
+            with self.unit_of_work() as uow:
+                timer = uow.session.execute(
+                    select(Timer).where(Timer.fired_at.is_(None), Timer.due_at <= utcnow())
+                    .order_by(Timer.due_at).limit(1).with_for_update(skip_locked=True)
+                ).scalar_one_or_none()
+                if timer is None:
+                    return fired
+                timer.fired_at = utcnow()
+                self._fire_timer(uow, timer)
+            fired += 1
+        return fired
+
+    def _fire_timer(self, uow: UnitOfWork, timer: Timer) -> None:
+        inst = uow.lock(timer.instance_id)
+        if inst.finished:
+            return
+        cls = self.workflow_class(inst.type)
+        if timer.kind == "expire":
+            self._expire(uow, inst, cls)
+            return
+        run = uow.step_run(inst.id, timer.step or "")
+        if run is None or run.attempt != timer.attempt or run.status not in ACTIVE:
+            return
+        step = cls.step_named(run.name)[1]  # type: ignore[index]
+        if timer.kind == "deadline":
+            seconds = step.timeout.total_seconds() if step.timeout else 0
+            self._fail_step(uow, inst, cls, run, f"step timed out after {seconds:g}s")
+        elif timer.kind in ("retry", "poll"):
+            run.status = StepStatus.QUEUED.value
+            branches = None
+            if timer.branch is not None:
+                # Branches share the step's attempt; a branch retry counts on the branch alone.
+                branch = run.data["branches"][timer.branch]
+                branch["status"] = StepStatus.QUEUED.value
+                if timer.kind == "retry":
+                    branch["attempt"] += 1
+                flag_modified(run, "data")
+                branches = [timer.branch]
+            elif timer.kind == "retry":
+                run.attempt += 1  # a new delivery key: the old message, if it comes back, is stale
+            self._dispatch(uow, inst.id, step, run, branches)
+
+    def _expire(self, uow: UnitOfWork, inst: WorkflowInstance, cls: type[Workflow]) -> None:
+        limit = cls.timeout(self.settings)
+        error = f"job timed out after {limit.total_seconds() / 60:g} minutes" if limit else "timed out"
+        step = cls.step_for_state(inst.state)
+        run = uow.step_run(inst.id, step.name) if step else None
+        if run is not None and run.status in ACTIVE:
+            self._fail_step(uow, inst, cls, run, error)
+            return
+        failure = step.on_failure if step else "fail"
+        if failure in cls.event_names():
+            try:
+                self._transition(uow, inst, failure, {"error": error}, "engine")
+            except IllegalTransition:
+                log.warning("instance %s expired in state %s with no way to fail", inst.id, inst.state)
+
+    def redispatch_expired_leases(self) -> int:
+        """A running step whose lease ran out lost its worker: deliver it again."""
+        count = 0
+        with self.unit_of_work() as uow:
+            runs = uow.session.execute(select(StepRun).where(
+                StepRun.status == StepStatus.RUNNING.value, StepRun.lease_until < utcnow()
+            ).limit(100).with_for_update(skip_locked=True)).scalars().all()
+            for run in runs:
+                inst = uow.session.get(WorkflowInstance, run.instance_id)
+                cls = self.workflow_class(inst.type)  # type: ignore[union-attr]
+                found = cls.step_named(run.name)
+                if found is None:
+                    continue
+                run.lease_until = utcnow() + timedelta(seconds=self.settings.step_lease_seconds)
+                branches = None
+                if found[1].fanout:
+                    branches = [i for i, b in enumerate(run.data["branches"]) if b["status"] in ACTIVE]
+                self._dispatch(uow, run.instance_id, found[1], run, branches)
+                count += 1
+        return count
+
+    # -- reads ---------------------------------------------------------------------------------
+    def snapshot(self, instance_id: str, history: bool = True) -> dict[str, Any]:
+        with self.sessions() as s:
+            inst = s.get(WorkflowInstance, instance_id)
+            if inst is None:
+                raise NotFound(f"instance {instance_id} not found", instance_id=instance_id)
+            runs = s.execute(select(StepRun).where(StepRun.instance_id == instance_id)
+                             .order_by(StepRun.seq)).scalars().all()
+            entries = s.execute(select(HistoryEntry).where(HistoryEntry.instance_id == instance_id)
+                                .order_by(HistoryEntry.id)).scalars().all() if history else []
+            return instance_dict(inst, runs, entries if history else None)
+
+    def list(self, type_name: str | None = None, state: str | None = None, limit: int = 50,
+             offset: int = 0) -> tuple[int, list[dict[str, Any]]]:
+        with self.sessions() as s:
+            q = select(WorkflowInstance)
+            if type_name:
+                q = q.where(WorkflowInstance.type == type_name)
+            if state:
+                q = q.where(WorkflowInstance.state == state)
+            total = s.execute(select(func.count()).select_from(q.subquery())).scalar_one()
+            rows = s.execute(q.order_by(WorkflowInstance.created_at.desc(), WorkflowInstance.id)
+                             .limit(limit).offset(offset)).scalars().all()
+            return total, [instance_dict(r, None, None) for r in rows]
+
+    def delete_instances(self, ids: list[str]) -> int:
+        if not ids:
+            return 0
+        with self.unit_of_work() as uow:
+            for table in (Timer, HistoryEntry, StepRun):
+                uow.session.execute(delete(table).where(table.instance_id.in_(ids)))
+            uow.session.execute(update(OutboxMessage).where(OutboxMessage.instance_id.in_(ids))
+                                .values(instance_id=None))
+            return uow.session.execute(delete(WorkflowInstance).where(WorkflowInstance.id.in_(ids))).rowcount
+
+
+def _ts(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def step_dict(run: StepRun) -> dict[str, Any]:
+    data = dict(run.data or {})
+    out = {
+        "name": run.name, "task": run.task, "status": run.status, "attempt": run.attempt,
+        "restarts": run.restarts, "failures": run.failures, "progress": run.progress,
+        "polls": run.polls, "error": run.error, "queued_at": _ts(run.queued_at),
+        "started_at": _ts(run.started_at), "finished_at": _ts(run.finished_at),
+        "duration_seconds": (run.finished_at - run.started_at).total_seconds()
+        if run.finished_at and run.started_at else None,
+        "data": data,
+    }
+    if data.get("branches") is not None:
+        out.update(total=run.total, done=run.done, failed=run.failed)
+    return out
+
+
+def instance_dict(inst: WorkflowInstance, runs: list[StepRun] | None,
+                  history: list[HistoryEntry] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": inst.id, "type": inst.type, "key": inst.business_key, "state": inst.state,
+        "finished": inst.finished, "created_at": _ts(inst.created_at),
+        "updated_at": _ts(inst.updated_at), "finished_at": _ts(inst.finished_at),
+        "context": inst.context,
+    }
+    if runs is not None:
+        out["steps"] = [step_dict(r) for r in runs]
+    if history is not None:
+        out["history"] = [{"from": h.from_state, "to": h.to_state, "event": h.event,
+                           "payload_digest": h.payload_digest, "actor": h.actor,
+                           "at": _ts(h.created_at)} for h in history]
+    return out

@@ -1,0 +1,97 @@
+"""Every error the engine raises on purpose, each with the HTTP status the API gives it.
+
+Callers catch these types; nobody parses message strings.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+class OrchestratorError(Exception):
+    """Base of all deliberate errors. `status` is the HTTP status the API answers with."""
+
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": self.code, "message": self.message, **self.details}
+
+
+class InvalidInput(OrchestratorError):
+    """A request field is missing or malformed; `field` names it."""
+
+    status = 400
+    code = "invalid_input"
+
+    def __init__(self, field: str, problem: str, status: int = 400) -> None:
+        super().__init__(f"{field}: {problem}", field=field, problem=problem)
+        self.field = field
+        self.problem = problem
+        self.status = status
+
+
+class Unauthorized(OrchestratorError):
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(OrchestratorError):
+    status = 403
+    code = "forbidden"
+
+
+class NotFound(OrchestratorError):
+    status = 404
+    code = "not_found"
+
+
+class IllegalTransition(OrchestratorError):
+    """The event is not allowed in the instance's current state."""
+
+    status = 409
+    code = "illegal_transition"
+
+    def __init__(self, instance_id: str, event: str, state: str) -> None:
+        super().__init__(
+            f"event '{event}' is not allowed in state '{state}'",
+            instance_id=instance_id,
+            event=event,
+            state=state,
+        )
+        self.state = state
+
+
+class Conflict(OrchestratorError):
+    status = 409
+    code = "conflict"
+
+
+class UpstreamError(OrchestratorError):
+    """A service we call answered badly. 5xx and connection errors are retryable; 4xx are not."""
+
+    status = 502
+    code = "upstream_error"
+
+    def __init__(self, service: str, message: str, upstream_status: int | None = None) -> None:
+        super().__init__(f"{service}: {message}", service=service, upstream_status=upstream_status)
+        self.service = service
+        self.upstream_status = upstream_status
+
+    @property
+    def retryable(self) -> bool:
+        return self.upstream_status is None or self.upstream_status >= 500
+
+
+class ConfigError(OrchestratorError):
+    """A configuration variable is missing or malformed; raised at start-up."""
+
+    code = "config_error"
+
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(f"{variable}: {problem}", variable=variable)
+        self.variable = variable

@@ -1,0 +1,92 @@
+"""One Runtime per process: settings, database, Celery app, relay and engine, wired once.
+
+Made lazily on first use and made again after a fork, so no connection is ever shared
+between processes (a prefork worker child gets its own).
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from celery import Celery
+from sqlalchemy import Engine as SAEngine
+from sqlalchemy.orm import Session, sessionmaker
+
+from .config import Settings, load_settings
+from .db import make_engine, make_session_factory
+from .engine import Engine
+from .outbox_relay import OutboxRelay, celery_publisher
+from .workflow import registry
+
+log = logging.getLogger(__name__)
+
+#: Modules that register workflows and tasks. The engine imports none of them by name itself.
+WORKFLOW_MODULES_DEFAULT = "sagas,tasks"
+
+celery_app = Celery("orchestrator")
+celery_app.config_from_object("celeryconfig")
+
+
+def configure_celery(app: Celery, settings: Settings) -> None:
+    app.conf.update(broker_url=settings.broker_url, result_backend=settings.result_backend)
+    if settings.broker_url.startswith("sqla+"):
+        app.conf.broker_transport_options = {}  # confirms exist only on AMQP
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    db: SAEngine
+    sessions: sessionmaker[Session]
+    celery: Celery
+    relay: OutboxRelay
+    engine: Engine
+    pid: int
+
+
+_lock = threading.Lock()
+_current: Runtime | None = None
+
+
+def load_workflow_modules(settings: Settings) -> None:
+    names = settings.extra.get("WORKFLOW_MODULES", WORKFLOW_MODULES_DEFAULT)
+    for name in filter(None, (n.strip() for n in names.split(","))):
+        importlib.import_module(name)
+
+
+def build(settings: Settings | None = None) -> Runtime:
+    settings = settings or load_settings()
+    configure_celery(celery_app, settings)
+    load_workflow_modules(settings)
+    db = make_engine(settings.database_url)
+    sessions = make_session_factory(db)
+    relay = OutboxRelay(sessions)
+    relay.register("celery", celery_publisher(celery_app))
+    engine = Engine(settings, sessions, registry, relay=relay)
+    return Runtime(settings, db, sessions, celery_app, relay, engine, os.getpid())
+
+
+def current() -> Runtime:
+    global _current
+    with _lock:
+        if _current is None or _current.pid != os.getpid():
+            _current = build(_current.settings if _current is not None else None)
+        return _current
+
+
+def install(runtime: Runtime) -> Runtime:
+    """Make `runtime` this process's runtime (the app factory and tests use this)."""
+    global _current
+    with _lock:
+        _current = runtime
+    return runtime
+
+
+def reset() -> None:
+    global _current
+    with _lock:
+        if _current is not None:
+            _current.db.dispose()
+        _current = None

@@ -1,0 +1,32 @@
+"""The relay / sweeper process: publishes unsent outbox rows, fires due timers (retries, polls,
+deadlines, job timeouts) and re-dispatches steps whose lease ran out. Several may run at once."""
+from __future__ import annotations
+
+import logging
+import threading
+
+from .runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+def sweep_once(rt: Runtime) -> dict[str, int]:
+    return {
+        "published": rt.relay.publish(),
+        "timers": rt.engine.fire_due_timers(),
+        "leases": rt.engine.redispatch_expired_leases(),
+    }
+
+
+def run(rt: Runtime, stop: threading.Event) -> None:
+    log.info("sweeper running every %.2fs", rt.settings.sweep_interval)
+    while not stop.is_set():
+        try:
+            counts = sweep_once(rt)
+            if any(counts.values()):
+                log.debug("sweep: %s", counts)
+        except Exception:  # a database or broker outage: keep sweeping, it will come back
+            log.exception("sweep failed")
+            stop.wait(min(5.0, rt.settings.sweep_interval * 5))
+            continue
+        stop.wait(rt.settings.sweep_interval)

@@ -1,0 +1,187 @@
+"""How a workflow is declared: a python-statemachine class plus a table of steps.
+
+The machine decides every transition; the engine persists it. A state that has a `Step` runs
+that step's Celery task(s) when the machine enters it.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
+
+from statemachine import State, StateMachine
+
+if TYPE_CHECKING:
+    from .config import Settings
+
+
+@dataclass(frozen=True)
+class Retry:
+    """How many consecutive failures a step survives, and how long it waits before each retry.
+
+    delay(n) = min(max_delay, backoff * factor**(n-1)), spread by +/- jitter (a fraction).
+    """
+
+    attempts: int = 1
+    backoff: float = 1.0
+    factor: float = 2.0
+    max_delay: float = 600.0
+    jitter: float = 0.1
+
+    def delay(self, failures: int, rng: random.Random | None = None) -> float:
+        base = min(self.max_delay, self.backoff * self.factor ** max(0, failures - 1))
+        spread = (rng or random).uniform(-self.jitter, self.jitter)
+        return max(0.0, base * (1 + spread))
+
+    def should_retry(self, failures: int, retryable: bool) -> bool:
+        return retryable and failures < self.attempts
+
+
+@dataclass(frozen=True)
+class Step:
+    """Work run when the machine enters a state.
+
+    task:     the Celery task `<workflow>.<step>`; or
+    chain:    several tasks run in order as a Celery chain, the last one reports the outcome;
+    fanout:   name of a workflow method returning one input per branch; the task runs once per
+              branch as a Celery group and `join` fires when every branch has completed (the
+              join is counted on the step row, never in a chord callback).
+    """
+
+    task: str = ""
+    name: str = ""
+    chain: tuple[str, ...] = ()
+    fanout: str = ""
+    join: str = ""
+    retry: "Retry | Callable[[Settings], Retry]" = field(default_factory=Retry)
+    timeout: timedelta | None = None
+    on_failure: str = "fail"
+    compensate: str = ""
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return self.chain or (self.task,)
+
+    def policy(self, settings: "Settings") -> Retry:
+        """The retry policy; a workflow may derive it from configuration."""
+        return self.retry(settings) if callable(self.retry) else self.retry
+
+
+class Workflow(StateMachine):
+    """Base of every workflow definition.
+
+    Subclasses set `type`, declare states and events, and a `steps` table
+    `{state: Step(...)}`. Callbacks may change `self.context` and call `self.emit(...)`;
+    both are written in the same transaction as the transition.
+    """
+
+    type: ClassVar[str] = ""
+    steps: ClassVar[Mapping[State, Step]] = {}
+    start_event: ClassVar[str] = ""  # fired in the creating transaction, if set
+    success_states: ClassVar[frozenset[str]] = frozenset()
+    #: Not final (a restart leaves them) but the instance counts as finished while there.
+    failure_states: ClassVar[frozenset[str]] = frozenset()
+    restart_event: ClassVar[str] = "restart"
+    cancel_event: ClassVar[str] = "cancel"
+
+    def __init__(self, model: Any, settings: "Settings | None" = None) -> None:
+        self.settings = settings
+        self.messages: list[tuple[str, str, str | None, dict[str, Any]]] = []
+        super().__init__(model=model, state_field="state")
+
+    # -- helpers for callbacks ---------------------------------------------------------------
+    @property
+    def context(self) -> dict[str, Any]:
+        return self.model.context  # type: ignore[no-any-return]
+
+    def emit(self, channel: str, target: str, payload: dict[str, Any], key: str | None = None) -> None:
+        """Queue an outgoing message; it is written to the outbox with this transition."""
+        self.messages.append((channel, target, key, payload))
+
+    def is_restart_target(self, target: State, payload: dict[str, Any] | None = None) -> bool:
+        """Guard for restart transitions: go back to the state whose step is being restarted."""
+        step = self.step_for_state(target.id)
+        return step is not None and step.name == (payload or {}).get("step")
+
+    # -- class-level lookups -----------------------------------------------------------------
+    @classmethod
+    def step_table(cls) -> dict[str, Step]:
+        """{state id: Step} with every step named (default name: the state id)."""
+        cached = cls.__dict__.get("_step_table")
+        if cached is None:
+            cached = {}
+            for state, step in cls.steps.items():
+                name = step.name or state.id
+                cached[state.id] = Step(**{**step.__dict__, "name": name})
+            setattr(cls, "_step_table", cached)
+        return cached  # type: ignore[no-any-return]
+
+    @classmethod
+    def step_for_state(cls, state_id: str | None) -> Step | None:
+        return cls.step_table().get(state_id or "")
+
+    @classmethod
+    def step_named(cls, name: str) -> tuple[str, Step] | None:
+        for state_id, step in cls.step_table().items():
+            if step.name == name:
+                return state_id, step
+        return None
+
+    @classmethod
+    def event_names(cls) -> set[str]:
+        return {e.id for e in cls.events}
+
+    @classmethod
+    def finished_state_ids(cls) -> set[str]:
+        return {s.id for s in cls.states if s.final} | set(cls.failure_states)
+
+    # -- input ---------------------------------------------------------------------------------
+    @classmethod
+    def validate_input(cls, data: Any, settings: "Settings") -> dict[str, Any]:
+        """Check and normalise the start input; raise InvalidInput naming the field."""
+        from .errors import InvalidInput
+
+        if not isinstance(data, dict):
+            raise InvalidInput("input", "must be a JSON object")
+        return data
+
+    @classmethod
+    def fingerprint(cls, data: dict[str, Any]) -> str | None:
+        """A digest of the request, for result reuse and Idempotency-Key checks."""
+        from .jsonutil import digest
+
+        return digest(data)
+
+    @classmethod
+    def timeout(cls, settings: "Settings") -> timedelta | None:
+        """Deadline for the whole instance; when it passes the instance fails."""
+        return None
+
+    @classmethod
+    def reuse_within(cls, settings: "Settings") -> timedelta | None:
+        """A finished successful instance with the same fingerprint this recent is reused."""
+        return None
+
+
+class Registry:
+    """Workflow types by name. Workflows register themselves; the engine knows none by name."""
+
+    def __init__(self) -> None:
+        self._types: dict[str, type[Workflow]] = {}
+
+    def register(self, cls: type[Workflow]) -> type[Workflow]:
+        if not cls.type:
+            raise ValueError(f"{cls.__name__} has no type")
+        self._types[cls.type] = cls
+        return cls
+
+    def get(self, name: str) -> type[Workflow] | None:
+        return self._types.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._types)
+
+
+registry = Registry()
+register = registry.register

@@ -1,0 +1,2 @@
+"""Built-in workflows. Importing this package registers them with the engine."""
+from . import media  # noqa: F401

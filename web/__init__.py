@@ -1,0 +1,86 @@
+"""Flask app factory: one blueprint per resource, one JSON error handler."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from flask import Flask, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from orchestrator import runtime as runtime_module
+from orchestrator.errors import InvalidInput, OrchestratorError
+from orchestrator.metrics import HTTP_LATENCY, HTTP_REQUESTS
+
+log = logging.getLogger(__name__)
+
+
+def create_app(runtime: runtime_module.Runtime | None = None) -> Flask:
+    rt = runtime_module.install(runtime) if runtime is not None else runtime_module.current()
+    app = Flask(__name__)
+    app.config["RUNTIME"] = rt
+    app.config["MAX_CONTENT_LENGTH"] = 1 * 1024 * 1024
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+
+    from . import health, media, openapi, sagas
+
+    for module in (health, sagas, media, openapi):
+        app.register_blueprint(module.bp)
+
+    @app.errorhandler(OrchestratorError)
+    def _known(exc: OrchestratorError) -> Any:
+        return jsonify(exc.to_dict()), exc.status
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException) -> Any:
+        return jsonify({"error": exc.name.lower().replace(" ", "_"), "message": exc.description}), exc.code
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Any:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return jsonify({"error": "internal_error", "message": "unexpected error; see the server log"}), 500
+
+    @app.before_request
+    def _start_timer() -> None:
+        g.started = time.perf_counter()
+
+    @app.after_request
+    def _observe(response: Any) -> Any:
+        endpoint = request.url_rule.rule if request.url_rule else "unmatched"
+        HTTP_REQUESTS.labels(request.method, endpoint, str(response.status_code)).inc()
+        HTTP_LATENCY.labels(request.method, endpoint).observe(time.perf_counter() - g.get("started", time.perf_counter()))
+        return response
+
+    return app
+
+
+def runtime() -> runtime_module.Runtime:
+    from flask import current_app
+
+    return current_app.config["RUNTIME"]  # type: ignore[no-any-return]
+
+
+def json_body(required: bool = True) -> Any:
+    """The request's JSON body, or a 400 that says what is wrong with it."""
+    if not request.data:
+        if required:
+            raise InvalidInput("body", "a JSON body is required")
+        return {}
+    data = request.get_json(silent=True)
+    if data is None:
+        raise InvalidInput("body", "is not valid JSON (send Content-Type: application/json)")
+    return data
+
+
+def int_arg(name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidInput(name, f"must be an integer, got {raw!r}") from None
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
+        raise InvalidInput(name, f"must be {bound}, got {value}")
+    return value

@@ -1,0 +1,264 @@
+"""The media pipeline's own endpoints, in the exact shapes of seed 004."""
+from __future__ import annotations
+
+import hmac
+from datetime import timedelta
+from typing import Any
+
+import requests
+from flask import Blueprint, request
+from sqlalchemy import delete, func, select
+
+from orchestrator.errors import Forbidden, InvalidInput, NotFound, Unauthorized
+from orchestrator.jsonutil import iso
+from orchestrator.models import OutboxMessage, ProcessedMessage, WorkflowInstance, utcnow
+from sagas.media import STAGES
+
+from . import health, int_arg, json_body, runtime
+
+bp = Blueprint("media", __name__)
+VERSION = "1.0.0"
+SERVICES = ("video-downloader", "audio-normalization", "audio-transcriber")
+STAGE_STATES = {"download": "downloading", "normalization": "normalizing", "transcription": "transcribing"}
+
+
+def job_status(snapshot: dict[str, Any]) -> str:
+    """The seed's job status: queued until the first stage runs, then the state's name."""
+    state = snapshot["state"]
+    steps = {s["name"]: s for s in snapshot.get("steps", [])}
+    first = steps.get("download")
+    if state == "queued" or (state == "downloading" and first and first["status"] == "queued"
+                             and first["attempt"] == 1 and first["restarts"] == 0):
+        return "queued"
+    return state
+
+
+def stage_view(step: dict[str, Any] | None) -> dict[str, Any]:
+    if step is None:
+        return {"status": "pending", "job_id": None, "progress": 0.0, "started_at": None, "completed_at": None}
+    status = step["status"]
+    progress = 100.0 if status == "completed" else round(float(step["progress"]), 1)
+    view = {
+        "status": {"queued": "pending", "waiting": "processing", "running": "processing"}.get(status, status),
+        "job_id": (step["data"].get("output") or {}).get("remote_job_id") or step["data"].get("remote_job_id"),
+        "progress": progress,
+        "started_at": _iso(step["started_at"]),
+        "completed_at": _iso(step["finished_at"]) if status == "completed" else None,
+        "attempt": step["attempt"],
+    }
+    if step["error"]:
+        view["error"] = step["error"]
+    return view
+
+
+def _iso(value: str | None) -> str | None:
+    from datetime import datetime
+
+    return iso(datetime.fromisoformat(value)) if value else None
+
+
+def overall_progress(stages: dict[str, dict[str, Any]]) -> float:
+    return round(sum(s["progress"] for s in stages.values()) / len(stages), 1)
+
+
+def job_view(snapshot: dict[str, Any]) -> dict[str, Any]:
+    steps = {s["name"]: s for s in snapshot.get("steps", [])}
+    stages = {name: stage_view(steps.get(name)) for name in STAGES}
+    transcription = (steps.get("transcription") or {}).get("data", {}).get("output") or {}
+    normalization = (steps.get("normalization") or {}).get("data", {}).get("output") or {}
+    status = job_status(snapshot)
+    view: dict[str, Any] = {
+        "job_id": snapshot["id"],
+        "youtube_url": snapshot["context"]["input"]["youtube_url"],
+        "status": status,
+        "overall_progress": 100.0 if status == "completed" else overall_progress(stages),
+        "created_at": _iso(snapshot["created_at"]),
+        "updated_at": _iso(snapshot["updated_at"]),
+        "completed_at": _iso(snapshot["finished_at"]) if status == "completed" else None,
+        "stages": stages,
+        "transcription_text": transcription.get("text"),
+        "transcription_segments": transcription.get("segments"),
+        "transcription_file": transcription.get("transcription_file"),
+        "audio_file": normalization.get("audio_file"),
+    }
+    if snapshot["context"].get("error"):
+        view["error"] = snapshot["context"]["error"]
+    return view
+
+
+@bp.post("/pipeline")
+def start_pipeline() -> Any:
+    body = json_body()
+    snapshot, created = runtime().engine.start(
+        "media", body, idempotency_key=request.headers.get("Idempotency-Key"))
+    view = job_view(snapshot)
+    return {
+        "job_id": view["job_id"],
+        "status": view["status"],
+        "message": "Pipeline iniciado com sucesso" if created else "Job existente reutilizado",
+        "youtube_url": view["youtube_url"],
+        "overall_progress": view["overall_progress"],
+    }
+
+
+@bp.get("/jobs/<job_id>")
+def get_job(job_id: str) -> Any:
+    snapshot = runtime().engine.snapshot(job_id, history=False)
+    if snapshot["type"] != "media":
+        raise NotFound(f"job {job_id} not found", job_id=job_id)
+    return job_view(snapshot)
+
+
+@bp.get("/jobs")
+def list_jobs() -> Any:
+    limit = int_arg("limit", 50, 1, 1000)
+    engine = runtime().engine
+    total, items = engine.list("media", None, limit, 0)
+    jobs = []
+    for item in items:
+        view = job_view(engine.snapshot(item["id"], history=False))
+        jobs.append({"job_id": view["job_id"], "youtube_url": view["youtube_url"], "status": view["status"],
+                     "progress": view["overall_progress"], "created_at": view["created_at"],
+                     "updated_at": view["updated_at"]})
+    return {"total": total, "jobs": jobs}
+
+
+def _service_health(service: str) -> str:
+    url = runtime().settings.service_url(service)
+    try:
+        resp = requests.get(f"{url}/health", timeout=3)
+        return "healthy" if resp.ok else f"unhealthy (HTTP {resp.status_code})"
+    except requests.RequestException as exc:
+        return f"unreachable ({type(exc).__name__})"
+
+
+@bp.get("/health")
+def service_health() -> Any:
+    micro = {service: _service_health(service) for service in SERVICES}
+    deps = health.dependencies()
+    healthy = all(v == "healthy" for v in micro.values()) and all(d["status"] == "ok" for d in deps.values())
+    return {
+        "status": "healthy" if healthy else "degraded",
+        "service": "ytcaption-orchestrator",
+        "version": VERSION,
+        "timestamp": iso(utcnow()),
+        "microservices": micro,
+        "dependencies": deps,
+    }
+
+
+def _counts() -> dict[str, int]:
+    with runtime().sessions() as s:
+        rows = dict(s.execute(select(WorkflowInstance.state, func.count()).where(
+            WorkflowInstance.type == "media").group_by(WorkflowInstance.state)).all())
+    total = sum(rows.values())
+    finished = sum(rows.get(k, 0) for k in ("completed", "failed", "cancelled"))
+    return {"total_jobs": total, "active_jobs": total - finished, "completed_jobs": rows.get("completed", 0),
+            "failed_jobs": rows.get("failed", 0)}
+
+
+def _database_size() -> str:
+    rt = runtime()
+    try:
+        if rt.settings.is_sqlite:
+            import os
+
+            path = rt.settings.database_url.split(":///", 1)[-1]
+            size = os.path.getsize(path) if os.path.exists(path) else 0
+        else:
+            with rt.db.connect() as conn:
+                from sqlalchemy import text
+
+                size = conn.execute(text("SELECT pg_database_size(current_database())")).scalar_one()
+    except Exception:
+        return "unknown"
+    return f"{size / 1024 / 1024:.1f}MB"
+
+
+@bp.get("/admin/stats")
+def stats() -> Any:
+    s = runtime().settings
+    return {
+        "orchestrator": {"version": VERSION, "environment": s.environment},
+        # The seed kept jobs in Redis; they live in the database now. The key stays for clients.
+        "redis": {**_counts(), "memory_usage": _database_size()},
+        "settings": {"cache_ttl_hours": s.cache_ttl_hours, "job_timeout_minutes": s.job_timeout_minutes,
+                     "poll_interval": s.poll_interval, "max_poll_attempts": s.max_poll_attempts},
+    }
+
+
+def _bool_arg(name: str, default: bool) -> bool:
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return default
+    if raw.lower() in ("true", "1", "yes"):
+        return True
+    if raw.lower() in ("false", "0", "no"):
+        return False
+    raise InvalidInput(name, f"must be true or false, got {raw!r}")
+
+
+def cleanup(max_age: timedelta | None, deep: bool) -> int:
+    """Remove finished media jobs older than max_age (all jobs when None); deep also drops
+    delivered outbox rows and de-duplication records of that age."""
+    rt = runtime()
+    with rt.sessions() as s:
+        q = select(WorkflowInstance.id).where(WorkflowInstance.type == "media")
+        if max_age is not None:
+            q = q.where(WorkflowInstance.finished.is_(True), WorkflowInstance.updated_at < utcnow() - max_age)
+        ids = list(s.execute(q).scalars())
+    removed = rt.engine.delete_instances(ids)
+    if deep:
+        cutoff = utcnow() - (max_age or timedelta(0))
+        with rt.sessions() as s, s.begin():
+            s.execute(delete(OutboxMessage).where(OutboxMessage.sent_at.is_not(None),
+                                                  OutboxMessage.sent_at < cutoff))
+            s.execute(delete(ProcessedMessage).where(ProcessedMessage.created_at < cutoff))
+    return removed
+
+
+@bp.post("/admin/cleanup")
+def admin_cleanup() -> Any:
+    hours = request.args.get("max_age_hours", "24")
+    try:
+        max_age_hours = float(hours)
+    except ValueError:
+        raise InvalidInput("max_age_hours", f"must be a number, got {hours!r}") from None
+    if max_age_hours < 0:
+        raise InvalidInput("max_age_hours", "must not be negative")
+    deep = _bool_arg("deep", False)
+    removed = cleanup(timedelta(hours=max_age_hours), deep)
+    return {"message": "Cleanup executado com sucesso", "jobs_removed": removed, "logs_cleaned": deep}
+
+
+def _require_admin() -> None:
+    token = runtime().settings.admin_token
+    if not token:
+        raise Forbidden("factory reset is disabled: set ADMIN_TOKEN to enable it")
+    given = request.headers.get("X-Admin-Token") or ""
+    auth = request.headers.get("Authorization", "")
+    if auth.startswith("Bearer "):
+        given = given or auth[7:]
+    if not hmac.compare_digest(given.encode(), token.encode()):
+        raise Unauthorized("admin token missing or wrong (send X-Admin-Token or Authorization: Bearer)")
+
+
+@bp.post("/admin/factory-reset")
+def factory_reset() -> Any:
+    _require_admin()
+    removed = cleanup(None, deep=True)
+    micro: dict[str, Any] = {}
+    for service in SERVICES:
+        url = runtime().settings.service_url(service)
+        try:
+            resp = requests.post(f"{url}/admin/factory-reset", timeout=10)
+            resp.raise_for_status()
+            micro[service] = {"status": "success", "data": resp.json()}
+        except (requests.RequestException, ValueError) as exc:
+            micro[service] = {"status": "error", "error": f"{type(exc).__name__}: {exc}"[:300]}
+    return {
+        "message": "Factory reset executado em todos os serviços",
+        "orchestrator": {"jobs_removed": removed, "logs_cleaned": True},
+        "microservices": micro,
+        "warning": "Todos os dados foram removidos de todos os serviços",
+    }
