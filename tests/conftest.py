@@ -23,7 +23,7 @@ REDIS = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/1")
 # Short intervals keep the suite fast; the production defaults are tested in unit tests.
 FAST = {
     "POLL_INTERVAL": "0.2",
-    "MAX_POLL_ATTEMPTS": "50",
+    "MAX_POLL_ATTEMPTS": "15",
     "HTTP_MAX_RETRIES": "3",
     "RETRY_BACKOFF_BASE_SECONDS": "0.2",
     "SWEEP_INTERVAL": "0.1",
@@ -104,7 +104,8 @@ def env(database_url: str, broker_url: str, emulators: dict[str, Any]) -> dict[s
         "VIDEO_DOWNLOADER_TIMEOUT": "2",
         "AUDIO_NORMALIZATION_TIMEOUT": "2",
         "AUDIO_TRANSCRIBER_TIMEOUT": "2",
-        "PYTHONPATH": str(ROOT),
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
+        "WORKFLOW_MODULES": "sagas,tasks,engine_workflows",
     }
 
 
@@ -171,7 +172,7 @@ def start_worker(env: dict[str, str], rt: Any, name: str, concurrency: int = 4) 
     return worker
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def worker(env: dict[str, str], rt: Any) -> Iterator[Process]:
     proc = start_worker(env, rt, f"w{uuid.uuid4().hex[:6]}")
     yield proc
