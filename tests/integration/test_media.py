@@ -1,0 +1,239 @@
+"""The media pipeline of seed 004 through HTTP, with emulated microservices."""
+from __future__ import annotations
+
+import dataclasses
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from conftest import emulator_stats, wait_for
+
+STAGES = ("download", "normalization", "transcription")
+
+
+def url(video: str | None = None) -> str:
+    return f"https://www.youtube.com/watch?v={video or uuid.uuid4().hex[:11]}"
+
+
+def submit(client, **body):
+    body.setdefault("youtube_url", url())
+    r = client.post("/pipeline", json=body)
+    assert r.status_code == 200, r.json
+    return r.json
+
+
+def wait_job(client, job_id: str, timeout: float = 30) -> dict:
+    def check():
+        job = client.get(f"/jobs/{job_id}").json
+        return job if job["status"] in ("completed", "failed", "cancelled") else None
+
+    return wait_for(check, timeout=timeout, what=f"job {job_id} to finish")
+
+
+def jobs_for(emulators, service: str, prefix: str) -> dict:
+    return {k: v for k, v in emulator_stats(emulators, service)["jobs"].items()
+            if (v["idempotency_key"] or "").startswith(prefix)}
+
+
+def test_happy_path_shapes(client, worker, sweeper, emulators):
+    video = f"v{uuid.uuid4().hex[:8]}"
+    started = submit(client, youtube_url=url(video), language="pt")
+    assert list(started) == ["job_id", "status", "message", "youtube_url", "overall_progress"]
+    assert started["status"] == "queued" and started["overall_progress"] == 0.0
+    assert started["youtube_url"] == url(video)
+    job = wait_job(client, started["job_id"])
+    assert job["status"] == "completed", job
+    assert set(job) >= {"job_id", "youtube_url", "status", "overall_progress", "created_at", "updated_at",
+                        "completed_at", "stages", "transcription_text", "transcription_segments",
+                        "transcription_file", "audio_file"}
+    assert job["overall_progress"] == 100.0 and job["completed_at"]
+    assert list(job["stages"]) == list(STAGES)
+    for name, stage in job["stages"].items():
+        assert stage["status"] == "completed" and stage["progress"] == 100.0, (name, stage)
+        assert stage["started_at"] and stage["completed_at"]
+    assert job["stages"]["download"]["job_id"] == f"{video}_audio"
+    assert job["stages"]["normalization"]["job_id"].startswith("norm_")
+    assert job["stages"]["transcription"]["job_id"].startswith("trans_")
+    assert job["transcription_text"] and job["transcription_file"] == "transcription.srt"
+    assert job["audio_file"] == "audio_normalized.webm"
+    seg = job["transcription_segments"][0]
+    assert set(seg) == {"text", "start", "end", "duration"} and seg["end"] - seg["start"] == seg["duration"]
+    # the normaliser got the downloader's bytes and the default options
+    norm = jobs_for(emulators, "audio-normalization", started["job_id"])
+    assert len(norm) == 1
+    # listing and history
+    listing = client.get("/jobs?limit=5").json
+    assert set(listing) == {"total", "jobs"} and listing["total"] >= 1
+    row = next(j for j in listing["jobs"] if j["job_id"] == started["job_id"])
+    assert set(row) == {"job_id", "youtube_url", "status", "progress", "created_at", "updated_at"}
+    assert row["status"] == "completed" and row["progress"] == 100.0
+    saga = client.get(f"/sagas/{started['job_id']}").json
+    assert [h["event"] for h in saga["history"]] == ["create", "start", "downloaded", "normalized", "transcribed"]
+    assert [s["name"] for s in saga["steps"]] == list(STAGES)
+
+
+def test_5xx_then_success_retries_without_duplicate_jobs(client, worker, sweeper, faults, emulators):
+    faults("video-downloader", [{"endpoint": "submit", "kind": "500", "times": 2}])
+    faults("audio-transcriber", [{"endpoint": "status", "kind": "503", "times": 1}])
+    job = wait_job(client, submit(client)["job_id"])
+    assert job["status"] == "completed", job
+    saga = client.get(f"/sagas/{job['job_id']}").json
+    download = next(s for s in saga["steps"] if s["name"] == "download")
+    assert download["attempt"] == 3  # two failed submits, then success
+    assert len(jobs_for(emulators, "video-downloader", job["job_id"])) == 1
+    assert len(jobs_for(emulators, "audio-transcriber", job["job_id"])) == 1
+
+
+def test_4xx_fails_the_stage_at_once_with_the_service_message(client, worker, sweeper, faults, emulators):
+    faults("audio-normalization", [{"endpoint": "submit", "kind": "400", "times": 1}])
+    before = emulator_stats(emulators, "audio-normalization")["submit_requests"]
+    job = wait_job(client, submit(client)["job_id"])
+    assert job["status"] == "failed"
+    stage = job["stages"]["normalization"]
+    assert stage["status"] == "failed" and "injected 400" in stage["error"]
+    assert "injected 400" in job["error"]
+    assert job["stages"]["transcription"]["status"] == "pending"
+    # one request, no retry (the fault consumed it, so nothing was accepted either)
+    assert emulator_stats(emulators, "audio-normalization")["submit_requests"] == before
+    assert client.get(f"/sagas/{job['job_id']}").json["steps"][1]["attempt"] == 1
+    # a newcomer restarts the failed stage and it completes
+    r = client.post(f"/sagas/{job['job_id']}/restart?step=normalization")
+    assert r.status_code == 200
+    job = wait_job(client, job["job_id"])
+    assert job["status"] == "completed" and job["stages"]["normalization"]["attempt"] == 2
+    assert "error" not in job
+
+
+def test_connection_drop_and_hang_are_retried(client, worker, sweeper, faults):
+    faults("video-downloader", [{"endpoint": "status", "kind": "drop", "times": 1}])
+    faults("audio-normalization", [{"endpoint": "status", "kind": "hang", "times": 1}])  # 3 s > timeout 2 s
+    job = wait_job(client, submit(client)["job_id"], timeout=40)
+    assert job["status"] == "completed", job
+
+
+def test_retries_exhausted_fail_the_stage(client, worker, sweeper, faults):
+    faults("video-downloader", [{"endpoint": "submit", "kind": "503", "times": 10}])
+    job = wait_job(client, submit(client)["job_id"])
+    assert job["status"] == "failed"
+    assert "503" in job["stages"]["download"]["error"]
+    assert client.get(f"/sagas/{job['job_id']}").json["steps"][0]["attempt"] == 4  # 1 + HTTP_MAX_RETRIES
+
+
+def test_remote_job_failure_fails_the_stage(client, worker, sweeper, faults):
+    faults("audio-transcriber", job={"fail": "model exploded"})
+    job = wait_job(client, submit(client)["job_id"])
+    assert job["status"] == "failed" and "model exploded" in job["stages"]["transcription"]["error"]
+
+
+def test_poll_exhaustion(client, worker, sweeper, faults):
+    faults("video-downloader", job={"never_finish": True})
+    job = wait_job(client, submit(client)["job_id"], timeout=30)
+    assert job["status"] == "failed"
+    assert "not finished after 15 polls" in job["stages"]["download"]["error"]
+    assert client.get(f"/sagas/{job['job_id']}").json["steps"][0]["polls"] == 14
+
+
+def test_job_timeout(client, rt, worker, sweeper, faults):
+    from orchestrator.engine import Engine
+
+    faults("video-downloader", job={"never_finish": True})
+    short = dataclasses.replace(rt.settings, job_timeout_minutes=0.02, max_poll_attempts=1000)
+    engine = Engine(short, rt.sessions, rt.engine.registry, relay=rt.relay)
+    snap, _ = engine.start("media", {"youtube_url": url()})
+    job = wait_job(client, snap["id"], timeout=20)
+    assert job["status"] == "failed" and "timed out" in job["error"]
+    assert job["stages"]["download"]["status"] == "failed"
+
+
+def test_idempotency_key_and_cache(client, worker, sweeper):
+    key = {"Idempotency-Key": f"k-{uuid.uuid4().hex}"}
+    body = {"youtube_url": url()}
+    a = client.post("/pipeline", json=body, headers=key).json
+    b = client.post("/pipeline", json=body, headers=key).json
+    assert a["job_id"] == b["job_id"]
+    other = client.post("/pipeline", json={"youtube_url": url()}, headers=key)
+    assert other.status_code == 409 and other.json["field"] == "Idempotency-Key"
+    wait_job(client, a["job_id"])
+    # the same request within CACHE_TTL_HOURS reuses the finished result
+    again = client.post("/pipeline", json=body).json
+    assert again["job_id"] == a["job_id"] and again["status"] == "completed"
+    assert again["overall_progress"] == 100.0
+    # different options are a different request
+    assert client.post("/pipeline", json={**body, "isolate_vocals": True}).json["job_id"] != a["job_id"]
+
+
+def test_fifty_concurrent_pipelines(client, app, worker, sweeper):
+    videos = [f"c{i:02d}{uuid.uuid4().hex[:6]}" for i in range(50)]
+    local = threading.local()
+
+    def go(video: str) -> tuple[str, str]:
+        if not hasattr(local, "client"):
+            local.client = app.test_client()
+        r = local.client.post("/pipeline", json={"youtube_url": url(video)})
+        assert r.status_code == 200, r.json
+        return video, r.json["job_id"]
+
+    with ThreadPoolExecutor(8) as pool:
+        started = list(pool.map(go, videos))
+    assert len({j for _, j in started}) == 50
+    texts = set()
+    for video, job_id in started:
+        job = wait_job(client, job_id, timeout=120)
+        assert job["status"] == "completed", job
+        assert job["youtube_url"] == url(video)
+        assert job["stages"]["download"]["job_id"] == f"{video}_audio"
+        texts.add(job["transcription_text"])
+    assert len(texts) == 50  # every job got its own result
+
+
+@pytest.mark.parametrize("body, field", [
+    ({}, "youtube_url"),
+    ({"youtube_url": 5}, "youtube_url"),
+    ({"youtube_url": "not a url"}, "youtube_url"),
+    ({"youtube_url": "ftp://x.org/a"}, "youtube_url"),
+    ({"youtube_url": url(), "language": 3}, "language"),
+    ({"youtube_url": url(), "language": ""}, "language"),
+    ({"youtube_url": url(), "language_out": ["en"]}, "language_out"),
+    ({"youtube_url": url(), "remove_noise": "yes"}, "remove_noise"),
+    ({"youtube_url": url(), "convert_to_mono": 1}, "convert_to_mono"),
+    ({"youtube_url": url(), "apply_highpass_filter": "false"}, "apply_highpass_filter"),
+    ({"youtube_url": url(), "set_sample_rate_16k": None, "isolate_vocals": "x"}, "isolate_vocals"),
+    ({"youtube_url": url(), "colour": "blue"}, "colour"),
+    ([], "body"),
+])
+def test_bad_pipeline_input(client, body, field):
+    r = client.post("/pipeline", json=body)
+    assert r.status_code == 400, r.json
+    assert r.json["field"] == field and r.json["message"].startswith(field)
+
+
+def test_bad_requests_never_500(client):
+    assert client.post("/pipeline", data="{", content_type="application/json").json["field"] == "body"
+    assert client.post("/pipeline").status_code == 400
+    assert client.get("/jobs/nope").status_code == 404
+    assert client.get("/jobs?limit=x").json["field"] == "limit"
+    assert client.post("/admin/cleanup?max_age_hours=soon").json["field"] == "max_age_hours"
+    assert client.post("/admin/cleanup?deep=maybe").json["field"] == "deep"
+    assert client.get("/nothing-here").status_code == 404
+
+
+def test_health_stats_and_admin(client, worker, sweeper, emulators):
+    h = client.get("/health").json
+    assert h["status"] == "healthy" and h["service"] == "ytcaption-orchestrator"
+    assert h["microservices"] == {s: "healthy" for s in ("video-downloader", "audio-normalization",
+                                                          "audio-transcriber")}
+    stats = client.get("/admin/stats").json
+    assert set(stats) == {"orchestrator", "redis", "settings"}
+    assert set(stats["redis"]) >= {"total_jobs", "active_jobs", "completed_jobs", "memory_usage"}
+    assert stats["settings"] == {"cache_ttl_hours": 24.0, "job_timeout_minutes": 60.0, "poll_interval": 0.2,
+                                 "max_poll_attempts": 15}
+    cleaned = client.post("/admin/cleanup?max_age_hours=0&deep=true").json
+    assert cleaned["message"] and cleaned["logs_cleaned"] is True and cleaned["jobs_removed"] >= 0
+    assert client.post("/admin/factory-reset").status_code == 401
+    assert client.post("/admin/factory-reset", headers={"X-Admin-Token": "wrong"}).status_code == 401
+    r = client.post("/admin/factory-reset", headers={"X-Admin-Token": "test-admin-token"})
+    assert r.status_code == 200
+    assert set(r.json["microservices"]) == {"video-downloader", "audio-normalization", "audio-transcriber"}
+    assert all(v["status"] == "success" for v in r.json["microservices"].values())
+    assert client.get("/admin/stats").json["redis"]["total_jobs"] == 0
