@@ -423,6 +423,12 @@ class Engine:
             run.failures = 0
             run.status = StepStatus.WAITING.value
             run.lease_until = None
+            armed = uow.session.execute(select(Timer.id).where(
+                Timer.instance_id == instance_id, Timer.step == step, Timer.attempt == attempt,
+                Timer.kind == "poll", Timer.fired_at.is_(None),
+                Timer.branch.is_(None) if branch is None else Timer.branch == branch).limit(1)).first()
+            if armed is not None:
+                return  # a duplicate delivery polled too; one timer is enough
             uow.session.add(Timer(instance_id=instance_id, kind="poll", step=step, attempt=attempt,
                                   branch=branch, due_at=utcnow() + timedelta(seconds=poll.after)))
 
