@@ -220,12 +220,12 @@ def _utc(value: Any) -> datetime | None:
     return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
 
 
-def raw_chain() -> Any:
+def raw_chain(app: Any) -> Any:
+    """The baseline: the same three links as one Celery chain, from the runtime's app (so the
+    tasks' own options, queue included, apply)."""
     from celery import chain
 
-    from bench.workflow import raw_one, raw_three, raw_two
-
-    return chain(raw_one.si(), raw_two.si(), raw_three.si())
+    return chain(*(app.tasks[f"bench.raw_{n}"].si() for n in ("one", "two", "three")))
 
 
 # -- the benchmark -----------------------------------------------------------------------------
@@ -380,7 +380,7 @@ class Bench:
         """Apply n chains; wait until each chain's last result is ready. Chains per second, first
         apply to last `date_done`."""
         first = datetime.now(timezone.utc)
-        pending = self._start_many(n, lambda _: raw_chain().apply_async())
+        pending = self._start_many(n, lambda _: raw_chain(self.rt.celery).apply_async())
         results = list(pending)
 
         def all_ready() -> bool:
@@ -435,7 +435,7 @@ class Bench:
         raw_ms: list[float] = []
         for _ in range(n):
             t0 = time.perf_counter()
-            result = raw_chain().apply_async()
+            result = raw_chain(self.rt.celery).apply_async()
             wait_for(result.ready, timeout=30, interval=0.005, what="a raw chain to finish",
                      check=self.check_processes)
             raw_ms.append((time.perf_counter() - t0) * 1000)
@@ -494,8 +494,10 @@ def main(argv: list[str] | None = None) -> None:
         bench.failed = True
         note(str(exc))
         code = 1
-    except KeyboardInterrupt:
+    except BaseException as exc:
         bench.failed = True
+        if not isinstance(exc, KeyboardInterrupt):
+            raise
         note("interrupted")
         code = 130
     finally:

@@ -1,0 +1,144 @@
+"""Real processes over real HTTP: the API under gunicorn, and the whole `orchestrator dev`."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import ROOT, Process, wait_for
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 60) -> None:
+    def up() -> bool:
+        try:
+            return requests.get(url, timeout=1).status_code < 500
+        except requests.RequestException:
+            return False
+
+    wait_for(up, timeout=timeout, interval=0.2, what=url)
+
+
+def wait_job(base: str, job_id: str, timeout: float = 90) -> dict:
+    def done():
+        job = requests.get(f"{base}/jobs/{job_id}", timeout=5).json()
+        return job if job["status"] in ("completed", "failed") else None
+
+    return wait_for(done, timeout=timeout, interval=0.2, what=f"job {job_id}")
+
+
+@pytest.fixture(scope="module")
+def api(env, worker, sweeper):
+    port = free_port()
+    proc = Process("api", ["api", "--port", str(port), "--host", "127.0.0.1", "--workers", "2"], env).start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{base}/healthz")
+        yield base
+    finally:
+        proc.stop()
+
+
+def test_api_process_runs_pipelines_concurrently(api):
+    def go(i: int) -> str:
+        r = requests.post(f"{api}/pipeline", json={"youtube_url": f"https://youtu.be/e{i:02d}{uuid.uuid4().hex[:6]}"},
+                          timeout=10)
+        assert r.status_code == 200, r.text
+        return r.json()["job_id"]
+
+    with ThreadPoolExecutor(10) as pool:
+        ids = list(pool.map(go, range(50)))
+    assert len(set(ids)) == 50
+    for job_id in ids:
+        assert wait_job(api, job_id)["status"] == "completed"
+
+
+def test_operations_endpoints(api):
+    assert requests.get(f"{api}/healthz", timeout=5).json()["status"] == "ok"
+    ready = requests.get(f"{api}/readyz", timeout=10)
+    assert ready.status_code == 200, ready.text
+    assert {k: v["status"] for k, v in ready.json()["dependencies"].items()} == {
+        "database": "ok", "broker": "ok", "result_backend": "ok"}
+    metrics = requests.get(f"{api}/metrics", timeout=10).text
+    assert "orchestrator_http_requests_total" in metrics
+    assert 'orchestrator_workflow_instances{state="completed",type="media"}' in metrics
+    assert "orchestrator_outbox_backlog" in metrics
+    spec = requests.get(f"{api}/openapi.json", timeout=5).json()
+    for path in ("/saga", "/saga/{type}", "/sagas", "/sagas/{instance_id}", "/sagas/{instance_id}/events/{event}",
+                 "/sagas/{instance_id}/restart", "/sagas/{instance_id}/cancel", "/pipeline", "/jobs",
+                 "/jobs/{job_id}", "/health", "/admin/stats", "/admin/cleanup", "/admin/factory-reset",
+                 "/healthz", "/readyz", "/metrics"):
+        assert path in spec["paths"], path
+    bad = requests.post(f"{api}/pipeline", data="nope", headers={"Content-Type": "application/json"}, timeout=5)
+    assert bad.status_code == 400 and bad.json()["field"] == "body"
+
+
+def test_readyz_reports_a_dead_broker(env, tmp_path):
+    port = free_port()
+    broken = {**env, "CELERY_BROKER_URL": f"amqp://guest:guest@127.0.0.1:{free_port()}//"}
+    proc = Process("api-broken", ["api", "--port", str(port), "--host", "127.0.0.1", "--workers", "1"], broken).start()
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz")
+        r = requests.get(f"http://127.0.0.1:{port}/readyz", timeout=15)
+        assert r.status_code == 503 and r.json()["dependencies"]["broker"]["status"] == "error"
+        assert r.json()["dependencies"]["database"]["status"] == "ok"
+    finally:
+        proc.stop()
+
+
+def test_misconfiguration_stops_start_up_naming_the_variable(env):
+    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "api"], env={**env, "POLL_INTERVAL": "often"},
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "POLL_INTERVAL" in out.stderr
+
+
+def test_dev_runs_everything_on_embedded_defaults(tmp_path):
+    """The README's main command on a machine with nothing configured: SQLite, a server-less
+    broker, the emulators; a pipeline completes; SIGTERM stops every process cleanly."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("CELERY_", "DATABASE_", "POSTGRES_", "REDIS_", "VIDEO_", "AUDIO_"))}
+    port, flower = free_port(), free_port()
+    env.update(PORT=str(port), HOST="127.0.0.1", POLL_INTERVAL="0.3", SWEEP_INTERVAL="0.2",
+               EMULATOR_JOB_SECONDS="0.5", LOG_LEVEL="WARNING", PYTHONPATH=str(ROOT),
+               FLOWER_BASIC_AUTH="admin:secret")
+    log = (tmp_path / "dev.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "dev", "--flower-port", str(flower),
+                             "--concurrency", "2"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{base}/healthz", timeout=90)
+        r = requests.post(f"{base}/pipeline", json={"youtube_url": "https://www.youtube.com/watch?v=devrun01"},
+                          timeout=10)
+        assert r.status_code == 200, r.text
+        job = wait_job(base, r.json()["job_id"], timeout=120)
+        assert job["status"] == "completed", job
+        assert (tmp_path / "data" / "orchestrator.db").exists()
+        wait_http(f"http://127.0.0.1:{flower}/healthcheck", timeout=60)
+        assert requests.get(f"http://127.0.0.1:{flower}/", timeout=5).status_code == 401
+        tasks = requests.get(f"http://127.0.0.1:{flower}/api/tasks", auth=("admin", "secret"), timeout=10)
+        assert tasks.status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    assert code == 0, (tmp_path / "dev.log").read_text()[-3000:]
+    time.sleep(0.5)
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{base}/healthz", timeout=2)
