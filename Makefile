@@ -1,0 +1,38 @@
+# The README's commands live here. `make run` is the main job, `make test` the whole suite.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: install run test unit bench services up down clean
+
+$(BIN)/orchestrator: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(BIN)/orchestrator
+
+run: install           ## every process plus the emulators, embedded defaults, Ctrl-C stops all
+	$(BIN)/orchestrator dev
+
+services:              ## start PostgreSQL, RabbitMQ and Redis if one is down (tests need them)
+	bash .ci/services
+
+test: install services ## the whole suite against the real services
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+unit: install          ## the tests with no I/O, in a second
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit
+
+bench: install services
+	$(BIN)/python -m bench.run
+
+up:                    ## the full stack with Docker
+	docker compose up --build -d
+
+down:
+	docker compose down
+
+clean:
+	rm -rf $(VENV) data *.egg-info
