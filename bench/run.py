@@ -8,7 +8,9 @@ One run creates its own PostgreSQL database and RabbitMQ vhost, starts one worke
   (b) raw baseline: N Celery chains of the same three trivial tasks, first apply to last
       `date_done`;
   (c) latency of single workflows (POST /saga -> state "done") against single raw chains;
-  (d) peak RSS of the worker (main process and pool children) during (a) and (b).
+  (d) peak RSS of the worker (main process and pool children) during (a) and (b);
+  (e) CPU time per workflow of the worker and of the database's server backends in (a) and (b),
+      to tell where the engine's overhead goes.
 
 Everything it created is removed at the end (results in the Redis backend expire on their own).
 Service addresses can be changed with BENCH_PG_ADMIN_URL, BENCH_AMQP_URL and BENCH_REDIS_URL.
@@ -168,6 +170,16 @@ def _rss_kib(pid: int) -> int:
     return 0
 
 
+def _cpu_ticks(pid: int) -> int:
+    """utime + stime of one process, in clock ticks (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 class RssSampler(threading.Thread):
     """Sums VmRSS over a process tree every `interval` seconds; keeps the maximum."""
 
@@ -241,6 +253,7 @@ class Bench:
         self.worker: Process | None = None
         self.rt: Any = None
         self.failed = False
+        self._started_in = 0.0
 
     # -- setup and teardown --------------------------------------------------------------------
     def setup(self) -> None:
@@ -310,6 +323,10 @@ class Bench:
                 proc.stop()
             except Exception as exc:  # keep cleaning up
                 note(f"stopping the {proc.name}: {_first_line(exc)}")
+        if self.vhost is not None and not _rabbitmqctl("delete_vhost", self.vhost):
+            note(f"could not delete RabbitMQ vhost {self.vhost}")
+        elif self.vhost is None and self.rt is not None:
+            self._delete_queue()
         if self.rt is not None:
             from orchestrator import runtime
 
@@ -318,8 +335,6 @@ class Bench:
             except Exception:
                 pass
             runtime.reset()
-        if self.vhost is not None and not _rabbitmqctl("delete_vhost", self.vhost):
-            note(f"could not delete RabbitMQ vhost {self.vhost}")
         if self.database is not None:
             from sqlalchemy import text
 
@@ -334,6 +349,16 @@ class Bench:
             note(f"process logs kept in {self.logdir}")
         else:
             shutil.rmtree(self.logdir, ignore_errors=True)
+
+    def _delete_queue(self) -> None:
+        """On the shared default vhost, remove the benchmark's queue and exchange again."""
+        try:
+            with self.rt.celery.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=1)
+                conn.default_channel.queue_delete(QUEUE)
+                conn.default_channel.exchange_delete(QUEUE)
+        except Exception as exc:
+            note(f"could not delete the {QUEUE} queue: {_first_line(exc)}")
 
     # -- database reads ------------------------------------------------------------------------
     def _scalar(self, sql: str, **params: Any) -> Any:
@@ -366,6 +391,7 @@ class Bench:
         target = self.count_done() + n
         first = datetime.now(timezone.utc)
         self._start_many(n, lambda i: engine.start("bench", {"i": i}))
+        self._started_in = (datetime.now(timezone.utc) - first).total_seconds()
         try:
             wait_for(lambda: self.count_done() >= target, timeout=timeout, interval=0.2,
                      what=f"{n} bench workflows to finish", check=self.check_processes)
@@ -381,6 +407,7 @@ class Bench:
         apply to last `date_done`."""
         first = datetime.now(timezone.utc)
         pending = self._start_many(n, lambda _: raw_chain(self.rt.celery).apply_async())
+        self._started_in = (datetime.now(timezone.utc) - first).total_seconds()
         results = list(pending)
 
         def all_ready() -> bool:
@@ -401,19 +428,43 @@ class Bench:
         self._engine_batch(WARMUP, timeout=60)
         self._raw_batch(WARMUP, timeout=60)
 
-    def throughput(self) -> tuple[float, float, float]:
+    def cpu_ticks(self) -> dict[str, dict[int, int]]:
+        """CPU used so far by the worker (and its pool) and by this database's server backends."""
+        from sqlalchemy import text
+
+        assert self.worker is not None
+        with self.admin.connect() as conn:
+            backends = conn.execute(text("SELECT pid FROM pg_stat_activity WHERE datname = :d"),
+                                    {"d": self.database}).scalars().all()
+        return {"worker": {p: _cpu_ticks(p) for p in _descendants(self.worker.pid)},
+                "postgres": {p: _cpu_ticks(p) for p in backends}}
+
+    def cpu_ms_since(self, before: dict[str, dict[int, int]], n: int) -> dict[str, float]:
+        """CPU milliseconds per workflow since `before`, by kind of process."""
+        after = self.cpu_ticks()
+        tick_ms = 1000 / os.sysconf("SC_CLK_TCK")
+        return {kind: sum(max(0, t - before[kind].get(p, 0)) for p, t in after[kind].items()) * tick_ms / n
+                for kind in after}
+
+    def throughput(self) -> tuple[float, float, float, dict[str, float], dict[str, float]]:
         n = self.args.n
         assert self.worker is not None
         sampler = RssSampler(self.worker.pid)
         sampler.start()
         try:
             note(f"(a) engine: {n} workflows ...")
+            cpu = self.cpu_ticks()
             engine_rate = self._engine_batch(n, timeout=max(60.0, n * 0.5))
+            engine_cpu = self.cpu_ms_since(cpu, n)
+            note(f"    all started in {self._started_in:.2f}s, done in {n / engine_rate:.2f}s")
             note(f"(b) raw: {n} chains ...")
+            cpu = self.cpu_ticks()
             raw_rate = self._raw_batch(n, timeout=max(60.0, n * 0.5))
+            raw_cpu = self.cpu_ms_since(cpu, n)
+            note(f"    all applied in {self._started_in:.2f}s, done in {n / raw_rate:.2f}s")
         finally:
             sampler.stop()
-        return engine_rate, raw_rate, sampler.peak_kib / 1024
+        return engine_rate, raw_rate, sampler.peak_kib / 1024, engine_cpu, raw_cpu
 
     def latency(self) -> tuple[list[float], list[float]]:
         from web import create_app
@@ -448,7 +499,7 @@ class Bench:
         self.setup()
         note(f"worker and sweeper up after {time.monotonic() - started:.1f}s; warming up ...")
         self.warm_up()
-        engine_rate, raw_rate, peak_mib = self.throughput()
+        engine_rate, raw_rate, peak_mib, engine_cpu, raw_cpu = self.throughput()
         engine_ms, raw_ms = self.latency()
         note(f"done in {time.monotonic() - started:.1f}s")
         print(f"engine   3-step workflows/s   {engine_rate:7.1f}")
@@ -457,6 +508,8 @@ class Bench:
         print(f"latency  POST /saga -> done   median {statistics.median(engine_ms):.1f} ms  "
               f"p95 {percentile(engine_ms, 95):.1f} ms   (raw chain: median "
               f"{statistics.median(raw_ms):.1f} ms p95 {percentile(raw_ms, 95):.1f} ms)")
+        print(f"cpu      per workflow         worker {engine_cpu['worker']:.1f} ms  postgres "
+              f"{engine_cpu['postgres']:.1f} ms   (raw chain: worker {raw_cpu['worker']:.1f} ms)")
         print(f"worker   peak RSS             {peak_mib:7.1f} MiB")
 
 

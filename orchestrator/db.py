@@ -11,7 +11,9 @@ from sqlalchemy.orm import Session, sessionmaker
 def make_engine(url: str, **kwargs: Any) -> Engine:
     if url.startswith("sqlite"):
         return _sqlite_engine(url, **kwargs)
-    kwargs.setdefault("pool_pre_ping", True)
+    # No ping per checkout (it costs a round trip on every transaction); recycle instead, and a
+    # transaction that meets a dead connection fails and is redelivered like any other failure.
+    kwargs.setdefault("pool_recycle", 300)
     kwargs.setdefault("pool_size", 5)
     kwargs.setdefault("max_overflow", 10)
     return create_engine(url, **kwargs)

@@ -13,6 +13,7 @@ import logging
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from datetime import datetime, timedelta
 from typing import Any, Callable, Iterator
 
@@ -52,11 +53,15 @@ class StepContext:
     branch: int | None
     input: dict[str, Any]
     data: dict[str, Any]
-    outputs: dict[str, Any]
     polls: int
     restarts: int
     settings: Settings
     engine: "Engine" = field(repr=False)
+
+    @cached_property
+    def outputs(self) -> dict[str, Any]:
+        """Outputs of the steps completed before this one (read on first use)."""
+        return self.engine.step_outputs(self.instance_id)
 
     @property
     def idempotency_key(self) -> str:
@@ -92,15 +97,14 @@ class UnitOfWork:
 
     def __init__(self, session: Session) -> None:
         self.session = session
-        self.outbox_ids: list[int] = []
-        self._pending: list[OutboxMessage] = []
+        self.outbox: list[OutboxMessage] = []
 
     def add_message(self, channel: str, target: str, payload: dict[str, Any], *,
                     instance_id: str | None = None, key: str | None = None) -> None:
         msg = OutboxMessage(message_id=uuid.uuid4().hex, instance_id=instance_id, channel=channel,
                             target=target, key=key, payload=payload)
         self.session.add(msg)
-        self._pending.append(msg)
+        self.outbox.append(msg)
 
     def lock(self, instance_id: str) -> WorkflowInstance:
         inst = self.session.execute(
@@ -115,16 +119,10 @@ class UnitOfWork:
             select(StepRun).where(StepRun.instance_id == instance_id, StepRun.name == name)
         ).scalar_one_or_none()
 
-    def flush_ids(self) -> None:
-        if self._pending:
-            self.session.flush()
-            self.outbox_ids.extend(m.id for m in self._pending)
-            self._pending.clear()
-
 
 class Engine:
     def __init__(self, settings: Settings, session_factory: sessionmaker[Session], registry: Registry,
-                 relay: Callable[[list[int]], None] | None = None) -> None:
+                 relay: Callable[[list[OutboxMessage]], None] | None = None) -> None:
         self.settings = settings
         self.sessions = session_factory
         self.registry = registry
@@ -137,10 +135,9 @@ class Engine:
             with session.begin():
                 uow = UnitOfWork(session)
                 yield uow
-                uow.flush_ids()
-        if uow.outbox_ids and self.relay is not None:
+        if uow.outbox and self.relay is not None:
             try:
-                self.relay(uow.outbox_ids)
+                self.relay(uow.outbox)
             except Exception:  # the sweeper publishes what the kick could not
                 log.warning("relay after commit failed; the sweeper will publish", exc_info=True)
 
@@ -235,7 +232,14 @@ class Engine:
         return cls(model=inst, settings=self.settings)
 
     def _transition(self, uow: UnitOfWork, inst: WorkflowInstance, event: str,
-                    payload: dict[str, Any], actor: str, failed_step: bool = False) -> None:
+                    payload: dict[str, Any], actor: str, failed_step: bool = False,
+                    old_run: StepRun | None = None) -> None:
+        with uow.session.no_autoflush:
+            self._transition_unflushed(uow, inst, event, payload, actor, failed_step, old_run)
+
+    def _transition_unflushed(self, uow: UnitOfWork, inst: WorkflowInstance, event: str,
+                              payload: dict[str, Any], actor: str, failed_step: bool,
+                              old_run: StepRun | None) -> None:
         cls = self.workflow_class(inst.type)
         if event not in cls.event_names():
             raise InvalidInput("event", f"unknown event '{event}' for workflow '{cls.type}'", status=400)
@@ -247,12 +251,14 @@ class Engine:
             raise IllegalTransition(inst.id, event, before or "") from None
         after = inst.state
         now = utcnow()
-        flag_modified(inst, "context")
+        if machine.context_touched:
+            flag_modified(inst, "context")
         inst.updated_at = now
         if after != before:
             old_step = cls.step_for_state(before)
             if old_step is not None:
-                run = uow.step_run(inst.id, old_step.name)
+                run = old_run if old_run is not None and old_run.name == old_step.name \
+                    else uow.step_run(inst.id, old_step.name)
                 if run is not None and run.status in ACTIVE:
                     run.status = (StepStatus.FAILED if failed_step else StepStatus.CANCELLED).value
                     run.finished_at = now
@@ -296,9 +302,6 @@ class Engine:
             run.restarts += 1
             if not step.fanout:
                 run.data = {}
-        seq = uow.session.execute(select(func.coalesce(func.max(StepRun.seq), 0)).where(
-            StepRun.instance_id == inst.id)).scalar_one()
-        run.seq = seq + 1
         run.attempt += 1
         run.failures = 0
         run.polls = 0
@@ -347,37 +350,33 @@ class Engine:
         else:
             payload = {"task": [step.task, args]}
         uow.add_message("celery", step.tasks[0], payload, instance_id=instance_id)
+        run.lease_until = utcnow() + timedelta(seconds=self.settings.step_lease_seconds)
 
     def claim_step(self, instance_id: str, step: str, attempt: int,
                    branch: int | None = None) -> StepContext | None:
-        """Called by a task before doing work. None means: stale or duplicate delivery, do nothing."""
-        with self.unit_of_work() as uow:
-            try:
-                inst = uow.lock(instance_id)
-            except NotFound:
-                return None
-            run = uow.step_run(instance_id, step)
-            if run is None or run.attempt != attempt or run.status not in ACTIVE:
-                return None
-            data = dict(run.data or {})
-            if branch is not None:
-                b = data["branches"][branch]
-                if b["status"] not in ACTIVE:
-                    return None
-                b["status"] = StepStatus.RUNNING.value
-                flag_modified(run, "data")
-            now = utcnow()
-            run.status = StepStatus.RUNNING.value
-            run.started_at = run.started_at or now
-            run.lease_until = now + timedelta(seconds=self.settings.step_lease_seconds)
-            outputs = self._outputs(uow, instance_id)
-            return StepContext(instance_id=instance_id, step=step, attempt=attempt, branch=branch,
-                               input=dict(inst.context.get("input") or {}), data=data, outputs=outputs,
-                               polls=run.polls, restarts=run.restarts, settings=self.settings, engine=self)
+        """Called by a task before doing work: one read, no lock. None means a stale or duplicate
+        delivery (the attempt already reported, or a newer one exists): do nothing."""
+        with self.sessions() as session:
+            row = session.execute(
+                select(StepRun.status, StepRun.data, StepRun.polls, StepRun.restarts,
+                       WorkflowInstance.context)
+                .join(WorkflowInstance, WorkflowInstance.id == StepRun.instance_id)
+                .where(StepRun.instance_id == instance_id, StepRun.name == step, StepRun.attempt == attempt)
+            ).first()
+        if row is None or row.status not in ACTIVE:
+            return None
+        data = dict(row.data or {})
+        if branch is not None and data["branches"][branch]["status"] not in ACTIVE:
+            return None
+        return StepContext(instance_id=instance_id, step=step, attempt=attempt, branch=branch,
+                           input=dict((row.context or {}).get("input") or {}), data=data,
+                           polls=row.polls, restarts=row.restarts, settings=self.settings, engine=self)
 
-    def _outputs(self, uow: UnitOfWork, instance_id: str) -> dict[str, Any]:
-        rows = uow.session.execute(select(StepRun.name, StepRun.data).where(
-            StepRun.instance_id == instance_id, StepRun.status == StepStatus.COMPLETED.value)).all()
+    def step_outputs(self, instance_id: str) -> dict[str, Any]:
+        """Outputs of the instance's completed steps, by step name."""
+        with self.sessions() as session:
+            rows = session.execute(select(StepRun.name, StepRun.data).where(
+                StepRun.instance_id == instance_id, StepRun.status == StepStatus.COMPLETED.value)).all()
         return {name: (data or {}).get("output") for name, data in rows}
 
     def _active_run(self, uow: UnitOfWork, instance_id: str, step: str, attempt: int,
@@ -414,6 +413,7 @@ class Engine:
             if found is None:
                 return
             _, run = found
+            run.started_at = run.started_at or utcnow()
             if poll.progress is not None:
                 run.progress = max(0.0, min(100.0, float(poll.progress)))
             if poll.data:
@@ -458,9 +458,10 @@ class Engine:
                 event, payload = done.event, done.output
             run.status = StepStatus.COMPLETED.value
             run.progress = 100.0
+            run.started_at = run.started_at or now
             run.finished_at = now
             run.lease_until = None
-            self._transition(uow, inst, event, payload, actor)
+            self._transition(uow, inst, event, payload, actor, old_run=run)
 
     def step_failed(self, instance_id: str, step: str, attempt: int, error: str, retryable: bool,
                     branch: int | None = None) -> None:
@@ -502,7 +503,7 @@ class Engine:
         run.finished_at = utcnow()
         run.lease_until = None
         self._transition(uow, inst, step.on_failure, {"step": run.name, "error": error}, "engine",
-                         failed_step=True)
+                         failed_step=True, old_run=run)
 
     # -- restart and cancel --------------------------------------------------------------------
     def restart(self, instance_id: str, step: str, actor: str = "api") -> dict[str, Any]:
@@ -534,7 +535,7 @@ class Engine:
         """Run the declared compensations of completed steps, newest first, as one Celery chain."""
         runs = uow.session.execute(select(StepRun).where(
             StepRun.instance_id == inst.id, StepRun.status == StepStatus.COMPLETED.value
-        ).order_by(StepRun.seq.desc())).scalars().all()
+        ).order_by(StepRun.queued_at.desc(), StepRun.id.desc())).scalars().all()
         links = []
         for run in runs:
             found = cls.step_named(run.name)
@@ -616,11 +617,12 @@ class Engine:
                 log.warning("instance %s expired in state %s with no way to fail", inst.id, inst.state)
 
     def redispatch_expired_leases(self) -> int:
-        """A running step whose lease ran out lost its worker: deliver it again."""
+        """A dispatched step not heard of within its lease lost its message or worker: deliver it again."""
         count = 0
         with self.unit_of_work() as uow:
             runs = uow.session.execute(select(StepRun).where(
-                StepRun.status == StepStatus.RUNNING.value, StepRun.lease_until < utcnow()
+                StepRun.status.in_((StepStatus.QUEUED.value, StepStatus.RUNNING.value)),
+                StepRun.lease_until < utcnow()
             ).limit(100).with_for_update(skip_locked=True)).scalars().all()
             for run in runs:
                 inst = uow.session.get(WorkflowInstance, run.instance_id)
@@ -643,7 +645,7 @@ class Engine:
             if inst is None:
                 raise NotFound(f"instance {instance_id} not found", instance_id=instance_id)
             runs = s.execute(select(StepRun).where(StepRun.instance_id == instance_id)
-                             .order_by(StepRun.seq)).scalars().all()
+                             .order_by(StepRun.queued_at, StepRun.id)).scalars().all()
             entries = s.execute(select(HistoryEntry).where(HistoryEntry.instance_id == instance_id)
                                 .order_by(HistoryEntry.id)).scalars().all() if history else []
             return instance_dict(inst, runs, entries if history else None)

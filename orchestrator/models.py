@@ -81,7 +81,10 @@ class StepRun(Base):
     """One row per (instance, step): its status, current attempt and timings."""
 
     __tablename__ = "step_runs"
-    __table_args__ = (UniqueConstraint("instance_id", "name", name="uq_step_instance_name"),)
+    __table_args__ = (
+        UniqueConstraint("instance_id", "name", name="uq_step_instance_name"),
+        Index("ix_step_runs_lease", "status", "lease_until"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     instance_id: Mapped[str] = mapped_column(ForeignKey("workflow_instances.id", ondelete="CASCADE"))
@@ -99,7 +102,6 @@ class StepRun(Base):
     failed: Mapped[int] = mapped_column(Integer, default=0)
     data: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
     error: Mapped[str | None] = mapped_column(Text)
-    seq: Mapped[int] = mapped_column(Integer, default=0)  # order in which steps started
     queued_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

@@ -1,15 +1,18 @@
 """Publishes committed outbox rows and marks them sent.
 
-Rows are locked (SKIP LOCKED) while they are published, so the post-commit kick and any number
-of sweepers never publish the same row at once. A crash after publish and before the mark
-re-publishes the row later: consumers de-duplicate (steps by (instance, step, attempt)).
+The process that commits publishes its own rows right away; sweepers publish what is left
+(older than a short grace period), locking rows with SKIP LOCKED so several sweepers never
+send the same row at once. Delivery is at least once: a crash after publish and before the
+mark sends the row again, and consumers de-duplicate (steps by (instance, step, attempt)).
 """
 from __future__ import annotations
 
 import logging
 from typing import Any, Callable
 
-from sqlalchemy import select
+from datetime import timedelta
+
+from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from .models import OutboxMessage, utcnow
@@ -27,16 +30,42 @@ class OutboxRelay:
     def register(self, channel: str, publisher: Publisher) -> None:
         self.publishers[channel] = publisher
 
-    def __call__(self, ids: list[int]) -> None:
-        self.publish(ids)
+    def __call__(self, rows: list[OutboxMessage]) -> None:
+        self.publish_committed(rows)
 
-    def publish(self, ids: list[int] | None = None, limit: int = 500) -> int:
-        """Publish unsent rows (the given ids, or the oldest `limit`). Returns how many were sent."""
+    def publish_committed(self, rows: list[OutboxMessage]) -> int:
+        """The kick right after commit: publish the rows this process just wrote, then mark them
+        with one UPDATE. No lock is held while the broker confirms; a crash before the mark
+        means the sweeper sends the row again, and consumers ignore the duplicate."""
+        sent: list[str] = []
+        for row in rows:
+            publisher = self.publishers.get(row.channel)
+            if publisher is None:
+                continue
+            try:
+                publisher(row)
+            except Exception as exc:  # broker down: the sweeper retries the rest
+                log.warning("outbox %s to %s not published: %s", row.message_id, row.target, exc)
+                break
+            sent.append(row.message_id)
+        if sent:
+            with self.sessions() as session, session.begin():
+                if session.bind.dialect.name == "postgresql":  # type: ignore[union-attr]
+                    # losing this mark in a crash only costs a duplicate send
+                    session.execute(text("SET LOCAL synchronous_commit = off"))
+                session.execute(update(OutboxMessage).where(OutboxMessage.message_id.in_(sent),
+                                                            OutboxMessage.sent_at.is_(None))
+                                .values(sent_at=utcnow(), publish_attempts=OutboxMessage.publish_attempts + 1))
+        return len(sent)
+
+    def publish(self, limit: int = 500, grace_seconds: float = 2.0) -> int:
+        """The sweep: publish unsent rows older than `grace_seconds` (younger ones are still
+        being sent by the process that wrote them), locked while they are sent."""
         with self.sessions() as session, session.begin():
-            q = select(OutboxMessage).where(OutboxMessage.sent_at.is_(None))
-            q = q.where(OutboxMessage.id.in_(ids)) if ids is not None else q
             rows = session.execute(
-                q.order_by(OutboxMessage.id).limit(limit).with_for_update(skip_locked=True)
+                select(OutboxMessage).where(OutboxMessage.sent_at.is_(None),
+                                            OutboxMessage.created_at < utcnow() - timedelta(seconds=grace_seconds))
+                .order_by(OutboxMessage.id).limit(limit).with_for_update(skip_locked=True)
             ).scalars().all()
             sent = 0
             for row in rows:
@@ -47,7 +76,7 @@ class OutboxRelay:
                 row.publish_attempts += 1
                 try:
                     publisher(row)
-                except Exception as exc:  # broker down: keep the row, the sweeper retries it
+                except Exception as exc:  # broker down: keep the row, the next sweep retries it
                     row.last_error = f"{type(exc).__name__}: {exc}"[:2000]
                     log.warning("outbox %s to %s not published: %s", row.id, row.target, exc)
                     break

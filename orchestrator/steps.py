@@ -76,7 +76,7 @@ def compensation_task(name: str, **options: Any) -> Callable[[Callable[[StepCont
                 return "skipped"
             ctx = StepContext(instance_id=instance_id, step=step, attempt=attempt, branch=None,
                               input=snapshot["context"].get("input") or {}, data=run_row["data"],
-                              outputs={}, polls=0, restarts=run_row["restarts"],
+                              polls=0, restarts=run_row["restarts"],
                               settings=engine.settings, engine=engine)
             fn(ctx)
             engine.compensated(instance_id, step, attempt)

@@ -87,12 +87,14 @@ class Workflow(StateMachine):
 
     def __init__(self, model: Any, settings: "Settings | None" = None) -> None:
         self.settings = settings
+        self.context_touched = False
         self.messages: list[tuple[str, str, str | None, dict[str, Any]]] = []
         super().__init__(model=model, state_field="state")
 
     # -- helpers for callbacks ---------------------------------------------------------------
     @property
     def context(self) -> dict[str, Any]:
+        self.context_touched = True  # the engine rewrites the JSON column only when touched
         return self.model.context  # type: ignore[no-any-return]
 
     def emit(self, channel: str, target: str, payload: dict[str, Any], key: str | None = None) -> None:

@@ -85,7 +85,6 @@ def upgrade() -> None:
     sa.Column('failed', sa.Integer(), nullable=False),
     sa.Column('data', sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), 'postgresql'), nullable=False),
     sa.Column('error', sa.Text(), nullable=True),
-    sa.Column('seq', sa.Integer(), nullable=False),
     sa.Column('queued_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('started_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('finished_at', sa.DateTime(timezone=True), nullable=True),
@@ -94,6 +93,7 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('instance_id', 'name', name='uq_step_instance_name')
     )
+    op.create_index('ix_step_runs_lease', 'step_runs', ['status', 'lease_until'], unique=False)
     op.create_table('timers',
     sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
     sa.Column('instance_id', sa.String(length=36), nullable=False),
@@ -113,6 +113,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_index('ix_timers_due', table_name='timers')
     op.drop_table('timers')
+    op.drop_index('ix_step_runs_lease', table_name='step_runs')
     op.drop_table('step_runs')
     op.drop_index('ix_history_instance', table_name='history')
     op.drop_table('history')
