@@ -4,6 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 
 from conftest import ROOT, emulator_stats, start_worker, wait_for
@@ -20,8 +21,10 @@ def test_worker_killed_mid_step_then_a_new_worker_completes(client, rt, env, swe
     try:
         faults("audio-normalization", [{"endpoint": "submit", "kind": "hang", "times": 1}])
         job_id = client.post("/pipeline", json={"youtube_url": f"https://youtu.be/k{uuid.uuid4().hex[:8]}"}).json["job_id"]
-        wait_for(lambda: client.get(f"/jobs/{job_id}").json["stages"]["normalization"]["status"] == "processing",
-                 timeout=20, what="normalization to be running")
+        wait_for(lambda: client.get(f"/jobs/{job_id}").json["stages"]["download"]["status"] == "completed",
+                 timeout=20, what="download to complete")
+        time.sleep(1.0)  # the normalization task is now inside its 3 s submit
+        assert client.get(f"/jobs/{job_id}").json["stages"]["normalization"]["job_id"] is None
         victim.kill()
     finally:
         victim.kill()
