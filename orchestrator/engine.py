@@ -227,10 +227,6 @@ class Engine:
             self._transition(uow, inst, event, payload or {}, actor)
         return self.snapshot(instance_id)
 
-    def _machine(self, inst: WorkflowInstance) -> Workflow:
-        cls = self.workflow_class(inst.type)
-        return cls(model=inst, settings=self.settings)
-
     def _transition(self, uow: UnitOfWork, inst: WorkflowInstance, event: str,
                     payload: dict[str, Any], actor: str, failed_step: bool = False,
                     old_run: StepRun | None = None) -> None:
@@ -621,7 +617,7 @@ class Engine:
         count = 0
         with self.unit_of_work() as uow:
             runs = uow.session.execute(select(StepRun).where(
-                StepRun.status.in_((StepStatus.QUEUED.value, StepStatus.RUNNING.value)),
+                StepRun.status == StepStatus.QUEUED.value,
                 StepRun.lease_until < utcnow()
             ).limit(100).with_for_update(skip_locked=True)).scalars().all()
             for run in runs:

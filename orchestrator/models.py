@@ -43,8 +43,7 @@ class Base(DeclarativeBase):
 
 class StepStatus(str, enum.Enum):
     PENDING = "pending"          # declared, not dispatched yet (or reset by a restart)
-    QUEUED = "queued"            # an outbox row will dispatch it
-    RUNNING = "running"          # a task has claimed it
+    QUEUED = "queued"            # dispatched; a task will run it (claiming is a read, not a write)
     WAITING = "waiting"          # between polls or retries: a timer row will dispatch it again
     COMPLETED = "completed"
     FAILED = "failed"
@@ -52,7 +51,7 @@ class StepStatus(str, enum.Enum):
     COMPENSATED = "compensated"
 
 
-ACTIVE_STEP_STATUSES = (StepStatus.QUEUED, StepStatus.RUNNING, StepStatus.WAITING)
+ACTIVE_STEP_STATUSES = (StepStatus.QUEUED, StepStatus.WAITING)
 
 
 class WorkflowInstance(Base):

@@ -8,9 +8,8 @@ mark sends the row again, and consumers de-duplicate (steps by (instance, step, 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
-
 from datetime import timedelta
+from typing import Any, Callable
 
 from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -84,12 +83,6 @@ class OutboxRelay:
                 row.last_error = None
                 sent += 1
             return sent
-
-    def backlog(self) -> int:
-        from sqlalchemy import func
-
-        with self.sessions() as session:
-            return session.execute(select(func.count()).where(OutboxMessage.sent_at.is_(None))).scalar_one()
 
 
 def celery_publisher(app: Any) -> Publisher:

@@ -39,7 +39,7 @@ def stage_view(step: dict[str, Any] | None) -> dict[str, Any]:
     status = step["status"]
     progress = 100.0 if status == "completed" else round(float(step["progress"]), 1)
     view = {
-        "status": {"queued": "pending", "waiting": "processing", "running": "processing"}.get(status, status),
+        "status": {"queued": "pending", "waiting": "processing"}.get(status, status),
         "job_id": (step["data"].get("output") or {}).get("remote_job_id") or step["data"].get("remote_job_id"),
         "progress": progress,
         "started_at": _iso(step["started_at"]),
