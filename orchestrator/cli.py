@@ -105,11 +105,13 @@ def cmd_dev(args: argparse.Namespace) -> None:
     env.setdefault("FLOWER_BASIC_AUTH", "admin:admin")
     env.setdefault("EMULATOR_JOB_SECONDS", "2")
     children: list[tuple[str, list[str]]] = []
-    ports = {"VIDEO_DOWNLOADER_URL": 8001, "AUDIO_NORMALIZATION_URL": 8002, "AUDIO_TRANSCRIBER_URL": 8003}
+    base = args.emulator_port
+    ports = {"VIDEO_DOWNLOADER_URL": base, "AUDIO_NORMALIZATION_URL": base + 1, "AUDIO_TRANSCRIBER_URL": base + 2}
     if not any(os.environ.get(name) for name in ports):
         for name, port in ports.items():
             env[name] = f"http://127.0.0.1:{port}"
-        children.append(("emulators", [sys.executable, "-m", "emulators.media", "--host", "127.0.0.1"]))
+        children.append(("emulators", [sys.executable, "-m", "emulators.media", "--host", "127.0.0.1",
+                                       "--ports", ",".join(str(p) for p in ports.values())]))
     py = [sys.executable, "-m", "orchestrator.cli"]
     children += [
         ("api", py + ["api", "--workers", str(args.api_workers)]),
@@ -187,6 +189,8 @@ def parser() -> argparse.ArgumentParser:
     dev.add_argument("--concurrency", type=int, default=4)
     dev.add_argument("--api-workers", type=int, default=2)
     dev.add_argument("--flower-port", type=int, default=5555)
+    dev.add_argument("--emulator-port", type=int, default=8001,
+                     help="first of three ports for the media emulators (8001-8003)")
     dev.set_defaults(func=cmd_dev)
     return p
 

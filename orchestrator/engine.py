@@ -17,7 +17,7 @@ from functools import cached_property
 from datetime import datetime, timedelta
 from typing import Any, Callable, Iterator
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Engine as SAEngine, bindparam, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.attributes import flag_modified
@@ -41,6 +41,12 @@ from .workflow import Registry, Step, Workflow
 log = logging.getLogger(__name__)
 
 ACTIVE = tuple(s.value for s in ACTIVE_STEP_STATUSES)
+OUTBOX = OutboxMessage.__table__
+HISTORY = HistoryEntry.__table__
+CLAIM = (select(StepRun.status, StepRun.data, StepRun.polls, StepRun.restarts, WorkflowInstance.context)
+         .join(WorkflowInstance, WorkflowInstance.id == StepRun.instance_id)
+         .where(StepRun.instance_id == bindparam("instance_id"), StepRun.name == bindparam("step"),
+                StepRun.attempt == bindparam("attempt")))
 
 
 @dataclass
@@ -98,12 +104,17 @@ class UnitOfWork:
     def __init__(self, session: Session) -> None:
         self.session = session
         self.outbox: list[OutboxMessage] = []
+        self.runs: dict[str, dict[str, StepRun]] = {}  # every step row of a locked instance
+        self.history: list[HistoryEntry] = []
 
     def add_message(self, channel: str, target: str, payload: dict[str, Any], *,
                     instance_id: str | None = None, key: str | None = None) -> None:
+        # Append-only rows go out as plain Core INSERTs, outside the ORM's flush bookkeeping.
         msg = OutboxMessage(message_id=uuid.uuid4().hex, instance_id=instance_id, channel=channel,
                             target=target, key=key, payload=payload)
-        self.session.add(msg)
+        self.session.connection().execute(OUTBOX.insert().values(
+            message_id=msg.message_id, instance_id=instance_id, channel=channel, target=target, key=key,
+            payload=payload, created_at=utcnow(), publish_attempts=0))
         self.outbox.append(msg)
 
     def lock(self, instance_id: str) -> WorkflowInstance:
@@ -115,16 +126,41 @@ class UnitOfWork:
         return inst
 
     def step_run(self, instance_id: str, name: str) -> StepRun | None:
+        known = self.runs.get(instance_id)
+        if known is not None:
+            return known.get(name)
         return self.session.execute(
             select(StepRun).where(StepRun.instance_id == instance_id, StepRun.name == name)
         ).scalar_one_or_none()
 
+    def add_run(self, run: StepRun) -> None:
+        self.session.add(run)
+        if run.instance_id in self.runs:
+            self.runs[run.instance_id][run.name] = run
+
+    def lock_with_runs(self, instance_id: str) -> WorkflowInstance | None:
+        """Lock the instance, then load all its step rows. Two statements on purpose: rows joined
+        to a locked row are not re-read when the lock was waited for, so a join would return
+        step rows as they were before the transaction we waited on."""
+        inst = self.session.execute(
+            select(WorkflowInstance).where(WorkflowInstance.id == instance_id).with_for_update()
+        ).scalar_one_or_none()
+        if inst is None:
+            return None
+        runs = self.session.execute(select(StepRun).where(StepRun.instance_id == instance_id)).scalars()
+        self.runs[instance_id] = {run.name: run for run in runs}
+        return inst
+
 
 class Engine:
     def __init__(self, settings: Settings, session_factory: sessionmaker[Session], registry: Registry,
-                 relay: Callable[[list[OutboxMessage]], None] | None = None) -> None:
+                 relay: Callable[[list[OutboxMessage]], None] | None = None,
+                 autocommit: SAEngine | None = None) -> None:
         self.settings = settings
         self.sessions = session_factory
+        # Single-statement reads need no transaction: a pool in autocommit mode saves the
+        # BEGIN/ROLLBACK round trips on the step path.
+        self.reads = autocommit or session_factory.kw["bind"]
         self.registry = registry
         self.relay = relay
 
@@ -174,9 +210,9 @@ class Engine:
                 machine = cls(model=inst, settings=self.settings)  # enters the initial state
                 uow.session.add(inst)
                 uow.session.flush()  # the row first: history and timers point at it
+                uow.runs[inst.id] = {}
                 self._record(uow, inst, None, "create", data, actor)
                 self._write_messages(uow, inst, machine)
-                uow.session.flush()
                 deadline = cls.timeout(self.settings)
                 if deadline is not None:
                     uow.session.add(Timer(instance_id=inst.id, kind="expire", due_at=now + deadline))
@@ -190,7 +226,9 @@ class Engine:
             if existing is None:
                 raise
             return self.snapshot(existing), False
-        return self.snapshot(instance_id), True
+        # Everything the answer needs was just written: no need to read it back.
+        runs = sorted(uow.runs[instance_id].values(), key=lambda r: r.queued_at or now)
+        return instance_dict(inst, runs, uow.history), True
 
     def _find_existing(self, cls: type[Workflow], key: str | None, idem: str | None,
                        fingerprint: str | None) -> str | None:
@@ -274,8 +312,13 @@ class Engine:
 
     def _record(self, uow: UnitOfWork, inst: WorkflowInstance, before: str | None, event: str,
                 payload: Any, actor: str) -> None:
-        uow.session.add(HistoryEntry(instance_id=inst.id, from_state=before, to_state=inst.state,
-                                     event=event, payload_digest=digest(payload), actor=actor))
+        entry = HistoryEntry(instance_id=inst.id, from_state=before, to_state=inst.state, event=event,
+                             payload_digest=digest(payload), actor=actor, created_at=utcnow())
+        uow.session.connection().execute(HISTORY.insert().values(
+            instance_id=entry.instance_id, from_state=entry.from_state, to_state=entry.to_state,
+            event=entry.event, payload_digest=entry.payload_digest, actor=entry.actor,
+            created_at=entry.created_at))
+        uow.history.append(entry)
 
     def _write_messages(self, uow: UnitOfWork, inst: WorkflowInstance, machine: Workflow) -> None:
         for channel, target, key, payload in machine.messages:
@@ -292,7 +335,7 @@ class Engine:
         if run is None:
             run = StepRun(instance_id=inst.id, name=step.name, task=step.tasks[-1], attempt=0,
                           restarts=0, data={}, failures=0)
-            uow.session.add(run)
+            uow.add_run(run)
         else:
             # Entering again (a restart): keep completed branches, forget the failed effect.
             run.restarts += 1
@@ -352,13 +395,8 @@ class Engine:
                    branch: int | None = None) -> StepContext | None:
         """Called by a task before doing work: one read, no lock. None means a stale or duplicate
         delivery (the attempt already reported, or a newer one exists): do nothing."""
-        with self.sessions() as session:
-            row = session.execute(
-                select(StepRun.status, StepRun.data, StepRun.polls, StepRun.restarts,
-                       WorkflowInstance.context)
-                .join(WorkflowInstance, WorkflowInstance.id == StepRun.instance_id)
-                .where(StepRun.instance_id == instance_id, StepRun.name == step, StepRun.attempt == attempt)
-            ).first()
+        with self.reads.connect() as conn:
+            row = conn.execute(CLAIM, {"instance_id": instance_id, "step": step, "attempt": attempt}).first()
         if row is None or row.status not in ACTIVE:
             return None
         data = dict(row.data or {})
@@ -377,12 +415,9 @@ class Engine:
 
     def _active_run(self, uow: UnitOfWork, instance_id: str, step: str, attempt: int,
                     branch: int | None) -> tuple[WorkflowInstance, StepRun] | None:
-        try:
-            inst = uow.lock(instance_id)
-        except NotFound:
-            return None
-        run = uow.step_run(instance_id, step)
-        if run is None or run.attempt != attempt or run.status not in ACTIVE:
+        inst = uow.lock_with_runs(instance_id)
+        run = uow.step_run(instance_id, step) if inst is not None else None
+        if inst is None or run is None or run.attempt != attempt or run.status not in ACTIVE:
             return None
         if branch is not None and run.data["branches"][branch]["status"] not in ACTIVE:
             return None

@@ -1,17 +1,23 @@
 """Publishes committed outbox rows and marks them sent.
 
-The process that commits publishes its own rows right away; sweepers publish what is left
+The process that commits hands its rows to a background thread that publishes them at once
+(so a task or a request does not wait for the broker's confirm, and marks batch up under
+load); sweepers publish what is left
 (older than a short grace period), locking rows with SKIP LOCKED so several sweepers never
 send the same row at once. Delivery is at least once: a crash after publish and before the
 mark sends the row again, and consumers de-duplicate (steps by (instance, step, attempt)).
 """
 from __future__ import annotations
 
+import atexit
 import logging
+import os
+import queue
+import threading
 from datetime import timedelta
 from typing import Any, Callable
 
-from sqlalchemy import select, text, update
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from .models import OutboxMessage, utcnow
@@ -22,15 +28,22 @@ Publisher = Callable[[OutboxMessage], None]
 
 
 class OutboxRelay:
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
+    def __init__(self, sessions: sessionmaker[Session], autocommit: Engine | None = None) -> None:
         self.sessions = sessions
+        self.marks = autocommit or sessions.kw["bind"]  # marking sent is one statement
         self.publishers: dict[str, Publisher] = {}
 
     def register(self, channel: str, publisher: Publisher) -> None:
         self.publishers[channel] = publisher
 
     def __call__(self, rows: list[OutboxMessage]) -> None:
-        self.publish_committed(rows)
+        self.kicker().submit(rows)
+
+    def kicker(self) -> "Kicker":
+        kicker = getattr(self, "_kicker", None)
+        if kicker is None or kicker.pid != os.getpid():  # a forked child starts its own thread
+            kicker = self._kicker = Kicker(self)
+        return kicker
 
     def publish_committed(self, rows: list[OutboxMessage]) -> int:
         """The kick right after commit: publish the rows this process just wrote, then mark them
@@ -48,13 +61,10 @@ class OutboxRelay:
                 break
             sent.append(row.message_id)
         if sent:
-            with self.sessions() as session, session.begin():
-                if session.bind.dialect.name == "postgresql":  # type: ignore[union-attr]
-                    # losing this mark in a crash only costs a duplicate send
-                    session.execute(text("SET LOCAL synchronous_commit = off"))
-                session.execute(update(OutboxMessage).where(OutboxMessage.message_id.in_(sent),
-                                                            OutboxMessage.sent_at.is_(None))
-                                .values(sent_at=utcnow(), publish_attempts=OutboxMessage.publish_attempts + 1))
+            table = OutboxMessage.__table__
+            with self.marks.connect() as conn:  # one autocommit statement
+                conn.execute(table.update().where(table.c.message_id.in_(sent), table.c.sent_at.is_(None))
+                             .values(sent_at=utcnow(), publish_attempts=table.c.publish_attempts + 1))
         return len(sent)
 
     def publish(self, limit: int = 500, grace_seconds: float = 2.0) -> int:
@@ -83,6 +93,47 @@ class OutboxRelay:
                 row.last_error = None
                 sent += 1
             return sent
+
+
+class Kicker:
+    """The post-commit publisher of one process: a thread that takes committed rows in order,
+    publishes them and marks each batch sent with one UPDATE. Whatever it has not sent when the
+    process dies, a sweeper sends after the grace period."""
+
+    def __init__(self, relay: OutboxRelay) -> None:
+        self.relay = relay
+        self.pid = os.getpid()
+        self.queue: queue.SimpleQueue[list[OutboxMessage]] = queue.SimpleQueue()
+        self.pending = 0
+        self.idle = threading.Condition()
+        threading.Thread(target=self._run, name="outbox-kicker", daemon=True).start()
+        atexit.register(self.flush)
+
+    def submit(self, rows: list[OutboxMessage]) -> None:
+        with self.idle:
+            self.pending += len(rows)
+        self.queue.put(rows)
+
+    def _run(self) -> None:
+        while True:
+            batch = list(self.queue.get())
+            while True:
+                try:
+                    batch.extend(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self.relay.publish_committed(batch)
+            except Exception:  # database or broker down: the sweeper sends these later
+                log.warning("publishing %d outbox rows failed; the sweeper will", len(batch), exc_info=True)
+            with self.idle:
+                self.pending -= len(batch)
+                self.idle.notify_all()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until everything submitted has been handled (at exit, and for tests)."""
+        with self.idle:
+            return self.idle.wait_for(lambda: self.pending <= 0, timeout)
 
 
 def celery_publisher(app: Any) -> Publisher:

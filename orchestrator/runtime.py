@@ -62,9 +62,15 @@ def build(settings: Settings | None = None) -> Runtime:
     load_workflow_modules(settings)
     db = make_engine(settings.database_url)
     sessions = make_session_factory(db)
-    relay = OutboxRelay(sessions)
+    # SQLite serialises writers anyway; a second pool there would only add lock waits
+    autocommit = None if settings.is_sqlite else make_engine(
+        settings.database_url, pool_size=2, isolation_level="AUTOCOMMIT",
+        # this pool only reads and marks outbox rows sent: a mark lost in a server crash costs
+        # one duplicate send (consumers de-duplicate), so it need not wait for the disk
+        connect_args={"options": "-c synchronous_commit=off"})
+    relay = OutboxRelay(sessions, autocommit)
     relay.register("celery", celery_publisher(celery_app))
-    engine = Engine(settings, sessions, registry, relay=relay)
+    engine = Engine(settings, sessions, registry, relay=relay, autocommit=autocommit)
     return Runtime(settings, db, sessions, celery_app, relay, engine, os.getpid())
 
 

@@ -31,6 +31,10 @@ class StepError(Exception):
 
 def step_task(name: str, **options: Any) -> Callable[[StepFunction], Any]:
     def decorate(fn: StepFunction) -> Any:
+        # The outcome goes to PostgreSQL, the only truth; storing it in the result backend too
+        # would cost a round trip per step that nobody reads.
+        options.setdefault("ignore_result", True)
+
         @shared_task(name=name, bind=True, acks_late=True, reject_on_worker_lost=True, **options)
         def run(self: Any, instance_id: str, step: str, attempt: int, branch: int | None = None) -> str:
             engine = runtime.current().engine

@@ -21,6 +21,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_run(count: int) -> int:
+    """The first of `count` consecutive free ports."""
+    for _ in range(50):
+        base = free_port()
+        try:
+            socks = []
+            for p in range(base, base + count):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no run of free ports")
+
+
 def wait_http(url: str, timeout: float = 60) -> None:
     def up() -> bool:
         try:
@@ -115,7 +134,7 @@ def test_dev_runs_everything_on_embedded_defaults(tmp_path):
                FLOWER_BASIC_AUTH="admin:secret")
     log = (tmp_path / "dev.log").open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "dev", "--flower-port", str(flower),
-                             "--concurrency", "2"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                             "--concurrency", "2", "--emulator-port", str(free_port_run(3))], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:

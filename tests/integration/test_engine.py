@@ -154,7 +154,8 @@ def test_generic_api_errors(client):
     r = client.post(f"/sagas/{inst['id']}/events/no_such_event")
     assert r.status_code == 400 and r.json["field"] == "event"
     r = client.post(f"/sagas/{inst['id']}/events/shipped")
-    assert r.status_code == 409 and r.json["state"] == inst["state"]
+    # the worker moves it on meanwhile; the 409 names whatever state it is in now
+    assert r.status_code == 409 and r.json["state"] in ("reserving", "charging", "awaiting_approval")
 
 
 def test_list_filters_and_pagination(client):
