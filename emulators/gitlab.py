@@ -425,11 +425,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=os.environ.get("GITLAB_EMULATOR_DATA", "./data/gitlab"))
     parser.add_argument("--token", default=os.environ.get("GITLAB_TOKEN") or "dev-token")
     parser.add_argument("--user", default="demo")
+    parser.add_argument("--demo", action="store_true", help="create the demo/balance project if missing")
     args = parser.parse_args(argv)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     server = GitLabEmulator(Path(args.data), args.token, args.user, args.host, args.port).start()
+    if args.demo:
+        from .demo import DEMO_PROJECT, demo_files
+
+        server.state.create_project(DEMO_PROJECT, demo_files())
     print(f"GitLab emulator on {server.url} (data in {args.data})", flush=True)
     stop.wait()
     server.stop()

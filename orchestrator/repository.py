@@ -107,6 +107,10 @@ class Repository(Protocol):
 
     def read_file(self, project: str, path: str, ref: str) -> FileContent | FileMissing: ...
 
+    def ensure_branch(self, project: str, branch: str) -> str:
+        """The branch's head, creating the branch from the default branch if it does not exist."""
+        ...
+
     def find_commit(self, project: str, branch: str, key: str) -> str | None: ...
 
     def commit_files(self, project: str, branch: str, files: dict[str, str], message: str,
@@ -365,6 +369,18 @@ class LocalRepository:
     def branch_head(self, project: str, branch: str) -> str | None:
         return self._repo(project).head(branch)
 
+    def ensure_branch(self, project: str, branch: str) -> str:
+        repo = self._repo(project)
+        head = repo.head(branch)
+        if head is None:
+            try:
+                head = repo.create_branch(branch, repo.default_branch())
+            except GitError:  # created concurrently
+                head = repo.head(branch)
+        if head is None:
+            raise InvalidInput("branch", f"branch '{branch}' cannot be created: the project has no commits", status=422)
+        return head
+
     def read_file(self, project: str, path: str, ref: str) -> FileContent | FileMissing:
         data = self._repo(project).read(ref, path)
         return FileMissing(path, ref) if data is None else FileContent(path, ref, data.decode())
@@ -456,6 +472,21 @@ class GitLabRepository:
             if exc.upstream_status == 404:
                 return None
             raise
+        return str(b.commit["id"])
+
+    def ensure_branch(self, project: str, branch: str) -> str:
+        head = self.branch_head(project, branch)
+        if head is not None:
+            return head
+        p = self._project(project)
+        try:
+            b = self._call(f"POST branch {branch}", p.branches.create,
+                           {"branch": branch, "ref": self.project(project).default_branch})
+        except UpstreamError as exc:
+            head = self.branch_head(project, branch) if exc.upstream_status == 400 else None
+            if head is None:
+                raise
+            return head
         return str(b.commit["id"])
 
     def read_file(self, project: str, path: str, ref: str) -> FileContent | FileMissing:
