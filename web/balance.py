@@ -64,10 +64,14 @@ def balance_status(snap: dict[str, Any]) -> dict[str, Any]:
     dep, role = STATE_ROLES.get(state, ("", ""))
     commits = ctx.get("commits") or []
     status, next_step, commit = "running", None, commits[-1]["commit"] if commits else None
+    # commit: what the step before this status wrote (hydration, the user's file, the output)
+    made_by = {"check": f"CHECK_{dep.upper()}", "await": f"CHECK_{dep.upper()}",
+               "save": f"SAVE_{dep.upper()}_INPUT", "calc": f"SAVE_{dep.upper()}_INPUT",
+               "sync": f"{dep.upper()}_CALCULATION"}.get(role)
+    if made_by is not None:
+        commit = next((c["commit"] for c in reversed(commits) if c["state"] == made_by), None)
     if role in ("check", "await", "save"):
         next_step = f"{dep.upper()}_CALCULATION"
-        made_by = f"CHECK_{dep.upper()}" if role in ("check", "await") else f"SAVE_{dep.upper()}_INPUT"
-        commit = next((c["commit"] for c in reversed(commits) if c["state"] == made_by), None)
         if role == "await":
             status = "user_input_required"
     elif role in ("calc", "sync"):

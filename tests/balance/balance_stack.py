@@ -183,3 +183,102 @@ def wait_saga(stack: Stack, saga_id: str, *states: str, timeout: float = 60) -> 
         print(json.dumps(stack.http("GET", f"/sagas/{saga_id}").json(), indent=1)[-4000:])
         print(stack.logs())
         raise
+
+
+BRANCH = "issue/42-new-calculation"
+USER_CONDENSER = {"pressure_kpa": 8, "flow_kg_s": 1000}
+
+
+def start(stack: Stack, project: str, chain: list[str] | None = None, branch: str = BRANCH,
+          headers: dict[str, str] | None = None) -> requests.Response:
+    body: dict[str, Any] = {"project": project, "branch": branch}
+    if chain is not None:
+        body["dependencies"] = chain
+    return stack.http("POST", "/saga/calculate-balance", json=body, headers=headers or {})
+
+
+def submit(stack: Stack, saga_id: str, body: dict[str, Any]) -> requests.Response:
+    return stack.http("POST", f"/sagas/{saga_id}/events/submit_input", json=body)
+
+
+def file_json(stack: Stack, project: str, path: str, ref: str = BRANCH) -> Any:
+    data = git_repo(stack, project).read(ref, path)
+    return None if data is None else json.loads(data)
+
+
+def run_whole_saga(stack: Stack) -> None:
+    """Start -> hydrate -> user input -> calculation -> merge -> next -> final, through HTTP."""
+    from emulators.calculator import compute
+
+    project = new_project(stack)
+    repo = git_repo(stack, project)
+    main_head = repo.head("main")
+
+    r = start(stack, project, ["condenser", "evaporator"])
+    assert r.status_code == 200, r.text
+    body = r.json()
+    saga_id = body["saga_id"]
+    hydration = body["commit"]
+    assert body == {"saga_id": saga_id, "status": "user_input_required", "state": "AWAIT_USER_CONDENSER_INPUT",
+                    "next_step": "CONDENSER_CALCULATION", "commit": hydration}
+    # the hydration commit: condenser_input.json from balance_input.json["condenser"], on the new branch
+    assert repo.head(BRANCH) == hydration
+    assert repo.log(hydration, 2)[1]["id"] == main_head
+    assert file_json(stack, project, "condenser_input.json") == DEMO_BALANCE["condenser"]
+    assert f"Orchestrator-Step: {saga_id}:check_condenser:0" in repo.log(hydration, 1)[0]["message"]
+
+    # the same call again returns the running saga, and commits nothing
+    again = start(stack, project, ["condenser", "evaporator"])
+    assert again.status_code == 200 and again.json() == body
+    assert repo.head(BRANCH) == hydration
+
+    # the user's input: committed, then the calculation runs
+    r = submit(stack, saga_id, {"step": "CONDENSER", "content": USER_CONDENSER})
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert answer["status"] in ("running", "user_input_required"), answer
+    user_commit = answer["commit"] if answer["status"] == "running" else None
+    snap = wait_saga(stack, saga_id, "AWAIT_USER_EVAPORATOR_INPUT")
+    commits = {c["state"]: c["commit"] for c in snap["context"]["commits"]}
+    user_commit = user_commit or commits["SAVE_CONDENSER_INPUT"]
+    assert commits["SAVE_CONDENSER_INPUT"] == user_commit
+    assert json.loads(repo.read(user_commit, "condenser_input.json")) == USER_CONDENSER
+    condenser_out = compute("condenser", {"condenser_input.json": USER_CONDENSER})
+    assert json.loads(repo.read(commits["CONDENSER_CALCULATION"], "condenser_output.json")) == condenser_out
+    merged = json.loads(repo.read(commits["SYNC_CONDENSER_RESULT"], "balance_input.json"))
+    assert merged == {**DEMO_BALANCE, "condenser_result": condenser_out}
+
+    status = stack.http("GET", f"/saga/calculate-balance/{saga_id}").json()
+    assert status["status"] == "user_input_required" and status["next_step"] == "EVAPORATOR_CALCULATION"
+    assert status["commit"] == commits["CHECK_EVAPORATOR"]
+
+    r = submit(stack, saga_id, {"step": "EVAPORATOR", "use_hydrated": True})
+    assert r.status_code == 200 and r.json()["commit"] is None, r.text
+    snap = wait_saga(stack, saga_id, "COMPLETED", "FAILED")
+    assert snap["state"] == "COMPLETED", snap["context"]
+    evaporator_out = compute("evaporator", {"evaporator_input.json": DEMO_BALANCE["evaporator"]})
+    final_input = {**DEMO_BALANCE, "condenser_result": condenser_out, "evaporator_result": evaporator_out}
+    final = compute("balance", {"balance_input.json": final_input})
+    assert snap["context"]["result"] == final
+    assert file_json(stack, project, "balance_output.json") == final
+    assert file_json(stack, project, "balance_input.json") == final_input
+
+    # every step with its commit and the calculations' correlation ids
+    steps = {s["name"]: s for s in snap["steps"]}
+    assert list(steps) == ["check_condenser", "save_condenser_input", "condenser_calculation",
+                           "sync_condenser_result", "check_evaporator", "save_evaporator_input",
+                           "evaporator_calculation", "sync_evaporator_result", "balance_calculation",
+                           "sync_balance_result"]
+    assert all(s["status"] == "completed" for s in steps.values())
+    for calc in ("condenser_calculation", "evaporator_calculation", "balance_calculation"):
+        data = steps[calc]["data"]
+        assert len(data["correlation_id"]) == 36 and data["output"]["commit"] == repo.log(data["output"]["commit"], 1)[0]["id"]
+    assert steps["check_condenser"]["data"]["output"]["commit"] == hydration
+    # one commit per step that writes, nothing else: 2 hydrations, 1 user file, 3 outputs, 2 merges
+    history = repo.log(BRANCH, 50)
+    assert len(history) == 9 and history[-1]["id"] == main_head
+    ours = [c for c in history if "Orchestrator-Step:" in c["message"]]
+    assert len(ours) == 8
+    assert len({c["message"].splitlines()[-1] for c in ours}) == 8  # every marker once
+    events = [h["event"] for h in snap["history"]]
+    assert events[:4] == ["create", "start", "checked", "submit_input"] and events[-1] == "finished"
