@@ -281,3 +281,58 @@ def create_merge_request() -> Any:
         raise InvalidInput("target_branch", "must differ from source_branch")
     mr = open_repository(runtime().settings).create_merge_request(project, source, target, title.strip())
     return {**mr.as_dict(), "created": mr.created}, (201 if mr.created else 200)
+
+
+def _document() -> None:
+    """Add this module's endpoints to /openapi.json."""
+    from .openapi import ERROR, SPEC, _op  # noqa: F401
+
+    saga_id = ("saga_id", "path", "string", True)
+    status = {"200": "{saga_id, status, state, next_step, commit}", "202": "still writing to the repository",
+              "400": "bad input, the body names the field", "404": "unknown project or saga",
+              "409": "not waiting for that input; the body carries the state",
+              "422": "balance_input.json lacks the dependency's key (named in field)",
+              "502": "GitLab failed; the message carries its reason"}
+    SPEC["paths"].update({
+        "/saga/calculate-balance": {"post": _op(
+            "Start the balance saga on an issue branch (or return its running saga)", tag="balance",
+            params=[("Idempotency-Key", "header", "string", False)],
+            body={"type": "object", "required": ["project", "branch"], "additionalProperties": False,
+                  "properties": {"project": {"type": ["string", "integer"]}, "branch": {"type": "string"},
+                                 "dependencies": {"type": "array", "items": {"type": "string"}}}},
+            answers=status)},
+        "/saga/calculate-balance/{saga_id}": {"get": _op("The saga's status", tag="balance", params=[saga_id],
+                                                         answers={"200": "status", "404": "unknown saga"})},
+        "/sagas/{saga_id}/events/submit_input": {"post": _op(
+            "The user's input for the dependency the saga waits for", tag="balance", params=[saga_id],
+            body={"type": "object", "required": ["step"], "properties": {
+                "step": {"type": "string"}, "content": {}, "use_hydrated": {"type": "boolean"}}},
+            answers=status)},
+        "/calculations": {"post": _op(
+            "A simple calculation: commit the inputs, send one task", tag="balance",
+            params=[("Idempotency-Key", "header", "string", False)],
+            body={"type": "object", "required": ["project", "branch", "files", "output_file"], "properties": {
+                "project": {"type": "string"}, "branch": {"type": "string"}, "files": {"type": "object"},
+                "output_file": {"type": "string"}, "calculation": {"type": "string"}}},
+            answers={"201": "started", "200": "the same request again", "400": "bad input", "502": "GitLab failed"})},
+        "/calculations/{correlationId}": {"get": _op(
+            "A simple calculation's status", tag="balance", params=[("correlationId", "path", "string", True)],
+            answers={"200": "status", "404": "unknown correlationId"})},
+        "/issues": {"get": _op("Open issues assigned to the user the gateway names in X-User", tag="gitlab",
+                               params=[("X-User", "header", "string", True)],
+                               answers={"200": "issues", "401": "no X-User", "502": "GitLab failed"})},
+        "/geometries": {"get": _op("Geometries from geometries_manifest.json", tag="gitlab",
+                                   params=[("project", "query", "string", True), ("ref", "query", "string", False)],
+                                   answers={"200": "geometries", "400": "bad parameter", "404": "no project or manifest",
+                                            "422": "malformed manifest (field names the place)", "502": "GitLab failed"})},
+        "/merge-requests": {"post": _op(
+            "Create a merge request (or return the open one for that source branch)", tag="gitlab",
+            body={"type": "object", "required": ["project", "source_branch", "title"], "properties": {
+                "project": {"type": "string"}, "source_branch": {"type": "string"},
+                "target_branch": {"type": "string"}, "title": {"type": "string"}}},
+            answers={"201": "created", "200": "already open", "400": "bad input", "422": "unknown branch",
+                     "502": "GitLab failed"})},
+    })
+
+
+_document()
