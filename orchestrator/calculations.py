@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -153,7 +154,13 @@ class ResultConsumer(ConsumerMixin):  # type: ignore[misc]
             log.error("malformed calculation result dropped: %s", exc.message)
             message.ack()
             return
-        apply_result(self.engine, result)
+        try:
+            apply_result(self.engine, result)
+        except Exception:  # the database is away: keep the result for a later delivery
+            log.exception("result %s not applied; requeued", result["correlationId"])
+            time.sleep(1.0)
+            message.requeue()
+            return
         message.ack()
 
 

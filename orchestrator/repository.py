@@ -321,7 +321,7 @@ class GitRepo:
 _PROJECT_PATH = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
 
 
-def _check_project(project: Any) -> str:
+def check_project(project: Any) -> str:
     if isinstance(project, int) and not isinstance(project, bool):
         return str(project)
     if not isinstance(project, str) or not project.strip():
@@ -354,7 +354,7 @@ class LocalRepository:
         self.root = Path(root).resolve()
 
     def _repo(self, project: str) -> GitRepo:
-        project = _check_project(project)
+        project = check_project(project)
         for candidate in (self.root / project, self.root / f"{project}.git"):
             if candidate.is_dir() and GitRepo.is_repo(candidate):
                 return GitRepo(candidate)
@@ -448,7 +448,7 @@ class GitLabRepository:
     def _project(self, project: str) -> Any:
         import gitlab
 
-        project = _check_project(project)
+        project = check_project(project)
         if project not in self._projects:
             try:
                 self._projects[project] = self._call(f"GET project {project}", self.gl.projects.get, project)

@@ -25,7 +25,7 @@ from statemachine import State
 
 from orchestrator.config import Settings
 from orchestrator.errors import InvalidInput
-from orchestrator.repository import _check_project, check_branch_name
+from orchestrator.repository import check_project, check_branch_name
 from orchestrator.workflow import Retry, Step, Workflow, register
 
 BALANCE_INPUT = "balance_input.json"
@@ -206,7 +206,7 @@ class _BalanceBase(Workflow):
         unknown = sorted(set(data) - {"project", "branch", "dependencies"})
         if unknown:
             raise InvalidInput(unknown[0], "unknown field; accepted: project, branch, dependencies")
-        project = _check_project(data.get("project"))
+        project = check_project(data.get("project"))
         branch = check_branch_name(data.get("branch"))
         chain = data.get("dependencies")
         if chain is None:
@@ -275,7 +275,7 @@ class SimpleCalculation(Workflow):
         unknown = sorted(set(data) - {"project", "branch", "files", "output_file", "calculation"})
         if unknown:
             raise InvalidInput(unknown[0], "unknown field; accepted: project, branch, files, output_file, calculation")
-        project = _check_project(data.get("project"))
+        project = check_project(data.get("project"))
         branch = check_branch_name(data.get("branch"))
         files = data.get("files")
         if not isinstance(files, dict) or not files:

@@ -23,7 +23,7 @@ from sqlalchemy import select, text
 
 from orchestrator.errors import Conflict, InvalidInput, NotFound, Unauthorized
 from orchestrator.models import WorkflowInstance
-from orchestrator.repository import _check_project, check_branch_name, geometries, open_repository
+from orchestrator.repository import check_project, check_branch_name, geometries, open_repository
 from sagas.balance import CATALOG, STATE_ROLES, BalanceSaga, SimpleCalculation
 
 from . import json_body, runtime
@@ -252,7 +252,7 @@ def assigned_issues() -> Any:
 
 @bp.get("/geometries")
 def list_geometries() -> Any:
-    project = _check_project(request.args.get("project"))
+    project = check_project(request.args.get("project"))
     ref = request.args.get("ref")
     if ref is not None:
         ref = check_branch_name(ref, "ref")
@@ -269,7 +269,7 @@ def create_merge_request() -> Any:
     unknown = sorted(set(body) - {"project", "source_branch", "target_branch", "title"})
     if unknown:
         raise InvalidInput(unknown[0], "unknown field; accepted: project, source_branch, target_branch, title")
-    project = _check_project(body.get("project"))
+    project = check_project(body.get("project"))
     source = check_branch_name(body.get("source_branch"), "source_branch")
     target = body.get("target_branch")
     if target is not None:
