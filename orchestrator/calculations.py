@@ -30,7 +30,7 @@ from kombu.mixins import ConsumerMixin
 from sqlalchemy import select
 
 from .engine import Done, Engine
-from .errors import InvalidInput
+from .errors import InvalidInput, UpstreamError
 from .models import ACTIVE_STEP_STATUSES, StepRun
 from .config import Settings
 
@@ -70,6 +70,15 @@ def publish_task(celery_app: Any, settings: Settings, calculation_type: str, bod
     """Publish one task message with publisher confirms (on AMQP), declaring the queues first so
     a message sent before any worker started is kept."""
     exchange, queue, replies = task_exchange(settings), task_queue(settings), results_queue(settings)
+    try:
+        _publish(celery_app, exchange, queue, replies, settings, calculation_type, body)
+    except Exception as exc:  # the broker is away: a retryable failure, the step's policy retries
+        raise UpstreamError("rabbitmq", f"publishing calculation {body['correlationId']} failed: "
+                            f"{type(exc).__name__}: {exc}") from None
+
+
+def _publish(celery_app: Any, exchange: Exchange, queue: Queue, replies: Queue, settings: Settings,
+             calculation_type: str, body: dict[str, Any]) -> None:
     with celery_app.producer_or_acquire() as producer:
         producer.publish(
             json.dumps(body), exchange=exchange, routing_key=f"calculation.{calculation_type}",
