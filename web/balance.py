@@ -13,6 +13,9 @@ hydration commit, the user's commit — never for a calculation.
 """
 from __future__ import annotations
 
+import fcntl
+import os
+import tempfile
 import time
 import zlib
 from contextlib import contextmanager
@@ -110,10 +113,14 @@ def _answer(snap: dict[str, Any]) -> tuple[dict[str, Any], int]:
 
 @contextmanager
 def _start_lock(project: str, branch: str) -> Iterator[None]:
-    """Serialise starts for one project and branch (PostgreSQL advisory lock; SQLite has one writer)."""
+    """Serialise starts for one project and branch: a PostgreSQL advisory lock, or on SQLite (the
+    one-machine dev runner) a file lock shared by the API's processes."""
     rt = runtime()
     if rt.settings.is_sqlite:
-        yield
+        path = os.path.join(tempfile.gettempdir(), "orchestrator-balance-start.lock")
+        with open(path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
         return
     with rt.sessions() as s, s.begin():
         key = zlib.crc32(f"calculate-balance:{project}@{branch}".encode())
