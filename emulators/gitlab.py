@@ -35,6 +35,7 @@ import os
 import signal
 import threading
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -173,7 +174,7 @@ def create_app(data_dir: Path, tokens: dict[str, str]) -> Flask:
         with state.lock:
             p = state.find_project(str(data["project"]))
             iid = 1 + max((i["iid"] for i in state.issues if i["project_id"] == p["id"]), default=0)
-            user = {"id": abs(hash(data["assignee"])) % 10000, "username": data["assignee"],
+            user = {"id": zlib.crc32(data["assignee"].encode()) % 100000, "username": data["assignee"],
                     "name": data["assignee"]}
             issue = {"id": len(state.issues) + 1, "iid": iid, "project_id": p["id"], "title": data["title"],
                      "description": data.get("description", ""), "state": data.get("state", "opened"),

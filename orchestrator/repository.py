@@ -446,8 +446,6 @@ class GitLabRepository:
             raise UpstreamError("gitlab", f"{what} failed: {type(exc).__name__}") from None
 
     def _project(self, project: str) -> Any:
-        import gitlab
-
         project = check_project(project)
         if project not in self._projects:
             try:
@@ -456,7 +454,6 @@ class GitLabRepository:
                 if exc.upstream_status == 404:
                     raise NotFound(f"project '{project}' not found on GitLab", field="project") from None
                 raise
-            _ = gitlab  # imported for the exception types used by _call
         return self._projects[project]
 
     def project(self, project: str) -> ProjectInfo:

@@ -17,6 +17,7 @@ The machine has the states of every catalogued dependency; guards follow the req
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -287,8 +288,6 @@ class SimpleCalculation(Workflow):
             if isinstance(content, str):
                 out_files[path] = content
             else:
-                import json
-
                 out_files[path] = json.dumps(content, indent=2, sort_keys=True) + "\n"
         output = data.get("output_file")
         if not isinstance(output, str) or not output.strip() or output.startswith("/") or output in out_files:
