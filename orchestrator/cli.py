@@ -128,7 +128,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
 
     if ensure_local_demo(settings.git_repos_dir):
         print(f"orchestrator dev: created the demo project demo/balance in {settings.git_repos_dir}", flush=True)
-    gitlab_port = 8010
+    gitlab_port = int(os.environ.get("GITLAB_EMULATOR_PORT") or 8010)
     if not settings.gitlab_url or settings.gitlab_url.rstrip("/") in (f"http://127.0.0.1:{gitlab_port}",
                                                                       f"http://localhost:{gitlab_port}"):
         children.append(("gitlab", [sys.executable, "-m", "emulators.gitlab", "--port", str(gitlab_port),
