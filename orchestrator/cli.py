@@ -87,6 +87,18 @@ def cmd_sweeper(args: argparse.Namespace) -> None:
     run(rt, stop)
 
 
+def cmd_calc_results(args: argparse.Namespace) -> None:
+    from . import runtime
+    from .calculations import run_consumer
+
+    rt = runtime.current()
+    _logging(rt.settings)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    run_consumer(rt, stop)
+
+
 def cmd_flower(args: argparse.Namespace) -> None:
     from . import runtime
 
@@ -112,8 +124,21 @@ def cmd_dev(args: argparse.Namespace) -> None:
             env[name] = f"http://127.0.0.1:{port}"
         children.append(("emulators", [sys.executable, "-m", "emulators.media", "--host", "127.0.0.1",
                                        "--ports", ",".join(str(p) for p in ports.values())]))
+    # The balance saga: a demo project in the local git backend, the GitLab emulator (used when
+    # GITLAB_URL points at it) and the emulated calculation worker.
+    from emulators.demo import ensure_local_demo
+
+    if ensure_local_demo(settings.git_repos_dir):
+        print(f"orchestrator dev: created the demo project demo/balance in {settings.git_repos_dir}", flush=True)
+    gitlab_port = int(os.environ.get("GITLAB_EMULATOR_PORT") or 8010)
+    if not settings.gitlab_url or settings.gitlab_url.rstrip("/") in (f"http://127.0.0.1:{gitlab_port}",
+                                                                      f"http://localhost:{gitlab_port}"):
+        children.append(("gitlab", [sys.executable, "-m", "emulators.gitlab", "--port", str(gitlab_port),
+                                    "--data", "data/gitlab", "--demo"]))
+    children.append(("calculator", [sys.executable, "-m", "emulators.calculator", "--seconds", "2"]))
     py = [sys.executable, "-m", "orchestrator.cli"]
     children += [
+        ("calc-results", py + ["calc-results"]),
         ("api", py + ["api", "--workers", str(args.api_workers)]),
         ("worker", py + ["worker", "--concurrency", str(args.concurrency), "--name", "dev@%h"]),
         ("sweeper", py + ["sweeper"]),
@@ -179,6 +204,9 @@ def parser() -> argparse.ArgumentParser:
     for name in ("sweeper", "beat"):
         sw = sub.add_parser(name, help="outbox relay, timers and lease sweeper" + (" (alias)" if name == "beat" else ""))
         sw.set_defaults(func=cmd_sweeper)
+
+    calc = sub.add_parser("calc-results", help="turns calculation results from the reply queue into saga events")
+    calc.set_defaults(func=cmd_calc_results)
 
     flower = sub.add_parser("flower", help="Flower with basic auth (FLOWER_BASIC_AUTH)")
     flower.add_argument("--port", type=int, default=5555)

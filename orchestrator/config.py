@@ -81,6 +81,12 @@ class Settings:
     consumer_group: str = "orchestrator"
     gitlab_url: str = ""
     gitlab_token: str = ""
+    gitlab_timeout: float = 10.0
+    # Local git repositories served when no GitLab is configured (project path = folder path)
+    git_repos_dir: str = "./data/repos"
+    # The balance saga's calculation workers (docs/balance.md)
+    calculation_exchange: str = "orchestrator.calculations"
+    calculation_results_queue: str = "orchestrator.calculation-results"
     log_level: str = "INFO"
     otel_exporter_otlp_endpoint: str = ""
     extra: Mapping[str, str] = field(default_factory=dict)
@@ -164,6 +170,8 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv: str | Path =
     for name in ("VIDEO_DOWNLOADER_URL", "AUDIO_NORMALIZATION_URL", "AUDIO_TRANSCRIBER_URL"):
         if not re.match(r"^https?://[^/\s]+", getattr(settings, name.lower())):
             raise ConfigError(name, "expected an http:// or https:// URL")
+    if settings.gitlab_url and not re.match(r"^https?://[^/\s]+", settings.gitlab_url):
+        raise ConfigError("GITLAB_URL", "expected an http:// or https:// URL")
     return _with_broker_defaults(settings)
 
 

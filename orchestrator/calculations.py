@@ -1,0 +1,182 @@
+"""The calculation task contract on RabbitMQ, and the consumer that turns results into engine events.
+
+A calculation step publishes one task message (docs/balance.md has the exact AMQP properties):
+
+    exchange  orchestrator.calculations (topic, durable)   routing key  calculation.<type>
+    queue     orchestrator.calculations (durable, bound to calculation.#)
+    body      {"version": 1, "correlationId", "repoUrl", "branch", "commitHash",
+               "input_files": [...], "output_file"}
+    reply_to  orchestrator.calculation-results
+
+and stays active until a result with its correlationId comes back on the reply queue:
+
+    {"version": 1, "correlationId", "status": "succeeded" | "failed", "outputCommit", "error"}
+
+The result consumer finds the active step whose saved data holds that correlationId and reports
+the outcome to the engine (`step_succeeded` / `step_failed`). The engine's (instance, step,
+attempt) keys make a duplicated result a no-op: the step is no longer active the second time.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from typing import Any
+
+from kombu import Connection, Exchange, Queue
+from kombu.mixins import ConsumerMixin
+from sqlalchemy import select
+
+from .engine import Done, Engine
+from .errors import InvalidInput, UpstreamError
+from .models import ACTIVE_STEP_STATUSES, StepRun
+from .config import Settings
+
+log = logging.getLogger(__name__)
+
+CONTRACT_VERSION = 1
+_NAMESPACE = uuid.UUID("6f1c1d2e-7b55-4c1e-9a43-5b1f2d7c0a11")
+
+
+def correlation_id(idempotency_key: str) -> str:
+    """A UUID derived from the step's idempotency key: the same for a redelivered step."""
+    return str(uuid.uuid5(_NAMESPACE, idempotency_key))
+
+
+def task_exchange(settings: Settings) -> Exchange:
+    return Exchange(settings.calculation_exchange, type="topic", durable=True)
+
+
+def task_queue(settings: Settings) -> Queue:
+    return Queue(settings.calculation_exchange, task_exchange(settings), routing_key="calculation.#",
+                 durable=True)
+
+
+def results_queue(settings: Settings) -> Queue:
+    name = settings.calculation_results_queue
+    return Queue(name, Exchange(name, type="direct", durable=True), routing_key=name, durable=True)
+
+
+def task_message(correlation: str, repo_url: str, branch: str, commit: str, input_files: list[str],
+                 output_file: str) -> dict[str, Any]:
+    return {"version": CONTRACT_VERSION, "correlationId": correlation, "repoUrl": repo_url,
+            "branch": branch, "commitHash": commit, "input_files": list(input_files),
+            "output_file": output_file}
+
+
+def publish_task(celery_app: Any, settings: Settings, calculation_type: str, body: dict[str, Any]) -> None:
+    """Publish one task message with publisher confirms (on AMQP), declaring the queues first so
+    a message sent before any worker started is kept."""
+    exchange, queue, replies = task_exchange(settings), task_queue(settings), results_queue(settings)
+    try:
+        _publish(celery_app, exchange, queue, replies, settings, calculation_type, body)
+    except Exception as exc:  # the broker is away: a retryable failure, the step's policy retries
+        raise UpstreamError("rabbitmq", f"publishing calculation {body['correlationId']} failed: "
+                            f"{type(exc).__name__}: {exc}") from None
+
+
+def _publish(celery_app: Any, exchange: Exchange, queue: Queue, replies: Queue, settings: Settings,
+             calculation_type: str, body: dict[str, Any]) -> None:
+    with celery_app.producer_or_acquire() as producer:
+        producer.publish(
+            json.dumps(body), exchange=exchange, routing_key=f"calculation.{calculation_type}",
+            declare=[exchange, queue, replies], serializer=None, content_type="application/json",
+            content_encoding="utf-8", delivery_mode=2, correlation_id=body["correlationId"],
+            message_id=body["correlationId"], reply_to=settings.calculation_results_queue,
+            headers={"contract-version": CONTRACT_VERSION, "calculation-type": calculation_type},
+            retry=True, retry_policy={"max_retries": 3},
+        )
+
+
+def parse_result(raw: Any) -> dict[str, Any]:
+    """Validate a result message; InvalidInput naming the field if it breaks the contract."""
+    if isinstance(raw, (bytes, bytearray)):
+        raw = raw.decode()
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            raise InvalidInput("body", "is not JSON") from None
+    if not isinstance(raw, dict):
+        raise InvalidInput("body", "must be a JSON object")
+    cid = raw.get("correlationId")
+    if not isinstance(cid, str) or not cid:
+        raise InvalidInput("correlationId", "is required")
+    status = raw.get("status")
+    if status not in ("succeeded", "failed"):
+        raise InvalidInput("status", "must be 'succeeded' or 'failed'")
+    commit = raw.get("outputCommit")
+    if status == "succeeded" and (not isinstance(commit, str) or not commit):
+        raise InvalidInput("outputCommit", "is required when status is 'succeeded'")
+    return {"correlationId": cid, "status": status, "outputCommit": commit,
+            "error": raw.get("error") if status == "failed" else None}
+
+
+def find_waiting_step(engine: Engine, correlation: str) -> tuple[str, str, int] | None:
+    """(instance, step, attempt) of the active step waiting for this correlationId, if any."""
+    with engine.sessions() as s:
+        rows = s.execute(select(StepRun.instance_id, StepRun.name, StepRun.attempt, StepRun.data).where(
+            StepRun.status.in_([x.value for x in ACTIVE_STEP_STATUSES]),
+            StepRun.name.like("%calculation"))).all()
+    for row in rows:
+        if (row.data or {}).get("correlation_id") == correlation:
+            return row.instance_id, row.name, row.attempt
+    return None
+
+
+def apply_result(engine: Engine, result: dict[str, Any]) -> bool:
+    """Report a result to the engine; False when no step waits for it (a duplicate or stale one)."""
+    found = find_waiting_step(engine, result["correlationId"])
+    if found is None:
+        log.info("result %s matches no waiting step (duplicate or stale); ignored", result["correlationId"])
+        return False
+    instance_id, step, attempt = found
+    if result["status"] == "succeeded":
+        engine.step_succeeded(instance_id, step, attempt, Done("calculated", {
+            "correlation_id": result["correlationId"], "commit": result["outputCommit"]}))
+    else:
+        engine.step_failed(instance_id, step, attempt,
+                           f"calculation {result['correlationId']} failed: {result['error'] or 'no reason given'}",
+                           retryable=False)
+    return True
+
+
+class ResultConsumer(ConsumerMixin):  # type: ignore[misc]
+    """Consumes the reply queue; acks a message only after the engine committed its effect."""
+
+    def __init__(self, connection: Connection, engine: Engine, settings: Settings) -> None:
+        self.connection = connection
+        self.engine = engine
+        self.settings = settings
+
+    def get_consumers(self, Consumer: Any, channel: Any) -> list[Any]:
+        # on_message gets the raw message: a worker in any language may send any content type.
+        return [Consumer(queues=[results_queue(self.settings)], on_message=self.on_message,
+                         prefetch_count=10)]
+
+    def on_message(self, message: Any) -> None:
+        try:
+            result = parse_result(message.body)
+        except InvalidInput as exc:
+            log.error("malformed calculation result dropped: %s", exc.message)
+            message.ack()
+            return
+        try:
+            apply_result(self.engine, result)
+        except Exception:  # the database is away: keep the result for a later delivery
+            log.exception("result %s not applied; requeued", result["correlationId"])
+            time.sleep(1.0)
+            message.requeue()
+            return
+        message.ack()
+
+
+def run_consumer(rt: Any, stop: threading.Event) -> None:
+    with Connection(rt.settings.broker_url, heartbeat=10) as conn:
+        consumer = ResultConsumer(conn, rt.engine, rt.settings)
+        threading.Thread(target=lambda: (stop.wait(), setattr(consumer, "should_stop", True)),
+                         daemon=True).start()
+        log.info("calculation results consumer on %s", rt.settings.calculation_results_queue)
+        consumer.run()

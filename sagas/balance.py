@@ -1,0 +1,299 @@
+"""The balance calculation saga (seed 002) and simple calculations (FR-ORCH-3).
+
+For every dependency of the chain, in order:
+
+    CHECK_<DEP>                 <dep>_input.json on the branch? if not, hydrate it from
+                                balance_input.json[<dep>] and commit it
+    AWAIT_USER_<DEP>_INPUT      stop; the user submits the file's content or confirms the hydrated one
+    SAVE_<DEP>_INPUT            commit the user's file (nothing to commit when confirmed)
+    <DEP>_CALCULATION           one task on RabbitMQ; the step waits for its result
+    SYNC_<DEP>_RESULT           read <dep>_output.json, merge it into balance_input.json under
+                                <dep>_result, commit
+
+then BALANCE_CALCULATION (input balance_input.json, output balance_output.json) and
+SYNC_BALANCE_RESULT, then COMPLETED. The chain is data: `CATALOG` declares each dependency's files,
+hydration key and calculation type; a request picks an ordered list of them (default: `DEFAULT_CHAIN`).
+The machine has the states of every catalogued dependency; guards follow the request's chain.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from statemachine import State
+
+from orchestrator.config import Settings
+from orchestrator.errors import InvalidInput
+from orchestrator.repository import check_project, check_branch_name
+from orchestrator.workflow import Retry, Step, Workflow, register
+
+BALANCE_INPUT = "balance_input.json"
+BALANCE_OUTPUT = "balance_output.json"
+
+
+@dataclass(frozen=True)
+class Dependency:
+    """One calculation the balance depends on, and how its input is made."""
+
+    name: str
+    calculation: str  # the task's calculation type (routing key calculation.<type>)
+
+    @property
+    def label(self) -> str:
+        return self.name.upper()
+
+    @property
+    def input_file(self) -> str:
+        return f"{self.name}_input.json"
+
+    @property
+    def hydrate_key(self) -> str:
+        """The key of balance_input.json the input is hydrated from."""
+        return self.name
+
+    @property
+    def output_file(self) -> str:
+        return f"{self.name}_output.json"
+
+    @property
+    def result_key(self) -> str:
+        """The key of balance_input.json the output is merged under."""
+        return f"{self.name}_result"
+
+
+CATALOG: dict[str, Dependency] = {d.name: d for d in (
+    Dependency("condenser", "condenser"),
+    Dependency("evaporator", "evaporator"),
+    Dependency("compressor", "compressor"),
+)}
+DEFAULT_CHAIN = ("condenser", "evaporator", "compressor")
+FINAL = Dependency("balance", "balance")  # the final calculation: balance_input.json -> balance_output.json
+
+# What the calculation steps retry on: GitLab 5xx, timeouts and connection errors, with backoff.
+GIT_RETRY = Retry(attempts=6, backoff=0.5, factor=2.0, max_delay=30.0)
+CALCULATION_TIMEOUT = timedelta(hours=1)
+
+
+def _dep_states(dep: Dependency) -> dict[str, str]:
+    u = dep.label
+    return {"check": f"CHECK_{u}", "await": f"AWAIT_USER_{u}_INPUT", "save": f"SAVE_{u}_INPUT",
+            "calc": f"{u}_CALCULATION", "sync": f"SYNC_{u}_RESULT"}
+
+
+#: state id -> (dependency name, role); role is check / await / save / calc / sync / final / final_sync
+STATE_ROLES: dict[str, tuple[str, str]] = {}
+#: step name -> dependency (FINAL for the final calculation)
+STEP_DEPENDENCY: dict[str, Dependency] = {}
+
+
+def step_names(dep: Dependency) -> dict[str, str]:
+    return {"check": f"check_{dep.name}", "save": f"save_{dep.name}_input",
+            "calc": f"{dep.name}_calculation", "sync": f"sync_{dep.name}_result"}
+
+
+def _build_balance_saga() -> type[Workflow]:
+    ns: dict[str, Any] = {}
+    new = State(initial=True)
+    final_calc, final_sync = State(), State()
+    completed, failed, cancelled = State(final=True), State(), State(final=True)
+    ns.update(NEW=new, BALANCE_CALCULATION=final_calc, SYNC_BALANCE_RESULT=final_sync,
+              COMPLETED=completed, FAILED=failed, CANCELLED=cancelled)
+    STATE_ROLES["BALANCE_CALCULATION"] = (FINAL.name, "final")
+    STATE_ROLES["SYNC_BALANCE_RESULT"] = (FINAL.name, "final_sync")
+    steps: dict[State, Step] = {
+        final_calc: Step("balance.calculate", name="balance_calculation", retry=GIT_RETRY,
+                         timeout=CALCULATION_TIMEOUT),
+        final_sync: Step("balance.sync_final", name="sync_balance_result", retry=GIT_RETRY),
+    }
+    STEP_DEPENDENCY["balance_calculation"] = FINAL
+    STEP_DEPENDENCY["sync_balance_result"] = FINAL
+    per_dep: dict[str, dict[str, State]] = {}
+    for dep in CATALOG.values():
+        ids = _dep_states(dep)
+        states = {role: State() for role in ids}
+        per_dep[dep.name] = states
+        for role, sid in ids.items():
+            ns[sid] = states[role]
+            STATE_ROLES[sid] = (dep.name, role)
+        names = step_names(dep)
+        steps[states["check"]] = Step("balance.check", name=names["check"], retry=GIT_RETRY)
+        steps[states["save"]] = Step("balance.save_input", name=names["save"], retry=GIT_RETRY)
+        steps[states["calc"]] = Step("balance.calculate", name=names["calc"], retry=GIT_RETRY,
+                                     timeout=CALCULATION_TIMEOUT)
+        steps[states["sync"]] = Step("balance.sync_result", name=names["sync"], retry=GIT_RETRY)
+        for name in names.values():
+            STEP_DEPENDENCY[name] = dep
+
+    checks = [s["check"] for s in per_dep.values()]
+    step_states = list(steps)
+    active = [new, *step_states, *(s["await"] for s in per_dep.values())]
+
+    def union(transitions: list[Any]) -> Any:
+        out = transitions[0]
+        for t in transitions[1:]:
+            out = out | t
+        return out
+
+    ns["start"] = union([new.to(t, cond="is_next") for t in [*checks, final_calc]])
+    ns["checked"] = union([s["check"].to(s["await"]) for s in per_dep.values()])
+    ns["submit_input"] = union([s["await"].to(s["save"], cond="input_is_for_this_step")
+                                for s in per_dep.values()])
+    ns["input_saved"] = union([s["save"].to(s["calc"]) for s in per_dep.values()])
+    ns["calculated"] = union([s["calc"].to(s["sync"]) for s in per_dep.values()] + [final_calc.to(final_sync)])
+    ns["synced"] = union([s["sync"].to(t, cond="is_next") for s in per_dep.values() for t in [*checks, final_calc]])
+    ns["finished"] = final_sync.to(completed)
+    ns["fail"] = union([s.to(failed) for s in [new, *step_states]])
+    ns["restart"] = failed.to(*step_states, cond="is_restart_target")
+    ns["cancel"] = union([s.to(cancelled) for s in [*active, failed]])
+    ns["steps"] = steps
+    ns["__module__"] = __name__
+    ns["__qualname__"] = "BalanceSaga"
+    return type("BalanceSaga", (_BalanceBase,), ns)
+
+
+class _BalanceBase(Workflow):
+    """Behaviour of the balance saga; the states and transitions are generated from CATALOG."""
+
+    type = "calculate-balance"
+    start_event = "start"
+    success_states = frozenset({"COMPLETED"})
+    failure_states = frozenset({"FAILED"})
+
+    # -- guards --------------------------------------------------------------------------------
+    def next_state_after(self, state_id: str) -> str:
+        chain = list(self.model.context["input"]["dependencies"])
+        if state_id == "NEW":
+            i = 0
+        else:
+            i = chain.index(STATE_ROLES[state_id][0]) + 1
+        return _dep_states(CATALOG[chain[i]])["check"] if i < len(chain) else "BALANCE_CALCULATION"
+
+    def is_next(self, source: State, target: State) -> bool:
+        return target.id == self.next_state_after(source.id)
+
+    def input_is_for_this_step(self, source: State, payload: dict[str, Any] | None = None) -> bool:
+        return STATE_ROLES[source.id][0] == str((payload or {}).get("step", "")).lower()
+
+    # -- context -------------------------------------------------------------------------------
+    def after_transition(self, event: str, source: State, target: State,
+                         payload: dict[str, Any] | None = None) -> None:
+        payload = payload or {}
+        event = str(getattr(event, "id", event))
+        ctx = self.context
+        if event == "submit_input":
+            dep = STATE_ROLES[source.id][0]
+            ctx.setdefault("submissions", {})[dep] = {
+                k: payload[k] for k in ("content", "use_hydrated") if k in payload}
+        commit = payload.get("commit")
+        if isinstance(commit, str) and commit:
+            ctx.setdefault("commits", []).append({"state": source.id, "event": event, "commit": commit})
+        if event == "finished":
+            ctx["result"] = payload.get("result")
+
+    def on_enter_FAILED(self, payload: dict[str, Any] | None = None) -> None:
+        self.context["error"] = (payload or {}).get("error")
+        self.context["failed_step"] = (payload or {}).get("step")
+
+    def on_exit_FAILED(self) -> None:
+        self.context.pop("error", None)
+        self.context.pop("failed_step", None)
+
+    @classmethod
+    def validate_input(cls, data: Any, settings: Settings) -> dict[str, Any]:
+        if not isinstance(data, dict):
+            raise InvalidInput("body", "must be a JSON object")
+        unknown = sorted(set(data) - {"project", "branch", "dependencies"})
+        if unknown:
+            raise InvalidInput(unknown[0], "unknown field; accepted: project, branch, dependencies")
+        project = check_project(data.get("project"))
+        branch = check_branch_name(data.get("branch"))
+        chain = data.get("dependencies")
+        if chain is None:
+            chain = list(DEFAULT_CHAIN)
+        if not isinstance(chain, list) or not all(isinstance(d, str) for d in chain):
+            raise InvalidInput("dependencies", "must be a list of dependency names")
+        chain = [d.strip().lower() for d in chain]
+        for d in chain:
+            if d not in CATALOG:
+                raise InvalidInput("dependencies", f"unknown dependency '{d}'; known: {', '.join(CATALOG)}")
+        if len(set(chain)) != len(chain):
+            raise InvalidInput("dependencies", "a dependency is listed twice")
+        return {"project": project, "branch": branch, "dependencies": chain}
+
+
+BalanceSaga = register(_build_balance_saga())
+
+
+@register
+class SimpleCalculation(Workflow):
+    """FR-ORCH-3: commit the inputs, send exactly one task, wait for its result."""
+
+    type = "simple-calculation"
+    start_event = "start"
+    success_states = frozenset({"COMPLETED"})
+    failure_states = frozenset({"FAILED"})
+
+    NEW = State(initial=True)
+    COMMIT_INPUTS = State()
+    CALCULATION = State()
+    COMPLETED = State(final=True)
+    FAILED = State()
+    CANCELLED = State(final=True)
+
+    start = NEW.to(COMMIT_INPUTS)
+    committed = COMMIT_INPUTS.to(CALCULATION)
+    calculated = CALCULATION.to(COMPLETED)
+    fail = COMMIT_INPUTS.to(FAILED) | CALCULATION.to(FAILED)
+    restart = FAILED.to(COMMIT_INPUTS, CALCULATION, cond="is_restart_target")
+    cancel = NEW.to(CANCELLED) | COMMIT_INPUTS.to(CANCELLED) | CALCULATION.to(CANCELLED) | FAILED.to(CANCELLED)
+
+    steps = {
+        COMMIT_INPUTS: Step("calculation.commit_inputs", name="commit_inputs", retry=GIT_RETRY),
+        CALCULATION: Step("calculation.calculate", name="calculation", retry=GIT_RETRY,
+                          timeout=CALCULATION_TIMEOUT),
+    }
+
+    def after_transition(self, event: str, source: State, payload: dict[str, Any] | None = None) -> None:
+        event = str(getattr(event, "id", event))
+        commit = (payload or {}).get("commit")
+        if isinstance(commit, str) and commit:
+            self.context.setdefault("commits", []).append({"state": source.id, "event": event, "commit": commit})
+        if event == "calculated":
+            self.context["output_commit"] = commit
+
+    def on_enter_FAILED(self, payload: dict[str, Any] | None = None) -> None:
+        self.context["error"] = (payload or {}).get("error")
+
+    def on_exit_FAILED(self) -> None:
+        self.context.pop("error", None)
+
+    @classmethod
+    def validate_input(cls, data: Any, settings: Settings) -> dict[str, Any]:
+        if not isinstance(data, dict):
+            raise InvalidInput("body", "must be a JSON object")
+        unknown = sorted(set(data) - {"project", "branch", "files", "output_file", "calculation"})
+        if unknown:
+            raise InvalidInput(unknown[0], "unknown field; accepted: project, branch, files, output_file, calculation")
+        project = check_project(data.get("project"))
+        branch = check_branch_name(data.get("branch"))
+        files = data.get("files")
+        if not isinstance(files, dict) or not files:
+            raise InvalidInput("files", "is required: an object {path: content} of the input files")
+        out_files: dict[str, str] = {}
+        for path, content in files.items():
+            if not isinstance(path, str) or not path.strip() or path.startswith("/") or ".." in path.split("/"):
+                raise InvalidInput("files", f"'{path}' is not a relative file path")
+            if isinstance(content, str):
+                out_files[path] = content
+            else:
+                out_files[path] = json.dumps(content, indent=2, sort_keys=True) + "\n"
+        output = data.get("output_file")
+        if not isinstance(output, str) or not output.strip() or output.startswith("/") or output in out_files:
+            raise InvalidInput("output_file", "is required: a relative path that is not one of the inputs")
+        calc = data.get("calculation", "generic")
+        if not isinstance(calc, str) or not calc.replace("-", "").replace("_", "").isalnum():
+            raise InvalidInput("calculation", "must be a calculation type made of letters, digits, - and _")
+        return {"project": project, "branch": branch, "files": out_files, "output_file": output.strip(),
+                "calculation": calc}

@@ -1,0 +1,345 @@
+"""The balance saga's endpoints (seed 002) and the frontend's GitLab endpoints.
+
+    POST /saga/calculate-balance                  start (or return the running saga of project+branch)
+    GET  /saga/calculate-balance/<saga_id>        the saga's status in the start answer's shape
+    POST /sagas/<saga_id>/events/submit_input     the user's input; answers the next status
+    POST /calculations, GET /calculations/<id>    simple calculations (FR-ORCH-3)
+    GET  /issues                                  issues assigned to the user in X-User (FR-ORCH-4)
+    GET  /geometries?project=&ref=                geometries_manifest.json, validated (FR-ORCH-5)
+    POST /merge-requests                          create (or return the open) merge request (FR-ORCH-6)
+
+Starting and answering wait (bounded) for the repository work the request triggers — the
+hydration commit, the user's commit — never for a calculation.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import tempfile
+import time
+import zlib
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from flask import Blueprint, request
+from sqlalchemy import select, text
+
+from orchestrator.errors import Conflict, InvalidInput, NotFound, Unauthorized
+from orchestrator.models import WorkflowInstance
+from orchestrator.repository import check_project, check_branch_name, geometries, open_repository
+from sagas.balance import CATALOG, STATE_ROLES, BalanceSaga, SimpleCalculation
+
+from . import json_body, runtime
+
+bp = Blueprint("balance", __name__)
+
+#: How long a request waits for the repository work it triggered before answering "running".
+SETTLE_SECONDS = 20.0
+#: Roles whose steps only touch the repository: a request waits for them to finish.
+_REPOSITORY_ROLES = {"check": "AWAIT_USER", "save": "CALCULATION"}
+
+
+def _settle(saga_id: str, roles: set[str], timeout: float = SETTLE_SECONDS) -> dict[str, Any]:
+    engine = runtime().engine
+    deadline = time.monotonic() + timeout
+    delay = 0.02
+    while True:
+        snap = engine.snapshot(saga_id)
+        role = STATE_ROLES.get(snap["state"] or "", ("", ""))[1]
+        if snap["state"] not in ("NEW",) and role not in roles:
+            return snap
+        if time.monotonic() >= deadline:
+            return snap
+        time.sleep(delay)
+        delay = min(0.25, delay * 1.5)
+
+
+def _next_calculation(chain: list[str], dep: str) -> str:
+    i = chain.index(dep) + 1 if dep in chain else len(chain)
+    return f"{chain[i].upper()}_CALCULATION" if i < len(chain) else "BALANCE_CALCULATION"
+
+
+def balance_status(snap: dict[str, Any]) -> dict[str, Any]:
+    """The seed's answer: {saga_id, status, state, next_step, commit} (+ result or error)."""
+    state = snap["state"] or "NEW"
+    ctx = snap["context"] or {}
+    chain = list((ctx.get("input") or {}).get("dependencies") or [])
+    dep, role = STATE_ROLES.get(state, ("", ""))
+    commits = ctx.get("commits") or []
+    status, next_step, commit = "running", None, commits[-1]["commit"] if commits else None
+    # commit: what the step before this status wrote (hydration, the user's file, the output)
+    made_by = {"check": f"CHECK_{dep.upper()}", "await": f"CHECK_{dep.upper()}",
+               "save": f"SAVE_{dep.upper()}_INPUT", "calc": f"SAVE_{dep.upper()}_INPUT",
+               "sync": f"{dep.upper()}_CALCULATION"}.get(role)
+    if made_by is not None:
+        commit = next((c["commit"] for c in reversed(commits) if c["state"] == made_by), None)
+    if role in ("check", "await", "save"):
+        next_step = f"{dep.upper()}_CALCULATION"
+        if role == "await":
+            status = "user_input_required"
+    elif role in ("calc", "sync"):
+        next_step = _next_calculation(chain, dep)
+    elif state == "NEW":
+        next_step = f"{chain[0].upper()}_CALCULATION" if chain else "BALANCE_CALCULATION"
+    elif state == "COMPLETED":
+        status = "completed"
+    elif state == "FAILED":
+        status = "failed"
+    elif state == "CANCELLED":
+        status = "cancelled"
+    out: dict[str, Any] = {"saga_id": snap["id"], "status": status, "state": state, "next_step": next_step,
+                           "commit": commit}
+    if status == "completed":
+        out["result"] = ctx.get("result")
+    if status == "failed":
+        out["error"] = ctx.get("error")
+        out["failed_step"] = ctx.get("failed_step")
+    return out
+
+
+def _answer(snap: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """200 with the status; a saga failed by the user's data is a 422 naming the field."""
+    body = balance_status(snap)
+    if body["status"] == "failed":
+        step = next((s for s in snap.get("steps") or [] if s["name"] == body.get("failed_step")), None)
+        invalid = (step or {}).get("data", {}).get("invalid")
+        if invalid:
+            return {**body, "error": "invalid_input", "message": f"{invalid['field']}: {invalid['problem']}",
+                    "field": invalid["field"], "problem": invalid["problem"]}, 422
+    if body["status"] == "running" and STATE_ROLES.get(body["state"], ("", ""))[1] in _REPOSITORY_ROLES:
+        return body, 202  # still writing to the repository (a retry is pending): poll the status
+    return body, 200
+
+
+@contextmanager
+def _start_lock(project: str, branch: str) -> Iterator[None]:
+    """Serialise starts for one project and branch: a PostgreSQL advisory lock, or on SQLite (the
+    one-machine dev runner) a file lock shared by the API's processes."""
+    rt = runtime()
+    if rt.settings.is_sqlite:
+        path = os.path.join(tempfile.gettempdir(), "orchestrator-balance-start.lock")
+        with open(path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+        return
+    with rt.sessions() as s, s.begin():
+        key = zlib.crc32(f"calculate-balance:{project}@{branch}".encode())
+        s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+        yield
+
+
+def _running_saga(project: str, branch: str) -> str | None:
+    with runtime().sessions() as s:
+        rows = s.execute(select(WorkflowInstance.id, WorkflowInstance.context).where(
+            WorkflowInstance.type == BalanceSaga.type, WorkflowInstance.finished.is_(False))
+            .order_by(WorkflowInstance.created_at)).all()
+    for row in rows:
+        inp = (row.context or {}).get("input") or {}
+        if inp.get("project") == project and inp.get("branch") == branch:
+            return str(row.id)
+    return None
+
+
+@bp.post("/saga/calculate-balance")
+def start_balance() -> Any:
+    body = json_body()
+    rt = runtime()
+    data = BalanceSaga.validate_input(body, rt.settings)
+    repo = open_repository(rt.settings)
+    info = repo.project(data["project"])  # 404 for an unknown project, 502 when GitLab fails
+    data["project"] = info.path
+    with _start_lock(data["project"], data["branch"]):
+        saga_id = _running_saga(data["project"], data["branch"])
+        if saga_id is None:
+            snap, _ = rt.engine.start(BalanceSaga.type, data,
+                                      idempotency_key=request.headers.get("Idempotency-Key"))
+            saga_id = snap["id"]
+    return _answer(_settle(saga_id, {"check"}))
+
+
+@bp.get("/saga/calculate-balance/<saga_id>")
+def balance_saga_status(saga_id: str) -> Any:
+    snap = runtime().engine.snapshot(saga_id)
+    if snap["type"] != BalanceSaga.type:
+        raise NotFound(f"saga {saga_id} is not a calculate-balance saga", saga_id=saga_id)
+    return balance_status(snap)
+
+
+@bp.post("/sagas/<saga_id>/events/submit_input")
+def submit_input(saga_id: str) -> Any:
+    engine = runtime().engine
+    snap = engine.snapshot(saga_id, history=False)
+    if snap["type"] != BalanceSaga.type:
+        from .sagas import fire_event  # other workflows keep the generic answer
+
+        return fire_event(saga_id, "submit_input")
+    body = json_body()
+    if not isinstance(body, dict):
+        raise InvalidInput("body", "must be a JSON object")
+    unknown = sorted(set(body) - {"step", "content", "use_hydrated"})
+    if unknown:
+        raise InvalidInput(unknown[0], "unknown field; accepted: step, content, use_hydrated")
+    step = body.get("step")
+    chain = snap["context"]["input"]["dependencies"]
+    if not isinstance(step, str) or step.strip().lower() not in CATALOG:
+        raise InvalidInput("step", "is required: the dependency the input is for, one of "
+                           + ", ".join(d.upper() for d in chain))
+    step = step.strip().lower()
+    if step not in chain:
+        raise InvalidInput("step", f"'{step.upper()}' is not in this saga's chain: "
+                           + ", ".join(d.upper() for d in chain))
+    has_content = "content" in body
+    use_hydrated = body.get("use_hydrated")
+    if use_hydrated is not None and not isinstance(use_hydrated, bool):
+        raise InvalidInput("use_hydrated", "must be true or false")
+    if has_content == bool(use_hydrated):
+        raise InvalidInput("content", "send either 'content' (the input file's JSON) or 'use_hydrated': true")
+    if has_content and body["content"] is None:
+        raise InvalidInput("content", "must be the input file's JSON content")
+    dep, role = STATE_ROLES.get(snap["state"] or "", ("", ""))
+    if role != "await" or dep != step:
+        waiting = f"it waits for {dep.upper()} input" if role == "await" else "it is not waiting for input"
+        raise Conflict(f"input for {step.upper()} refused: {waiting} (state {snap['state']})",
+                       state=snap["state"], field="step")
+    payload = {"step": step, **({"content": body["content"]} if has_content else {"use_hydrated": True})}
+    engine.fire(saga_id, "submit_input", payload, actor=request.headers.get("X-User", "api"))
+    return _answer(_settle(saga_id, {"save"}))
+
+
+# -- simple calculations (FR-ORCH-3) -------------------------------------------------------------------
+def _calculation_status(snap: dict[str, Any]) -> dict[str, Any]:
+    ctx = snap["context"] or {}
+    state = snap["state"]
+    status = {"COMPLETED": "completed", "FAILED": "failed", "CANCELLED": "cancelled"}.get(state, "running")
+    calc = next((s for s in snap.get("steps") or [] if s["name"] == "calculation"), None)
+    commit_step = next((s for s in snap.get("steps") or [] if s["name"] == "commit_inputs"), None)
+    return {"correlationId": snap["id"], "status": status, "state": state,
+            "input_commit": ((commit_step or {}).get("data", {}).get("output") or {}).get("commit"),
+            "task": {k: (calc or {}).get("data", {}).get(k) for k in
+                     ("correlation_id", "commit", "input_files", "output_file")} if calc else None,
+            "output_commit": ctx.get("output_commit"), "error": ctx.get("error")}
+
+
+@bp.post("/calculations")
+def start_calculation() -> Any:
+    body = json_body()
+    rt = runtime()
+    data = SimpleCalculation.validate_input(body, rt.settings)
+    data["project"] = open_repository(rt.settings).project(data["project"]).path
+    snap, created = rt.engine.start(SimpleCalculation.type, data,
+                                    idempotency_key=request.headers.get("Idempotency-Key"))
+    deadline = time.monotonic() + SETTLE_SECONDS
+    while snap["state"] in ("NEW", "COMMIT_INPUTS") and time.monotonic() < deadline:
+        time.sleep(0.05)
+        snap = rt.engine.snapshot(snap["id"])
+    return _calculation_status(snap), (201 if created else 200)
+
+
+@bp.get("/calculations/<correlation_id>")
+def calculation_status(correlation_id: str) -> Any:
+    try:
+        snap = runtime().engine.snapshot(correlation_id)
+    except NotFound:
+        raise NotFound(f"no calculation with correlationId {correlation_id}", correlationId=correlation_id) from None
+    if snap["type"] != SimpleCalculation.type:
+        raise NotFound(f"no calculation with correlationId {correlation_id}", correlationId=correlation_id)
+    return _calculation_status(snap)
+
+
+# -- frontend: issues, geometries, merge requests (FR-ORCH-4..6) --------------------------------------
+@bp.get("/issues")
+def assigned_issues() -> Any:
+    user = (request.headers.get("X-User") or "").strip()
+    if not user:
+        raise Unauthorized("X-User: the API gateway must pass the authenticated user's GitLab username",
+                           field="X-User")
+    issues = open_repository(runtime().settings).assigned_issues(user)
+    return {"user": user, "issues": issues}
+
+
+@bp.get("/geometries")
+def list_geometries() -> Any:
+    project = check_project(request.args.get("project"))
+    ref = request.args.get("ref")
+    if ref is not None:
+        ref = check_branch_name(ref, "ref")
+    repo = open_repository(runtime().settings)
+    info = repo.project(project)
+    return {"project": info.path, "ref": ref or info.default_branch, "geometries": geometries(repo, project, ref)}
+
+
+@bp.post("/merge-requests")
+def create_merge_request() -> Any:
+    body = json_body()
+    if not isinstance(body, dict):
+        raise InvalidInput("body", "must be a JSON object")
+    unknown = sorted(set(body) - {"project", "source_branch", "target_branch", "title"})
+    if unknown:
+        raise InvalidInput(unknown[0], "unknown field; accepted: project, source_branch, target_branch, title")
+    project = check_project(body.get("project"))
+    source = check_branch_name(body.get("source_branch"), "source_branch")
+    target = body.get("target_branch")
+    if target is not None:
+        target = check_branch_name(target, "target_branch")
+    title = body.get("title")
+    if not isinstance(title, str) or not title.strip() or len(title) > 255:
+        raise InvalidInput("title", "is required: a non-empty string of at most 255 characters")
+    if target == source:
+        raise InvalidInput("target_branch", "must differ from source_branch")
+    mr = open_repository(runtime().settings).create_merge_request(project, source, target, title.strip())
+    return {**mr.as_dict(), "created": mr.created}, (201 if mr.created else 200)
+
+
+def _document() -> None:
+    """Add this module's endpoints to /openapi.json."""
+    from .openapi import ERROR, SPEC, _op  # noqa: F401
+
+    saga_id = ("saga_id", "path", "string", True)
+    status = {"200": "{saga_id, status, state, next_step, commit}", "202": "still writing to the repository",
+              "400": "bad input, the body names the field", "404": "unknown project or saga",
+              "409": "not waiting for that input; the body carries the state",
+              "422": "balance_input.json lacks the dependency's key (named in field)",
+              "502": "GitLab failed; the message carries its reason"}
+    SPEC["paths"].update({
+        "/saga/calculate-balance": {"post": _op(
+            "Start the balance saga on an issue branch (or return its running saga)", tag="balance",
+            params=[("Idempotency-Key", "header", "string", False)],
+            body={"type": "object", "required": ["project", "branch"], "additionalProperties": False,
+                  "properties": {"project": {"type": ["string", "integer"]}, "branch": {"type": "string"},
+                                 "dependencies": {"type": "array", "items": {"type": "string"}}}},
+            answers=status)},
+        "/saga/calculate-balance/{saga_id}": {"get": _op("The saga's status", tag="balance", params=[saga_id],
+                                                         answers={"200": "status", "404": "unknown saga"})},
+        "/sagas/{saga_id}/events/submit_input": {"post": _op(
+            "The user's input for the dependency the saga waits for", tag="balance", params=[saga_id],
+            body={"type": "object", "required": ["step"], "properties": {
+                "step": {"type": "string"}, "content": {}, "use_hydrated": {"type": "boolean"}}},
+            answers=status)},
+        "/calculations": {"post": _op(
+            "A simple calculation: commit the inputs, send one task", tag="balance",
+            params=[("Idempotency-Key", "header", "string", False)],
+            body={"type": "object", "required": ["project", "branch", "files", "output_file"], "properties": {
+                "project": {"type": "string"}, "branch": {"type": "string"}, "files": {"type": "object"},
+                "output_file": {"type": "string"}, "calculation": {"type": "string"}}},
+            answers={"201": "started", "200": "the same request again", "400": "bad input", "502": "GitLab failed"})},
+        "/calculations/{correlationId}": {"get": _op(
+            "A simple calculation's status", tag="balance", params=[("correlationId", "path", "string", True)],
+            answers={"200": "status", "404": "unknown correlationId"})},
+        "/issues": {"get": _op("Open issues assigned to the user the gateway names in X-User", tag="gitlab",
+                               params=[("X-User", "header", "string", True)],
+                               answers={"200": "issues", "401": "no X-User", "502": "GitLab failed"})},
+        "/geometries": {"get": _op("Geometries from geometries_manifest.json", tag="gitlab",
+                                   params=[("project", "query", "string", True), ("ref", "query", "string", False)],
+                                   answers={"200": "geometries", "400": "bad parameter", "404": "no project or manifest",
+                                            "422": "malformed manifest (field names the place)", "502": "GitLab failed"})},
+        "/merge-requests": {"post": _op(
+            "Create a merge request (or return the open one for that source branch)", tag="gitlab",
+            body={"type": "object", "required": ["project", "source_branch", "title"], "properties": {
+                "project": {"type": "string"}, "source_branch": {"type": "string"},
+                "target_branch": {"type": "string"}, "title": {"type": "string"}}},
+            answers={"201": "created", "200": "already open", "400": "bad input", "422": "unknown branch",
+                     "502": "GitLab failed"})},
+    })
+
+
+_document()
