@@ -87,6 +87,25 @@ def cmd_sweeper(args: argparse.Namespace) -> None:
     run(rt, stop)
 
 
+def cmd_bridge(args: argparse.Namespace) -> None:
+    """The Kafka bridge: a consumer-group member turning events into engine starts and events."""
+    from . import runtime
+    from .kafka_bridge import Bridge
+
+    rt = runtime.current()
+    _logging(rt.settings)
+    if not rt.settings.kafka_brokers:
+        sys.exit("configuration error: KAFKA_BROKERS: required by the bridge (host:port[,host:port])")
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port, addr="127.0.0.1")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    Bridge(rt, group=args.group).run(stop)
+
+
 def cmd_flower(args: argparse.Namespace) -> None:
     from . import runtime
 
@@ -177,6 +196,11 @@ def parser() -> argparse.ArgumentParser:
     for name in ("sweeper", "beat"):
         sw = sub.add_parser(name, help="outbox relay, timers and lease sweeper" + (" (alias)" if name == "beat" else ""))
         sw.set_defaults(func=cmd_sweeper)
+
+    bridge = sub.add_parser("bridge", help="the Kafka bridge (consumer group CONSUMER_GROUP)")
+    bridge.add_argument("--group", help="consumer group (default: CONSUMER_GROUP)")
+    bridge.add_argument("--metrics-port", type=int, default=0, help="serve /metrics on 127.0.0.1:PORT")
+    bridge.set_defaults(func=cmd_bridge)
 
     flower = sub.add_parser("flower", help="Flower with basic auth (FLOWER_BASIC_AUTH)")
     flower.add_argument("--port", type=int, default=5555)

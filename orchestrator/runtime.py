@@ -64,6 +64,10 @@ def build(settings: Settings | None = None) -> Runtime:
     sessions = make_session_factory(db)
     relay = OutboxRelay(sessions)
     relay.register("celery", celery_publisher(celery_app))
+    if settings.kafka_brokers:
+        from .kafka import KafkaPublisher
+
+        relay.register("kafka", KafkaPublisher(settings.kafka_brokers))
     engine = Engine(settings, sessions, registry, relay=relay)
     return Runtime(settings, db, sessions, celery_app, relay, engine, os.getpid())
 
