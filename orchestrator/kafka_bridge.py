@@ -191,12 +191,13 @@ class Bridge:
         self.lag_interval = lag_interval
         self.max_attempts = max_attempts
         install_dedup(rt.sessions)
-        self.consumer = Consumer(consumer_config(self.brokers, self.group))
+        self.consumer = Consumer(consumer_config(self.brokers, self.group,
+                                                 **{"statistics.interval.ms": int(lag_interval * 1000),
+                                                    "stats_cb": self.export_lag}))
         self.dlq = Producer(producer_config(self.brokers))
         self.pending: dict[tuple[str, int], int] = {}  # next offset to commit, per partition
         self.handled = 0
         self._last_commit = time.monotonic()
-        self._last_lag = 0.0
         self.assigned: set[tuple[str, int]] = set()
 
     # partitions come and go when bridges join or leave the group
@@ -231,7 +232,6 @@ class Bridge:
                         self.pending[(msg.topic(), msg.partition())] = msg.offset() + 1
                         self.handled += 1
                 self.commit()
-                self.export_lag()
         finally:
             self.commit(force=True)
             self.consumer.close()  # leaves the group: the partitions go to the others now
@@ -255,20 +255,22 @@ class Bridge:
             self.pending.clear()
         self._last_commit = time.monotonic()
 
-    def export_lag(self) -> None:
-        now = time.monotonic()
-        if now - self._last_lag < self.lag_interval or not self.assigned:
-            return
-        self._last_lag = now
-        from confluent_kafka import TopicPartition
-
+    def export_lag(self, stats_json: str) -> None:
+        """librdkafka's statistics (every `lag_interval`): lag per assigned partition, taken from
+        its own fetch responses, so measuring never blocks the consumer."""
         try:
-            positions = self.consumer.position([TopicPartition(t, p) for t, p in sorted(self.assigned)])
-            for tp in positions:
-                _, high = self.consumer.get_watermark_offsets(tp, timeout=1.0, cached=False)
-                committed = tp.offset if tp.offset >= 0 else 0
-                KAFKA_CONSUMER_LAG.labels(self.group, tp.topic, str(tp.partition)).set(max(0, high - committed))
-        except Exception as exc:  # lag is a gauge, never a reason to stop consuming
+            stats = json.loads(stats_json)
+            for topic, t in (stats.get("topics") or {}).items():
+                for pid, p in (t.get("partitions") or {}).items():
+                    if pid == "-1" or (topic, int(pid)) not in self.assigned:
+                        continue
+                    high, position = p.get("hi_offset", -1), p.get("committed_offset", -1)
+                    if position < 0:
+                        position = p.get("app_offset", -1)
+                    if high >= 0:
+                        lag = max(0, high - max(position, 0))
+                        KAFKA_CONSUMER_LAG.labels(self.group, topic, pid).set(lag)
+        except Exception as exc:  # a gauge is never a reason to stop consuming
             log.debug("lag not measured: %s", exc)
 
     # -- one event ------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ def ksweeper(kenv: dict[str, str]) -> Iterator[Process]:
 
 @pytest.fixture(scope="session")
 def bridge(kenv: dict[str, str], ksweeper: Process) -> Iterator[Process]:
-    proc = Process("bridge", ["bridge"], kenv).start()
+    proc = Process("bridge", ["bridge"], {**kenv, "LOG_LEVEL": "INFO"}).start()
     yield proc
     proc.stop()
 
