@@ -61,9 +61,35 @@ def ksweeper(kenv: dict[str, str]) -> Iterator[Process]:
     proc.stop()
 
 
+def start_bridge(kenv: dict[str, str], name: str = "bridge") -> Process:
+    """A bridge process serving its metrics on a free port (`proc.metrics_url`)."""
+    from orchestrator.kafka_broker import free_port
+
+    port = free_port()
+    proc = Process(name, ["bridge", "--metrics-port", str(port)], {**kenv, "LOG_LEVEL": "INFO"}).start()
+    proc.metrics_url = f"http://127.0.0.1:{port}/metrics"  # type: ignore[attr-defined]
+    wait_for(lambda: "assigned" in proc.output() or proc.proc.poll() is not None, timeout=30,  # type: ignore[union-attr]
+             what=f"{name} to join its group")
+    return proc
+
+
+def metric(proc: Process, name: str, **labels: str) -> float:
+    """A sample's value from a bridge's /metrics (0 when absent)."""
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(proc.metrics_url, timeout=5).text  # type: ignore[attr-defined]
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
 @pytest.fixture(scope="session")
 def bridge(kenv: dict[str, str], ksweeper: Process) -> Iterator[Process]:
-    proc = Process("bridge", ["bridge"], {**kenv, "LOG_LEVEL": "INFO"}).start()
+    proc = start_bridge(kenv)
     yield proc
     proc.stop()
 
@@ -133,4 +159,4 @@ def headers(msg: Any) -> dict[str, str]:
     return {k: (v or b"").decode() for k, v in (msg.headers() or [])}
 
 
-__all__ = ["Kafka", "headers", "wait_for"]
+__all__ = ["Kafka", "headers", "metric", "start_bridge", "wait_for"]
