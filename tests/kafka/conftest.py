@@ -16,7 +16,7 @@ from orchestrator.kafka_broker import BundledBroker, ensure_topics
 TOPICS = ["route.confirmed", "story.generate", "story.generate.completed", "tts.requested", "tts.completed",
           "delivery.prefetch", "init_scenario", "to_deploy", "worker.status",
           "route.confirmed.dlq", "story.generate.completed.dlq", "tts.completed.dlq", "init_scenario.dlq",
-          "worker.status.dlq"]
+          "worker.status.dlq", "test.increments", "test.increments.dlq"]
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +29,8 @@ def kafka_broker(tmp_path_factory: Any) -> Iterator[BundledBroker]:
 
 @pytest.fixture(scope="session")
 def kenv(env: dict[str, str], kafka_broker: BundledBroker) -> dict[str, str]:
-    return {**env, "KAFKA_BROKERS": kafka_broker.bootstrap, "CONSUMER_GROUP": f"orch-{uuid.uuid4().hex[:6]}"}
+    return {**env, "KAFKA_BROKERS": kafka_broker.bootstrap, "CONSUMER_GROUP": f"orch-{uuid.uuid4().hex[:6]}",
+            "WORKFLOW_MODULES": env["WORKFLOW_MODULES"] + ",kafka_workflows"}
 
 
 @pytest.fixture(scope="session")
@@ -87,7 +88,7 @@ def metric(proc: Process, name: str, **labels: str) -> float:
     return total
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def bridge(kenv: dict[str, str], ksweeper: Process) -> Iterator[Process]:
     proc = start_bridge(kenv)
     yield proc

@@ -12,6 +12,7 @@ from conftest import wait_for
 from emulators.kafka_services import story_count
 
 from .conftest import headers, metric
+from .test_bridge_crash import counters, make_counters
 
 pytestmark = pytest.mark.kafka
 
@@ -125,3 +126,13 @@ def test_same_init_scenario_twice_makes_one_worker(kclient, kafka, bridge, kafka
 def test_lag_gauge_is_exported(bridge, kafka):
     wait_for(lambda: "kafka_consumer_lag{" in __import__("requests").get(bridge.metrics_url, timeout=5).text,
              timeout=20, what="lag gauge")
+
+
+def test_same_event_id_twice_counts_once(kclient, kafka, krt, bridge):
+    [key] = make_counters(kclient, 1)
+    for _ in range(2):
+        kafka.send("test.increments", {"counter": key, "n": 5, "seq": 0}, key=key, event_id=f"ev-{key}")
+    kafka.send("test.increments", {"counter": key, "n": 1, "seq": 1}, key=key)  # same partition, after
+    wait_for(lambda: len(counters(krt, [key])[key]["seen"]) >= 2, timeout=20, what="both events")
+    assert counters(krt, [key])[key]["total"] == 6
+    assert metric(bridge, "orchestrator_kafka_events_total", topic="test.increments", outcome="duplicate") >= 1
