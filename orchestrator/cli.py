@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import signal
@@ -106,6 +107,27 @@ def cmd_bridge(args: argparse.Namespace) -> None:
     Bridge(rt, group=args.group).run(stop)
 
 
+def cmd_produce(args: argparse.Namespace) -> None:
+    """Produce one JSON event, as an upstream service would (handy with `orchestrator dev`)."""
+    import json
+
+    from confluent_kafka import Producer
+
+    from .kafka import producer_config
+
+    settings = _settings()
+    brokers = settings.kafka_brokers or "127.0.0.1:9092"
+    try:
+        json.loads(args.payload)
+    except ValueError as exc:
+        sys.exit(f"payload: not valid JSON: {exc}")
+    producer = Producer(producer_config(brokers))
+    producer.produce(args.topic, args.payload.encode(), key=args.key.encode() if args.key else None)
+    if producer.flush(15):
+        sys.exit(f"not delivered to {brokers} within 15s")
+    print(f"produced to {args.topic} on {brokers}")
+
+
 def cmd_flower(args: argparse.Namespace) -> None:
     from . import runtime
 
@@ -130,7 +152,20 @@ def cmd_dev(args: argparse.Namespace) -> None:
             env[name] = f"http://127.0.0.1:{port}"
         children.append(("emulators", [sys.executable, "-m", "emulators.media", "--host", "127.0.0.1"]))
     py = [sys.executable, "-m", "orchestrator.cli"]
+    broker = None
+    if not settings.kafka_brokers:  # the bundled Kafka-protocol broker, stopped by PID at the end
+        from .kafka_broker import BundledBroker
+
+        broker = BundledBroker(port=args.kafka_port or None).start()
+        atexit.register(broker.stop)
+        env["KAFKA_BROKERS"] = broker.bootstrap
+    if broker is not None or args.kafka_emulators:
+        children.append(("kafka-emulators", [sys.executable, "-m", "emulators.kafka_services",
+                                             "--brokers", env.get("KAFKA_BROKERS") or settings.kafka_brokers]))
+    # one metrics directory for every child, so the API's /metrics shows the bridge's too
+    env.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="orchestrator-metrics-"))
     children += [
+        ("bridge", py + ["bridge"]),
         ("api", py + ["api", "--workers", str(args.api_workers)]),
         ("worker", py + ["worker", "--concurrency", str(args.concurrency), "--name", "dev@%h"]),
         ("sweeper", py + ["sweeper"]),
@@ -148,8 +183,9 @@ def cmd_dev(args: argparse.Namespace) -> None:
     for name, cmd in children:
         procs.append((name, subprocess.Popen(cmd, env=env, start_new_session=True)))
     print(f"orchestrator dev: API http://{settings.host}:{settings.port}  "
-          f"Flower http://127.0.0.1:{args.flower_port} ({env['FLOWER_BASIC_AUTH']})  Ctrl-C stops all",
-          flush=True)
+          f"Flower http://127.0.0.1:{args.flower_port} ({env['FLOWER_BASIC_AUTH']})  "
+          f"Kafka {env.get('KAFKA_BROKERS') or settings.kafka_brokers}{' (bundled)' if broker else ''}  "
+          "Ctrl-C stops all", flush=True)
     code = 0
     while not stopping.is_set():
         for name, proc in procs:
@@ -167,6 +203,8 @@ def cmd_dev(args: argparse.Namespace) -> None:
             proc.wait(max(0.1, deadline - time.time()))
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+    if broker is not None:
+        broker.stop()
     sys.exit(code)
 
 
@@ -202,6 +240,12 @@ def parser() -> argparse.ArgumentParser:
     bridge.add_argument("--metrics-port", type=int, default=0, help="serve /metrics on 127.0.0.1:PORT")
     bridge.set_defaults(func=cmd_bridge)
 
+    produce = sub.add_parser("produce", help="produce one JSON event to a topic (KAFKA_BROKERS, else :9092)")
+    produce.add_argument("topic")
+    produce.add_argument("payload", help="the JSON payload")
+    produce.add_argument("--key")
+    produce.set_defaults(func=cmd_produce)
+
     flower = sub.add_parser("flower", help="Flower with basic auth (FLOWER_BASIC_AUTH)")
     flower.add_argument("--port", type=int, default=5555)
     flower.add_argument("--address", default="127.0.0.1")
@@ -211,6 +255,10 @@ def parser() -> argparse.ArgumentParser:
     dev.add_argument("--concurrency", type=int, default=4)
     dev.add_argument("--api-workers", type=int, default=2)
     dev.add_argument("--flower-port", type=int, default=5555)
+    dev.add_argument("--kafka-port", type=int, default=9092,
+                     help="port of the bundled Kafka broker when KAFKA_BROKERS is unset (0: any free port)")
+    dev.add_argument("--kafka-emulators", action="store_true",
+                     help="also run the Kafka emulators against the configured KAFKA_BROKERS")
     dev.set_defaults(func=cmd_dev)
     return p
 
