@@ -20,7 +20,9 @@ engine call (start or fire). Delivery is at least once, the effect exactly once:
 Outcomes: `accepted`; `duplicate`; `ignored` (the workflow refused it: a late or repeated report,
 logged and counted); `dead_letter` (broken JSON, a missing or mistyped field, an unknown route:
 the original bytes go to `<topic>.dlq` with the reason in the headers). A database outage is
-retried with backoff; it never dead-letters a good event.
+waited out with backoff and never dead-letters a good event; a handler that keeps raising
+something else on one event dead-letters it after a few attempts, so one event cannot stop the
+partition.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ from typing import Any, Callable
 from prometheus_client import Counter, Gauge, Histogram
 from sqlalchemy import event as sa_event
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from .errors import Conflict, IllegalTransition, InvalidInput, NotFound
 from .models import ProcessedMessage
@@ -228,7 +230,8 @@ class Bridge:
                     if msg.error():
                         log.warning("consumer error: %s", msg.error())
                     else:
-                        self.handle_with_retry(msg, stop)
+                        if self.handle_with_retry(msg, stop) is None:
+                            break
                         self.pending[(msg.topic(), msg.partition())] = msg.offset() + 1
                         self.handled += 1
                 self.commit()
@@ -274,21 +277,26 @@ class Bridge:
             log.debug("lag not measured: %s", exc)
 
     # -- one event ------------------------------------------------------------------------------
-    def handle_with_retry(self, msg: Any, stop: threading.Event) -> str:
-        delay = 0.2
-        for attempt in range(1, self.max_attempts + 1):
+    def handle_with_retry(self, msg: Any, stop: threading.Event) -> str | None:
+        """A database that cannot be reached is waited for, however long (the event is fine);
+        any other error is retried `max_attempts` times, then the event is dead-lettered."""
+        delay, attempt = 0.2, 0
+        while True:
+            attempt += 1
             try:
                 return self.handle(msg)
-            except Exception as exc:  # not the event's fault (database down, ...): try again
-                log.warning("event %s/%s@%s failed (attempt %d): %s", msg.topic(), msg.partition(),
-                            msg.offset(), attempt, exc)
-                if attempt == self.max_attempts or stop.wait(delay):
-                    if attempt == self.max_attempts:
-                        return self.dead_letter(msg, f"handler error after {attempt} attempts: "
-                                                     f"{type(exc).__name__}: {exc}"[:500], "handler_error")
-                    raise
-                delay = min(delay * 3, 5.0)
-        raise AssertionError("unreachable")
+            except (OperationalError, InterfaceError) as exc:
+                log.warning("database unavailable handling %s/%s@%s (attempt %d): %s", msg.topic(),
+                            msg.partition(), msg.offset(), attempt, str(exc).splitlines()[0])
+            except Exception as exc:
+                log.exception("event %s/%s@%s failed (attempt %d)", msg.topic(), msg.partition(), msg.offset(),
+                              attempt)
+                if attempt >= self.max_attempts:
+                    return self.dead_letter(msg, f"handler error after {attempt} attempts: "
+                                                 f"{type(exc).__name__}: {exc}"[:500], "handler_error")
+            if stop.wait(delay):
+                return None  # stopping: not committed, so it is redelivered to whoever owns it next
+            delay = min(delay * 2, 5.0)
 
     def handle(self, msg: Any) -> str:
         topic = msg.topic()
