@@ -4,6 +4,8 @@ on the contract's topic.
 
     python -m emulators.kafka_services --brokers 127.0.0.1:9092 [--tts-failure-rate 0.1]
 
+(defaults also from EMULATOR_TTS_FAILURE_RATE, EMULATOR_TTS_LATENCY, EMULATOR_RUNNER_FAILURE_RATE)
+
 In tests they run in-process: `start_all(brokers, ...)` returns them; `.received` holds every
 message each one consumed, in order.
 """
@@ -13,6 +15,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import random
 import signal
 import threading
@@ -171,9 +174,11 @@ def start_all(brokers: str, tts_failure_rate: float = 0.0, tts_latency: float = 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--brokers", required=True)
-    p.add_argument("--tts-failure-rate", type=float, default=0.1)
-    p.add_argument("--tts-latency", type=float, default=0.5)
-    p.add_argument("--runner-failure-rate", type=float, default=0.1)
+    env = os.environ.get
+    p.add_argument("--tts-failure-rate", type=float, default=float(env("EMULATOR_TTS_FAILURE_RATE", "0.1")))
+    p.add_argument("--tts-latency", type=float, default=float(env("EMULATOR_TTS_LATENCY", "0.5")),
+                   help="seconds per synthesis")
+    p.add_argument("--runner-failure-rate", type=float, default=float(env("EMULATOR_RUNNER_FAILURE_RATE", "0.1")))
     p.add_argument("--most-stories", type=int, default=3)
     args = p.parse_args()
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s emulators %(message)s")

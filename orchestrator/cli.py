@@ -156,7 +156,13 @@ def cmd_dev(args: argparse.Namespace) -> None:
     if not settings.kafka_brokers:  # the bundled Kafka-protocol broker, stopped by PID at the end
         from .kafka_broker import BundledBroker
 
-        broker = BundledBroker(port=args.kafka_port or None).start()
+        from .kafka_broker import free_port, port_is_free
+
+        port = args.kafka_port if args.kafka_port and port_is_free(args.kafka_port) else free_port()
+        if args.kafka_port and port != args.kafka_port:
+            log.warning("port %s is taken; the bundled Kafka broker listens on %s (KAFKA_BROKERS=127.0.0.1:%s)",
+                        args.kafka_port, port, port)
+        broker = BundledBroker(port=port).start()
         atexit.register(broker.stop)
         env["KAFKA_BROKERS"] = broker.bootstrap
     if broker is not None or args.kafka_emulators:
