@@ -117,3 +117,17 @@ def test_worker_endpoints_errors(kclient):
                          ("limit=0", "limit"), ("offset=-1", "offset"), ("limit=abc", "limit")):
         r = kclient.get(f"/workers?{query}")
         assert r.status_code == 400 and r.json["field"] == field, query
+
+
+def test_kafka_outbox_rows_left_unsent_are_published_by_the_sweeper(kclient, krt, kafka, bridge, kafka_emulators):
+    """A process that committed and died before its kick: the sweeper produces the Kafka row."""
+    from orchestrator.engine import Engine
+    from orchestrator.workflow import registry
+
+    no_kick = Engine(krt.settings, krt.sessions, registry, relay=None)
+    route_id = f"r-{uuid.uuid4().hex[:8]}"
+    no_kick.start("route_content", {"route_id": route_id, "mode": "car"}, key=route_id)
+    story = wait_for(lambda: [m for m in kafka_emulators["story"].messages() if m["route_id"] == route_id],
+                     timeout=30, what="story.generate sent by the sweeper")
+    assert story == [{"route_id": route_id, "lang": "ru"}]
+    assert route_done(kclient, route_id, "completed")["route_id"] == route_id
