@@ -200,6 +200,7 @@ class Bridge:
         self.pending: dict[tuple[str, int], int] = {}  # next offset to commit, per partition
         self.handled = 0
         self._last_commit = time.monotonic()
+        self._since_commit = 0
         self.assigned: set[tuple[str, int]] = set()
 
     # partitions come and go when bridges join or leave the group
@@ -234,6 +235,7 @@ class Bridge:
                             break
                         self.pending[(msg.topic(), msg.partition())] = msg.offset() + 1
                         self.handled += 1
+                        self._since_commit += 1
                 self.commit()
         finally:
             self.commit(force=True)
@@ -242,20 +244,23 @@ class Bridge:
             log.info("bridge stopped after %d events", self.handled)
 
     def commit(self, force: bool = False) -> None:
+        """Commit the offsets after the handled events: every `commit_interval` seconds or
+        `commit_every` events, and at once on revoke and stop. Events are handled (committed in
+        the database) before their offset is, so a crash in between only means redelivery."""
         if not self.pending:
             return
-        due = force or len(self.pending) and (time.monotonic() - self._last_commit >= self.commit_interval)
-        if not due and self.handled % self.commit_every:
+        if not force and self._since_commit < self.commit_every \
+                and time.monotonic() - self._last_commit < self.commit_interval:
             return
         from confluent_kafka import KafkaException, TopicPartition
 
         offsets = [TopicPartition(t, p, o) for (t, p), o in self.pending.items()]
         try:
             self.consumer.commit(offsets=offsets, asynchronous=False)
-            self.pending.clear()
         except KafkaException as exc:  # e.g. mid-rebalance: the next owner re-reads and de-duplicates
             log.warning("offset commit failed: %s", exc)
-            self.pending.clear()
+        self.pending.clear()
+        self._since_commit = 0
         self._last_commit = time.monotonic()
 
     def export_lag(self, stats_json: str) -> None:
