@@ -363,4 +363,12 @@ class Bridge:
             raise RuntimeError(f"dead-letter to {topic}.dlq failed: {errors[:1]}")
         KAFKA_DEAD_LETTERS.labels(topic, kind).inc()
         log.warning("dead-lettered %s/%s@%s: %s", topic, msg.partition(), msg.offset(), reason)
+        token = _current_delivery.set(None)  # recorded here, explicitly, not by the session hook
+        try:  # a redelivery of this event is then a duplicate, not a second dead letter
+            with self.rt.sessions() as s, s.begin():
+                s.add(ProcessedMessage(consumer=f"kafka:{topic}", message_id=event_id(msg)))
+        except Exception as exc:  # the dead letter is durable already; at worst it is repeated
+            log.info("dead letter of %s/%s@%s not recorded: %s", topic, msg.partition(), msg.offset(), exc)
+        finally:
+            _current_delivery.reset(token)
         return self._outcome(topic, "dead_letter", time.perf_counter())

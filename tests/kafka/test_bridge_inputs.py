@@ -143,3 +143,15 @@ def test_same_event_id_twice_counts_once(kclient, kafka, krt, bridge):
     wait_for(lambda: len(counters(krt, [key])[key]["seen"]) >= 2, timeout=20, what="both events")
     assert counters(krt, [key])[key]["total"] == 6
     assert metric(bridge, "orchestrator_kafka_events_total", topic="test.increments", outcome="duplicate") >= 1
+
+
+def test_a_redelivered_bad_event_is_dead_lettered_once(kafka, bridge):
+    key = f"k-{uuid.uuid4().hex[:6]}"
+    bad = json.dumps({"route_id": key}).encode()  # no mode
+    for _ in range(2):
+        kafka.send("route.confirmed", None, raw=bad, key=key, event_id=f"ev-{key}")
+    marker = json.dumps({"route_id": key, "mode": 5}).encode()  # after them on the same partition
+    kafka.send("route.confirmed", None, raw=marker, key=key)
+    msgs = kafka.read("route.confirmed.dlq", timeout=30, until=lambda ms: any(m.value() == marker for m in ms))
+    assert any(m.value() == marker for m in msgs)
+    assert [m.value() for m in msgs].count(bad) == 1
