@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 
 from orchestrator.models import ProcessedMessage
 
-from .conftest import metric, start_bridge  # noqa: F401
+from .conftest import metric, start_bridge
 
 pytestmark = pytest.mark.kafka
 
@@ -95,7 +95,8 @@ def test_two_bridges_one_stops_mid_stream(kclient, kafka, krt, kenv):
         wait_for(lambda: "revoked" in a.output() or "assigned" in b.output(), timeout=30, what="both in the group")
         expected = burst(kafka, keys, 1000)
         wait_for(lambda: applied(krt, keys) >= 200, timeout=60, what="the stream under way")
-        assert metric(a, "orchestrator_kafka_events_total", topic="test.increments") > 0  # both were consuming
+        wait_for(lambda: all(metric(p, "orchestrator_kafka_events_total", topic="test.increments") > 0
+                             for p in (a, b)), timeout=30, what="both bridges consuming the stream")
         a.stop()  # SIGTERM: commit, leave the group; b takes its partitions
         assert a.proc.returncode == 0, a.output()[-2000:]
         assert "bridge stopped after" in a.output()
@@ -104,6 +105,7 @@ def test_two_bridges_one_stops_mid_stream(kclient, kafka, krt, kenv):
         assert metric(b, "orchestrator_kafka_events_total", topic="test.increments") > 0
         b.stop()  # drained
         check_exactly_once(krt, keys, expected, 1000)
+        assert processed(krt) - before == 1000
     finally:
         a.stop()
         b.stop()
