@@ -530,7 +530,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=4, help="worker pool processes (4)")
     p.add_argument("--rounds", type=int, default=3, help="alternating engine/raw rounds; medians (3)")
     p.add_argument("--threads", type=int, default=4, help="threads starting workflows (4)")
+    p.add_argument("--kafka-n", type=int, default=2000, help="events for the Kafka intake figures (2000; 0 skips)")
     args = p.parse_args(argv)
+    if args.kafka_n < 0 or args.kafka_n == 1:
+        p.error("--kafka-n must be 0 (skip) or at least 2")
     for name in ("n", "latency_n", "concurrency", "threads", "rounds"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -565,6 +568,10 @@ def main(argv: list[str] | None = None) -> None:
         code = 130
     finally:
         bench.teardown()
+    if code == 0 and args.kafka_n:
+        from bench.kafka_intake import report
+
+        report(args.kafka_n)
     sys.exit(code)
 
 

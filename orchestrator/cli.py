@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import signal
@@ -99,6 +100,46 @@ def cmd_calc_results(args: argparse.Namespace) -> None:
     run_consumer(rt, stop)
 
 
+def cmd_bridge(args: argparse.Namespace) -> None:
+    """The Kafka bridge: a consumer-group member turning events into engine starts and events."""
+    from . import runtime
+    from .kafka_bridge import Bridge
+
+    rt = runtime.current()
+    _logging(rt.settings)
+    if not rt.settings.kafka_brokers:
+        sys.exit("configuration error: KAFKA_BROKERS: required by the bridge (host:port[,host:port])")
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port, addr="127.0.0.1")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    Bridge(rt, group=args.group).run(stop)
+
+
+def cmd_produce(args: argparse.Namespace) -> None:
+    """Produce one JSON event, as an upstream service would (handy with `orchestrator dev`)."""
+    import json
+
+    from confluent_kafka import Producer
+
+    from .kafka import producer_config
+
+    settings = _settings()
+    brokers = settings.kafka_brokers or "127.0.0.1:9092"
+    try:
+        json.loads(args.payload)
+    except ValueError as exc:
+        sys.exit(f"payload: not valid JSON: {exc}")
+    producer = Producer(producer_config(brokers))
+    producer.produce(args.topic, args.payload.encode(), key=args.key.encode() if args.key else None)
+    if producer.flush(15):
+        sys.exit(f"not delivered to {brokers} within 15s")
+    print(f"produced to {args.topic} on {brokers}")
+
+
 def cmd_flower(args: argparse.Namespace) -> None:
     from . import runtime
 
@@ -137,8 +178,27 @@ def cmd_dev(args: argparse.Namespace) -> None:
                                     "--data", "data/gitlab", "--demo"]))
     children.append(("calculator", [sys.executable, "-m", "emulators.calculator", "--seconds", "2"]))
     py = [sys.executable, "-m", "orchestrator.cli"]
+    broker = None
+    if not settings.kafka_brokers:  # the bundled Kafka-protocol broker, stopped by PID at the end
+        from .kafka_broker import BundledBroker
+
+        from .kafka_broker import free_port, port_is_free
+
+        port = args.kafka_port if args.kafka_port and port_is_free(args.kafka_port) else free_port()
+        if args.kafka_port and port != args.kafka_port:
+            log.warning("port %s is taken; the bundled Kafka broker listens on %s (KAFKA_BROKERS=127.0.0.1:%s)",
+                        args.kafka_port, port, port)
+        broker = BundledBroker(port=port).start()
+        atexit.register(broker.stop)
+        env["KAFKA_BROKERS"] = broker.bootstrap
+    if broker is not None or args.kafka_emulators:
+        children.append(("kafka-emulators", [sys.executable, "-m", "emulators.kafka_services",
+                                             "--brokers", env.get("KAFKA_BROKERS") or settings.kafka_brokers]))
+    # one metrics directory for every child, so the API's /metrics shows the bridge's too
+    env.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="orchestrator-metrics-"))
     children += [
         ("calc-results", py + ["calc-results"]),
+        ("bridge", py + ["bridge"]),
         ("api", py + ["api", "--workers", str(args.api_workers)]),
         ("worker", py + ["worker", "--concurrency", str(args.concurrency), "--name", "dev@%h"]),
         ("sweeper", py + ["sweeper"]),
@@ -156,8 +216,9 @@ def cmd_dev(args: argparse.Namespace) -> None:
     for name, cmd in children:
         procs.append((name, subprocess.Popen(cmd, env=env, start_new_session=True)))
     print(f"orchestrator dev: API http://{settings.host}:{settings.port}  "
-          f"Flower http://127.0.0.1:{args.flower_port} ({env['FLOWER_BASIC_AUTH']})  Ctrl-C stops all",
-          flush=True)
+          f"Flower http://127.0.0.1:{args.flower_port} ({env['FLOWER_BASIC_AUTH']})  "
+          f"Kafka {env.get('KAFKA_BROKERS') or settings.kafka_brokers}{' (bundled)' if broker else ''}  "
+          "Ctrl-C stops all", flush=True)
     code = 0
     while not stopping.is_set():
         for name, proc in procs:
@@ -175,6 +236,8 @@ def cmd_dev(args: argparse.Namespace) -> None:
             proc.wait(max(0.1, deadline - time.time()))
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+    if broker is not None:
+        broker.stop()
     sys.exit(code)
 
 
@@ -208,6 +271,17 @@ def parser() -> argparse.ArgumentParser:
     calc = sub.add_parser("calc-results", help="turns calculation results from the reply queue into saga events")
     calc.set_defaults(func=cmd_calc_results)
 
+    bridge = sub.add_parser("bridge", help="the Kafka bridge (consumer group CONSUMER_GROUP)")
+    bridge.add_argument("--group", help="consumer group (default: CONSUMER_GROUP)")
+    bridge.add_argument("--metrics-port", type=int, default=0, help="serve /metrics on 127.0.0.1:PORT")
+    bridge.set_defaults(func=cmd_bridge)
+
+    produce = sub.add_parser("produce", help="produce one JSON event to a topic (KAFKA_BROKERS, else :9092)")
+    produce.add_argument("topic")
+    produce.add_argument("payload", help="the JSON payload")
+    produce.add_argument("--key")
+    produce.set_defaults(func=cmd_produce)
+
     flower = sub.add_parser("flower", help="Flower with basic auth (FLOWER_BASIC_AUTH)")
     flower.add_argument("--port", type=int, default=5555)
     flower.add_argument("--address", default="127.0.0.1")
@@ -219,6 +293,10 @@ def parser() -> argparse.ArgumentParser:
     dev.add_argument("--flower-port", type=int, default=5555)
     dev.add_argument("--emulator-port", type=int, default=8001,
                      help="first of three ports for the media emulators (8001-8003)")
+    dev.add_argument("--kafka-port", type=int, default=9092,
+                     help="port of the bundled Kafka broker when KAFKA_BROKERS is unset (0: any free port)")
+    dev.add_argument("--kafka-emulators", action="store_true",
+                     help="also run the Kafka emulators against the configured KAFKA_BROKERS")
     dev.set_defaults(func=cmd_dev)
     return p
 

@@ -70,6 +70,10 @@ def build(settings: Settings | None = None) -> Runtime:
         connect_args={"options": "-c synchronous_commit=off"})
     relay = OutboxRelay(sessions, autocommit)
     relay.register("celery", celery_publisher(celery_app))
+    if settings.kafka_brokers:
+        from .kafka import KafkaPublisher
+
+        relay.register("kafka", KafkaPublisher(settings.kafka_brokers))
     engine = Engine(settings, sessions, registry, relay=relay, autocommit=autocommit)
     return Runtime(settings, db, sessions, celery_app, relay, engine, os.getpid())
 

@@ -22,9 +22,9 @@ def create_app(runtime: runtime_module.Runtime | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = 1 * 1024 * 1024
     app.json.sort_keys = False  # type: ignore[attr-defined]
 
-    from . import balance, health, media, openapi, sagas
+    from . import balance, health, media, openapi, routes, sagas, workers
 
-    for module in (health, sagas, media, balance, openapi):
+    for module in (health, sagas, media, balance, routes, workers, openapi):
         app.register_blueprint(module.bp)
 
     @app.errorhandler(OrchestratorError)

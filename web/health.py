@@ -35,6 +35,12 @@ def check_result_backend() -> None:
             session.execute(text("SELECT 1"))
 
 
+def check_kafka() -> None:
+    from confluent_kafka.admin import AdminClient
+
+    AdminClient({"bootstrap.servers": runtime().settings.kafka_brokers}).list_topics(timeout=2)
+
+
 CHECKS: dict[str, Callable[[], None]] = {
     "database": check_database,
     "broker": check_broker,
@@ -44,7 +50,10 @@ CHECKS: dict[str, Callable[[], None]] = {
 
 def dependencies() -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
-    for name, check in CHECKS.items():
+    checks = dict(CHECKS)
+    if runtime().settings.kafka_brokers:
+        checks["kafka"] = check_kafka
+    for name, check in checks.items():
         started = time.perf_counter()
         try:
             check()

@@ -1,0 +1,159 @@
+"""Kafka intake benchmark: `python -m bench.kafka_intake [--n 2000]` (also printed by `make bench`).
+
+On one bundled broker (Tansu) and a fresh PostgreSQL database, in one run:
+
+  (a) raw produce: max(20 N, 20000) route.confirmed-style events produced (acks=all, idempotent)
+      and flushed;
+  (b) raw consume: the same events read by a fresh consumer group, from partition assignment to
+      the last message;
+  (c) bridge intake: N new events accepted by one `orchestrator bridge` process, each one a
+      committed engine transaction (instance, history, outbox row) and its story.generate
+      produced through the outbox; first to last instance created.
+
+It prints events per second for each and the ratio bridge / raw consume.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PG_ADMIN = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+
+
+def _events(n: int, tag: str) -> list[tuple[str, bytes]]:
+    return [(f"{tag}-{i}", json.dumps({"route_id": f"{tag}-{i}", "mode": "walking", "city": "Kazan"}).encode())
+            for i in range(n)]
+
+
+def produce(brokers: str, topic: str, events: list[tuple[str, bytes]]) -> float:
+    from confluent_kafka import Producer
+
+    from orchestrator.kafka import producer_config
+
+    producer = Producer(producer_config(brokers))
+    started = time.perf_counter()
+    for key, value in events:
+        while True:
+            try:
+                producer.produce(topic, value, key=key.encode())
+                break
+            except BufferError:
+                producer.poll(0.05)
+    if producer.flush(60):
+        raise RuntimeError("raw produce: not every event was acknowledged")
+    return time.perf_counter() - started
+
+
+def consume(brokers: str, topic: str, n: int) -> float:
+    from confluent_kafka import Consumer
+
+    from orchestrator.kafka import consumer_config
+
+    consumer = Consumer(consumer_config(brokers, f"bench-raw-{uuid.uuid4().hex[:6]}"))
+    assigned: list[float] = []  # the clock starts when the group hands us the partitions
+    consumer.subscribe([topic], on_assign=lambda *_: assigned.append(time.perf_counter()))
+    seen = 0
+    deadline = time.monotonic() + 120
+    try:
+        while seen < n and time.monotonic() < deadline:
+            seen += sum(1 for msg in consumer.consume(1000, 0.5) if not msg.error())
+    finally:
+        consumer.close()
+    if seen < n or not assigned:
+        raise RuntimeError(f"raw consume: {seen} of {n} events read")
+    return time.perf_counter() - assigned[0]
+
+
+def bridge_intake(env: dict[str, str], brokers: str, n: int, tag: str, log: Path) -> float:
+    from sqlalchemy import create_engine, func, select
+
+    from orchestrator.models import WorkflowInstance
+
+    db = create_engine(env["DATABASE_URL"])
+    produce(brokers, "route.confirmed", _events(n, tag))
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "bridge"], env=env, cwd=ROOT,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        q = select(func.count(), func.min(WorkflowInstance.created_at), func.max(WorkflowInstance.created_at)) \
+            .where(WorkflowInstance.type == "route_content", WorkflowInstance.business_key.like(f"{tag}-%"))
+        deadline = time.monotonic() + 300
+        while True:
+            with db.connect() as conn:
+                count, first, last = conn.execute(q).one()
+            if count >= n:
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"bridge intake: {count} of {n} events accepted (log: {log})")
+            time.sleep(0.2)
+        return max((last - first).total_seconds(), 1e-6) * n / max(1, n - 1)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        db.dispose()
+
+
+def measure(n: int) -> dict[str, float]:
+    from sqlalchemy import create_engine, text
+
+    from orchestrator.kafka_broker import BundledBroker, ensure_topics
+    from orchestrator.migrate import upgrade
+
+    logdir = Path(tempfile.mkdtemp(prefix="orch-bench-kafka-"))
+    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    name = f"orch_bench_kafka_{uuid.uuid4().hex[:8]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        url = PG_ADMIN.rsplit("/", 1)[0] + "/" + name
+        upgrade(url)
+        with BundledBroker(log_path=logdir / "tansu.log") as broker:
+            ensure_topics(broker.bootstrap, ["bench.raw", "route.confirmed", "route.confirmed.dlq", "story.generate"])
+            raw_n = max(20 * n, 20000)  # the raw client is fast: enough events to time it
+            produce_s = produce(broker.bootstrap, "bench.raw", _events(raw_n, "raw"))
+            consume_s = consume(broker.bootstrap, "bench.raw", raw_n)
+            base = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY_", "DATABASE_", "POSTGRES_"))}
+            env = {**base, "DATABASE_URL": url, "KAFKA_BROKERS": broker.bootstrap,
+                   "CONSUMER_GROUP": f"bench-{uuid.uuid4().hex[:6]}", "WORKFLOW_MODULES": "sagas,tasks",
+                   "PYTHONPATH": str(ROOT), "LOG_LEVEL": "WARNING"}
+            bridge_s = bridge_intake(env, broker.bootstrap, n, f"b{uuid.uuid4().hex[:6]}", logdir / "bridge.log")
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+    return {"produce": raw_n / produce_s, "consume": raw_n / consume_s, "bridge": n / bridge_s, "raw_n": raw_n}
+
+
+def report(n: int) -> None:
+    r = measure(n)
+    print(f"kafka    raw produce events/s     {r['produce']:9.0f}   ({r['raw_n']:.0f} events, acks=all, bundled broker)")
+    print(f"kafka    raw consume events/s     {r['consume']:9.0f}")
+    print(f"kafka    bridge intake events/s   {r['bridge']:9.1f}   ({n} route.confirmed -> instance + story.generate)")
+    print(f"ratio    bridge/raw consume       {r['bridge'] / r['consume']:9.4f}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.kafka_intake", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=2000, help="events per measurement (2000)")
+    args = p.parse_args(argv)
+    if args.n < 2:
+        p.error("--n must be at least 2")
+    report(args.n)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Kafka clients (confluent-kafka): settings that hold on a real Kafka and on the bundled broker,
+and the outbox publisher for channel "kafka".
+
+Workflows produce with `self.emit("kafka", topic, payload, key=business_key)`; the row is written
+in the transition's transaction and this publisher sends it keyed by that business key, so one
+instance's messages land on one partition in order. A row is marked sent only after the broker
+acknowledged it from every in-sync replica (`acks=all`, idempotent producer).
+"""
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+from prometheus_client import Counter
+
+from .models import OutboxMessage
+
+KAFKA_PRODUCED = Counter("orchestrator_kafka_produced_total", "Messages produced to Kafka by the outbox relay",
+                         ["topic"])
+
+
+def producer_config(brokers: str, **extra: Any) -> dict[str, Any]:
+    return {"bootstrap.servers": brokers, "acks": "all", "enable.idempotence": True, "linger.ms": 5,
+            "message.timeout.ms": 30000, **extra}
+
+
+def consumer_config(brokers: str, group: str, **extra: Any) -> dict[str, Any]:
+    return {"bootstrap.servers": brokers, "group.id": group, "session.timeout.ms": 6000,
+            "heartbeat.interval.ms": 1000, "auto.offset.reset": "earliest", "enable.auto.commit": False,
+            **extra}
+
+
+def encode(payload: Any) -> bytes:
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class KafkaPublisher:
+    """Outbox publisher: produce one row and wait for its delivery report (raises on failure)."""
+
+    def __init__(self, brokers: str, timeout: float = 30.0) -> None:
+        from confluent_kafka import Producer
+
+        self.producer = Producer(producer_config(brokers))
+        self.timeout = timeout
+        self._lock = threading.Lock()  # one flush at a time: the report we wait for is ours
+
+    def __call__(self, row: OutboxMessage) -> None:
+        errors: list[Any] = []
+
+        def report(err: Any, _msg: Any) -> None:
+            if err is not None:
+                errors.append(err)
+
+        headers = [("message_id", row.message_id.encode())]
+        if row.instance_id:
+            headers.append(("instance_id", row.instance_id.encode()))
+        with self._lock:
+            self.producer.produce(row.target, encode(row.payload), key=row.key.encode() if row.key else None,
+                                  headers=headers, on_delivery=report)
+            left = self.producer.flush(self.timeout)
+        if errors:
+            raise RuntimeError(f"kafka delivery to {row.target} failed: {errors[0]}")
+        if left:
+            raise RuntimeError(f"kafka delivery to {row.target} not confirmed within {self.timeout:g}s")
+        KAFKA_PRODUCED.labels(row.target).inc()

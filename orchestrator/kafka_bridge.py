@@ -1,0 +1,374 @@
+"""`orchestrator bridge`: Kafka events in, engine starts and events out.
+
+A workflow declares the topics it consumes, each with a handler classmethod:
+
+    class RouteContent(Workflow):
+        kafka_consumes = {"route.confirmed": "on_route_confirmed"}
+        kafka_produces = ("story.generate",)
+
+        @classmethod
+        def on_route_confirmed(cls, engine, event: KafkaEvent) -> str: ...
+
+The handler validates the payload (raising InvalidInput naming the field) and makes exactly one
+engine call (start or fire). Delivery is at least once, the effect exactly once:
+
+- the event's id (header `event_id`, else topic:partition:offset) is written to
+  `processed_messages` in the same transaction as the effect (a session hook, see `_Delivery`),
+  so a redelivered event finds it and does nothing, and two deliveries racing cannot both commit;
+- the offset is committed only after that transaction committed (or the event was dead-lettered).
+
+Outcomes: `accepted`; `duplicate`; `ignored` (the workflow refused it: a late or repeated report,
+logged and counted); `dead_letter` (broken JSON, a missing or mistyped field, an unknown route:
+the original bytes go to `<topic>.dlq` with the reason in the headers). A database outage is
+waited out with backoff and never dead-letters a good event; a handler that keeps raising
+something else on one event dead-letters it after a few attempts, so one event cannot stop the
+partition.
+"""
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from prometheus_client import Counter, Gauge, Histogram
+from sqlalchemy import event as sa_event
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
+
+from .errors import Conflict, IllegalTransition, InvalidInput, NotFound
+from .models import ProcessedMessage
+
+log = logging.getLogger(__name__)
+
+KAFKA_CONSUMER_LAG = Gauge("kafka_consumer_lag", "Messages behind the high watermark, per partition "
+                           "(approximate on brokers whose watermark is approximate)",
+                           ["group", "topic", "partition"], multiprocess_mode="livemax")
+KAFKA_EVENTS = Counter("orchestrator_kafka_events_total", "Kafka events handled by the bridge",
+                       ["topic", "outcome"])
+KAFKA_DEAD_LETTERS = Counter("orchestrator_kafka_dead_letters_total",
+                             "Events sent to the dead-letter topic", ["topic", "reason"])
+KAFKA_HANDLE_SECONDS = Histogram("orchestrator_kafka_handle_seconds", "Time to handle one event", ["topic"])
+
+
+class Ignored(Exception):
+    """The workflow refuses the event on purpose (late, repeated, already applied). Logged, counted."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class KafkaEvent:
+    topic: str
+    partition: int
+    offset: int
+    key: str | None
+    payload: dict[str, Any]
+    event_id: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+Handler = Callable[[Any, KafkaEvent], str]
+
+
+# -- validation helpers for handlers -----------------------------------------------------------
+def require(payload: dict[str, Any], name: str, kind: type | tuple[type, ...], *, optional: bool = False,
+            nonempty: bool = True) -> Any:
+    """payload[name] checked against `kind`; InvalidInput naming the field otherwise."""
+    if name not in payload or payload[name] is None:
+        if optional:
+            return None
+        raise InvalidInput(name, "is required")
+    value = payload[name]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        names = " or ".join(k.__name__.replace("str", "string").replace("int", "integer")
+                            .replace("list", "array").replace("dict", "object") for k in kinds)
+        raise InvalidInput(name, f"must be a {names}, got {type(value).__name__}")
+    if nonempty and isinstance(value, str) and not value.strip():
+        raise InvalidInput(name, "must not be empty")
+    return value
+
+
+# -- routes ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Route:
+    topic: str
+    workflow: type
+    handler: Handler
+
+
+def discover(registry: Any) -> dict[str, Route]:
+    """Topic -> handler, from the registered workflows' `kafka_consumes` tables."""
+    routes: dict[str, Route] = {}
+    for name in registry.names():
+        cls = registry.get(name)
+        for topic, method in (getattr(cls, "kafka_consumes", None) or {}).items():
+            if topic in routes:
+                raise ValueError(f"topic {topic} is consumed by both {routes[topic].workflow.type} and {cls.type}")
+            routes[topic] = Route(topic, cls, getattr(cls, method))
+    return routes
+
+
+def produced_topics(registry: Any) -> list[str]:
+    out: list[str] = []
+    for name in registry.names():
+        out += list(getattr(registry.get(name), "kafka_produces", ()) or ())
+    return out
+
+
+def all_topics(registry: Any) -> list[str]:
+    consumed = list(discover(registry))
+    return list(dict.fromkeys(consumed + [f"{t}.dlq" for t in consumed] + produced_topics(registry)))
+
+
+# -- de-duplication in the effect's transaction ------------------------------------------------
+@dataclass
+class _Delivery:
+    consumer: str
+    message_id: str
+    recorded: bool = False
+
+
+_current_delivery: contextvars.ContextVar[_Delivery | None] = contextvars.ContextVar("kafka_delivery", default=None)
+
+
+def install_dedup(sessions: Any) -> None:
+    """Every transaction committed while an event is handled also inserts its processed_messages
+    row (once): the effect and the de-duplication record commit together or not at all."""
+
+    @sa_event.listens_for(sessions, "before_commit")
+    def _record(session: Any) -> None:
+        d = _current_delivery.get()
+        if d is None or d.recorded or "kafka_delivery" in session.info:
+            return
+        session.add(ProcessedMessage(consumer=d.consumer, message_id=d.message_id))
+        session.flush()
+        session.info["kafka_delivery"] = d
+
+    @sa_event.listens_for(sessions, "after_commit")
+    def _committed(session: Any) -> None:
+        d = session.info.pop("kafka_delivery", None)
+        if d is not None:
+            d.recorded = True
+
+    @sa_event.listens_for(sessions, "after_rollback")
+    def _rolled_back(session: Any) -> None:
+        session.info.pop("kafka_delivery", None)
+
+
+def event_id(msg: Any) -> str:
+    for k, v in msg.headers() or []:
+        if k == "event_id" and v:
+            return v.decode(errors="replace")[:200]
+    return f"{msg.partition()}:{msg.offset()}"
+
+
+def _headers(msg: Any) -> dict[str, str]:
+    return {k: (v or b"").decode(errors="replace") for k, v in (msg.headers() or [])}
+
+
+# -- the consumer ------------------------------------------------------------------------------
+class Bridge:
+    def __init__(self, rt: Any, group: str | None = None, commit_every: int = 200,
+                 commit_interval: float = 0.5, lag_interval: float = 5.0, max_attempts: int = 5) -> None:
+        from confluent_kafka import Consumer, Producer
+
+        from .kafka import consumer_config, producer_config
+
+        self.rt = rt
+        self.engine = rt.engine
+        self.brokers = rt.settings.kafka_brokers
+        if not self.brokers:
+            raise ValueError("KAFKA_BROKERS is not set")
+        self.group = group or rt.settings.consumer_group
+        self.routes = discover(self.engine.registry)
+        self.commit_every = commit_every
+        self.commit_interval = commit_interval
+        self.lag_interval = lag_interval
+        self.max_attempts = max_attempts
+        install_dedup(rt.sessions)
+        self.consumer = Consumer(consumer_config(self.brokers, self.group,
+                                                 **{"statistics.interval.ms": int(lag_interval * 1000),
+                                                    "stats_cb": self.export_lag}))
+        self.dlq = Producer(producer_config(self.brokers))
+        self.pending: dict[tuple[str, int], int] = {}  # next offset to commit, per partition
+        self.handled = 0
+        self._last_commit = time.monotonic()
+        self._since_commit = 0
+        self.assigned: set[tuple[str, int]] = set()
+
+    # partitions come and go when bridges join or leave the group
+    def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        self.assigned |= {(p.topic, p.partition) for p in partitions}
+        log.info("assigned %s", sorted(self.assigned))
+
+    def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
+        self.commit(force=True)  # hand over at the exact point we reached
+        for p in partitions:
+            self.assigned.discard((p.topic, p.partition))
+            try:
+                KAFKA_CONSUMER_LAG.remove(self.group, p.topic, str(p.partition))
+            except KeyError:
+                pass
+        log.info("revoked %s", [(p.topic, p.partition) for p in partitions])
+
+    def run(self, stop: threading.Event) -> None:
+        from .kafka_broker import ensure_topics
+
+        ensure_topics(self.brokers, all_topics(self.engine.registry))
+        self.consumer.subscribe(sorted(self.routes), on_assign=self._on_assign, on_revoke=self._on_revoke)
+        log.info("bridge in group %s consuming %s", self.group, ", ".join(sorted(self.routes)))
+        try:
+            while not stop.is_set():
+                msg = self.consumer.poll(0.2)
+                if msg is not None:
+                    if msg.error():
+                        log.warning("consumer error: %s", msg.error())
+                    else:
+                        if self.handle_with_retry(msg, stop) is None:
+                            break
+                        self.pending[(msg.topic(), msg.partition())] = msg.offset() + 1
+                        self.handled += 1
+                        self._since_commit += 1
+                self.commit()
+        finally:
+            self.commit(force=True)
+            self.consumer.close()  # leaves the group: the partitions go to the others now
+            self.dlq.flush(10)
+            log.info("bridge stopped after %d events", self.handled)
+
+    def commit(self, force: bool = False) -> None:
+        """Commit the offsets after the handled events: every `commit_interval` seconds or
+        `commit_every` events, and at once on revoke and stop. Events are handled (committed in
+        the database) before their offset is, so a crash in between only means redelivery."""
+        if not self.pending:
+            return
+        if not force and self._since_commit < self.commit_every \
+                and time.monotonic() - self._last_commit < self.commit_interval:
+            return
+        from confluent_kafka import KafkaException, TopicPartition
+
+        offsets = [TopicPartition(t, p, o) for (t, p), o in self.pending.items()]
+        try:
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:  # e.g. mid-rebalance: the next owner re-reads and de-duplicates
+            log.warning("offset commit failed: %s", exc)
+        self.pending.clear()
+        self._since_commit = 0
+        self._last_commit = time.monotonic()
+
+    def export_lag(self, stats_json: str) -> None:
+        """librdkafka's statistics (every `lag_interval`): lag per assigned partition, taken from
+        its own fetch responses, so measuring never blocks the consumer."""
+        try:
+            stats = json.loads(stats_json)
+            for topic, t in (stats.get("topics") or {}).items():
+                for pid, p in (t.get("partitions") or {}).items():
+                    if pid == "-1" or (topic, int(pid)) not in self.assigned:
+                        continue
+                    high, position = p.get("hi_offset", -1), p.get("committed_offset", -1)
+                    if position < 0:
+                        position = p.get("app_offset", -1)
+                    if high >= 0:
+                        lag = max(0, high - max(position, 0))
+                        KAFKA_CONSUMER_LAG.labels(self.group, topic, pid).set(lag)
+        except Exception as exc:  # a gauge is never a reason to stop consuming
+            log.debug("lag not measured: %s", exc)
+
+    # -- one event ------------------------------------------------------------------------------
+    def handle_with_retry(self, msg: Any, stop: threading.Event) -> str | None:
+        """A database that cannot be reached is waited for, however long (the event is fine);
+        any other error is retried `max_attempts` times, then the event is dead-lettered."""
+        delay, attempt = 0.2, 0
+        while True:
+            attempt += 1
+            try:
+                return self.handle(msg)
+            except (OperationalError, InterfaceError) as exc:
+                log.warning("database unavailable handling %s/%s@%s (attempt %d): %s", msg.topic(),
+                            msg.partition(), msg.offset(), attempt, str(exc).splitlines()[0])
+            except Exception as exc:
+                log.exception("event %s/%s@%s failed (attempt %d)", msg.topic(), msg.partition(), msg.offset(),
+                              attempt)
+                if attempt >= self.max_attempts:
+                    return self.dead_letter(msg, f"handler error after {attempt} attempts: "
+                                                 f"{type(exc).__name__}: {exc}"[:500], "handler_error")
+            if stop.wait(delay):
+                return None  # stopping: not committed, so it is redelivered to whoever owns it next
+            delay = min(delay * 2, 5.0)
+
+    def handle(self, msg: Any) -> str:
+        topic = msg.topic()
+        started = time.perf_counter()
+        route = self.routes.get(topic)
+        if route is None:
+            return self.dead_letter(msg, f"no workflow consumes topic {topic}", "unroutable")
+        consumer = f"kafka:{topic}"
+        msg_id = event_id(msg)
+        if self.processed(consumer, msg_id):
+            return self._outcome(topic, "duplicate", started)
+        raw = msg.value() or b""
+        try:
+            payload = json.loads(raw)
+        except (UnicodeDecodeError, ValueError) as exc:
+            return self.dead_letter(msg, f"invalid JSON: {exc}", "invalid_json")
+        if not isinstance(payload, dict):
+            return self.dead_letter(msg, f"payload must be a JSON object, got {type(payload).__name__}",
+                                    "invalid_json")
+        key = msg.key().decode(errors="replace") if msg.key() else None
+        ev = KafkaEvent(topic, msg.partition(), msg.offset(), key, payload, msg_id, _headers(msg))
+        token = _current_delivery.set(_Delivery(consumer, msg_id))
+        try:
+            outcome = route.handler(self.engine, ev) or "accepted"
+        except InvalidInput as exc:
+            return self.dead_letter(msg, f"{exc.field}: {exc.problem}", "invalid_field")
+        except NotFound as exc:
+            return self.dead_letter(msg, f"unroutable: {exc.message}", "unroutable")
+        except (Ignored, IllegalTransition, Conflict) as exc:
+            log.info("ignored %s/%s@%s: %s", topic, msg.partition(), msg.offset(), exc)
+            outcome = "ignored"
+        except IntegrityError:
+            outcome = "duplicate"  # another delivery of the same event committed first
+        finally:
+            _current_delivery.reset(token)
+        return self._outcome(topic, outcome, started)
+
+    def _outcome(self, topic: str, outcome: str, started: float) -> str:
+        KAFKA_EVENTS.labels(topic, outcome).inc()
+        KAFKA_HANDLE_SECONDS.labels(topic).observe(time.perf_counter() - started)
+        return outcome
+
+    def processed(self, consumer: str, msg_id: str) -> bool:
+        with self.rt.sessions() as s:
+            return s.execute(select(ProcessedMessage.message_id).where(
+                ProcessedMessage.consumer == consumer, ProcessedMessage.message_id == msg_id)).first() is not None
+
+    def dead_letter(self, msg: Any, reason: str, kind: str) -> str:
+        """The original bytes to `<topic>.dlq`, the reason in the headers; wait for the ack."""
+        topic = msg.topic()
+        headers = list(msg.headers() or []) + [
+            ("dlq_reason", reason.encode()), ("dlq_original_topic", topic.encode()),
+            ("dlq_original_partition", str(msg.partition()).encode()),
+            ("dlq_original_offset", str(msg.offset()).encode())]
+        errors: list[Any] = []
+        self.dlq.produce(f"{topic}.dlq", msg.value(), key=msg.key(), headers=headers,
+                         on_delivery=lambda err, _m: errors.append(err) if err else None)
+        if self.dlq.flush(30) or errors:
+            raise RuntimeError(f"dead-letter to {topic}.dlq failed: {errors[:1]}")
+        KAFKA_DEAD_LETTERS.labels(topic, kind).inc()
+        log.warning("dead-lettered %s/%s@%s: %s", topic, msg.partition(), msg.offset(), reason)
+        token = _current_delivery.set(None)  # recorded here, explicitly, not by the session hook
+        try:  # a redelivery of this event is then a duplicate, not a second dead letter
+            with self.rt.sessions() as s, s.begin():
+                s.add(ProcessedMessage(consumer=f"kafka:{topic}", message_id=event_id(msg)))
+        except Exception as exc:  # the dead letter is durable already; at worst it is repeated
+            log.info("dead letter of %s/%s@%s not recorded: %s", topic, msg.partition(), msg.offset(), exc)
+        finally:
+            _current_delivery.reset(token)
+        return self._outcome(topic, "dead_letter", time.perf_counter())

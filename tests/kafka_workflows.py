@@ -1,0 +1,47 @@
+"""A workflow whose Kafka effect is not idempotent by itself (it adds), so only the bridge's
+de-duplication keeps a redelivered event from counting twice. Used by the crash and rebalance
+tests."""
+from __future__ import annotations
+
+from typing import Any
+
+from statemachine import State
+
+from orchestrator.kafka_bridge import KafkaEvent, require
+from orchestrator.workflow import Workflow, register
+
+
+@register
+class Counter(Workflow):
+    type = "test_counter"
+    kafka_consumes = {"test.increments": "on_increment"}
+
+    counting = State(initial=True)
+    add = counting.to.itself(internal=True)
+
+    def on_enter_counting(self) -> None:
+        self.model.context.setdefault("total", 0)
+        self.model.context.setdefault("seen", [])
+
+    def on_add(self, payload: dict[str, Any] | None = None) -> None:
+        ctx = self.context
+        ctx["total"] = ctx.get("total", 0) + payload["n"]  # type: ignore[index]
+        ctx.setdefault("seen", []).append(payload["seq"])  # type: ignore[index]
+
+    @classmethod
+    def on_increment(cls, engine: Any, event: KafkaEvent) -> str:
+        from sqlalchemy import select
+
+        from orchestrator.errors import NotFound
+        from orchestrator.models import WorkflowInstance
+
+        counter = require(event.payload, "counter", str)
+        n = require(event.payload, "n", int)
+        seq = require(event.payload, "seq", int)
+        with engine.sessions() as s:
+            instance_id = s.execute(select(WorkflowInstance.id).where(
+                WorkflowInstance.type == cls.type, WorkflowInstance.business_key == counter)).scalar()
+        if instance_id is None:
+            raise NotFound(f"unknown counter {counter}")
+        engine.fire(instance_id, "add", {"n": n, "seq": seq}, actor="kafka:test.increments")
+        return "accepted"
