@@ -55,7 +55,8 @@ def cmd_api(args: argparse.Namespace) -> None:
             self.cfg.set("bind", f"{args.host or settings.host}:{args.port or settings.port}")
             self.cfg.set("workers", args.workers or settings.workers)
             self.cfg.set("worker_class", "gthread")
-            self.cfg.set("threads", 8)
+            # Each open chat WebSocket or event stream holds one thread while it is open.
+            self.cfg.set("threads", args.threads or _api_threads(settings))
             self.cfg.set("timeout", 60)
             self.cfg.set("graceful_timeout", 10)
             self.cfg.set("accesslog", "-" if args.access_log else None)
@@ -64,6 +65,13 @@ def cmd_api(args: argparse.Namespace) -> None:
             return create_app()
 
     Server().run()
+
+
+def _api_threads(settings: Settings) -> int:
+    raw = settings.extra.get("API_THREADS", "") or "32"
+    if not raw.isdigit() or int(raw) < 1:
+        sys.exit(f"configuration error: API_THREADS: expected a positive integer, got {raw!r}")
+    return int(raw)
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
@@ -110,6 +118,9 @@ def cmd_dev(args: argparse.Namespace) -> None:
         for name, port in ports.items():
             env[name] = f"http://127.0.0.1:{port}"
         children.append(("emulators", [sys.executable, "-m", "emulators.media", "--host", "127.0.0.1"]))
+    # The execution service of the chat (seed 003): answers every message, never fails by default.
+    env.setdefault("EXECUTION_FAILURE_RATE", "0")
+    children.append(("execution", [sys.executable, "-m", "emulators.execution", "--concurrency", "8"]))
     py = [sys.executable, "-m", "orchestrator.cli"]
     children += [
         ("api", py + ["api", "--workers", str(args.api_workers)]),
@@ -164,6 +175,7 @@ def parser() -> argparse.ArgumentParser:
     api.add_argument("--host")
     api.add_argument("--port", type=int)
     api.add_argument("--workers", type=int)
+    api.add_argument("--threads", type=int, help="threads per worker (API_THREADS, default 32)")
     api.add_argument("--access-log", action="store_true")
     api.set_defaults(func=cmd_api)
 

@@ -1,2 +1,3 @@
 """Celery step tasks. Importing this package registers them."""
 from . import media  # noqa: F401
+from . import chat  # noqa: F401
