@@ -23,7 +23,7 @@ from sagas import chat_live
 from sagas.chat import validate_message, validate_session_request
 from sagas.chat_store import bad_after_seq
 
-from . import health, int_arg, json_body, runtime
+from . import health, int_arg, json_body, openapi, runtime
 from .chat_stream import StreamCursor, hub, live_sockets
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,53 @@ MAX_CLIENT_FRAME = 64 * 1024
 
 def init_app(app: Flask) -> None:
     app.config.setdefault("SOCK_SERVER_OPTIONS", {"max_message_size": MAX_CLIENT_FRAME})
+    openapi.SPEC["paths"].update(OPENAPI_PATHS)
     if chat_live.chat_settings().callback_consumers > 0:
         chat_live.start_consumers()
+
+
+SID = ("session_id", "path", "string", True)
+_CHAT_ERRORS = {"400": "bad input, the body names the field", "404": "unknown session or task",
+                "413": "message or config over its limit (named in the body)"}
+OPENAPI_PATHS: dict[str, Any] = {
+    "/api/v1/chat/init": {"post": openapi._op(
+        "Open a chat session (seed 003)", tag="chat",
+        body={"type": "object", "additionalProperties": False,
+              "properties": {"config": {"type": "object"}, "user_id": {"type": "string"}}},
+        answers={"201": "{session_id, status: active, created_at}", "400": "bad input", "413": "config too big"})},
+    "/api/v1/chat/{session_id}/status": {"get": openapi._op(
+        "Session status, configuration, tasks, live connections", tag="chat", params=[SID],
+        answers={"200": "the session", "404": "unknown session"})},
+    "/api/v1/chat/{session_id}": {"delete": openapi._op(
+        "Delete the session, its stream and tasks; its sockets get an error frame and close", tag="chat",
+        params=[SID], answers={"200": "deleted", "404": "unknown session"})},
+    "/api/v1/chat/{session_id}/task": {"post": openapi._op(
+        "Send a message to the execution service", tag="chat",
+        params=[SID, ("Idempotency-Key", "header", "string", False)],
+        body={"type": "object", "required": ["message"], "additionalProperties": False,
+              "properties": {"message": {"type": "string", "minLength": 1, "maxLength": 4000}}},
+        answers={"202": "{task_id, session_id, status: queued}", **_CHAT_ERRORS})},
+    "/api/v1/chat/{session_id}/tasks": {"get": openapi._op(
+        "The session's tasks", tag="chat",
+        params=[SID, ("limit", "query", "integer", False), ("offset", "query", "integer", False)],
+        answers={"200": "tasks with status and chunks received", "404": "unknown session"})},
+    "/api/v1/chat/{session_id}/tasks/{task_id}": {"get": openapi._op(
+        "A task: status, chunks received, final result", tag="chat",
+        params=[SID, ("task_id", "path", "string", True)], answers={"200": "the task", "404": "unknown"})},
+    "/api/v1/chat/{session_id}/events": {"get": openapi._op(
+        "Server-sent events: the WebSocket's frames for clients without WebSockets", tag="chat",
+        params=[SID, ("after_seq", "query", "integer", False), ("Last-Event-ID", "header", "integer", False)],
+        answers={"200": "text/event-stream", "400": "bad after_seq", "404": "unknown session"})},
+    "/ws/chat/{session_id}": {"get": openapi._op(
+        "WebSocket: the session's frames in order, resumable (see docs/chat.md)", tag="chat",
+        params=[SID, ("after_seq", "query", "integer", False)], answers={"101": "switching protocols"})},
+    "/chat": {"get": openapi._op("A tiny chat page", tag="chat")},
+    "/health/": {"get": openapi._op("Basic health (seed 003)", tag="operations")},
+    "/health/detailed": {"get": openapi._op(
+        "Redis, database, broker, live sockets and callback consumers, uptime", tag="operations",
+        answers={"200": "healthy", "503": "a dependency is down"})},
+    "/health/metrics": {"get": openapi._op("Prometheus metrics (the same as /metrics)", tag="operations")},
+}
 
 
 def error_frame(code: str, message: str, **extra: Any) -> dict[str, Any]:
