@@ -81,7 +81,7 @@ def test_resume_frame_replays_what_the_client_asks_for(chat_api):
     sid = new_session(chat_api)
     ws = websocket.create_connection(ws_url(chat_api, sid), timeout=10)
     try:
-        task = send_task(chat_api, sid, "replay me")
+        send_task(chat_api, sid, "replay me")
         done = lambda f: f["type"] == "status" and f["data"]["status"] == "completed"  # noqa: E731
         frames = read_frames(ws, done)
         ws.send(json.dumps({"type": "resume", "after_seq": 2}))
@@ -166,3 +166,17 @@ def test_health_endpoints(chat_api):
         assert "orchestrator_chat_websockets" in metrics and "orchestrator_chat_callbacks_total" in metrics
     finally:
         ws.close()
+
+
+def test_a_retried_task_post_with_the_same_idempotency_key_is_one_task(chat_api):
+    sid = new_session(chat_api)
+    url = f"{chat_api}/api/v1/chat/{sid}/task"
+    first = requests.post(url, json={"message": "once"}, headers={"Idempotency-Key": "k-1"}, timeout=10)
+    again = requests.post(url, json={"message": "once"}, headers={"Idempotency-Key": "k-1"}, timeout=10)
+    assert first.status_code == again.status_code == 202
+    assert first.json()["task_id"] == again.json()["task_id"]
+    other = new_session(chat_api)  # the key is scoped to its session
+    third = requests.post(f"{chat_api}/api/v1/chat/{other}/task", json={"message": "once"},
+                          headers={"Idempotency-Key": "k-1"}, timeout=10)
+    assert third.status_code == 202 and third.json()["task_id"] != first.json()["task_id"]
+    assert requests.get(f"{chat_api}/api/v1/chat/{sid}/tasks", timeout=5).json()["total"] == 1
