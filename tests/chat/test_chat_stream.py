@@ -180,3 +180,19 @@ def test_a_retried_task_post_with_the_same_idempotency_key_is_one_task(chat_api)
                           headers={"Idempotency-Key": "k-1"}, timeout=10)
     assert third.status_code == 202 and third.json()["task_id"] != first.json()["task_id"]
     assert requests.get(f"{chat_api}/api/v1/chat/{sid}/tasks", timeout=5).json()["total"] == 1
+
+
+def test_an_execution_error_reaches_the_client_and_fails_the_task(chat_api):
+    sid = new_session(chat_api, {"emulator": {"failure_rate": 1.0, "chunks": 2}})
+    ws = websocket.create_connection(ws_url(chat_api, sid), timeout=10)
+    try:
+        task = send_task(chat_api, sid, "please fail")
+        frames = read_frames(ws, lambda f: f["type"] == "status" and f["data"]["status"] == "failed")
+    finally:
+        ws.close()
+    assert [f["type"] for f in frames] == ["status", "status", "status", "chunk", "chunk", "error", "status"]
+    error = frames[-2]
+    assert error["task_id"] == task and error["seq"] == 6 and error["data"]["code"] == "execution_failed"
+    t = wait_for(lambda: (lambda j: j if j["status"] == "failed" else None)(
+        requests.get(f"{chat_api}/api/v1/chat/{sid}/tasks/{task}", timeout=5).json()), timeout=10, what="failed")
+    assert t["error"]["code"] == "execution_failed" and t["result"] is None and t["chunks_received"] == 2
