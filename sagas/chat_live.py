@@ -152,7 +152,10 @@ def handle_callback(raw: Any, chat_store: ChatStore | None = None) -> str:
     if accepted.duplicate:
         CALLBACKS.labels("duplicate").inc()
         return "duplicate"
-    chat_store.fire(cb["task_id"], accepted.events)
+    try:
+        chat_store.fire(cb["task_id"], accepted.events)
+    except Exception:  # the frames are stored: the client still gets them; the state lags
+        log.exception("task %s: lifecycle events %s not applied", cb["task_id"], [e for e, _ in accepted.events])
     publish(cb["session_id"], accepted.frames)
     outcome = "delivered" if any(f["type"] == cb["type"] for f in accepted.frames) else "buffered"
     CALLBACKS.labels(outcome).inc()
