@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install run test unit bench services up down clean
+.PHONY: install run test unit bench services browser up down clean
 
 $(BIN)/orchestrator: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,10 @@ run: install           ## every process plus the emulators, embedded defaults, C
 services:              ## start PostgreSQL, RabbitMQ and Redis if one is down (tests need them)
 	bash .ci/services
 
-test: install services ## the whole suite against the real services
+browser:               ## Debian's chromium for the chat page test, installed only when missing
+	bash .ci/browser
+
+test: install services browser ## the whole suite against the real services
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 unit: install          ## the tests with no I/O, in a second

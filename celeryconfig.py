@@ -25,10 +25,13 @@ task_queues = (
     Queue("default", Exchange("default", durable=True), routing_key="default", durable=True),
     Queue("media", Exchange("media", durable=True), routing_key="media", durable=True),
     Queue("engine", Exchange("engine", durable=True), routing_key="engine", durable=True),
+    # Chat tasks for the execution service (seed 003); our own workers do not consume it.
+    Queue("execution", Exchange("execution", durable=True), routing_key="execution", durable=True),
 )
 task_routes = {
     "media.*": {"queue": "media", "routing_key": "media"},
     "engine.*": {"queue": "engine", "routing_key": "engine"},
+    "execution.*": {"queue": "execution", "routing_key": "execution"},
 }
 task_create_missing_queues = True
 

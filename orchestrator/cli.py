@@ -56,7 +56,8 @@ def cmd_api(args: argparse.Namespace) -> None:
             self.cfg.set("bind", f"{args.host or settings.host}:{args.port or settings.port}")
             self.cfg.set("workers", args.workers or settings.workers)
             self.cfg.set("worker_class", "gthread")
-            self.cfg.set("threads", 8)
+            # Each open chat WebSocket or event stream holds one thread while it is open.
+            self.cfg.set("threads", args.threads or _api_threads(settings))
             self.cfg.set("timeout", 60)
             self.cfg.set("graceful_timeout", 10)
             self.cfg.set("accesslog", "-" if args.access_log else None)
@@ -65,6 +66,13 @@ def cmd_api(args: argparse.Namespace) -> None:
             return create_app()
 
     Server().run()
+
+
+def _api_threads(settings: Settings) -> int:
+    raw = settings.extra.get("API_THREADS", "") or "32"
+    if not raw.isdigit() or int(raw) < 1:
+        sys.exit(f"configuration error: API_THREADS: expected a positive integer, got {raw!r}")
+    return int(raw)
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
@@ -177,6 +185,9 @@ def cmd_dev(args: argparse.Namespace) -> None:
         children.append(("gitlab", [sys.executable, "-m", "emulators.gitlab", "--port", str(gitlab_port),
                                     "--data", "data/gitlab", "--demo"]))
     children.append(("calculator", [sys.executable, "-m", "emulators.calculator", "--seconds", "2"]))
+    # The execution service of the chat (seed 003): answers every message, never fails by default.
+    env.setdefault("EXECUTION_FAILURE_RATE", "0")
+    children.append(("execution", [sys.executable, "-m", "emulators.execution", "--concurrency", "8"]))
     py = [sys.executable, "-m", "orchestrator.cli"]
     broker = None
     if not settings.kafka_brokers:  # the bundled Kafka-protocol broker, stopped by PID at the end
@@ -254,6 +265,7 @@ def parser() -> argparse.ArgumentParser:
     api.add_argument("--host")
     api.add_argument("--port", type=int)
     api.add_argument("--workers", type=int)
+    api.add_argument("--threads", type=int, help="threads per worker (API_THREADS, default 32)")
     api.add_argument("--access-log", action="store_true")
     api.set_defaults(func=cmd_api)
 

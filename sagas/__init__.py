@@ -3,3 +3,4 @@ from . import media  # noqa: F401
 from . import balance  # noqa: F401
 from . import route_content  # noqa: F401
 from . import worker_deployment  # noqa: F401
+from . import chat  # noqa: F401

@@ -22,10 +22,11 @@ def create_app(runtime: runtime_module.Runtime | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = 1 * 1024 * 1024
     app.json.sort_keys = False  # type: ignore[attr-defined]
 
-    from . import balance, health, media, openapi, routes, sagas, workers
+    from . import balance, chat, health, media, openapi, routes, sagas, workers
 
-    for module in (health, sagas, media, balance, routes, workers, openapi):
+    for module in (health, sagas, media, balance, routes, workers, openapi, chat):
         app.register_blueprint(module.bp)
+    chat.init_app(app)
 
     @app.errorhandler(OrchestratorError)
     def _known(exc: OrchestratorError) -> Any:

@@ -1,0 +1,233 @@
+"""The chat's Redis side: hot data with TTLs, the callback consumer, and the pub/sub fan-out
+that lets whichever API replica holds a client's socket forward its frames.
+
+Channels:
+    callback:<consumer_id>     callbacks from the execution service (JSON, see docs/chat.md)
+    chat:stream:<session_id>   frames committed to a session's stream, for the sockets
+Keys (all with a TTL, refreshed while alive):
+    chat:recent:<session_id>   the session's latest task ids
+    chat:sockets:<process>     {session_id: open sockets} held by one API process
+    chat:consumers:<process>:<n>   one per live callback consumer
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any, Iterable
+
+import redis
+from prometheus_client import Counter, Gauge
+
+from orchestrator import runtime as runtime_module
+
+from .chat import ChatSettings
+from .chat_store import ChatStore, Rejected, parse_callback
+
+log = logging.getLogger(__name__)
+
+STREAM_PREFIX = "chat:stream:"
+PROCESS_ID = f"{socket.gethostname()}:{os.getpid()}"
+PRESENCE_TTL = 30
+
+CALLBACKS = Counter("orchestrator_chat_callbacks_total", "Execution callbacks by outcome", ["outcome"])
+FRAMES = Counter("orchestrator_chat_frames_sent_total", "Frames sent to chat clients", ["type"])
+SOCKETS = Gauge("orchestrator_chat_websockets", "Open chat sockets", multiprocess_mode="livesum")
+CONSUMERS = Gauge("orchestrator_chat_callback_consumers", "Running callback consumers",
+                  multiprocess_mode="livesum")
+
+_lock = threading.Lock()
+_clients: dict[tuple[int, str], redis.Redis] = {}
+
+
+def chat_settings() -> ChatSettings:
+    return ChatSettings.from_settings(runtime_module.current().settings)
+
+
+def client(url: str | None = None) -> redis.Redis:
+    """One Redis client (a connection pool) per process and URL; bounded waits."""
+    url = url or chat_settings().redis_url
+    key = (os.getpid(), url)
+    with _lock:
+        found = _clients.get(key)
+        if found is None:
+            found = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3,
+                                         health_check_interval=15, decode_responses=True)
+            _clients[key] = found
+        return found
+
+
+def store() -> ChatStore:
+    return ChatStore(runtime_module.current().engine, chat_settings())
+
+
+def publish(session_id: str, frames: Iterable[dict[str, Any]]) -> None:
+    """Fan frames out to every replica. A lost publish is caught up by the sockets from the
+    database (on a gap, and at every heartbeat)."""
+    frames = list(frames)
+    if not frames:
+        return
+    try:
+        pipe = client().pipeline(transaction=False)
+        for f in frames:
+            pipe.publish(STREAM_PREFIX + session_id, json.dumps(f))
+        pipe.execute()
+    except redis.RedisError as exc:
+        log.warning("frames of session %s not published (%s); sockets catch up from the database",
+                    session_id, exc)
+
+
+def publish_control(session_id: str, kind: str) -> None:
+    try:
+        client().publish(STREAM_PREFIX + session_id, json.dumps({"type": f"_{kind}"}))
+    except redis.RedisError as exc:
+        log.warning("control %s for session %s not published: %s", kind, session_id, exc)
+
+
+def remember_task(session_id: str, task_id: str) -> None:
+    chat = chat_settings()
+    try:
+        pipe = client().pipeline(transaction=False)
+        key = f"chat:recent:{session_id}"
+        pipe.lpush(key, task_id)
+        pipe.ltrim(key, 0, 19)
+        pipe.expire(key, chat.hot_ttl_seconds)
+        pipe.execute()
+    except redis.RedisError as exc:
+        log.warning("recent tasks of %s not cached: %s", session_id, exc)
+
+
+def recent_tasks(session_id: str) -> list[str] | None:
+    try:
+        return list(client().lrange(f"chat:recent:{session_id}", 0, 19))
+    except redis.RedisError:
+        return None
+
+
+def forget_session(session_id: str) -> None:
+    try:
+        client().delete(f"chat:recent:{session_id}")
+    except redis.RedisError:
+        pass
+
+
+def presence() -> dict[str, Any]:
+    """Live sockets and consumers across every replica, from the presence keys."""
+    r = client()
+    sockets: dict[str, int] = {}
+    for key in r.scan_iter("chat:sockets:*", count=500):
+        raw = r.get(key)
+        for sid, n in (json.loads(raw) if raw else {}).items():
+            sockets[sid] = sockets.get(sid, 0) + int(n)
+    consumers = sum(1 for _ in r.scan_iter("chat:consumers:*", count=500))
+    return {"sockets": sockets, "consumers": consumers}
+
+
+def connections(session_id: str) -> int | None:
+    try:
+        return presence()["sockets"].get(session_id, 0)
+    except redis.RedisError:
+        return None
+
+
+# -- callbacks ---------------------------------------------------------------------------------
+def handle_callback(raw: Any, chat_store: ChatStore | None = None) -> str:
+    """Store one callback, move the task's lifecycle, fan the new frames out. Never raises:
+    a bad callback is logged and counted. Returns the outcome."""
+    chat_store = chat_store or store()
+    try:
+        cb = parse_callback(raw)
+        accepted = chat_store.accept_callback(cb)
+    except Rejected as exc:
+        log.warning("callback rejected (%s): %s; payload %.300s", exc.reason, exc.problem, raw)
+        CALLBACKS.labels(exc.reason).inc()
+        return exc.reason
+    except Exception:
+        log.exception("callback not stored; payload %.300s", raw)
+        CALLBACKS.labels("error").inc()
+        return "error"
+    if accepted.duplicate:
+        CALLBACKS.labels("duplicate").inc()
+        return "duplicate"
+    try:
+        chat_store.fire(cb["task_id"], accepted.events)
+    except Exception:  # the frames are stored: the client still gets them; the state lags
+        log.exception("task %s: lifecycle events %s not applied", cb["task_id"], [e for e, _ in accepted.events])
+    publish(cb["session_id"], accepted.frames)
+    outcome = "delivered" if any(f["type"] == cb["type"] for f in accepted.frames) else "buffered"
+    CALLBACKS.labels(outcome).inc()
+    return outcome
+
+
+class CallbackConsumer(threading.Thread):
+    """Subscribes to `callback:<consumer_id>` and handles each message.
+
+    Every consumer of the same id receives every callback (Redis pub/sub fans out); storing is
+    idempotent by (task, seq), so exactly one of them delivers it and the others count a
+    duplicate. Runs as a thread in each API process (CHAT_CALLBACK_CONSUMERS per process)."""
+
+    def __init__(self, index: int = 0) -> None:
+        super().__init__(name=f"chat-callbacks-{index}", daemon=True)
+        self.index = index
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        chat = chat_settings()
+        presence_key = f"chat:consumers:{PROCESS_ID}:{self.index}"
+        CONSUMERS.inc()
+        backoff = 0.5
+        try:
+            while not self.stop.is_set():
+                pubsub = None
+                try:
+                    r = client(chat.redis_url)
+                    pubsub = r.pubsub(ignore_subscribe_messages=True)
+                    pubsub.subscribe(chat.callback_channel)
+                    backoff = 0.5
+                    refreshed = 0.0
+                    while not self.stop.is_set():
+                        if time.monotonic() - refreshed > PRESENCE_TTL / 3:
+                            r.set(presence_key, "1", ex=PRESENCE_TTL)
+                            refreshed = time.monotonic()
+                        msg = pubsub.get_message(timeout=1.0)
+                        if msg is not None and msg.get("type") == "message":
+                            handle_callback(msg["data"])
+                except redis.RedisError as exc:
+                    log.warning("callback consumer: Redis unavailable (%s); retrying in %.1fs", exc, backoff)
+                    self.stop.wait(backoff)
+                    backoff = min(10.0, backoff * 2)
+                except Exception:
+                    log.exception("callback consumer error; restarting its loop")
+                    self.stop.wait(1.0)
+                finally:
+                    if pubsub is not None:
+                        try:
+                            pubsub.close()
+                        except Exception:
+                            pass
+        finally:
+            CONSUMERS.dec()
+
+
+_consumers: list[CallbackConsumer] = []
+_consumers_pid = 0
+
+
+def start_consumers() -> list[CallbackConsumer]:
+    """Start this process's callback consumers once (after a fork, again)."""
+    global _consumers, _consumers_pid
+    with _lock:
+        if _consumers_pid == os.getpid():
+            return _consumers
+        _consumers_pid = os.getpid()
+        _consumers = [CallbackConsumer(i) for i in range(chat_settings().callback_consumers)]
+        for c in _consumers:
+            c.start()
+        return _consumers
+
+
+def live_consumers() -> int:
+    return sum(1 for c in _consumers if c.is_alive()) if _consumers_pid == os.getpid() else 0

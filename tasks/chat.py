@@ -1,0 +1,14 @@
+"""Chat tasks run by our own workers. The chat answer itself is the execution service's work."""
+from __future__ import annotations
+
+from celery import shared_task
+
+from sagas import chat_live
+
+
+@shared_task(name="chat.task_timed_out", acks_late=True, reject_on_worker_lost=True)
+def task_timed_out(task_id: str) -> str:
+    """Tell the session's sockets that the sweeper timed the task out (idempotent)."""
+    session_id, frames = chat_live.store().timed_out_frames(task_id)
+    chat_live.publish(session_id, frames)
+    return "notified" if frames else "skipped"

@@ -1,0 +1,342 @@
+"""Chat sessions (seed 003): REST, the WebSocket `/ws/chat/<session_id>`, a server-sent-events
+fallback, the seed's `/health/...` endpoints and a tiny chat page. Protocol: docs/chat.md."""
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import redis
+from flask import Blueprint, Flask, Response, request, send_file, stream_with_context
+from flask_sock import ConnectionClosed, Sock
+from simple_websocket import Server
+
+from orchestrator.errors import InvalidInput
+from orchestrator.jsonutil import iso
+from orchestrator.metrics import render
+from orchestrator.models import utcnow
+from sagas import chat_live
+from sagas.chat import validate_message, validate_session_request
+from sagas.chat_store import bad_after_seq
+
+from . import health, int_arg, json_body, openapi, runtime
+from .chat_stream import StreamCursor, hub, live_sockets
+
+log = logging.getLogger(__name__)
+bp = Blueprint("chat", __name__)
+sock = Sock()
+PAGE = Path(__file__).with_name("static") / "chat.html"
+
+# Close codes (4000-4999 are the application's): see docs/chat.md.
+CLOSE_BAD_REQUEST = 4400
+CLOSE_NOT_FOUND = 4404
+CLOSE_DELETED = 4410
+MAX_CLIENT_FRAME = 64 * 1024
+
+
+def init_app(app: Flask) -> None:
+    app.config.setdefault("SOCK_SERVER_OPTIONS", {"max_message_size": MAX_CLIENT_FRAME})
+    openapi.SPEC["paths"].update(OPENAPI_PATHS)
+    if chat_live.chat_settings().callback_consumers > 0:
+        chat_live.start_consumers()
+
+
+SID = ("session_id", "path", "string", True)
+_CHAT_ERRORS = {"400": "bad input, the body names the field", "404": "unknown session or task",
+                "413": "message or config over its limit (named in the body)"}
+OPENAPI_PATHS: dict[str, Any] = {
+    "/api/v1/chat/init": {"post": openapi._op(
+        "Open a chat session (seed 003)", tag="chat",
+        body={"type": "object", "additionalProperties": False,
+              "properties": {"config": {"type": "object"}, "user_id": {"type": "string"}}},
+        answers={"201": "{session_id, status: active, created_at}", "400": "bad input", "413": "config too big"})},
+    "/api/v1/chat/{session_id}/status": {"get": openapi._op(
+        "Session status, configuration, tasks, live connections", tag="chat", params=[SID],
+        answers={"200": "the session", "404": "unknown session"})},
+    "/api/v1/chat/{session_id}": {"delete": openapi._op(
+        "Delete the session, its stream and tasks; its sockets get an error frame and close", tag="chat",
+        params=[SID], answers={"200": "deleted", "404": "unknown session"})},
+    "/api/v1/chat/{session_id}/task": {"post": openapi._op(
+        "Send a message to the execution service", tag="chat",
+        params=[SID, ("Idempotency-Key", "header", "string", False)],
+        body={"type": "object", "required": ["message"], "additionalProperties": False,
+              "properties": {"message": {"type": "string", "minLength": 1, "maxLength": 4000}}},
+        answers={"202": "{task_id, session_id, status: queued}", **_CHAT_ERRORS})},
+    "/api/v1/chat/{session_id}/tasks": {"get": openapi._op(
+        "The session's tasks", tag="chat",
+        params=[SID, ("limit", "query", "integer", False), ("offset", "query", "integer", False)],
+        answers={"200": "tasks with status and chunks received", "404": "unknown session"})},
+    "/api/v1/chat/{session_id}/tasks/{task_id}": {"get": openapi._op(
+        "A task: status, chunks received, final result", tag="chat",
+        params=[SID, ("task_id", "path", "string", True)], answers={"200": "the task", "404": "unknown"})},
+    "/api/v1/chat/{session_id}/events": {"get": openapi._op(
+        "Server-sent events: the WebSocket's frames for clients without WebSockets", tag="chat",
+        params=[SID, ("after_seq", "query", "integer", False), ("Last-Event-ID", "header", "integer", False)],
+        answers={"200": "text/event-stream", "400": "bad after_seq", "404": "unknown session"})},
+    "/ws/chat/{session_id}": {"get": openapi._op(
+        "WebSocket: the session's frames in order, resumable (see docs/chat.md)", tag="chat",
+        params=[SID, ("after_seq", "query", "integer", False)], answers={"101": "switching protocols"})},
+    "/chat": {"get": openapi._op("A tiny chat page", tag="chat")},
+    "/health/": {"get": openapi._op("Basic health (seed 003)", tag="operations")},
+    "/health/detailed": {"get": openapi._op(
+        "Redis, database, broker, live sockets and callback consumers, uptime", tag="operations",
+        answers={"200": "healthy", "503": "a dependency is down"})},
+    "/health/metrics": {"get": openapi._op("Prometheus metrics (the same as /metrics)", tag="operations")},
+}
+
+
+def error_frame(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "error", "task_id": extra.pop("task_id", None), "seq": None,
+            "data": {"code": code, "message": message, **extra}}
+
+
+def heartbeat_frame(last: int) -> dict[str, Any]:
+    return {"type": "heartbeat", "task_id": None, "seq": last, "data": {"time": iso(utcnow())}}
+
+
+# -- REST --------------------------------------------------------------------------------------
+@bp.post("/api/v1/chat/init")
+def init_session() -> Any:
+    chat = chat_live.chat_settings()
+    user_id, config = validate_session_request(json_body(required=False), chat)
+    created = chat_live.store().create_session(user_id, config)
+    return {"session_id": created["session_id"], "status": created["status"],
+            "created_at": created["created_at"]}, 201
+
+
+@bp.get("/api/v1/chat/<session_id>/status")
+def session_status(session_id: str) -> Any:
+    out = chat_live.store().session(session_id)
+    out["recent_tasks"] = chat_live.recent_tasks(session_id)
+    out["connections"] = chat_live.connections(session_id)
+    return out
+
+
+@bp.delete("/api/v1/chat/<session_id>")
+def delete_session(session_id: str) -> Any:
+    tasks = chat_live.store().delete_session(session_id)
+    chat_live.forget_session(session_id)
+    chat_live.publish_control(session_id, "deleted")
+    return {"session_id": session_id, "status": "deleted", "tasks_deleted": len(tasks)}
+
+
+@bp.post("/api/v1/chat/<session_id>/task")
+def submit_task(session_id: str) -> Any:
+    body = json_body()
+    if not isinstance(body, dict):
+        raise InvalidInput("body", "must be a JSON object")
+    unknown = sorted(set(body) - {"message"})
+    if unknown:
+        raise InvalidInput(unknown[0], "unknown field; accepted fields: message")
+    message = validate_message(body, chat_live.chat_settings())["message"]
+    result, created = chat_live.store().submit(session_id, message, request.headers.get("Idempotency-Key"))
+    task = result["task"]
+    if created:
+        chat_live.remember_task(session_id, task["id"])
+        chat_live.publish(session_id, result["frames"])
+    status = "queued" if created else task["state"]
+    return {"task_id": task["id"], "session_id": session_id, "status": status}, 202
+
+
+@bp.get("/api/v1/chat/<session_id>/tasks")
+def list_tasks(session_id: str) -> Any:
+    return chat_live.store().tasks(session_id, int_arg("limit", 50, 1, 500), int_arg("offset", 0))
+
+
+@bp.get("/api/v1/chat/<session_id>/tasks/<task_id>")
+def get_task(session_id: str, task_id: str) -> Any:
+    return chat_live.store().task(session_id, task_id)
+
+
+# -- the stream --------------------------------------------------------------------------------
+def _follow(session_id: str, after: int, send: Callable[[dict[str, Any]], None],
+            on_attach: Callable[["queue.Queue[tuple[str, Any]]"], None] | None = None,
+            on_client: Callable[[Any, StreamCursor], None] | None = None) -> str:
+    """Send the session's stream from `after` on, then live, with heartbeats, until the client
+    goes away ("closed") or the session is deleted ("deleted"). `on_attach` gets the queue the
+    loop waits on, so a socket's reader can put ("client", frame) and ("closed", None) in it."""
+    store = chat_live.store()
+    beat = chat_live.chat_settings().heartbeat_seconds
+    stream_hub = hub()
+    q = stream_hub.attach(session_id)
+    try:
+        if on_attach is not None:
+            on_attach(q)
+        cursor = StreamCursor(store, session_id, after, send)
+        cursor.catch_up()
+        next_beat = time.monotonic() + beat
+        while True:
+            try:
+                kind, payload = q.get(timeout=max(0.0, next_beat - time.monotonic()))
+            except queue.Empty:
+                if not store.exists(session_id):
+                    return "deleted"
+                cursor.catch_up()  # whatever a lost publish left behind
+                send(heartbeat_frame(cursor.last))
+                next_beat = time.monotonic() + beat
+                continue
+            if kind == "frame":
+                cursor.live(payload)
+            elif kind == "client" and on_client is not None:
+                on_client(payload, cursor)
+            elif kind in ("deleted", "closed"):
+                return kind
+    finally:
+        stream_hub.detach(session_id, q)
+
+
+def _client_frame(raw: Any, cursor: StreamCursor, send: Callable[[dict[str, Any]], None]) -> None:
+    try:
+        msg = json.loads(raw) if isinstance(raw, (str, bytes)) else None
+    except ValueError:
+        msg = None
+    if not isinstance(msg, dict):
+        send(error_frame("bad_frame", "frames must be JSON objects such as {\"type\": \"resume\", \"after_seq\": 0}"))
+        return
+    kind = msg.get("type")
+    if kind == "resume":
+        after = msg.get("after_seq")
+        if not isinstance(after, int) or isinstance(after, bool) or after < 0:
+            send(error_frame("bad_frame", "after_seq: must be an integer >= 0"))
+            return
+        cursor.resume(after)
+    elif kind == "ping":
+        send(heartbeat_frame(cursor.last))
+    else:
+        send(error_frame("bad_frame", f"type: unknown client frame {kind!r}; accepted: resume, ping"))
+
+
+@sock.route("/ws/chat/<session_id>", bp=bp)
+def chat_socket(ws: Server, session_id: str) -> None:
+    lock = threading.Lock()
+
+    def send(f: dict[str, Any]) -> None:
+        with lock:
+            ws.send(json.dumps(f))
+
+    try:
+        after = bad_after_seq(request.args.get("after_seq", 0))
+    except InvalidInput as exc:
+        send(error_frame("bad_request", exc.message, field="after_seq"))
+        ws.close(CLOSE_BAD_REQUEST, exc.message[:120])
+        return
+    if not chat_live.store().exists(session_id):
+        send(error_frame("session_not_found", f"chat session {session_id} not found"))
+        ws.close(CLOSE_NOT_FOUND, "session not found")
+        return
+
+    def start_reader(incoming: "queue.Queue[tuple[str, Any]]") -> None:
+        def reader() -> None:
+            while True:
+                try:
+                    data = ws.receive(timeout=None)
+                except Exception:  # closed, or broken under us: the same to the loop
+                    break
+                if data is None:
+                    break
+                incoming.put(("client", data))
+            incoming.put(("closed", None))
+
+        threading.Thread(target=reader, daemon=True, name="chat-ws-reader").start()
+
+    try:
+        ended = _follow(session_id, after, send, start_reader, lambda raw, cur: _client_frame(raw, cur, send))
+    except ConnectionClosed:
+        return
+    if ended == "deleted":
+        try:
+            send(error_frame("session_deleted", f"chat session {session_id} was deleted"))
+            ws.close(CLOSE_DELETED, "session deleted")
+        except ConnectionClosed:
+            pass
+
+
+@bp.get("/api/v1/chat/<session_id>/events")
+def chat_events(session_id: str) -> Any:
+    """Server-sent events: the same frames as the WebSocket, for clients that cannot open one.
+    Resumes from `after_seq` or the Last-Event-ID header."""
+    raw = request.args.get("after_seq", request.headers.get("Last-Event-ID", 0))
+    after = bad_after_seq(raw)
+    chat_live.store().session(session_id)  # 404 before the stream starts
+
+    def generate() -> Iterator[str]:
+        out: queue.Queue[dict[str, Any]] = queue.Queue()
+        attached: list["queue.Queue[tuple[str, Any]]"] = []
+
+        def follow() -> None:
+            try:
+                ended = _follow(session_id, after, out.put, attached.append, None)
+                if ended == "deleted":
+                    out.put(error_frame("session_deleted", f"chat session {session_id} was deleted"))
+            except Exception:
+                log.exception("SSE stream of %s failed", session_id)
+            finally:
+                out.put({})
+
+        threading.Thread(target=follow, daemon=True, name="chat-sse").start()
+        try:
+            yield "retry: 1000\n\n"
+            while True:
+                f = out.get()
+                if not f:
+                    return
+                ident = f"id: {f['seq']}\n" if f["type"] not in ("heartbeat", "error") and f.get("seq") else ""
+                yield f"{ident}event: {f['type']}\ndata: {json.dumps(f)}\n\n"
+        finally:  # the client went away: end the follower too
+            for q in attached:
+                q.put(("closed", None))
+
+    return Response(stream_with_context(generate()), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+# -- page and health ---------------------------------------------------------------------------
+@bp.get("/chat")
+def chat_page() -> Any:
+    return send_file(PAGE, mimetype="text/html", max_age=0)
+
+
+@bp.get("/health/")
+def health_basic() -> Any:
+    return {"status": "healthy", "service": "orchestrator", "timestamp": iso(utcnow()),
+            "uptime_seconds": round(time.time() - health.STARTED, 1)}
+
+
+def _redis_check() -> dict[str, Any]:
+    started = time.perf_counter()
+    try:
+        chat_live.client().ping()
+        return {"status": "ok", "latency_ms": round((time.perf_counter() - started) * 1000, 1)}
+    except redis.RedisError as exc:
+        return {"status": "error", "error": f"{type(exc).__name__}: {exc}"[:300]}
+
+
+@bp.get("/health/detailed")
+def health_detailed() -> Any:
+    deps = {"redis": _redis_check(), **health.dependencies()}
+    cluster: dict[str, Any] = {}
+    if deps["redis"]["status"] == "ok":
+        seen = chat_live.presence()
+        cluster = {"websockets": sum(seen["sockets"].values()), "callback_consumers": seen["consumers"]}
+    healthy = all(d["status"] == "ok" for d in deps.values())
+    body = {
+        "status": "healthy" if healthy else "degraded",
+        "timestamp": iso(utcnow()),
+        "uptime_seconds": round(time.time() - health.STARTED, 1),
+        "dependencies": deps,
+        "websockets": {"this_process": live_sockets(), "all_replicas": cluster.get("websockets")},
+        "callback_consumers": {"this_process": chat_live.live_consumers(),
+                               "all_replicas": cluster.get("callback_consumers"),
+                               "channel": chat_live.chat_settings().callback_channel},
+        "sessions": chat_live.store().live_counts()["sessions"],
+    }
+    return body, (200 if healthy else 503)
+
+
+@bp.get("/health/metrics")
+def health_metrics() -> Response:
+    return Response(render(runtime().sessions), mimetype="text/plain; version=0.0.4")
