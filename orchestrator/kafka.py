@@ -9,6 +9,7 @@ acknowledged it from every in-sync replica (`acks=all`, idempotent producer).
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from typing import Any
 
@@ -20,15 +21,19 @@ KAFKA_PRODUCED = Counter("orchestrator_kafka_produced_total", "Messages produced
                          ["topic"])
 
 
+#: librdkafka's own log lines go through Python logging, not straight to stderr.
+CLIENT_LOG = logging.getLogger("orchestrator.kafka.client")
+
+
 def producer_config(brokers: str, **extra: Any) -> dict[str, Any]:
     return {"bootstrap.servers": brokers, "acks": "all", "enable.idempotence": True, "linger.ms": 5,
-            "message.timeout.ms": 30000, **extra}
+            "message.timeout.ms": 30000, "logger": CLIENT_LOG, **extra}
 
 
 def consumer_config(brokers: str, group: str, **extra: Any) -> dict[str, Any]:
     return {"bootstrap.servers": brokers, "group.id": group, "session.timeout.ms": 6000,
             "heartbeat.interval.ms": 1000, "auto.offset.reset": "earliest", "enable.auto.commit": False,
-            **extra}
+            "logger": CLIENT_LOG, **extra}
 
 
 def encode(payload: Any) -> bytes:
