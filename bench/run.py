@@ -298,7 +298,8 @@ class Bench:
         self.rt = runtime.install(runtime.build(load_settings(environ=self.env, dotenv=os.devnull)))
 
         self.worker = self._start("worker", ["worker", "--concurrency", str(self.args.concurrency),
-                                             "--queues", QUEUE, "--name", f"{QUEUE}@%h"])
+                                             "--pool", self.args.pool, "--queues", QUEUE,
+                                             "--name", f"{QUEUE}@%h"])
         self._start("sweeper", ["sweeper"])
         wait_for(self._pinged, timeout=60, interval=0.2, what="the worker to answer ping",
                  check=self.check_processes)
@@ -528,6 +529,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=300, help="workflows (and chains) for throughput (300)")
     p.add_argument("--latency-n", type=int, default=30, help="single workflows for latency (30)")
     p.add_argument("--concurrency", type=int, default=4, help="worker pool processes (4)")
+    p.add_argument("--pool", default="prefork", choices=("prefork", "threads"),
+                   help="worker pool, the same for both sides (prefork)")
     p.add_argument("--rounds", type=int, default=3, help="alternating engine/raw rounds; medians (3)")
     p.add_argument("--threads", type=int, default=4, help="threads starting workflows (4)")
     p.add_argument("--kafka-n", type=int, default=2000, help="events for the Kafka intake figures (2000; 0 skips)")
