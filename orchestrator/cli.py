@@ -31,6 +31,14 @@ def _logging(settings: Settings) -> None:
                         format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
 
 
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGINT or SIGTERM, for the long-running loops to finish their pass and exit."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
 def cmd_db(args: argparse.Namespace) -> None:
     from .migrate import downgrade, upgrade
 
@@ -90,9 +98,7 @@ def cmd_sweeper(args: argparse.Namespace) -> None:
 
     rt = runtime.current()
     _logging(rt.settings)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = stop_on_signals()
     run(rt, stop)
 
 
@@ -102,9 +108,7 @@ def cmd_calc_results(args: argparse.Namespace) -> None:
 
     rt = runtime.current()
     _logging(rt.settings)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = stop_on_signals()
     run_consumer(rt, stop)
 
 
@@ -121,9 +125,7 @@ def cmd_bridge(args: argparse.Namespace) -> None:
         from prometheus_client import start_http_server
 
         start_http_server(args.metrics_port, addr="127.0.0.1")
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = stop_on_signals()
     Bridge(rt, group=args.group).run(stop)
 
 
