@@ -3,50 +3,55 @@
     lock the instance row -> rebuild the machine from the stored state -> fire the event ->
     write state, step rows, one history row, timers and outbox rows -> commit -> relay
 
+Rows are read with Core statements into plain `Record`s and what changed is written at the end,
+on PostgreSQL as one statement (orchestrator/rows.py). A step that reports success writes on
+what it read when it was claimed, without the lock, and only if the instance's version has not
+moved since; otherwise it does the same again under the lock.
+
 Steps report back through `claim_step`, `step_progress`, `step_succeeded` and `step_failed`;
 every one of them is keyed by (instance, step, attempt[, branch]) so a redelivered task or a
 duplicated report has one effect.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterator
 
-from sqlalchemy import Engine as SAEngine, bindparam, delete, func, select, update
+from sqlalchemy import Engine as SAEngine, Table, bindparam, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.orm.attributes import flag_modified
 from statemachine.exceptions import TransitionNotAllowed
 
 from .config import Settings
 from .errors import Conflict, IllegalTransition, InvalidInput, NotFound
 from .jsonutil import digest
-from .models import (
-    ACTIVE_STEP_STATUSES,
-    HistoryEntry,
-    OutboxMessage,
-    StepRun,
-    StepStatus,
-    Timer,
-    WorkflowInstance,
-    utcnow,
-)
+from .models import ACTIVE_STEP_STATUSES, HistoryEntry, OutboxMessage, StepRun, StepStatus, Timer, utcnow
+from .rows import INSTANCES, Record, StaleBasis, Writes
 from .workflow import Registry, Step, Workflow
 
 log = logging.getLogger(__name__)
 
 ACTIVE = tuple(s.value for s in ACTIVE_STEP_STATUSES)
-OUTBOX = OutboxMessage.__table__
-HISTORY = HistoryEntry.__table__
-CLAIM = (select(StepRun.status, StepRun.data, StepRun.polls, StepRun.restarts, WorkflowInstance.context)
-         .join(WorkflowInstance, WorkflowInstance.id == StepRun.instance_id)
-         .where(StepRun.instance_id == bindparam("instance_id"), StepRun.name == bindparam("step"),
-                StepRun.attempt == bindparam("attempt")))
+RUNS: Table = StepRun.__table__  # type: ignore[assignment]
+TIMERS: Table = Timer.__table__  # type: ignore[assignment]
+HISTORY: Table = HistoryEntry.__table__  # type: ignore[assignment]
+OUTBOX: Table = OutboxMessage.__table__  # type: ignore[assignment]
+INSTANCE = select(INSTANCES).where(INSTANCES.c.id == bindparam("id"))
+LOCK = INSTANCE.with_for_update()
+RUNS_OF = select(RUNS).where(RUNS.c.instance_id == bindparam("id"))
+# What a claimed step reads: its instance and every step row, in one statement (one snapshot),
+# kept as the basis its report is written on.
+CLAIM = (select(INSTANCES, RUNS).select_from(INSTANCES.outerjoin(RUNS, RUNS.c.instance_id == INSTANCES.c.id))
+         .where(INSTANCES.c.id == bindparam("id")))
+
+#: (instance values, [step row values]) as read by the claim
+Basis = tuple[dict[str, Any], list[dict[str, Any]]]
 
 
 @dataclass
@@ -63,6 +68,7 @@ class StepContext:
     restarts: int
     settings: Settings
     engine: "Engine" = field(repr=False)
+    basis: Basis | None = field(default=None, repr=False)
 
     @cached_property
     def outputs(self) -> dict[str, Any]:
@@ -99,62 +105,93 @@ class Poll:
 
 
 class UnitOfWork:
-    """One transaction. Outbox rows added here are relayed right after commit."""
+    """One transaction. Rows read here are Records, written when it ends (orchestrator/rows.py);
+    outbox rows added here are relayed right after commit."""
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, basis: Basis | None = None) -> None:
         self.session = session
-        self.outbox: list[OutboxMessage] = []
-        self.runs: dict[str, dict[str, StepRun]] = {}  # every step row of a locked instance
-        self.history: list[HistoryEntry] = []
+        self.writes = Writes()
+        self.runs: dict[str, dict[str, Record]] = {}  # every step row of a loaded instance
+        self.history: list[Record] = []
+        self.outbox: list[Record] = []
+        self.basis = basis
+
+    def execute(self, statement: Any, params: dict[str, Any] | None = None) -> Any:
+        return self.session.connection().execute(statement, params)
+
+    def add_instance(self, **values: Any) -> Record:
+        inst = self.writes.add(INSTANCES, Record(values, new=True))
+        self.runs[inst.id] = {}
+        return inst
+
+    def add_run(self, run: Record) -> None:
+        self.writes.add(RUNS, run)
+        self.runs.setdefault(run.instance_id, {})[run.name] = run
+
+    def add_timer(self, **values: Any) -> None:
+        self.writes.add(TIMERS, Record({"step": None, "attempt": None, "branch": None, "event": None,
+                                        "fired_at": None, **values}, new=True))
+
+    def add_history(self, **values: Any) -> Record:
+        entry = self.writes.add(HISTORY, Record(values, new=True))
+        self.history.append(entry)
+        return entry
 
     def add_message(self, channel: str, target: str, payload: dict[str, Any], *,
                     instance_id: str | None = None, key: str | None = None) -> None:
-        # Append-only rows go out as plain Core INSERTs, outside the ORM's flush bookkeeping.
-        msg = OutboxMessage(message_id=uuid.uuid4().hex, instance_id=instance_id, channel=channel,
-                            target=target, key=key, payload=payload)
-        self.session.connection().execute(OUTBOX.insert().values(
-            message_id=msg.message_id, instance_id=instance_id, channel=channel, target=target, key=key,
-            payload=payload, created_at=utcnow(), publish_attempts=0))
-        self.outbox.append(msg)
+        msg = Record({"message_id": uuid.uuid4().hex, "instance_id": instance_id, "channel": channel,
+                      "target": target, "key": key, "payload": payload, "created_at": utcnow(),
+                      "sent_at": None, "publish_attempts": 0, "last_error": None}, new=True)
+        self.outbox.append(self.writes.add(OUTBOX, msg))
 
-    def lock(self, instance_id: str) -> WorkflowInstance:
-        inst = self.session.execute(
-            select(WorkflowInstance).where(WorkflowInstance.id == instance_id).with_for_update()
-        ).scalar_one_or_none()
+    def lock(self, instance_id: str) -> Record:
+        inst = self._load(instance_id)
         if inst is None:
             raise NotFound(f"instance {instance_id} not found", instance_id=instance_id)
         return inst
 
-    def step_run(self, instance_id: str, name: str) -> StepRun | None:
-        known = self.runs.get(instance_id)
-        if known is not None:
-            return known.get(name)
-        return self.session.execute(
-            select(StepRun).where(StepRun.instance_id == instance_id, StepRun.name == name)
-        ).scalar_one_or_none()
-
-    def add_run(self, run: StepRun) -> None:
-        self.session.add(run)
-        if run.instance_id in self.runs:
-            self.runs[run.instance_id][run.name] = run
-
-    def lock_with_runs(self, instance_id: str) -> WorkflowInstance | None:
+    def lock_with_runs(self, instance_id: str) -> Record | None:
         """Lock the instance, then load all its step rows. Two statements on purpose: rows joined
         to a locked row are not re-read when the lock was waited for, so a join would return
         step rows as they were before the transaction we waited on."""
-        inst = self.session.execute(
-            select(WorkflowInstance).where(WorkflowInstance.id == instance_id).with_for_update()
-        ).scalar_one_or_none()
-        if inst is None:
-            return None
-        runs = self.session.execute(select(StepRun).where(StepRun.instance_id == instance_id)).scalars()
-        self.runs[instance_id] = {run.name: run for run in runs}
+        inst = self._load(instance_id)
+        if inst is not None:
+            self.all_runs(instance_id)
         return inst
+
+    def _load(self, instance_id: str) -> Record | None:
+        if self.basis is not None and self.basis[0]["id"] == instance_id:
+            # Not locked: the write checks that the version is still the one read here.
+            values, runs = self.basis
+            self.basis = None
+            self.runs[instance_id] = {r["name"]: self.writes.track(RUNS, Record(r)) for r in runs}
+            return self.writes.track(INSTANCES, Record(values))
+        row = self.execute(LOCK, {"id": instance_id}).first()
+        return None if row is None else self.writes.track(INSTANCES, Record.loaded(row))
+
+    def all_runs(self, instance_id: str) -> dict[str, Record]:
+        runs = self.runs.get(instance_id)
+        if runs is None:
+            runs = self.runs[instance_id] = {
+                row.name: self.writes.track(RUNS, Record.loaded(row))
+                for row in self.execute(RUNS_OF, {"id": instance_id})}
+        return runs
+
+    def step_run(self, instance_id: str, name: str) -> Record | None:
+        return self.all_runs(instance_id).get(name)
+
+
+def new_run(instance_id: str, step: Step) -> Record:
+    return Record({"instance_id": instance_id, "name": step.name, "task": step.tasks[-1],
+                   "status": StepStatus.PENDING.value, "attempt": 0, "restarts": 0, "failures": 0,
+                   "progress": 0.0, "polls": 0, "total": 0, "done": 0, "failed": 0, "data": {},
+                   "error": None, "queued_at": None, "started_at": None, "finished_at": None,
+                   "lease_until": None}, new=True)
 
 
 class Engine:
     def __init__(self, settings: Settings, session_factory: sessionmaker[Session], registry: Registry,
-                 relay: Callable[[list[OutboxMessage]], None] | None = None,
+                 relay: Callable[[list[Record]], None] | None = None,
                  autocommit: SAEngine | None = None) -> None:
         self.settings = settings
         self.sessions = session_factory
@@ -166,11 +203,12 @@ class Engine:
 
     # -- transactions --------------------------------------------------------------------------
     @contextmanager
-    def unit_of_work(self) -> Iterator[UnitOfWork]:
+    def unit_of_work(self, basis: Basis | None = None) -> Iterator[UnitOfWork]:
         with self.sessions() as session:
             with session.begin():
-                uow = UnitOfWork(session)
+                uow = UnitOfWork(session, basis)
                 yield uow
+                uow.writes.flush(session.connection())
         if uow.outbox and self.relay is not None:
             try:
                 self.relay(uow.outbox)
@@ -203,19 +241,16 @@ class Engine:
         try:
             with self.unit_of_work() as uow:
                 now = utcnow()
-                inst = WorkflowInstance(id=instance_id, type=cls.type, business_key=key,
+                inst = uow.add_instance(id=instance_id, type=cls.type, business_key=key,
                                         idempotency_key=idempotency_key, fingerprint=fingerprint,
-                                        state=None, context={"input": data}, created_at=now,
-                                        updated_at=now)
+                                        state=None, context={"input": data}, finished=False,
+                                        created_at=now, updated_at=now, finished_at=None, version=0)
                 machine = cls(model=inst, settings=self.settings)  # enters the initial state
-                uow.session.add(inst)
-                uow.session.flush()  # the row first: history and timers point at it
-                uow.runs[inst.id] = {}
                 self._record(uow, inst, None, "create", data, actor)
                 self._write_messages(uow, inst, machine)
                 deadline = cls.timeout(self.settings)
                 if deadline is not None:
-                    uow.session.add(Timer(instance_id=inst.id, kind="expire", due_at=now + deadline))
+                    uow.add_timer(instance_id=inst.id, kind="expire", due_at=now + deadline)
                 if cls.start_event:
                     self._transition(uow, inst, cls.start_event, data, actor)
                 else:
@@ -232,28 +267,30 @@ class Engine:
 
     def _find_existing(self, cls: type[Workflow], key: str | None, idem: str | None,
                        fingerprint: str | None) -> str | None:
-        with self.sessions() as s:
+        reuse = cls.reuse_within(self.settings)
+        if reuse is None or fingerprint is None or not cls.success_states:
+            reuse = None
+            if idem is None and key is None:
+                return None
+        i = INSTANCES.c
+        with self.reads.connect() as conn:
             if idem is not None:
-                row = s.execute(select(WorkflowInstance.id, WorkflowInstance.fingerprint).where(
-                    WorkflowInstance.type == cls.type, WorkflowInstance.idempotency_key == idem)).first()
+                row = conn.execute(select(i.id, i.fingerprint).where(
+                    i.type == cls.type, i.idempotency_key == idem)).first()
                 if row is not None:
                     if fingerprint is not None and row.fingerprint not in (None, fingerprint):
                         raise Conflict("Idempotency-Key was already used with a different request",
                                        field="Idempotency-Key", instance_id=row.id)
-                    return row.id
+                    return row.id  # type: ignore[no-any-return]
             if key is not None:
-                found = s.execute(select(WorkflowInstance.id).where(
-                    WorkflowInstance.type == cls.type, WorkflowInstance.business_key == key)).scalar()
+                found = conn.execute(select(i.id).where(i.type == cls.type, i.business_key == key)).scalar()
                 if found is not None:
-                    return found
-            reuse = cls.reuse_within(self.settings)
-            if reuse is not None and fingerprint is not None and cls.success_states:
-                return s.execute(select(WorkflowInstance.id).where(
-                    WorkflowInstance.type == cls.type,
-                    WorkflowInstance.fingerprint == fingerprint,
-                    WorkflowInstance.state.in_(cls.success_states),
-                    WorkflowInstance.finished_at >= utcnow() - reuse,
-                ).order_by(WorkflowInstance.finished_at.desc()).limit(1)).scalar()
+                    return found  # type: ignore[no-any-return]
+            if reuse is not None:
+                return conn.execute(select(i.id).where(  # type: ignore[no-any-return]
+                    i.type == cls.type, i.fingerprint == fingerprint, i.state.in_(cls.success_states),
+                    i.finished_at >= utcnow() - reuse,
+                ).order_by(i.finished_at.desc()).limit(1)).scalar()
         return None
 
     # -- events --------------------------------------------------------------------------------
@@ -265,19 +302,12 @@ class Engine:
             self._transition(uow, inst, event, payload or {}, actor)
         return self.snapshot(instance_id)
 
-    def _transition(self, uow: UnitOfWork, inst: WorkflowInstance, event: str,
-                    payload: dict[str, Any], actor: str, failed_step: bool = False,
-                    old_run: StepRun | None = None) -> None:
-        with uow.session.no_autoflush:
-            self._transition_unflushed(uow, inst, event, payload, actor, failed_step, old_run)
-
-    def _transition_unflushed(self, uow: UnitOfWork, inst: WorkflowInstance, event: str,
-                              payload: dict[str, Any], actor: str, failed_step: bool,
-                              old_run: StepRun | None) -> None:
+    def _transition(self, uow: UnitOfWork, inst: Record, event: str, payload: dict[str, Any],
+                    actor: str, failed_step: bool = False, old_run: Record | None = None) -> None:
         cls = self.workflow_class(inst.type)
         if event not in cls.event_names():
             raise InvalidInput("event", f"unknown event '{event}' for workflow '{cls.type}'", status=400)
-        machine = cls(model=inst, settings=self.settings)
+        machine = cls(model=inst, settings=self.settings, session=uow.session)
         before = inst.state
         try:
             machine.send(event, payload=payload)
@@ -286,7 +316,7 @@ class Engine:
         after = inst.state
         now = utcnow()
         if machine.context_touched:
-            flag_modified(inst, "context")
+            inst.touch("context")
         inst.updated_at = now
         if after != before:
             old_step = cls.step_for_state(before)
@@ -302,7 +332,7 @@ class Engine:
             inst.finished_at = now if finished else None
             deadline = cls.timeout(self.settings)
             if not finished and deadline is not None:  # restarted: the job gets a new deadline
-                uow.session.add(Timer(instance_id=inst.id, kind="expire", due_at=now + deadline))
+                uow.add_timer(instance_id=inst.id, kind="expire", due_at=now + deadline)
         self._record(uow, inst, before, event, payload, actor)
         self._write_messages(uow, inst, machine)
         if after != before:
@@ -310,31 +340,25 @@ class Engine:
                 self._compensate(uow, inst, cls)
             self._enter_step(uow, inst, cls)
 
-    def _record(self, uow: UnitOfWork, inst: WorkflowInstance, before: str | None, event: str,
+    def _record(self, uow: UnitOfWork, inst: Record, before: str | None, event: str,
                 payload: Any, actor: str) -> None:
-        entry = HistoryEntry(instance_id=inst.id, from_state=before, to_state=inst.state, event=event,
-                             payload_digest=digest(payload), actor=actor, created_at=utcnow())
-        uow.session.connection().execute(HISTORY.insert().values(
-            instance_id=entry.instance_id, from_state=entry.from_state, to_state=entry.to_state,
-            event=entry.event, payload_digest=entry.payload_digest, actor=entry.actor,
-            created_at=entry.created_at))
-        uow.history.append(entry)
+        uow.add_history(instance_id=inst.id, from_state=before, to_state=inst.state, event=event,
+                        payload_digest=digest(payload), actor=actor, created_at=utcnow())
 
-    def _write_messages(self, uow: UnitOfWork, inst: WorkflowInstance, machine: Workflow) -> None:
+    def _write_messages(self, uow: UnitOfWork, inst: Record, machine: Workflow) -> None:
         for channel, target, key, payload in machine.messages:
             uow.add_message(channel, target, payload, instance_id=inst.id, key=key)
         machine.messages.clear()
 
     # -- steps ---------------------------------------------------------------------------------
-    def _enter_step(self, uow: UnitOfWork, inst: WorkflowInstance, cls: type[Workflow]) -> None:
+    def _enter_step(self, uow: UnitOfWork, inst: Record, cls: type[Workflow]) -> None:
         step = cls.step_for_state(inst.state)
         if step is None:
             return
         run = uow.step_run(inst.id, step.name)
         now = utcnow()
         if run is None:
-            run = StepRun(instance_id=inst.id, name=step.name, task=step.tasks[-1], attempt=0,
-                          restarts=0, data={}, failures=0)
+            run = new_run(inst.id, step)
             uow.add_run(run)
         else:
             # Entering again (a restart): keep completed branches, forget the failed effect.
@@ -366,20 +390,18 @@ class Engine:
                 branches = list(range(len(items)))
                 run.total, run.done, run.failed = len(items), 0, 0
             run.data = {**(run.data or {}), "branches": previous}
-            flag_modified(run, "data")
             if run.total == 0:
                 run.status = StepStatus.COMPLETED.value
                 run.finished_at = now
-                uow.session.flush()
                 self._transition(uow, inst, step.join, {"branches": []}, "engine")
                 return
         run.status = StepStatus.QUEUED.value
         self._dispatch(uow, inst.id, step, run, branches)
         if step.timeout is not None:
-            uow.session.add(Timer(instance_id=inst.id, kind="deadline", step=step.name,
-                                  attempt=run.attempt, due_at=now + step.timeout))
+            uow.add_timer(instance_id=inst.id, kind="deadline", step=step.name, attempt=run.attempt,
+                          due_at=now + step.timeout)
 
-    def _dispatch(self, uow: UnitOfWork, instance_id: str, step: Step, run: StepRun,
+    def _dispatch(self, uow: UnitOfWork, instance_id: str, step: Step, run: Record,
                   branches: list[int] | None = None) -> None:
         args = [instance_id, run.name, run.attempt]
         if branches is not None:
@@ -396,25 +418,31 @@ class Engine:
         """Called by a task before doing work: one read, no lock. None means a stale or duplicate
         delivery (the attempt already reported, or a newer one exists): do nothing."""
         with self.reads.connect() as conn:
-            row = conn.execute(CLAIM, {"instance_id": instance_id, "step": step, "attempt": attempt}).first()
-        if row is None or row.status not in ACTIVE:
+            rows = conn.execute(CLAIM, {"id": instance_id}).all()
+        if not rows:
             return None
-        data = dict(row.data or {})
-        if branch is not None and data["branches"][branch]["status"] not in ACTIVE:
+        instance = {c.name: rows[0]._mapping[c] for c in INSTANCES.c}
+        runs = [{c.name: row._mapping[c] for c in RUNS.c} for row in rows if row._mapping[RUNS.c.id] is not None]
+        run = next((r for r in runs if r["name"] == step), None)
+        if run is None or run["attempt"] != attempt or run["status"] not in ACTIVE:
+            return None
+        if branch is not None and run["data"]["branches"][branch]["status"] not in ACTIVE:
             return None
         return StepContext(instance_id=instance_id, step=step, attempt=attempt, branch=branch,
-                           input=dict((row.context or {}).get("input") or {}), data=data,
-                           polls=row.polls, restarts=row.restarts, settings=self.settings, engine=self)
+                           input=copy.deepcopy((instance["context"] or {}).get("input") or {}),
+                           data=copy.deepcopy(run["data"] or {}), polls=run["polls"],
+                           restarts=run["restarts"], settings=self.settings, engine=self,
+                           basis=(instance, runs))
 
     def step_outputs(self, instance_id: str) -> dict[str, Any]:
         """Outputs of the instance's completed steps, by step name."""
-        with self.sessions() as session:
-            rows = session.execute(select(StepRun.name, StepRun.data).where(
-                StepRun.instance_id == instance_id, StepRun.status == StepStatus.COMPLETED.value)).all()
+        with self.reads.connect() as conn:
+            rows = conn.execute(select(RUNS.c.name, RUNS.c.data).where(
+                RUNS.c.instance_id == instance_id, RUNS.c.status == StepStatus.COMPLETED.value)).all()
         return {name: (data or {}).get("output") for name, data in rows}
 
     def _active_run(self, uow: UnitOfWork, instance_id: str, step: str, attempt: int,
-                    branch: int | None) -> tuple[WorkflowInstance, StepRun] | None:
+                    branch: int | None) -> tuple[Record, Record] | None:
         inst = uow.lock_with_runs(instance_id)
         run = uow.step_run(instance_id, step) if inst is not None else None
         if inst is None or run is None or run.attempt != attempt or run.status not in ACTIVE:
@@ -434,7 +462,7 @@ class Engine:
                 run.data = {**(run.data or {}), **data}
             else:
                 run.data["branches"][branch].setdefault("data", {}).update(data)
-            flag_modified(run, "data")
+                run.touch("data")
 
     def step_progress(self, instance_id: str, step: str, attempt: int, poll: Poll,
                       branch: int | None = None) -> None:
@@ -449,50 +477,63 @@ class Engine:
                 run.progress = max(0.0, min(100.0, float(poll.progress)))
             if poll.data:
                 run.data = {**(run.data or {}), **poll.data}
-                flag_modified(run, "data")
             run.polls += 1
             run.failures = 0
             run.status = StepStatus.WAITING.value
             run.lease_until = None
-            armed = uow.session.execute(select(Timer.id).where(
-                Timer.instance_id == instance_id, Timer.step == step, Timer.attempt == attempt,
-                Timer.kind == "poll", Timer.fired_at.is_(None),
-                Timer.branch.is_(None) if branch is None else Timer.branch == branch).limit(1)).first()
+            t = TIMERS.c
+            armed = uow.execute(select(t.id).where(
+                t.instance_id == instance_id, t.step == step, t.attempt == attempt, t.kind == "poll",
+                t.fired_at.is_(None), t.branch.is_(None) if branch is None else t.branch == branch
+            ).limit(1)).first()
             if armed is not None:
                 return  # a duplicate delivery polled too; one timer is enough
-            uow.session.add(Timer(instance_id=instance_id, kind="poll", step=step, attempt=attempt,
-                                  branch=branch, due_at=utcnow() + timedelta(seconds=poll.after)))
+            uow.add_timer(instance_id=instance_id, kind="poll", step=step, attempt=attempt, branch=branch,
+                          due_at=utcnow() + timedelta(seconds=poll.after))
 
     def step_succeeded(self, instance_id: str, step: str, attempt: int, done: Done,
-                       branch: int | None = None, actor: str = "worker") -> None:
-        with self.unit_of_work() as uow:
-            found = self._active_run(uow, instance_id, step, attempt, branch)
-            if found is None:
+                       branch: int | None = None, actor: str = "worker", basis: Basis | None = None) -> None:
+        """`basis`: what the step read when it was claimed. The report is written on it without
+        a lock if the instance has not changed since, else again under the lock."""
+        if basis is not None:
+            try:
+                with self.unit_of_work(basis) as uow:
+                    self._succeed(uow, instance_id, step, attempt, done, branch, actor)
                 return
-            inst, run = found
-            cls = self.workflow_class(inst.type)
-            now = utcnow()
-            if branch is not None:
-                b = run.data["branches"][branch]
-                b.update(status=StepStatus.COMPLETED.value, output=done.output, error=None)
-                flag_modified(run, "data")
-                run.done += 1
-                if run.done < run.total:
-                    if run.done + run.failed == run.total:
-                        self._fail_step(uow, inst, cls, run, "some branches failed")
-                    return
-                event = cls.step_named(step)[1].join  # type: ignore[index]
-                payload = {"branches": [x.get("output") for x in run.data["branches"]]}
-            else:
-                run.data = {**(run.data or {}), "output": done.output}
-                flag_modified(run, "data")
-                event, payload = done.event, done.output
-            run.status = StepStatus.COMPLETED.value
-            run.progress = 100.0
-            run.started_at = run.started_at or now
-            run.finished_at = now
-            run.lease_until = None
-            self._transition(uow, inst, event, payload, actor, old_run=run)
+            except StaleBasis:
+                log.debug("instance %s changed since step %s was claimed; reporting under the lock",
+                          instance_id, step)
+        with self.unit_of_work() as uow:
+            self._succeed(uow, instance_id, step, attempt, done, branch, actor)
+
+    def _succeed(self, uow: UnitOfWork, instance_id: str, step: str, attempt: int, done: Done,
+                 branch: int | None, actor: str) -> None:
+        found = self._active_run(uow, instance_id, step, attempt, branch)
+        if found is None:
+            return
+        inst, run = found
+        cls = self.workflow_class(inst.type)
+        now = utcnow()
+        if branch is not None:
+            b = run.data["branches"][branch]
+            b.update(status=StepStatus.COMPLETED.value, output=done.output, error=None)
+            run.touch("data")
+            run.done += 1
+            if run.done < run.total:
+                if run.done + run.failed == run.total:
+                    self._fail_step(uow, inst, cls, run, "some branches failed")
+                return
+            event = cls.step_named(step)[1].join  # type: ignore[index]
+            payload = {"branches": [x.get("output") for x in run.data["branches"]]}
+        else:
+            run.data = {**(run.data or {}), "output": done.output}
+            event, payload = done.event, done.output
+        run.status = StepStatus.COMPLETED.value
+        run.progress = 100.0
+        run.started_at = run.started_at or now
+        run.finished_at = now
+        run.lease_until = None
+        self._transition(uow, inst, event, payload, actor, old_run=run)
 
     def step_failed(self, instance_id: str, step: str, attempt: int, error: str, retryable: bool,
                     branch: int | None = None) -> None:
@@ -512,21 +553,21 @@ class Engine:
                 run.lease_until = None
                 if branch is not None:
                     run.data["branches"][branch].update(status=StepStatus.WAITING.value, error=error)
-                    flag_modified(run, "data")
-                uow.session.add(Timer(instance_id=instance_id, kind="retry", step=step, attempt=attempt,
-                                      branch=branch, due_at=utcnow() + timedelta(seconds=delay)))
+                    run.touch("data")
+                uow.add_timer(instance_id=instance_id, kind="retry", step=step, attempt=attempt,
+                              branch=branch, due_at=utcnow() + timedelta(seconds=delay))
                 log.info("step %s of %s failed (%s); retry %d in %.1fs", step, instance_id, error,
                          run.failures, delay)
                 return
             if branch is not None:
                 run.data["branches"][branch].update(status=StepStatus.FAILED.value, error=error)
-                flag_modified(run, "data")
+                run.touch("data")
                 run.failed += 1
                 if run.done + run.failed < run.total:
                     return  # the others may still finish; the step fails when all have reported
             self._fail_step(uow, inst, cls, run, error)
 
-    def _fail_step(self, uow: UnitOfWork, inst: WorkflowInstance, cls: type[Workflow], run: StepRun,
+    def _fail_step(self, uow: UnitOfWork, inst: Record, cls: type[Workflow], run: Record,
                    error: str) -> None:
         step = cls.step_named(run.name)[1]  # type: ignore[index]
         run.status = StepStatus.FAILED.value
@@ -562,11 +603,11 @@ class Engine:
             self._transition(uow, inst, cls.cancel_event, {}, actor)
         return self.snapshot(instance_id)
 
-    def _compensate(self, uow: UnitOfWork, inst: WorkflowInstance, cls: type[Workflow]) -> None:
+    def _compensate(self, uow: UnitOfWork, inst: Record, cls: type[Workflow]) -> None:
         """Run the declared compensations of completed steps, newest first, as one Celery chain."""
-        runs = uow.session.execute(select(StepRun).where(
-            StepRun.instance_id == inst.id, StepRun.status == StepStatus.COMPLETED.value
-        ).order_by(StepRun.queued_at.desc(), StepRun.id.desc())).scalars().all()
+        runs = sorted((r for r in uow.all_runs(inst.id).values() if r.status == StepStatus.COMPLETED.value),
+                      key=lambda r: (r.queued_at or datetime.min.replace(tzinfo=timezone.utc), r.id or 0),
+                      reverse=True)
         links = []
         for run in runs:
             found = cls.step_named(run.name)
@@ -591,18 +632,18 @@ class Engine:
         fired = 0
         while fired < limit:
             with self.unit_of_work() as uow:
-                timer = uow.session.execute(
-                    select(Timer).where(Timer.fired_at.is_(None), Timer.due_at <= utcnow())
-                    .order_by(Timer.due_at).limit(1).with_for_update(skip_locked=True)
-                ).scalar_one_or_none()
-                if timer is None:
+                row = uow.execute(
+                    select(TIMERS).where(TIMERS.c.fired_at.is_(None), TIMERS.c.due_at <= utcnow())
+                    .order_by(TIMERS.c.due_at).limit(1).with_for_update(skip_locked=True)).first()
+                if row is None:
                     return fired
+                timer = uow.writes.track(TIMERS, Record.loaded(row))
                 timer.fired_at = utcnow()
                 self._fire_timer(uow, timer)
             fired += 1
         return fired
 
-    def _fire_timer(self, uow: UnitOfWork, timer: Timer) -> None:
+    def _fire_timer(self, uow: UnitOfWork, timer: Record) -> None:
         inst = uow.lock(timer.instance_id)
         if inst.finished:
             return
@@ -626,13 +667,13 @@ class Engine:
                 branch["status"] = StepStatus.QUEUED.value
                 if timer.kind == "retry":
                     branch["attempt"] += 1
-                flag_modified(run, "data")
+                run.touch("data")
                 branches = [timer.branch]
             elif timer.kind == "retry":
                 run.attempt += 1  # a new delivery key: the old message, if it comes back, is stale
             self._dispatch(uow, inst.id, step, run, branches)
 
-    def _expire(self, uow: UnitOfWork, inst: WorkflowInstance, cls: type[Workflow]) -> None:
+    def _expire(self, uow: UnitOfWork, inst: Record, cls: type[Workflow]) -> None:
         limit = cls.timeout(self.settings)
         error = f"job timed out after {limit.total_seconds() / 60:g} minutes" if limit else "timed out"
         step = cls.step_for_state(inst.state)
@@ -651,13 +692,13 @@ class Engine:
         """A dispatched step not heard of within its lease lost its message or worker: deliver it again."""
         count = 0
         with self.unit_of_work() as uow:
-            runs = uow.session.execute(select(StepRun).where(
-                StepRun.status == StepStatus.QUEUED.value,
-                StepRun.lease_until < utcnow()
-            ).limit(100).with_for_update(skip_locked=True)).scalars().all()
-            for run in runs:
-                inst = uow.session.get(WorkflowInstance, run.instance_id)
-                cls = self.workflow_class(inst.type)  # type: ignore[union-attr]
+            rows = uow.execute(
+                select(RUNS, INSTANCES.c.type).join(INSTANCES, INSTANCES.c.id == RUNS.c.instance_id)
+                .where(RUNS.c.status == StepStatus.QUEUED.value, RUNS.c.lease_until < utcnow())
+                .limit(100).with_for_update(of=RUNS, skip_locked=True)).all()
+            for row in rows:
+                run = uow.writes.track(RUNS, Record({c.name: row._mapping[c] for c in RUNS.c}))
+                cls = self.workflow_class(row._mapping[INSTANCES.c.type])
                 found = cls.step_named(run.name)
                 if found is None:
                     continue
@@ -671,45 +712,44 @@ class Engine:
 
     # -- reads ---------------------------------------------------------------------------------
     def snapshot(self, instance_id: str, history: bool = True) -> dict[str, Any]:
-        with self.sessions() as s:
-            inst = s.get(WorkflowInstance, instance_id)
+        with self.reads.connect() as conn:
+            inst = conn.execute(INSTANCE, {"id": instance_id}).first()
             if inst is None:
                 raise NotFound(f"instance {instance_id} not found", instance_id=instance_id)
-            runs = s.execute(select(StepRun).where(StepRun.instance_id == instance_id)
-                             .order_by(StepRun.queued_at, StepRun.id)).scalars().all()
-            entries = s.execute(select(HistoryEntry).where(HistoryEntry.instance_id == instance_id)
-                                .order_by(HistoryEntry.id)).scalars().all() if history else []
-            return instance_dict(inst, runs, entries if history else None)
+            runs = conn.execute(RUNS_OF.order_by(RUNS.c.queued_at, RUNS.c.id), {"id": instance_id}).all()
+            entries = conn.execute(select(HISTORY).where(HISTORY.c.instance_id == instance_id)
+                                   .order_by(HISTORY.c.id)).all() if history else None
+            return instance_dict(inst, runs, entries)
 
     def list(self, type_name: str | None = None, state: str | None = None, limit: int = 50,
              offset: int = 0) -> tuple[int, list[dict[str, Any]]]:
-        with self.sessions() as s:
-            q = select(WorkflowInstance)
+        with self.reads.connect() as conn:
+            q = select(INSTANCES)
             if type_name:
-                q = q.where(WorkflowInstance.type == type_name)
+                q = q.where(INSTANCES.c.type == type_name)
             if state:
-                q = q.where(WorkflowInstance.state == state)
-            total = s.execute(select(func.count()).select_from(q.subquery())).scalar_one()
-            rows = s.execute(q.order_by(WorkflowInstance.created_at.desc(), WorkflowInstance.id)
-                             .limit(limit).offset(offset)).scalars().all()
+                q = q.where(INSTANCES.c.state == state)
+            total = conn.execute(select(func.count()).select_from(q.subquery())).scalar_one()
+            rows = conn.execute(q.order_by(INSTANCES.c.created_at.desc(), INSTANCES.c.id)
+                                .limit(limit).offset(offset)).all()
             return total, [instance_dict(r, None, None) for r in rows]
 
     def delete_instances(self, ids: list[str]) -> int:
         if not ids:
             return 0
         with self.unit_of_work() as uow:
-            for table in (Timer, HistoryEntry, StepRun):
-                uow.session.execute(delete(table).where(table.instance_id.in_(ids)))
-            uow.session.execute(update(OutboxMessage).where(OutboxMessage.instance_id.in_(ids))
-                                .values(instance_id=None))
-            return uow.session.execute(delete(WorkflowInstance).where(WorkflowInstance.id.in_(ids))).rowcount
+            for table in (TIMERS, HISTORY, RUNS):
+                uow.execute(delete(table).where(table.c.instance_id.in_(ids)))
+            uow.execute(update(OUTBOX).where(OUTBOX.c.instance_id.in_(ids)).values(instance_id=None))
+            return uow.execute(delete(INSTANCES).where(INSTANCES.c.id.in_(ids))).rowcount  # type: ignore[no-any-return]
 
 
 def _ts(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
-def step_dict(run: StepRun) -> dict[str, Any]:
+def step_dict(run: Any) -> dict[str, Any]:
+    """A step row (a Record or a result row) as the API shows it."""
     data = dict(run.data or {})
     out = {
         "name": run.name, "task": run.task, "status": run.status, "attempt": run.attempt,
@@ -725,8 +765,7 @@ def step_dict(run: StepRun) -> dict[str, Any]:
     return out
 
 
-def instance_dict(inst: WorkflowInstance, runs: list[StepRun] | None,
-                  history: list[HistoryEntry] | None) -> dict[str, Any]:
+def instance_dict(inst: Any, runs: list[Any] | None, history: list[Any] | None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "id": inst.id, "type": inst.type, "key": inst.business_key, "state": inst.state,
         "finished": inst.finished, "created_at": _ts(inst.created_at),

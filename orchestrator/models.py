@@ -74,6 +74,9 @@ class WorkflowInstance(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Bumped by every transaction that writes to the instance or its steps: a writer that read
+    # without a lock writes only if nobody wrote since (see orchestrator/rows.py).
+    version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class StepRun(Base):

@@ -57,7 +57,7 @@ def step_task(name: str, **options: Any) -> Callable[[StepFunction], Any]:
                 engine.step_progress(instance_id, step, attempt, outcome, branch)
                 return "waiting"
             if isinstance(outcome, Done):
-                engine.step_succeeded(instance_id, step, attempt, outcome, branch)
+                engine.step_succeeded(instance_id, step, attempt, outcome, branch, basis=ctx.basis)
                 return "done"
             return "continued"
 

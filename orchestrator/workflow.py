@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 from statemachine import State, StateMachine
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from .config import Settings
 
 
@@ -85,8 +87,11 @@ class Workflow(StateMachine):
     restart_event: ClassVar[str] = "restart"
     cancel_event: ClassVar[str] = "cancel"
 
-    def __init__(self, model: Any, settings: "Settings | None" = None) -> None:
+    def __init__(self, model: Any, settings: "Settings | None" = None, session: "Session | None" = None) -> None:
         self.settings = settings
+        # The engine's transaction, for callbacks that write rows of their own in it (None while
+        # the initial state is entered, before the instance exists).
+        self.session = session
         self.context_touched = False
         self.messages: list[tuple[str, str, str | None, dict[str, Any]]] = []
         super().__init__(model=model, state_field="state")

@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from sqlalchemy import Integer, String, Text, select
-from sqlalchemy.orm import Mapped, mapped_column, object_session
+from sqlalchemy.orm import Mapped, mapped_column
 from statemachine import State
 
 from orchestrator.config import Settings
@@ -100,7 +100,7 @@ class WorkerDeployment(Workflow):
     report_stopped = deployed.to(stopped) | running.to(stopped)
 
     def _row(self) -> Worker:
-        session = object_session(self.model)
+        session = self.session
         assert session is not None, "a worker transition runs inside the engine's transaction"
         row = session.execute(select(Worker).where(Worker.worker_id == self.model.id)).scalar_one_or_none()
         if row is None:
@@ -118,7 +118,7 @@ class WorkerDeployment(Workflow):
                                          "camera_url": row.camera_url}, key=row.worker_id)
 
     def after_transition(self, target: State, payload: dict[str, Any] | None = None) -> None:
-        if object_session(self.model) is None:
+        if self.session is None:
             return  # the initial state, entered before the instance row is added
         row = self._row()
         row.status = target.id

@@ -1,0 +1,222 @@
+"""Rows as plain objects, and one transaction's writes sent in one round trip.
+
+The engine reads rows with Core statements into `Record`s, lets the machine and the step logic
+change them, and writes what changed when the transaction ends. Every write hangs off the
+instance row, whose `version` is checked and bumped:
+
+    WITH i AS (UPDATE workflow_instances SET ..., version = version + 1
+               WHERE id = :id AND version = :read RETURNING id),
+         w1 AS (UPDATE step_runs SET ... FROM i WHERE step_runs.id = :run),
+         w2 AS (INSERT INTO history (...) SELECT ... FROM i), ...
+    SELECT count(*) FROM i
+
+Under the instance's lock the check always holds. A writer that read without the lock (a step
+reporting on what it read when it was claimed) writes nothing at all if anyone wrote since,
+and does it again under the lock. On PostgreSQL this is one statement; elsewhere (SQLite, or a
+transaction that touches several instances) the same writes go out as plain statements.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from sqlalchemy import JSON, Connection, Table, update
+from sqlalchemy.dialects import postgresql
+
+from .models import WorkflowInstance
+
+INSTANCES: Table = WorkflowInstance.__table__  # type: ignore[assignment]
+
+
+class StaleBasis(Exception):
+    """The instance changed since it was read without a lock: nothing was written."""
+
+
+class Record:
+    """A row as attributes; remembers which columns were set, so an update writes only those."""
+
+    __slots__ = ("_values", "_dirty")
+
+    def __init__(self, values: dict[str, Any], new: bool = False) -> None:
+        object.__setattr__(self, "_values", values)
+        object.__setattr__(self, "_dirty", None if new else set())
+
+    @classmethod
+    def loaded(cls, row: Any) -> "Record":
+        return cls(dict(row._mapping))
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self._values[name] = value
+        if self._dirty is not None:
+            self._dirty.add(name)
+
+    def touch(self, name: str) -> None:
+        """A JSON value was changed in place: write it."""
+        if self._dirty is not None:
+            self._dirty.add(name)
+
+    @property
+    def is_new(self) -> bool:
+        return self._dirty is None
+
+    def changes(self, table: Table) -> dict[str, Any]:
+        return {k: self._values[k] for k in self._dirty or () if k in table.c and k != "id"}
+
+    def insert_values(self, table: Table) -> dict[str, Any]:
+        return {k: v for k, v in self._values.items() if k in table.c and not (k == "id" and v is None)}
+
+    def __repr__(self) -> str:
+        return f"Record({self._values!r})"
+
+
+class Writes:
+    """What one transaction writes: new rows, changed rows, and the instances they belong to.
+
+    `versions` holds the version each instance was read at; an instance written to without
+    having been read gets its version bumped unchecked (its lock is not needed for that write).
+    """
+
+    def __init__(self) -> None:
+        self.new: list[tuple[Table, Record]] = []
+        self.loaded: list[tuple[Table, Record]] = []
+        self.instances: dict[str, Record] = {}
+        self.versions: dict[str, int] = {}
+        self.touched: set[str] = set()
+
+    def add(self, table: Table, record: Record) -> Record:
+        self.new.append((table, record))
+        if table is INSTANCES:
+            self.instances[record.id] = record
+        else:
+            self._touch(record)
+        return record
+
+    def track(self, table: Table, record: Record) -> Record:
+        self.loaded.append((table, record))
+        if table is INSTANCES:
+            self.instances[record.id] = record
+            self.versions[record.id] = record.version
+        return record
+
+    def _touch(self, record: Record) -> None:
+        instance_id = record._values.get("instance_id")
+        if instance_id is not None:
+            self.touched.add(instance_id)
+
+    def flush(self, conn: Connection) -> None:
+        for table, record in self.loaded:
+            if table is not INSTANCES and record.changes(table):
+                self._touch(record)
+        ids = self.touched | {i for i, r in self.instances.items() if r.is_new or r.changes(INSTANCES)}
+        if not ids:
+            return
+        if conn.dialect.name == "postgresql" and len(ids) == 1:
+            self._flush_one_statement(conn, next(iter(ids)))
+        else:
+            self._flush_statements(conn, ids)
+
+    # -- plain statements, in an order the foreign keys accept ---------------------------------
+    def _flush_statements(self, conn: Connection, ids: Iterable[str]) -> None:
+        for table, record in self.new:
+            if table is INSTANCES:
+                conn.execute(table.insert().values(record.insert_values(table)))
+        for instance_id in sorted(ids):  # a fixed order, so two such writers cannot deadlock
+            record = self.instances.get(instance_id)
+            if record is not None and record.is_new:
+                continue
+            values = record.changes(INSTANCES) if record is not None else {}
+            stmt = update(INSTANCES).where(INSTANCES.c.id == instance_id)
+            if instance_id in self.versions:
+                stmt = stmt.where(INSTANCES.c.version == self.versions[instance_id])
+            if conn.execute(stmt.values(**values, version=INSTANCES.c.version + 1)).rowcount != 1:
+                raise StaleBasis(instance_id)
+        for table, record in self.loaded:
+            values = record.changes(table) if table is not INSTANCES else None
+            if values:
+                conn.execute(update(table).where(table.c.id == record.id).values(**values))
+        for table, record in self.new:
+            if table is not INSTANCES:
+                conn.execute(table.insert().values(record.insert_values(table)))
+
+    # -- PostgreSQL: one statement, every write conditional on the instance's version ----------
+    def _flush_one_statement(self, conn: Connection, instance_id: str) -> None:
+        sql = _Sql()
+        root = self.instances.get(instance_id)
+        if root is not None and root.is_new:
+            head = sql.insert(INSTANCES, root.insert_values(INSTANCES), source=None)
+        else:
+            values = root.changes(INSTANCES) if root is not None else {}
+            sets = [f"{k} = {sql.param(INSTANCES, k, v)}" for k, v in values.items()]
+            sets.append("version = version + 1")
+            where = f"id = {sql.bind(instance_id)}"
+            if instance_id in self.versions:
+                where += f" AND version = {sql.bind(self.versions[instance_id])}"
+            head = f"UPDATE workflow_instances SET {', '.join(sets)} WHERE {where} RETURNING id"
+        parts = [f"i AS ({head})"]
+        for table, record in self.loaded:
+            values = record.changes(table) if table is not INSTANCES else None
+            if values:
+                sets = ", ".join(f"{k} = {sql.param(table, k, v)}" for k, v in values.items())
+                parts.append(f"w{len(parts)} AS (UPDATE {table.name} SET {sets} FROM i "
+                             f"WHERE {table.name}.id = {sql.bind(record.id)})")
+        grouped: dict[Table, list[dict[str, Any]]] = {}
+        for table, record in self.new:
+            if table is not INSTANCES:
+                grouped.setdefault(table, []).append(record.insert_values(table))
+        for table, rows in grouped.items():
+            parts.append(f"w{len(parts)} AS ({sql.insert_rows(table, rows, 'i')})")
+        written = conn.exec_driver_sql(f"WITH {', '.join(parts)} SELECT count(*) FROM i", sql.params).scalar()
+        if written != 1:
+            raise StaleBasis(instance_id)
+
+
+class _Sql:
+    """Parameters for a hand-written statement (psycopg2's pyformat), typed by their column."""
+
+    def __init__(self) -> None:
+        self.params: dict[str, Any] = {}
+
+    def bind(self, value: Any) -> str:
+        name = f"p{len(self.params)}"
+        self.params[name] = value
+        return f"%({name})s"
+
+    def param(self, table: Table, column: str, value: Any) -> str:
+        if value is not None and isinstance(table.c[column].type, JSON):
+            from psycopg2.extras import Json
+
+            value = Json(value)
+        return self.bind(value)
+
+    def insert(self, table: Table, values: dict[str, Any], source: None) -> str:
+        row = ", ".join(self.param(table, k, v) for k, v in values.items())
+        return f"INSERT INTO {table.name} ({', '.join(values)}) VALUES ({row}) RETURNING id"
+
+    def insert_rows(self, table: Table, rows: list[dict[str, Any]], source: str) -> str:
+        """Rows inserted once `source` has a row, in list order (so serial ids follow it)."""
+        columns = list(rows[0])
+        # A NULL or a string in VALUES would be typed as text: say each column's type.
+        values = ", ".join(
+            "(" + ", ".join([str(n)] + [f"CAST({self.param(table, k, row.get(k))} AS {_pg_type(table, k)})"
+                                        for k in columns]) + ")"
+            for n, row in enumerate(rows))
+        names = ", ".join(columns)
+        return (f"INSERT INTO {table.name} ({names}) SELECT {names} FROM {source}, "
+                f"(VALUES {values}) AS v(n, {names}) ORDER BY n")
+
+
+_PG_TYPES: dict[tuple[str, str], str] = {}
+
+
+def _pg_type(table: Table, column: str) -> str:
+    key = (table.name, column)
+    found = _PG_TYPES.get(key)
+    if found is None:
+        found = _PG_TYPES[key] = table.c[column].type.compile(dialect=postgresql.dialect())
+    return found
+
