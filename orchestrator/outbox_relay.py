@@ -1,11 +1,11 @@
 """Publishes committed outbox rows and marks them sent.
 
 The process that commits hands its rows to a background thread that publishes them at once
-(so a task or a request does not wait for the broker's confirm, and marks batch up under
-load); sweepers publish what is left
-(older than a short grace period), locking rows with SKIP LOCKED so several sweepers never
-send the same row at once. Delivery is at least once: a crash after publish and before the
-mark sends the row again, and consumers de-duplicate (steps by (instance, step, attempt)).
+(so a task or a request does not wait for the broker's confirm) and marks them sent in batches
+a moment later; sweepers publish what is left (older than a short grace period), locking rows
+with SKIP LOCKED so several sweepers never send the same row at once. Delivery is at least
+once: a crash after publish and before the mark sends the row again, and consumers
+de-duplicate (steps by (instance, step, attempt)).
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from datetime import timedelta
 from typing import Any, Callable
 
@@ -25,6 +26,11 @@ from .models import OutboxMessage, utcnow
 log = logging.getLogger(__name__)
 
 Publisher = Callable[[OutboxMessage], None]
+
+#: How long the kicker lets sent rows wait to be marked, so one UPDATE marks many. Far below
+#: the sweeper's grace period: only a process that dies in between gets its rows sent twice.
+MARK_DELAY = 0.2
+MARK_BATCH = 500
 
 
 class OutboxRelay:
@@ -45,10 +51,9 @@ class OutboxRelay:
             kicker = self._kicker = Kicker(self)
         return kicker
 
-    def publish_committed(self, rows: list[OutboxMessage]) -> int:
-        """The kick right after commit: publish the rows this process just wrote, then mark them
-        with one UPDATE. No lock is held while the broker confirms; a crash before the mark
-        means the sweeper sends the row again, and consumers ignore the duplicate."""
+    def publish_committed(self, rows: list[OutboxMessage]) -> list[str]:
+        """The kick right after commit: publish the rows this process just wrote, in order; the
+        message ids sent. No lock is held while the broker confirms."""
         sent: list[str] = []
         for row in rows:
             publisher = self.publishers.get(row.channel)
@@ -60,12 +65,15 @@ class OutboxRelay:
                 log.warning("outbox %s to %s not published: %s", row.message_id, row.target, exc)
                 break
             sent.append(row.message_id)
-        if sent:
-            table = OutboxMessage.__table__
-            with self.marks.connect() as conn:  # one autocommit statement
-                conn.execute(table.update().where(table.c.message_id.in_(sent), table.c.sent_at.is_(None))
-                             .values(sent_at=utcnow(), publish_attempts=table.c.publish_attempts + 1))
-        return len(sent)
+        return sent
+
+    def mark_sent(self, message_ids: list[str]) -> None:
+        """One autocommit UPDATE. A crash before it means the sweeper sends the rows again, and
+        consumers ignore the duplicates."""
+        table = OutboxMessage.__table__
+        with self.marks.connect() as conn:
+            conn.execute(table.update().where(table.c.message_id.in_(message_ids), table.c.sent_at.is_(None))
+                         .values(sent_at=utcnow(), publish_attempts=table.c.publish_attempts + 1))
 
     def publish(self, limit: int = 500, grace_seconds: float = 2.0) -> int:
         """The sweep: publish unsent rows older than `grace_seconds` (younger ones are still
@@ -97,14 +105,15 @@ class OutboxRelay:
 
 class Kicker:
     """The post-commit publisher of one process: a thread that takes committed rows in order,
-    publishes them and marks each batch sent with one UPDATE. Whatever it has not sent when the
-    process dies, a sweeper sends after the grace period."""
+    publishes them, and marks what it sent with one UPDATE per MARK_DELAY. Whatever it has not
+    sent or marked when the process dies, a sweeper sends after the grace period."""
 
     def __init__(self, relay: OutboxRelay) -> None:
         self.relay = relay
         self.pid = os.getpid()
         self.queue: queue.SimpleQueue[list[OutboxMessage]] = queue.SimpleQueue()
-        self.pending = 0
+        self.pending = 0  # submitted and not yet marked (or given up on)
+        self.hurry = False  # flush(): mark now instead of after MARK_DELAY
         self.idle = threading.Condition()
         threading.Thread(target=self._run, name="outbox-kicker", daemon=True).start()
         atexit.register(self.flush)
@@ -115,25 +124,54 @@ class Kicker:
         self.queue.put(rows)
 
     def _run(self) -> None:
+        unmarked: list[str] = []
+        handled = 0  # rows taken off the queue since the last mark
+        mark_at = 0.0
         while True:
-            batch = list(self.queue.get())
-            while True:
+            batch = self._take(None if not unmarked else max(0.0, mark_at - time.monotonic()))
+            handled += len(batch)
+            if batch:
                 try:
-                    batch.extend(self.queue.get_nowait())
-                except queue.Empty:
-                    break
+                    sent = self.relay.publish_committed(batch)
+                except Exception:  # the sweeper sends these later
+                    log.warning("publishing %d outbox rows failed; the sweeper will", len(batch), exc_info=True)
+                    sent = []
+                if sent and not unmarked:
+                    mark_at = time.monotonic() + MARK_DELAY
+                unmarked += sent
+            if unmarked and (self.hurry or len(unmarked) >= MARK_BATCH or time.monotonic() >= mark_at):
+                try:
+                    self.relay.mark_sent(unmarked)
+                except Exception:  # database down: the sweeper sends them again; consumers de-duplicate
+                    log.warning("marking %d outbox rows sent failed", len(unmarked), exc_info=True)
+                unmarked = []
+            if not unmarked:
+                with self.idle:
+                    self.pending -= handled
+                    self.idle.notify_all()
+                handled = 0
+
+    def _take(self, timeout: float | None) -> list[OutboxMessage]:
+        """Everything queued, waiting up to `timeout` for the first rows (None: for ever)."""
+        try:
+            batch = list(self.queue.get(timeout=timeout))
+        except queue.Empty:
+            return []
+        while True:
             try:
-                self.relay.publish_committed(batch)
-            except Exception:  # database or broker down: the sweeper sends these later
-                log.warning("publishing %d outbox rows failed; the sweeper will", len(batch), exc_info=True)
-            with self.idle:
-                self.pending -= len(batch)
-                self.idle.notify_all()
+                batch.extend(self.queue.get_nowait())
+            except queue.Empty:
+                return batch
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until everything submitted has been handled (at exit, and for tests)."""
+        """Wait until everything submitted has been published and marked (at exit, and for tests)."""
         with self.idle:
-            return self.idle.wait_for(lambda: self.pending <= 0, timeout)
+            self.hurry = True
+            self.queue.put([])  # wake the thread if it waits for its mark time
+            try:
+                return self.idle.wait_for(lambda: self.pending <= 0, timeout)
+            finally:
+                self.hurry = False
 
 
 def celery_publisher(app: Any) -> Publisher:
