@@ -49,6 +49,8 @@ RUNS_OF = select(RUNS).where(RUNS.c.instance_id == bindparam("id"))
 # kept as the basis its report is written on.
 CLAIM = (select(INSTANCES, RUNS).select_from(INSTANCES.outerjoin(RUNS, RUNS.c.instance_id == INSTANCES.c.id))
          .where(INSTANCES.c.id == bindparam("id")))
+INSTANCE_COLUMNS = tuple(c.name for c in INSTANCES.c)
+RUN_COLUMNS = tuple(c.name for c in RUNS.c)
 
 #: (instance values, [step row values]) as read by the claim
 Basis = tuple[dict[str, Any], list[dict[str, Any]]]
@@ -252,7 +254,7 @@ class Engine:
                 if deadline is not None:
                     uow.add_timer(instance_id=inst.id, kind="expire", due_at=now + deadline)
                 if cls.start_event:
-                    self._transition(uow, inst, cls.start_event, data, actor)
+                    self._transition(uow, inst, cls.start_event, data, actor, machine=machine)
                 else:
                     self._enter_step(uow, inst, cls)
         except IntegrityError:
@@ -303,11 +305,15 @@ class Engine:
         return self.snapshot(instance_id)
 
     def _transition(self, uow: UnitOfWork, inst: Record, event: str, payload: dict[str, Any],
-                    actor: str, failed_step: bool = False, old_run: Record | None = None) -> None:
+                    actor: str, failed_step: bool = False, old_run: Record | None = None,
+                    machine: Workflow | None = None) -> None:
         cls = self.workflow_class(inst.type)
         if event not in cls.event_names():
             raise InvalidInput("event", f"unknown event '{event}' for workflow '{cls.type}'", status=400)
-        machine = cls(model=inst, settings=self.settings, session=uow.session)
+        if machine is None:
+            machine = cls(model=inst, settings=self.settings, session=uow.session)
+        else:
+            machine.session = uow.session  # the initial state was entered before there was one
         before = inst.state
         try:
             machine.send(event, payload=payload)
@@ -421,8 +427,9 @@ class Engine:
             rows = conn.execute(CLAIM, {"id": instance_id}).all()
         if not rows:
             return None
-        instance = {c.name: rows[0]._mapping[c] for c in INSTANCES.c}
-        runs = [{c.name: row._mapping[c] for c in RUNS.c} for row in rows if row._mapping[RUNS.c.id] is not None]
+        k = len(INSTANCE_COLUMNS)
+        instance = dict(zip(INSTANCE_COLUMNS, rows[0][:k]))
+        runs = [dict(zip(RUN_COLUMNS, row[k:])) for row in rows if row[k] is not None]
         run = next((r for r in runs if r["name"] == step), None)
         if run is None or run["attempt"] != attempt or run["status"] not in ACTIVE:
             return None

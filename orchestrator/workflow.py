@@ -115,14 +115,9 @@ class Workflow(StateMachine):
     @classmethod
     def step_table(cls) -> dict[str, Step]:
         """{state id: Step} with every step named (default name: the state id)."""
-        cached = cls.__dict__.get("_step_table")
-        if cached is None:
-            cached = {}
-            for state, step in cls.steps.items():
-                name = step.name or state.id
-                cached[state.id] = Step(**{**step.__dict__, "name": name})
-            setattr(cls, "_step_table", cached)
-        return cached  # type: ignore[no-any-return]
+        return _per_class(cls, "_step_table", lambda: {  # type: ignore[no-any-return]
+            state.id: Step(**{**step.__dict__, "name": step.name or state.id})
+            for state, step in cls.steps.items()})
 
     @classmethod
     def step_for_state(cls, state_id: str | None) -> Step | None:
@@ -136,12 +131,13 @@ class Workflow(StateMachine):
         return None
 
     @classmethod
-    def event_names(cls) -> set[str]:
-        return {e.id for e in cls.events}
+    def event_names(cls) -> frozenset[str]:
+        return _per_class(cls, "_event_names", lambda: frozenset(e.id for e in cls.events))
 
     @classmethod
-    def finished_state_ids(cls) -> set[str]:
-        return {s.id for s in cls.states if s.final} | set(cls.failure_states)
+    def finished_state_ids(cls) -> frozenset[str]:
+        return _per_class(cls, "_finished_state_ids",
+                          lambda: frozenset(s.id for s in cls.states if s.final) | cls.failure_states)
 
     # -- input ---------------------------------------------------------------------------------
     @classmethod
@@ -169,6 +165,15 @@ class Workflow(StateMachine):
     def reuse_within(cls, settings: "Settings") -> timedelta | None:
         """A finished successful instance with the same fingerprint this recent is reused."""
         return None
+
+
+def _per_class(cls: type, name: str, compute: Callable[[], Any]) -> Any:
+    """A value computed once per workflow class (not inherited: a subclass has its own)."""
+    value = cls.__dict__.get(name)
+    if value is None:
+        value = compute()
+        setattr(cls, name, value)
+    return value
 
 
 class Registry:
