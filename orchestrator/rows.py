@@ -148,7 +148,7 @@ class Writes:
         sql = _Sql()
         root = self.instances.get(instance_id)
         if root is not None and root.is_new:
-            head = sql.insert(INSTANCES, root.insert_values(INSTANCES), source=None)
+            head = sql.insert_returning_id(INSTANCES, root.insert_values(INSTANCES))
         else:
             values = root.changes(INSTANCES) if root is not None else {}
             sets = [f"{k} = {sql.param(INSTANCES, k, v)}" for k, v in values.items()]
@@ -193,7 +193,7 @@ class _Sql:
             value = Json(value)
         return self.bind(value)
 
-    def insert(self, table: Table, values: dict[str, Any], source: None) -> str:
+    def insert_returning_id(self, table: Table, values: dict[str, Any]) -> str:
         row = ", ".join(self.param(table, k, v) for k, v in values.items())
         return f"INSERT INTO {table.name} ({', '.join(values)}) VALUES ({row}) RETURNING id"
 
