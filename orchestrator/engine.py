@@ -472,46 +472,53 @@ class Engine:
                 run.touch("data")
 
     def step_progress(self, instance_id: str, step: str, attempt: int, poll: Poll,
-                      branch: int | None = None) -> None:
+                      branch: int | None = None, basis: Basis | None = None) -> None:
         """Record progress and re-arm a timer; the step gives its worker slot back meanwhile."""
-        with self.unit_of_work() as uow:
-            found = self._active_run(uow, instance_id, step, attempt, branch)
-            if found is None:
-                return
-            _, run = found
-            run.started_at = run.started_at or utcnow()
-            if poll.progress is not None:
-                run.progress = max(0.0, min(100.0, float(poll.progress)))
-            if poll.data:
-                run.data = {**(run.data or {}), **poll.data}
-            run.polls += 1
-            run.failures = 0
-            run.status = StepStatus.WAITING.value
-            run.lease_until = None
-            t = TIMERS.c
-            armed = uow.execute(select(t.id).where(
-                t.instance_id == instance_id, t.step == step, t.attempt == attempt, t.kind == "poll",
-                t.fired_at.is_(None), t.branch.is_(None) if branch is None else t.branch == branch
-            ).limit(1)).first()
-            if armed is not None:
-                return  # a duplicate delivery polled too; one timer is enough
-            uow.add_timer(instance_id=instance_id, kind="poll", step=step, attempt=attempt, branch=branch,
-                          due_at=utcnow() + timedelta(seconds=poll.after))
+        self._report(basis, lambda uow: self._progress(uow, instance_id, step, attempt, poll, branch))
+
+    def _progress(self, uow: UnitOfWork, instance_id: str, step: str, attempt: int, poll: Poll,
+                  branch: int | None) -> None:
+        found = self._active_run(uow, instance_id, step, attempt, branch)
+        if found is None:
+            return
+        _, run = found
+        run.started_at = run.started_at or utcnow()
+        if poll.progress is not None:
+            run.progress = max(0.0, min(100.0, float(poll.progress)))
+        if poll.data:
+            run.data = {**(run.data or {}), **poll.data}
+        run.polls += 1
+        run.failures = 0
+        run.status = StepStatus.WAITING.value
+        run.lease_until = None
+        t = TIMERS.c
+        armed = uow.execute(select(t.id).where(
+            t.instance_id == instance_id, t.step == step, t.attempt == attempt, t.kind == "poll",
+            t.fired_at.is_(None), t.branch.is_(None) if branch is None else t.branch == branch
+        ).limit(1)).first()
+        if armed is not None:
+            return  # a duplicate delivery polled too; one timer is enough
+        uow.add_timer(instance_id=instance_id, kind="poll", step=step, attempt=attempt, branch=branch,
+                      due_at=utcnow() + timedelta(seconds=poll.after))
 
     def step_succeeded(self, instance_id: str, step: str, attempt: int, done: Done,
                        branch: int | None = None, actor: str = "worker", basis: Basis | None = None) -> None:
-        """`basis`: what the step read when it was claimed. The report is written on it without
-        a lock if the instance has not changed since, else again under the lock."""
+        """Fire the step's event (a branch's: count it, and fire the join when all are in)."""
+        self._report(basis, lambda uow: self._succeed(uow, instance_id, step, attempt, done, branch, actor))
+
+    def _report(self, basis: Basis | None, work: Callable[[UnitOfWork], None]) -> None:
+        """A step's report, written on `basis` (what the step read when it was claimed) without
+        the lock if the instance has not changed since, else again under the lock."""
         if basis is not None:
             try:
                 with self.unit_of_work(basis) as uow:
-                    self._succeed(uow, instance_id, step, attempt, done, branch, actor)
+                    work(uow)
                 return
             except StaleBasis:
-                log.debug("instance %s changed since step %s was claimed; reporting under the lock",
-                          instance_id, step)
+                log.debug("instance %s changed since its step was claimed; reporting under the lock",
+                          basis[0]["id"])
         with self.unit_of_work() as uow:
-            self._succeed(uow, instance_id, step, attempt, done, branch, actor)
+            work(uow)
 
     def _succeed(self, uow: UnitOfWork, instance_id: str, step: str, attempt: int, done: Done,
                  branch: int | None, actor: str) -> None:
@@ -543,36 +550,39 @@ class Engine:
         self._transition(uow, inst, event, payload, actor, old_run=run)
 
     def step_failed(self, instance_id: str, step: str, attempt: int, error: str, retryable: bool,
-                    branch: int | None = None) -> None:
+                    branch: int | None = None, basis: Basis | None = None) -> None:
         """Retry after a backoff timer if the policy allows, else fail the step for good."""
-        with self.unit_of_work() as uow:
-            found = self._active_run(uow, instance_id, step, attempt, branch)
-            if found is None:
-                return
-            inst, run = found
-            cls = self.workflow_class(inst.type)
-            policy = cls.step_named(step)[1].policy(self.settings)  # type: ignore[index]
-            run.failures += 1
-            run.error = error[:2000]
-            if policy.should_retry(run.failures, retryable):
-                delay = policy.delay(run.failures)
-                run.status = StepStatus.WAITING.value
-                run.lease_until = None
-                if branch is not None:
-                    run.data["branches"][branch].update(status=StepStatus.WAITING.value, error=error)
-                    run.touch("data")
-                uow.add_timer(instance_id=instance_id, kind="retry", step=step, attempt=attempt,
-                              branch=branch, due_at=utcnow() + timedelta(seconds=delay))
-                log.info("step %s of %s failed (%s); retry %d in %.1fs", step, instance_id, error,
-                         run.failures, delay)
-                return
+        self._report(basis, lambda uow: self._fail(uow, instance_id, step, attempt, error, retryable, branch))
+
+    def _fail(self, uow: UnitOfWork, instance_id: str, step: str, attempt: int, error: str,
+              retryable: bool, branch: int | None) -> None:
+        found = self._active_run(uow, instance_id, step, attempt, branch)
+        if found is None:
+            return
+        inst, run = found
+        cls = self.workflow_class(inst.type)
+        policy = cls.step_named(step)[1].policy(self.settings)  # type: ignore[index]
+        run.failures += 1
+        run.error = error[:2000]
+        if policy.should_retry(run.failures, retryable):
+            delay = policy.delay(run.failures)
+            run.status = StepStatus.WAITING.value
+            run.lease_until = None
             if branch is not None:
-                run.data["branches"][branch].update(status=StepStatus.FAILED.value, error=error)
+                run.data["branches"][branch].update(status=StepStatus.WAITING.value, error=error)
                 run.touch("data")
-                run.failed += 1
-                if run.done + run.failed < run.total:
-                    return  # the others may still finish; the step fails when all have reported
-            self._fail_step(uow, inst, cls, run, error)
+            uow.add_timer(instance_id=instance_id, kind="retry", step=step, attempt=attempt,
+                          branch=branch, due_at=utcnow() + timedelta(seconds=delay))
+            log.info("step %s of %s failed (%s); retry %d in %.1fs", step, instance_id, error,
+                     run.failures, delay)
+            return
+        if branch is not None:
+            run.data["branches"][branch].update(status=StepStatus.FAILED.value, error=error)
+            run.touch("data")
+            run.failed += 1
+            if run.done + run.failed < run.total:
+                return  # the others may still finish; the step fails when all have reported
+        self._fail_step(uow, inst, cls, run, error)
 
     def _fail_step(self, uow: UnitOfWork, inst: Record, cls: type[Workflow], run: Record,
                    error: str) -> None:

@@ -44,17 +44,18 @@ def step_task(name: str, **options: Any) -> Callable[[StepFunction], Any]:
             try:
                 outcome = fn(ctx)
             except UpstreamError as exc:
-                engine.step_failed(instance_id, step, attempt, exc.message, exc.retryable, branch)
+                engine.step_failed(instance_id, step, attempt, exc.message, exc.retryable, branch, ctx.basis)
                 return f"failed: {exc.message}"
             except (InvalidInput, StepError) as exc:
-                engine.step_failed(instance_id, step, attempt, str(exc), False, branch)
+                engine.step_failed(instance_id, step, attempt, str(exc), False, branch, ctx.basis)
                 return f"failed: {exc}"
             except Exception as exc:
                 log.exception("step %s of %s raised", step, instance_id)
-                engine.step_failed(instance_id, step, attempt, f"{type(exc).__name__}: {exc}", False, branch)
+                engine.step_failed(instance_id, step, attempt, f"{type(exc).__name__}: {exc}", False, branch,
+                                   ctx.basis)
                 return f"failed: {exc}"
             if isinstance(outcome, Poll):
-                engine.step_progress(instance_id, step, attempt, outcome, branch)
+                engine.step_progress(instance_id, step, attempt, outcome, branch, ctx.basis)
                 return "waiting"
             if isinstance(outcome, Done):
                 engine.step_succeeded(instance_id, step, attempt, outcome, branch, basis=ctx.basis)
