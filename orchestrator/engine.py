@@ -709,10 +709,12 @@ class Engine:
         """A dispatched step not heard of within its lease lost its message or worker: deliver it again."""
         count = 0
         with self.unit_of_work() as uow:
+            # The instance is locked too (its version is bumped), and skipped while another
+            # transaction holds it: waiting for it while holding the step row could deadlock.
             rows = uow.execute(
                 select(RUNS, INSTANCES.c.type).join(INSTANCES, INSTANCES.c.id == RUNS.c.instance_id)
                 .where(RUNS.c.status == StepStatus.QUEUED.value, RUNS.c.lease_until < utcnow())
-                .limit(100).with_for_update(of=RUNS, skip_locked=True)).all()
+                .limit(100).with_for_update(of=(RUNS, INSTANCES), skip_locked=True)).all()
             for row in rows:
                 run = uow.writes.track(RUNS, Record({c.name: row._mapping[c] for c in RUNS.c}))
                 cls = self.workflow_class(row._mapping[INSTANCES.c.type])
