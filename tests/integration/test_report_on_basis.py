@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 from sqlalchemy import func, select
 
+from conftest import fresh_database
 from orchestrator.db import make_engine, make_session_factory
 from orchestrator.engine import Done, Engine, StepContext
 from orchestrator.migrate import upgrade
@@ -18,14 +19,19 @@ from orchestrator.rows import StaleBasis
 from orchestrator.workflow import registry
 
 
+@pytest.fixture(scope="module")
+def postgres_url():
+    """A database of its own: nothing else of the test session (a sweeper) touches its rows."""
+    with fresh_database() as url:
+        yield url
+
+
 @pytest.fixture(params=["postgresql", "sqlite"])
-def engine(request, rt, tmp_path):
+def engine(request, rt, postgres_url, tmp_path):
     """On PostgreSQL the writes are one statement; on SQLite (the dev runner's) plain statements."""
-    if request.param == "postgresql":
-        yield Engine(rt.settings, rt.sessions, registry, relay=None, autocommit=rt.engine.reads)
-        return
-    url = f"sqlite:///{tmp_path}/engine.db"
-    upgrade(url)
+    url = postgres_url if request.param == "postgresql" else f"sqlite:///{tmp_path}/engine.db"
+    if request.param == "sqlite":
+        upgrade(url)
     db = make_engine(url)
     yield Engine(replace(rt.settings, database_url=url), make_session_factory(db), registry)
     db.dispose()
