@@ -70,6 +70,9 @@ class Settings:
     default_convert_mono: bool = True
     default_sample_rate_16k: bool = True
     # Engine
+    # Off behind a pooler that moves a session between server connections (PgBouncer in
+    # transaction mode): the engine's statements are then planned on every call.
+    database_prepared_statements: bool = True
     sweep_interval: float = 1.0
     step_lease_seconds: float = 600.0
     environment: str = "development"

@@ -32,7 +32,7 @@ from .config import Settings
 from .errors import Conflict, IllegalTransition, InvalidInput, NotFound
 from .jsonutil import digest
 from .models import ACTIVE_STEP_STATUSES, HistoryEntry, OutboxMessage, StepRun, StepStatus, Timer, utcnow
-from .rows import INSTANCES, Record, StaleBasis, Writes
+from .rows import INSTANCES, Record, StaleBasis, Writes, execute_prepared
 from .workflow import Registry, Step, Workflow
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,9 @@ CLAIM = (select(INSTANCES, RUNS).select_from(INSTANCES.outerjoin(RUNS, RUNS.c.in
          .where(INSTANCES.c.id == bindparam("id")))
 INSTANCE_COLUMNS = tuple(c.name for c in INSTANCES.c)
 RUN_COLUMNS = tuple(c.name for c in RUNS.c)
+# The same, as a prepared statement on PostgreSQL.
+CLAIM_SQL = (f"SELECT {', '.join('i.' + c for c in INSTANCE_COLUMNS)}, {', '.join('r.' + c for c in RUN_COLUMNS)} "
+             "FROM workflow_instances i LEFT JOIN step_runs r ON r.instance_id = i.id WHERE i.id = $1")
 
 #: (instance values, [step row values]) as read by the claim
 Basis = tuple[dict[str, Any], list[dict[str, Any]]]
@@ -202,6 +205,7 @@ class Engine:
         self.reads = autocommit or session_factory.kw["bind"]
         self.registry = registry
         self.relay = relay
+        self.prepare = settings.database_prepared_statements and self.reads.dialect.name == "postgresql"
 
     # -- transactions --------------------------------------------------------------------------
     @contextmanager
@@ -210,7 +214,7 @@ class Engine:
             with session.begin():
                 uow = UnitOfWork(session, basis)
                 yield uow
-                uow.writes.flush(session.connection())
+                uow.writes.flush(session.connection(), self.prepare)
         if uow.outbox and self.relay is not None:
             try:
                 self.relay(uow.outbox)
@@ -424,7 +428,10 @@ class Engine:
         """Called by a task before doing work: one read, no lock. None means a stale or duplicate
         delivery (the attempt already reported, or a newer one exists): do nothing."""
         with self.reads.connect() as conn:
-            rows = conn.execute(CLAIM, {"id": instance_id}).all()
+            if self.prepare:
+                rows = execute_prepared(conn, CLAIM_SQL, [instance_id]).all()
+            else:
+                rows = conn.execute(CLAIM, {"id": instance_id}).all()
         if not rows:
             return None
         k = len(INSTANCE_COLUMNS)

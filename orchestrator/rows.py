@@ -12,11 +12,13 @@ instance row, whose `version` is checked and bumped:
 
 Under the instance's lock the check always holds. A writer that read without the lock (a step
 reporting on what it read when it was claimed) writes nothing at all if anyone wrote since,
-and does it again under the lock. On PostgreSQL this is one statement; elsewhere (SQLite, or a
-transaction that touches several instances) the same writes go out as plain statements.
+and does it again under the lock. On PostgreSQL this is one statement, prepared once per
+connection and shape (`DATABASE_PREPARED_STATEMENTS`); elsewhere (SQLite, or a transaction that
+touches several instances) the same writes go out as plain statements.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any, Iterable
 
 from sqlalchemy import JSON, Connection, Table, update
@@ -65,7 +67,8 @@ class Record:
         return self._dirty is None
 
     def changes(self, table: Table) -> dict[str, Any]:
-        return {k: self._values[k] for k in self._dirty or () if k in table.c and k != "id"}
+        # sorted: the same change is the same statement text, so its prepared plan is reused
+        return {k: self._values[k] for k in sorted(self._dirty or ()) if k in table.c and k != "id"}
 
     def insert_values(self, table: Table) -> dict[str, Any]:
         return {k: v for k, v in self._values.items() if k in table.c and not (k == "id" and v is None)}
@@ -108,7 +111,7 @@ class Writes:
         if instance_id is not None:
             self.touched.add(instance_id)
 
-    def flush(self, conn: Connection) -> None:
+    def flush(self, conn: Connection, prepare: bool = False) -> None:
         for table, record in self.loaded:
             if table is not INSTANCES and record.changes(table):
                 self._touch(record)
@@ -116,7 +119,7 @@ class Writes:
         if not ids:
             return
         if conn.dialect.name == "postgresql" and len(ids) == 1:
-            self._flush_one_statement(conn, next(iter(ids)))
+            self._flush_one_statement(conn, next(iter(ids)), prepare)
         else:
             self._flush_statements(conn, ids)
 
@@ -144,8 +147,8 @@ class Writes:
                 conn.execute(table.insert().values(record.insert_values(table)))
 
     # -- PostgreSQL: one statement, every write conditional on the instance's version ----------
-    def _flush_one_statement(self, conn: Connection, instance_id: str) -> None:
-        sql = _Sql()
+    def _flush_one_statement(self, conn: Connection, instance_id: str, prepare: bool) -> None:
+        sql = _Sql(positional=prepare)
         root = self.instances.get(instance_id)
         if root is not None and root.is_new:
             head = sql.insert_returning_id(INSTANCES, root.insert_values(INSTANCES))
@@ -170,21 +173,29 @@ class Writes:
                 grouped.setdefault(table, []).append(record.insert_values(table))
         for table, rows in grouped.items():
             parts.append(f"w{len(parts)} AS ({sql.insert_rows(table, rows, 'i')})")
-        written = conn.exec_driver_sql(f"WITH {', '.join(parts)} SELECT count(*) FROM i", sql.params).scalar()
+        statement = f"WITH {', '.join(parts)} SELECT count(*) FROM i"
+        if prepare:
+            written = execute_prepared(conn, statement, sql.params).scalar()
+        else:
+            written = conn.exec_driver_sql(statement, sql.params).scalar()
         if written != 1:
             raise StaleBasis(instance_id)
 
 
 class _Sql:
-    """Parameters for a hand-written statement (psycopg2's pyformat), typed by their column."""
+    """Parameters for a hand-written statement, typed by their column: psycopg2's pyformat, or
+    PostgreSQL's $1, $2, ... for a prepared statement."""
 
-    def __init__(self) -> None:
-        self.params: dict[str, Any] = {}
+    def __init__(self, positional: bool = False) -> None:
+        self.params: Any = [] if positional else {}
 
     def bind(self, value: Any) -> str:
-        name = f"p{len(self.params)}"
-        self.params[name] = value
-        return f"%({name})s"
+        n = len(self.params)
+        if isinstance(self.params, list):
+            self.params.append(value)
+            return f"${n + 1}"
+        self.params[f"p{n}"] = value
+        return f"%(p{n})s"
 
     def param(self, table: Table, column: str, value: Any) -> str:
         if value is not None and isinstance(table.c[column].type, JSON):
@@ -220,3 +231,30 @@ def _pg_type(table: Table, column: str) -> str:
         found = _PG_TYPES[key] = table.c[column].type.compile(dialect=postgresql.dialect())
     return found
 
+
+
+# -- prepared statements -------------------------------------------------------------------------
+# PostgreSQL plans a statement on every call unless it is prepared; for the engine's few statement
+# shapes that planning was half the server's time. Names are per DBAPI connection (a reconnect
+# starts afresh); a PREPARE survives a rolled-back transaction.
+_PREPARED: "weakref.WeakKeyDictionary[Any, dict[str, str]]" = weakref.WeakKeyDictionary()
+MAX_PREPARED = 200  # per connection; then all are dropped and prepared again as they come
+
+
+def execute_prepared(conn: Connection, sql: str, params: list[Any]) -> Any:
+    """Run `sql` (placeholders $1, $2, ...) as a prepared statement of this connection."""
+    dbapi = conn.connection.dbapi_connection
+    names = _PREPARED.get(dbapi)
+    if names is None:
+        names = _PREPARED[dbapi] = {}
+    name = names.get(sql)
+    if name is None:
+        if len(names) >= MAX_PREPARED:
+            conn.exec_driver_sql("DEALLOCATE ALL")
+            names.clear()
+        name = f"orch_{len(names) + 1}"
+        conn.exec_driver_sql(f"PREPARE {name} AS {sql}")
+        names[sql] = name
+    if not params:
+        return conn.exec_driver_sql(f"EXECUTE {name}")
+    return conn.exec_driver_sql(f"EXECUTE {name} ({', '.join(['%s'] * len(params))})", tuple(params))

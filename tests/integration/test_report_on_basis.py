@@ -26,14 +26,17 @@ def postgres_url():
         yield url
 
 
-@pytest.fixture(params=["postgresql", "sqlite"])
+@pytest.fixture(params=["postgresql", "postgresql-unprepared", "sqlite"])
 def engine(request, rt, postgres_url, tmp_path):
-    """On PostgreSQL the writes are one statement; on SQLite (the dev runner's) plain statements."""
-    url = postgres_url if request.param == "postgresql" else f"sqlite:///{tmp_path}/engine.db"
+    """On PostgreSQL the writes are one statement, prepared or not; on SQLite (the dev runner's)
+    plain statements."""
+    url = f"sqlite:///{tmp_path}/engine.db" if request.param == "sqlite" else postgres_url
     if request.param == "sqlite":
         upgrade(url)
     db = make_engine(url)
-    yield Engine(replace(rt.settings, database_url=url), make_session_factory(db), registry)
+    settings = replace(rt.settings, database_url=url,
+                       database_prepared_statements=request.param != "postgresql-unprepared")
+    yield Engine(settings, make_session_factory(db), registry)
     db.dispose()
 
 

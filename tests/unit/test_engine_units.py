@@ -107,6 +107,9 @@ def test_config_defaults_are_the_seeds():
     assert (s.video_downloader_timeout, s.audio_normalization_timeout, s.audio_transcriber_timeout) == (300, 180, 600)
     assert s.default_language == "auto" and s.default_remove_noise and s.default_convert_mono
     assert s.database_url.startswith("sqlite") and s.broker_url.startswith("sqla+sqlite")
+    assert s.database_prepared_statements
+    off = load_settings(environ={"DATABASE_PREPARED_STATEMENTS": "false"}, dotenv="/nonexistent")
+    assert not off.database_prepared_statements
 
 
 def test_config_aliases_and_driver_mapping():
@@ -123,7 +126,8 @@ def test_config_aliases_and_driver_mapping():
 @pytest.mark.parametrize("name, value", [("POLL_INTERVAL", "soon"), ("PORT", "eighty"), ("WORKERS", "-1"),
                                          ("DEFAULT_REMOVE_NOISE", "maybe"), ("DATABASE_URL", "mysql://x"),
                                          ("VIDEO_DOWNLOADER_URL", "localhost:8001"),
-                                         ("FLOWER_BASIC_AUTH", "nopassword"), ("POLL_INTERVAL", "0")])
+                                         ("FLOWER_BASIC_AUTH", "nopassword"), ("POLL_INTERVAL", "0"),
+                                         ("DATABASE_PREPARED_STATEMENTS", "sometimes")])
 def test_misconfiguration_names_the_variable(name, value):
     with pytest.raises(ConfigError) as err:
         load_settings(environ={name: value}, dotenv="/nonexistent")
