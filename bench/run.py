@@ -416,8 +416,12 @@ class Bench:
             pending = [r for r in pending if not r.ready()]
             return not pending
 
-        wait_for(all_ready, timeout=timeout, interval=0.2, what=f"{n} raw chains to finish",
-                 check=self.check_processes)
+        try:
+            wait_for(all_ready, timeout=timeout, interval=0.2, what=f"{n} raw chains to finish",
+                     check=self.check_processes)
+        except BenchError as exc:
+            states = sorted({r.state for r in pending[:20]})
+            raise BenchError(f"{exc} ({len(pending)} not ready; states {', '.join(states)})") from None
         failed = [r for r in results if not r.successful()]
         if failed:
             raise BenchError(f"{len(failed)} raw chains failed, e.g. {failed[0].result!r}")
