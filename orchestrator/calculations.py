@@ -29,6 +29,7 @@ from kombu import Connection, Exchange, Queue
 from kombu.mixins import ConsumerMixin
 from sqlalchemy import select
 
+from . import logs
 from .engine import Done, Engine
 from .errors import InvalidInput, UpstreamError
 from .models import ACTIVE_STEP_STATUSES, StepRun
@@ -163,13 +164,14 @@ class ResultConsumer(ConsumerMixin):  # type: ignore[misc]
             log.error("malformed calculation result dropped: %s", exc.message)
             message.ack()
             return
-        try:
-            apply_result(self.engine, result)
-        except Exception:  # the database is away: keep the result for a later delivery
-            log.exception("result %s not applied; requeued", result["correlationId"])
-            time.sleep(1.0)
-            message.requeue()
-            return
+        with logs.context(correlation_id=result["correlationId"]):
+            try:
+                apply_result(self.engine, result)
+            except Exception:  # the database is away: keep the result for a later delivery
+                log.exception("result %s not applied; requeued", result["correlationId"])
+                time.sleep(1.0)
+                message.requeue()
+                return
         message.ack()
 
 

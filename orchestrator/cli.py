@@ -27,8 +27,9 @@ def _settings() -> Settings:
 
 
 def _logging(settings: Settings) -> None:
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
+    from .logs import configure
+
+    configure(settings.log_level, settings.log_format)
 
 
 def stop_on_signals() -> threading.Event:
@@ -84,9 +85,16 @@ def _api_threads(settings: Settings) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
+    from celery.signals import setup_logging
+
     from . import runtime
 
     rt = runtime.current()
+
+    @setup_logging.connect  # Celery leaves logging to us when this signal has a receiver
+    def _setup(**_: Any) -> None:
+        _logging(rt.settings)
+
     argv = ["worker", "--loglevel", rt.settings.log_level.upper(), "-Q", args.queues,
             "-c", str(args.concurrency), "-n", args.name, "--pool", args.pool]
     rt.celery.worker_main(argv)
@@ -162,6 +170,7 @@ def cmd_flower(args: argparse.Namespace) -> None:
 
 def cmd_dev(args: argparse.Namespace) -> None:
     """Every process in the foreground, with the emulators, on embedded defaults."""
+    os.environ.setdefault("LOG_FORMAT", "text")  # a terminal, unless told otherwise
     settings = _settings()
     _logging(settings)
     env = dict(os.environ)

@@ -91,6 +91,7 @@ class Settings:
     calculation_exchange: str = "orchestrator.calculations"
     calculation_results_queue: str = "orchestrator.calculation-results"
     log_level: str = "INFO"
+    log_format: str = "json"  # or "text" (the dev runner's default)
     otel_exporter_otlp_endpoint: str = ""
     extra: Mapping[str, str] = field(default_factory=dict)
 
@@ -168,6 +169,10 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv: str | Path =
         raise ConfigError("POLL_INTERVAL", "must be greater than zero")
     if settings.max_poll_attempts < 1:
         raise ConfigError("MAX_POLL_ATTEMPTS", "must be at least 1")
+    if settings.log_format not in ("json", "text"):
+        raise ConfigError("LOG_FORMAT", f"expected json or text, got {settings.log_format!r}")
+    if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError("LOG_LEVEL", f"expected DEBUG, INFO, WARNING, ERROR or CRITICAL, got {settings.log_level!r}")
     if settings.flower_basic_auth and ":" not in settings.flower_basic_auth:
         raise ConfigError("FLOWER_BASIC_AUTH", "expected user:password")
     for name in ("VIDEO_DOWNLOADER_URL", "AUDIO_NORMALIZATION_URL", "AUDIO_TRANSCRIBER_URL"):

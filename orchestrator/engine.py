@@ -30,6 +30,7 @@ from statemachine.exceptions import TransitionNotAllowed
 
 from .config import Settings
 from .errors import Conflict, IllegalTransition, InvalidInput, NotFound
+from . import logs
 from .jsonutil import digest
 from .models import ACTIVE_STEP_STATUSES, HistoryEntry, OutboxMessage, StepRun, StepStatus, Timer, utcnow
 from .rows import INSTANCES, Record, StaleBasis, Writes, execute_prepared
@@ -144,9 +145,13 @@ class UnitOfWork:
 
     def add_message(self, channel: str, target: str, payload: dict[str, Any], *,
                     instance_id: str | None = None, key: str | None = None) -> None:
+        # The request or event being handled, else the one that created the instance.
+        inst = self.writes.instances.get(instance_id or "")
+        correlation = logs.correlation_id() or (inst.correlation_id if inst is not None else None)
         msg = Record({"message_id": uuid.uuid4().hex, "instance_id": instance_id, "channel": channel,
                       "target": target, "key": key, "payload": payload, "created_at": utcnow(),
-                      "sent_at": None, "publish_attempts": 0, "last_error": None}, new=True)
+                      "sent_at": None, "publish_attempts": 0, "last_error": None,
+                      "correlation_id": correlation}, new=True)
         self.outbox.append(self.writes.add(OUTBOX, msg))
 
     def lock(self, instance_id: str) -> Record:
@@ -250,7 +255,8 @@ class Engine:
                 inst = uow.add_instance(id=instance_id, type=cls.type, business_key=key,
                                         idempotency_key=idempotency_key, fingerprint=fingerprint,
                                         state=None, context={"input": data}, finished=False,
-                                        created_at=now, updated_at=now, finished_at=None, version=0)
+                                        created_at=now, updated_at=now, finished_at=None, version=0,
+                                        correlation_id=logs.correlation_id() or logs.new_correlation_id())
                 machine = cls(model=inst, settings=self.settings)  # enters the initial state
                 self._record(uow, inst, None, "create", data, actor)
                 self._write_messages(uow, inst, machine)
@@ -663,7 +669,8 @@ class Engine:
                     return fired
                 timer = uow.writes.track(TIMERS, Record.loaded(row))
                 timer.fired_at = utcnow()
-                self._fire_timer(uow, timer)
+                with logs.context(workflow_id=timer.instance_id):
+                    self._fire_timer(uow, timer)
             fired += 1
         return fired
 

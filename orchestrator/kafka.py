@@ -15,6 +15,7 @@ from typing import Any
 
 from prometheus_client import Counter
 
+from .logs import HEADER
 from .models import OutboxMessage
 
 KAFKA_PRODUCED = Counter("orchestrator_kafka_produced_total", "Messages produced to Kafka by the outbox relay",
@@ -60,6 +61,8 @@ class KafkaPublisher:
         headers = [("message_id", row.message_id.encode())]
         if row.instance_id:
             headers.append(("instance_id", row.instance_id.encode()))
+        if row.correlation_id:
+            headers.append((HEADER, row.correlation_id.encode()))
         with self._lock:
             self.producer.produce(row.target, encode(row.payload), key=row.key.encode() if row.key else None,
                                   headers=headers, on_delivery=report)

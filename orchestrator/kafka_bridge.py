@@ -39,6 +39,7 @@ from sqlalchemy import event as sa_event
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
+from . import logs
 from .errors import Conflict, IllegalTransition, InvalidInput, NotFound
 from .models import ProcessedMessage
 
@@ -323,20 +324,21 @@ class Bridge:
                                     "invalid_json")
         key = msg.key().decode(errors="replace") if msg.key() else None
         ev = KafkaEvent(topic, msg.partition(), msg.offset(), key, payload, msg_id, _headers(msg))
-        token = _current_delivery.set(_Delivery(consumer, msg_id))
-        try:
-            outcome = route.handler(self.engine, ev) or "accepted"
-        except InvalidInput as exc:
-            return self.dead_letter(msg, f"{exc.field}: {exc.problem}", "invalid_field")
-        except NotFound as exc:
-            return self.dead_letter(msg, f"unroutable: {exc.message}", "unroutable")
-        except (Ignored, IllegalTransition, Conflict) as exc:
-            log.info("ignored %s/%s@%s: %s", topic, msg.partition(), msg.offset(), exc)
-            outcome = "ignored"
-        except IntegrityError:
-            outcome = "duplicate"  # another delivery of the same event committed first
-        finally:
-            _current_delivery.reset(token)
+        with logs.context(correlation_id=ev.headers.get(logs.HEADER) or msg_id):
+            token = _current_delivery.set(_Delivery(consumer, msg_id))
+            try:
+                outcome = route.handler(self.engine, ev) or "accepted"
+            except InvalidInput as exc:
+                return self.dead_letter(msg, f"{exc.field}: {exc.problem}", "invalid_field")
+            except NotFound as exc:
+                return self.dead_letter(msg, f"unroutable: {exc.message}", "unroutable")
+            except (Ignored, IllegalTransition, Conflict) as exc:
+                log.info("ignored %s/%s@%s: %s", topic, msg.partition(), msg.offset(), exc)
+                outcome = "ignored"
+            except IntegrityError:
+                outcome = "duplicate"  # another delivery of the same event committed first
+            finally:
+                _current_delivery.reset(token)
         return self._outcome(topic, outcome, started)
 
     def _outcome(self, topic: str, outcome: str, started: float) -> str:

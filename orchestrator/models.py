@@ -77,6 +77,8 @@ class WorkflowInstance(Base):
     # Bumped by every transaction that writes to the instance or its steps: a writer that read
     # without a lock writes only if nobody wrote since (see orchestrator/rows.py).
     version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The request or event that created it; its log lines and messages carry it (orchestrator/logs.py).
+    correlation_id: Mapped[str | None] = mapped_column(String(64))
 
 
 class StepRun(Base):
@@ -141,6 +143,7 @@ class OutboxMessage(Base):
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     publish_attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
+    correlation_id: Mapped[str | None] = mapped_column(String(64))  # sent as a message header
 
 
 class Timer(Base):

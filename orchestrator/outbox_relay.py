@@ -178,14 +178,18 @@ def celery_publisher(app: Any) -> Publisher:
     """Publish a step message: one task, a chain or a group, by name (the engine imports no task)."""
     from celery import chain, group
 
-    def sig(name: str, args: list[Any]) -> Any:
-        return app.signature(name, args=args, immutable=True)
+    from .logs import HEADER
 
     def publish(row: OutboxMessage) -> None:
         p = row.payload
+        headers = {HEADER: row.correlation_id} if row.correlation_id else {}
+
+        def sig(name: str, args: list[Any]) -> Any:
+            return app.signature(name, args=args, immutable=True, headers=headers)
+
         if "task" in p:
             name, args = p["task"]
-            app.send_task(name, args=args, task_id=row.message_id)
+            app.send_task(name, args=args, task_id=row.message_id, headers=headers)
         elif "chain" in p:
             chain(*(sig(n, a) for n, a in p["chain"])).apply_async()
         elif "group" in p:

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from celery import shared_task
 
-from . import runtime
+from . import logs, runtime
 from .engine import Done, Poll, StepContext
 from .errors import InvalidInput, UpstreamError
 
@@ -37,6 +37,13 @@ def step_task(name: str, **options: Any) -> Callable[[StepFunction], Any]:
 
         @shared_task(name=name, bind=True, acks_late=True, reject_on_worker_lost=True, **options)
         def run(self: Any, instance_id: str, step: str, attempt: int, branch: int | None = None) -> str:
+            with logs.context(workflow_id=instance_id, correlation_id=getattr(self.request, logs.HEADER, None)):
+                outcome = run_step(instance_id, step, attempt, branch)
+                log.info("step %s (attempt %d%s): %s", step, attempt,
+                         "" if branch is None else f", branch {branch}", outcome)
+                return outcome
+
+        def run_step(instance_id: str, step: str, attempt: int, branch: int | None) -> str:
             engine = runtime.current().engine
             ctx = engine.claim_step(instance_id, step, attempt, branch)
             if ctx is None:

@@ -8,11 +8,15 @@ from typing import Any
 from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from orchestrator import logs
 from orchestrator import runtime as runtime_module
 from orchestrator.errors import InvalidInput, OrchestratorError
 from orchestrator.metrics import HTTP_LATENCY, HTTP_REQUESTS
 
 log = logging.getLogger(__name__)
+
+#: URL arguments that name a workflow instance (a media job, a saga, a chat task, a worker).
+WORKFLOW_ID_ARGS = frozenset({"instance_id", "saga_id", "job_id", "task_id", "worker_id"})
 
 
 def create_app(runtime: runtime_module.Runtime | None = None) -> Flask:
@@ -44,13 +48,27 @@ def create_app(runtime: runtime_module.Runtime | None = None) -> Flask:
     @app.before_request
     def _start_timer() -> None:
         g.started = time.perf_counter()
+        # Log lines of this request carry its correlation id (given, or made up) and the
+        # workflow it is about; the id goes on with the messages the request writes.
+        given = request.headers.get("X-Correlation-ID") or request.headers.get("X-Request-ID") or ""
+        g.correlation_id = given.strip()[:64] or logs.new_correlation_id()
+        workflow = next((v for k, v in (request.view_args or {}).items() if k in WORKFLOW_ID_ARGS), None)
+        g.log_context = logs.context(workflow_id=workflow, correlation_id=g.correlation_id)
+        g.log_context.__enter__()
 
     @app.after_request
     def _observe(response: Any) -> Any:
         endpoint = request.url_rule.rule if request.url_rule else "unmatched"
         HTTP_REQUESTS.labels(request.method, endpoint, str(response.status_code)).inc()
         HTTP_LATENCY.labels(request.method, endpoint).observe(time.perf_counter() - g.get("started", time.perf_counter()))
+        if "correlation_id" in g:
+            response.headers["X-Correlation-ID"] = g.correlation_id
         return response
+
+    @app.teardown_request
+    def _end_log_context(_exc: BaseException | None) -> None:
+        if "log_context" in g:
+            g.log_context.__exit__(None, None, None)
 
     return app
 

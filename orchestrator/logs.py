@@ -1,0 +1,94 @@
+"""Structured logs: one JSON object per line, carrying the id of the workflow a line is about and
+the correlation id of the request or event that caused it (`LOG_FORMAT=text` for a terminal).
+
+The correlation id comes in as an HTTP `X-Correlation-ID` header (or is made up), travels with
+every outbox message the request's transaction writes (a Celery header, a Kafka header), and is
+taken up again by the task or the bridge that handles the message; so `grep <id>` over the logs
+of every process follows one request through the workflow.
+"""
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import sys
+import uuid
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Iterator
+
+#: The Celery and Kafka header that carries the correlation id.
+HEADER = "orchestrator_correlation_id"
+
+_workflow: contextvars.ContextVar[str | None] = contextvars.ContextVar("workflow_id", default=None)
+_correlation: contextvars.ContextVar[str | None] = contextvars.ContextVar("correlation_id", default=None)
+
+
+def correlation_id() -> str | None:
+    return _correlation.get()
+
+
+def new_correlation_id() -> str:
+    return uuid.uuid4().hex
+
+
+@contextmanager
+def context(workflow_id: str | None = None, correlation_id: str | None = None) -> Iterator[None]:
+    """Lines logged inside carry these ids (None keeps what the outer context has)."""
+    tokens = []
+    if workflow_id is not None:
+        tokens.append((_workflow, _workflow.set(workflow_id)))
+    if correlation_id is not None:
+        tokens.append((_correlation, _correlation.set(correlation_id)))
+    try:
+        yield
+    finally:
+        for var, token in reversed(tokens):
+            var.reset(token)
+
+
+class ContextFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.workflow_id = getattr(record, "workflow_id", None) or _workflow.get()
+        record.correlation_id = getattr(record, "correlation_id", None) or _correlation.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "process": record.processName,
+            "message": record.getMessage(),
+        }
+        for key in ("workflow_id", "correlation_id"):
+            value = getattr(record, key, None)
+            if value:
+                out[key] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(processName)s %(name)s%(ids)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        ids = [f"{k}={v}" for k in ("workflow_id", "correlation_id") if (v := getattr(record, k, None))]
+        record.ids = f" [{' '.join(ids)}]" if ids else ""
+        return super().format(record)
+
+
+def configure(level: str, fmt: str) -> None:
+    """The root logger of this process writes `fmt` ("json" or "text") lines to stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(ContextFilter())
+    handler.setFormatter(TextFormatter() if fmt == "text" else JsonFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
