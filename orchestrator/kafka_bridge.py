@@ -324,7 +324,8 @@ class Bridge:
                                     "invalid_json")
         key = msg.key().decode(errors="replace") if msg.key() else None
         ev = KafkaEvent(topic, msg.partition(), msg.offset(), key, payload, msg_id, _headers(msg))
-        with logs.context(correlation_id=ev.headers.get(logs.HEADER) or msg_id):
+        # An event without the header continues the correlation stored with its instance.
+        with logs.context(correlation_id=ev.headers.get(logs.HEADER) or None):
             token = _current_delivery.set(_Delivery(consumer, msg_id))
             try:
                 outcome = route.handler(self.engine, ev) or "accepted"

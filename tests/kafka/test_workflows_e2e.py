@@ -9,6 +9,8 @@ from conftest import wait_for
 
 from emulators.kafka_services import story_count
 
+from .conftest import headers
+
 pytestmark = pytest.mark.kafka
 
 
@@ -48,9 +50,15 @@ def test_route_goes_through(kclient, kafka, bridge, kafka_emulators):
     assert view["created_at"] and view["updated_at"]
 
     # the outgoing messages are keyed by the route: one route's messages stay ordered
-    keys = {m.key().decode() for m in kafka.read("tts.requested", until=lambda ms: any(
-        x.key() == route_id.encode() for x in ms)) if m.key() == route_id.encode()}
-    assert keys == {route_id}
+    sent = [m for m in kafka.read("tts.requested", until=lambda ms: any(
+        x.key() == route_id.encode() for x in ms)) if m.key() == route_id.encode()]
+    assert {m.key().decode() for m in sent} == {route_id}
+    # every message of the route carries the correlation id stored with its instance, from the
+    # one its first event started to those later events (without the header) set off
+    story_sent = [m for m in kafka.read("story.generate", until=lambda ms: any(
+        x.key() == route_id.encode() for x in ms)) if m.key() == route_id.encode()]
+    correlations = {headers(m).get("orchestrator_correlation_id") for m in sent + story_sent}
+    assert len(correlations) == 1 and None not in correlations and "" not in correlations
 
     metrics = kclient.get("/metrics").get_data(as_text=True)
     assert "orchestrator_workflow_instances" in metrics
