@@ -116,7 +116,7 @@ class Writes:
             if table is not INSTANCES and record.changes(table):
                 self._touch(record)
         ids = self.touched | {i for i, r in self.instances.items() if r.is_new or r.changes(INSTANCES)}
-        if not ids:
+        if not ids and not self.new:
             return
         if conn.dialect.name == "postgresql" and len(ids) == 1:
             self._flush_one_statement(conn, next(iter(ids)), prepare)
