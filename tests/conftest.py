@@ -163,6 +163,16 @@ class Process:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
+def terminate(proc: "subprocess.Popen[bytes]", timeout: float = 60.0) -> int:
+    """SIGTERM, as an operator stops a process; its exit code (SIGKILL and raise if it hangs)."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+
+
 def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.1, what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout
     while True:

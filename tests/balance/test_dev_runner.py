@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -10,7 +9,7 @@ import time
 import pytest
 import requests
 from balance_stack import free_port
-from conftest import ROOT, wait_for
+from conftest import ROOT, terminate, wait_for
 
 from orchestrator.repository import GitRepo
 
@@ -51,12 +50,7 @@ def test_dev_creates_the_demo_project_and_runs_the_saga(tmp_path):
         assert len(geo["geometries"]) == 2
     finally:
         print((tmp_path / "dev.log").read_text(errors="replace")[-5000:])  # shown when the test fails
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise
+        code = terminate(proc)
     assert code == 0, (tmp_path / "dev.log").read_text()[-3000:]
     time.sleep(0.5)
 

@@ -3,7 +3,6 @@ answers a message over the WebSocket through the execution emulator it starts.""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import uuid
@@ -12,7 +11,7 @@ import pytest
 import requests
 import websocket
 from chat_support import expected_answer, free_port, read_frames, result_of, wait_http, ws_url
-from conftest import ROOT
+from conftest import ROOT, terminate
 
 pytestmark = pytest.mark.e2e
 
@@ -50,10 +49,5 @@ def test_dev_serves_the_chat_page_and_answers(tmp_path):
         assert frames[-1]["data"]["text"] == expected_answer("hello dev")
         assert len([f for f in frames if f["type"] == "chunk"]) == 3
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise
+        code = terminate(proc)
     assert code == 0, (tmp_path / "dev.log").read_text()[-3000:]

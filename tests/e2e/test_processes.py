@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from conftest import ROOT, Process, wait_for
+from conftest import Process, ROOT, terminate, wait_for
 
 
 def free_port() -> int:
@@ -150,12 +149,7 @@ def test_dev_runs_everything_on_embedded_defaults(tmp_path):
         tasks = requests.get(f"http://127.0.0.1:{flower}/api/tasks", auth=("admin", "secret"), timeout=10)
         assert tasks.status_code == 200
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise
+        code = terminate(proc)
     assert code == 0, (tmp_path / "dev.log").read_text()[-3000:]
     time.sleep(0.5)
     with pytest.raises(requests.ConnectionError):

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import uuid
 
 import pytest
 import requests
-from conftest import ROOT, wait_for
+from conftest import ROOT, terminate, wait_for
 
 from orchestrator.kafka_broker import free_port
 
@@ -66,12 +65,7 @@ def test_dev_runs_both_kafka_workflows_on_the_bundled_broker(tmp_path):
         metrics = requests.get(f"{base}/metrics", timeout=10).text
         assert "route_to_first_audio_seconds_count" in metrics  # the bridge's metrics on the API's /metrics
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise
+        code = terminate(proc)
     assert code == 0, log_path.read_text()[-3000:]
     host, kport = brokers.split(":")
     import socket
