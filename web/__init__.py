@@ -91,6 +91,17 @@ def json_body(required: bool = True) -> Any:
     return data
 
 
+def json_object(*accepted: str, required: bool = True) -> dict[str, Any]:
+    """The request's JSON body as an object; with `accepted`, any other field is a 400 naming it."""
+    body = json_body(required)
+    if not isinstance(body, dict):
+        raise InvalidInput("body", "must be a JSON object")
+    unknown = sorted(set(body) - set(accepted)) if accepted else []
+    if unknown:
+        raise InvalidInput(unknown[0], f"unknown field; accepted: {', '.join(accepted)}")
+    return body
+
+
 def int_arg(name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
     raw = request.args.get(name)
     if raw is None or raw == "":

@@ -29,7 +29,7 @@ from orchestrator.models import WorkflowInstance
 from orchestrator.repository import check_project, check_branch_name, geometries, open_repository
 from sagas.balance import CATALOG, STATE_ROLES, BalanceSaga, SimpleCalculation
 
-from . import json_body, runtime
+from . import json_body, json_object, runtime
 
 bp = Blueprint("balance", __name__)
 
@@ -173,12 +173,7 @@ def submit_input(saga_id: str) -> Any:
         from .sagas import fire_event  # other workflows keep the generic answer
 
         return fire_event(saga_id, "submit_input")
-    body = json_body()
-    if not isinstance(body, dict):
-        raise InvalidInput("body", "must be a JSON object")
-    unknown = sorted(set(body) - {"step", "content", "use_hydrated"})
-    if unknown:
-        raise InvalidInput(unknown[0], "unknown field; accepted: step, content, use_hydrated")
+    body = json_object("step", "content", "use_hydrated")
     step = body.get("step")
     chain = snap["context"]["input"]["dependencies"]
     if not isinstance(step, str) or step.strip().lower() not in CATALOG:
@@ -270,12 +265,7 @@ def list_geometries() -> Any:
 
 @bp.post("/merge-requests")
 def create_merge_request() -> Any:
-    body = json_body()
-    if not isinstance(body, dict):
-        raise InvalidInput("body", "must be a JSON object")
-    unknown = sorted(set(body) - {"project", "source_branch", "target_branch", "title"})
-    if unknown:
-        raise InvalidInput(unknown[0], "unknown field; accepted: project, source_branch, target_branch, title")
+    body = json_object("project", "source_branch", "target_branch", "title")
     project = check_project(body.get("project"))
     source = check_branch_name(body.get("source_branch"), "source_branch")
     target = body.get("target_branch")

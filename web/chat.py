@@ -23,7 +23,7 @@ from sagas import chat_live
 from sagas.chat import validate_message, validate_session_request
 from sagas.chat_store import bad_after_seq
 
-from . import health, int_arg, json_body, openapi, runtime
+from . import health, int_arg, json_body, json_object, openapi, runtime
 from .chat_stream import StreamCursor, hub, live_sockets
 
 log = logging.getLogger(__name__)
@@ -126,12 +126,7 @@ def delete_session(session_id: str) -> Any:
 
 @bp.post("/api/v1/chat/<session_id>/task")
 def submit_task(session_id: str) -> Any:
-    body = json_body()
-    if not isinstance(body, dict):
-        raise InvalidInput("body", "must be a JSON object")
-    unknown = sorted(set(body) - {"message"})
-    if unknown:
-        raise InvalidInput(unknown[0], "unknown field; accepted fields: message")
+    body = json_object("message")
     message = validate_message(body, chat_live.chat_settings())["message"]
     result, created = chat_live.store().submit(session_id, message, request.headers.get("Idempotency-Key"))
     task = result["task"]

@@ -7,7 +7,7 @@ from flask import Blueprint, request
 
 from orchestrator.errors import InvalidInput
 
-from . import int_arg, json_body, runtime
+from . import int_arg, json_object, runtime
 
 bp = Blueprint("sagas", __name__)
 
@@ -26,12 +26,7 @@ def _start(type_name: str, body: dict[str, Any]) -> Any:
 
 @bp.post("/saga")
 def start_saga() -> Any:
-    body = json_body()
-    if not isinstance(body, dict):
-        raise InvalidInput("body", "must be a JSON object")
-    unknown = sorted(set(body) - {"type", "key", "input"})
-    if unknown:
-        raise InvalidInput(unknown[0], "unknown field; accepted: type, key, input")
+    body = json_object("type", "key", "input")
     type_name = body.get("type")
     if not isinstance(type_name, str) or not type_name:
         raise InvalidInput("type", "is required: the workflow type, one of "
@@ -44,9 +39,7 @@ def start_saga() -> Any:
 
 @bp.post("/saga/<type_name>")
 def start_saga_of_type(type_name: str) -> Any:
-    body = json_body(required=False)
-    if not isinstance(body, dict):
-        raise InvalidInput("body", "must be a JSON object")
+    body = json_object(required=False)
     return _start(type_name, {"key": body.get("key"), "input": body.get("input", {})})
 
 
@@ -65,9 +58,7 @@ def get_saga(instance_id: str) -> Any:
 
 @bp.post("/sagas/<instance_id>/events/<event>")
 def fire_event(instance_id: str, event: str) -> Any:
-    payload = json_body(required=False)
-    if not isinstance(payload, dict):
-        raise InvalidInput("body", "must be a JSON object")
+    payload = json_object(required=False)
     return runtime().engine.fire(instance_id, event, payload, actor=request.headers.get("X-Actor", "api"))
 
 
