@@ -15,7 +15,7 @@ import sys
 import uuid
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Iterator
+from typing import Callable, Iterator
 
 #: The Celery and Kafka header that carries the correlation id.
 HEADER = "orchestrator_correlation_id"
@@ -32,19 +32,30 @@ def new_correlation_id() -> str:
     return uuid.uuid4().hex
 
 
-@contextmanager
-def context(workflow_id: str | None = None, correlation_id: str | None = None) -> Iterator[None]:
-    """Lines logged inside carry these ids (None keeps what the outer context has)."""
-    tokens = []
+def bind(workflow_id: str | None = None, correlation_id: str | None = None) -> Callable[[], None]:
+    """Lines logged from here on carry these ids (None keeps the current one); call the result
+    to go back to what was before."""
+    tokens: list[tuple[contextvars.ContextVar[str | None], contextvars.Token[str | None]]] = []
     if workflow_id is not None:
         tokens.append((_workflow, _workflow.set(workflow_id)))
     if correlation_id is not None:
         tokens.append((_correlation, _correlation.set(correlation_id)))
+
+    def unbind() -> None:
+        for var, token in reversed(tokens):
+            var.reset(token)
+
+    return unbind
+
+
+@contextmanager
+def context(workflow_id: str | None = None, correlation_id: str | None = None) -> Iterator[None]:
+    """Lines logged inside carry these ids (None keeps what the outer context has)."""
+    unbind = bind(workflow_id, correlation_id)
     try:
         yield
     finally:
-        for var, token in reversed(tokens):
-            var.reset(token)
+        unbind()
 
 
 class ContextFilter(logging.Filter):

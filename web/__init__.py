@@ -53,8 +53,7 @@ def create_app(runtime: runtime_module.Runtime | None = None) -> Flask:
         given = request.headers.get("X-Correlation-ID") or request.headers.get("X-Request-ID") or ""
         g.correlation_id = given.strip()[:64] or logs.new_correlation_id()
         workflow = next((v for k, v in (request.view_args or {}).items() if k in WORKFLOW_ID_ARGS), None)
-        g.log_context = logs.context(workflow_id=workflow, correlation_id=g.correlation_id)
-        g.log_context.__enter__()
+        g.unbind_log_ids = logs.bind(workflow_id=workflow, correlation_id=g.correlation_id)
 
     @app.after_request
     def _observe(response: Any) -> Any:
@@ -67,8 +66,8 @@ def create_app(runtime: runtime_module.Runtime | None = None) -> Flask:
 
     @app.teardown_request
     def _end_log_context(_exc: BaseException | None) -> None:
-        if "log_context" in g:
-            g.log_context.__exit__(None, None, None)
+        if "unbind_log_ids" in g:
+            g.unbind_log_ids()
 
     return app
 
