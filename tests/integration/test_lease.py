@@ -3,26 +3,21 @@ instance another transaction holds (it would otherwise wait for it while holding
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from datetime import timedelta
 
 import pytest
 from sqlalchemy import func, select, update
 
-from conftest import fresh_database
-from orchestrator.db import make_engine, make_session_factory
+from conftest import engine_on, fresh_database
 from orchestrator.engine import Engine
 from orchestrator.models import OutboxMessage, StepRun, WorkflowInstance, utcnow
-from orchestrator.workflow import registry
 
 
 @pytest.fixture(scope="module")
 def engine(rt):
     """A database of its own: the session's sweeper would re-dispatch these leases first."""
-    with fresh_database() as url:
-        db = make_engine(url)
-        yield Engine(replace(rt.settings, database_url=url), make_session_factory(db), registry)
-        db.dispose()
+    with fresh_database() as url, engine_on(rt.settings, url) as engine:
+        yield engine
 
 
 def outbox_rows(engine: Engine, instance_id: str) -> int:

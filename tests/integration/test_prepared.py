@@ -2,17 +2,14 @@
 the server dropped the old one) prepares them again, and a full cache starts over."""
 from __future__ import annotations
 
-from dataclasses import replace
 
 import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
-from conftest import _admin_engine, fresh_database
+from conftest import _admin_engine, engine_on, fresh_database
 from orchestrator import rows
-from orchestrator.db import make_engine, make_session_factory
 from orchestrator.engine import Done, Engine
-from orchestrator.workflow import registry
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +20,8 @@ def database(rt):
 
 @pytest.fixture
 def engine(rt, database):
-    db = make_engine(database)
-    yield Engine(replace(rt.settings, database_url=database), make_session_factory(db), registry)
-    db.dispose()
+    with engine_on(rt.settings, database) as engine:
+        yield engine
 
 
 def run_order(engine: Engine) -> dict:

@@ -5,18 +5,15 @@ against SQLite as the dev runner uses it."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 
 import pytest
 from sqlalchemy import func, select
 
-from conftest import fresh_database
-from orchestrator.db import make_engine, make_session_factory
+from conftest import engine_on, fresh_database
 from orchestrator.engine import Done, Engine, StepContext
 from orchestrator.migrate import upgrade
 from orchestrator.models import HistoryEntry, OutboxMessage
 from orchestrator.rows import StaleBasis
-from orchestrator.workflow import registry
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +30,9 @@ def engine(request, rt, postgres_url, tmp_path):
     url = f"sqlite:///{tmp_path}/engine.db" if request.param == "sqlite" else postgres_url
     if request.param == "sqlite":
         upgrade(url)
-    db = make_engine(url)
-    settings = replace(rt.settings, database_url=url,
-                       database_prepared_statements=request.param != "postgresql-unprepared")
-    yield Engine(settings, make_session_factory(db), registry)
-    db.dispose()
+    with engine_on(rt.settings, url,
+                   database_prepared_statements=request.param != "postgresql-unprepared") as engine:
+        yield engine
 
 
 def claim(engine: Engine, instance_id: str, step: str, branch: int | None = None) -> StepContext:
