@@ -308,10 +308,31 @@ class Engine:
     # -- events --------------------------------------------------------------------------------
     def fire(self, instance_id: str, event: str, payload: dict[str, Any] | None = None, *,
              actor: str = "api") -> dict[str, Any]:
-        """Fire a signal or human-input event. Raises IllegalTransition (409) or InvalidInput."""
+        """Fire any event of the workflow with a payload the caller has already checked (the Kafka
+        bridge's handlers, the chat callbacks, a workflow's own endpoint). Never pass an event name
+        or payload straight from a user: that is `signal`. Raises IllegalTransition (409)."""
         with self.unit_of_work() as uow:
             inst = uow.lock(instance_id)
             self._transition(uow, inst, event, payload or {}, actor)
+        return self.snapshot(instance_id)
+
+    def signal(self, instance_id: str, event: str, payload: dict[str, Any] | None = None, *,
+               actor: str = "api") -> dict[str, Any]:
+        """A user's signal (`POST /sagas/<id>/events/<event>`, SPEC "signals and human input").
+
+        Only the events the workflow declares in `Workflow.signals` are accepted, each payload
+        checked by its declared check under the instance lock. Raises NotFound (404), InvalidInput
+        on `event` (400: unknown, or the engine's own event) or on a payload field (400),
+        Conflict / IllegalTransition with `state` (409: not allowed now). A refused signal
+        changes nothing: no state, step or history row is written.
+        """
+        with self.unit_of_work() as uow:
+            inst = uow.lock(instance_id)
+            cls = self.workflow_class(inst.type)
+            check = cls.signals.get(event)
+            if check is None:
+                raise InvalidInput("event", _not_a_signal(cls, event))
+            self._transition(uow, inst, event, check(dict(payload or {}), inst), actor)
         return self.snapshot(instance_id)
 
     def _transition(self, uow: UnitOfWork, inst: Record, event: str, payload: dict[str, Any],
@@ -775,6 +796,21 @@ class Engine:
                 uow.execute(delete(table).where(table.c.instance_id.in_(ids)))
             uow.execute(update(OUTBOX).where(OUTBOX.c.instance_id.in_(ids)).values(instance_id=None))
             return uow.execute(delete(INSTANCES).where(INSTANCES.c.id.in_(ids))).rowcount  # type: ignore[no-any-return]
+
+
+def _not_a_signal(cls: type[Workflow], event: str) -> str:
+    """Why `event` is refused as a user's signal, and what to use instead."""
+    signals = ", ".join(sorted(cls.signals)) or "none"
+    if event == cls.restart_event and event in cls.event_names():
+        hint = "; restart a failed step with POST /sagas/<id>/restart?step=<step>"
+    elif event == cls.cancel_event and event in cls.event_names():
+        hint = "; cancel with POST /sagas/<id>/cancel"
+    else:
+        hint = ""
+    if event in cls.event_names():
+        return (f"'{event}' is not a signal of workflow '{cls.type}' (the engine or its services send it)"
+                f"{hint}; signals: {signals}")
+    return f"unknown event {event[:80]!r} for workflow '{cls.type}'; signals: {signals}"
 
 
 def _ts(value: datetime | None) -> str | None:

@@ -70,12 +70,23 @@ class Step:
         return self.retry(settings) if callable(self.retry) else self.retry
 
 
+#: The check of a signal's payload: `check(payload, instance) -> payload to fire`. `payload` is
+#: the request's JSON object; `instance` is the locked instance row (read `.state` and `.context`,
+#: change nothing). Raise InvalidInput naming the field (400) or Conflict with `state` (409).
+SignalCheck = Callable[[dict[str, Any], Any], dict[str, Any]]
+
+
 class Workflow(StateMachine):
     """Base of every workflow definition.
 
     Subclasses set `type`, declare states and events, and a `steps` table
     `{state: Step(...)}`. Callbacks may change `self.context` and call `self.emit(...)`;
     both are written in the same transaction as the transition.
+
+    `signals` names the events a user may send through `POST /sagas/<id>/events/<event>`, each
+    with the check of its payload (the same function the workflow's own endpoint or Kafka handler
+    uses, so a payload has one rule). Every other event is the engine's own (a step's outcome, a
+    join, restart, cancel, a failure) or arrives through the Kafka bridge, and is refused there.
     """
 
     type: ClassVar[str] = ""
@@ -86,6 +97,7 @@ class Workflow(StateMachine):
     failure_states: ClassVar[frozenset[str]] = frozenset()
     restart_event: ClassVar[str] = "restart"
     cancel_event: ClassVar[str] = "cancel"
+    signals: ClassVar[Mapping[str, SignalCheck]] = {}
 
     def __init__(self, model: Any, settings: "Settings | None" = None, session: "Session | None" = None) -> None:
         self.settings = settings
@@ -185,6 +197,12 @@ class Registry:
     def register(self, cls: type[Workflow]) -> type[Workflow]:
         if not cls.type:
             raise ValueError(f"{cls.__name__} has no type")
+        undeclared = sorted(set(cls.signals) - cls.event_names())
+        if undeclared:
+            raise ValueError(f"{cls.__name__} declares signals it has no event for: {', '.join(undeclared)}")
+        # Restart and cancel keep their own endpoints and checks (a failed step; compensations).
+        if {cls.restart_event, cls.cancel_event} & set(cls.signals):
+            raise ValueError(f"{cls.__name__}: restart and cancel cannot be signals")
         self._types[cls.type] = cls
         return cls
 

@@ -25,7 +25,7 @@ from typing import Any
 from statemachine import State
 
 from orchestrator.config import Settings
-from orchestrator.errors import InvalidInput
+from orchestrator.errors import Conflict, InvalidInput
 from orchestrator.repository import check_project, check_branch_name
 from orchestrator.workflow import Retry, Step, Workflow, register
 
@@ -153,6 +153,45 @@ def _build_balance_saga() -> type[Workflow]:
     return type("BalanceSaga", (_BalanceBase,), ns)
 
 
+SUBMISSION_FIELDS = ("step", "content", "use_hydrated")
+
+
+def check_submission(payload: dict[str, Any], instance: Any) -> dict[str, Any]:
+    """The user's input for the dependency the saga waits for (seed 002, docs/balance.md):
+    `{"step": "<DEP>", "content": <JSON>}` or `{"step": "<DEP>", "use_hydrated": true}`.
+
+    `instance` is the saga's row (its `state` and `context`). Returns the payload of the
+    `submit_input` signal, `step` lower-cased. Raises InvalidInput naming the field (400), or
+    Conflict with `state` and `field: "step"` (409) when the saga does not wait for that input.
+    """
+    unknown = sorted(set(payload) - set(SUBMISSION_FIELDS))
+    if unknown:
+        raise InvalidInput(unknown[0], f"unknown field; accepted: {', '.join(SUBMISSION_FIELDS)}")
+    step = payload.get("step")
+    chain = instance.context["input"]["dependencies"]
+    if not isinstance(step, str) or step.strip().lower() not in CATALOG:
+        raise InvalidInput("step", "is required: the dependency the input is for, one of "
+                           + ", ".join(d.upper() for d in chain))
+    step = step.strip().lower()
+    if step not in chain:
+        raise InvalidInput("step", f"'{step.upper()}' is not in this saga's chain: "
+                           + ", ".join(d.upper() for d in chain))
+    has_content = "content" in payload
+    use_hydrated = payload.get("use_hydrated")
+    if use_hydrated is not None and not isinstance(use_hydrated, bool):
+        raise InvalidInput("use_hydrated", "must be true or false")
+    if has_content == bool(use_hydrated):
+        raise InvalidInput("content", "send either 'content' (the input file's JSON) or 'use_hydrated': true")
+    if has_content and payload["content"] is None:
+        raise InvalidInput("content", "must be the input file's JSON content")
+    dep, role = STATE_ROLES.get(instance.state or "", ("", ""))
+    if role != "await" or dep != step:
+        waiting = f"it waits for {dep.upper()} input" if role == "await" else "it is not waiting for input"
+        raise Conflict(f"input for {step.upper()} refused: {waiting} (state {instance.state})",
+                       state=instance.state, field="step")
+    return {"step": step, **({"content": payload["content"]} if has_content else {"use_hydrated": True})}
+
+
 class _BalanceBase(Workflow):
     """Behaviour of the balance saga; the states and transitions are generated from CATALOG."""
 
@@ -160,6 +199,7 @@ class _BalanceBase(Workflow):
     start_event = "start"
     success_states = frozenset({"COMPLETED"})
     failure_states = frozenset({"FAILED"})
+    signals = {"submit_input": check_submission}
 
     # -- guards --------------------------------------------------------------------------------
     def next_state_after(self, state_id: str) -> str:
@@ -234,6 +274,7 @@ class SimpleCalculation(Workflow):
     start_event = "start"
     success_states = frozenset({"COMPLETED"})
     failure_states = frozenset({"FAILED"})
+    signals: dict[str, Any] = {}  # no user input: commit, calculate, report
 
     NEW = State(initial=True)
     COMMIT_INPUTS = State()

@@ -123,6 +123,8 @@ class ChatEvent(Base):
 class ChatTask(Workflow):
     type = TASK_TYPE
     success_states = frozenset({"completed"})
+    # No user signals: the lifecycle follows the execution service's callbacks (sagas/chat_store.py).
+    signals: dict[str, Any] = {}
 
     queued = State(initial=True)
     running = State()

@@ -33,6 +33,8 @@ class MediaPipeline(Workflow):
     start_event = "start"
     success_states = frozenset({"completed"})
     failure_states = frozenset({"failed"})
+    # No user signals: stages report their own outcome; restart and cancel have their endpoints.
+    signals: dict[str, Any] = {}
 
     queued = State(initial=True)
     downloading = State()

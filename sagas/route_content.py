@@ -67,6 +67,9 @@ class RouteContent(Workflow):
         "tts.completed": "on_tts_completed",
     }
     kafka_produces = ("story.generate", "tts.requested", "delivery.prefetch")
+    # No user signals: the services' results arrive through the bridge, checked by the handlers
+    # below; the TTS batch is restarted with POST /workflows/<route_id>/restart?step=tts_batch.
+    signals: dict[str, Any] = {}
 
     received = State(initial=True)
     generating_stories = State()

@@ -87,6 +87,8 @@ class WorkerDeployment(Workflow):
 
     kafka_consumes = {"init_scenario": "on_init_scenario", "worker.status": "on_worker_status"}
     kafka_produces = ("to_deploy",)
+    # No user signals: the runner's reports arrive on worker.status through the bridge.
+    signals: dict[str, Any] = {}
 
     pending = State(initial=True)
     deployed = State()

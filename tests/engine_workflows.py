@@ -26,12 +26,24 @@ def count(instance_id: str, what: str) -> int:
     return effects().hincrby(f"effects:{instance_id}", what, 1)
 
 
+def check_approval(payload: dict[str, Any], instance: Any) -> dict[str, Any]:
+    """The approver's signal: `{"amount": <number>}` (the guard compares it with the limit)."""
+    unknown = sorted(set(payload) - {"amount"})
+    if unknown:
+        raise InvalidInput(unknown[0], "unknown field; accepted: amount")
+    amount = payload.get("amount")
+    if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:
+        raise InvalidInput("amount", "is required: a number >= 0")
+    return {"amount": amount}
+
+
 @register
 class Order(Workflow):
     type = "order"
     start_event = "start"
     success_states = frozenset({"done"})
     failure_states = frozenset({"failed"})
+    signals = {"approve": check_approval}
 
     new = State(initial=True)
     reserving = State()
@@ -74,6 +86,9 @@ class Order(Workflow):
             raise InvalidInput("input", "must be a JSON object")
         if not isinstance(data.get("parcels", []), list):
             raise InvalidInput("input.parcels", "must be a list")
+        limit = data.get("limit", 100)
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)):
+            raise InvalidInput("input.limit", "must be a number")
         return data
 
 

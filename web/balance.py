@@ -24,10 +24,10 @@ from typing import Any, Iterator
 from flask import Blueprint, request
 from sqlalchemy import select, text
 
-from orchestrator.errors import Conflict, InvalidInput, NotFound, Unauthorized
+from orchestrator.errors import InvalidInput, NotFound, Unauthorized
 from orchestrator.models import WorkflowInstance
 from orchestrator.repository import check_project, check_branch_name, geometries, open_repository
-from sagas.balance import CATALOG, STATE_ROLES, BalanceSaga, SimpleCalculation
+from sagas.balance import STATE_ROLES, BalanceSaga, SimpleCalculation
 
 from . import json_body, json_object, runtime
 
@@ -173,31 +173,10 @@ def submit_input(saga_id: str) -> Any:
         from .sagas import fire_event  # other workflows keep the generic answer
 
         return fire_event(saga_id, "submit_input")
-    body = json_object("step", "content", "use_hydrated")
-    step = body.get("step")
-    chain = snap["context"]["input"]["dependencies"]
-    if not isinstance(step, str) or step.strip().lower() not in CATALOG:
-        raise InvalidInput("step", "is required: the dependency the input is for, one of "
-                           + ", ".join(d.upper() for d in chain))
-    step = step.strip().lower()
-    if step not in chain:
-        raise InvalidInput("step", f"'{step.upper()}' is not in this saga's chain: "
-                           + ", ".join(d.upper() for d in chain))
-    has_content = "content" in body
-    use_hydrated = body.get("use_hydrated")
-    if use_hydrated is not None and not isinstance(use_hydrated, bool):
-        raise InvalidInput("use_hydrated", "must be true or false")
-    if has_content == bool(use_hydrated):
-        raise InvalidInput("content", "send either 'content' (the input file's JSON) or 'use_hydrated': true")
-    if has_content and body["content"] is None:
-        raise InvalidInput("content", "must be the input file's JSON content")
-    dep, role = STATE_ROLES.get(snap["state"] or "", ("", ""))
-    if role != "await" or dep != step:
-        waiting = f"it waits for {dep.upper()} input" if role == "await" else "it is not waiting for input"
-        raise Conflict(f"input for {step.upper()} refused: {waiting} (state {snap['state']})",
-                       state=snap["state"], field="step")
-    payload = {"step": step, **({"content": body["content"]} if has_content else {"use_hydrated": True})}
-    engine.fire(saga_id, "submit_input", payload, actor=request.headers.get("X-User", "api"))
+    # The checks (fields, chain, and that the saga waits for this input) are the signal's own:
+    # sagas.balance.check_submission, run under the saga's lock.
+    engine.signal(saga_id, "submit_input", json_object(),
+                  actor=request.headers.get("X-User", "api"))
     return _answer(_settle(saga_id, {"save"}))
 
 

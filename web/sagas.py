@@ -58,8 +58,9 @@ def get_saga(instance_id: str) -> Any:
 
 @bp.post("/sagas/<instance_id>/events/<event>")
 def fire_event(instance_id: str, event: str) -> Any:
+    """A signal the workflow declares for users (Workflow.signals); its own events are refused."""
     payload = json_object(required=False)
-    return runtime().engine.fire(instance_id, event, payload, actor=request.headers.get("X-Actor", "api"))
+    return runtime().engine.signal(instance_id, event, payload, actor=request.headers.get("X-Actor", "api"))
 
 
 @bp.post("/sagas/<instance_id>/restart")

@@ -73,6 +73,13 @@ def test_input_for_a_saga_not_waiting_for_it_is_409(gitlab_stack):
                        ({"step": "CONDENSER", "content": {}, "x": 1}, "x")):
         r = submit(s, saga["saga_id"], bad)
         assert r.status_code == 400 and r.json()["field"] == field, (bad, r.text)
+    # the saga's own events are not signals: the generic endpoint refuses them and nothing moves
+    before = s.http("GET", f"/sagas/{saga['saga_id']}").json()
+    for event, body in (("input_saved", {}), ("calculated", {"commit": "0" * 40}), ("finished", {"result": {}}),
+                        ("restart", {"step": "check_condenser"}), ("cancel", {})):
+        r = s.http("POST", f"/sagas/{saga['saga_id']}/events/{event}", json=body)
+        assert r.status_code == 400 and r.json()["field"] == "event", (event, r.text)
+    assert s.http("GET", f"/sagas/{saga['saga_id']}").json() == before
     # cancel: stops cleanly; input afterwards is refused with the state
     r = s.http("POST", f"/sagas/{saga['saga_id']}/cancel")
     assert r.status_code == 200 and r.json()["state"] == "CANCELLED"
