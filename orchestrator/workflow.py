@@ -87,6 +87,7 @@ class Workflow(StateMachine):
     with the check of its payload (the same function the workflow's own endpoint or Kafka handler
     uses, so a payload has one rule). Every other event is the engine's own (a step's outcome, a
     join, restart, cancel, a failure) or arrives through the Kafka bridge, and is refused there.
+    In the same way `started_by` keeps the generic start away from a workflow with its own start.
     """
 
     type: ClassVar[str] = ""
@@ -98,6 +99,9 @@ class Workflow(StateMachine):
     restart_event: ClassVar[str] = "restart"
     cancel_event: ClassVar[str] = "cancel"
     signals: ClassVar[Mapping[str, SignalCheck]] = {}
+    #: Set when the workflow has its own way in, whose checks the generic `POST /saga` lacks
+    #: (e.g. "POST /api/v1/chat/<session_id>/task"); the generic start then refuses the type.
+    started_by: ClassVar[str] = ""
 
     def __init__(self, model: Any, settings: "Settings | None" = None, session: "Session | None" = None) -> None:
         self.settings = settings

@@ -200,6 +200,7 @@ class _BalanceBase(Workflow):
     success_states = frozenset({"COMPLETED"})
     failure_states = frozenset({"FAILED"})
     signals = {"submit_input": check_submission}
+    started_by = "POST /saga/calculate-balance"
 
     # -- guards --------------------------------------------------------------------------------
     def next_state_after(self, state_id: str) -> str:
@@ -275,6 +276,7 @@ class SimpleCalculation(Workflow):
     success_states = frozenset({"COMPLETED"})
     failure_states = frozenset({"FAILED"})
     signals: dict[str, Any] = {}  # no user input: commit, calculate, report
+    started_by = "POST /calculations"
 
     NEW = State(initial=True)
     COMMIT_INPUTS = State()

@@ -125,6 +125,7 @@ class ChatTask(Workflow):
     success_states = frozenset({"completed"})
     # No user signals: the lifecycle follows the execution service's callbacks (sagas/chat_store.py).
     signals: dict[str, Any] = {}
+    started_by = "POST /api/v1/chat/<session_id>/task"
 
     queued = State(initial=True)
     running = State()

@@ -70,6 +70,7 @@ class RouteContent(Workflow):
     # No user signals: the services' results arrive through the bridge, checked by the handlers
     # below; the TTS batch is restarted with POST /workflows/<route_id>/restart?step=tts_batch.
     signals: dict[str, Any] = {}
+    started_by = "a route.confirmed event on Kafka (keyed by its route_id)"
 
     received = State(initial=True)
     generating_stories = State()

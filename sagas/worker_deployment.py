@@ -89,6 +89,7 @@ class WorkerDeployment(Workflow):
     kafka_produces = ("to_deploy",)
     # No user signals: the runner's reports arrive on worker.status through the bridge.
     signals: dict[str, Any] = {}
+    started_by = "an init_scenario event on Kafka"
 
     pending = State(initial=True)
     deployed = State()

@@ -13,6 +13,11 @@ bp = Blueprint("sagas", __name__)
 
 
 def _start(type_name: str, body: dict[str, Any]) -> Any:
+    cls = runtime().engine.registry.get(type_name)
+    if cls is not None and cls.started_by:
+        # Its own way in checks what this endpoint cannot (a session, a project, a Kafka key).
+        raise InvalidInput("type", f"a '{type_name}' workflow is started by {cls.started_by}, "
+                                   "not by the generic start")
     key = body.get("key")
     if key is not None and not isinstance(key, str):
         raise InvalidInput("key", "must be a string")

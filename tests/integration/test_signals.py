@@ -118,3 +118,25 @@ def test_a_declared_signal_is_checked_like_an_endpoint(client, worker, sweeper):
     r = client.post(f"/sagas/{iid}/events/approve", json={"amount": 1})
     assert r.status_code == 409 and r.json["state"] in ("shipping", "done")
 
+
+
+def test_the_generic_start_leaves_workflows_with_their_own_start_alone(client):
+    """A route started here had no key, so route.confirmed for it started a second one; a chat task
+    skipped its session's checks. Their own way in is named in the answer."""
+    own = {"route_content": {"route_id": f"r-{uuid.uuid4().hex[:8]}", "mode": "walking"},
+           "worker_deployment": {"scenario_uuid": str(uuid.uuid4()), "camera_url": "rtsp://cam/1"},
+           "chat_task": {"session_id": "no-such-session", "message": "hi"},
+           "calculate-balance": {"project": "group/project", "branch": "issue-1"},
+           "simple-calculation": {"project": "group/project", "branch": "issue-1", "files": {"a.json": {}},
+                                  "output_file": "b.json"}}
+    for type_name, data in own.items():
+        total = client.get(f"/sagas?type={type_name}").json["total"]
+        answers = [client.post("/saga", json={"type": type_name, "input": data})]
+        if type_name != "calculate-balance":  # POST /saga/calculate-balance is the saga's own endpoint
+            answers.append(client.post(f"/saga/{type_name}", json={"input": data}))
+        for r in answers:
+            assert r.status_code == 400 and r.json["field"] == "type", (type_name, r.status_code, r.json)
+            assert "started by" in r.json["message"]
+        assert client.get(f"/sagas?type={type_name}").json["total"] == total, type_name
+    # workflows without a start of their own still start here
+    assert client.post("/saga/order", json={"input": {}}).status_code == 201
