@@ -62,7 +62,8 @@ SPEC: dict[str, Any] = {
         "/sagas/{instance_id}": {"get": _op("State, context, steps and history", params=[ID],
                                             answers={"200": "the instance", "404": "unknown"})},
         "/sagas/{instance_id}/events/{event}": {"post": _op(
-            "Fire a signal or a human-input event", params=[ID, ("event", "path", "string", True)],
+            "Send a signal the workflow declares for users (400 naming 'event' for any other event)",
+            params=[ID, ("event", "path", "string", True)],
             body={"type": "object"}, answers={"200": "the instance after the transition", **ERRORS})},
         "/sagas/{instance_id}/restart": {"post": _op(
             "Restart a failed step", params=[ID, ("step", "query", "string", True)],
