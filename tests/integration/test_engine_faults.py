@@ -124,3 +124,17 @@ def test_a_compensation_that_keeps_failing_shows_and_the_others_run(client, work
     assert s["flight"]["status"] == "compensation_failed"
     assert ("agency down" if mode == "always" else "booking already used") in s["flight"]["error"]
     assert snap["state"] == "cancelled" and snap["compensation"] == "failed"
+
+
+def test_on_sqlite_compensations_retry_and_a_failed_one_shows(rt, sqlite_processes):
+    with engine_on(rt.settings, sqlite_processes) as engine:
+        inst, _ = engine.start("trip", {"unbook": {"flight": "always", "car": "once"}})
+        wait_for(lambda: engine.snapshot(inst["id"])["state"] == "booked", timeout=60, what="the bookings")
+        engine.cancel(inst["id"])
+        snap = wait_for(lambda: (lambda s: s if s["compensation"] in ("completed", "failed") else None)(
+            engine.snapshot(inst["id"])), timeout=60, what="the compensations")
+        assert {n: s["status"] for n, s in steps(snap).items()} == {
+            "hotel": "compensated", "flight": "compensation_failed", "car": "compensated"}
+        assert compensations(inst["id"]) == ["car", "hotel"]
+        assert effects(inst["id"]) == {"unbook:car": 2, "unbook:flight": 3, "unbook:hotel": 1}
+        assert snap["compensation"] == "failed" and snap["state"] == "cancelled"
