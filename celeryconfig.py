@@ -1,7 +1,11 @@
 """Celery settings shared by every process. URLs come from the environment (orchestrator.config).
 
-Step work is long and must survive a worker's death: acks late, requeue on worker loss,
-prefetch one. Queues are durable; publishing waits for the broker's confirm.
+Step work is long and must survive a worker's death: acks late, prefetch one. A task whose pool
+process dies is not put back on the queue (that redelivers a task that kills its process for
+ever): a step or compensation counts it as a failed attempt under its retry policy
+(orchestrator/steps.py), any other task fails. A worker killed whole never acknowledged its
+message, so the broker delivers it again. Queues are durable; publishing waits for the broker's
+confirm.
 """
 from kombu import Exchange, Queue
 
@@ -12,7 +16,7 @@ timezone = "UTC"
 enable_utc = True
 
 task_acks_late = True
-task_reject_on_worker_lost = True
+task_reject_on_worker_lost = False
 worker_prefetch_multiplier = 1
 task_track_started = True
 # Flower shows every task of every workflow from these events.

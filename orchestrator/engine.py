@@ -654,28 +654,88 @@ class Engine:
             self._transition(uow, inst, cls.cancel_event, {}, actor)
         return self.snapshot(instance_id)
 
-    def _compensate(self, uow: UnitOfWork, inst: Record, cls: type[Workflow]) -> None:
-        """Run the declared compensations of completed steps, newest first, as one Celery chain."""
-        runs = sorted((r for r in uow.all_runs(inst.id).values() if r.status == StepStatus.COMPLETED.value),
+    def _compensate(self, uow: UnitOfWork, inst: Record, cls: type[Workflow]) -> bool:
+        """Send the next compensation: completed steps that declare one, newest first, one at a
+        time; each is retried by its own policy and reports on its own, so one that fails does not
+        keep the others from running. False when none is left to send."""
+        runs = uow.all_runs(inst.id).values()
+        if any(r.status == StepStatus.COMPENSATING.value for r in runs):
+            return True  # one at a time: the next goes when this one has reported
+        done = sorted((r for r in runs if r.status == StepStatus.COMPLETED.value),
                       key=lambda r: (r.queued_at or datetime.min.replace(tzinfo=timezone.utc), r.id or 0),
                       reverse=True)
-        links = []
-        for run in runs:
+        for run in done:
             found = cls.step_named(run.name)
             if found and found[1].compensate:
-                links.append([found[1].compensate, [inst.id, run.name, run.attempt]])
-        if links:
-            uow.add_message("celery", links[0][0], {"chain": links}, instance_id=inst.id)
+                run.status = StepStatus.COMPENSATING.value
+                run.attempt += 1  # the compensation's own delivery key
+                run.failures = 0
+                run.error = None
+                self._dispatch_compensation(uow, inst.id, found[1], run)
+                return True
+        return False
+
+    def _dispatch_compensation(self, uow: UnitOfWork, instance_id: str, step: Step, run: Record) -> None:
+        uow.add_message("celery", step.compensate, {"task": [step.compensate, [instance_id, run.name, run.attempt]]},
+                        instance_id=instance_id)
+        run.lease_until = utcnow() + timedelta(seconds=self.settings.step_lease_seconds)
+
+    def claim_compensation(self, instance_id: str, step: str, attempt: int) -> StepContext | None:
+        """What a compensation task gets; None for a stale or duplicate delivery."""
+        with self.reads.connect() as conn:
+            inst = conn.execute(INSTANCE, {"id": instance_id}).first()
+            run = conn.execute(RUNS_OF.where(RUNS.c.name == step), {"id": instance_id}).first()
+        if inst is None or run is None or run.attempt != attempt or run.status != StepStatus.COMPENSATING.value:
+            return None
+        return StepContext(instance_id=instance_id, step=step, attempt=attempt, branch=None,
+                           input=copy.deepcopy((inst.context or {}).get("input") or {}),
+                           data=copy.deepcopy(run.data or {}), polls=0, restarts=run.restarts,
+                           settings=self.settings, engine=self)
 
     def compensated(self, instance_id: str, step: str, attempt: int) -> bool:
-        """Mark a completed step compensated; False if it was already (a duplicate delivery)."""
+        """Mark a step compensated and send the next compensation; False if this delivery was
+        stale or a duplicate."""
         with self.unit_of_work() as uow:
-            uow.lock(instance_id)
-            run = uow.step_run(instance_id, step)
-            if run is None or run.attempt != attempt or run.status != StepStatus.COMPLETED.value:
+            found = self._compensating_run(uow, instance_id, step, attempt)
+            if found is None:
                 return False
+            inst, run, cls = found
             run.status = StepStatus.COMPENSATED.value
+            run.lease_until = None
+            self._compensate(uow, inst, cls)
             return True
+
+    def compensation_failed(self, instance_id: str, step: str, attempt: int, error: str,
+                            retryable: bool) -> None:
+        """Retry the compensation after a backoff timer if its policy allows; else mark the step
+        `compensation_failed` with the error and send the next compensation."""
+        with self.unit_of_work() as uow:
+            found = self._compensating_run(uow, instance_id, step, attempt)
+            if found is None:
+                return
+            inst, run, cls = found
+            policy = cls.step_named(step)[1].compensation_policy(self.settings)  # type: ignore[index]
+            run.failures += 1
+            run.error = error[:2000]
+            run.lease_until = None
+            if policy.should_retry(run.failures, retryable):
+                delay = policy.delay(run.failures)
+                uow.add_timer(instance_id=instance_id, kind="compensate", step=step, attempt=attempt,
+                              due_at=utcnow() + timedelta(seconds=delay))
+                log.info("compensation of step %s of %s failed (%s); retry %d in %.1fs", step, instance_id,
+                         error, run.failures, delay)
+                return
+            log.warning("compensation of step %s of %s failed for good: %s", step, instance_id, error)
+            run.status = StepStatus.COMPENSATION_FAILED.value
+            self._compensate(uow, inst, cls)
+
+    def _compensating_run(self, uow: UnitOfWork, instance_id: str, step: str,
+                          attempt: int) -> tuple[Record, Record, type[Workflow]] | None:
+        inst = uow.lock_with_runs(instance_id)
+        run = uow.step_run(instance_id, step) if inst is not None else None
+        if inst is None or run is None or run.attempt != attempt or run.status != StepStatus.COMPENSATING.value:
+            return None
+        return inst, run, self.workflow_class(inst.type)
 
     # -- sweeper -------------------------------------------------------------------------------
     def fire_due_timers(self, limit: int = 200) -> int:
@@ -697,9 +757,17 @@ class Engine:
 
     def _fire_timer(self, uow: UnitOfWork, timer: Record) -> None:
         inst = uow.lock(timer.instance_id)
+        cls = self.workflow_class(inst.type)
+        if timer.kind == "compensate":  # the instance is finished (cancelled) by then
+            run = uow.step_run(inst.id, timer.step or "")
+            found = cls.step_named(timer.step or "")
+            if run is not None and found and run.attempt == timer.attempt \
+                    and run.status == StepStatus.COMPENSATING.value:
+                run.attempt += 1
+                self._dispatch_compensation(uow, inst.id, found[1], run)
+            return
         if inst.finished:
             return
-        cls = self.workflow_class(inst.type)
         if timer.kind == "expire":
             self._expire(uow, inst, cls)
             return
@@ -748,13 +816,19 @@ class Engine:
             # transaction holds it: waiting for it while holding the step row could deadlock.
             rows = uow.execute(
                 select(RUNS, INSTANCES.c.type).join(INSTANCES, INSTANCES.c.id == RUNS.c.instance_id)
-                .where(RUNS.c.status == StepStatus.QUEUED.value, RUNS.c.lease_until < utcnow())
+                .where(RUNS.c.status.in_((StepStatus.QUEUED.value, StepStatus.COMPENSATING.value)),
+                       RUNS.c.lease_until < utcnow())
                 .limit(100).with_for_update(of=(RUNS, INSTANCES), skip_locked=True)).all()
             for row in rows:
                 run = uow.writes.track(RUNS, Record({c.name: row._mapping[c] for c in RUNS.c}))
                 cls = self.workflow_class(row._mapping[INSTANCES.c.type])
                 found = cls.step_named(run.name)
                 if found is None:
+                    continue
+                if run.status == StepStatus.COMPENSATING.value:
+                    if found[1].compensate:
+                        self._dispatch_compensation(uow, run.instance_id, found[1], run)
+                        count += 1
                     continue
                 run.lease_until = utcnow() + timedelta(seconds=self.settings.step_lease_seconds)
                 branches = None
@@ -834,6 +908,17 @@ def step_dict(run: Any) -> dict[str, Any]:
     return out
 
 
+def compensation_status(runs: list[Any]) -> str | None:
+    """How the compensations of a cancelled instance stand: None (none ran), "running",
+    "failed" (at least one gave up: see its step's `error`) or "completed"."""
+    statuses = {r.status for r in runs}
+    if StepStatus.COMPENSATING.value in statuses:
+        return "running"
+    if StepStatus.COMPENSATION_FAILED.value in statuses:
+        return "failed"
+    return "completed" if StepStatus.COMPENSATED.value in statuses else None
+
+
 def instance_dict(inst: Any, runs: list[Any] | None, history: list[Any] | None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "id": inst.id, "type": inst.type, "key": inst.business_key, "state": inst.state,
@@ -843,6 +928,7 @@ def instance_dict(inst: Any, runs: list[Any] | None, history: list[Any] | None) 
     }
     if runs is not None:
         out["steps"] = [step_dict(r) for r in runs]
+        out["compensation"] = compensation_status(runs)
     if history is not None:
         out["history"] = [{"from": h.from_state, "to": h.to_state, "event": h.event,
                            "payload_digest": h.payload_digest, "actor": h.actor,

@@ -48,7 +48,9 @@ class StepStatus(str, enum.Enum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    COMPENSATING = "compensating"  # cancelled instance: its compensation is sent or waits for a retry
     COMPENSATED = "compensated"
+    COMPENSATION_FAILED = "compensation_failed"  # gave up after its retries; `error` says why
 
 
 ACTIVE_STEP_STATUSES = (StepStatus.QUEUED, StepStatus.WAITING)
@@ -94,7 +96,7 @@ class StepRun(Base):
     instance_id: Mapped[str] = mapped_column(ForeignKey("workflow_instances.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column(String(64))
     task: Mapped[str] = mapped_column(String(128))
-    status: Mapped[str] = mapped_column(String(16), default=StepStatus.PENDING.value)
+    status: Mapped[str] = mapped_column(String(32), default=StepStatus.PENDING.value)
     attempt: Mapped[int] = mapped_column(Integer, default=0)      # bumped on every dispatch key change
     restarts: Mapped[int] = mapped_column(Integer, default=0)
     failures: Mapped[int] = mapped_column(Integer, default=0)     # consecutive, for the retry policy
@@ -154,7 +156,7 @@ class Timer(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     instance_id: Mapped[str] = mapped_column(ForeignKey("workflow_instances.id", ondelete="CASCADE"))
-    kind: Mapped[str] = mapped_column(String(16))  # "retry", "poll", "deadline", "expire"
+    kind: Mapped[str] = mapped_column(String(16))  # "retry", "poll", "deadline", "expire", "compensate"
     step: Mapped[str | None] = mapped_column(String(64))
     attempt: Mapped[int | None] = mapped_column(Integer)
     branch: Mapped[int | None] = mapped_column(Integer)

@@ -8,13 +8,24 @@ The function gets a StepContext (ids, input, its saved data) and returns Done(ev
 Poll(after=seconds) to be called again later, or None for a link in the middle of a chain.
 Raising UpstreamError retries by the step's policy when the error is retryable (5xx,
 connection); InvalidInput or StepError fail the step at once.
+
+Only a link that returns None lets its chain go on: a link that failed, polls, or found nothing to
+claim stops the chain, and the step's retry (or poll) dispatches the whole chain again.
+
+A worker process that dies inside a step or compensation (os._exit, a segfault, the OOM killer)
+is one failed attempt: these tasks do not ask for their message back (`reject_on_worker_lost`
+off), and the worker's main process, which saw the child die, reports the failure under the
+retry policy (`report_lost_worker`). A whole worker killed at once never acknowledged its message,
+so the broker delivers it again and the step runs in the next worker.
 """
 from __future__ import annotations
 
 import logging
 from typing import Any, Callable
 
+from billiard.exceptions import WorkerLostError
 from celery import shared_task
+from celery.signals import task_failure
 
 from . import logs, runtime
 from .engine import Done, Poll, StepContext
@@ -35,12 +46,16 @@ def step_task(name: str, **options: Any) -> Callable[[StepFunction], Any]:
         # would cost a round trip per step that nobody reads.
         options.setdefault("ignore_result", True)
 
-        @shared_task(name=name, bind=True, acks_late=True, reject_on_worker_lost=True, **options)
+        @shared_task(name=name, bind=True, acks_late=True, reject_on_worker_lost=False, **options)
         def run(self: Any, instance_id: str, step: str, attempt: int, branch: int | None = None) -> str:
             with logs.context(workflow_id=instance_id, correlation_id=getattr(self.request, logs.HEADER, None)):
                 outcome = run_step(instance_id, step, attempt, branch)
                 log.info("step %s (attempt %d%s): %s", step, attempt,
                          "" if branch is None else f", branch {branch}", outcome)
+                if outcome != "continued" and self.request.chain:
+                    # Celery sends the next link of a chain whenever a task returns; a link that
+                    # failed or has to wait must not let the later links run without its effect.
+                    self.request.chain = None
                 return outcome
 
         def run_step(instance_id: str, step: str, attempt: int, branch: int | None) -> str:
@@ -70,30 +85,71 @@ def step_task(name: str, **options: Any) -> Callable[[StepFunction], Any]:
             return "continued"
 
         run.step_function = fn
+        run.reports_to = "step"
         return run
 
     return decorate
 
 
 def compensation_task(name: str, **options: Any) -> Callable[[Callable[[StepContext], None]], Any]:
-    """A task that undoes a completed step on cancel; runs once per (instance, step, attempt)."""
+    """A task that undoes a completed step on cancel. The engine sends one compensation at a time,
+    newest step first, keyed by (instance, step, attempt) like a step. Any error is retried by
+    the step's `compensate_retry` policy (an undo must happen if it can), except InvalidInput,
+    StepError and a non-retryable UpstreamError (4xx), which fail it at once; a compensation that
+    finally fails shows `compensation_failed` with its error, and the next one runs all the same."""
 
     def decorate(fn: Callable[[StepContext], None]) -> Any:
-        @shared_task(name=name, bind=True, acks_late=True, reject_on_worker_lost=True, **options)
+        @shared_task(name=name, bind=True, acks_late=True, reject_on_worker_lost=False, **options)
         def run(self: Any, instance_id: str, step: str, attempt: int) -> str:
+            with logs.context(workflow_id=instance_id, correlation_id=getattr(self.request, logs.HEADER, None)):
+                outcome = compensate(instance_id, step, attempt)
+                log.info("compensation of step %s (attempt %d): %s", step, attempt, outcome)
+                return outcome
+
+        def compensate(instance_id: str, step: str, attempt: int) -> str:
             engine = runtime.current().engine
-            snapshot = engine.snapshot(instance_id, history=False)
-            run_row = next((s for s in snapshot["steps"] if s["name"] == step), None)
-            if run_row is None or run_row["status"] != "completed":
-                return "skipped"
-            ctx = StepContext(instance_id=instance_id, step=step, attempt=attempt, branch=None,
-                              input=snapshot["context"].get("input") or {}, data=run_row["data"],
-                              polls=0, restarts=run_row["restarts"],
-                              settings=engine.settings, engine=engine)
-            fn(ctx)
+            ctx = engine.claim_compensation(instance_id, step, attempt)
+            if ctx is None:
+                return "skipped: stale or duplicate delivery"
+            try:
+                fn(ctx)
+            except UpstreamError as exc:
+                engine.compensation_failed(instance_id, step, attempt, exc.message, exc.retryable)
+                return f"failed: {exc.message}"
+            except (InvalidInput, StepError) as exc:
+                engine.compensation_failed(instance_id, step, attempt, str(exc), False)
+                return f"failed: {exc}"
+            except Exception as exc:
+                log.exception("compensation of step %s of %s raised", step, instance_id)
+                engine.compensation_failed(instance_id, step, attempt, f"{type(exc).__name__}: {exc}", True)
+                return f"failed: {exc}"
             engine.compensated(instance_id, step, attempt)
             return "compensated"
 
+        run.reports_to = "compensation"
         return run
 
     return decorate
+
+
+@task_failure.connect
+def report_lost_worker(sender: Any = None, exception: BaseException | None = None,
+                       args: tuple[Any, ...] | list[Any] | None = None, **_: Any) -> None:
+    """In a worker's main process: a step or compensation task whose pool process died is a failed
+    attempt of that step (retryable), so a task that kills its process runs at most as often as the
+    step's retry policy allows instead of being delivered again for ever."""
+    kind = getattr(sender, "reports_to", None)
+    if kind is None or not isinstance(exception, WorkerLostError) or not args:
+        return
+    instance_id, step, attempt, *rest = args
+    error = f"worker process lost while running the task: {exception}"
+    with logs.context(workflow_id=instance_id):
+        log.warning("%s %s of %s (attempt %s): %s", kind, step, instance_id, attempt, error)
+        try:
+            engine = runtime.current().engine
+            if kind == "step":
+                engine.step_failed(instance_id, step, attempt, error, True, rest[0] if rest else None)
+            else:
+                engine.compensation_failed(instance_id, step, attempt, error, True)
+        except Exception:  # the lease delivers the step again when nobody reports it
+            log.exception("could not report the lost worker of %s %s of %s", kind, step, instance_id)

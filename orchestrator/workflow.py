@@ -40,15 +40,22 @@ class Retry:
         return retryable and failures < self.attempts
 
 
+#: A compensation's default policy: an undo is worth a few tries over about half a minute.
+COMPENSATION_RETRY = Retry(attempts=5, backoff=2.0, factor=2.0, max_delay=60.0)
+
+
 @dataclass(frozen=True)
 class Step:
     """Work run when the machine enters a state.
 
     task:     the Celery task `<workflow>.<step>`; or
-    chain:    several tasks run in order as a Celery chain, the last one reports the outcome;
+    chain:    several tasks run in order as a Celery chain, the last one reports the outcome; a
+              link that fails stops the chain, and a retry runs the whole chain again;
     fanout:   name of a workflow method returning one input per branch; the task runs once per
               branch as a Celery group and `join` fires when every branch has completed (the
               join is counted on the step row, never in a chord callback).
+    compensate: a task that undoes the completed step when the instance is cancelled, retried
+              by `compensate_retry` (default COMPENSATION_RETRY).
     """
 
     task: str = ""
@@ -60,6 +67,7 @@ class Step:
     timeout: timedelta | None = None
     on_failure: str = "fail"
     compensate: str = ""
+    compensate_retry: "Retry | Callable[[Settings], Retry]" = COMPENSATION_RETRY
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -68,6 +76,10 @@ class Step:
     def policy(self, settings: "Settings") -> Retry:
         """The retry policy; a workflow may derive it from configuration."""
         return self.retry(settings) if callable(self.retry) else self.retry
+
+    def compensation_policy(self, settings: "Settings") -> Retry:
+        """The compensation's retry policy; a workflow may derive it from configuration."""
+        return self.compensate_retry(settings) if callable(self.compensate_retry) else self.compensate_retry
 
 
 #: The check of a signal's payload: `check(payload, instance) -> payload to fire`. `payload` is

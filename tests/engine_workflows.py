@@ -1,5 +1,7 @@
 """A workflow that exercises every engine feature, for the tests: a step with a compensation,
 a chain step, a human-input event with a guard, a fan-out with a join, cancel and restart.
+And small ones for faults: a chain whose first link fails once (`payment`), a step that kills
+its worker process (`crash`), compensations that fail (`trip`).
 
 Every task counts its effects in Redis under (instance, task[, branch]) so tests can assert
 "one effect" across duplicates, retries and restarts.
@@ -14,7 +16,7 @@ from statemachine import State
 
 from orchestrator.engine import Done, StepContext
 from orchestrator.errors import InvalidInput, UpstreamError
-from orchestrator.steps import compensation_task, step_task
+from orchestrator.steps import StepError, compensation_task, step_task
 from orchestrator.workflow import Retry, Step, Workflow, register
 
 
@@ -141,3 +143,123 @@ from celery import shared_task  # noqa: E402
 @shared_task(name="order.notify", acks_late=True)
 def notify(instance_id: str) -> None:
     count(instance_id, "notify")
+
+
+FAST = Retry(attempts=3, backoff=0.1)
+
+
+@register
+class Payment(Workflow):
+    """A chain whose first link fails once with a retryable error."""
+
+    type = "payment"
+    start_event = "start"
+    failure_states = frozenset({"failed"})
+
+    new = State(initial=True)
+    paying = State()
+    paid = State(final=True)
+    failed = State()
+
+    start = new.to(paying)
+    charged = paying.to(paid)
+    fail = paying.to(failed)
+    restart = failed.to(paying, cond="is_restart_target")
+
+    steps = {paying: Step(chain=("payment.authorize", "payment.capture"), name="pay", retry=FAST)}
+
+
+@step_task("payment.authorize")
+def pay_authorize(ctx: StepContext) -> None:
+    if count(ctx.instance_id, "authorize") == 1:
+        raise UpstreamError("bank", "bank busy", upstream_status=503)
+    ctx.save(authorized=True)
+
+
+@step_task("payment.capture")
+def pay_capture(ctx: StepContext) -> Done:
+    count(ctx.instance_id, "capture")
+    return Done("charged", {"authorized": bool(ctx.data.get("authorized"))})
+
+
+@register
+class Crash(Workflow):
+    """A step, or a fan-out branch, whose task kills its worker process when told to."""
+
+    type = "crash"
+    start_event = "start"
+    success_states = frozenset({"done"})
+    failure_states = frozenset({"failed"})
+
+    new = State(initial=True)
+    running = State()
+    fanning = State()
+    done = State(final=True)
+    failed = State()
+
+    start = new.to(fanning, cond="has_items") | new.to(running)
+    ran = running.to(done) | fanning.to(done)
+    fail = running.to(failed) | fanning.to(failed)
+    restart = failed.to(running, fanning, cond="is_restart_target")
+
+    steps = {
+        running: Step("crash.run", name="run", retry=FAST),
+        fanning: Step("crash.run", name="fan", fanout="items", join="ran", retry=FAST),
+    }
+
+    def has_items(self, payload: dict[str, Any] | None = None) -> bool:
+        return "items" in self.context["input"]
+
+    def items(self) -> list[dict[str, Any]]:
+        return list(self.context["input"]["items"])
+
+
+@step_task("crash.run")
+def crash_run(ctx: StepContext) -> Done:
+    spec = ctx.input if ctx.branch is None else ctx.data["branches"][ctx.branch]["input"]
+    count(ctx.instance_id, "run" if ctx.branch is None else f"run:{ctx.branch}")
+    if spec.get("mode") == "exit":
+        os._exit(1)  # the pool process dies: no report, no exception
+    return Done("ran")
+
+
+@register
+class Trip(Workflow):
+    """Three bookings, each undone on cancel; `input.unbook` makes an undo fail ("once"/"always")."""
+
+    type = "trip"
+    start_event = "start"
+
+    new = State(initial=True)
+    hotel = State()
+    flight = State()
+    car = State()
+    booked = State()
+    cancelled = State(final=True)
+
+    start = new.to(hotel)
+    hotel_booked = hotel.to(flight)
+    flight_booked = flight.to(car)
+    car_booked = car.to(booked)
+    cancel = hotel.to(cancelled) | flight.to(cancelled) | car.to(cancelled) | booked.to(cancelled)
+
+    steps = {state: Step("trip.book", name=state.id, compensate="trip.unbook", compensate_retry=FAST)
+             for state in (hotel, flight, car)}
+
+
+@step_task("trip.book")
+def trip_book(ctx: StepContext) -> Done:
+    return Done(f"{ctx.step}_booked", {"booking": f"{ctx.step}-{ctx.instance_id[:8]}"})
+
+
+@compensation_task("trip.unbook")
+def trip_unbook(ctx: StepContext) -> None:
+    n = count(ctx.instance_id, f"unbook:{ctx.step}")
+    mode = (ctx.input.get("unbook") or {}).get(ctx.step)
+    if mode == "once" and n == 1:
+        raise RuntimeError("agency timed out")
+    if mode == "always":
+        raise UpstreamError("agency", "agency down", upstream_status=503)
+    if mode == "refused":
+        raise StepError("booking already used")
+    effects().rpush(f"compensations:{ctx.instance_id}", ctx.step)
