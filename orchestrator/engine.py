@@ -23,7 +23,7 @@ from functools import cached_property
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterator
 
-from sqlalchemy import Engine as SAEngine, Table, bindparam, delete, func, select, update
+from sqlalchemy import Engine as SAEngine, Table, and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from statemachine.exceptions import TransitionNotAllowed
@@ -32,7 +32,8 @@ from .config import Settings
 from .errors import Conflict, IllegalTransition, InvalidInput, NotFound
 from . import logs
 from .jsonutil import digest
-from .models import ACTIVE_STEP_STATUSES, HistoryEntry, OutboxMessage, StepRun, StepStatus, Timer, utcnow
+from .models import (ACTIVE_STEP_STATUSES, HistoryEntry, OutboxMessage, StepClaim, StepRun, StepStatus, Timer,
+                     utcnow)
 from .rows import INSTANCES, Record, StaleBasis, Writes, execute_prepared
 from .workflow import Registry, Step, Workflow
 
@@ -43,6 +44,7 @@ RUNS: Table = StepRun.__table__  # type: ignore[assignment]
 TIMERS: Table = Timer.__table__  # type: ignore[assignment]
 HISTORY: Table = HistoryEntry.__table__  # type: ignore[assignment]
 OUTBOX: Table = OutboxMessage.__table__  # type: ignore[assignment]
+CLAIMS: Table = StepClaim.__table__  # type: ignore[assignment]
 INSTANCE = select(INSTANCES).where(INSTANCES.c.id == bindparam("id"))
 LOCK = INSTANCE.with_for_update()
 RUNS_OF = select(RUNS).where(RUNS.c.instance_id == bindparam("id"))
@@ -75,6 +77,7 @@ class StepContext:
     settings: Settings
     engine: "Engine" = field(repr=False)
     basis: Basis | None = field(default=None, repr=False)
+    dispatch: int = 0  # which dispatch of this attempt was read (StepRun.dispatches)
 
     @cached_property
     def outputs(self) -> dict[str, Any]:
@@ -196,7 +199,7 @@ def new_run(instance_id: str, step: Step) -> Record:
                    "status": StepStatus.PENDING.value, "attempt": 0, "restarts": 0, "failures": 0,
                    "progress": 0.0, "polls": 0, "total": 0, "done": 0, "failed": 0, "data": {},
                    "error": None, "queued_at": None, "started_at": None, "finished_at": None,
-                   "lease_until": None}, new=True)
+                   "lease_until": None, "dispatches": 0}, new=True)
 
 
 class Engine:
@@ -449,11 +452,18 @@ class Engine:
             payload = {"task": [step.task, args]}
         uow.add_message("celery", step.tasks[0], payload, instance_id=instance_id)
         run.lease_until = utcnow() + timedelta(seconds=self.settings.step_lease_seconds)
+        # A new dispatch may be claimed once more (claim_step); copies of this one may not.
+        run.dispatches = (run.dispatches or 0) + 1
+        if branches is not None:
+            for i in branches:
+                run.data["branches"][i]["dispatch"] = run.data["branches"][i].get("dispatch", 0) + 1
+            run.touch("data")
 
     def claim_step(self, instance_id: str, step: str, attempt: int,
                    branch: int | None = None) -> StepContext | None:
         """Called by a task before doing work: one read, no lock. None means a stale or duplicate
-        delivery (the attempt already reported, or a newer one exists): do nothing."""
+        delivery (the attempt already reported, or a newer one exists): do nothing. A task then
+        takes the claim (`take_claim`) so that of two copies of one dispatch only one runs."""
         with self.reads.connect() as conn:
             if self.prepare:
                 rows = execute_prepared(conn, CLAIM_SQL, [instance_id]).all()
@@ -467,13 +477,53 @@ class Engine:
         run = next((r for r in runs if r["name"] == step), None)
         if run is None or run["attempt"] != attempt or run["status"] not in ACTIVE:
             return None
-        if branch is not None and run["data"]["branches"][branch]["status"] not in ACTIVE:
-            return None
+        dispatch = run["dispatches"]
+        if branch is not None:
+            b = run["data"]["branches"][branch]
+            if b["status"] not in ACTIVE:
+                return None
+            dispatch = b.get("dispatch", 0)
         return StepContext(instance_id=instance_id, step=step, attempt=attempt, branch=branch,
                            input=copy.deepcopy((instance["context"] or {}).get("input") or {}),
                            data=copy.deepcopy(run["data"] or {}), polls=run["polls"],
                            restarts=run["restarts"], settings=self.settings, engine=self,
-                           basis=(instance, runs))
+                           basis=(instance, runs), dispatch=dispatch)
+
+    def take_claim(self, ctx: StepContext, task: str = "", redelivered: bool = False) -> bool:
+        """Make this delivery the only one to run this dispatch of the step: copies of one
+        outbox row delivered at once would otherwise both call out. False: another delivery
+        holds it (or a newer dispatch was claimed), do nothing. `redelivered` (the broker gave
+        back a message whose consumer died) takes over the claim of the same dispatch, since
+        its holder is gone. `task`: the task running, so each link of a chain claims its own."""
+        return self._take_claim(ctx.instance_id, ctx.step, task, ctx.branch, ctx.attempt, ctx.dispatch,
+                                redelivered)
+
+    def _take_claim(self, instance_id: str, step: str, task: str, branch: int | None, attempt: int,
+                    dispatch: int, takeover: bool) -> bool:
+        """INSERT .. ON CONFLICT DO UPDATE .. WHERE the stored claim is older: atomic on both
+        databases (a concurrent second upsert waits for the first and then finds it not older).
+        Not part of the instance's version: a report on the claim's basis still writes."""
+        if self.reads.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        c = CLAIMS.c
+        stmt = insert(CLAIMS).values(instance_id=instance_id, step=step, task=task,
+                                     branch=-1 if branch is None else branch,
+                                     attempt=attempt, dispatch=dispatch, claimed_at=utcnow())
+        new = stmt.excluded
+        newer = or_(c.attempt < new.attempt, and_(c.attempt == new.attempt, c.dispatch < new.dispatch))
+        if takeover:
+            newer = or_(newer, and_(c.attempt == new.attempt, c.dispatch == new.dispatch))
+        stmt = stmt.on_conflict_do_update(index_elements=[c.instance_id, c.step, c.task, c.branch],
+                                          set_={"attempt": new.attempt, "dispatch": new.dispatch,
+                                                "claimed_at": new.claimed_at},
+                                          where=newer).returning(c.attempt)
+        try:
+            with self.reads.begin() as conn:
+                return conn.execute(stmt).first() is not None
+        except IntegrityError:  # the instance was deleted meanwhile
+            return False
 
     def step_outputs(self, instance_id: str) -> dict[str, Any]:
         """Outputs of the instance's completed steps, by step name."""
@@ -627,6 +677,55 @@ class Engine:
         run.lease_until = None
         self._transition(uow, inst, step.on_failure, {"step": run.name, "error": error}, "engine",
                          failed_step=True, old_run=run)
+
+    def outbox_failed(self, message_id: str, error: str) -> bool:
+        """An outbox row that can never be published (the relay's permanent error): mark it
+        failed and fail the step it belongs to, in one transaction. A step message fails its
+        step (no retry: the same message would fail again); a workflow's own message goes the
+        way its class's `message_failed` says, else fails the current state's step. False if
+        the row was already sent or failed."""
+        with self.unit_of_work() as uow:
+            row = uow.execute(select(OUTBOX).where(OUTBOX.c.message_id == message_id)).first()
+            if row is None or row.sent_at is not None or row.failed_at is not None:
+                return False
+            inst = uow.lock_with_runs(row.instance_id) if row.instance_id else None
+            done = uow.execute(update(OUTBOX).where(OUTBOX.c.id == row.id, OUTBOX.c.sent_at.is_(None),
+                                                    OUTBOX.c.failed_at.is_(None))
+                               .values(failed_at=utcnow(), last_error=error[:2000],
+                                       publish_attempts=OUTBOX.c.publish_attempts + 1)).rowcount
+            if done != 1 or inst is None or inst.finished:
+                return done == 1
+            reason = f"message to {row.target} could not be published: {error}"
+            with logs.context(workflow_id=inst.id):
+                self._message_failed(uow, inst, row, reason)
+            return True
+
+    def _message_failed(self, uow: UnitOfWork, inst: Record, row: Any, reason: str) -> None:
+        cls = self.workflow_class(inst.type)
+        run = None
+        if row.channel == "celery":
+            p = row.payload or {}
+            calls = [p["task"]] if "task" in p else p.get("chain") or p.get("group") or []
+            if calls and len(calls[0][1]) >= 3:
+                _, step, attempt = calls[0][1][:3]
+                run = uow.step_run(inst.id, step)
+                if run is not None and run.attempt != attempt:
+                    run = None
+        else:
+            found = cls.message_failed(inst.context or {}, row.target, row.payload or {}, reason)
+            if found is not None:
+                event, payload = found
+                try:
+                    self._transition(uow, inst, event, payload, "engine")
+                except IllegalTransition:
+                    log.warning("instance %s: %s not allowed after a failed message", inst.id, event)
+                return
+            step = cls.step_for_state(inst.state)
+            run = uow.step_run(inst.id, step.name) if step is not None else None
+        if run is None or run.status not in ACTIVE:
+            log.error("instance %s: %s (no active step to fail)", inst.id, reason)
+            return
+        self._fail_step(uow, inst, cls, run, reason)
 
     # -- restart and cancel --------------------------------------------------------------------
     def restart(self, instance_id: str, step: str, actor: str = "api") -> dict[str, Any]:
@@ -866,7 +965,7 @@ class Engine:
         if not ids:
             return 0
         with self.unit_of_work() as uow:
-            for table in (TIMERS, HISTORY, RUNS):
+            for table in (TIMERS, HISTORY, CLAIMS, RUNS):
                 uow.execute(delete(table).where(table.c.instance_id.in_(ids)))
             uow.execute(update(OUTBOX).where(OUTBOX.c.instance_id.in_(ids)).values(instance_id=None))
             return uow.execute(delete(INSTANCES).where(INSTANCES.c.id.in_(ids))).rowcount  # type: ignore[no-any-return]

@@ -17,6 +17,7 @@ from prometheus_client import Counter
 
 from .logs import HEADER
 from .models import OutboxMessage
+from .outbox_relay import PermanentPublishError
 
 KAFKA_PRODUCED = Counter("orchestrator_kafka_produced_total", "Messages produced to Kafka by the outbox relay",
                          ["topic"])
@@ -37,6 +38,22 @@ def consumer_config(brokers: str, group: str, **extra: Any) -> dict[str, Any]:
             "logger": CLIENT_LOG, **extra}
 
 
+#: Error codes no retry of the same message can fix: the row is failed instead of blocking the relay.
+PERMANENT_CODES = ("MSG_SIZE_TOO_LARGE", "_MSG_SIZE_TOO_LARGE", "INVALID_MSG", "INVALID_MSG_SIZE",
+                   "RECORD_LIST_TOO_LARGE", "INVALID_RECORD", "INVALID_TOPIC_EXCEPTION", "_INVALID_ARG",
+                   "TOPIC_AUTHORIZATION_FAILED", "INVALID_REQUIRED_ACKS")
+
+
+def is_permanent_error(err: Any) -> bool:
+    """Whether a confluent_kafka KafkaError (or a KafkaException holding one) is permanent."""
+    from confluent_kafka import KafkaError
+
+    err = err.args[0] if err is not None and not isinstance(err, KafkaError) and err.args else err
+    if not isinstance(err, KafkaError):
+        return False
+    return err.name() in PERMANENT_CODES or bool(err.fatal())
+
+
 def encode(payload: Any) -> bytes:
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
 
@@ -52,6 +69,10 @@ class KafkaPublisher:
         self._lock = threading.Lock()  # one flush at a time: the report we wait for is ours
 
     def __call__(self, row: OutboxMessage) -> None:
+        """Raises PermanentPublishError for a message Kafka can never take, RuntimeError (or
+        KafkaException) for one that may go later (broker down, timeout)."""
+        from confluent_kafka import KafkaException
+
         errors: list[Any] = []
 
         def report(err: Any, _msg: Any) -> None:
@@ -63,11 +84,19 @@ class KafkaPublisher:
             headers.append(("instance_id", row.instance_id.encode()))
         if row.correlation_id:
             headers.append((HEADER, row.correlation_id.encode()))
+        value = encode(row.payload)  # a payload that does not serialise raises TypeError: permanent
         with self._lock:
-            self.producer.produce(row.target, encode(row.payload), key=row.key.encode() if row.key else None,
-                                  headers=headers, on_delivery=report)
+            try:
+                self.producer.produce(row.target, value, key=row.key.encode() if row.key else None,
+                                      headers=headers, on_delivery=report)
+            except KafkaException as exc:  # refused before sending, e.g. larger than message.max.bytes
+                if is_permanent_error(exc):
+                    raise PermanentPublishError(f"kafka refused the message for {row.target}: {exc}") from exc
+                raise
             left = self.producer.flush(self.timeout)
         if errors:
+            if is_permanent_error(errors[0]):
+                raise PermanentPublishError(f"kafka delivery to {row.target} failed: {errors[0]}")
             raise RuntimeError(f"kafka delivery to {row.target} failed: {errors[0]}")
         if left:
             raise RuntimeError(f"kafka delivery to {row.target} not confirmed within {self.timeout:g}s")

@@ -112,6 +112,25 @@ class StepRun(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Bumped by every dispatch: a delivery claims (attempt, dispatch) once (StepClaim).
+    dispatches: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+
+class StepClaim(Base):
+    """Which delivery of a step runs it: one row per (instance, step, task, branch), holding the
+    newest (attempt, dispatch) claimed. A claim is one conditional upsert, so of two deliveries
+    of the same dispatch (an outbox row published twice) exactly one gets to call out."""
+
+    __tablename__ = "step_claims"
+
+    instance_id: Mapped[str] = mapped_column(ForeignKey("workflow_instances.id", ondelete="CASCADE"),
+                                             primary_key=True)
+    step: Mapped[str] = mapped_column(String(64), primary_key=True)
+    task: Mapped[str] = mapped_column(String(128), primary_key=True)  # each link of a chain claims
+    branch: Mapped[int] = mapped_column(Integer, primary_key=True)  # -1: not a branch
+    attempt: Mapped[int] = mapped_column(Integer)
+    dispatch: Mapped[int] = mapped_column(Integer)
+    claimed_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class HistoryEntry(Base):
@@ -146,6 +165,8 @@ class OutboxMessage(Base):
     publish_attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
     correlation_id: Mapped[str | None] = mapped_column(String(64))  # sent as a message header
+    # Set when publishing failed for good (a permanent error): the relay no longer tries it.
+    failed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class Timer(Base):

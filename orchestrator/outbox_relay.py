@@ -5,7 +5,13 @@ The process that commits hands its rows to a background thread that publishes th
 a moment later; sweepers publish what is left (older than a short grace period), locking rows
 with SKIP LOCKED so several sweepers never send the same row at once. Delivery is at least
 once: a crash after publish and before the mark sends the row again, and consumers
-de-duplicate (steps by (instance, step, attempt)).
+de-duplicate (steps by (instance, step, attempt), and one claim per dispatch).
+
+A row that can never be published (a permanent error: too large for the broker, a payload that
+does not serialise, no publisher for its channel) is failed: `failed_at` and `last_error` are
+set, it is not tried again, and the engine fails the step it belonged to (`on_failed`). A
+transient error (broker down, timeout) holds back that instance's later rows, so one instance's
+messages still go out in order, while other instances' rows are still sent.
 """
 from __future__ import annotations
 
@@ -26,6 +32,29 @@ from .models import OutboxMessage, utcnow
 log = logging.getLogger(__name__)
 
 Publisher = Callable[[OutboxMessage], None]
+#: Called with (message id, error) for a row that failed for good (Engine.outbox_failed).
+FailureHandler = Callable[[str, str], Any]
+
+
+class PermanentPublishError(Exception):
+    """Publishing this row can never succeed (e.g. Kafka MSG_SIZE_TOO_LARGE): retrying it would
+    only block the rows behind it."""
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """A publish error no retry can fix: the publisher said so, or the payload does not
+    serialise (TypeError/ValueError from the encoder, kombu's EncodeError)."""
+    if isinstance(exc, (PermanentPublishError, TypeError, ValueError)):
+        return True
+    try:
+        from kombu.exceptions import EncodeError
+    except ImportError:  # pragma: no cover - kombu comes with celery
+        return False
+    return isinstance(exc, EncodeError)
+
+
+def describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:2000]
 
 #: How long the kicker lets sent rows wait to be marked, so one UPDATE marks many. Far below
 #: the sweeper's grace period: only a process that dies in between gets its rows sent twice.
@@ -38,6 +67,7 @@ class OutboxRelay:
         self.sessions = sessions
         self.marks = autocommit or sessions.kw["bind"]  # marking sent is one statement
         self.publishers: dict[str, Publisher] = {}
+        self.on_failed: FailureHandler | None = None  # the engine's, set by the runtime
 
     def register(self, channel: str, publisher: Publisher) -> None:
         self.publishers[channel] = publisher
@@ -53,54 +83,93 @@ class OutboxRelay:
 
     def publish_committed(self, rows: list[OutboxMessage]) -> list[str]:
         """The kick right after commit: publish the rows this process just wrote, in order; the
-        message ids sent. No lock is held while the broker confirms."""
+        message ids sent. No lock is held while the broker confirms. A row that fails for good
+        is failed (and its step with it); after a transient error that instance's later rows
+        wait for the sweeper, the others still go."""
         sent: list[str] = []
+        held: set[str | None] = set()  # instances whose earlier row is still unsent
         for row in rows:
-            publisher = self.publishers.get(row.channel)
-            if publisher is None:
+            if row.instance_id in held:
                 continue
-            try:
-                publisher(row)
-            except Exception as exc:  # broker down: the sweeper retries the rest
-                log.warning("outbox %s to %s not published: %s", row.message_id, row.target, exc)
-                break
-            sent.append(row.message_id)
+            error = self._send(row)
+            if error is None:
+                sent.append(row.message_id)
+            elif is_permanent(error):
+                self.fail(row.message_id, describe(error))
+            else:  # broker down: the sweeper retries this row and the ones after it
+                log.warning("outbox %s to %s not published: %s", row.message_id, row.target, error)
+                held.add(row.instance_id)
         return sent
 
+    def _send(self, row: OutboxMessage) -> Exception | None:
+        publisher = self.publishers.get(row.channel)
+        if publisher is None:
+            return PermanentPublishError(f"no publisher for channel '{row.channel}'")
+        try:
+            publisher(row)
+        except Exception as exc:
+            return exc
+        return None
+
+    def fail(self, message_id: str, error: str) -> None:
+        """Fail a row for good, with its step, in one transaction (Engine.outbox_failed); without
+        an engine, only the row. Errors are logged: the next sweep meets the row again."""
+        log.error("outbox %s cannot be published, failing it: %s", message_id, error)
+        try:
+            if self.on_failed is not None:
+                self.on_failed(message_id, error)
+            else:
+                table = OutboxMessage.__table__
+                with self.marks.begin() as conn:
+                    conn.execute(table.update().where(table.c.message_id == message_id, table.c.sent_at.is_(None),
+                                                      table.c.failed_at.is_(None))
+                                 .values(failed_at=utcnow(), last_error=error,
+                                         publish_attempts=table.c.publish_attempts + 1))
+        except Exception:
+            log.warning("recording outbox %s as failed did not work; the sweeper retries", message_id,
+                        exc_info=True)
+
     def mark_sent(self, message_ids: list[str]) -> None:
-        """One autocommit UPDATE. A crash before it means the sweeper sends the rows again, and
-        consumers ignore the duplicates."""
+        """One UPDATE, committed (on SQLite `marks` is the main engine, where a statement left
+        uncommitted is rolled back: the sweeper then sent every row again). A crash before it
+        means the sweeper sends the rows again, and consumers ignore the duplicates."""
         table = OutboxMessage.__table__
-        with self.marks.connect() as conn:
+        with self.marks.begin() as conn:
             conn.execute(table.update().where(table.c.message_id.in_(message_ids), table.c.sent_at.is_(None))
                          .values(sent_at=utcnow(), publish_attempts=table.c.publish_attempts + 1))
 
     def publish(self, limit: int = 500, grace_seconds: float = 2.0) -> int:
         """The sweep: publish unsent rows older than `grace_seconds` (younger ones are still
-        being sent by the process that wrote them), locked while they are sent."""
+        being sent by the process that wrote them), locked while they are sent. Rows that fail
+        for good are failed after the sweep commits (their step's transaction locks the
+        instance, which must not wait inside this one)."""
+        failed: list[tuple[str, str]] = []
         with self.sessions() as session, session.begin():
             rows = session.execute(
-                select(OutboxMessage).where(OutboxMessage.sent_at.is_(None),
+                select(OutboxMessage).where(OutboxMessage.sent_at.is_(None), OutboxMessage.failed_at.is_(None),
                                             OutboxMessage.created_at < utcnow() - timedelta(seconds=grace_seconds))
                 .order_by(OutboxMessage.id).limit(limit).with_for_update(skip_locked=True)
             ).scalars().all()
             sent = 0
+            held: set[str | None] = set()
             for row in rows:
-                publisher = self.publishers.get(row.channel)
-                if publisher is None:
-                    row.last_error = f"no publisher for channel '{row.channel}'"
-                    continue
+                if row.instance_id in held:
+                    continue  # an earlier row of this instance is still unsent: keep their order
                 row.publish_attempts += 1
-                try:
-                    publisher(row)
-                except Exception as exc:  # broker down: keep the row, the next sweep retries it
-                    row.last_error = f"{type(exc).__name__}: {exc}"[:2000]
-                    log.warning("outbox %s to %s not published: %s", row.id, row.target, exc)
-                    break
-                row.sent_at = utcnow()
-                row.last_error = None
-                sent += 1
-            return sent
+                error = self._send(row)
+                if error is None:
+                    row.sent_at = utcnow()
+                    row.last_error = None
+                    sent += 1
+                elif is_permanent(error):
+                    failed.append((row.message_id, describe(error)))  # never sent: the rest may go
+                else:  # broker down: keep the row, the next sweep retries it
+                    row.last_error = describe(error)
+                    log.warning("outbox %s to %s not published: %s", row.id, row.target, error)
+                    held.add(row.instance_id)
+        for message_id, error in failed:
+            self.fail(message_id, error)
+        return sent
 
 
 class Kicker:

@@ -62,7 +62,8 @@ def build(settings: Settings | None = None) -> Runtime:
     load_workflow_modules(settings)
     db = make_engine(settings.database_url)
     sessions = make_session_factory(db)
-    # SQLite serialises writers anyway; a second pool there would only add lock waits
+    # SQLite serialises writers anyway; a second pool there would only add lock waits (the
+    # relay's marks then go through the main engine, so they must commit explicitly)
     autocommit = None if settings.is_sqlite else make_engine(
         settings.database_url, pool_size=2, isolation_level="AUTOCOMMIT",
         # this pool only reads and marks outbox rows sent: a mark lost in a server crash costs
@@ -75,6 +76,7 @@ def build(settings: Settings | None = None) -> Runtime:
 
         relay.register("kafka", KafkaPublisher(settings.kafka_brokers))
     engine = Engine(settings, sessions, registry, relay=relay, autocommit=autocommit)
+    relay.on_failed = engine.outbox_failed  # a row that can never be published fails its step
     return Runtime(settings, db, sessions, celery_app, relay, engine, os.getpid())
 
 

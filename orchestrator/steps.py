@@ -49,7 +49,9 @@ def step_task(name: str, **options: Any) -> Callable[[StepFunction], Any]:
         @shared_task(name=name, bind=True, acks_late=True, reject_on_worker_lost=False, **options)
         def run(self: Any, instance_id: str, step: str, attempt: int, branch: int | None = None) -> str:
             with logs.context(workflow_id=instance_id, correlation_id=getattr(self.request, logs.HEADER, None)):
-                outcome = run_step(instance_id, step, attempt, branch)
+                # A broker redelivery (its first consumer died) may take over that one's claim.
+                redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
+                outcome = run_step(instance_id, step, attempt, branch, redelivered)
                 log.info("step %s (attempt %d%s): %s", step, attempt,
                          "" if branch is None else f", branch {branch}", outcome)
                 if outcome != "continued" and self.request.chain:
@@ -58,10 +60,11 @@ def step_task(name: str, **options: Any) -> Callable[[StepFunction], Any]:
                     self.request.chain = None
                 return outcome
 
-        def run_step(instance_id: str, step: str, attempt: int, branch: int | None) -> str:
+        def run_step(instance_id: str, step: str, attempt: int, branch: int | None,
+                     redelivered: bool = False) -> str:
             engine = runtime.current().engine
             ctx = engine.claim_step(instance_id, step, attempt, branch)
-            if ctx is None:
+            if ctx is None or not engine.take_claim(ctx, name, redelivered):
                 return "skipped: stale or duplicate delivery"
             try:
                 outcome = fn(ctx)

@@ -139,6 +139,13 @@ class Workflow(StateMachine):
         step = self.step_for_state(target.id)
         return step is not None and step.name == (payload or {}).get("step")
 
+    @classmethod
+    def message_failed(cls, context: dict[str, Any], target: str, payload: dict[str, Any],
+                       error: str) -> tuple[str, dict[str, Any]] | None:
+        """A message this workflow emitted can never be published (e.g. too large for Kafka):
+        the (event, payload) to fire for it, or None to fail the current state's step."""
+        return None
+
     # -- class-level lookups -----------------------------------------------------------------
     @classmethod
     def step_table(cls) -> dict[str, Step]:

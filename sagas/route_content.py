@@ -42,6 +42,8 @@ JOB_DURATION = Histogram("job_duration_seconds", "Duration of a workflow step, s
 
 STEP_NAMES = ("story_generate", "tts_batch", "delivery_prefetch")
 STORY_LANG = "ru"
+#: A story error that starts so: its tts.requested was never published.
+UNSENT = "not requested: "
 
 
 def _now() -> str:
@@ -172,9 +174,22 @@ class RouteContent(Workflow):
 
     def on_enter_tts_failed(self) -> None:
         ctx = self.context
-        failed = [s["story_id"] for s in ctx["stories"] if s["tts_status"] == "failed"]
-        ctx["steps"]["tts_batch"].update(status="failed", finished_at=_now(),
-                                         error=f"TTS failed for stories: {', '.join(failed)}")
+        failed = [s for s in ctx["stories"] if s["tts_status"] == "failed"]
+        error = f"TTS failed for stories: {', '.join(s['story_id'] for s in failed)}"
+        unsent = [f"{s['story_id']}: {s['error']}" for s in failed if (s.get("error") or "").startswith(UNSENT)]
+        if unsent:  # say why when the request never left (e.g. a text too large for Kafka)
+            error += " (" + "; ".join(unsent) + ")"
+        ctx["steps"]["tts_batch"].update(status="failed", finished_at=_now(), error=error)
+
+    @classmethod
+    def message_failed(cls, context: dict[str, Any], target: str, payload: dict[str, Any],
+                       error: str) -> tuple[str, dict[str, Any]] | None:
+        """A tts.requested that can never be published counts as that story's failed TTS, so
+        the batch fails once the others have reported (and a restart can re-request it)."""
+        if target == "tts.requested" and payload.get("attempt") == context["steps"]["tts_batch"]["attempt"]:
+            return "tts_result", {"story_id": payload["story_id"], "status": "failed", "audio_url": None,
+                                  "error": f"{UNSENT}{error}"}
+        return None
 
     def on_enter_completed(self) -> None:
         ctx = self.context
