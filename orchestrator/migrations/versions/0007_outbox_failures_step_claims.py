@@ -1,14 +1,14 @@
 """outbox rows that failed for good, and exclusive step claims
 
-Revision ID: 0006
-Revises: 0005
-Create Date: 2026-12-02
+Revision ID: 0007
+Revises: 0006
+Create Date: 2026-11-29
 """
 from alembic import op
 import sqlalchemy as sa
 
-revision = '0006'
-down_revision = '0005'
+revision = '0007'
+down_revision = '0006'
 branch_labels = None
 depends_on = None
 
