@@ -8,10 +8,12 @@ once: a crash after publish and before the mark sends the row again, and consume
 de-duplicate (steps by (instance, step, attempt), and one claim per dispatch).
 
 A row that can never be published (a permanent error: too large for the broker, a payload that
-does not serialise, no publisher for its channel) is failed: `failed_at` and `last_error` are
-set, it is not tried again, and the engine fails the step it belonged to (`on_failed`). A
-transient error (broker down, timeout) holds back that instance's later rows, so one instance's
-messages still go out in order, while other instances' rows are still sent.
+does not serialise) is failed: `failed_at` and `last_error` are set, it is not tried again,
+and the engine fails the step it belonged to (`on_failed`). A transient error (broker down,
+timeout) holds back that instance's later rows on the same channel, so one instance's messages
+still go out in order, while other rows are still sent. A row for a channel this process has
+no publisher for (an API without KAFKA_BROKERS) is left, like a transient error, for a sweeper
+that has one.
 """
 from __future__ import annotations
 
@@ -34,6 +36,10 @@ log = logging.getLogger(__name__)
 Publisher = Callable[[OutboxMessage], None]
 #: Called with (message id, error) for a row that failed for good (Engine.outbox_failed).
 FailureHandler = Callable[[str, str], Any]
+
+
+class NoPublisher(Exception):
+    """This process cannot publish to the row's channel; another process may (not permanent)."""
 
 
 class PermanentPublishError(Exception):
@@ -87,9 +93,9 @@ class OutboxRelay:
         is failed (and its step with it); after a transient error that instance's later rows
         wait for the sweeper, the others still go."""
         sent: list[str] = []
-        held: set[str | None] = set()  # instances whose earlier row is still unsent
+        held: set[tuple[str | None, str]] = set()  # (instance, channel) with an earlier row unsent
         for row in rows:
-            if row.instance_id in held:
+            if (row.instance_id, row.channel) in held:
                 continue
             error = self._send(row)
             if error is None:
@@ -97,14 +103,15 @@ class OutboxRelay:
             elif is_permanent(error):
                 self.fail(row.message_id, describe(error))
             else:  # broker down: the sweeper retries this row and the ones after it
-                log.warning("outbox %s to %s not published: %s", row.message_id, row.target, error)
-                held.add(row.instance_id)
+                if not isinstance(error, NoPublisher):
+                    log.warning("outbox %s to %s not published: %s", row.message_id, row.target, error)
+                held.add((row.instance_id, row.channel))
         return sent
 
     def _send(self, row: OutboxMessage) -> Exception | None:
         publisher = self.publishers.get(row.channel)
         if publisher is None:
-            return PermanentPublishError(f"no publisher for channel '{row.channel}'")
+            return NoPublisher(f"no publisher for channel '{row.channel}' in this process")
         try:
             publisher(row)
         except Exception as exc:
@@ -151,9 +158,9 @@ class OutboxRelay:
                 .order_by(OutboxMessage.id).limit(limit).with_for_update(skip_locked=True)
             ).scalars().all()
             sent = 0
-            held: set[str | None] = set()
+            held: set[tuple[str | None, str]] = set()
             for row in rows:
-                if row.instance_id in held:
+                if (row.instance_id, row.channel) in held:
                     continue  # an earlier row of this instance is still unsent: keep their order
                 row.publish_attempts += 1
                 error = self._send(row)
@@ -165,8 +172,9 @@ class OutboxRelay:
                     failed.append((row.message_id, describe(error)))  # never sent: the rest may go
                 else:  # broker down: keep the row, the next sweep retries it
                     row.last_error = describe(error)
-                    log.warning("outbox %s to %s not published: %s", row.id, row.target, error)
-                    held.add(row.instance_id)
+                    if not isinstance(error, NoPublisher):
+                        log.warning("outbox %s to %s not published: %s", row.id, row.target, error)
+                    held.add((row.instance_id, row.channel))
         for message_id, error in failed:
             self.fail(message_id, error)
         return sent
