@@ -64,6 +64,19 @@ def _text_problem(text: str) -> str | None:
     return None
 
 
+def storable(text: str) -> str:
+    """`text` with what the database refuses written out as escapes (NUL as `\\u0000`, a lone
+    surrogate as `\\udXXX`): for our own messages quoting others' text (errors, logs), which
+    must be kept rather than refused."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\u0000")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 def check_storable(value: Any, path: str = "") -> Any:
     """`value` unchanged, or InvalidInput naming the first place `unstorable` finds (see there)."""
     found = unstorable(value, path)
