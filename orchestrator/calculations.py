@@ -32,6 +32,7 @@ from sqlalchemy import select
 from . import logs
 from .engine import Done, Engine
 from .errors import InvalidInput, UpstreamError
+from .jsonutil import check_storable
 from .models import ACTIVE_STEP_STATUSES, StepRun
 from .config import Settings
 
@@ -92,9 +93,13 @@ def _publish(celery_app: Any, exchange: Exchange, queue: Queue, replies: Queue, 
 
 
 def parse_result(raw: Any) -> dict[str, Any]:
-    """Validate a result message; InvalidInput naming the field if it breaks the contract."""
+    """Validate a result message; InvalidInput naming the field if it breaks the contract or
+    holds text the database cannot store (see `jsonutil.unstorable`)."""
     if isinstance(raw, (bytes, bytearray)):
-        raw = raw.decode()
+        try:
+            raw = bytes(raw).decode()
+        except UnicodeDecodeError:
+            raise InvalidInput("body", "is not UTF-8 text") from None
     if isinstance(raw, str):
         try:
             raw = json.loads(raw)
@@ -102,6 +107,7 @@ def parse_result(raw: Any) -> dict[str, Any]:
             raise InvalidInput("body", "is not JSON") from None
     if not isinstance(raw, dict):
         raise InvalidInput("body", "must be a JSON object")
+    check_storable(raw)
     cid = raw.get("correlationId")
     if not isinstance(cid, str) or not cid:
         raise InvalidInput("correlationId", "is required")

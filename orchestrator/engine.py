@@ -31,7 +31,7 @@ from statemachine.exceptions import TransitionNotAllowed
 from .config import Settings
 from .errors import Conflict, IllegalTransition, InvalidInput, NotFound
 from . import logs
-from .jsonutil import digest
+from .jsonutil import digest, storable
 from .models import (ACTIVE_STEP_STATUSES, HistoryEntry, OutboxMessage, StepClaim, StepRun, StepStatus, Timer,
                      utcnow)
 from .rows import INSTANCES, Record, StaleBasis, Writes, execute_prepared
@@ -636,6 +636,7 @@ class Engine:
     def step_failed(self, instance_id: str, step: str, attempt: int, error: str, retryable: bool,
                     branch: int | None = None, basis: Basis | None = None) -> None:
         """Retry after a backoff timer if the policy allows, else fail the step for good."""
+        error = storable(error)  # it quotes others' text (a service, git, GitLab): keep it storable
         self._report(basis, lambda uow: self._fail(uow, instance_id, step, attempt, error, retryable, branch))
 
     def _fail(self, uow: UnitOfWork, instance_id: str, step: str, attempt: int, error: str,

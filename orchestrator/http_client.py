@@ -10,6 +10,7 @@ from typing import Any
 import requests
 
 from .errors import UpstreamError
+from .jsonutil import unstorable
 
 
 def _message(resp: requests.Response) -> str:
@@ -48,6 +49,11 @@ class ServiceClient:
     def json(self, method: str, path: str, **kwargs: Any) -> Any:
         resp = self.request(method, path, **kwargs)
         try:
-            return resp.json()
+            body = resp.json()
         except ValueError:
             raise UpstreamError(self.name, f"{method} {path} answered non-JSON") from None
+        bad = unstorable(body)
+        if bad is not None:  # the same answer again would not help: not retryable
+            raise UpstreamError(self.name, f"{method} {path} answered text that cannot be stored: "
+                                f"{bad[0]}: {bad[1]}", upstream_status=resp.status_code)
+        return body

@@ -20,3 +20,68 @@ def iso(value: datetime | None) -> str | None:
     if value is None:
         return None
     return value.astimezone(timezone.utc).replace(tzinfo=None).isoformat(timespec="seconds")
+
+
+def unstorable(value: Any, path: str = "") -> tuple[str, str] | None:
+    """Where decoded JSON holds text that a database cannot store, and why; None if it holds none.
+
+    PostgreSQL's text and jsonb refuse the NUL character (`\\u0000`), and a lone UTF-16 surrogate
+    (`"\\ud800"`, which JSON parsers accept) cannot be encoded as UTF-8 at all. Every string and
+    every object key is checked, depth first; the answer is the first one's dotted path
+    (`input.note`, `items[2]`, a key as `input.<key>` with the key JSON-escaped) and the problem.
+    `path` is the name of `value` itself ("" for a request body: its fields are named bare).
+    """
+    stack: list[tuple[str, Any]] = [(path, value)]
+    while stack:  # a loop, not recursion: a deeply nested body cannot exhaust the stack
+        where, item = stack.pop()
+        if isinstance(item, str):
+            problem = _text_problem(item)
+            if problem:
+                return where or "body", problem
+        elif isinstance(item, dict):
+            children = []
+            for key, child in item.items():
+                name = f"{where}.{key}" if where else str(key)
+                if isinstance(key, str):
+                    problem = _text_problem(key)
+                    if problem:
+                        escaped = json.dumps(key)[1:-1]
+                        return (f"{where}.{escaped}" if where else escaped), f"the object key {problem}"
+                children.append((name, child))
+            stack.extend(reversed(children))
+        elif isinstance(item, (list, tuple)):
+            stack.extend(reversed([(f"{where}[{i}]", child) for i, child in enumerate(item)]))
+    return None
+
+
+def _text_problem(text: str) -> str | None:
+    if "\x00" in text:
+        return "contains a NUL character (\\u0000), which cannot be stored"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "contains a lone UTF-16 surrogate (such as \\ud800), which is not valid Unicode text"
+    return None
+
+
+def storable(text: str) -> str:
+    """`text` with what the database refuses written out as escapes (NUL as `\\u0000`, a lone
+    surrogate as `\\udXXX`): for our own messages quoting others' text (errors, logs), which
+    must be kept rather than refused."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\u0000")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def check_storable(value: Any, path: str = "") -> Any:
+    """`value` unchanged, or InvalidInput naming the first place `unstorable` finds (see there)."""
+    found = unstorable(value, path)
+    if found is not None:
+        from .errors import InvalidInput
+
+        raise InvalidInput(*found)
+    return value

@@ -41,6 +41,7 @@ from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from . import logs
 from .errors import Conflict, IllegalTransition, InvalidInput, NotFound
+from .jsonutil import unstorable
 from .models import ProcessedMessage
 
 log = logging.getLogger(__name__)
@@ -312,6 +313,9 @@ class Bridge:
             return self.dead_letter(msg, f"no workflow consumes topic {topic}", "unroutable")
         consumer = f"kafka:{topic}"
         msg_id = event_id(msg)
+        bad_id = unstorable(msg_id, "headers.event_id")  # its de-duplication row could not be stored
+        if bad_id is not None:
+            return self.dead_letter(msg, f"{bad_id[0]}: {bad_id[1]}", "invalid_field")
         if self.processed(consumer, msg_id):
             return self._outcome(topic, "duplicate", started)
         raw = msg.value() or b""
@@ -324,6 +328,11 @@ class Bridge:
                                     "invalid_json")
         key = msg.key().decode(errors="replace") if msg.key() else None
         ev = KafkaEvent(topic, msg.partition(), msg.offset(), key, payload, msg_id, _headers(msg))
+        # Text the database refuses (NUL, a lone surrogate) would fail every attempt: dead-letter
+        # it at once, naming the field (a payload field bare, else `key` or `headers.<name>`).
+        bad = unstorable(payload) or unstorable({"key": key, "headers": ev.headers})
+        if bad is not None:
+            return self.dead_letter(msg, f"{bad[0]}: {bad[1]}", "invalid_field")
         # An event without the header continues the correlation stored with its instance.
         with logs.context(correlation_id=ev.headers.get(logs.HEADER) or None):
             token = _current_delivery.set(_Delivery(consumer, msg_id))

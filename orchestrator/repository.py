@@ -131,7 +131,9 @@ def read_at_branch(repo: Repository, project: str, path: str, branch: str) -> Fi
 
 def commit_once(repo: Repository, project: str, branch: str, files: dict[str, str], message: str,
                 key: str) -> CommitResult:
-    """Commit `files` unless a commit with the marker `key` is already on the branch."""
+    """Commit `files` unless a commit with the marker `key` is already on the branch. Paths git
+    or GitLab would refuse are an InvalidInput naming `files` (check_repository_paths)."""
+    check_repository_paths(list(files), "files")
     found = repo.find_commit(project, branch, key)
     if found is not None:
         return CommitResult(found, created=False)
@@ -318,29 +320,98 @@ class GitRepo:
             return mr, True
 
 
-_PROJECT_PATH = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+# -- names a user gives: project paths, file paths, branch names --------------------------------
+# One rule each, applied wherever a request names them (the API, the workflows' input checks and
+# every backend call), so a name git or GitLab would refuse is a 400 before anything starts.
+MAX_PATH_CHARS = 1024
+MAX_SEGMENT_BYTES = 255
+_PROJECT_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_repository_path(path: Any, field: str) -> str:
+    """A file path inside a repository that both git and GitLab accept, returned unchanged.
+
+    Relative (no leading slash), segments joined by single slashes (no empty segment, no
+    trailing slash), no `.` or `..` segment, no `.git` segment at any depth (in any case: git
+    refuses them), no backslash or control character, at most MAX_SEGMENT_BYTES bytes a segment
+    and MAX_PATH_CHARS characters in all. InvalidInput (400) naming `field` otherwise.
+    """
+    if not isinstance(path, str) or not path.strip():
+        raise InvalidInput(field, "is required: a relative file path such as 'inputs/pump.json'")
+    if len(path) > MAX_PATH_CHARS:
+        raise InvalidInput(field, f"path is longer than {MAX_PATH_CHARS} characters")
+
+    def bad(problem: str) -> InvalidInput:
+        shown = json.dumps(path)[1:-1]
+        shown = shown if len(shown) <= 120 else shown[:117] + "..."
+        return InvalidInput(field, f"'{shown}' is not a repository file path: {problem}")
+
+    if path.startswith("/"):
+        raise bad("it must be relative (no leading '/')")
+    if path.endswith("/"):
+        raise bad("it names a directory (trailing '/')")
+    if "\\" in path or _CONTROL.search(path):
+        raise bad("backslashes and control characters are not allowed")
+    for segment in path.split("/"):
+        if segment == "":
+            raise bad("empty segment ('//')")
+        if segment in (".", ".."):
+            raise bad(f"'{segment}' segment")
+        if segment.lower() == ".git":
+            raise bad("'.git' segment (git's own directory)")
+        if len(segment.encode("utf-8", "surrogatepass")) > MAX_SEGMENT_BYTES:
+            raise bad(f"a segment is longer than {MAX_SEGMENT_BYTES} bytes")
+    return path
+
+
+def check_repository_paths(paths: list[str], field: str) -> list[str]:
+    """Each path checked (check_repository_path), and none a directory of another: one commit
+    cannot hold both `a` and `a/b.json`."""
+    for path in paths:
+        check_repository_path(path, field)
+    given = set(paths)
+    for path in paths:
+        parts = path.split("/")
+        for i in range(1, len(parts)):
+            if "/".join(parts[:i]) in given:
+                raise InvalidInput(field, f"'{'/'.join(parts[:i])}' is a file and also the directory of '{path}'")
+    return paths
 
 
 def check_project(project: Any) -> str:
+    """A project id (an integer, or digits) or path ('group/sub/project'), as GitLab names them:
+    segments of letters, digits, '_', '-' and '.', not starting with '.' or '-' (so no '.', '..'
+    or '.git' segment), joined by single slashes. Surrounding whitespace is dropped. 400 naming
+    `project` otherwise."""
     if isinstance(project, int) and not isinstance(project, bool):
         return str(project)
     if not isinstance(project, str) or not project.strip():
         raise InvalidInput("project", "is required: a project id or path such as 'demo/balance'")
-    project = project.strip().strip("/")
-    if not _PROJECT_PATH.match(project) or ".." in project.split("/"):
-        raise InvalidInput("project", f"'{project}' is not a project id or path")
+    project = project.strip()
+    if len(project) > MAX_PATH_CHARS or not all(
+            _PROJECT_SEGMENT.match(s) and len(s) <= MAX_SEGMENT_BYTES for s in project.split("/")):
+        raise InvalidInput("project", f"'{json.dumps(project)[1:-1]}' is not a project id or path: "
+                           "segments of letters, digits, '_', '-' and '.' (not starting with '.' or '-') "
+                           "joined by single '/'")
     return project
 
 
 def check_branch_name(branch: Any, field: str = "branch") -> str:
+    """A branch name `git check-ref-format --branch` accepts (and GitLab too): no component that
+    starts with '.' or ends with '.lock', no '..', '//', '@{', control character, space or any of
+    ~^:?*[\\; not starting with '/' or '-', not ending with '/' or '.', not '@', at most 200
+    characters. Surrounding whitespace is dropped. 400 naming `field` otherwise."""
     if not isinstance(branch, str) or not branch.strip():
         raise InvalidInput(field, "is required: a branch name such as 'issue/42-new-calculation'")
     branch = branch.strip()
-    bad = (branch.startswith(("/", "-")) or branch.endswith(("/", ".lock", ".")) or ".." in branch
-           or "//" in branch or "@{" in branch or len(branch) > 200
-           or any(c in branch for c in " ~^:?*[\\") or any(ord(c) < 32 for c in branch))
+    components = branch.split("/")
+    bad = (branch.startswith(("/", "-")) or branch.endswith(("/", ".")) or ".." in branch
+           or "//" in branch or "@{" in branch or branch == "@" or len(branch) > 200
+           or any(c in branch for c in " ~^:?*[\\") or _CONTROL.search(branch) is not None
+           or any(c.startswith(".") or c.endswith(".lock") for c in components))
     if bad:
-        raise InvalidInput(field, f"'{branch}' is not a valid git branch name")
+        raise InvalidInput(field, f"'{json.dumps(branch)[1:-1]}' is not a valid git branch name")
     return branch
 
 
@@ -356,7 +427,9 @@ class LocalRepository:
     def _repo(self, project: str) -> GitRepo:
         project = check_project(project)
         for candidate in (self.root / project, self.root / f"{project}.git"):
-            if candidate.is_dir() and GitRepo.is_repo(candidate):
+            # never outside GIT_REPOS_DIR, even through a symbolic link, nor the folder itself
+            inside = candidate.resolve().is_relative_to(self.root) and candidate.resolve() != self.root
+            if inside and candidate.is_dir() and GitRepo.is_repo(candidate):
                 return GitRepo(candidate)
         raise NotFound(f"project '{project}' not found", field="project")
 

@@ -26,7 +26,7 @@ from statemachine import State
 
 from orchestrator.config import Settings
 from orchestrator.errors import Conflict, InvalidInput
-from orchestrator.repository import check_project, check_branch_name
+from orchestrator.repository import check_branch_name, check_project, check_repository_path, check_repository_paths
 from orchestrator.workflow import Retry, Step, Workflow, register
 
 BALANCE_INPUT = "balance_input.json"
@@ -325,18 +325,21 @@ class SimpleCalculation(Workflow):
         if not isinstance(files, dict) or not files:
             raise InvalidInput("files", "is required: an object {path: content} of the input files")
         out_files: dict[str, str] = {}
+        check_repository_paths(list(files), "files")
         for path, content in files.items():
-            if not isinstance(path, str) or not path.strip() or path.startswith("/") or ".." in path.split("/"):
-                raise InvalidInput("files", f"'{path}' is not a relative file path")
             if isinstance(content, str):
                 out_files[path] = content
             else:
                 out_files[path] = json.dumps(content, indent=2, sort_keys=True) + "\n"
-        output = data.get("output_file")
-        if not isinstance(output, str) or not output.strip() or output.startswith("/") or output in out_files:
-            raise InvalidInput("output_file", "is required: a relative path that is not one of the inputs")
+        output = check_repository_path(data.get("output_file"), "output_file")
+        if output in out_files:
+            raise InvalidInput("output_file", "must not be one of the input files")
+        try:
+            check_repository_paths([*out_files, output], "output_file")
+        except InvalidInput as exc:  # a file of the same name as the output's directory, or inverse
+            raise InvalidInput("output_file", exc.problem) from None
         calc = data.get("calculation", "generic")
         if not isinstance(calc, str) or not calc.replace("-", "").replace("_", "").isalnum():
             raise InvalidInput("calculation", "must be a calculation type made of letters, digits, - and _")
-        return {"project": project, "branch": branch, "files": out_files, "output_file": output.strip(),
+        return {"project": project, "branch": branch, "files": out_files, "output_file": output,
                 "calculation": calc}

@@ -54,8 +54,11 @@ def client(url: str | None = None) -> redis.Redis:
     with _lock:
         found = _clients.get(key)
         if found is None:
+            # Bytes that are not UTF-8 decode to lone surrogates instead of raising inside the
+            # callback consumer's read: parse_callback then rejects that callback alone.
             found = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3,
-                                         health_check_interval=15, decode_responses=True)
+                                         health_check_interval=15, decode_responses=True,
+                                         encoding_errors="surrogateescape")
             _clients[key] = found
         return found
 

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from orchestrator.engine import Engine
 from orchestrator.errors import IllegalTransition, InvalidInput, NotFound
-from orchestrator.jsonutil import iso
+from orchestrator.jsonutil import iso, unstorable
 from orchestrator.models import WorkflowInstance, utcnow
 
 from .chat import CALLBACK_TYPES, FINISHED, TASK_TYPE, ChatEvent, ChatSession, ChatSettings
@@ -56,6 +56,9 @@ def parse_callback(raw: Any) -> dict[str, Any]:
             raise Rejected("malformed", "body: not JSON") from None
     if not isinstance(raw, dict):
         raise Rejected("malformed", "body: must be a JSON object")
+    bad = unstorable(raw)  # text the database refuses would fail the store on every consumer
+    if bad is not None:
+        raise Rejected("malformed", f"{bad[0]}: {bad[1]}")
     for name in ("session_id", "task_id"):
         value = raw.get(name)
         if not isinstance(value, str) or not value or len(value) > 64:

@@ -14,6 +14,7 @@ from orchestrator import runtime
 from orchestrator.calculations import correlation_id, publish_task, task_message
 from orchestrator.engine import Done, StepContext
 from orchestrator.errors import InvalidInput
+from orchestrator.jsonutil import unstorable
 from orchestrator.repository import FileContent, FileMissing, commit_once, open_repository, read_at_branch
 from orchestrator.steps import StepError, step_task
 from sagas.balance import BALANCE_INPUT, BALANCE_OUTPUT, FINAL, STEP_DEPENDENCY, Dependency
@@ -34,9 +35,13 @@ def read_json(ctx: StepContext, found: FileContent | FileMissing) -> Any:
     if isinstance(found, FileMissing):
         raise invalid(ctx, found.path, f"file not found at '{found.ref}'")
     try:
-        return json.loads(found.text)
+        data = json.loads(found.text)
     except ValueError as exc:
         raise invalid(ctx, found.path, f"is not valid JSON: {exc}") from None
+    bad = unstorable(data, "$")  # what the steps read from it is stored in the saga's context
+    if bad is not None:
+        raise invalid(ctx, f"{found.path}:{bad[0].removeprefix('$.')}", bad[1])
+    return data
 
 
 def dependency(ctx: StepContext) -> Dependency:

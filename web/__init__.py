@@ -11,12 +11,16 @@ from werkzeug.exceptions import HTTPException
 from orchestrator import logs
 from orchestrator import runtime as runtime_module
 from orchestrator.errors import InvalidInput, OrchestratorError
+from orchestrator.jsonutil import check_storable
 from orchestrator.metrics import HTTP_LATENCY, HTTP_REQUESTS
 
 log = logging.getLogger(__name__)
 
 #: URL arguments that name a workflow instance (a media job, a saga, a chat task, a worker).
 WORKFLOW_ID_ARGS = frozenset({"instance_id", "saga_id", "job_id", "task_id", "worker_id"})
+#: Request headers whose values are stored (idempotency keys, correlation ids, history actors) or
+#: looked up in the database; their text is checked like the body's.
+STORED_HEADERS = ("Idempotency-Key", "X-Correlation-ID", "X-Request-ID", "X-Actor", "X-User", "Last-Event-ID")
 
 
 def create_app(runtime: runtime_module.Runtime | None = None) -> Flask:
@@ -44,6 +48,12 @@ def create_app(runtime: runtime_module.Runtime | None = None) -> Flask:
     def _unexpected(exc: Exception) -> Any:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return jsonify({"error": "internal_error", "message": "unexpected error; see the server log"}), 500
+
+    @app.before_request
+    def _check_text() -> None:
+        # First of all: nothing below (logs, queries, the stored request) sees text that the
+        # database refuses. The body is checked where it is decoded (json_body).
+        check_request_text()
 
     @app.before_request
     def _start_timer() -> None:
@@ -78,16 +88,32 @@ def runtime() -> runtime_module.Runtime:
     return current_app.config["RUNTIME"]  # type: ignore[no-any-return]
 
 
+def check_request_text() -> None:
+    """400 naming the path parameter, query parameter or stored header (STORED_HEADERS) whose
+    text cannot be stored (a NUL character; see `orchestrator.jsonutil.unstorable`)."""
+    check_storable(dict(request.view_args or {}))
+    for name, value in request.args.items(multi=True):
+        check_storable({name: value})
+    for name in STORED_HEADERS:
+        value = request.headers.get(name)
+        if value is not None:
+            check_storable(value, name)
+
+
 def json_body(required: bool = True) -> Any:
-    """The request's JSON body, or a 400 that says what is wrong with it."""
+    """The request's JSON body, or a 400 that says what is wrong with it: not JSON (invalid
+    UTF-8 included), or text the database cannot store, named by its dotted path."""
     if not request.data:
         if required:
             raise InvalidInput("body", "a JSON body is required")
         return {}
-    data = request.get_json(silent=True)
+    try:
+        data = request.get_json(silent=True)
+    except RecursionError:  # nested deeper than the parser goes
+        data = None
     if data is None:
         raise InvalidInput("body", "is not valid JSON (send Content-Type: application/json)")
-    return data
+    return check_storable(data)
 
 
 def json_object(*accepted: str, required: bool = True) -> dict[str, Any]:

@@ -132,6 +132,36 @@ def test_malformed_and_unknown_callbacks_are_rejected_and_the_consumer_keeps_goi
     assert requests.get(f"{chat_api}/api/v1/chat/{sid}/tasks/{task}", timeout=5).json()["chunks_received"] == 3
 
 
+def test_unstorable_text_in_requests_and_callbacks_is_refused_naming_the_field(chat_api, chat_env):
+    sid = new_session(chat_api, {"emulator": {"silent": True}})  # the task waits for our callbacks
+    for body, field in (({"config": {"persona": "a\u0000b"}}, "config.persona"),
+                        ({"user_id": "\ud800"}, "user_id")):
+        r = requests.post(f"{chat_api}/api/v1/chat/init", json=body, timeout=10)
+        assert r.status_code == 400 and r.json()["field"] == field, r.text
+    for message in ("a\u0000b", "\ud800"):
+        r = requests.post(f"{chat_api}/api/v1/chat/{sid}/task", json={"message": message}, timeout=10)
+        assert r.status_code == 400 and r.json()["field"] == "message", r.text
+    task = send_task(chat_api, sid, "hello")
+    r = redis.Redis.from_url(REDIS)
+    channel = f"callback:{chat_env['CHAT_CONSUMER_ID']}"
+    before = _outcomes(chat_api)
+
+    def callback(result):
+        return json.dumps({"session_id": sid, "task_id": task, "seq": 1, "type": "chunk", "result": result})
+
+    for raw in (callback({"text": "a\u0000b"}), callback({"text": "\udfff"}), callback({"bad\u0000": 1}),
+                callback({"text": "x"}).replace('"x"', '"\xff"').encode("latin-1")):  # not UTF-8
+        assert r.publish(channel, raw) >= 1
+    r.publish(channel, callback({"text": "fine"}))
+    wait_for(lambda: _outcomes(chat_api).get("malformed", 0) - before.get("malformed", 0) >= 4, timeout=10,
+             what="four malformed callbacks counted")
+    t = wait_for(lambda: (lambda b: b if b["chunks_received"] == 1 else None)(
+        requests.get(f"{chat_api}/api/v1/chat/{sid}/tasks/{task}", timeout=5).json()), timeout=10,
+        what="the good callback stored")
+    assert _outcomes(chat_api).get("error", 0) == before.get("error", 0)
+    assert "fine" in json.dumps(t)
+
+
 def test_socket_of_a_deleted_session_gets_an_error_frame_and_is_closed(chat_api):
     sid = new_session(chat_api)
     ws = websocket.create_connection(ws_url(chat_api, sid), timeout=10)

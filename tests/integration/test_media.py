@@ -126,6 +126,14 @@ def test_remote_job_failure_fails_the_stage(client, worker, sweeper, faults):
     assert job["status"] == "failed" and "model exploded" in job["stages"]["transcription"]["error"]
 
 
+def test_a_service_answering_text_that_cannot_be_stored_fails_the_stage_visibly(client, worker, sweeper, faults):
+    faults("audio-transcriber", job={"fail": "model\u0000exploded"})
+    job = wait_job(client, submit(client)["job_id"])
+    assert job["status"] == "failed", job
+    error = job["stages"]["transcription"]["error"]
+    assert "error: contains a NUL character" in error and "\x00" not in error, error
+
+
 def test_poll_exhaustion(client, worker, sweeper, faults):
     faults("video-downloader", job={"never_finish": True})
     job = wait_job(client, submit(client)["job_id"], timeout=30)

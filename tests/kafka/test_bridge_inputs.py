@@ -55,6 +55,18 @@ def completed_route(kclient, kafka, route_id):
      "unroutable: unknown worker_id 00000000-0000-0000-0000-000000000009"),
     ("worker.status", json.dumps({"worker_id": str(uuid.UUID(int=9)), "status": "running",
                                   "process_pid": "12"}).encode(), "process_pid: must be a integer, got str"),
+    # text the database cannot store: named at once, never retried as a handler error
+    ("route.confirmed", json.dumps({"route_id": "r-sur", "mode": "\ud800"}).encode(),
+     "mode: contains a lone UTF-16 surrogate"),
+    ("tts.completed", json.dumps({"route_id": "r-x", "story_id": "s1", "status": "failed",
+                                  "error": "a\u0000b"}).encode(), "error: contains a NUL character"),
+    ("story.generate.completed", json.dumps({"route_id": "r-x", "lang": "ru",
+                                             "stories": [{"story_id": "s1", "text": "\u0000"}]}).encode(),
+     "stories[0].text: contains a NUL character"),
+    ("init_scenario", json.dumps({"scenario_uuid": str(uuid.UUID(int=10)), "camera_url": "rtsp://c/1",
+                                  "note\u0000": 1}).encode(), "note\\u0000: the object key contains a NUL"),
+    ("worker.status", json.dumps({"worker_id": str(uuid.UUID(int=9)), "status": "failed",
+                                  "reason": "\udfff"}).encode(), "reason: contains a lone UTF-16 surrogate"),
 ])
 def test_bad_events_are_dead_lettered_with_reason(kafka, bridge, topic, raw, reason):
     before = metric(bridge, "orchestrator_kafka_dead_letters_total", topic=topic)
@@ -66,6 +78,24 @@ def test_bad_events_are_dead_lettered_with_reason(kafka, bridge, topic, raw, rea
     wait_for(lambda: metric(bridge, "orchestrator_kafka_dead_letters_total", topic=topic) >= before + 1,
              timeout=10, what="dead-letter metric")
     assert bridge.proc.poll() is None  # the consumer goes on
+
+
+def test_unstorable_text_is_dead_lettered_once_at_once_and_the_next_event_is_handled(kclient, kafka, bridge):
+    key = f"r-{uuid.uuid4().hex[:8]}"
+    retried = metric(bridge, "orchestrator_kafka_dead_letters_total", topic="route.confirmed", reason="handler_error")
+    bad = json.dumps({"route_id": key, "mode": "walk\u0000ing"}).encode()
+    kafka.send("route.confirmed", None, raw=bad, key=key)
+    good = f"{key}-ok"  # the same key: the same partition, handled after the bad one
+    kafka.send("route.confirmed", None, raw=json.dumps({"route_id": good, "mode": "walking"}).encode(), key=key)
+    wait_for(lambda: kclient.get(f"/workflows/{good}").status_code == 200, timeout=30, what="the next event")
+    h = dead_letter(kafka, "route.confirmed", bad)
+    assert h["dlq_reason"] == "mode: contains a NUL character (\\u0000), which cannot be stored", h
+    entries = kafka.read("route.confirmed.dlq", timeout=20, until=lambda ms: any(m.value() == bad for m in ms))
+    assert [m.value() for m in entries].count(bad) == 1
+    # dead-lettered as a bad field, not after retrying a handler error
+    assert metric(bridge, "orchestrator_kafka_dead_letters_total", topic="route.confirmed",
+                  reason="handler_error") == retried
+    assert kclient.get(f"/workflows/{key}").status_code == 404
 
 
 def test_same_route_confirmed_twice_has_one_effect(kclient, kafka, bridge, kafka_emulators):

@@ -1,0 +1,134 @@
+"""Names a user gives for the repository — file paths, projects, branches — that git or GitLab
+would refuse are a 400 naming the field at once, on both backends, before anything is committed;
+a project never resolves outside GIT_REPOS_DIR. And a calculation result that holds text the
+database cannot store is dropped and logged by the result consumer, which goes on with the next."""
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+from balance_stack import BRANCH, git_repo, gitlab_stack, local_stack, new_project, start  # noqa: F401
+from conftest import wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.e2e]
+
+BACKENDS = ["local_stack", "gitlab_stack"]
+BAD_FILE_PATHS = [".git/config", "a//b.json", "./c.json", "dir/", "a/.git/x", "A/.GIT/hooks/pre-commit",
+                  "/etc/passwd", "a\\b.json", "in/../../x.json", "tab\tname.json", "x" * 256 + ".json"]
+
+
+def calculation(project: str, **overrides):
+    return {"project": project, "branch": "calc/names", "files": {"inputs/pump_input.json": {"head_m": 3}},
+            "output_file": "pump_output.json", "calculation": "pump", **overrides}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_file_paths_git_refuses_are_a_400_naming_files(request, backend):
+    s = request.getfixturevalue(backend)
+    project = new_project(s)
+    for path in BAD_FILE_PATHS:
+        r = s.http("POST", "/calculations", json=calculation(project, files={path: "x"}))
+        assert r.status_code == 400, (path, r.status_code, r.text)
+        assert r.json()["error"] == "invalid_input" and r.json()["field"] == "files", (path, r.json())
+    # a file and a directory of the same name cannot be in one commit
+    r = s.http("POST", "/calculations", json=calculation(project, files={"a": "1", "a/b.json": "2"}))
+    assert r.status_code == 400 and r.json()["field"] == "files", r.text
+    for output in (".git/config", "out/", "./out.json", "inputs/pump_input.json/x"):
+        r = s.http("POST", "/calculations", json=calculation(project, output_file=output))
+        assert r.status_code == 400 and r.json()["field"] == "output_file", (output, r.text)
+    assert git_repo(s, project).head("calc/names") is None  # nothing was committed
+    r = s.http("POST", "/calculations", json=calculation(project))  # a nested path is fine
+    assert r.status_code == 201 and r.json()["input_commit"], r.text
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_projects_and_branches_git_refuses_are_a_400_naming_the_field(request, backend):
+    s = request.getfixturevalue(backend)
+    project = new_project(s)
+    for bad in (".", "./" + project, project + "/.git", "/" + project, project.replace("/", "//"),
+                "team/-p", "team/.hidden"):
+        for method, path, kwargs in (
+                ("POST", "/calculations", {"json": calculation(bad)}),
+                ("POST", "/saga/calculate-balance", {"json": {"project": bad, "branch": BRANCH}}),
+                ("GET", "/geometries", {"params": {"project": bad}}),
+                ("POST", "/merge-requests", {"json": {"project": bad, "source_branch": BRANCH, "title": "t"}})):
+            r = s.http(method, path, **kwargs)
+            assert r.status_code == 400 and r.json()["field"] == "project", (bad, path, r.status_code, r.text)
+    for bad in ("a/.hidden", "x.lock/y", "@", "-x", "a\x7fb", "issue/1."):
+        r = s.http("POST", "/calculations", json=calculation(project, branch=bad))
+        assert r.status_code == 400 and r.json()["field"] == "branch", (bad, r.text)
+        r = start(s, project, ["condenser"], branch=bad)
+        assert r.status_code == 400 and r.json()["field"] == "branch", (bad, r.text)
+        r = s.http("POST", "/merge-requests", json={"project": project, "source_branch": bad, "title": "t"})
+        assert r.status_code == 400 and r.json()["field"] == "source_branch", (bad, r.text)
+        r = s.http("GET", "/geometries", params={"project": project, "ref": bad})
+        assert r.status_code == 400 and r.json()["field"] == "ref", (bad, r.text)
+    assert git_repo(s, project).branches() == ["main"]
+
+
+def test_a_project_never_resolves_outside_git_repos_dir(local_stack, tmp_path):
+    from orchestrator.repository import GitRepo
+
+    s = local_stack
+    outside = tmp_path / "outside"
+    GitRepo.init(outside).commit("main", {"balance_input.json": json.dumps({"condenser": {"a": 1}})}, "init\n")
+    link = Path(s.env["GIT_REPOS_DIR"]) / "team" / f"link{uuid.uuid4().hex[:6]}"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(outside)
+    project = f"team/{link.name}"
+    r = start(s, project, ["condenser"])
+    assert r.status_code == 404 and r.json()["field"] == "project", r.text
+    r = s.http("POST", "/calculations", json=calculation(project))
+    assert r.status_code == 404 and r.json()["field"] == "project", r.text
+    assert GitRepo(outside).branches() == ["main"]
+
+
+def _publish_result(stack, body: bytes) -> None:
+    from kombu import Connection, Exchange, Producer
+
+    queue = "orchestrator.calculation-results"
+    with Connection(stack.env["CELERY_BROKER_URL"]) as conn:
+        Producer(conn).publish(body, exchange=Exchange(queue, type="direct", durable=True), routing_key=queue,
+                               serializer=None, content_type="application/json", delivery_mode=2)
+
+
+def test_a_result_with_unstorable_text_is_dropped_and_the_next_result_is_applied(local_stack):
+    s = local_stack
+    s.stop("calculator")  # this test answers the task itself
+    try:
+        project = new_project(s)
+        r = s.http("POST", "/calculations", json=calculation(project))
+        assert r.status_code == 201, r.text
+        cid = r.json()["correlationId"]
+        task = wait_for(lambda: (s.http("GET", f"/calculations/{cid}").json().get("task") or {}).get("correlation_id"),
+                        timeout=30, what="the task sent")
+        for bad in ({"version": 1, "correlationId": task, "status": "failed", "error": "diverged\u0000"},
+                    {"version": 1, "correlationId": task, "status": "succeeded", "outputCommit": "\ud800"}):
+            _publish_result(s, json.dumps(bad).encode())
+        _publish_result(s, b'{"correlationId": "' + task.encode() + b'", "status": "failed", "error": "\xff"}')
+        _publish_result(s, json.dumps({"version": 1, "correlationId": task, "status": "failed",
+                                       "error": "did not converge"}).encode())
+        done = wait_for(lambda: (lambda b: b if b["status"] != "running" else None)(
+            s.http("GET", f"/calculations/{cid}").json()), timeout=30, what="the valid result applied")
+        assert done["status"] == "failed" and "did not converge" in done["error"], done
+        log = s.procs["calc-results"].output()
+        assert "error: contains a NUL character" in log and "outputCommit: contains a lone" in log, log[-3000:]
+        assert "body: is not UTF-8 text" in log and "requeued" not in log, log[-3000:]
+        assert s.procs["calc-results"].proc.poll() is None
+    finally:
+        s.start("calculator")
+
+
+def test_git_itself_refuses_what_the_rule_refuses(tmp_path):
+    """The rule is not stricter than needed where it matters: git's own index refuses these."""
+    from orchestrator.repository import GitRepo
+
+    repo = GitRepo.init(tmp_path / "r")
+    for path in (".git/config", "a/.git/x", "./c.json", "a//b.json", "a/../b.json"):
+        proc = subprocess.run(["git", "-C", str(repo.path), "update-index", "--add", "--cacheinfo",
+                               f"100644,{'e69de29bb2d1d6434b8b29ae775ad8c2e48c5391'},{path}"],
+                              capture_output=True, env={"GIT_INDEX_FILE": str(tmp_path / "index"), "PATH": "/usr/bin:/bin"})
+        assert proc.returncode != 0, path

@@ -1,0 +1,79 @@
+"""Text the database cannot store (a NUL character, a lone UTF-16 surrogate) is refused where it
+enters over HTTP: a 400 naming the field by its dotted path, never a 500 from PostgreSQL."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+NUL, SURROGATE = "a\u0000b", "\ud800"
+URL = "https://www.youtube.com/watch?v=dQw4w9WgXcQ"
+
+
+@pytest.mark.parametrize("path, body, field", [
+    ("/saga/order", {"input": {"note": NUL}}, "input.note"),
+    ("/saga/order", {"input": {"note": SURROGATE}}, "input.note"),
+    ("/saga/order", {"key": NUL}, "key"),
+    ("/saga", {"type": "order", "input": {"parcels": [{"id": "p1"}, {"id": SURROGATE}]}}, "input.parcels[1].id"),
+    ("/saga", {"type": "order", "input": {"bad\u0000key": 1}}, "input.bad\\u0000key"),
+    ("/pipeline", {"youtube_url": URL + NUL}, "youtube_url"),
+    ("/pipeline", {"youtube_url": URL, "language": SURROGATE}, "language"),
+    ("/api/v1/chat/init", {"config": {"persona": NUL}}, "config.persona"),
+    ("/api/v1/chat/init", {"config": {"tags": [SURROGATE]}}, "config.tags[0]"),
+    ("/calculations", {"project": "team/p", "branch": "b", "files": {"in.json": {"note": NUL}},
+                       "output_file": "out.json"}, "files.in.json.note"),
+])
+def test_unstorable_text_in_a_body_is_a_400_naming_the_field(client, path, body, field):
+    r = client.post(path, json=body)
+    assert r.status_code == 400, r.json
+    assert r.json["error"] == "invalid_input" and r.json["field"] == field, r.json
+    assert r.json["message"].startswith(f"{field}: ") and "contains a" in r.json["message"]
+
+
+def test_bytes_that_are_not_utf8_text_are_a_400(client):
+    for raw, field in ((b'{"input": {"note": "\xff\xfe"}}', "body"),  # not UTF-8
+                       (b'{"input": {"note": "\xed\xa0\x80"}}', "input.note"),  # an encoded surrogate
+                       (b"[" * 100_000, "body")):  # deeper than any parser goes
+        r = client.post("/saga/order", data=raw, content_type="application/json")
+        assert r.status_code == 400 and r.json["field"] == field, (raw[:40], r.json)
+
+
+def test_a_task_message_with_unstorable_text_is_a_400(client):
+    session = client.post("/api/v1/chat/init", json={}).json["session_id"]
+    for message in (NUL, SURROGATE):
+        r = client.post(f"/api/v1/chat/{session}/task", json={"message": message})
+        assert r.status_code == 400 and r.json["field"] == "message", r.json
+    assert client.get(f"/api/v1/chat/{session}/tasks").json["total"] == 0
+
+
+@pytest.mark.parametrize("method, url, field", [
+    ("get", "/sagas?type=a%00b", "type"),
+    ("get", "/sagas?state=%00", "state"),
+    ("get", "/workers?status=x%00", "status"),
+    ("get", "/geometries?project=team/p&ref=main%00", "ref"),
+    ("get", "/sagas/a%00b", "instance_id"),
+    ("post", "/sagas/a%00b/cancel", "instance_id"),
+    ("get", "/jobs/x%00", "job_id"),
+    ("get", "/workflows/r%00", "route_id"),
+    ("get", "/api/v1/chat/s%00/status", "session_id"),
+    ("get", "/calculations/c%00", "correlation_id"),
+])
+def test_unstorable_text_in_the_url_is_a_400_naming_the_parameter(client, method, url, field):
+    r = getattr(client, method)(url)
+    assert r.status_code == 400, (url, r.status_code, r.json)
+    assert r.json["field"] == field, r.json
+
+
+@pytest.mark.parametrize("header", ["Idempotency-Key", "X-Correlation-ID", "X-Actor"])
+def test_unstorable_text_in_a_stored_header_is_a_400_naming_it(client, header):
+    r = client.post("/saga/order", json={"input": {}}, headers={header: "k\u0000"})
+    assert r.status_code == 400 and r.json["field"] == header, r.json
+    assert "X-Correlation-ID" not in r.headers or "\x00" not in r.headers["X-Correlation-ID"]
+
+
+def test_text_that_can_be_stored_is_kept_intact(client):
+    note = "tab\t, newline\n, é, 漢字, emoji 🎉, escaped \\u0000 as text"
+    r = client.post("/saga/order", json={"input": {"note": note, "parcels": []}})
+    assert r.status_code == 201, r.json
+    assert client.get(f"/sagas/{r.json['id']}").json["context"]["input"]["note"] == note
+    assert json.loads(json.dumps(note)) == note
