@@ -133,7 +133,10 @@ def cmd_bridge(args: argparse.Namespace) -> None:
     if args.metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(args.metrics_port, addr="127.0.0.1")
+        try:
+            start_http_server(args.metrics_port, addr="127.0.0.1")
+        except OSError as exc:
+            sys.exit(f"--metrics-port: cannot listen on 127.0.0.1:{args.metrics_port}: {exc.strerror or exc}")
     stop = stop_on_signals()
     Bridge(rt, group=args.group).run(stop)
 

@@ -240,3 +240,14 @@ def test_dev_refuses_a_port_something_else_listens_on(tmp_path):
         out = run_refused(tmp_path, dev_env(PORT=str(port)))
     assert f"port {port} for the API on 127.0.0.1 is not available" in out
     assert "move the API with PORT" in out
+
+
+def test_bridge_refuses_a_metrics_port_in_use(kenv):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = subprocess.run([sys.executable, "-m", "orchestrator.cli", "bridge", "--metrics-port", str(port)],
+                             env=kenv, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0
+    assert f"--metrics-port: cannot listen on 127.0.0.1:{port}" in run.stderr
