@@ -221,6 +221,14 @@ def port_problems(claims: list[PortClaim]) -> list[str]:
     return problems
 
 
+def _kill_group(pid: int, sig: int) -> None:
+    """Signal a child's process group (each dev child leads its own); gone already is fine."""
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
 def _exit_text(code: int) -> str:
     if code < 0:
         try:
@@ -352,6 +360,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
                 code = 1
                 stopping.set()
                 break
+            _kill_group(proc.pid, signal.SIGKILL)  # what it left behind (pool processes) would hold its ports
             restarts[name] += 1
             delay = min(30, 2 ** (restarts[name] - 1))
             log.warning("%s (pid %s) exited with %s; restarting it in %ss (restart %d of %d in a row)", name,
@@ -365,13 +374,13 @@ def cmd_dev(args: argparse.Namespace) -> None:
         stopping.wait(0.5)
     for name, proc in procs.items():
         if name not in due and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
+            _kill_group(proc.pid, signal.SIGTERM)
     deadline = time.time() + 15
     for name, proc in procs.items():
         try:
             proc.wait(max(0.1, deadline - time.time()))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill_group(proc.pid, signal.SIGKILL)
     if broker is not None:
         broker.stop()
     sys.exit(code)
