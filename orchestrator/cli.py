@@ -11,6 +11,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from .config import Settings, load_settings
@@ -132,7 +133,10 @@ def cmd_bridge(args: argparse.Namespace) -> None:
     if args.metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(args.metrics_port, addr="127.0.0.1")
+        try:
+            start_http_server(args.metrics_port, addr="127.0.0.1")
+        except OSError as exc:
+            sys.exit(f"--metrics-port: cannot listen on 127.0.0.1:{args.metrics_port}: {exc.strerror or exc}")
     stop = stop_on_signals()
     Bridge(rt, group=args.group).run(stop)
 
@@ -168,8 +172,77 @@ def cmd_flower(args: argparse.Namespace) -> None:
     rt.celery.start(["flower", f"--basic-auth={auth}", f"--port={args.port}", f"--address={args.address}"])
 
 
+#: A dev child that exits on its own is started again after 1, 2, 4, ... (at most 30) seconds; one
+#: that dies this many times in a row, each time within DEV_STABLE_SECONDS of its start, stops dev.
+DEV_RESTARTS = 5
+DEV_STABLE_SECONDS = 60.0
+
+
+@dataclass
+class PortClaim:
+    """A port a dev child will listen on: who (`what`), the variable or flag that moves it."""
+
+    what: str
+    moved_by: str
+    host: str
+    port: int
+
+
+def port_problems(claims: list[PortClaim]) -> list[str]:
+    """Every clash among `claims` and every claimed port something else already listens on, as
+    messages naming the port, its users and what moves it (empty: all can be bound). Port 0
+    (any free port) is never a problem."""
+    import socket
+
+    problems: list[str] = []
+    by_port: dict[int, list[PortClaim]] = {}
+    for c in claims:
+        if c.port:
+            by_port.setdefault(c.port, []).append(c)
+    for port, users in by_port.items():
+        if len(users) > 1:
+            names = " and ".join(f"{c.what} ({c.moved_by})" for c in users)
+            problems.append(f"port {port} is used by both {names}: move one of them")
+    for port, users in by_port.items():
+        if len(users) > 1:
+            continue
+        c = users[0]
+        if not 0 < port < 65536:
+            problems.append(f"port {port} of {c.what} is not a port number (set {c.moved_by})")
+            continue
+        try:
+            family, kind, proto, _, address = socket.getaddrinfo(c.host, port, type=socket.SOCK_STREAM)[0]
+            with socket.socket(family, kind, proto) as sock:  # as the servers bind: SO_REUSEADDR
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(address)
+        except OSError as exc:
+            problems.append(f"port {port} for {c.what} on {c.host} is not available ({exc.strerror or exc}): "
+                            f"stop what uses it or move {c.what} with {c.moved_by}")
+    return problems
+
+
+def _kill_group(pid: int, sig: int) -> None:
+    """Signal a child's process group (each dev child leads its own); gone already is fine."""
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _exit_text(code: int) -> str:
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"code {code}"
+
+
 def cmd_dev(args: argparse.Namespace) -> None:
-    """Every process in the foreground, with the emulators, on embedded defaults."""
+    """Every process in the foreground, with the emulators, on embedded defaults.
+
+    Before starting anything it checks every port it will listen on (exits 1 naming the port and
+    what moves it); a child that dies is restarted with a backoff (DEV_RESTARTS)."""
     os.environ.setdefault("LOG_FORMAT", "text")  # a terminal, unless told otherwise
     settings = _settings()
     _logging(settings)
@@ -177,22 +250,40 @@ def cmd_dev(args: argparse.Namespace) -> None:
     env.setdefault("FLOWER_BASIC_AUTH", "admin:admin")
     env.setdefault("EMULATOR_JOB_SECONDS", "2")
     children: list[tuple[str, list[str]]] = []
+    claims = [PortClaim("the API", "PORT", settings.host, settings.port),
+              PortClaim("Flower", "--flower-port", "127.0.0.1", args.flower_port)]
     base = args.emulator_port
     ports = {"VIDEO_DOWNLOADER_URL": base, "AUDIO_NORMALIZATION_URL": base + 1, "AUDIO_TRANSCRIBER_URL": base + 2}
     if not any(os.environ.get(name) for name in ports):
         for name, port in ports.items():
             env[name] = f"http://127.0.0.1:{port}"
+            claims.append(PortClaim(f"the media emulator for {name}", "--emulator-port", "127.0.0.1", port))
         children.append(("emulators", [sys.executable, "-m", "emulators.media", "--host", "127.0.0.1",
                                        "--ports", ",".join(str(p) for p in ports.values())]))
+    raw_gitlab_port = os.environ.get("GITLAB_EMULATOR_PORT") or "8010"
+    if not raw_gitlab_port.isdigit():
+        sys.exit(f"configuration error: GITLAB_EMULATOR_PORT: expected a port number, got {raw_gitlab_port!r}")
+    gitlab_port = int(raw_gitlab_port)
+    gitlab = not settings.gitlab_url or settings.gitlab_url.rstrip("/") in (f"http://127.0.0.1:{gitlab_port}",
+                                                                           f"http://localhost:{gitlab_port}")
+    if gitlab:
+        claims.append(PortClaim("the GitLab emulator", "GITLAB_EMULATOR_PORT", "127.0.0.1", gitlab_port))
+    bundled = not settings.kafka_brokers
+    others = {c.port for c in claims}  # what a free port picked for the broker must not be
+    if bundled:
+        claims.append(PortClaim("the bundled Kafka broker", "--kafka-port (0: any free port) or KAFKA_BROKERS",
+                                "127.0.0.1", args.kafka_port))
+    problems = port_problems(claims)
+    if problems:  # before anything started: nothing to stop, nothing half-running
+        sys.exit("orchestrator dev: " + "\norchestrator dev: ".join(problems))
+
     # The balance saga: a demo project in the local git backend, the GitLab emulator (used when
     # GITLAB_URL points at it) and the emulated calculation worker.
     from emulators.demo import ensure_local_demo
 
     if ensure_local_demo(settings.git_repos_dir):
         print(f"orchestrator dev: created the demo project demo/balance in {settings.git_repos_dir}", flush=True)
-    gitlab_port = int(os.environ.get("GITLAB_EMULATOR_PORT") or 8010)
-    if not settings.gitlab_url or settings.gitlab_url.rstrip("/") in (f"http://127.0.0.1:{gitlab_port}",
-                                                                      f"http://localhost:{gitlab_port}"):
+    if gitlab:
         children.append(("gitlab", [sys.executable, "-m", "emulators.gitlab", "--port", str(gitlab_port),
                                     "--data", "data/gitlab", "--demo"]))
     children.append(("calculator", [sys.executable, "-m", "emulators.calculator", "--seconds", "2"]))
@@ -201,19 +292,16 @@ def cmd_dev(args: argparse.Namespace) -> None:
     children.append(("execution", [sys.executable, "-m", "emulators.execution", "--concurrency", "8"]))
     py = [sys.executable, "-m", "orchestrator.cli"]
     broker = None
-    if not settings.kafka_brokers:  # the bundled Kafka-protocol broker, stopped by PID at the end
-        from .kafka_broker import BundledBroker
+    if bundled:  # the bundled Kafka-protocol broker, stopped by PID at the end
+        from .kafka_broker import BundledBroker, free_port
 
-        from .kafka_broker import free_port, port_is_free
-
-        port = args.kafka_port if args.kafka_port and port_is_free(args.kafka_port) else free_port()
-        if args.kafka_port and port != args.kafka_port:
-            log.warning("port %s is taken; the bundled Kafka broker listens on %s (KAFKA_BROKERS=127.0.0.1:%s)",
-                        args.kafka_port, port, port)
+        port = args.kafka_port
+        while not port or port in others:
+            port = free_port()
         broker = BundledBroker(port=port).start()
         atexit.register(broker.stop)
         env["KAFKA_BROKERS"] = broker.bootstrap
-    if broker is not None or args.kafka_emulators:
+    if args.kafka_emulators:  # dev always runs the bridge: the services it talks to come with it
         children.append(("kafka-emulators", [sys.executable, "-m", "emulators.kafka_services",
                                              "--brokers", env.get("KAFKA_BROKERS") or settings.kafka_brokers]))
     # one metrics directory for every child, so the API's /metrics shows the bridge's too
@@ -227,37 +315,72 @@ def cmd_dev(args: argparse.Namespace) -> None:
         ("flower", py + ["flower", "--port", str(args.flower_port)]),
     ]
     subprocess.run(py + ["db", "upgrade"], env=env, check=True)
-    procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+    commands = dict(children)
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    started: dict[str, float] = {}
+    restarts = {name: 0 for name in commands}
+    due: dict[str, float] = {}  # children waiting out their backoff before a restart
     stopping = threading.Event()
 
     def stop(*_: Any) -> None:
         stopping.set()
 
+    def start(name: str) -> None:
+        procs[name] = subprocess.Popen(commands[name], env=env, start_new_session=True)
+        started[name] = time.monotonic()
+
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    for name, cmd in children:
-        procs.append((name, subprocess.Popen(cmd, env=env, start_new_session=True)))
+    for name in commands:
+        start(name)
     print(f"orchestrator dev: API http://{settings.host}:{settings.port}  "
           f"Flower http://127.0.0.1:{args.flower_port} ({env['FLOWER_BASIC_AUTH']})  "
           f"Kafka {env.get('KAFKA_BROKERS') or settings.kafka_brokers}{' (bundled)' if broker else ''}  "
           "Ctrl-C stops all", flush=True)
+    print("orchestrator dev: pids " + ", ".join(f"{n}={p.pid}" for n, p in procs.items()), flush=True)
     code = 0
     while not stopping.is_set():
-        for name, proc in procs:
-            if proc.poll() is not None:
-                log.error("%s exited with %s; stopping everything", name, proc.returncode)
+        now = time.monotonic()
+        for name, proc in procs.items():
+            if name in due:
+                if now >= due[name]:
+                    del due[name]
+                    start(name)
+                    log.warning("%s restarted (pid %s)", name, procs[name].pid)
+                continue
+            if proc.poll() is None:
+                continue
+            # A child that dies (the Kafka consumer crashes when a topic it reads is deleted) is
+            # started again; one that cannot stay up stops dev rather than leave it half-running.
+            if now - started[name] > DEV_STABLE_SECONDS:
+                restarts[name] = 0
+            if restarts[name] >= DEV_RESTARTS:
+                log.error("%s exited with %s, %d times in a row; stopping everything", name,
+                          _exit_text(proc.returncode), restarts[name] + 1)
                 code = 1
                 stopping.set()
+                break
+            _kill_group(proc.pid, signal.SIGKILL)  # what it left behind (pool processes) would hold its ports
+            restarts[name] += 1
+            delay = min(30, 2 ** (restarts[name] - 1))
+            log.warning("%s (pid %s) exited with %s; restarting it in %ss (restart %d of %d in a row)", name,
+                        proc.pid, _exit_text(proc.returncode), delay, restarts[name], DEV_RESTARTS)
+            due[name] = now + delay
+        if broker is not None and broker.proc is not None and broker.proc.poll() is not None and not stopping.is_set():
+            log.error("the bundled Kafka broker exited with %s (its topics are gone); stopping everything",
+                      _exit_text(broker.proc.returncode))
+            code = 1
+            stopping.set()
         stopping.wait(0.5)
-    for _, proc in procs:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
+    for name, proc in procs.items():
+        if name not in due and proc.poll() is None:
+            _kill_group(proc.pid, signal.SIGTERM)
     deadline = time.time() + 15
-    for _, proc in procs:
+    for name, proc in procs.items():
         try:
             proc.wait(max(0.1, deadline - time.time()))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill_group(proc.pid, signal.SIGKILL)
     if broker is not None:
         broker.stop()
     sys.exit(code)
@@ -318,8 +441,9 @@ def parser() -> argparse.ArgumentParser:
                      help="first of three ports for the media emulators (8001-8003)")
     dev.add_argument("--kafka-port", type=int, default=9092,
                      help="port of the bundled Kafka broker when KAFKA_BROKERS is unset (0: any free port)")
-    dev.add_argument("--kafka-emulators", action="store_true",
-                     help="also run the Kafka emulators against the configured KAFKA_BROKERS")
+    dev.add_argument("--kafka-emulators", action=argparse.BooleanOptionalAction, default=True,
+                     help="run the emulated Kafka services (story, TTS, delivery prefetch, worker runner) against "
+                          "the bundled broker or KAFKA_BROKERS (default); --no-kafka-emulators when real ones run")
     dev.set_defaults(func=cmd_dev)
     return p
 

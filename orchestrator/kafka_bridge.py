@@ -12,7 +12,7 @@ A workflow declares the topics it consumes, each with a handler classmethod:
 The handler validates the payload (raising InvalidInput naming the field) and makes exactly one
 engine call (start or fire). Delivery is at least once, the effect exactly once:
 
-- the event's id (header `event_id`, else topic:partition:offset) is written to
+- the event's id (header `event_id`, else partition:offset@timestamp, see `event_id`) is written to
   `processed_messages` in the same transaction as the effect (a session hook, see `_Delivery`),
   so a redelivered event finds it and does nothing, and two deliveries racing cannot both commit;
 - the offset is committed only after that transaction committed (or the event was dead-lettered).
@@ -165,10 +165,22 @@ def install_dedup(sessions: Any) -> None:
 
 
 def event_id(msg: Any) -> str:
+    """The identity an event is de-duplicated by (within its topic), never repeated over time.
+
+    The producer's `event_id` header when present (its promise: one id per event). Otherwise
+    `<partition>:<offset>@<timestamp ms>`: an offset alone starts again at 0 in every life of a
+    topic (deleted and re-created, a new cluster, the bundled broker restarted on a kept
+    database), but the message timestamp (CreateTime from the producer's clock, or the broker's
+    LogAppendTime) of a message in a later life is later than that of the message the previous
+    life held at the same offset. A redelivery of one message carries the same timestamp. A
+    broker too old to keep timestamps gives `@none` (offsets only again; docs/kafka.md)."""
     for k, v in msg.headers() or []:
         if k == "event_id" and v:
             return v.decode(errors="replace")[:200]
-    return f"{msg.partition()}:{msg.offset()}"
+    kind, ts = msg.timestamp()
+    from confluent_kafka import TIMESTAMP_NOT_AVAILABLE
+
+    return f"{msg.partition()}:{msg.offset()}@{ts if kind != TIMESTAMP_NOT_AVAILABLE else 'none'}"
 
 
 def _headers(msg: Any) -> dict[str, str]:
@@ -316,7 +328,11 @@ class Bridge:
         bad_id = unstorable(msg_id, "headers.event_id")  # its de-duplication row could not be stored
         if bad_id is not None:
             return self.dead_letter(msg, f"{bad_id[0]}: {bad_id[1]}", "invalid_field")
-        if self.processed(consumer, msg_id):
+        seen_at = self.processed(consumer, msg_id)
+        if seen_at is not None:
+            # logged, never silent: a new event taken for a duplicate would otherwise vanish
+            log.warning("duplicate %s/%s@%s (event id %s, first handled %s): skipped", topic, msg.partition(),
+                        msg.offset(), msg_id, seen_at)
             return self._outcome(topic, "duplicate", started)
         raw = msg.value() or b""
         try:
@@ -345,8 +361,10 @@ class Bridge:
             except (Ignored, IllegalTransition, Conflict) as exc:
                 log.info("ignored %s/%s@%s: %s", topic, msg.partition(), msg.offset(), exc)
                 outcome = "ignored"
-            except IntegrityError:
-                outcome = "duplicate"  # another delivery of the same event committed first
+            except IntegrityError:  # another delivery of the same event committed first
+                log.warning("duplicate %s/%s@%s (event id %s, handled concurrently): skipped", topic,
+                            msg.partition(), msg.offset(), msg_id)
+                outcome = "duplicate"
             finally:
                 _current_delivery.reset(token)
         return self._outcome(topic, outcome, started)
@@ -356,10 +374,11 @@ class Bridge:
         KAFKA_HANDLE_SECONDS.labels(topic).observe(time.perf_counter() - started)
         return outcome
 
-    def processed(self, consumer: str, msg_id: str) -> bool:
+    def processed(self, consumer: str, msg_id: str) -> Any:
+        """When this event id was handled (its processed_messages row's created_at), else None."""
         with self.rt.sessions() as s:
-            return s.execute(select(ProcessedMessage.message_id).where(
-                ProcessedMessage.consumer == consumer, ProcessedMessage.message_id == msg_id)).first() is not None
+            return s.execute(select(ProcessedMessage.created_at).where(
+                ProcessedMessage.consumer == consumer, ProcessedMessage.message_id == msg_id)).scalar()
 
     def dead_letter(self, msg: Any, reason: str, kind: str) -> str:
         """The original bytes to `<topic>.dlq`, the reason in the headers; wait for the ack."""

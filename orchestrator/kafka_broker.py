@@ -31,15 +31,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def port_is_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
 class BundledBroker:
     """One Tansu process on 127.0.0.1. `bootstrap` is the KAFKA_BROKERS value to use."""
 

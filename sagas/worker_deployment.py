@@ -7,8 +7,9 @@ runner's reports on `worker.status` move the worker along legal transitions only
 The worker row (the seed's `workers` table) is written in the same transaction as the
 transition and the outgoing `to_deploy` message. The worker id is the instance id. An
 init_scenario event is started once: its business key is the event id (the `event_id` header
-when the producer sets one, else topic:partition:offset), so a redelivery or a second copy of
-the same event makes no second worker. Failed workers are kept.
+when the producer sets one, else partition:offset@timestamp, which a re-created topic or a new
+broker does not repeat: see `kafka_bridge.event_id`), so a redelivery or a second copy of the
+same event makes no second worker. Failed workers are kept.
 """
 from __future__ import annotations
 

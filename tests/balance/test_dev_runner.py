@@ -27,7 +27,7 @@ def test_dev_creates_the_demo_project_and_runs_the_saga(tmp_path):
                AUDIO_TRANSCRIBER_URL="http://127.0.0.1:9")
     log = (tmp_path / "dev.log").open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "dev", "--flower-port", str(free_port()),
-                             "--concurrency", "2", "--api-workers", "1"], cwd=tmp_path, env=env, stdout=log,
+                             "--concurrency", "2", "--api-workers", "1", "--kafka-port", "0"], cwd=tmp_path, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:

@@ -22,13 +22,14 @@ def test_dev_serves_the_chat_page_and_answers(tmp_path):
                                 "EXECUTION_"))}
     port, flower = free_port(), free_port()
     env.update(PORT=str(port), HOST="127.0.0.1", SWEEP_INTERVAL="0.2", LOG_LEVEL="WARNING", PYTHONPATH=str(ROOT),
-               FLOWER_BASIC_AUTH="admin:secret", CHAT_CONSUMER_ID=f"dev-{uuid.uuid4().hex[:8]}")
+               FLOWER_BASIC_AUTH="admin:secret", CHAT_CONSUMER_ID=f"dev-{uuid.uuid4().hex[:8]}",
+               GITLAB_EMULATOR_PORT=str(free_port()))  # dev refuses a port in use: none of its fixed ones
     # The media emulators are not needed here (and their fixed ports may be taken): name URLs.
     for name in ("VIDEO_DOWNLOADER_URL", "AUDIO_NORMALIZATION_URL", "AUDIO_TRANSCRIBER_URL"):
         env[name] = f"http://127.0.0.1:{free_port()}"
     log = (tmp_path / "dev.log").open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "dev", "--flower-port", str(flower),
-                             "--concurrency", "1"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                             "--concurrency", "1", "--kafka-port", "0"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:

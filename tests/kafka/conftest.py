@@ -156,8 +156,20 @@ def kafka(kafka_broker: BundledBroker) -> Kafka:
     return Kafka(kafka_broker.bootstrap)
 
 
+def key_on_partition_of(key: str, prefix: str, partitions: int = 4) -> str:
+    """A new id `<prefix>-<n>` whose key lands on the same partition as `key` with the default
+    partitioner (librdkafka's consistent_random: CRC32 of the key), so both get the same offsets
+    in two lives of a topic."""
+    import zlib
+
+    want, tag, n = zlib.crc32(key.encode()) % partitions, uuid.uuid4().hex[:6], 0
+    while zlib.crc32(f"{prefix}-{tag}-{n}".encode()) % partitions != want:
+        n += 1
+    return f"{prefix}-{tag}-{n}"
+
+
 def headers(msg: Any) -> dict[str, str]:
     return {k: (v or b"").decode() for k, v in (msg.headers() or [])}
 
 
-__all__ = ["Kafka", "headers", "metric", "start_bridge", "wait_for"]
+__all__ = ["Kafka", "headers", "key_on_partition_of", "metric", "start_bridge", "wait_for"]
