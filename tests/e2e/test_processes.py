@@ -130,10 +130,12 @@ def test_dev_runs_everything_on_embedded_defaults(tmp_path):
     port, flower = free_port(), free_port()
     env.update(PORT=str(port), HOST="127.0.0.1", POLL_INTERVAL="0.3", SWEEP_INTERVAL="0.2",
                EMULATOR_JOB_SECONDS="0.5", LOG_LEVEL="WARNING", PYTHONPATH=str(ROOT),
-               FLOWER_BASIC_AUTH="admin:secret")
+               FLOWER_BASIC_AUTH="admin:secret",
+               GITLAB_EMULATOR_PORT=str(free_port()))  # dev refuses a port in use: none of its fixed ones
     log = (tmp_path / "dev.log").open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "dev", "--flower-port", str(flower),
-                             "--concurrency", "2", "--emulator-port", str(free_port_run(3))], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                             "--concurrency", "2", "--emulator-port", str(free_port_run(3)),
+                             "--kafka-port", "0"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
