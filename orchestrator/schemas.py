@@ -97,6 +97,8 @@ def _problem(err: dict[str, Any], model: type[BaseModel] | None) -> str:
         return "must not be empty" if ctx.get("min_length") == 1 else f"must be at least {ctx['min_length']} characters"
     if kind == "string_too_long":
         return f"must be at most {ctx['max_length']} characters"
+    if kind == "string_pattern_mismatch":
+        return f"must match {ctx.get('pattern')}, got {value!r}"
     if kind == "literal_error":
         return f"must be {ctx.get('expected')}, got {value!r}"
     if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):

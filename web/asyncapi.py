@@ -10,7 +10,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from orchestrator import calculations, logs
-from orchestrator.kafka_bridge import discover, produced_topics
+from orchestrator.kafka_bridge import discover
 from sagas.chat_store import ChatCallback
 
 from . import runtime
@@ -42,14 +42,15 @@ def _ident(name: str) -> str:
 def build(registry: Any) -> dict[str, Any]:
     """The AsyncAPI document for the workflows in `registry` (see the module's docstring)."""
     consumed = discover(registry)
-    produced = set(produced_topics(registry))
     topics: dict[str, tuple[str, type[BaseModel], str | None]] = {}  # topic -> (direction, model, key)
     for name in registry.names():
         cls = registry.get(name)
-        for topic, model in (getattr(cls, "kafka_schemas", None) or {}).items():
-            if topic in consumed or topic in produced:
-                topics[topic] = ("receive" if topic in consumed else "send", model,
-                                 getattr(cls, "kafka_key", None))
+        schemas = getattr(cls, "kafka_schemas", None) or {}
+        for topic in [*(getattr(cls, "kafka_consumes", None) or {}), *(getattr(cls, "kafka_produces", None) or ())]:
+            if topic not in schemas:
+                raise ValueError(f"workflow {cls.type}: topic {topic} has no model in kafka_schemas")
+            topics[topic] = ("receive" if topic in consumed else "send", schemas[topic],
+                             getattr(cls, "kafka_key", None))
     models = [m for _, m, _ in topics.values()] + [calculations.CalculationTask, calculations.CalculationResult,
                                                   ChatCallback]
     _, defs = models_json_schema([(m, "validation") for m in dict.fromkeys(models)], ref_template=REF)
