@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 from kombu import Connection, Exchange, Queue
 from kombu.mixins import ConsumerMixin
@@ -34,12 +34,37 @@ from .engine import Done, Engine
 from .errors import InvalidInput, UpstreamError
 from .jsonutil import check_storable
 from .models import ACTIVE_STEP_STATUSES, StepRun
+from .schemas import Event, NonBlank, parse
 from .config import Settings
 
 log = logging.getLogger(__name__)
 
 CONTRACT_VERSION = 1
 _NAMESPACE = uuid.UUID("6f1c1d2e-7b55-4c1e-9a43-5b1f2d7c0a11")
+
+
+# -- schemas: the AMQP contract (docs/balance.md; /asyncapi.json is generated from these) ----------
+class CalculationTask(Event):
+    """The task message on exchange `orchestrator.calculations`, routing key `calculation.<type>`."""
+
+    version: Literal[1] = CONTRACT_VERSION
+    correlationId: str
+    repoUrl: str
+    branch: str
+    commitHash: str
+    input_files: list[str]
+    output_file: str
+
+
+class CalculationResult(Event):
+    """The result message on the reply queue `orchestrator.calculation-results`. `outputCommit`
+    is required when `status` is `succeeded`; `error` is read only when it is `failed`."""
+
+    version: int = CONTRACT_VERSION
+    correlationId: NonBlank
+    status: Literal["succeeded", "failed"]
+    outputCommit: str | None = None
+    error: Any = None
 
 
 def correlation_id(idempotency_key: str) -> str:
@@ -63,9 +88,8 @@ def results_queue(settings: Settings) -> Queue:
 
 def task_message(correlation: str, repo_url: str, branch: str, commit: str, input_files: list[str],
                  output_file: str) -> dict[str, Any]:
-    return {"version": CONTRACT_VERSION, "correlationId": correlation, "repoUrl": repo_url,
-            "branch": branch, "commitHash": commit, "input_files": list(input_files),
-            "output_file": output_file}
+    return CalculationTask(correlationId=correlation, repoUrl=repo_url, branch=branch, commitHash=commit,
+                           input_files=list(input_files), output_file=output_file).model_dump()
 
 
 def publish_task(celery_app: Any, settings: Settings, calculation_type: str, body: dict[str, Any]) -> None:
@@ -105,20 +129,11 @@ def parse_result(raw: Any) -> dict[str, Any]:
             raw = json.loads(raw)
         except ValueError:
             raise InvalidInput("body", "is not JSON") from None
-    if not isinstance(raw, dict):
-        raise InvalidInput("body", "must be a JSON object")
-    check_storable(raw)
-    cid = raw.get("correlationId")
-    if not isinstance(cid, str) or not cid:
-        raise InvalidInput("correlationId", "is required")
-    status = raw.get("status")
-    if status not in ("succeeded", "failed"):
-        raise InvalidInput("status", "must be 'succeeded' or 'failed'")
-    commit = raw.get("outputCommit")
-    if status == "succeeded" and (not isinstance(commit, str) or not commit):
+    result = parse(CalculationResult, check_storable(raw))
+    if result.status == "succeeded" and not result.outputCommit:  # a rule across two fields
         raise InvalidInput("outputCommit", "is required when status is 'succeeded'")
-    return {"correlationId": cid, "status": status, "outputCommit": commit,
-            "error": raw.get("error") if status == "failed" else None}
+    return {"correlationId": result.correlationId, "status": result.status, "outputCommit": result.outputCommit,
+            "error": result.error if result.status == "failed" else None}
 
 
 def find_waiting_step(engine: Engine, correlation: str) -> tuple[str, str, int] | None:

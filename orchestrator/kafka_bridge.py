@@ -9,7 +9,8 @@ A workflow declares the topics it consumes, each with a handler classmethod:
         @classmethod
         def on_route_confirmed(cls, engine, event: KafkaEvent) -> str: ...
 
-The handler validates the payload (raising InvalidInput naming the field) and makes exactly one
+The handler validates the payload with the topic's model from the workflow's `kafka_schemas`
+(`orchestrator.schemas.parse`: InvalidInput naming the field's dotted path) and makes exactly one
 engine call (start or fire). Delivery is at least once, the effect exactly once:
 
 - the event's id (header `event_id`, else partition:offset@timestamp, see `event_id`) is written to
@@ -76,25 +77,6 @@ class KafkaEvent:
 
 
 Handler = Callable[[Any, KafkaEvent], str]
-
-
-# -- validation helpers for handlers -----------------------------------------------------------
-def require(payload: dict[str, Any], name: str, kind: type | tuple[type, ...], *, optional: bool = False,
-            nonempty: bool = True) -> Any:
-    """payload[name] checked against `kind`; InvalidInput naming the field otherwise."""
-    if name not in payload or payload[name] is None:
-        if optional:
-            return None
-        raise InvalidInput(name, "is required")
-    value = payload[name]
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-        names = " or ".join(k.__name__.replace("str", "string").replace("int", "integer")
-                            .replace("list", "array").replace("dict", "object") for k in kinds)
-        raise InvalidInput(name, f"must be a {names}, got {type(value).__name__}")
-    if nonempty and isinstance(value, str) and not value.strip():
-        raise InvalidInput(name, "must not be empty")
-    return value
 
 
 # -- routes ------------------------------------------------------------------------------------

@@ -20,13 +20,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import BeforeValidator, Field, WithJsonSchema
 from statemachine import State
 
 from orchestrator.config import Settings
 from orchestrator.errors import Conflict, InvalidInput
 from orchestrator.repository import check_branch_name, check_project, check_repository_path, check_repository_paths
+from orchestrator.schemas import Closed, parse
 from orchestrator.workflow import Retry, Step, Workflow, register
 
 BALANCE_INPUT = "balance_input.json"
@@ -153,7 +155,41 @@ def _build_balance_saga() -> type[Workflow]:
     return type("BalanceSaga", (_BalanceBase,), ns)
 
 
-SUBMISSION_FIELDS = ("step", "content", "use_hydrated")
+# -- schemas: the request bodies (seed 002, docs/balance.md) -------------------------------------
+# GitLab's own naming rules (repository.check_project, check_branch_name) run as the fields'
+# validators: they raise InvalidInput naming the field themselves.
+Project = Annotated[str, BeforeValidator(check_project), WithJsonSchema(
+    {"anyOf": [{"type": "string", "minLength": 1}, {"type": "integer"}],
+     "description": "a project id or path such as demo/balance"})]
+Branch = Annotated[str, BeforeValidator(check_branch_name), WithJsonSchema(
+    {"type": "string", "minLength": 1, "description": "a git branch name such as issue/42-new-calculation"})]
+
+
+class BalanceRequest(Closed):
+    """POST /saga/calculate-balance. Unknown fields are refused."""
+
+    project: Project
+    branch: Branch
+    dependencies: list[str] | None = Field(None, description="the chain, in order; the catalog's default when absent")
+
+
+class Submission(Closed):
+    """POST /sagas/<saga_id>/events/submit_input: `{"step", "content"}` or `{"step", "use_hydrated": true}`."""
+
+    step: str = Field(description="the dependency the input is for (case-insensitive)")
+    content: Any = Field(None, description="the input file's JSON content")
+    use_hydrated: bool | None = None
+
+
+class CalculationRequest(Closed):
+    """POST /calculations. Unknown fields are refused."""
+
+    project: Project
+    branch: Branch
+    files: dict[str, Any] = Field(description="{path: content} of the input files (a string, or JSON written as such)")
+    output_file: str
+    calculation: str = Field("generic", pattern=r"^[A-Za-z0-9_-]+$",
+                             description="the calculation type (the task's routing key is calculation.<type>)")
 
 
 def check_submission(payload: dict[str, Any], instance: Any) -> dict[str, Any]:
@@ -164,32 +200,26 @@ def check_submission(payload: dict[str, Any], instance: Any) -> dict[str, Any]:
     `submit_input` signal, `step` lower-cased. Raises InvalidInput naming the field (400), or
     Conflict with `state` and `field: "step"` (409) when the saga does not wait for that input.
     """
-    unknown = sorted(set(payload) - set(SUBMISSION_FIELDS))
-    if unknown:
-        raise InvalidInput(unknown[0], f"unknown field; accepted: {', '.join(SUBMISSION_FIELDS)}")
-    step = payload.get("step")
+    sub = parse(Submission, payload)
     chain = instance.context["input"]["dependencies"]
-    if not isinstance(step, str) or step.strip().lower() not in CATALOG:
+    step = sub.step.strip().lower()
+    if step not in CATALOG:
         raise InvalidInput("step", "is required: the dependency the input is for, one of "
                            + ", ".join(d.upper() for d in chain))
-    step = step.strip().lower()
     if step not in chain:
         raise InvalidInput("step", f"'{step.upper()}' is not in this saga's chain: "
                            + ", ".join(d.upper() for d in chain))
-    has_content = "content" in payload
-    use_hydrated = payload.get("use_hydrated")
-    if use_hydrated is not None and not isinstance(use_hydrated, bool):
-        raise InvalidInput("use_hydrated", "must be true or false")
-    if has_content == bool(use_hydrated):
+    has_content = "content" in sub.model_fields_set  # rules across fields, and on the saga's chain
+    if has_content == bool(sub.use_hydrated):
         raise InvalidInput("content", "send either 'content' (the input file's JSON) or 'use_hydrated': true")
-    if has_content and payload["content"] is None:
+    if has_content and sub.content is None:
         raise InvalidInput("content", "must be the input file's JSON content")
     dep, role = STATE_ROLES.get(instance.state or "", ("", ""))
     if role != "await" or dep != step:
         waiting = f"it waits for {dep.upper()} input" if role == "await" else "it is not waiting for input"
         raise Conflict(f"input for {step.upper()} refused: {waiting} (state {instance.state})",
                        state=instance.state, field="step")
-    return {"step": step, **({"content": payload["content"]} if has_content else {"use_hydrated": True})}
+    return {"step": step, **({"content": sub.content} if has_content else {"use_hydrated": True})}
 
 
 class _BalanceBase(Workflow):
@@ -243,18 +273,9 @@ class _BalanceBase(Workflow):
 
     @classmethod
     def validate_input(cls, data: Any, settings: Settings) -> dict[str, Any]:
-        if not isinstance(data, dict):
-            raise InvalidInput("body", "must be a JSON object")
-        unknown = sorted(set(data) - {"project", "branch", "dependencies"})
-        if unknown:
-            raise InvalidInput(unknown[0], "unknown field; accepted: project, branch, dependencies")
-        project = check_project(data.get("project"))
-        branch = check_branch_name(data.get("branch"))
-        chain = data.get("dependencies")
-        if chain is None:
-            chain = list(DEFAULT_CHAIN)
-        if not isinstance(chain, list) or not all(isinstance(d, str) for d in chain):
-            raise InvalidInput("dependencies", "must be a list of dependency names")
+        req = parse(BalanceRequest, data)
+        project, branch = req.project, req.branch
+        chain = list(DEFAULT_CHAIN) if req.dependencies is None else req.dependencies
         chain = [d.strip().lower() for d in chain]
         for d in chain:
             if d not in CATALOG:
@@ -314,15 +335,9 @@ class SimpleCalculation(Workflow):
 
     @classmethod
     def validate_input(cls, data: Any, settings: Settings) -> dict[str, Any]:
-        if not isinstance(data, dict):
-            raise InvalidInput("body", "must be a JSON object")
-        unknown = sorted(set(data) - {"project", "branch", "files", "output_file", "calculation"})
-        if unknown:
-            raise InvalidInput(unknown[0], "unknown field; accepted: project, branch, files, output_file, calculation")
-        project = check_project(data.get("project"))
-        branch = check_branch_name(data.get("branch"))
-        files = data.get("files")
-        if not isinstance(files, dict) or not files:
+        req = parse(CalculationRequest, data)
+        project, branch, files = req.project, req.branch, req.files
+        if not files:
             raise InvalidInput("files", "is required: an object {path: content} of the input files")
         out_files: dict[str, str] = {}
         check_repository_paths(list(files), "files")
@@ -331,15 +346,13 @@ class SimpleCalculation(Workflow):
                 out_files[path] = content
             else:
                 out_files[path] = json.dumps(content, indent=2, sort_keys=True) + "\n"
-        output = check_repository_path(data.get("output_file"), "output_file")
+        output = check_repository_path(req.output_file, "output_file")
         if output in out_files:
             raise InvalidInput("output_file", "must not be one of the input files")
         try:
             check_repository_paths([*out_files, output], "output_file")
         except InvalidInput as exc:  # a file of the same name as the output's directory, or inverse
             raise InvalidInput("output_file", exc.problem) from None
-        calc = data.get("calculation", "generic")
-        if not isinstance(calc, str) or not calc.replace("-", "").replace("_", "").isalnum():
-            raise InvalidInput("calculation", "must be a calculation type made of letters, digits, - and _")
+        calc = req.calculation
         return {"project": project, "branch": branch, "files": out_files, "output_file": output,
                 "calculation": calc}

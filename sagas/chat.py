@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from pydantic import Field, ValidationInfo, field_validator
 from sqlalchemy import ForeignKey, Index, Integer, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 from statemachine import State
@@ -22,6 +23,7 @@ from statemachine import State
 from orchestrator.config import Settings
 from orchestrator.errors import ConfigError, InvalidInput
 from orchestrator.models import Base, JSONType, UTCDateTime, utcnow
+from orchestrator.schemas import TOO_LARGE, Closed, NonBlank, parse, problem
 from orchestrator.workflow import Workflow, register
 
 TASK_TYPE = "chat_task"
@@ -170,7 +172,7 @@ class ChatTask(Workflow):
     def validate_input(cls, data: Any, settings: Settings) -> dict[str, Any]:
         if not isinstance(data, dict) or not isinstance(data.get("session_id"), str):
             raise InvalidInput("input", "a chat task is created through POST /api/v1/chat/<session_id>/task")
-        return validate_message(data, ChatSettings.from_settings(settings)) | {
+        return validate_message({"message": data.get("message")}, ChatSettings.from_settings(settings)) | {
             "session_id": data["session_id"], "config": data.get("config") or {}}
 
     @classmethod
@@ -178,37 +180,51 @@ class ChatTask(Workflow):
         return timedelta(seconds=ChatSettings.from_settings(settings).task_timeout_seconds)
 
 
-def validate_message(body: dict[str, Any], chat: ChatSettings) -> dict[str, Any]:
-    message = body.get("message")
-    if message is None:
-        raise InvalidInput("message", "is required")
-    if not isinstance(message, str):
-        raise InvalidInput("message", "must be a string")
-    if not message.strip():
-        raise InvalidInput("message", "must not be empty")
-    if len(message) > chat.max_message_chars:
-        raise InvalidInput("message", f"must be at most {chat.max_message_chars} characters "
-                                      f"(CHAT_MAX_MESSAGE_CHARS), got {len(message)}", status=413)
-    return {"message": message}
+# -- schemas: the request bodies (seed 003, docs/chat.md) ----------------------------------------
+# The size limits are configured (CHAT_MAX_MESSAGE_CHARS, CHAT_MAX_CONFIG_BYTES): they come in the
+# validation context as {"chat": ChatSettings} and are answered 413.
+def _limits(info: ValidationInfo) -> ChatSettings | None:
+    return (info.context or {}).get("chat")
+
+
+class ChatMessage(Closed):
+    """POST /api/v1/chat/<session_id>/task. Unknown fields are refused."""
+
+    message: NonBlank = Field(description="at most CHAT_MAX_MESSAGE_CHARS characters (413 over it)")
+
+    @field_validator("message")
+    @classmethod
+    def _not_too_long(cls, value: str, info: ValidationInfo) -> str:
+        chat = _limits(info)
+        if chat is not None and len(value) > chat.max_message_chars:
+            raise problem(f"must be at most {chat.max_message_chars} characters (CHAT_MAX_MESSAGE_CHARS), "
+                          f"got {len(value)}", TOO_LARGE)
+        return value
+
+
+class ChatInit(Closed):
+    """POST /api/v1/chat/init (the body is optional). Unknown fields are refused."""
+
+    config: dict[str, Any] | None = Field(None, description="at most CHAT_MAX_CONFIG_BYTES of JSON (413 over it)")
+    user_id: NonBlank | None = Field(None, max_length=255)
+
+    @field_validator("config")
+    @classmethod
+    def _not_too_big(cls, value: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
+        chat = _limits(info)
+        size = len(json.dumps(value or {}))
+        if chat is not None and size > chat.max_config_bytes:
+            raise problem(f"must be at most {chat.max_config_bytes} bytes of JSON (CHAT_MAX_CONFIG_BYTES), "
+                          f"got {size}", TOO_LARGE)
+        return value
+
+
+def validate_message(body: Any, chat: ChatSettings) -> dict[str, Any]:
+    """{"message": <text>} checked against ChatMessage and the configured limit."""
+    return {"message": parse(ChatMessage, body, context={"chat": chat}).message}
 
 
 def validate_session_request(body: Any, chat: ChatSettings) -> tuple[str | None, dict[str, Any]]:
     """The optional body of POST /api/v1/chat/init: {"config": {...}, "user_id": "..."}."""
-    if not isinstance(body, dict):
-        raise InvalidInput("body", "must be a JSON object")
-    unknown = sorted(set(body) - {"config", "user_id"})
-    if unknown:
-        raise InvalidInput(unknown[0], "unknown field; accepted fields: config, user_id")
-    user_id = body.get("user_id")
-    if user_id is not None and (not isinstance(user_id, str) or not user_id.strip() or len(user_id) > 255):
-        raise InvalidInput("user_id", "must be a non-empty string of at most 255 characters")
-    config = body.get("config")
-    if config is None:
-        config = {}
-    if not isinstance(config, dict):
-        raise InvalidInput("config", "must be a JSON object")
-    size = len(json.dumps(config))
-    if size > chat.max_config_bytes:
-        raise InvalidInput("config", f"must be at most {chat.max_config_bytes} bytes of JSON "
-                                     f"(CHAT_MAX_CONFIG_BYTES), got {size}", status=413)
-    return user_id, config
+    req = parse(ChatInit, body, context={"chat": chat})
+    return req.user_id, req.config or {}

@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import Field
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
@@ -18,6 +19,7 @@ from orchestrator.engine import Engine
 from orchestrator.errors import IllegalTransition, InvalidInput, NotFound
 from orchestrator.jsonutil import iso, unstorable
 from orchestrator.models import WorkflowInstance, utcnow
+from orchestrator.schemas import Event, parse
 
 from .chat import CALLBACK_TYPES, FINISHED, TASK_TYPE, ChatEvent, ChatSession, ChatSettings
 
@@ -45,6 +47,18 @@ def frame(ev: ChatEvent) -> dict[str, Any]:
     return {"type": ev.type, "task_id": ev.task_id, "seq": ev.seq, "data": ev.data}
 
 
+# -- schemas: the Redis callback contract (docs/chat.md; /asyncapi.json is generated from it) -------
+class ChatCallback(Event):
+    """One message of the execution service on the Redis list/channel `callback:<consumer_id>`:
+    a `chunk` of a task's output, or its final `result` or `error`; `seq` counts from 1 per task."""
+
+    session_id: str = Field(min_length=1, max_length=64)
+    task_id: str = Field(min_length=1, max_length=64)
+    seq: int = Field(ge=1)
+    type: Literal[CALLBACK_TYPES]  # type: ignore[valid-type]
+    result: Any = Field(description="the chunk's or the final answer's data (any JSON; required, may be null)")
+
+
 def parse_callback(raw: Any) -> dict[str, Any]:
     """Check a callback's shape; raise Rejected("malformed", ...) naming the field."""
     import json
@@ -59,18 +73,10 @@ def parse_callback(raw: Any) -> dict[str, Any]:
     bad = unstorable(raw)  # text the database refuses would fail the store on every consumer
     if bad is not None:
         raise Rejected("malformed", f"{bad[0]}: {bad[1]}")
-    for name in ("session_id", "task_id"):
-        value = raw.get(name)
-        if not isinstance(value, str) or not value or len(value) > 64:
-            raise Rejected("malformed", f"{name}: must be a non-empty string")
-    seq = raw.get("seq")
-    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
-        raise Rejected("malformed", "seq: must be an integer >= 1")
-    if raw.get("type") not in CALLBACK_TYPES:
-        raise Rejected("malformed", f"type: must be one of {', '.join(CALLBACK_TYPES)}")
-    if "result" not in raw:
-        raise Rejected("malformed", "result: is required")
-    return {k: raw[k] for k in ("session_id", "task_id", "seq", "type", "result")}
+    try:
+        return parse(ChatCallback, raw).model_dump()
+    except InvalidInput as exc:
+        raise Rejected("malformed", f"{exc.field}: {exc.problem}") from None
 
 
 class ChatStore:

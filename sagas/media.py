@@ -6,20 +6,53 @@ Each stage is one step task that submits to its microservice, then polls it thro
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import urlparse
 
+from pydantic import AfterValidator, Field, WithJsonSchema
 from statemachine import State
 
 from orchestrator.config import Settings
-from orchestrator.errors import InvalidInput
+from orchestrator.schemas import Closed, parse, problem
 from orchestrator.workflow import Retry, Step, Workflow, register
 
 STAGES = ("download", "normalization", "transcription")
 
 _BOOL_FIELDS = ("remove_noise", "convert_to_mono", "apply_highpass_filter", "set_sample_rate_16k",
                 "isolate_vocals")
-FIELDS = ("youtube_url", "language", "language_out", *_BOOL_FIELDS)
+
+
+def _http_url(value: str) -> str:
+    url = value.strip()
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc or len(url) > 2048:
+        raise problem("must be an http(s) URL")
+    return url
+
+
+def _language(value: str | None) -> str | None:
+    if value is not None and (not value.strip() or len(value) > 16):
+        raise problem("must be a language code such as 'auto', 'pt' or 'en'")
+    return value
+
+
+Language = Annotated[str | None, AfterValidator(_language),
+                     WithJsonSchema({"type": ["string", "null"], "minLength": 1, "maxLength": 16})]
+
+
+class PipelineRequest(Closed):
+    """POST /pipeline (seed 004). Unknown fields are refused. An absent or null option takes its
+    configured default (DEFAULT_LANGUAGE, DEFAULT_REMOVE_NOISE, ...)."""
+
+    youtube_url: Annotated[str, AfterValidator(_http_url),
+                           WithJsonSchema({"type": "string", "format": "uri", "maxLength": 2048})]
+    language: Language = Field(None, description="a language code such as auto, pt or en")
+    language_out: Language = None
+    remove_noise: bool | None = None
+    convert_to_mono: bool | None = None
+    apply_highpass_filter: bool | None = None
+    set_sample_rate_16k: bool | None = None
+    isolate_vocals: bool | None = None
 
 
 def _http_retry(settings: Settings) -> Retry:
@@ -67,39 +100,18 @@ class MediaPipeline(Workflow):
 
     @classmethod
     def validate_input(cls, data: Any, settings: Settings) -> dict[str, Any]:
-        if not isinstance(data, dict):
-            raise InvalidInput("body", "must be a JSON object")
-        unknown = sorted(set(data) - set(FIELDS))
-        if unknown:
-            raise InvalidInput(unknown[0], f"unknown field; accepted fields: {', '.join(FIELDS)}")
-        url = data.get("youtube_url")
-        if url is None:
-            raise InvalidInput("youtube_url", "is required")
-        if not isinstance(url, str):
-            raise InvalidInput("youtube_url", "must be a string")
-        parsed = urlparse(url.strip())
-        if parsed.scheme not in ("http", "https") or not parsed.netloc or len(url) > 2048:
-            raise InvalidInput("youtube_url", "must be an http(s) URL")
-        out: dict[str, Any] = {"youtube_url": url.strip()}
-        for name, default in (("language", settings.default_language), ("language_out", None)):
-            value = data.get(name, default)
-            if value is None and name == "language":
-                value = settings.default_language
-            if value is not None and (not isinstance(value, str) or not value.strip() or len(value) > 16):
-                raise InvalidInput(name, "must be a language code such as 'auto', 'pt' or 'en'")
-            out[name] = value
+        req = parse(PipelineRequest, data)
+        out: dict[str, Any] = {"youtube_url": req.youtube_url,
+                               "language": req.language or settings.default_language,
+                               "language_out": req.language_out}
         defaults = {"remove_noise": settings.default_remove_noise,
                     "convert_to_mono": settings.default_convert_mono,
                     "apply_highpass_filter": False,
                     "set_sample_rate_16k": settings.default_sample_rate_16k,
                     "isolate_vocals": False}
         for name in _BOOL_FIELDS:
-            value = data.get(name, defaults[name])
-            if value is None:
-                value = defaults[name]
-            if not isinstance(value, bool):
-                raise InvalidInput(name, "must be true or false")
-            out[name] = value
+            value = getattr(req, name)
+            out[name] = defaults[name] if value is None else value
         return out
 
     @classmethod

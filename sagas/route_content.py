@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from prometheus_client import Histogram
 from sqlalchemy import select
@@ -27,8 +27,11 @@ from statemachine import State
 
 from orchestrator.config import Settings
 from orchestrator.errors import InvalidInput, NotFound
-from orchestrator.kafka_bridge import Ignored, KafkaEvent, require
+from pydantic import ConfigDict, Field
+
+from orchestrator.kafka_bridge import Ignored, KafkaEvent
 from orchestrator.models import WorkflowInstance, utcnow
+from orchestrator.schemas import Event, IdText, NonBlank, parse
 from orchestrator.workflow import Workflow, register
 
 log = logging.getLogger(__name__)
@@ -50,10 +53,71 @@ def _now() -> str:
     return utcnow().isoformat()
 
 
-def _story_id(value: Any, field: str) -> str:
-    if isinstance(value, bool) or not isinstance(value, (str, int)) or (isinstance(value, str) and not value.strip()):
-        raise InvalidInput(field, "must be a non-empty string or an integer")
-    return str(value)
+# -- schemas: the Kafka contract (docs/kafka.md; /asyncapi.json is generated from these) ----------
+class RouteConfirmed(Event):
+    """`route.confirmed` (consumed, key `route_id`): starts the route's workflow. Fields beyond
+    these are kept in the workflow's input."""
+
+    model_config = ConfigDict(extra="allow")
+
+    route_id: NonBlank = Field(max_length=255)
+    mode: NonBlank
+
+
+class StoryGenerate(Event):
+    """`story.generate` (produced, key `route_id`): asks the story service for the route's stories."""
+
+    route_id: str
+    lang: str = Field(description='always "ru"')
+
+
+class GeneratedStory(Event):
+    story_id: IdText
+    text: NonBlank
+
+
+class StoryGenerateCompleted(Event):
+    """`story.generate.completed` (consumed, key `route_id`): the route's stories (may be none);
+    `story_id`s are unique within the route."""
+
+    route_id: NonBlank
+    lang: NonBlank
+    stories: list[GeneratedStory]
+
+
+class TtsRequested(Event):
+    """`tts.requested` (produced, key `route_id`): one story to synthesise; `attempt` is the
+    tts_batch step's attempt (1, then 2 after a restart, ...)."""
+
+    route_id: str
+    story_id: str
+    text: str
+    lang: str
+    attempt: int
+
+
+class TtsCompleted(Event):
+    """`tts.completed` (consumed, key `route_id`): one story's TTS outcome; a result for an older
+    `attempt` is ignored."""
+
+    route_id: NonBlank
+    story_id: IdText
+    status: Literal["completed", "failed"]
+    audio_url: str | None = None
+    error: str | None = None
+    attempt: int | None = None
+
+
+class PrefetchAudio(Event):
+    story_id: str
+    audio_url: str | None
+
+
+class DeliveryPrefetch(Event):
+    """`delivery.prefetch` (produced, key `route_id`): the route's audio in story order."""
+
+    route_id: str
+    next_audio: list[PrefetchAudio]
 
 
 @register
@@ -69,6 +133,11 @@ class RouteContent(Workflow):
         "tts.completed": "on_tts_completed",
     }
     kafka_produces = ("story.generate", "tts.requested", "delivery.prefetch")
+    #: Every topic's payload model, consumed and produced (the bridge validates consumed events).
+    kafka_schemas = {"route.confirmed": RouteConfirmed, "story.generate": StoryGenerate,
+                     "story.generate.completed": StoryGenerateCompleted, "tts.requested": TtsRequested,
+                     "tts.completed": TtsCompleted, "delivery.prefetch": DeliveryPrefetch}
+    kafka_key = "route_id"
     # No user signals: the services' results arrive through the bridge, checked by the handlers
     # below; the TTS batch is restarted with POST /workflows/<route_id>/restart?step=tts_batch.
     signals: dict[str, Any] = {}
@@ -207,13 +276,8 @@ class RouteContent(Workflow):
     # -- input -------------------------------------------------------------------------------
     @classmethod
     def validate_input(cls, data: Any, settings: Settings) -> dict[str, Any]:
-        if not isinstance(data, dict):
-            raise InvalidInput("body", "must be a JSON object")
-        require(data, "route_id", str)
-        require(data, "mode", str)
-        if len(data["route_id"]) > 255:
-            raise InvalidInput("route_id", "must be at most 255 characters")
-        return data
+        parse(RouteConfirmed, data)
+        return data  # as sent: the seed's extra fields are kept in the input
 
     # -- Kafka handlers (run by the bridge; one engine call each) ----------------------------------
     @classmethod
@@ -235,22 +299,14 @@ class RouteContent(Workflow):
 
     @classmethod
     def on_stories_generated(cls, engine: Any, event: KafkaEvent) -> str:
-        p = event.payload
-        route_id = require(p, "route_id", str)
-        lang = require(p, "lang", str)
-        stories = require(p, "stories", list, nonempty=False)
+        p = parse(StoryGenerateCompleted, event.payload)
+        route_id, lang = p.route_id, p.lang
         clean, seen = [], set()
-        for i, story in enumerate(stories):
-            if not isinstance(story, dict):
-                raise InvalidInput(f"stories[{i}]", "must be an object with story_id and text")
-            sid = _story_id(story.get("story_id"), f"stories[{i}].story_id")
-            if sid in seen:
-                raise InvalidInput(f"stories[{i}].story_id", f"story {sid} appears twice")
-            seen.add(sid)
-            text = story.get("text")
-            if not isinstance(text, str) or not text.strip():
-                raise InvalidInput(f"stories[{i}].text", "must be a non-empty string")
-            clean.append({"story_id": sid, "text": text})
+        for i, story in enumerate(p.stories):
+            if story.story_id in seen:  # across items: no per-field model rule says this
+                raise InvalidInput(f"stories.{i}.story_id", f"story {story.story_id} appears twice")
+            seen.add(story.story_id)
+            clean.append({"story_id": story.story_id, "text": story.text})
         instance_id = cls.find(engine, route_id)
         before = engine.snapshot(instance_id, history=False)
         if before["state"] != "generating_stories":
@@ -262,16 +318,9 @@ class RouteContent(Workflow):
 
     @classmethod
     def on_tts_completed(cls, engine: Any, event: KafkaEvent) -> str:
-        p = event.payload
-        route_id = require(p, "route_id", str)
-        story_id = _story_id(p.get("story_id"), "story_id") if p.get("story_id") is not None \
-            else require(p, "story_id", str)
-        status = require(p, "status", str)
-        if status not in ("completed", "failed"):
-            raise InvalidInput("status", f"must be 'completed' or 'failed', got {status!r}")
-        audio_url = require(p, "audio_url", str, optional=True)
-        error = require(p, "error", str, optional=True, nonempty=False)
-        attempt = require(p, "attempt", int, optional=True)
+        p = parse(TtsCompleted, event.payload)
+        route_id, story_id, status = p.route_id, p.story_id, p.status
+        audio_url, error, attempt = p.audio_url, p.error, p.attempt
         instance_id = cls.find(engine, route_id)
         before = engine.snapshot(instance_id, history=False)
         ctx = before["context"]

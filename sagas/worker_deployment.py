@@ -17,18 +17,21 @@ import logging
 import re
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
+
+from pydantic import AfterValidator, Field, WithJsonSchema
 
 from sqlalchemy import Integer, String, Text, select
 from sqlalchemy.orm import Mapped, mapped_column
 from statemachine import State
 
 from orchestrator.config import Settings
-from orchestrator.errors import InvalidInput, NotFound
+from orchestrator.errors import NotFound
 from orchestrator.jsonutil import iso
-from orchestrator.kafka_bridge import Ignored, KafkaEvent, require
+from orchestrator.kafka_bridge import Ignored, KafkaEvent
 from orchestrator.models import Base, UTCDateTime, utcnow
+from orchestrator.schemas import Contract, Event, parse, parse_value, problem
 from orchestrator.workflow import Workflow, register
 
 log = logging.getLogger(__name__)
@@ -60,23 +63,61 @@ def worker_dict(w: Worker) -> dict[str, Any]:
             "created_at": iso(w.created_at), "updated_at": iso(w.updated_at)}
 
 
-def parse_uuid(value: Any, field: str) -> str:
-    if not isinstance(value, str):
-        raise InvalidInput(field, "must be a UUID string")
+def _uuid(value: str) -> str:
     try:
         return str(uuid.UUID(value.strip()))
     except ValueError:
-        raise InvalidInput(field, f"must be a UUID, got {value[:80]!r}") from None
+        raise problem(f"must be a UUID, got {value[:80]!r}") from None
 
 
-def parse_camera_url(value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise InvalidInput("camera_url", "is required: a stream URL such as rtsp://host/stream")
+def _camera_url(value: str) -> str:
     url = value.strip()
+    if not url:
+        raise problem("is required: a stream URL such as rtsp://host/stream")
     parsed = urlparse(url)
     if parsed.scheme not in CAMERA_SCHEMES or not parsed.netloc or len(url) > 2048 or re.search(r"\s", url):
-        raise InvalidInput("camera_url", f"must be an {'/'.join(CAMERA_SCHEMES)} URL with a host, got {url[:80]!r}")
+        raise problem(f"must be an {'/'.join(CAMERA_SCHEMES)} URL with a host, got {url[:80]!r}")
     return url
+
+
+#: A UUID in any of the spellings Python's uuid accepts, kept in its canonical form.
+UuidText = Annotated[str, AfterValidator(_uuid), WithJsonSchema({"type": "string", "format": "uuid"})]
+CameraUrl = Annotated[str, AfterValidator(_camera_url), WithJsonSchema(
+    {"type": "string", "format": "uri", "pattern": "^(rtsp|rtsps|rtmp|http|https)://[^\\s]+$"})]
+
+
+# -- schemas: the Kafka contract (docs/kafka.md; /asyncapi.json is generated from these) ----------
+class InitScenario(Event):
+    """`init_scenario` (consumed, any key): deploy one worker for a camera of a scenario."""
+
+    scenario_uuid: UuidText
+    camera_url: CameraUrl
+
+
+class ToDeploy(Event):
+    """`to_deploy` (produced, key `worker_id`): the runner deploys this worker."""
+
+    worker_id: UuidText
+    scenario_uuid: UuidText
+    camera_url: str
+
+
+class WorkerStatusReport(Event):
+    """`worker.status` (consumed, key `worker_id`): the runner's report on a worker."""
+
+    worker_id: UuidText
+    status: Literal[REPORTED]  # type: ignore[valid-type]
+    process_pid: int | None = None
+    reason: str | None = None
+
+
+class WorkersQuery(Contract):
+    """GET /workers query parameters (seed 001)."""
+
+    status: Literal[STATUSES] | None = None  # type: ignore[valid-type]
+    scenario_uuid: UuidText | None = None
+    limit: int = Field(50, ge=1, le=500)
+    offset: int = Field(0, ge=0)
 
 
 @register
@@ -88,6 +129,7 @@ class WorkerDeployment(Workflow):
 
     kafka_consumes = {"init_scenario": "on_init_scenario", "worker.status": "on_worker_status"}
     kafka_produces = ("to_deploy",)
+    kafka_schemas = {"init_scenario": InitScenario, "to_deploy": ToDeploy, "worker.status": WorkerStatusReport}
     # No user signals: the runner's reports arrive on worker.status through the bridge.
     signals: dict[str, Any] = {}
     started_by = "an init_scenario event on Kafka"
@@ -135,11 +177,7 @@ class WorkerDeployment(Workflow):
 
     @classmethod
     def validate_input(cls, data: Any, settings: Settings) -> dict[str, Any]:
-        if not isinstance(data, dict):
-            raise InvalidInput("body", "must be a JSON object")
-        return {"scenario_uuid": parse_uuid(data.get("scenario_uuid"), "scenario_uuid")
-                if data.get("scenario_uuid") is not None else require(data, "scenario_uuid", str),
-                "camera_url": parse_camera_url(data.get("camera_url"))}
+        return parse(InitScenario, data).model_dump()
 
     # -- Kafka handlers --------------------------------------------------------------------------
     @classmethod
@@ -153,14 +191,8 @@ class WorkerDeployment(Workflow):
 
     @classmethod
     def on_worker_status(cls, engine: Any, event: KafkaEvent) -> str:
-        p = event.payload
-        worker_id = parse_uuid(p.get("worker_id"), "worker_id") if p.get("worker_id") is not None \
-            else require(p, "worker_id", str)
-        status = require(p, "status", str)
-        if status not in REPORTED:
-            raise InvalidInput("status", f"must be one of {', '.join(REPORTED)}, got {status!r}")
-        pid = require(p, "process_pid", int, optional=True)
-        reason = require(p, "reason", str, optional=True, nonempty=False)
+        p = parse(WorkerStatusReport, event.payload)
+        worker_id, status, pid, reason = p.worker_id, p.status, p.process_pid, p.reason
         with engine.sessions() as s:
             row = s.execute(select(Worker.status).where(Worker.worker_id == worker_id)).first()
         if row is None:
@@ -173,7 +205,7 @@ class WorkerDeployment(Workflow):
 
 
 def get_worker(engine: Any, worker_id: str) -> dict[str, Any]:
-    wid = parse_uuid(worker_id, "worker_id")
+    wid = parse_value(UuidText, worker_id, "worker_id")
     with engine.sessions() as s:
         row = s.execute(select(Worker).where(Worker.worker_id == wid)).scalar_one_or_none()
         if row is None:
@@ -181,17 +213,16 @@ def get_worker(engine: Any, worker_id: str) -> dict[str, Any]:
         return worker_dict(row)
 
 
-def list_workers(engine: Any, status: str | None, scenario_uuid: str | None, limit: int,
-                 offset: int) -> dict[str, Any]:
+def list_workers(engine: Any, query: WorkersQuery) -> dict[str, Any]:
+    """A page of workers, newest first, filtered by the query's status and scenario."""
     from sqlalchemy import func
 
     q = select(Worker)
-    if status:
-        if status not in STATUSES:
-            raise InvalidInput("status", f"must be one of {', '.join(STATUSES)}, got {status!r}")
-        q = q.where(Worker.status == status)
-    if scenario_uuid:
-        q = q.where(Worker.scenario_uuid == parse_uuid(scenario_uuid, "scenario_uuid"))
+    if query.status:
+        q = q.where(Worker.status == query.status)
+    if query.scenario_uuid:
+        q = q.where(Worker.scenario_uuid == query.scenario_uuid)
+    limit, offset = query.limit, query.offset
     with engine.sessions() as s:
         total = s.execute(select(func.count()).select_from(q.subquery())).scalar_one()
         rows = s.execute(q.order_by(Worker.id.desc()).limit(limit).offset(offset)).scalars().all()

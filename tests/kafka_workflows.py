@@ -7,14 +7,22 @@ from typing import Any
 
 from statemachine import State
 
-from orchestrator.kafka_bridge import KafkaEvent, require
+from orchestrator.kafka_bridge import KafkaEvent
+from orchestrator.schemas import Event, parse
 from orchestrator.workflow import Workflow, register
+
+
+class Increment(Event):
+    counter: str
+    n: int
+    seq: int
 
 
 @register
 class Counter(Workflow):
     type = "test_counter"
     kafka_consumes = {"test.increments": "on_increment"}
+    kafka_schemas = {"test.increments": Increment}
 
     counting = State(initial=True)
     add = counting.to.itself(internal=True)
@@ -35,9 +43,8 @@ class Counter(Workflow):
         from orchestrator.errors import NotFound
         from orchestrator.models import WorkflowInstance
 
-        counter = require(event.payload, "counter", str)
-        n = require(event.payload, "n", int)
-        seq = require(event.payload, "seq", int)
+        p = parse(Increment, event.payload)
+        counter, n, seq = p.counter, p.n, p.seq
         with engine.sessions() as s:
             instance_id = s.execute(select(WorkflowInstance.id).where(
                 WorkflowInstance.type == cls.type, WorkflowInstance.business_key == counter)).scalar()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException
@@ -13,6 +13,9 @@ from orchestrator import runtime as runtime_module
 from orchestrator.errors import InvalidInput, OrchestratorError
 from orchestrator.jsonutil import check_storable
 from orchestrator.metrics import HTTP_LATENCY, HTTP_REQUESTS
+from orchestrator.schemas import parse
+
+M = TypeVar("M")
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +33,9 @@ def create_app(runtime: runtime_module.Runtime | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = 1 * 1024 * 1024
     app.json.sort_keys = False  # type: ignore[attr-defined]
 
-    from . import balance, chat, health, media, openapi, routes, sagas, workers
+    from . import asyncapi, balance, chat, health, media, openapi, routes, sagas, workers
 
-    for module in (health, sagas, media, balance, routes, workers, openapi, chat):
+    for module in (health, sagas, media, balance, routes, workers, openapi, asyncapi, chat):
         app.register_blueprint(module.bp)
     chat.init_app(app)
 
@@ -116,26 +119,14 @@ def json_body(required: bool = True) -> Any:
     return check_storable(data)
 
 
-def json_object(*accepted: str, required: bool = True) -> dict[str, Any]:
-    """The request's JSON body as an object; with `accepted`, any other field is a 400 naming it."""
-    body = json_body(required)
-    if not isinstance(body, dict):
-        raise InvalidInput("body", "must be a JSON object")
-    unknown = sorted(set(body) - set(accepted)) if accepted else []
-    if unknown:
-        raise InvalidInput(unknown[0], f"unknown field; accepted: {', '.join(accepted)}")
-    return body
+def body(model: type[M], required: bool = True, context: dict[str, Any] | None = None) -> M:
+    """The request's JSON body validated as `model` (see `json_body` for the checks before it);
+    a 400 naming the first field at fault (its dotted path) otherwise. A missing optional body is
+    `{}`."""
+    return parse(model, json_body(required), context=context)
 
 
-def int_arg(name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
-    raw = request.args.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InvalidInput(name, f"must be an integer, got {raw!r}") from None
-    if value < minimum or (maximum is not None and value > maximum):
-        bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
-        raise InvalidInput(name, f"must be {bound}, got {value}")
-    return value
+def query(model: type[M]) -> M:
+    """The query parameters validated as `model`; an empty value counts as absent (`?limit=` is
+    the default). A 400 naming the parameter otherwise."""
+    return parse(model, {k: v for k, v in request.args.items() if v != ""})

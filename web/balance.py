@@ -26,10 +26,13 @@ from sqlalchemy import select, text
 
 from orchestrator.errors import InvalidInput, NotFound, Unauthorized
 from orchestrator.models import WorkflowInstance
-from orchestrator.repository import check_project, check_branch_name, geometries, open_repository
-from sagas.balance import STATE_ROLES, BalanceSaga, SimpleCalculation
+from orchestrator.repository import check_branch_name, check_project, geometries, open_repository
+from sagas.balance import STATE_ROLES, BalanceRequest, BalanceSaga, CalculationRequest, SimpleCalculation, Submission
 
-from . import json_body, json_object, runtime
+from . import body, json_body, query, runtime
+from .openapi import doc
+from .schemas import (BalanceStatus, CalculationStatus, Geometries, GeometriesQuery, IdempotencyHeader, Issues,
+                      MergeRequest, MergeRequestBody, SignalPayload, UserHeader)
 
 bp = Blueprint("balance", __name__)
 
@@ -140,8 +143,16 @@ def _running_saga(project: str, branch: str) -> str | None:
     return None
 
 
+BALANCE = ("balance",)
+GITLAB = ("gitlab",)
+
+
 @bp.post("/saga/calculate-balance")
+@doc(BalanceStatus, also={202: BalanceStatus}, errors=(400, 404, 409, 422, 502), json=BalanceRequest,
+     headers=IdempotencyHeader, tags=BALANCE)
 def start_balance() -> Any:
+    """Start the balance saga on an issue branch (or answer its running saga); 202 while the
+    repository work it triggered is still being retried, 422 when the user's data is at fault."""
     body = json_body()
     rt = runtime()
     data = BalanceSaga.validate_input(body, rt.settings)
@@ -158,6 +169,7 @@ def start_balance() -> Any:
 
 
 @bp.get("/saga/calculate-balance/<saga_id>")
+@doc(BalanceStatus, errors=(400, 404), tags=BALANCE)
 def balance_saga_status(saga_id: str) -> Any:
     snap = runtime().engine.snapshot(saga_id)
     if snap["type"] != BalanceSaga.type:
@@ -166,7 +178,11 @@ def balance_saga_status(saga_id: str) -> Any:
 
 
 @bp.post("/sagas/<saga_id>/events/submit_input")
+@doc(BalanceStatus, also={202: BalanceStatus}, errors=(400, 404, 409, 422, 502), json=Submission,
+     tags=BALANCE)
 def submit_input(saga_id: str) -> Any:
+    """The user's input for the dependency the saga waits for (other workflows: the generic
+    signal's answer)."""
     engine = runtime().engine
     snap = engine.snapshot(saga_id, history=False)
     if snap["type"] != BalanceSaga.type:
@@ -175,7 +191,7 @@ def submit_input(saga_id: str) -> Any:
         return fire_event(saga_id, "submit_input")
     # The checks (fields, chain, and that the saga waits for this input) are the signal's own:
     # sagas.balance.check_submission, run under the saga's lock.
-    engine.signal(saga_id, "submit_input", json_object(),
+    engine.signal(saga_id, "submit_input", body(SignalPayload).root,
                   actor=request.headers.get("X-User", "api"))
     return _answer(_settle(saga_id, {"save"}))
 
@@ -195,7 +211,10 @@ def _calculation_status(snap: dict[str, Any]) -> dict[str, Any]:
 
 
 @bp.post("/calculations")
+@doc(CalculationStatus, status=201, also={200: CalculationStatus}, errors=(400, 404, 409, 502),
+     json=CalculationRequest, headers=IdempotencyHeader, tags=BALANCE)
 def start_calculation() -> Any:
+    """A simple calculation: commit the inputs, send one task."""
     body = json_body()
     rt = runtime()
     data = SimpleCalculation.validate_input(body, rt.settings)
@@ -210,6 +229,7 @@ def start_calculation() -> Any:
 
 
 @bp.get("/calculations/<correlation_id>")
+@doc(CalculationStatus, errors=(400, 404), tags=BALANCE)
 def calculation_status(correlation_id: str) -> Any:
     try:
         snap = runtime().engine.snapshot(correlation_id)
@@ -222,6 +242,7 @@ def calculation_status(correlation_id: str) -> Any:
 
 # -- frontend: issues, geometries, merge requests (FR-ORCH-4..6) --------------------------------------
 @bp.get("/issues")
+@doc(Issues, errors=(400, 401, 502), headers=UserHeader, tags=GITLAB)
 def assigned_issues() -> Any:
     user = (request.headers.get("X-User") or "").strip()
     if not user:
@@ -232,83 +253,25 @@ def assigned_issues() -> Any:
 
 
 @bp.get("/geometries")
+@doc(Geometries, errors=(400, 404, 422, 502), query=GeometriesQuery, tags=GITLAB)
 def list_geometries() -> Any:
-    project = check_project(request.args.get("project"))
-    ref = request.args.get("ref")
-    if ref is not None:
-        ref = check_branch_name(ref, "ref")
+    """Geometries from geometries_manifest.json, validated (422 naming the place at fault)."""
+    q = query(GeometriesQuery)
+    project = check_project(q.project)
+    ref = check_branch_name(q.ref, "ref") if q.ref is not None else None
     repo = open_repository(runtime().settings)
     info = repo.project(project)
     return {"project": info.path, "ref": ref or info.default_branch, "geometries": geometries(repo, project, ref)}
 
 
 @bp.post("/merge-requests")
+@doc(MergeRequest, status=201, also={200: MergeRequest}, errors=(400, 404, 422, 502), json=MergeRequestBody,
+     tags=GITLAB)
 def create_merge_request() -> Any:
-    body = json_object("project", "source_branch", "target_branch", "title")
-    project = check_project(body.get("project"))
-    source = check_branch_name(body.get("source_branch"), "source_branch")
-    target = body.get("target_branch")
-    if target is not None:
-        target = check_branch_name(target, "target_branch")
-    title = body.get("title")
-    if not isinstance(title, str) or not title.strip() or len(title) > 255:
-        raise InvalidInput("title", "is required: a non-empty string of at most 255 characters")
-    if target == source:
+    """Create a merge request (or answer the open one for that source branch)."""
+    req = body(MergeRequestBody)
+    project, source, target, title = req.project, req.source_branch, req.target_branch, req.title
+    if target == source:  # a rule across two fields
         raise InvalidInput("target_branch", "must differ from source_branch")
     mr = open_repository(runtime().settings).create_merge_request(project, source, target, title.strip())
     return {**mr.as_dict(), "created": mr.created}, (201 if mr.created else 200)
-
-
-def _document() -> None:
-    """Add this module's endpoints to /openapi.json."""
-    from .openapi import ERROR, SPEC, _op  # noqa: F401
-
-    saga_id = ("saga_id", "path", "string", True)
-    status = {"200": "{saga_id, status, state, next_step, commit}", "202": "still writing to the repository",
-              "400": "bad input, the body names the field", "404": "unknown project or saga",
-              "409": "not waiting for that input; the body carries the state",
-              "422": "balance_input.json lacks the dependency's key (named in field)",
-              "502": "GitLab failed; the message carries its reason"}
-    SPEC["paths"].update({
-        "/saga/calculate-balance": {"post": _op(
-            "Start the balance saga on an issue branch (or return its running saga)", tag="balance",
-            params=[("Idempotency-Key", "header", "string", False)],
-            body={"type": "object", "required": ["project", "branch"], "additionalProperties": False,
-                  "properties": {"project": {"type": ["string", "integer"]}, "branch": {"type": "string"},
-                                 "dependencies": {"type": "array", "items": {"type": "string"}}}},
-            answers=status)},
-        "/saga/calculate-balance/{saga_id}": {"get": _op("The saga's status", tag="balance", params=[saga_id],
-                                                         answers={"200": "status", "404": "unknown saga"})},
-        "/sagas/{saga_id}/events/submit_input": {"post": _op(
-            "The user's input for the dependency the saga waits for", tag="balance", params=[saga_id],
-            body={"type": "object", "required": ["step"], "properties": {
-                "step": {"type": "string"}, "content": {}, "use_hydrated": {"type": "boolean"}}},
-            answers=status)},
-        "/calculations": {"post": _op(
-            "A simple calculation: commit the inputs, send one task", tag="balance",
-            params=[("Idempotency-Key", "header", "string", False)],
-            body={"type": "object", "required": ["project", "branch", "files", "output_file"], "properties": {
-                "project": {"type": "string"}, "branch": {"type": "string"}, "files": {"type": "object"},
-                "output_file": {"type": "string"}, "calculation": {"type": "string"}}},
-            answers={"201": "started", "200": "the same request again", "400": "bad input", "502": "GitLab failed"})},
-        "/calculations/{correlationId}": {"get": _op(
-            "A simple calculation's status", tag="balance", params=[("correlationId", "path", "string", True)],
-            answers={"200": "status", "404": "unknown correlationId"})},
-        "/issues": {"get": _op("Open issues assigned to the user the gateway names in X-User", tag="gitlab",
-                               params=[("X-User", "header", "string", True)],
-                               answers={"200": "issues", "401": "no X-User", "502": "GitLab failed"})},
-        "/geometries": {"get": _op("Geometries from geometries_manifest.json", tag="gitlab",
-                                   params=[("project", "query", "string", True), ("ref", "query", "string", False)],
-                                   answers={"200": "geometries", "400": "bad parameter", "404": "no project or manifest",
-                                            "422": "malformed manifest (field names the place)", "502": "GitLab failed"})},
-        "/merge-requests": {"post": _op(
-            "Create a merge request (or return the open one for that source branch)", tag="gitlab",
-            body={"type": "object", "required": ["project", "source_branch", "title"], "properties": {
-                "project": {"type": "string"}, "source_branch": {"type": "string"},
-                "target_branch": {"type": "string"}, "title": {"type": "string"}}},
-            answers={"201": "created", "200": "already open", "400": "bad input", "422": "unknown branch",
-                     "502": "GitLab failed"})},
-    })
-
-
-_document()

@@ -20,10 +20,13 @@ from orchestrator.jsonutil import iso
 from orchestrator.metrics import render
 from orchestrator.models import utcnow
 from sagas import chat_live
-from sagas.chat import validate_message, validate_session_request
+from sagas.chat import ChatInit, ChatMessage, validate_message, validate_session_request
 from sagas.chat_store import bad_after_seq
 
-from . import health, int_arg, json_body, json_object, openapi, runtime
+from . import health, json_body, query, runtime
+from .openapi import doc
+from .schemas import (BasicHealth, ChatPaging, DetailedHealth, EventsQuery, IdempotencyHeader, SessionCreated,
+                      SessionDeleted, SessionStatus, TaskPage, TaskQueued, TaskView)
 from .chat_stream import StreamCursor, hub, live_sockets
 
 log = logging.getLogger(__name__)
@@ -40,53 +43,8 @@ MAX_CLIENT_FRAME = 64 * 1024
 
 def init_app(app: Flask) -> None:
     app.config.setdefault("SOCK_SERVER_OPTIONS", {"max_message_size": MAX_CLIENT_FRAME})
-    openapi.SPEC["paths"].update(OPENAPI_PATHS)
     if chat_live.chat_settings().callback_consumers > 0:
         chat_live.start_consumers()
-
-
-SID = ("session_id", "path", "string", True)
-_CHAT_ERRORS = {"400": "bad input, the body names the field", "404": "unknown session or task",
-                "413": "message or config over its limit (named in the body)"}
-OPENAPI_PATHS: dict[str, Any] = {
-    "/api/v1/chat/init": {"post": openapi._op(
-        "Open a chat session (seed 003)", tag="chat",
-        body={"type": "object", "additionalProperties": False,
-              "properties": {"config": {"type": "object"}, "user_id": {"type": "string"}}},
-        answers={"201": "{session_id, status: active, created_at}", "400": "bad input", "413": "config too big"})},
-    "/api/v1/chat/{session_id}/status": {"get": openapi._op(
-        "Session status, configuration, tasks, live connections", tag="chat", params=[SID],
-        answers={"200": "the session", "404": "unknown session"})},
-    "/api/v1/chat/{session_id}": {"delete": openapi._op(
-        "Delete the session, its stream and tasks; its sockets get an error frame and close", tag="chat",
-        params=[SID], answers={"200": "deleted", "404": "unknown session"})},
-    "/api/v1/chat/{session_id}/task": {"post": openapi._op(
-        "Send a message to the execution service", tag="chat",
-        params=[SID, ("Idempotency-Key", "header", "string", False)],
-        body={"type": "object", "required": ["message"], "additionalProperties": False,
-              "properties": {"message": {"type": "string", "minLength": 1, "maxLength": 4000}}},
-        answers={"202": "{task_id, session_id, status: queued}", **_CHAT_ERRORS})},
-    "/api/v1/chat/{session_id}/tasks": {"get": openapi._op(
-        "The session's tasks", tag="chat",
-        params=[SID, ("limit", "query", "integer", False), ("offset", "query", "integer", False)],
-        answers={"200": "tasks with status and chunks received", "404": "unknown session"})},
-    "/api/v1/chat/{session_id}/tasks/{task_id}": {"get": openapi._op(
-        "A task: status, chunks received, final result", tag="chat",
-        params=[SID, ("task_id", "path", "string", True)], answers={"200": "the task", "404": "unknown"})},
-    "/api/v1/chat/{session_id}/events": {"get": openapi._op(
-        "Server-sent events: the WebSocket's frames for clients without WebSockets", tag="chat",
-        params=[SID, ("after_seq", "query", "integer", False), ("Last-Event-ID", "header", "integer", False)],
-        answers={"200": "text/event-stream", "400": "bad after_seq", "404": "unknown session"})},
-    "/ws/chat/{session_id}": {"get": openapi._op(
-        "WebSocket: the session's frames in order, resumable (see docs/chat.md)", tag="chat",
-        params=[SID, ("after_seq", "query", "integer", False)], answers={"101": "switching protocols"})},
-    "/chat": {"get": openapi._op("A tiny chat page", tag="chat")},
-    "/health/": {"get": openapi._op("Basic health (seed 003)", tag="operations")},
-    "/health/detailed": {"get": openapi._op(
-        "Redis, database, broker, live sockets and callback consumers, uptime", tag="operations",
-        answers={"200": "healthy", "503": "a dependency is down"})},
-    "/health/metrics": {"get": openapi._op("Prometheus metrics (the same as /metrics)", tag="operations")},
-}
 
 
 def error_frame(code: str, message: str, **extra: Any) -> dict[str, Any]:
@@ -99,7 +57,11 @@ def heartbeat_frame(last: int) -> dict[str, Any]:
 
 
 # -- REST --------------------------------------------------------------------------------------
+CHAT = ("chat",)
+
+
 @bp.post("/api/v1/chat/init")
+@doc(SessionCreated, status=201, errors=(400, 413), json=ChatInit, tags=CHAT)
 def init_session() -> Any:
     chat = chat_live.chat_settings()
     user_id, config = validate_session_request(json_body(required=False), chat)
@@ -109,6 +71,7 @@ def init_session() -> Any:
 
 
 @bp.get("/api/v1/chat/<session_id>/status")
+@doc(SessionStatus, errors=(400, 404), tags=CHAT)
 def session_status(session_id: str) -> Any:
     out = chat_live.store().session(session_id)
     out["recent_tasks"] = chat_live.recent_tasks(session_id)
@@ -117,6 +80,7 @@ def session_status(session_id: str) -> Any:
 
 
 @bp.delete("/api/v1/chat/<session_id>")
+@doc(SessionDeleted, errors=(400, 404), tags=CHAT)
 def delete_session(session_id: str) -> Any:
     tasks = chat_live.store().delete_session(session_id)
     chat_live.forget_session(session_id)
@@ -125,9 +89,10 @@ def delete_session(session_id: str) -> Any:
 
 
 @bp.post("/api/v1/chat/<session_id>/task")
+@doc(TaskQueued, status=202, errors=(400, 404, 409, 413), json=ChatMessage, headers=IdempotencyHeader, tags=CHAT)
 def submit_task(session_id: str) -> Any:
-    body = json_object("message")
-    message = validate_message(body, chat_live.chat_settings())["message"]
+    """Send a message to the execution service."""
+    message = validate_message(json_body(), chat_live.chat_settings())["message"]
     result, created = chat_live.store().submit(session_id, message, request.headers.get("Idempotency-Key"))
     task = result["task"]
     if created:
@@ -138,11 +103,14 @@ def submit_task(session_id: str) -> Any:
 
 
 @bp.get("/api/v1/chat/<session_id>/tasks")
+@doc(TaskPage, errors=(400, 404), query=ChatPaging, tags=CHAT)
 def list_tasks(session_id: str) -> Any:
-    return chat_live.store().tasks(session_id, int_arg("limit", 50, 1, 500), int_arg("offset", 0))
+    page = query(ChatPaging)
+    return chat_live.store().tasks(session_id, page.limit, page.offset)
 
 
 @bp.get("/api/v1/chat/<session_id>/tasks/<task_id>")
+@doc(TaskView, errors=(400, 404), tags=CHAT)
 def get_task(session_id: str, task_id: str) -> Any:
     return chat_live.store().task(session_id, task_id)
 
@@ -251,6 +219,7 @@ def chat_socket(ws: Server, session_id: str) -> None:
 
 
 @bp.get("/api/v1/chat/<session_id>/events")
+@doc(None, errors=(400, 404), query=EventsQuery, tags=CHAT)
 def chat_events(session_id: str) -> Any:
     """Server-sent events: the same frames as the WebSocket, for clients that cannot open one.
     Resumes from `after_seq` or the Last-Event-ID header."""
@@ -291,11 +260,13 @@ def chat_events(session_id: str) -> Any:
 
 # -- page and health ---------------------------------------------------------------------------
 @bp.get("/chat")
+@doc(None, errors=(), tags=CHAT)
 def chat_page() -> Any:
     return send_file(PAGE, mimetype="text/html", max_age=0)
 
 
 @bp.get("/health/")
+@doc(BasicHealth, errors=(), tags=("operations",))
 def health_basic() -> Any:
     return {"status": "healthy", "service": "orchestrator", "timestamp": iso(utcnow()),
             "uptime_seconds": round(time.time() - health.STARTED, 1)}
@@ -311,6 +282,7 @@ def _redis_check() -> dict[str, Any]:
 
 
 @bp.get("/health/detailed")
+@doc(DetailedHealth, also={503: DetailedHealth}, errors=(), tags=("operations",))
 def health_detailed() -> Any:
     deps = {"redis": _redis_check(), **health.dependencies()}
     cluster: dict[str, Any] = {}
@@ -333,5 +305,6 @@ def health_detailed() -> Any:
 
 
 @bp.get("/health/metrics")
+@doc(None, errors=(), tags=("operations",))
 def health_metrics() -> Response:
     return Response(render(runtime().sessions), mimetype="text/plain; version=0.0.4")

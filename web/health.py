@@ -10,6 +10,8 @@ from sqlalchemy import text
 from orchestrator.metrics import render
 
 from . import runtime
+from .openapi import doc
+from .schemas import Liveness, Readiness
 
 bp = Blueprint("health", __name__)
 STARTED = time.time()
@@ -64,11 +66,13 @@ def dependencies() -> dict[str, dict[str, Any]]:
 
 
 @bp.get("/healthz")
+@doc(Liveness, errors=(), tags=("operations",))
 def healthz() -> Any:
     return {"status": "ok", "uptime_seconds": round(time.time() - STARTED, 1)}
 
 
 @bp.get("/readyz")
+@doc(Readiness, also={503: Readiness}, errors=(), tags=("operations",))
 def readyz() -> Any:
     deps = dependencies()
     ready = all(d["status"] == "ok" for d in deps.values())
@@ -76,5 +80,6 @@ def readyz() -> Any:
 
 
 @bp.get("/metrics")
+@doc(None, errors=(), tags=("operations",))
 def metrics() -> Response:
     return Response(render(runtime().sessions), mimetype="text/plain; version=0.0.4")

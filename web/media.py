@@ -9,14 +9,19 @@ import requests
 from flask import Blueprint, request
 from sqlalchemy import delete, func, select
 
-from orchestrator.errors import Forbidden, InvalidInput, NotFound, Unauthorized
+from orchestrator.errors import Forbidden, NotFound, Unauthorized
 from orchestrator.jsonutil import iso
 from orchestrator.models import OutboxMessage, ProcessedMessage, WorkflowInstance, utcnow
-from sagas.media import STAGES
+from sagas.media import STAGES, PipelineRequest
 
-from . import health, int_arg, json_body, runtime
+from . import health, json_body, query, runtime
+from .openapi import doc
+from .schemas import (AdminHeader, AdminStats, Cleanup, CleanupQuery, FactoryReset, IdempotencyHeader, Job, JobPage,
+                      JobsQuery, PipelineStarted, ServiceHealth)
 
 bp = Blueprint("media", __name__)
+TAGS = ("media",)
+OPS = ("operations",)
 VERSION = "1.0.0"
 SERVICES = ("video-downloader", "audio-normalization", "audio-transcriber")
 STAGE_STATES = {"download": "downloading", "normalization": "normalizing", "transcription": "transcribing"}
@@ -87,7 +92,10 @@ def job_view(snapshot: dict[str, Any]) -> dict[str, Any]:
 
 
 @bp.post("/pipeline")
+@doc(PipelineStarted, errors=(400, 409), json=PipelineRequest, headers=IdempotencyHeader, tags=TAGS)
 def start_pipeline() -> Any:
+    """Start a media pipeline, or answer the cached job for the same request (seed 004).
+    Unknown fields are refused; the workflow's input check parses PipelineRequest."""
     body = json_body()
     snapshot, created = runtime().engine.start(
         "media", body, idempotency_key=request.headers.get("Idempotency-Key"))
@@ -102,6 +110,7 @@ def start_pipeline() -> Any:
 
 
 @bp.get("/jobs/<job_id>")
+@doc(Job, errors=(400, 404), tags=TAGS)
 def get_job(job_id: str) -> Any:
     snapshot = runtime().engine.snapshot(job_id, history=False)
     if snapshot["type"] != "media":
@@ -110,8 +119,10 @@ def get_job(job_id: str) -> Any:
 
 
 @bp.get("/jobs")
+@doc(JobPage, query=JobsQuery, tags=TAGS)
 def list_jobs() -> Any:
-    limit = int_arg("limit", 50, 1, 1000)
+    """Recent media jobs."""
+    limit = query(JobsQuery).limit
     engine = runtime().engine
     total, items = engine.list("media", None, limit, 0)
     jobs = []
@@ -133,6 +144,7 @@ def _service_health(service: str) -> str:
 
 
 @bp.get("/health")
+@doc(ServiceHealth, errors=(), tags=OPS)
 def service_health() -> Any:
     micro = {service: _service_health(service) for service in SERVICES}
     deps = health.dependencies()
@@ -176,6 +188,7 @@ def _database_size() -> str:
 
 
 @bp.get("/admin/stats")
+@doc(AdminStats, errors=(), tags=OPS)
 def stats() -> Any:
     s = runtime().settings
     return {
@@ -185,17 +198,6 @@ def stats() -> Any:
         "settings": {"cache_ttl_hours": s.cache_ttl_hours, "job_timeout_minutes": s.job_timeout_minutes,
                      "poll_interval": s.poll_interval, "max_poll_attempts": s.max_poll_attempts},
     }
-
-
-def _bool_arg(name: str, default: bool) -> bool:
-    raw = request.args.get(name)
-    if raw is None or raw == "":
-        return default
-    if raw.lower() in ("true", "1", "yes"):
-        return True
-    if raw.lower() in ("false", "0", "no"):
-        return False
-    raise InvalidInput(name, f"must be true or false, got {raw!r}")
 
 
 def cleanup(max_age: timedelta | None, deep: bool) -> int:
@@ -218,17 +220,12 @@ def cleanup(max_age: timedelta | None, deep: bool) -> int:
 
 
 @bp.post("/admin/cleanup")
+@doc(Cleanup, query=CleanupQuery, tags=OPS)
 def admin_cleanup() -> Any:
-    hours = request.args.get("max_age_hours", "24")
-    try:
-        max_age_hours = float(hours)
-    except ValueError:
-        raise InvalidInput("max_age_hours", f"must be a number, got {hours!r}") from None
-    if max_age_hours < 0:
-        raise InvalidInput("max_age_hours", "must not be negative")
-    deep = _bool_arg("deep", False)
-    removed = cleanup(timedelta(hours=max_age_hours), deep)
-    return {"message": "Cleanup executado com sucesso", "jobs_removed": removed, "logs_cleaned": deep}
+    """Remove finished jobs older than max_age_hours (deep: delivered outbox rows too)."""
+    q = query(CleanupQuery)
+    removed = cleanup(timedelta(hours=q.max_age_hours), q.deep)
+    return {"message": "Cleanup executado com sucesso", "jobs_removed": removed, "logs_cleaned": q.deep}
 
 
 def _require_admin() -> None:
@@ -244,6 +241,7 @@ def _require_admin() -> None:
 
 
 @bp.post("/admin/factory-reset")
+@doc(FactoryReset, errors=(401, 403), headers=AdminHeader, tags=OPS)
 def factory_reset() -> Any:
     _require_admin()
     removed = cleanup(None, deep=True)

@@ -3,22 +3,30 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, request
+from flask import Blueprint
 
 from sagas.route_content import RouteContent, restart_step, route_view
 
-from . import runtime
+from . import query, runtime
+from .openapi import doc
+from .schemas import RouteWorkflow, StepQuery
 
 bp = Blueprint("routes", __name__)
+TAGS = ("route content",)
 
 
 @bp.get("/workflows/<route_id>")
+@doc(RouteWorkflow, errors=(400, 404), tags=TAGS)
 def get_route_workflow(route_id: str) -> Any:
+    """A route's content workflow: status, mode, steps and stories."""
     engine = runtime().engine
     return route_view(engine.snapshot(RouteContent.find(engine, route_id), history=False))
 
 
 @bp.post("/workflows/<route_id>/restart")
+@doc(RouteWorkflow, errors=(400, 404, 409), query=StepQuery, tags=TAGS)
 def restart_route_step(route_id: str) -> Any:
+    """Reset tts_batch to pending, bump its attempt, re-request the stories not completed
+    (400 naming `step` for any other step, 409 unless the batch failed)."""
     engine = runtime().engine
-    return route_view(restart_step(engine, route_id, request.args.get("step")))
+    return route_view(restart_step(engine, route_id, query(StepQuery).step))

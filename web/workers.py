@@ -3,22 +3,27 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, request
+from flask import Blueprint
 
-from sagas.worker_deployment import get_worker, list_workers
+from sagas.worker_deployment import WorkersQuery, get_worker, list_workers
 
-from . import int_arg, runtime
+from . import query, runtime
+from .openapi import doc
+from .schemas import WorkerPage, WorkerView
 
 bp = Blueprint("workers", __name__)
+TAGS = ("workers",)
 
 
 @bp.get("/workers")
+@doc(WorkerPage, query=WorkersQuery, tags=TAGS)
 def list_all() -> Any:
-    return list_workers(runtime().engine, request.args.get("status") or None,
-                        request.args.get("scenario_uuid") or None,
-                        int_arg("limit", 50, 1, 500), int_arg("offset", 0))
+    """Workers, newest first."""
+    return list_workers(runtime().engine, query(WorkersQuery))
 
 
 @bp.get("/workers/<worker_id>")
+@doc(WorkerView, errors=(400, 404), tags=TAGS)
 def get_one(worker_id: str) -> Any:
+    """One worker with the seed's columns (400 for a malformed UUID)."""
     return get_worker(runtime().engine, worker_id)

@@ -38,14 +38,14 @@ def completed_route(kclient, kafka, route_id):
     ("route.confirmed", b"[1, 2, 3]", "payload must be a JSON object, got list"),
     ("route.confirmed", json.dumps({"route_id": "r-no-mode"}).encode(), "mode: is required"),
     ("route.confirmed", json.dumps({"route_id": 12345, "mode": "walk"}).encode(),
-     "route_id: must be a string, got int"),
+     "route_id: must be a string, got integer"),
     ("route.confirmed", json.dumps({"route_id": "", "mode": "walk"}).encode(), "route_id: must not be empty"),
     ("tts.completed", json.dumps({"route_id": "r-nowhere", "story_id": "s1", "status": "completed"}).encode(),
      "unroutable: unknown route_id 'r-nowhere'"),
     ("tts.completed", json.dumps({"route_id": "r-x", "story_id": "s1", "status": "done"}).encode(),
      "status: must be 'completed' or 'failed', got 'done'"),
     ("story.generate.completed", json.dumps({"route_id": "r-x", "lang": "ru", "stories": "many"}).encode(),
-     "stories: must be a array, got str"),
+     "stories: must be an array, got string"),
     ("init_scenario", json.dumps({"scenario_uuid": "not-a-uuid", "camera_url": "rtsp://c/1"}).encode(),
      "scenario_uuid: must be a UUID, got 'not-a-uuid'"),
     ("init_scenario", json.dumps({"scenario_uuid": str(uuid.UUID(int=7)), "camera_url": "ftp://c/1"}).encode(),
@@ -54,7 +54,7 @@ def completed_route(kclient, kafka, route_id):
     ("worker.status", json.dumps({"worker_id": str(uuid.UUID(int=9)), "status": "running"}).encode(),
      "unroutable: unknown worker_id 00000000-0000-0000-0000-000000000009"),
     ("worker.status", json.dumps({"worker_id": str(uuid.UUID(int=9)), "status": "running",
-                                  "process_pid": "12"}).encode(), "process_pid: must be a integer, got str"),
+                                  "process_pid": "12"}).encode(), "process_pid: must be an integer, got '12'"),
     # text the database cannot store: named at once, never retried as a handler error
     ("route.confirmed", json.dumps({"route_id": "r-sur", "mode": "\ud800"}).encode(),
      "mode: contains a lone UTF-16 surrogate"),
@@ -185,3 +185,54 @@ def test_a_redelivered_bad_event_is_dead_lettered_once(kafka, bridge):
     msgs = kafka.read("route.confirmed.dlq", timeout=30, until=lambda ms: any(m.value() == marker for m in ms))
     assert any(m.value() == marker for m in msgs)
     assert [m.value() for m in msgs].count(bad) == 1
+
+
+# -- every consumed topic against its model (the payload schemas in /asyncapi.json) ---------------
+INVALID = {  # topic -> (an event that breaks its model, the reason's start: the dotted path first)
+    "route.confirmed": ({"route_id": "r-m", "mode": ["walk"]}, "mode: must be a string, got array"),
+    "story.generate.completed": ({"route_id": "r-x", "lang": "ru", "stories": [{"story_id": "s1", "text": "t"},
+                                                                              {"text": "no id"}]},
+                                 "stories.1.story_id: is required"),
+    "tts.completed": ({"route_id": "r-x", "story_id": "s1", "status": "completed", "attempt": "1"},
+                      "attempt: must be an integer, got '1'"),
+    "init_scenario": ({"scenario_uuid": str(uuid.UUID(int=11)), "camera_url": {"url": "rtsp://c/1"}},
+                      "camera_url: must be a string, got object"),
+    "worker.status": ({"worker_id": str(uuid.UUID(int=12)), "status": "paused"},
+                      "status: must be 'running', 'failed' or 'stopped', got 'paused'"),
+}
+
+
+def test_every_consumed_topic_has_a_model_and_an_invalid_case():
+    from orchestrator.kafka_bridge import discover
+    from orchestrator.workflow import registry
+
+    routes = {t: r for t, r in discover(registry).items() if r.workflow.__module__.startswith("sagas.")}
+    assert set(INVALID) == set(routes)
+    for topic, route in routes.items():
+        assert topic in route.workflow.kafka_schemas, topic
+
+
+@pytest.mark.parametrize("topic", sorted(INVALID))
+def test_an_event_that_breaks_its_model_is_dead_lettered_naming_the_path(kafka, bridge, topic):
+    payload, reason = INVALID[topic]
+    raw = json.dumps({**payload, "nonce": uuid.uuid4().hex}).encode()  # unknown fields are ignored
+    kafka.send(topic, None, raw=raw, key=f"k-{uuid.uuid4().hex[:6]}")
+    h = dead_letter(kafka, topic, raw)
+    assert h["dlq_reason"] == reason, h["dlq_reason"]
+
+
+def test_a_valid_event_of_every_consumed_topic_is_accepted(kclient, kafka, bridge, kafka_emulators):
+    """route.confirmed, then the emulated services' story.generate.completed and tts.completed
+    (valid by their models), init_scenario and a worker.status report: each is accepted."""
+    accepted = {t: metric(bridge, "orchestrator_kafka_events_total", topic=t, outcome="accepted") for t in INVALID}
+    completed_route(kclient, kafka, f"r-{uuid.uuid4().hex[:8]}")
+    scenario = str(uuid.uuid4())
+    kafka.send("init_scenario", {"scenario_uuid": scenario, "camera_url": "rtsp://cam.example/v"}, key=scenario)
+    worker = wait_for(lambda: (kclient.get(f"/workers?scenario_uuid={scenario}").json["items"] or [None])[0],
+                      timeout=20, what="the worker")
+    kafka.send("worker.status", {"worker_id": worker["worker_id"], "status": "running", "process_pid": 7,
+                                 "reason": None}, key=worker["worker_id"])
+    wait_for(lambda: kclient.get(f"/workers/{worker['worker_id']}").json["status"] == "running", timeout=20,
+             what="the worker running")
+    wait_for(lambda: all(metric(bridge, "orchestrator_kafka_events_total", topic=t, outcome="accepted") > n
+                         for t, n in accepted.items()), timeout=20, what="every topic accepted")

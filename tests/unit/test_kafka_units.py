@@ -10,10 +10,12 @@ from sqlalchemy.exc import OperationalError
 from statemachine.exceptions import TransitionNotAllowed
 
 from orchestrator.errors import InvalidInput
-from orchestrator.kafka_bridge import Bridge, discover, require
+from orchestrator.kafka_bridge import Bridge, discover
+from orchestrator.schemas import parse
 from orchestrator.workflow import registry
 from sagas.route_content import RouteContent
-from sagas.worker_deployment import WorkerDeployment, parse_camera_url, parse_uuid
+from sagas.route_content import RouteConfirmed, StoryGenerateCompleted, TtsCompleted
+from sagas.worker_deployment import InitScenario, WorkerDeployment, WorkerStatusReport
 
 
 class Model:
@@ -93,29 +95,38 @@ def test_zero_stories_complete_at_once_with_an_empty_prefetch():
     assert m.messages[-1][3] == {"route_id": "r1", "next_audio": []}
 
 
-def test_require_names_the_field_and_the_problem():
-    with pytest.raises(InvalidInput) as e:
-        require({}, "route_id", str)
-    assert (e.value.field, e.value.problem) == ("route_id", "is required")
-    with pytest.raises(InvalidInput) as e:
-        require({"n": True}, "n", int)
-    assert e.value.problem == "must be a integer, got bool"
-    with pytest.raises(InvalidInput) as e:
-        require({"s": "  "}, "s", str)
-    assert e.value.problem == "must not be empty"
-    assert require({}, "x", str, optional=True) is None
+def test_event_models_name_the_field_and_the_problem():
+    def problem(model, payload):
+        with pytest.raises(InvalidInput) as e:
+            parse(model, payload)
+        return e.value.field, e.value.problem
+
+    assert problem(RouteConfirmed, {"mode": "walk"}) == ("route_id", "is required")
+    assert problem(RouteConfirmed, {"route_id": "  ", "mode": "walk"}) == ("route_id", "must not be empty")
+    assert problem(RouteConfirmed, {"route_id": 5, "mode": "walk"}) == ("route_id", "must be a string, got integer")
+    assert problem(WorkerStatusReport, {"worker_id": str(uuid.uuid4()), "status": "running", "process_pid": True}) \
+        == ("process_pid", "must be an integer, got boolean")
+    assert problem(TtsCompleted, {"route_id": "r", "story_id": True, "status": "failed"}) \
+        == ("story_id", "must be a non-empty string or an integer")
+    assert problem(StoryGenerateCompleted, {"route_id": "r", "lang": "ru", "stories": [{"story_id": 1, "text": ""}]}) \
+        == ("stories.0.text", "must not be empty")
+    assert parse(StoryGenerateCompleted, {"route_id": "r", "lang": "ru",
+                                          "stories": [{"story_id": 7, "text": "t", "title": "kept out"}]}
+                 ).stories[0].model_dump() == {"story_id": "7", "text": "t"}
+    # the seed's extra fields of route.confirmed are kept in the workflow's input
+    assert RouteContent.validate_input({"route_id": "r", "mode": "walk", "city": "Kazan"}, None)["city"] == "Kazan"
 
 
 def test_worker_inputs():
     u = str(uuid.uuid4())
-    assert parse_uuid(u.upper(), "scenario_uuid") == u
+    assert parse(InitScenario, {"scenario_uuid": u.upper(), "camera_url": "rtsp://cam/1"}).scenario_uuid == u
     for bad in ("nope", 5, None, ""):
-        with pytest.raises(InvalidInput):
-            parse_uuid(bad, "scenario_uuid")
-    assert parse_camera_url("rtsp://cam/1") == "rtsp://cam/1"
+        with pytest.raises(InvalidInput) as e:
+            parse(InitScenario, {"scenario_uuid": bad, "camera_url": "rtsp://cam/1"})
+        assert e.value.field == "scenario_uuid"
     for bad in ("ftp://x/1", "rtsp://", "rtsp://a b", 7, ""):
         with pytest.raises(InvalidInput) as e:
-            parse_camera_url(bad)
+            parse(InitScenario, {"scenario_uuid": u, "camera_url": bad})
         assert e.value.field == "camera_url"
 
 

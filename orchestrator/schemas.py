@@ -1,0 +1,166 @@
+"""Contract models: the base classes every input and output model derives from, and the one
+adapter from a pydantic `ValidationError` to the API's error shape.
+
+Every channel the product owns (HTTP bodies and query parameters, Kafka events, the AMQP
+calculation task and result, the Redis chat callbacks) declares its shapes as pydantic v2 models
+beside the code that uses them; `/openapi.json` and `/asyncapi.json` are generated from them.
+A value that breaks a model becomes `InvalidInput` through `invalid_input`: HTTP answers it as
+`{"error": "invalid_input", "message": "<field>: <problem>", "field": "<field>", "problem": ...}`
+(400, or 413 for a value over a configured size limit), the Kafka bridge dead-letters the event
+with `<field>: <problem>` as its reason. `field` is the dotted path of the first error
+(`stories.0.story_id`).
+
+Text a database cannot store (NUL, a lone surrogate) is refused before a model sees the data,
+by the central walk `jsonutil.check_storable` (it names object keys too, which a model cannot).
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, TypeVar
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, RootModel, TypeAdapter, ValidationError, WithJsonSchema
+from pydantic_core import PydanticCustomError
+
+from .errors import InvalidInput
+
+M = TypeVar("M", bound=BaseModel)
+
+#: The error type of a value over a configured size limit: answered 413, not 400.
+TOO_LARGE = "too_large"
+
+
+class Contract(BaseModel):
+    """An open shape: fields it does not name are ignored (kept out of the parsed value)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class Closed(Contract):
+    """A closed JSON body: a field it does not name is refused, naming that field; JSON types
+    are strict (`"true"` is not a boolean, `1` is not a string)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+
+class Event(Contract):
+    """A message on a queue or topic: open (unknown fields ignored) and strict about JSON types
+    (`"12"` is not an integer, `1` is not a string)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx/5xx answer: `error` (a code such as invalid_input, not_found, illegal_transition),
+    `message` (for people), `field` (the dotted path of the input at fault, when there is one);
+    some errors add details (`state` of a 409, `problem`, `upstream_status` of a 502, ...)."""
+
+    model_config = ConfigDict(extra="allow", title="Error")
+
+    error: str
+    message: str
+    field: str | None = None
+
+
+def problem(text: str, kind: str = "invalid") -> PydanticCustomError:
+    """A validator's error with our wording (`text` is the problem, without the field name).
+    `kind=TOO_LARGE` makes it a 413."""
+    return PydanticCustomError(kind, text)
+
+
+def _json_type(value: Any) -> str:
+    return {"str": "string", "int": "integer", "float": "number", "bool": "boolean", "list": "array",
+            "dict": "object", "NoneType": "null"}.get(type(value).__name__, type(value).__name__)
+
+
+def _problem(err: dict[str, Any], model: type[BaseModel] | None) -> str:
+    kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
+    got = f", got {_json_type(value)}"
+    if kind == "missing":
+        return "is required"
+    if kind == "extra_forbidden":
+        if model is not None and len(err["loc"]) == 1:
+            names = [f.alias or n for n, f in model.model_fields.items()]
+            return f"unknown field; accepted: {', '.join(names)}"
+        return "unknown field"
+    if kind in ("string_type",):
+        return "must be a string" + got
+    if kind in ("int_type", "int_parsing", "int_from_float"):
+        return "must be an integer" + (f", got {value!r}" if isinstance(value, str) else got)
+    if kind in ("float_type", "float_parsing"):
+        return "must be a number" + (f", got {value!r}" if isinstance(value, str) else got)
+    if kind in ("bool_type", "bool_parsing"):
+        return "must be true or false" + (f", got {value!r}" if isinstance(value, str) else got)
+    if kind == "list_type":
+        return "must be an array" + got
+    if kind in ("dict_type", "model_type", "model_attributes_type"):
+        return "must be an object" + got
+    if kind == "string_too_short":
+        return "must not be empty" if ctx.get("min_length") == 1 else f"must be at least {ctx['min_length']} characters"
+    if kind == "string_too_long":
+        return f"must be at most {ctx['max_length']} characters"
+    if kind == "string_pattern_mismatch":
+        return f"must match {ctx.get('pattern')}, got {value!r}"
+    if kind == "literal_error":
+        return f"must be {ctx.get('expected')}, got {value!r}"
+    if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+        return err["msg"].replace("Input should be", "must be") + f", got {value!r}"
+    msg = str(err["msg"])
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix):]
+    return msg.replace("Input should be", "must be")
+
+
+def field_path(loc: tuple[Any, ...], prefix: str = "") -> str:
+    """The dotted path of an error location (`stories.0.story_id`); "body" for the whole value."""
+    parts = [prefix] if prefix else []
+    parts += [str(p) for p in loc]
+    return ".".join(parts) or "body"
+
+
+def invalid_input(exc: ValidationError, model: type[BaseModel] | None = None, prefix: str = "") -> InvalidInput:
+    """The first error of `exc` as InvalidInput: `field` its dotted path, `problem` in the API's
+    words, status 413 for a value over a configured size limit, 400 otherwise."""
+    err = exc.errors(include_url=False)[0]
+    status = 413 if err["type"] == TOO_LARGE else 400
+    return InvalidInput(field_path(tuple(err["loc"]), prefix), _problem(dict(err), model), status=status)
+
+
+def parse(model: type[M], data: Any, *, prefix: str = "", context: dict[str, Any] | None = None) -> M:
+    """`data` validated as `model`; InvalidInput naming the first field at fault otherwise."""
+    if not isinstance(data, dict) and not issubclass(model, RootModel):
+        raise InvalidInput(prefix or "body", f"must be a JSON object, got {_json_type(data)}")
+    try:
+        return model.model_validate(data, context=context)
+    except ValidationError as exc:
+        raise invalid_input(exc, model, prefix) from None
+
+
+def parse_value(kind: Any, value: Any, field: str) -> Any:
+    """One value validated as `kind` (a type or Annotated type); InvalidInput naming `field`."""
+    try:
+        return TypeAdapter(kind).validate_python(value)
+    except ValidationError as exc:
+        raise invalid_input(exc, prefix=field) from None
+
+
+def _nonblank(value: str) -> str:
+    if not value.strip():
+        raise problem("must not be empty")
+    return value
+
+
+#: A string with something in it besides whitespace ("must not be empty" otherwise).
+NonBlank = Annotated[str, AfterValidator(_nonblank)]
+
+
+def _id_text(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, str) and value.strip():
+        return value
+    raise problem("must be a non-empty string or an integer")
+
+
+#: An id its producer may send as a string or an integer; kept as its text.
+IdText = Annotated[str, BeforeValidator(_id_text), WithJsonSchema(
+    {"anyOf": [{"type": "string", "minLength": 1}, {"type": "integer"}]})]

@@ -1,0 +1,401 @@
+"""HTTP-only shapes: query parameters, headers and the JSON each endpoint answers.
+
+Request bodies that start a workflow are declared beside their workflow (sagas/*.py); the
+generic shapes here are the API's own. `/openapi.json` is generated from all of them (see
+web/openapi.py). Answers are open (`extra="allow"`): a client may rely on the fields named here,
+and a field added later is not a breaking change.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, RootModel, WithJsonSchema
+
+from orchestrator.repository import check_branch_name
+from orchestrator.schemas import Closed, Contract, NonBlank
+from sagas.balance import Project
+
+
+class Answer(BaseModel):
+    """Base of every JSON answer: the fields named are always there; others may be added."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+# -- headers (documented; read where they are used) ----------------------------------------------
+class IdempotencyHeader(Contract):
+    idempotency_key: str | None = Field(None, alias="Idempotency-Key", max_length=255,
+                                        description="repeats of a request with the same key answer the same instance")
+
+
+class AdminHeader(Contract):
+    admin_token: str | None = Field(None, alias="X-Admin-Token",
+                                    description="ADMIN_TOKEN (or send Authorization: Bearer <token>)")
+
+
+class UserHeader(Contract):
+    user: str | None = Field(None, alias="X-User", description="the GitLab username the API gateway authenticated")
+
+
+# -- the generic workflow API ----------------------------------------------------------------
+class StartSaga(Closed):
+    """POST /saga: unknown fields are refused."""
+
+    type: str = Field(min_length=1, description="the workflow type (GET /sagas lists instances of each)")
+    key: str | None = Field(None, description="business key: a second start with it answers the same instance")
+    input: dict[str, Any] = Field(default_factory=dict, description="the workflow's input, checked by the workflow")
+
+
+class StartSagaOfType(Contract):
+    """POST /saga/<type>: the body is optional; unknown fields are ignored."""
+
+    model_config = ConfigDict(strict=True)
+
+    key: str | None = None
+    input: dict[str, Any] = Field(default_factory=dict)
+
+
+class SignalPayload(RootModel[dict[str, Any]]):
+    """A signal's payload: any JSON object, checked by the workflow's own signal check."""
+
+
+class Paging(Contract):
+    limit: int = Field(50, ge=1, le=500)
+    offset: int = Field(0, ge=0)
+
+
+class SagaListQuery(Paging):
+    type: str | None = None
+    state: str | None = None
+
+
+class StepQuery(Contract):
+    step: str = Field(min_length=1, description="the step to restart")
+
+
+class StepView(Answer):
+    name: str
+    task: str | None
+    status: str
+    attempt: int
+    restarts: int
+    failures: int
+    progress: float | None
+    polls: int | None
+    error: str | None
+    queued_at: str | None
+    started_at: str | None
+    finished_at: str | None
+    duration_seconds: float | None
+    data: dict[str, Any]
+
+
+class HistoryEntry(Answer):
+    from_: str | None = Field(alias="from")
+    to: str | None
+    event: str | None
+    payload_digest: str | None
+    actor: str | None
+    at: str | None
+
+
+class Instance(Answer):
+    """A workflow instance: state, context, and (when read one by one) steps and history."""
+
+    id: str
+    type: str
+    key: str | None
+    state: str | None
+    finished: bool
+    created_at: str | None
+    updated_at: str | None
+    finished_at: str | None
+    context: dict[str, Any] | None
+    steps: list[StepView] | None = None
+    compensation: str | None = None
+    history: list[HistoryEntry] | None = None
+
+
+class InstancePage(Answer):
+    total: int
+    limit: int
+    offset: int
+    items: list[Instance]
+
+
+# -- operations -------------------------------------------------------------------------------
+class Dependency(Answer):
+    status: str = Field(description="ok or error")
+    latency_ms: float | None = None
+    error: str | None = None
+
+
+class Liveness(Answer):
+    status: str
+    uptime_seconds: float
+
+
+class Readiness(Answer):
+    status: str = Field(description="ready or not_ready")
+    dependencies: dict[str, Dependency]
+
+
+# -- media (seed 004) -------------------------------------------------------------------------
+class JobsQuery(Contract):
+    limit: int = Field(50, ge=1, le=1000)
+
+
+class CleanupQuery(Contract):
+    max_age_hours: float = Field(24.0, ge=0, le=1_000_000, allow_inf_nan=False)
+    deep: bool = False
+
+
+class PipelineStarted(Answer):
+    job_id: str
+    status: str
+    message: str
+    youtube_url: str
+    overall_progress: float
+
+
+class Stage(Answer):
+    status: str
+    job_id: str | None
+    progress: float
+    started_at: str | None
+    completed_at: str | None
+    attempt: int | None = None
+    error: str | None = None
+
+
+class Job(Answer):
+    job_id: str
+    youtube_url: str
+    status: str
+    overall_progress: float
+    created_at: str | None
+    updated_at: str | None
+    completed_at: str | None
+    stages: dict[str, Stage]
+    transcription_text: str | None
+    transcription_segments: Any
+    transcription_file: Any
+    audio_file: Any
+    error: Any = None
+
+
+class JobSummary(Answer):
+    job_id: str
+    youtube_url: str
+    status: str
+    progress: float
+    created_at: str | None
+    updated_at: str | None
+
+
+class JobPage(Answer):
+    total: int
+    jobs: list[JobSummary]
+
+
+class ServiceHealth(Answer):
+    status: str = Field(description="healthy or degraded")
+    service: str
+    version: str
+    timestamp: str
+    microservices: dict[str, str]
+    dependencies: dict[str, Dependency]
+
+
+class AdminStats(Answer):
+    orchestrator: dict[str, Any]
+    redis: dict[str, Any]
+    settings: dict[str, Any]
+
+
+class Cleanup(Answer):
+    message: str
+    jobs_removed: int
+    logs_cleaned: bool
+
+
+class FactoryReset(Answer):
+    message: str
+    orchestrator: dict[str, Any]
+    microservices: dict[str, Any]
+    warning: str
+
+
+# -- route content (seed 000) -----------------------------------------------------------------
+class RouteStory(Answer):
+    story_id: str
+    tts_status: str
+    error: str | None = None
+
+
+class RouteWorkflow(Answer):
+    route_id: str | None
+    status: str = Field(description="running, completed or failed")
+    state: str | None
+    mode: str | None
+    created_at: str | None
+    updated_at: str | None
+    steps: dict[str, dict[str, Any]]
+    stories: list[RouteStory]
+
+
+# -- workers (seed 001) -----------------------------------------------------------------------
+class WorkerView(Answer):
+    id: int
+    worker_id: str
+    scenario_uuid: str
+    camera_url: str
+    status: str
+    process_pid: int | None
+    reason: str | None
+    created_at: str | None
+    updated_at: str | None
+
+
+class WorkerPage(Answer):
+    total: int
+    limit: int
+    offset: int
+    items: list[WorkerView]
+
+
+# -- balance (seed 002) and the GitLab endpoints ----------------------------------------------
+class BalanceStatus(Answer):
+    saga_id: str
+    status: str = Field(description="running, user_input_required, completed, failed or cancelled")
+    state: str
+    next_step: str | None
+    commit: str | None
+    result: Any = None
+    error: Any = None
+    failed_step: str | None = None
+
+
+class CalculationStatus(Answer):
+    correlationId: str
+    status: str
+    state: str | None
+    input_commit: str | None
+    task: dict[str, Any] | None
+    output_commit: str | None
+    error: Any = None
+
+
+class GeometriesQuery(Contract):
+    project: str = Field(description="a project id or path such as demo/balance")
+    ref: str | None = Field(None, description="a branch; the project's default branch when absent")
+
+
+def _branch(field: str) -> Any:
+    return Annotated[str, BeforeValidator(partial(check_branch_name, field=field)),
+                     WithJsonSchema({"type": "string", "minLength": 1})]
+
+
+class MergeRequestBody(Closed):
+    """POST /merge-requests. Unknown fields are refused."""
+
+    project: Project
+    source_branch: _branch("source_branch")  # type: ignore[valid-type]
+    target_branch: _branch("target_branch") | None = Field(  # type: ignore[valid-type]
+        None, description="the project's default branch when absent")
+    title: NonBlank = Field(max_length=255)
+
+
+class Issues(Answer):
+    user: str
+    issues: list[dict[str, Any]]
+
+
+class Geometries(Answer):
+    project: str
+    ref: str | None
+    geometries: list[dict[str, Any]]
+
+
+class MergeRequest(Answer):
+    created: bool
+
+
+# -- chat (seed 003) --------------------------------------------------------------------------
+class ChatPaging(Paging):
+    pass
+
+
+class EventsQuery(Contract):
+    after_seq: int = Field(0, ge=0, description="resume after this stream seq (or send Last-Event-ID)")
+
+
+class SessionCreated(Answer):
+    session_id: str
+    status: str
+    created_at: str | None
+
+
+class SessionStatus(Answer):
+    session_id: str
+    status: str
+    created_at: str | None
+    updated_at: str | None
+    user_id: str | None
+    config: dict[str, Any]
+    last_seq: int
+    tasks: int
+    recent_tasks: list[str] | None
+    connections: int | None
+
+
+class SessionDeleted(Answer):
+    session_id: str
+    status: str
+    tasks_deleted: int
+
+
+class TaskQueued(Answer):
+    task_id: str
+    session_id: str
+    status: str
+
+
+class TaskView(Answer):
+    task_id: str
+    session_id: str | None
+    status: str | None
+    message: str | None
+    created_at: str | None
+    updated_at: str | None
+    finished_at: str | None
+    chunks_received: int
+    chunks: list[dict[str, Any]] | None = None
+    result: Any = None
+    error: Any = None
+
+
+class TaskPage(Answer):
+    session_id: str
+    total: int
+    limit: int
+    offset: int
+    tasks: list[TaskView]
+
+
+class BasicHealth(Answer):
+    status: str
+    service: str
+    timestamp: str
+    uptime_seconds: float
+
+
+class DetailedHealth(Answer):
+    status: str
+    timestamp: str
+    uptime_seconds: float
+    dependencies: dict[str, Dependency]
+    websockets: dict[str, Any]
+    callback_consumers: dict[str, Any]
+    sessions: Any
