@@ -566,7 +566,7 @@ class Engine:
         if ok:
             self._succeed_run(uow, inst, run, Done(step.join, dict(output or {})), branch, actor)
         else:
-            self._fail_run(uow, inst, run, storable(error or "failed"), retryable, branch)
+            self._fail_run(uow, inst, run, storable("failed" if error is None else error), retryable, branch)
         return ACCEPTED
 
     def step_awaiting(self, instance_id: str, step: str, attempt: int, branch: int | None = None,

@@ -291,7 +291,8 @@ def check_definition(cls: type[Workflow]) -> None:
         if step.external is None and not step.tasks:
             raise WorkflowDefinitionError(cls.type, "task", "", where)
         need("event", step.join, f"{where} join", events)
-        need("event", step.on_failure, f"{where} on_failure", events)
+        if step.on_failure != Step.on_failure:  # the default names no event the workflow chose
+            need("event", step.on_failure, f"{where} on_failure", events)
         if step.items_method and not step.join:
             raise WorkflowDefinitionError(cls.type, "event", "", f"{where} join (it fans out)", events)
         methods = [step.fanout] + ([step.external.items, step.external.send, step.external.token]

@@ -24,10 +24,11 @@ from typing import Any
 
 from statemachine import State
 
+from orchestrator.calculations import correlation_id
 from orchestrator.config import Settings
 from orchestrator.errors import Conflict, InvalidInput
 from orchestrator.repository import check_branch_name, check_project, check_repository_path, check_repository_paths
-from orchestrator.workflow import Retry, Step, Workflow, register
+from orchestrator.workflow import External, Retry, Step, Workflow, register
 
 BALANCE_INPUT = "balance_input.json"
 BALANCE_OUTPUT = "balance_output.json"
@@ -74,6 +75,9 @@ FINAL = Dependency("balance", "balance")  # the final calculation: balance_input
 # What the calculation steps retry on: GitLab 5xx, timeouts and connection errors, with backoff.
 GIT_RETRY = Retry(attempts=6, backoff=0.5, factor=2.0, max_delay=30.0)
 CALCULATION_TIMEOUT = timedelta(hours=1)
+#: A calculation step waits for its result on the results queue (orchestrator/calculations.py),
+#: keyed by the task's correlationId: the engine's token for the step.
+AWAIT_RESULT = External(token="calculation_correlation_id")
 
 
 def _dep_states(dep: Dependency) -> dict[str, str]:
@@ -104,7 +108,7 @@ def _build_balance_saga() -> type[Workflow]:
     STATE_ROLES["SYNC_BALANCE_RESULT"] = (FINAL.name, "final_sync")
     steps: dict[State, Step] = {
         final_calc: Step("balance.calculate", name="balance_calculation", retry=GIT_RETRY,
-                         timeout=CALCULATION_TIMEOUT),
+                         timeout=CALCULATION_TIMEOUT, external=AWAIT_RESULT, join="calculated"),
         final_sync: Step("balance.sync_final", name="sync_balance_result", retry=GIT_RETRY),
     }
     STEP_DEPENDENCY["balance_calculation"] = FINAL
@@ -121,7 +125,7 @@ def _build_balance_saga() -> type[Workflow]:
         steps[states["check"]] = Step("balance.check", name=names["check"], retry=GIT_RETRY)
         steps[states["save"]] = Step("balance.save_input", name=names["save"], retry=GIT_RETRY)
         steps[states["calc"]] = Step("balance.calculate", name=names["calc"], retry=GIT_RETRY,
-                                     timeout=CALCULATION_TIMEOUT)
+                                     timeout=CALCULATION_TIMEOUT, external=AWAIT_RESULT, join="calculated")
         steps[states["sync"]] = Step("balance.sync_result", name=names["sync"], retry=GIT_RETRY)
         for name in names.values():
             STEP_DEPENDENCY[name] = dep
@@ -201,6 +205,11 @@ class _BalanceBase(Workflow):
     failure_states = frozenset({"FAILED"})
     signals = {"submit_input": check_submission}
     started_by = "POST /saga/calculate-balance"
+
+    def calculation_correlation_id(self, step: str, index: int, item: Any, restarts: int) -> str:
+        """The correlationId of a calculation task: derived from the step's idempotency key, so
+        a retry publishes the same one and a restart a new one."""
+        return correlation_id(f"{self.model.id}:{step}:{restarts}")
 
     # -- guards --------------------------------------------------------------------------------
     def next_state_after(self, state_id: str) -> str:
@@ -295,8 +304,13 @@ class SimpleCalculation(Workflow):
     steps = {
         COMMIT_INPUTS: Step("calculation.commit_inputs", name="commit_inputs", retry=GIT_RETRY),
         CALCULATION: Step("calculation.calculate", name="calculation", retry=GIT_RETRY,
-                          timeout=CALCULATION_TIMEOUT),
+                          timeout=CALCULATION_TIMEOUT, external=AWAIT_RESULT, join="calculated"),
     }
+
+    def calculation_correlation_id(self, step: str, index: int, item: Any, restarts: int) -> str:
+        """The first run's correlationId is the calculation's id, so its status is found by it
+        (GET /calculations/<correlationId>); a restart sends a new one."""
+        return self.model.id if restarts == 0 else correlation_id(f"{self.model.id}:{step}:{restarts}")
 
     def after_transition(self, event: str, source: State, payload: dict[str, Any] | None = None) -> None:
         event = str(getattr(event, "id", event))
