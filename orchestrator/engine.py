@@ -207,6 +207,9 @@ class UnitOfWork:
         return self.all_runs(instance_id).get(name)
 
 
+_NO_RUN = Record({"status": None})
+
+
 def new_run(instance_id: str, step: Step) -> Record:
     return Record({"instance_id": instance_id, "name": step.name,
                    "task": step.tasks[-1] if step.tasks else "external",
@@ -372,8 +375,12 @@ class Engine:
         if machine.context_touched:
             inst.touch("context")
         inst.updated_at = now
-        if after != before:
-            old_step = cls.step_for_state(before)
+        old_step, new_step = cls.step_for_state(before), cls.step_for_state(after)
+        # A step declared on several states runs on while the machine moves between them (the
+        # progress of one external job, e.g. a chat task's running -> streaming).
+        spanning = after != before and old_step is not None and new_step is not None \
+            and old_step.name == new_step.name and (uow.step_run(inst.id, old_step.name) or _NO_RUN).status in ACTIVE
+        if after != before and not spanning:
             if old_step is not None:
                 run = old_run if old_run is not None and old_run.name == old_step.name \
                     else uow.step_run(inst.id, old_step.name)
@@ -389,7 +396,7 @@ class Engine:
                 uow.add_timer(instance_id=inst.id, kind="expire", due_at=now + deadline)
         self._record(uow, inst, before, event, payload, actor)
         self._write_messages(uow, inst, machine)
-        if after != before:
+        if after != before and not spanning:
             if event == cls.cancel_event:
                 self._compensate(uow, inst, cls)
             self._enter_step(uow, inst, cls)
