@@ -467,6 +467,9 @@ class Engine:
         if step.external is not None:
             self._issue(uow, instance_id, step, run, branches)
             if not step.tasks:  # the workflow sent the requests: only their completions are awaited
+                if step.external.resend:  # queued under a lease: sent again if nobody answers
+                    run.lease_until = utcnow() + timedelta(seconds=self.settings.step_lease_seconds)
+                    return
                 run.status = StepStatus.WAITING.value
                 run.lease_until = None
                 if branches is not None:
@@ -584,8 +587,11 @@ class Engine:
             found = self._active_run(uow, instance_id, step, attempt, branch)
             if found is None:
                 return
-            _, run = found
+            inst, run = found
             run.started_at = run.started_at or utcnow()
+            step_def = self.workflow_class(inst.type).step_named(step)
+            if step_def is not None and step_def[1].external is not None and step_def[1].external.resend:
+                return  # stays queued under its lease: sent again if no answer comes in time
             if branch is None or all(b["status"] != StepStatus.QUEUED.value or i == branch
                                      for i, b in enumerate(run.data["branches"])):
                 run.status = StepStatus.WAITING.value

@@ -55,6 +55,10 @@ class External:
             `<instance>:<step>:<attempt>:<item>`. The same id may be issued again for a later
             attempt of the same item; it then points at that attempt only.
 
+    resend: a request not answered within STEP_LEASE_SECONDS is sent again under the same token
+            (the first may have been lost; the other side must treat a repeat as one request);
+            otherwise a sent request holds no lease, and only `Step.timeout` bounds the wait.
+
     `Engine.complete_external(token, ok, output | error)` reports an item; a failed item is
     retried alone by the step's `retry`, `Step.timeout` bounds the wait (a timer row), and a
     restart sends again only the items that did not complete.
@@ -63,6 +67,7 @@ class External:
     items: str = ""
     send: str = ""
     token: str = ""
+    resend: bool = False
 
 
 #: A compensation's default policy: an undo is worth a few tries over about half a minute.

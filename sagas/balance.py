@@ -76,8 +76,9 @@ FINAL = Dependency("balance", "balance")  # the final calculation: balance_input
 GIT_RETRY = Retry(attempts=6, backoff=0.5, factor=2.0, max_delay=30.0)
 CALCULATION_TIMEOUT = timedelta(hours=1)
 #: A calculation step waits for its result on the results queue (orchestrator/calculations.py),
-#: keyed by the task's correlationId: the engine's token for the step.
-AWAIT_RESULT = External(token="calculation_correlation_id")
+#: keyed by the task's correlationId: the engine's token for the step. A task not answered within
+#: the step's lease is sent again with the same correlationId (docs/balance.md).
+AWAIT_RESULT = External(token="calculation_correlation_id", resend=True)
 
 
 def _dep_states(dep: Dependency) -> dict[str, str]:

@@ -191,3 +191,22 @@ def test_find_by_business_key(inproc):
     assert inproc.engine.find("inproc-shop", "order-7") == inst["id"]
     assert inproc.engine.find("inproc-shop", "order-8") is None
     assert inproc.engine.find("inproc-survey", "order-7") is None
+
+
+def test_an_unanswered_request_is_sent_again_under_the_same_token_when_it_resends(inproc, monkeypatch):
+    from engine.workflows import Survey
+    from orchestrator.workflow import External
+
+    step = Survey.step_table()["confirming"]
+    monkeypatch.setitem(Survey.__dict__["_step_table"], "confirming",
+                        type(step)(**{**step.__dict__, "external": External(token="confirmation_id", resend=True)}))
+    inst, _ = inproc.engine.start("inproc-survey", {"people": ["ann"]})
+    inproc.engine.complete_external(_questions(inproc)[0]["reply_token"], True, {"answer": "yes"})
+    inproc.run()
+    assert inproc.step(inst["id"], "confirm")["status"] == "queued"  # under its lease
+    assert inproc.expire_leases() == 1
+    inproc.run()
+    token = f"confirm-{inst['id']}-0"
+    assert [c[0] for c in CALLS].count("inproc.ask") == 2
+    assert inproc.engine.complete_external(token, True, {"ok": True}) == ACCEPTED
+    assert inproc.engine.snapshot(inst["id"])["state"] == "done"
