@@ -26,7 +26,7 @@ test: install services browser ## the whole suite against the real services
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 unit: install          ## the tests with no I/O, in a second
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit tests/engine
 
 bench: install services
 	$(BIN)/python -m bench.run

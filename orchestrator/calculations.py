@@ -27,13 +27,11 @@ from typing import Any, Literal
 
 from kombu import Connection, Exchange, Queue
 from kombu.mixins import ConsumerMixin
-from sqlalchemy import select
 
 from . import logs
-from .engine import Done, Engine
+from .engine import ACCEPTED, Engine
 from .errors import InvalidInput, UpstreamError
 from .jsonutil import check_storable
-from .models import ACTIVE_STEP_STATUSES, StepRun
 from .schemas import Event, NonBlank, parse
 from .config import Settings
 
@@ -136,32 +134,19 @@ def parse_result(raw: Any) -> dict[str, Any]:
             "error": result.error if result.status == "failed" else None}
 
 
-def find_waiting_step(engine: Engine, correlation: str) -> tuple[str, str, int] | None:
-    """(instance, step, attempt) of the active step waiting for this correlationId, if any."""
-    with engine.sessions() as s:
-        rows = s.execute(select(StepRun.instance_id, StepRun.name, StepRun.attempt, StepRun.data).where(
-            StepRun.status.in_([x.value for x in ACTIVE_STEP_STATUSES]),
-            StepRun.name.like("%calculation"))).all()
-    for row in rows:
-        if (row.data or {}).get("correlation_id") == correlation:
-            return row.instance_id, row.name, row.attempt
-    return None
-
-
 def apply_result(engine: Engine, result: dict[str, Any]) -> bool:
-    """Report a result to the engine; False when no step waits for it (a duplicate or stale one)."""
-    found = find_waiting_step(engine, result["correlationId"])
-    if found is None:
-        log.info("result %s matches no waiting step (duplicate or stale); ignored", result["correlationId"])
-        return False
-    instance_id, step, attempt = found
+    """Report a result to the engine: the calculation step waits for it as an external step
+    whose token is the correlationId. False when no step waits for it (a duplicate or stale one)."""
+    cid = result["correlationId"]
     if result["status"] == "succeeded":
-        engine.step_succeeded(instance_id, step, attempt, Done("calculated", {
-            "correlation_id": result["correlationId"], "commit": result["outputCommit"]}))
+        outcome = engine.complete_external(cid, True, {"correlation_id": cid, "commit": result["outputCommit"]},
+                                           actor="calculation")
     else:
-        engine.step_failed(instance_id, step, attempt,
-                           f"calculation {result['correlationId']} failed: {result['error'] or 'no reason given'}",
-                           retryable=False)
+        outcome = engine.complete_external(cid, False, error=f"calculation {cid} failed: "
+                                           f"{result['error'] or 'no reason given'}", actor="calculation")
+    if outcome != ACCEPTED:
+        log.info("result %s matches no waiting step (%s); ignored", cid, outcome)
+        return False
     return True
 
 

@@ -32,10 +32,10 @@ from .config import Settings
 from .errors import Conflict, IllegalTransition, InvalidInput, NotFound
 from . import logs
 from .jsonutil import digest, storable
-from .models import (ACTIVE_STEP_STATUSES, HistoryEntry, OutboxMessage, StepClaim, StepRun, StepStatus, Timer,
-                     utcnow)
+from .models import (ACTIVE_STEP_STATUSES, HistoryEntry, OutboxMessage, StepClaim, StepRun, StepStatus, StepToken,
+                     Timer, utcnow)
 from .rows import INSTANCES, Record, StaleBasis, Writes, execute_prepared
-from .workflow import Registry, Step, Workflow
+from .workflow import ItemFailed, Registry, Step, Workflow
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ TIMERS: Table = Timer.__table__  # type: ignore[assignment]
 HISTORY: Table = HistoryEntry.__table__  # type: ignore[assignment]
 OUTBOX: Table = OutboxMessage.__table__  # type: ignore[assignment]
 CLAIMS: Table = StepClaim.__table__  # type: ignore[assignment]
+TOKENS: Table = StepToken.__table__  # type: ignore[assignment]
 INSTANCE = select(INSTANCES).where(INSTANCES.c.id == bindparam("id"))
 LOCK = INSTANCE.with_for_update()
 RUNS_OF = select(RUNS).where(RUNS.c.instance_id == bindparam("id"))
@@ -78,6 +79,7 @@ class StepContext:
     engine: "Engine" = field(repr=False)
     basis: Basis | None = field(default=None, repr=False)
     dispatch: int = 0  # which dispatch of this attempt was read (StepRun.dispatches)
+    token: str | None = None  # an external step's item: the token its completion must carry
 
     @cached_property
     def outputs(self) -> dict[str, Any]:
@@ -102,6 +104,17 @@ class Done:
 
     event: str = ""
     output: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Await:
+    """An external step's task has sent its request: wait for `Engine.complete_external` with
+    the item's token (`ctx.token`). The step holds no worker and no lease meanwhile; its
+    `timeout` (a timer row) bounds the wait."""
+
+
+#: What `Engine.complete_external` answers.
+ACCEPTED, DUPLICATE, STALE, UNKNOWN = "accepted", "duplicate", "stale", "unknown"
 
 
 @dataclass
@@ -194,8 +207,12 @@ class UnitOfWork:
         return self.all_runs(instance_id).get(name)
 
 
+_NO_RUN = Record({"status": None})
+
+
 def new_run(instance_id: str, step: Step) -> Record:
-    return Record({"instance_id": instance_id, "name": step.name, "task": step.tasks[-1],
+    return Record({"instance_id": instance_id, "name": step.name,
+                   "task": step.tasks[-1] if step.tasks else "external",
                    "status": StepStatus.PENDING.value, "attempt": 0, "restarts": 0, "failures": 0,
                    "progress": 0.0, "polls": 0, "total": 0, "done": 0, "failed": 0, "data": {},
                    "error": None, "queued_at": None, "started_at": None, "finished_at": None,
@@ -358,8 +375,12 @@ class Engine:
         if machine.context_touched:
             inst.touch("context")
         inst.updated_at = now
-        if after != before:
-            old_step = cls.step_for_state(before)
+        old_step, new_step = cls.step_for_state(before), cls.step_for_state(after)
+        # A step declared on several states runs on while the machine moves between them (the
+        # progress of one external job, e.g. a chat task's running -> streaming).
+        spanning = after != before and old_step is not None and new_step is not None \
+            and old_step.name == new_step.name and (uow.step_run(inst.id, old_step.name) or _NO_RUN).status in ACTIVE
+        if after != before and not spanning:
             if old_step is not None:
                 run = old_run if old_run is not None and old_run.name == old_step.name \
                     else uow.step_run(inst.id, old_step.name)
@@ -375,7 +396,7 @@ class Engine:
                 uow.add_timer(instance_id=inst.id, kind="expire", due_at=now + deadline)
         self._record(uow, inst, before, event, payload, actor)
         self._write_messages(uow, inst, machine)
-        if after != before:
+        if after != before and not spanning:
             if event == cls.cancel_event:
                 self._compensate(uow, inst, cls)
             self._enter_step(uow, inst, cls)
@@ -403,7 +424,7 @@ class Engine:
         else:
             # Entering again (a restart): keep completed branches, forget the failed effect.
             run.restarts += 1
-            if not step.fanout:
+            if not step.items_method:
                 run.data = {}
         run.attempt += 1
         run.failures = 0
@@ -414,7 +435,7 @@ class Engine:
         run.finished_at = None
         run.queued_at = now
         branches = None
-        if step.fanout:
+        if step.items_method:
             machine = cls(model=inst, settings=self.settings)
             previous = (run.data or {}).get("branches") or []
             if previous:
@@ -424,7 +445,7 @@ class Engine:
                                        error=None)
                 run.failed = 0
             else:
-                items = list(getattr(machine, step.fanout)())
+                items = list(getattr(machine, step.items_method)())
                 previous = [{"input": item, "status": StepStatus.QUEUED.value, "attempt": 1,
                              "error": None} for item in items]
                 branches = list(range(len(items)))
@@ -433,16 +454,28 @@ class Engine:
             if run.total == 0:
                 run.status = StepStatus.COMPLETED.value
                 run.finished_at = now
-                self._transition(uow, inst, step.join, {"branches": []}, "engine")
+                self._transition(uow, inst, step.join, {"items" if step.external else "branches": []}, "engine")
                 return
         run.status = StepStatus.QUEUED.value
         self._dispatch(uow, inst.id, step, run, branches)
-        if step.timeout is not None:
+        if step.timeout is not None:  # for an external step: how long its items may take
             uow.add_timer(instance_id=inst.id, kind="deadline", step=step.name, attempt=run.attempt,
                           due_at=now + step.timeout)
 
     def _dispatch(self, uow: UnitOfWork, instance_id: str, step: Step, run: Record,
                   branches: list[int] | None = None) -> None:
+        if step.external is not None:
+            self._issue(uow, instance_id, step, run, branches)
+            if not step.tasks:  # the workflow sent the requests: only their completions are awaited
+                if step.external.resend:  # queued under a lease: sent again if nobody answers
+                    run.lease_until = utcnow() + timedelta(seconds=self.settings.step_lease_seconds)
+                    return
+                run.status = StepStatus.WAITING.value
+                run.lease_until = None
+                if branches is not None:
+                    for i in branches:
+                        run.data["branches"][i]["status"] = StepStatus.WAITING.value
+                return
         args = [instance_id, run.name, run.attempt]
         if branches is not None:
             payload = {"group": [[step.task, args + [i]] for i in branches]}
@@ -458,6 +491,123 @@ class Engine:
             for i in branches:
                 run.data["branches"][i]["dispatch"] = run.data["branches"][i].get("dispatch", 0) + 1
             run.touch("data")
+
+    # -- external steps ------------------------------------------------------------------------
+    def _issue(self, uow: UnitOfWork, instance_id: str, step: Step, run: Record,
+               branches: list[int] | None) -> None:
+        """Give each item about to be sent its token for this attempt (kept when the same attempt
+        is sent again), recorded on the step row and in step_tokens, and let the workflow emit
+        its requests (written to the outbox in this transaction)."""
+        ext = step.external
+        assert ext is not None
+        inst = uow.writes.instances.get(instance_id) or uow.lock(instance_id)
+        cls = self.workflow_class(inst.type)
+        machine = cls(model=inst, settings=self.settings, session=uow.session) if (ext.send or ext.token) else None
+        if run.data is None:
+            run.data = {}
+        holders = [(-1, run.data)] if branches is None else [(i, run.data["branches"][i]) for i in branches]
+        for index, holder in holders:
+            attempt = run.attempt if index < 0 else holder["attempt"]
+            item = holder.get("input") if index >= 0 else None
+            token = holder.get("token") if holder.get("token_attempt") == attempt else None
+            if token is None:
+                token = getattr(machine, ext.token)(run.name, index, item, run.restarts) if ext.token \
+                    else f"{instance_id}:{run.name}:{attempt}:{max(index, 0)}"
+                uow.execute(delete(TOKENS).where(TOKENS.c.token == token))
+                uow.writes.add(TOKENS, Record({"token": token, "instance_id": instance_id, "step": run.name,
+                                               "branch": index, "attempt": attempt, "created_at": utcnow()},
+                                              new=True))
+                holder.update(token=token, token_attempt=attempt)
+            if ext.send:
+                getattr(machine, ext.send)(item, token, attempt)
+        run.touch("data")
+        if machine is not None:
+            if machine.context_touched:
+                inst.touch("context")
+            self._write_messages(uow, inst, machine)
+
+    def complete_external(self, token: str, ok: bool, output: dict[str, Any] | None = None,
+                          error: str | None = None, *, retryable: bool = False, attempt: int | None = None,
+                          actor: str = "external") -> str:
+        """Report one item of an external step done (`ok`, with `output`) or failed (`error`;
+        retried alone by the step's policy when `retryable`, else counted as failed). The step
+        row counts its items; when all have completed the step's `join` fires with
+        `{"items": [output, ...]}` (one item: with its output). A step whose items have all
+        reported with at least one failed fails (its `on_failure`).
+
+        `attempt`, when the completion event carries one, must be the item's current attempt.
+        Returns ACCEPTED; DUPLICATE (the item already reported: no effect); STALE (the token is
+        of an earlier attempt, or the step no longer waits); UNKNOWN (no such token)."""
+        with self.reads.connect() as conn:
+            row = conn.execute(select(TOKENS).where(TOKENS.c.token == token)).first()
+        if row is None:
+            return UNKNOWN
+        outcome = UNKNOWN
+
+        def work(uow: UnitOfWork) -> None:
+            nonlocal outcome
+            inst = uow.lock_with_runs(row.instance_id)
+            run = uow.step_run(row.instance_id, row.step) if inst is not None else None
+            if inst is None or run is None:
+                outcome = UNKNOWN
+                return
+            outcome = self._complete_item(uow, inst, run, row, ok, output, error, retryable, attempt, actor)
+
+        with logs.context(workflow_id=row.instance_id):
+            self._report(None, work)
+        return outcome
+
+    def _complete_item(self, uow: UnitOfWork, inst: Record, run: Record, token: Any, ok: bool,
+                       output: dict[str, Any] | None, error: str | None, retryable: bool,
+                       attempt: int | None, actor: str) -> str:
+        branch = None if token.branch < 0 else token.branch
+        holder = run.data if branch is None else run.data["branches"][branch]
+        current = run.attempt if branch is None else holder["attempt"]
+        if token.attempt != current or (attempt is not None and attempt != current) \
+                or holder.get("token") != token.token:
+            return STALE
+        status = run.status if branch is None else holder["status"]
+        if status in (StepStatus.COMPLETED.value, StepStatus.FAILED.value):
+            return DUPLICATE
+        if run.status not in ACTIVE or status not in ACTIVE:
+            return STALE
+        cls = self.workflow_class(inst.type)
+        step = cls.step_named(run.name)[1]  # type: ignore[index]
+        if ok:
+            self._succeed_run(uow, inst, run, Done(step.join, dict(output or {})), branch, actor)
+        else:
+            self._fail_run(uow, inst, run, storable("failed" if error is None else error), retryable, branch)
+        return ACCEPTED
+
+    def step_awaiting(self, instance_id: str, step: str, attempt: int, branch: int | None = None,
+                      basis: Basis | None = None) -> None:
+        """An external step's task sent its request: the step waits for its completion (no
+        lease: nothing is lost if no worker hears of it again)."""
+        def work(uow: UnitOfWork) -> None:
+            found = self._active_run(uow, instance_id, step, attempt, branch)
+            if found is None:
+                return
+            inst, run = found
+            run.started_at = run.started_at or utcnow()
+            step_def = self.workflow_class(inst.type).step_named(step)
+            if step_def is not None and step_def[1].external is not None and step_def[1].external.resend:
+                return  # stays queued under its lease: sent again if no answer comes in time
+            if branch is None or all(b["status"] != StepStatus.QUEUED.value or i == branch
+                                     for i, b in enumerate(run.data["branches"])):
+                run.status = StepStatus.WAITING.value
+                run.lease_until = None
+            if branch is not None:
+                run.data["branches"][branch]["status"] = StepStatus.WAITING.value
+                run.touch("data")
+
+        self._report(basis, work)
+
+    def find(self, type_name: str, key: str) -> str | None:
+        """The id of the instance of `type_name` started with business key `key`, or None."""
+        i = INSTANCES.c
+        with self.reads.connect() as conn:
+            found = conn.execute(select(i.id).where(i.type == type_name, i.business_key == key)).scalar()
+        return None if found is None else str(found)
 
     def claim_step(self, instance_id: str, step: str, attempt: int,
                    branch: int | None = None) -> StepContext | None:
@@ -478,16 +628,18 @@ class Engine:
         if run is None or run["attempt"] != attempt or run["status"] not in ACTIVE:
             return None
         dispatch = run["dispatches"]
+        token = (run["data"] or {}).get("token")
         if branch is not None:
             b = run["data"]["branches"][branch]
             if b["status"] not in ACTIVE:
                 return None
             dispatch = b.get("dispatch", 0)
+            token = b.get("token")
         return StepContext(instance_id=instance_id, step=step, attempt=attempt, branch=branch,
                            input=copy.deepcopy((instance["context"] or {}).get("input") or {}),
                            data=copy.deepcopy(run["data"] or {}), polls=run["polls"],
                            restarts=run["restarts"], settings=self.settings, engine=self,
-                           basis=(instance, runs), dispatch=dispatch)
+                           basis=(instance, runs), dispatch=dispatch, token=token)
 
     def take_claim(self, ctx: StepContext, task: str = "", redelivered: bool = False) -> bool:
         """Make this delivery the only one to run this dispatch of the step: copies of one
@@ -609,20 +761,26 @@ class Engine:
         found = self._active_run(uow, instance_id, step, attempt, branch)
         if found is None:
             return
-        inst, run = found
+        self._succeed_run(uow, *found, done, branch, actor)
+
+    def _succeed_run(self, uow: UnitOfWork, inst: Record, run: Record, done: Done, branch: int | None,
+                     actor: str) -> None:
         cls = self.workflow_class(inst.type)
+        step = run.name
         now = utcnow()
         if branch is not None:
             b = run.data["branches"][branch]
-            b.update(status=StepStatus.COMPLETED.value, output=done.output, error=None)
+            b.update(status=StepStatus.COMPLETED.value, output=done.output, error=None, finished_at=now.isoformat())
             run.touch("data")
             run.done += 1
             if run.done < run.total:
                 if run.done + run.failed == run.total:
                     self._fail_step(uow, inst, cls, run, "some branches failed")
                 return
-            event = cls.step_named(step)[1].join  # type: ignore[index]
-            payload = {"branches": [x.get("output") for x in run.data["branches"]]}
+            found_step = cls.step_named(step)[1]  # type: ignore[index]
+            outputs = [x.get("output") for x in run.data["branches"]]
+            event = found_step.join
+            payload = {"items": outputs} if found_step.external else {"branches": outputs}
         else:
             run.data = {**(run.data or {}), "output": done.output}
             event, payload = done.event, done.output
@@ -644,8 +802,12 @@ class Engine:
         found = self._active_run(uow, instance_id, step, attempt, branch)
         if found is None:
             return
-        inst, run = found
+        self._fail_run(uow, *found, error, retryable, branch)
+
+    def _fail_run(self, uow: UnitOfWork, inst: Record, run: Record, error: str, retryable: bool,
+                  branch: int | None) -> None:
         cls = self.workflow_class(inst.type)
+        instance_id, step, attempt = inst.id, run.name, run.attempt
         policy = cls.step_named(step)[1].policy(self.settings)  # type: ignore[index]
         run.failures += 1
         run.error = error[:2000]
@@ -662,7 +824,8 @@ class Engine:
                      run.failures, delay)
             return
         if branch is not None:
-            run.data["branches"][branch].update(status=StepStatus.FAILED.value, error=error)
+            run.data["branches"][branch].update(status=StepStatus.FAILED.value, error=error,
+                                                finished_at=utcnow().isoformat())
             run.touch("data")
             run.failed += 1
             if run.done + run.failed < run.total:
@@ -676,8 +839,12 @@ class Engine:
         run.error = error[:2000]
         run.finished_at = utcnow()
         run.lease_until = None
-        self._transition(uow, inst, step.on_failure, {"step": run.name, "error": error}, "engine",
-                         failed_step=True, old_run=run)
+        payload: dict[str, Any] = {"step": run.name, "error": error}
+        if step.items_method:  # which items failed, for the workflow's own account of it
+            payload["failed"] = [{"index": i, "input": b.get("input"), "token": b.get("token"), "error": b.get("error")}
+                                 for i, b in enumerate((run.data or {}).get("branches") or [])
+                                 if b["status"] == StepStatus.FAILED.value]
+        self._transition(uow, inst, step.on_failure, payload, "engine", failed_step=True, old_run=run)
 
     def outbox_failed(self, message_id: str, error: str) -> bool:
         """An outbox row that can never be published (the relay's permanent error): mark it
@@ -714,6 +881,14 @@ class Engine:
                     run = None
         else:
             found = cls.message_failed(inst.context or {}, row.target, row.payload or {}, reason)
+            if isinstance(found, ItemFailed):  # one item's request: that item fails, the rest go on
+                token = uow.execute(select(TOKENS).where(TOKENS.c.token == found.token)).first()
+                run = uow.step_run(inst.id, token.step) if token is not None else None
+                if token is None or run is None or token.instance_id != inst.id or \
+                        self._complete_item(uow, inst, run, token, False, None, found.error, False, None,
+                                            "engine") != ACCEPTED:
+                    log.warning("instance %s: %s (its item no longer waits)", inst.id, reason)
+                return
             if found is not None:
                 event, payload = found
                 try:
@@ -932,8 +1107,10 @@ class Engine:
                     continue
                 run.lease_until = utcnow() + timedelta(seconds=self.settings.step_lease_seconds)
                 branches = None
-                if found[1].fanout:
-                    branches = [i for i, b in enumerate(run.data["branches"]) if b["status"] in ACTIVE]
+                if found[1].items_method:
+                    branches = [i for i, b in enumerate(run.data["branches"])
+                                if b["status"] == StepStatus.QUEUED.value or
+                                (b["status"] in ACTIVE and not found[1].external)]
                 self._dispatch(uow, run.instance_id, found[1], run, branches)
                 count += 1
         return count
@@ -966,7 +1143,7 @@ class Engine:
         if not ids:
             return 0
         with self.unit_of_work() as uow:
-            for table in (TIMERS, HISTORY, CLAIMS, RUNS):
+            for table in (TIMERS, HISTORY, CLAIMS, TOKENS, RUNS):
                 uow.execute(delete(table).where(table.c.instance_id.in_(ids)))
             uow.execute(update(OUTBOX).where(OUTBOX.c.instance_id.in_(ids)).values(instance_id=None))
             return uow.execute(delete(INSTANCES).where(INSTANCES.c.id.in_(ids))).rowcount  # type: ignore[no-any-return]

@@ -95,3 +95,16 @@ class ConfigError(OrchestratorError):
     def __init__(self, variable: str, problem: str) -> None:
         super().__init__(f"{variable}: {problem}", variable=variable)
         self.variable = variable
+
+
+class WorkflowDefinitionError(ValueError):
+    """A workflow names a task, event, state or method that does not exist (a typo): raised when
+    it is registered, or at start-up once the Celery app has loaded its tasks, so the process
+    stops naming the workflow and the misspelled name."""
+
+    def __init__(self, workflow: str, kind: str, name: str, where: str, known: Any = ()) -> None:
+        hint = f"; known: {', '.join(sorted(known))}" if known else ""
+        super().__init__(f"workflow '{workflow}': {where} names unknown {kind} '{name}'{hint}")
+        self.workflow = workflow
+        self.kind = kind
+        self.name = name

@@ -133,6 +133,22 @@ class StepClaim(Base):
     claimed_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
+class StepToken(Base):
+    """A token the engine issued for one item of an external step (`Step(external=...)`): a
+    completion event names it, and it points at the (instance, step, item, attempt) it was issued
+    for. A token issued again (a contract's own id, reused by a later attempt) points at the
+    newest attempt; an engine token of an older attempt stays, so its late completion is stale."""
+
+    __tablename__ = "step_tokens"
+
+    token: Mapped[str] = mapped_column(String(255), primary_key=True)
+    instance_id: Mapped[str] = mapped_column(ForeignKey("workflow_instances.id", ondelete="CASCADE"), index=True)
+    step: Mapped[str] = mapped_column(String(64))
+    branch: Mapped[int] = mapped_column(Integer)  # -1: the step has one item
+    attempt: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
 class HistoryEntry(Base):
     __tablename__ = "history"
     __table_args__ = (Index("ix_history_instance", "instance_id", "id"),)

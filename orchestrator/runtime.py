@@ -60,6 +60,8 @@ def build(settings: Settings | None = None) -> Runtime:
     settings = settings or load_settings()
     configure_celery(celery_app, settings)
     load_workflow_modules(settings)
+    # A step naming a task no module defines stops start-up here, naming both.
+    registry.check_tasks(set(celery_app.tasks.keys()))
     db = make_engine(settings.database_url)
     sessions = make_session_factory(db)
     # SQLite serialises writers anyway; a second pool there would only add lock waits (the

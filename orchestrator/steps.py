@@ -5,7 +5,9 @@
         ...
 
 The function gets a StepContext (ids, input, its saved data) and returns Done(event, output),
-Poll(after=seconds) to be called again later, or None for a link in the middle of a chain.
+Poll(after=seconds) to be called again later, Await() when it sent an external step's request
+(`ctx.token`) whose completion comes back through `Engine.complete_external`, or None for a
+link in the middle of a chain.
 Raising UpstreamError retries by the step's policy when the error is retryable (5xx,
 connection); InvalidInput or StepError fail the step at once.
 
@@ -28,7 +30,7 @@ from celery import shared_task
 from celery.signals import task_failure
 
 from . import logs, runtime
-from .engine import Done, Poll, StepContext
+from .engine import Await, Done, Poll, StepContext
 from .errors import InvalidInput, UpstreamError
 
 log = logging.getLogger(__name__)
@@ -62,36 +64,47 @@ def step_task(name: str, **options: Any) -> Callable[[StepFunction], Any]:
 
         def run_step(instance_id: str, step: str, attempt: int, branch: int | None,
                      redelivered: bool = False) -> str:
-            engine = runtime.current().engine
-            ctx = engine.claim_step(instance_id, step, attempt, branch)
-            if ctx is None or not engine.take_claim(ctx, name, redelivered):
-                return "skipped: stale or duplicate delivery"
-            try:
-                outcome = fn(ctx)
-            except UpstreamError as exc:
-                engine.step_failed(instance_id, step, attempt, exc.message, exc.retryable, branch, ctx.basis)
-                return f"failed: {exc.message}"
-            except (InvalidInput, StepError) as exc:
-                engine.step_failed(instance_id, step, attempt, str(exc), False, branch, ctx.basis)
-                return f"failed: {exc}"
-            except Exception as exc:
-                log.exception("step %s of %s raised", step, instance_id)
-                engine.step_failed(instance_id, step, attempt, f"{type(exc).__name__}: {exc}", False, branch,
-                                   ctx.basis)
-                return f"failed: {exc}"
-            if isinstance(outcome, Poll):
-                engine.step_progress(instance_id, step, attempt, outcome, branch, ctx.basis)
-                return "waiting"
-            if isinstance(outcome, Done):
-                engine.step_succeeded(instance_id, step, attempt, outcome, branch, basis=ctx.basis)
-                return "done"
-            return "continued"
+            return execute_step(runtime.current().engine, name, fn, instance_id, step, attempt, branch,
+                                redelivered)
 
-        run.step_function = fn
+        run.step_function = fn  # what an in-process runner calls (execute_step), e.g. tests/engine
         run.reports_to = "step"
         return run
 
     return decorate
+
+
+def execute_step(engine: Any, name: str, fn: StepFunction, instance_id: str, step: str, attempt: int,
+                 branch: int | None = None, redelivered: bool = False) -> str:
+    """Claim the step, run `fn` once, report its one outcome to `engine`: the body of every step
+    task, also run in-process by the engine's own tests. Returns what happened ("done",
+    "waiting", "awaiting", "continued", "failed: ...", "skipped: ...")."""
+    ctx = engine.claim_step(instance_id, step, attempt, branch)
+    if ctx is None or not engine.take_claim(ctx, name, redelivered):
+        return "skipped: stale or duplicate delivery"
+    try:
+        outcome = fn(ctx)
+    except UpstreamError as exc:
+        engine.step_failed(instance_id, step, attempt, exc.message, exc.retryable, branch, ctx.basis)
+        return f"failed: {exc.message}"
+    except (InvalidInput, StepError) as exc:
+        engine.step_failed(instance_id, step, attempt, str(exc), False, branch, ctx.basis)
+        return f"failed: {exc}"
+    except Exception as exc:
+        log.exception("step %s of %s raised", step, instance_id)
+        engine.step_failed(instance_id, step, attempt, f"{type(exc).__name__}: {exc}", False, branch,
+                           ctx.basis)
+        return f"failed: {exc}"
+    if isinstance(outcome, Poll):
+        engine.step_progress(instance_id, step, attempt, outcome, branch, ctx.basis)
+        return "waiting"
+    if isinstance(outcome, Done):
+        engine.step_succeeded(instance_id, step, attempt, outcome, branch, basis=ctx.basis)
+        return "done"
+    if isinstance(outcome, Await):  # an external step: its completion comes as an event
+        engine.step_awaiting(instance_id, step, attempt, branch, ctx.basis)
+        return "awaiting"
+    return "continued"
 
 
 def compensation_task(name: str, **options: Any) -> Callable[[Callable[[StepContext], None]], Any]:
@@ -110,29 +123,35 @@ def compensation_task(name: str, **options: Any) -> Callable[[Callable[[StepCont
                 return outcome
 
         def compensate(instance_id: str, step: str, attempt: int) -> str:
-            engine = runtime.current().engine
-            ctx = engine.claim_compensation(instance_id, step, attempt)
-            if ctx is None:
-                return "skipped: stale or duplicate delivery"
-            try:
-                fn(ctx)
-            except UpstreamError as exc:
-                engine.compensation_failed(instance_id, step, attempt, exc.message, exc.retryable)
-                return f"failed: {exc.message}"
-            except (InvalidInput, StepError) as exc:
-                engine.compensation_failed(instance_id, step, attempt, str(exc), False)
-                return f"failed: {exc}"
-            except Exception as exc:
-                log.exception("compensation of step %s of %s raised", step, instance_id)
-                engine.compensation_failed(instance_id, step, attempt, f"{type(exc).__name__}: {exc}", True)
-                return f"failed: {exc}"
-            engine.compensated(instance_id, step, attempt)
-            return "compensated"
+            return execute_compensation(runtime.current().engine, fn, instance_id, step, attempt)
 
+        run.compensation_function = fn
         run.reports_to = "compensation"
         return run
 
     return decorate
+
+
+def execute_compensation(engine: Any, fn: Callable[[StepContext], None], instance_id: str, step: str,
+                         attempt: int) -> str:
+    """The body of every compensation task (see `compensation_task`), runnable in-process."""
+    ctx = engine.claim_compensation(instance_id, step, attempt)
+    if ctx is None:
+        return "skipped: stale or duplicate delivery"
+    try:
+        fn(ctx)
+    except UpstreamError as exc:
+        engine.compensation_failed(instance_id, step, attempt, exc.message, exc.retryable)
+        return f"failed: {exc.message}"
+    except (InvalidInput, StepError) as exc:
+        engine.compensation_failed(instance_id, step, attempt, str(exc), False)
+        return f"failed: {exc}"
+    except Exception as exc:
+        log.exception("compensation of step %s of %s raised", step, instance_id)
+        engine.compensation_failed(instance_id, step, attempt, f"{type(exc).__name__}: {exc}", True)
+        return f"failed: {exc}"
+    engine.compensated(instance_id, step, attempt)
+    return "compensated"
 
 
 @task_failure.connect

@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Collection, Mapping
 
 from statemachine import State, StateMachine
 
@@ -40,6 +40,36 @@ class Retry:
         return retryable and failures < self.attempts
 
 
+@dataclass(frozen=True)
+class External:
+    """A step whose work is done elsewhere (a Kafka service, an AMQP worker, a callback): the step
+    waits for completion events keyed by a token the engine issues, one per item.
+
+    items:  name of a workflow method returning one input per item (a fan-out, joined on the step
+            row like `Step.fanout`); empty: one item, the step itself.
+    send:   name of a workflow method `send(item, token, attempt)` that emits the request for one
+            item (`self.emit(...)`, so it goes out through the outbox with the transition that
+            issued the token); empty when the step's task sends it (it reads `ctx.token`).
+    token:  name of a workflow method `token(step, index, item, restarts) -> str` giving the id
+            a contract fixes (a correlationId, a story id within a route); empty: the engine's own
+            `<instance>:<step>:<attempt>:<item>`. The same id may be issued again for a later
+            attempt of the same item; it then points at that attempt only.
+
+    resend: a request not answered within STEP_LEASE_SECONDS is sent again under the same token
+            (the first may have been lost; the other side must treat a repeat as one request);
+            otherwise a sent request holds no lease, and only `Step.timeout` bounds the wait.
+
+    `Engine.complete_external(token, ok, output | error)` reports an item; a failed item is
+    retried alone by the step's `retry`, `Step.timeout` bounds the wait (a timer row), and a
+    restart sends again only the items that did not complete.
+    """
+
+    items: str = ""
+    send: str = ""
+    token: str = ""
+    resend: bool = False
+
+
 #: A compensation's default policy: an undo is worth a few tries over about half a minute.
 COMPENSATION_RETRY = Retry(attempts=5, backoff=2.0, factor=2.0, max_delay=60.0)
 
@@ -54,8 +84,14 @@ class Step:
     fanout:   name of a workflow method returning one input per branch; the task runs once per
               branch as a Celery group and `join` fires when every branch has completed (the
               join is counted on the step row, never in a chord callback).
+    external: the step waits for work done elsewhere (see `External`); its `join` fires when
+              every item has completed. `task` is then optional: the task that sends the request.
     compensate: a task that undoes the completed step when the instance is cancelled, retried
               by `compensate_retry` (default COMPENSATION_RETRY).
+
+    A task is named by its Celery name, or by the task object itself when the workflow's module
+    may import it (`Step(my_task)`); either way registering the workflow checks it exists once
+    the Celery app has loaded its tasks (`Registry.check_tasks`).
     """
 
     task: str = ""
@@ -68,10 +104,24 @@ class Step:
     on_failure: str = "fail"
     compensate: str = ""
     compensate_retry: "Retry | Callable[[Settings], Retry]" = COMPENSATION_RETRY
+    external: External | None = None
+
+    def __post_init__(self) -> None:
+        # A task object stands for its name: the step table and the task share one declaration.
+        for attr in ("task", "compensate"):
+            value = getattr(self, attr)
+            if not isinstance(value, str):
+                object.__setattr__(self, attr, _task_name(value))
+        object.__setattr__(self, "chain", tuple(t if isinstance(t, str) else _task_name(t) for t in self.chain))
 
     @property
     def tasks(self) -> tuple[str, ...]:
-        return self.chain or (self.task,)
+        return self.chain or ((self.task,) if self.task else ())
+
+    @property
+    def items_method(self) -> str:
+        """The workflow method giving the step's items, when it fans out."""
+        return self.fanout or (self.external.items if self.external else "")
 
     def policy(self, settings: "Settings") -> Retry:
         """The retry policy; a workflow may derive it from configuration."""
@@ -80,6 +130,29 @@ class Step:
     def compensation_policy(self, settings: "Settings") -> Retry:
         """The compensation's retry policy; a workflow may derive it from configuration."""
         return self.compensate_retry(settings) if callable(self.compensate_retry) else self.compensate_retry
+
+
+def _task_name(task: Any) -> str:
+    name = getattr(task, "name", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"a step's task must be a task name or a Celery task, got {task!r}")
+    return name
+
+
+class ItemFailed(tuple):  # type: ignore[type-arg]
+    """What `Workflow.message_failed` returns when the message was one item's request of an
+    external step: that item fails with `error` (its token names it), the others go on."""
+
+    def __new__(cls, token: str, error: str) -> "ItemFailed":
+        return super().__new__(cls, (token, error))
+
+    @property
+    def token(self) -> str:
+        return self[0]  # type: ignore[no-any-return]
+
+    @property
+    def error(self) -> str:
+        return self[1]  # type: ignore[no-any-return]
 
 
 #: The check of a signal's payload: `check(payload, instance) -> payload to fire`. `payload` is
@@ -141,9 +214,10 @@ class Workflow(StateMachine):
 
     @classmethod
     def message_failed(cls, context: dict[str, Any], target: str, payload: dict[str, Any],
-                       error: str) -> tuple[str, dict[str, Any]] | None:
+                       error: str) -> "tuple[str, dict[str, Any]] | ItemFailed | None":
         """A message this workflow emitted can never be published (e.g. too large for Kafka):
-        the (event, payload) to fire for it, or None to fail the current state's step."""
+        the (event, payload) to fire for it, an ItemFailed naming the external item whose request
+        it was, or None to fail the current state's step."""
         return None
 
     # -- class-level lookups -----------------------------------------------------------------
@@ -202,6 +276,43 @@ class Workflow(StateMachine):
         return None
 
 
+def check_definition(cls: type[Workflow]) -> None:
+    """Every state, event and method the workflow's declarations name exists on its machine.
+    Raises WorkflowDefinitionError(workflow, kind, name)."""
+    from .errors import WorkflowDefinitionError
+
+    events = cls.event_names()
+    states = {s.id for s in cls.states}
+    own = {id(s) for s in cls.states}
+
+    def need(kind: str, name: str, where: str, known: Collection[str]) -> None:
+        if name and name not in known:
+            raise WorkflowDefinitionError(cls.type, kind, name, where, known)
+
+    for state, step in cls.steps.items():
+        if id(state) not in own:
+            raise WorkflowDefinitionError(cls.type, "state", getattr(state, "id", repr(state)), "the step table")
+        where = f"step '{step.name or state.id}'"
+        if step.external is None and not step.tasks:
+            raise WorkflowDefinitionError(cls.type, "task", "", where)
+        need("event", step.join, f"{where} join", events)
+        if step.on_failure != Step.on_failure:  # the default names no event the workflow chose
+            need("event", step.on_failure, f"{where} on_failure", events)
+        if step.items_method and not step.join:
+            raise WorkflowDefinitionError(cls.type, "event", "", f"{where} join (it fans out)", events)
+        methods = [step.fanout] + ([step.external.items, step.external.send, step.external.token]
+                                   if step.external else [])
+        for method in filter(None, methods):
+            if not callable(getattr(cls, method, None)):
+                raise WorkflowDefinitionError(cls.type, "method", method, where)
+    need("event", cls.start_event, "start_event", events)
+    for attr in ("restart_event", "cancel_event"):
+        if attr in cls.__dict__:  # the defaults apply only to a workflow that has those events
+            need("event", getattr(cls, attr), attr, events)
+    for name in sorted(cls.success_states | cls.failure_states):
+        need("state", name, "success_states/failure_states", states)
+
+
 def _per_class(cls: type, name: str, compute: Callable[[], Any]) -> Any:
     """A value computed once per workflow class (not inherited: a subclass has its own)."""
     value = cls.__dict__.get(name)
@@ -218,8 +329,12 @@ class Registry:
         self._types: dict[str, type[Workflow]] = {}
 
     def register(self, cls: type[Workflow]) -> type[Workflow]:
+        """Add a workflow type. Raises WorkflowDefinitionError when its step table, events or
+        state lists name something the machine does not have (the tasks are checked by
+        `check_tasks`, once the Celery app has loaded them)."""
         if not cls.type:
             raise ValueError(f"{cls.__name__} has no type")
+        check_definition(cls)
         undeclared = sorted(set(cls.signals) - cls.event_names())
         if undeclared:
             raise ValueError(f"{cls.__name__} declares signals it has no event for: {', '.join(undeclared)}")
@@ -228,6 +343,20 @@ class Registry:
             raise ValueError(f"{cls.__name__}: restart and cancel cannot be signals")
         self._types[cls.type] = cls
         return cls
+
+    def check_tasks(self, known: Collection[str]) -> None:
+        """Every task a registered step table names is one the Celery app knows. Called at
+        start-up after the workflow and task modules are imported (tasks import the workflows,
+        so a workflow cannot check its tasks when it is registered). Raises
+        WorkflowDefinitionError naming the workflow and the task."""
+        from .errors import WorkflowDefinitionError
+
+        for cls in self._types.values():
+            for state_id, step in cls.step_table().items():
+                for where, name in [*((f"step '{step.name}'", t) for t in step.tasks),
+                                    (f"step '{step.name}' compensate", step.compensate)]:
+                    if name and name not in known:
+                        raise WorkflowDefinitionError(cls.type, "task", name, where)
 
     def get(self, name: str) -> type[Workflow] | None:
         return self._types.get(name)

@@ -25,11 +25,12 @@ from typing import Annotated, Any
 from pydantic import BeforeValidator, Field, WithJsonSchema
 from statemachine import State
 
+from orchestrator.calculations import correlation_id
 from orchestrator.config import Settings
 from orchestrator.errors import Conflict, InvalidInput
 from orchestrator.repository import check_branch_name, check_project, check_repository_path, check_repository_paths
 from orchestrator.schemas import Closed, parse
-from orchestrator.workflow import Retry, Step, Workflow, register
+from orchestrator.workflow import External, Retry, Step, Workflow, register
 
 BALANCE_INPUT = "balance_input.json"
 BALANCE_OUTPUT = "balance_output.json"
@@ -76,6 +77,10 @@ FINAL = Dependency("balance", "balance")  # the final calculation: balance_input
 # What the calculation steps retry on: GitLab 5xx, timeouts and connection errors, with backoff.
 GIT_RETRY = Retry(attempts=6, backoff=0.5, factor=2.0, max_delay=30.0)
 CALCULATION_TIMEOUT = timedelta(hours=1)
+#: A calculation step waits for its result on the results queue (orchestrator/calculations.py),
+#: keyed by the task's correlationId: the engine's token for the step. A task not answered within
+#: the step's lease is sent again with the same correlationId (docs/balance.md).
+AWAIT_RESULT = External(token="calculation_correlation_id", resend=True)
 
 
 def _dep_states(dep: Dependency) -> dict[str, str]:
@@ -106,7 +111,7 @@ def _build_balance_saga() -> type[Workflow]:
     STATE_ROLES["SYNC_BALANCE_RESULT"] = (FINAL.name, "final_sync")
     steps: dict[State, Step] = {
         final_calc: Step("balance.calculate", name="balance_calculation", retry=GIT_RETRY,
-                         timeout=CALCULATION_TIMEOUT),
+                         timeout=CALCULATION_TIMEOUT, external=AWAIT_RESULT, join="calculated"),
         final_sync: Step("balance.sync_final", name="sync_balance_result", retry=GIT_RETRY),
     }
     STEP_DEPENDENCY["balance_calculation"] = FINAL
@@ -123,7 +128,7 @@ def _build_balance_saga() -> type[Workflow]:
         steps[states["check"]] = Step("balance.check", name=names["check"], retry=GIT_RETRY)
         steps[states["save"]] = Step("balance.save_input", name=names["save"], retry=GIT_RETRY)
         steps[states["calc"]] = Step("balance.calculate", name=names["calc"], retry=GIT_RETRY,
-                                     timeout=CALCULATION_TIMEOUT)
+                                     timeout=CALCULATION_TIMEOUT, external=AWAIT_RESULT, join="calculated")
         steps[states["sync"]] = Step("balance.sync_result", name=names["sync"], retry=GIT_RETRY)
         for name in names.values():
             STEP_DEPENDENCY[name] = dep
@@ -232,6 +237,11 @@ class _BalanceBase(Workflow):
     signals = {"submit_input": check_submission}
     started_by = "POST /saga/calculate-balance"
 
+    def calculation_correlation_id(self, step: str, index: int, item: Any, restarts: int) -> str:
+        """The correlationId of a calculation task: derived from the step's idempotency key, so
+        a retry publishes the same one and a restart a new one."""
+        return correlation_id(f"{self.model.id}:{step}:{restarts}")
+
     # -- guards --------------------------------------------------------------------------------
     def next_state_after(self, state_id: str) -> str:
         chain = list(self.model.context["input"]["dependencies"])
@@ -316,8 +326,13 @@ class SimpleCalculation(Workflow):
     steps = {
         COMMIT_INPUTS: Step("calculation.commit_inputs", name="commit_inputs", retry=GIT_RETRY),
         CALCULATION: Step("calculation.calculate", name="calculation", retry=GIT_RETRY,
-                          timeout=CALCULATION_TIMEOUT),
+                          timeout=CALCULATION_TIMEOUT, external=AWAIT_RESULT, join="calculated"),
     }
+
+    def calculation_correlation_id(self, step: str, index: int, item: Any, restarts: int) -> str:
+        """The first run's correlationId is the calculation's id, so its status is found by it
+        (GET /calculations/<correlationId>); a restart sends a new one."""
+        return self.model.id if restarts == 0 else correlation_id(f"{self.model.id}:{step}:{restarts}")
 
     def after_transition(self, event: str, source: State, payload: dict[str, Any] | None = None) -> None:
         event = str(getattr(event, "id", event))

@@ -1,12 +1,15 @@
 """Chat sessions (seed 003): a session holds a configuration; each message is a chat task whose
 lifecycle is a workflow on the engine, and whose answer streams back as callbacks.
 
-    queued --start--> running --stream--> streaming --complete--> completed
-       \\________________\\____________________\\--error--> failed
-        \\________________\\____________________\\--fail---> timed_out   (the engine's deadline)
+    queued --start--> running --stream--> streaming --complete--> completed (a result)
+       \\________________\\____________________\\--complete--> failed    (an error)
+        \\________________\\____________________\\--fail------> timed_out (the engine's deadline)
 
-A task is dispatched to the execution service when it is created: a Celery task
-`execution.chat_task` on the `execution` queue, written to the outbox with the instance.
+The execution is one external step of the engine (`execute`, declared on queued, running and
+streaming, so it runs on while the callbacks move the task between them): its request, a Celery
+task `execution.chat_task` on the `execution` queue, is written to the outbox with the instance,
+keyed by the task id (the token the callbacks carry); the final callback completes the step
+(`Engine.complete_external`), whose join `complete` ends the task.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from orchestrator.config import Settings
 from orchestrator.errors import ConfigError, InvalidInput
 from orchestrator.models import Base, JSONType, UTCDateTime, utcnow
 from orchestrator.schemas import TOO_LARGE, Closed, NonBlank, parse, problem
-from orchestrator.workflow import Workflow, register
+from orchestrator.workflow import External, Step, Workflow, register
 
 TASK_TYPE = "chat_task"
 EXECUTION_TASK = "execution.chat_task"
@@ -121,6 +124,10 @@ class ChatEvent(Base):
 
 
 # -- the task's lifecycle ----------------------------------------------------------------------
+#: The execution service's work on a task: sent by `ChatTask.dispatch`, awaited under the task id.
+EXECUTE = Step(name="execute", external=External(send="dispatch", token="task_token"), join="complete")
+
+
 @register
 class ChatTask(Workflow):
     type = TASK_TYPE
@@ -138,17 +145,28 @@ class ChatTask(Workflow):
 
     start = queued.to(running)                   # the execution service's first callback
     stream = running.to(streaming)               # its first chunk is delivered
-    complete = running.to(completed) | streaming.to(completed)
-    error = queued.to(failed) | running.to(failed) | streaming.to(failed)
+    # The execution's join: its final callback, a result or an error.
+    complete = (queued.to(completed, cond="answered") | running.to(completed, cond="answered")
+                | streaming.to(completed, cond="answered")
+                | queued.to(failed) | running.to(failed) | streaming.to(failed))
     # The engine fires `fail` when the task's deadline (CHAT_TASK_TIMEOUT_SECONDS) passes.
     fail = queued.to(timed_out) | running.to(timed_out) | streaming.to(timed_out)
 
-    def on_enter_queued(self) -> None:
-        """Dispatch to the execution service, in the transaction that creates the task."""
+    steps = {queued: EXECUTE, running: EXECUTE, streaming: EXECUTE}
+
+    def answered(self, payload: dict[str, Any] | None = None) -> bool:
+        return "error" not in (payload or {})
+
+    def task_token(self, step: str, index: int, item: Any, restarts: int) -> str:
+        """The callbacks name the task by its id: the instance's."""
+        return str(self.model.id)
+
+    def dispatch(self, item: Any, token: str, attempt: int) -> None:
+        """Send the task to the execution service, in the transaction that creates it."""
         data = self.model.context["input"]
         chat = ChatSettings.from_settings(self.settings) if self.settings else ChatSettings()
         message = {
-            "task_id": self.model.id,
+            "task_id": token,
             "session_id": data["session_id"],
             "message": data["message"],
             "config": data.get("config") or {},

@@ -15,7 +15,7 @@ from pydantic import Field
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from orchestrator.engine import Engine
+from orchestrator.engine import ACCEPTED, Engine
 from orchestrator.errors import IllegalTransition, InvalidInput, NotFound
 from orchestrator.jsonutil import iso, unstorable
 from orchestrator.models import WorkflowInstance, utcnow
@@ -267,10 +267,17 @@ class ChatStore:
             return out
 
     def fire(self, task_id: str, events: list[tuple[str, dict[str, Any]]]) -> None:
-        """Follow the stream with the task's lifecycle on the engine."""
+        """Follow the stream with the task's lifecycle on the engine: `start` and `stream` move
+        it while its execution step runs; the final `complete` or `error` completes that step
+        (an external step keyed by the task id), which ends the task."""
         for event, payload in events:
             try:
-                self.engine.fire(task_id, event, payload, actor="execution")
+                if event in ("complete", "error"):
+                    outcome = self.engine.complete_external(task_id, True, payload, actor="execution")
+                    if outcome != ACCEPTED:
+                        log.info("chat task %s: %s not applied (%s)", task_id, event, outcome)
+                else:
+                    self.engine.fire(task_id, event, payload, actor="execution")
             except (IllegalTransition, NotFound) as exc:  # timed out or deleted meanwhile
                 log.info("chat task %s: %s not applied: %s", task_id, event, exc)
 

@@ -1,38 +1,41 @@
 """Route content (seed 000): route.confirmed -> story.generate -> one tts.requested per story ->
 tts.completed per story (fan-in) -> delivery.prefetch.
 
-The work is done by services we do not own and reported on Kafka, so the steps are awaited as
-events: no Celery task runs. Each step's status and attempt live in the instance's context and
-change in the same transaction as the state and the outgoing messages.
+The work is done by services we do not own and reported on Kafka. Story generation is awaited as
+an event; the TTS batch is an external step of the engine (`Step(external=...)`): one item per
+story, each request written to the outbox with the transition that issued its token, each
+tts.completed counted on the step row, and the join fired when all have completed.
 
-    received --confirm--> generating_stories --stories_ready--> synthesizing --tts_result*--> completed
+    received --confirm--> generating_stories --stories_ready--> synthesizing --tts_done--> completed
                                                                      |  ^
-                                                  (all reported, one failed)  restart_tts
-                                                                     v  |
+                                         (all reported, one failed)  |  restart_tts
+                                                    tts_batch_failed v  |
                                                                   tts_failed
 
 The tts_batch step fails once every requested story has reported and at least one failed, so a
 restart never re-requests a story still in flight; a restart re-requests only the stories that
-did not complete, so no story is synthesised twice after success.
+did not complete, so no story is synthesised twice after success. A tts.completed names its
+story by (route_id, story_id): the token of that item is derived from them (`tts_token`).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from datetime import datetime
 from typing import Any, Literal
 
 from prometheus_client import Histogram
-from sqlalchemy import select
 from statemachine import State
 
 from orchestrator.config import Settings
-from orchestrator.errors import InvalidInput, NotFound
 from pydantic import ConfigDict, Field
 
+from orchestrator.engine import ACCEPTED, DUPLICATE, STALE
+from orchestrator.errors import IllegalTransition, InvalidInput, NotFound
 from orchestrator.kafka_bridge import Ignored, KafkaEvent
-from orchestrator.models import WorkflowInstance, utcnow
+from orchestrator.models import utcnow
 from orchestrator.schemas import Event, IdText, NonBlank, parse
-from orchestrator.workflow import Workflow, register
+from orchestrator.workflow import External, ItemFailed, Step, Workflow, register
 
 log = logging.getLogger(__name__)
 
@@ -152,35 +155,33 @@ class RouteContent(Workflow):
     confirm = received.to(generating_stories)
     stories_ready = (generating_stories.to(synthesizing, cond="has_stories")
                      | generating_stories.to(completed))
-    tts_result = (synthesizing.to(completed, cond="result_completes_batch")
-                  | synthesizing.to(tts_failed, cond="result_fails_batch")
-                  | synthesizing.to.itself(internal=True, cond="result_expected"))
+    tts_done = synthesizing.to(completed)
+    tts_batch_failed = synthesizing.to(tts_failed)
     restart_tts = tts_failed.to(synthesizing)
+    restart_event = "restart_tts"
 
-    # -- guards (the truth, under the instance lock) ---------------------------------------------
+    steps = {synthesizing: Step(name="tts_batch", external=External(items="story_ids", send="request_tts",
+                                                                      token="story_token"),
+                                join="tts_done", on_failure="tts_batch_failed")}
+
+    # -- guards ----------------------------------------------------------------------------------
     def has_stories(self, payload: dict[str, Any] | None = None) -> bool:
         return bool((payload or {}).get("stories"))
 
-    def _story(self, story_id: str) -> dict[str, Any] | None:
-        return next((s for s in self.model.context.get("stories", []) if s["story_id"] == story_id), None)
+    # -- the TTS batch: one item per story -------------------------------------------------------
+    def story_ids(self) -> list[str]:
+        return [s["story_id"] for s in self.model.context.get("stories", [])]
 
-    def result_expected(self, payload: dict[str, Any] | None = None) -> bool:
-        story = self._story(str((payload or {}).get("story_id")))
-        return story is not None and story["tts_status"] == "requested"
+    def story_token(self, step: str, index: int, story_id: str, restarts: int) -> str:
+        return tts_token(self.model.context["route_id"], story_id)
 
-    def _after(self, payload: dict[str, Any]) -> list[str]:
-        sid = str(payload["story_id"])
-        return [payload["status"] if s["story_id"] == sid else s["tts_status"]
-                for s in self.model.context.get("stories", [])]
-
-    def result_completes_batch(self, payload: dict[str, Any] | None = None) -> bool:
-        return self.result_expected(payload) and all(s == "completed" for s in self._after(payload or {}))
-
-    def result_fails_batch(self, payload: dict[str, Any] | None = None) -> bool:
-        if not self.result_expected(payload):
-            return False
-        after = self._after(payload or {})
-        return "requested" not in after and "failed" in after
+    def request_tts(self, story_id: str, token: str, attempt: int) -> None:
+        """The tts.requested of one story (its first request, or a restart's)."""
+        ctx = self.model.context
+        text = next(s["text"] for s in ctx["stories"] if s["story_id"] == story_id)
+        self.emit("kafka", "tts.requested", {"route_id": ctx["route_id"], "story_id": story_id, "text": text,
+                                             "lang": ctx.get("lang") or STORY_LANG, "attempt": attempt},
+                  key=ctx["route_id"])
 
     # -- effects (written in the transition's transaction) ---------------------------------------
     def on_enter_received(self) -> None:
@@ -203,72 +204,47 @@ class RouteContent(Workflow):
         ctx = self.context
         payload = payload or {}
         ctx["lang"] = payload.get("lang")
-        ctx["stories"] = [{"story_id": s["story_id"], "text": s["text"], "tts_status": "pending",
-                           "audio_url": None, "error": None} for s in payload.get("stories", [])]
+        ctx["stories"] = [{"story_id": s["story_id"], "text": s["text"]} for s in payload.get("stories", [])]
         ctx["steps"]["story_generate"].update(status="completed", finished_at=_now())
 
     def on_enter_synthesizing(self) -> None:
-        """Request TTS for every story not completed yet (all of them the first time)."""
-        ctx = self.context
-        route_id = ctx["route_id"]
-        step = ctx["steps"]["tts_batch"]
+        """The batch's own account (its counts come from the engine's step row: route_view)."""
+        step = self.context["steps"]["tts_batch"]
         step.update(status="pending", attempt=step["attempt"] + 1, error=None, finished_at=None,
                     started_at=step.get("started_at") or _now())
-        for story in ctx["stories"]:
-            if story["tts_status"] == "completed":
-                continue
-            story.update(tts_status="requested", error=None)
-            self.emit("kafka", "tts.requested", {"route_id": route_id, "story_id": story["story_id"],
-                                                 "text": story["text"], "lang": ctx.get("lang") or STORY_LANG,
-                                                 "attempt": step["attempt"]}, key=route_id)
-        self._count()
 
-    def on_tts_result(self, payload: dict[str, Any] | None = None) -> None:
+    def on_enter_tts_failed(self, payload: dict[str, Any] | None = None) -> None:
         payload = payload or {}
-        ctx = self.context
-        story = self._story(str(payload["story_id"]))
-        assert story is not None  # the guard checked it
-        story.update(tts_status=payload["status"], audio_url=payload.get("audio_url"),
-                     error=payload.get("error") if payload["status"] == "failed" else None)
-        if payload["status"] == "completed" and not ctx.get("first_audio_at"):
-            ctx["first_audio_at"] = _now()
-        ctx["steps"]["tts_batch"]["status"] = "running"
-        self._count()
-
-    def _count(self) -> None:
-        ctx = self.context
-        statuses = [s["tts_status"] for s in ctx["stories"]]
-        ctx["steps"]["tts_batch"].update(total=len(statuses), done=statuses.count("completed"),
-                                         failed=statuses.count("failed"))
-
-    def on_enter_tts_failed(self) -> None:
-        ctx = self.context
-        failed = [s for s in ctx["stories"] if s["tts_status"] == "failed"]
-        error = f"TTS failed for stories: {', '.join(s['story_id'] for s in failed)}"
-        unsent = [f"{s['story_id']}: {s['error']}" for s in failed if (s.get("error") or "").startswith(UNSENT)]
-        if unsent:  # say why when the request never left (e.g. a text too large for Kafka)
-            error += " (" + "; ".join(unsent) + ")"
-        ctx["steps"]["tts_batch"].update(status="failed", finished_at=_now(), error=error)
+        failed = payload.get("failed")
+        if failed:
+            error = f"TTS failed for stories: {', '.join(f['input'] for f in failed)}"
+            unsent = [f"{f['input']}: {f['error']}" for f in failed if (f.get("error") or "").startswith(UNSENT)]
+            if unsent:  # say why when the request never left (e.g. a text too large for Kafka)
+                error += " (" + "; ".join(unsent) + ")"
+        else:
+            error = payload.get("error") or "TTS failed"
+        self.context["steps"]["tts_batch"].update(status="failed", finished_at=_now(), error=error)
 
     @classmethod
     def message_failed(cls, context: dict[str, Any], target: str, payload: dict[str, Any],
-                       error: str) -> tuple[str, dict[str, Any]] | None:
+                       error: str) -> ItemFailed | None:
         """A tts.requested that can never be published counts as that story's failed TTS, so
         the batch fails once the others have reported (and a restart can re-request it)."""
-        if target == "tts.requested" and payload.get("attempt") == context["steps"]["tts_batch"]["attempt"]:
-            return "tts_result", {"story_id": payload["story_id"], "status": "failed", "audio_url": None,
-                                  "error": f"{UNSENT}{error}"}
+        if target == "tts.requested":
+            return ItemFailed(tts_token(payload["route_id"], str(payload["story_id"])), f"{UNSENT}{error}")
         return None
 
-    def on_enter_completed(self) -> None:
+    def on_enter_completed(self, payload: dict[str, Any] | None = None) -> None:
         ctx = self.context
         route_id = ctx["route_id"]
         if ctx["stories"]:
             ctx["steps"]["tts_batch"].update(status="completed", finished_at=_now())
         else:
             ctx["steps"]["tts_batch"].update(status="completed", total=0, done=0, failed=0)
+        outputs = (payload or {}).get("items") or [{} for _ in ctx["stories"]]
         prefetch = ctx["steps"]["delivery_prefetch"]
-        next_audio = [{"story_id": s["story_id"], "audio_url": s.get("audio_url")} for s in ctx["stories"]]
+        next_audio = [{"story_id": s["story_id"], "audio_url": (out or {}).get("audio_url")}
+                      for s, out in zip(ctx["stories"], outputs)]
         self.emit("kafka", "delivery.prefetch", {"route_id": route_id, "next_audio": next_audio}, key=route_id)
         prefetch.update(status="completed", attempt=prefetch["attempt"] + 1, started_at=_now(),
                         finished_at=_now())
@@ -282,9 +258,8 @@ class RouteContent(Workflow):
     # -- Kafka handlers (run by the bridge; one engine call each) ----------------------------------
     @classmethod
     def find(cls, engine: Any, route_id: str) -> str:
-        with engine.sessions() as s:
-            found = s.execute(select(WorkflowInstance.id).where(
-                WorkflowInstance.type == cls.type, WorkflowInstance.business_key == route_id)).scalar()
+        """The route's instance id; NotFound (404) naming the route_id."""
+        found = engine.find(cls.type, route_id)
         if found is None:
             raise NotFound(f"unknown route_id {route_id!r}", route_id=route_id)
         return str(found)
@@ -323,27 +298,42 @@ class RouteContent(Workflow):
         audio_url, error, attempt = p.audio_url, p.error, p.attempt
         instance_id = cls.find(engine, route_id)
         before = engine.snapshot(instance_id, history=False)
-        ctx = before["context"]
-        story = next((s for s in ctx.get("stories", []) if s["story_id"] == story_id), None)
-        if story is None:
+        ok = status == "completed"
+        outcome = engine.complete_external(tts_token(route_id, story_id), ok,
+                                           {"audio_url": audio_url} if ok else None,
+                                           None if ok else (error or ""), attempt=attempt,
+                                           actor="kafka:tts.completed")
+        if outcome == DUPLICATE:
+            raise Ignored(f"second tts.completed for story {story_id} of route {route_id}")
+        if outcome == STALE:
+            raise Ignored(f"stale tts.completed for story {story_id} (attempt {attempt})")
+        if outcome != ACCEPTED:
             if before["state"] in ("received", "generating_stories"):
                 raise Ignored(f"tts.completed for story {story_id} before route {route_id} has stories")
             raise InvalidInput("story_id", f"story {story_id} does not belong to route {route_id}")
-        current = ctx["steps"]["tts_batch"]["attempt"]
-        if attempt is not None and attempt != current:
-            raise Ignored(f"stale tts.completed for story {story_id} (attempt {attempt}, now {current})")
-        if story["tts_status"] != "requested":
-            raise Ignored(f"second tts.completed for story {story_id} of route {route_id} "
-                          f"(already {story['tts_status']})")
-        after = engine.fire(instance_id, "tts_result",
-                            {"story_id": story_id, "status": status, "audio_url": audio_url, "error": error},
-                            actor="kafka:tts.completed")
-        first, confirmed = after["context"].get("first_audio_at"), after["context"].get("confirmed_at")
-        if first and not ctx.get("first_audio_at") and confirmed:
-            ROUTE_TO_FIRST_AUDIO.observe((datetime.fromisoformat(first) - datetime.fromisoformat(confirmed))
-                                         .total_seconds())
-        _observe_steps(before, after)
+        confirmed = before["context"].get("confirmed_at")
+        if ok and confirmed and _first_audio_at(before) is None:
+            ROUTE_TO_FIRST_AUDIO.observe((utcnow() - datetime.fromisoformat(confirmed)).total_seconds())
+        _observe_steps(before, engine.snapshot(instance_id, history=False))
         return "accepted"
+
+
+def tts_token(route_id: str, story_id: str) -> str:
+    """The token of one story's TTS item: a tts.completed names (route_id, story_id), which may be
+    longer than a token, so the token is their digest."""
+    return "tts:" + hashlib.sha256(f"{route_id}\x00{story_id}".encode()).hexdigest()
+
+
+def _tts_items(snapshot: dict[str, Any]) -> list[dict[str, Any]]:
+    """The tts_batch step row's items (one per story, in story order), if it has started."""
+    step = next((s for s in snapshot.get("steps") or [] if s["name"] == "tts_batch"), None)
+    return ((step or {}).get("data") or {}).get("branches") or []
+
+
+def _first_audio_at(snapshot: dict[str, Any]) -> str | None:
+    done = [b["finished_at"] for b in _tts_items(snapshot)
+            if b["status"] == "completed" and b.get("finished_at")]
+    return min(done) if done else None
 
 
 def _observe_steps(before: dict[str, Any], after: dict[str, Any]) -> None:
@@ -363,13 +353,39 @@ def restart_step(engine: Any, route_id: str, step: str | None) -> dict[str, Any]
     if step != "tts_batch":
         raise InvalidInput("step", f"only tts_batch can be restarted, got {step!r}")
     instance_id = RouteContent.find(engine, route_id)
-    return engine.fire(instance_id, "restart_tts", {"step": step}, actor="api")
+    snapshot = engine.snapshot(instance_id, history=False)
+    if snapshot["state"] != "tts_failed":  # what the machine answered before: restart_tts not allowed
+        raise IllegalTransition(instance_id, "restart_tts", snapshot["state"] or "")
+    return engine.restart(instance_id, step, actor="api")
+
+
+#: How the API names an item's status (docs/kafka.md): requested until its tts.completed.
+ITEM_STATUS = {"queued": "requested", "waiting": "requested", "completed": "completed", "failed": "failed"}
 
 
 def route_view(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """GET /workflows/<route_id> (docs/kafka.md): the context's account of each step, with the
+    TTS batch's counts and each story's status read from the engine's tts_batch step row."""
     ctx = snapshot["context"]
     state = snapshot["state"]
     status = {"completed": "completed", "tts_failed": "failed"}.get(state, "running")
+    steps = {name: dict(step) for name, step in ctx.get("steps", {}).items()}
+    items = _tts_items(snapshot)
+    stories = []
+    for i, s in enumerate(ctx.get("stories", [])):
+        item = items[i] if i < len(items) else {}
+        story = {"story_id": s["story_id"], "tts_status": ITEM_STATUS.get(item.get("status", ""), "pending")}
+        if story["tts_status"] == "failed" and item.get("error"):
+            story["error"] = item["error"]
+        stories.append(story)
+    tts = steps.get("tts_batch")
+    if tts is not None and items:
+        statuses = [s["tts_status"] for s in stories]
+        tts.update(total=len(statuses), done=statuses.count("completed"), failed=statuses.count("failed"))
+        # Running once a story of this attempt has reported (a restart's items are of the next).
+        if tts.get("status") == "pending" and any(
+                b["status"] in ("completed", "failed") and b.get("attempt") == tts.get("attempt") for b in items):
+            tts["status"] = "running"
     return {
         "route_id": ctx.get("route_id"),
         "status": status,
@@ -377,7 +393,6 @@ def route_view(snapshot: dict[str, Any]) -> dict[str, Any]:
         "mode": ctx.get("mode"),
         "created_at": snapshot["created_at"],
         "updated_at": snapshot["updated_at"],
-        "steps": ctx.get("steps", {}),
-        "stories": [{"story_id": s["story_id"], "tts_status": s["tts_status"],
-                     **({"error": s["error"]} if s.get("error") else {})} for s in ctx.get("stories", [])],
+        "steps": steps,
+        "stories": stories,
     }

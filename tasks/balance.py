@@ -11,8 +11,8 @@ import json
 from typing import Any
 
 from orchestrator import runtime
-from orchestrator.calculations import correlation_id, publish_task, task_message
-from orchestrator.engine import Done, StepContext
+from orchestrator.calculations import publish_task, task_message
+from orchestrator.engine import Await, Done, StepContext
 from orchestrator.errors import InvalidInput
 from orchestrator.jsonutil import unstorable
 from orchestrator.repository import FileContent, FileMissing, commit_once, open_repository, read_at_branch
@@ -87,8 +87,9 @@ def save_input(ctx: StepContext) -> Done:
 
 
 @step_task("balance.calculate")
-def calculate(ctx: StepContext) -> None:
-    """Send the calculation task; the step stays active until its result comes back."""
+def calculate(ctx: StepContext) -> Await:
+    """Send the calculation task; the step waits for its result (an external step keyed by the
+    correlationId the engine issued: `ctx.token`)."""
     dep = dependency(ctx)
     project, branch = ctx.input["project"], ctx.input["branch"]
     repo = open_repository(ctx.settings)
@@ -96,11 +97,13 @@ def calculate(ctx: StepContext) -> None:
     head = ctx.data.get("commit") or repo.ensure_branch(project, branch)
     inputs = [BALANCE_INPUT] if dep is FINAL else [dep.input_file]
     output = BALANCE_OUTPUT if dep is FINAL else dep.output_file
-    cid = ctx.data.get("correlation_id") or correlation_id(ctx.idempotency_key)
+    cid = ctx.token
+    assert cid is not None
     # Saved before publishing: the result may come back before this task returns.
     ctx.save(correlation_id=cid, commit=head, input_files=inputs, output_file=output)
     publish_task(runtime.current().celery, ctx.settings, dep.calculation,
                  task_message(cid, info.repo_url, branch, head, inputs, output))
+    return Await()
 
 
 @step_task("balance.sync_result")
@@ -146,16 +149,16 @@ def commit_inputs(ctx: StepContext) -> Done:
 
 
 @step_task("calculation.calculate")
-def simple_calculate(ctx: StepContext) -> None:
+def simple_calculate(ctx: StepContext) -> Await:
     project, branch = ctx.input["project"], ctx.input["branch"]
     repo = open_repository(ctx.settings)
     info = repo.project(project)
     head = ctx.data.get("commit") or (ctx.outputs.get("commit_inputs") or {}).get("commit") \
         or repo.ensure_branch(project, branch)
-    # The first run's correlationId is the calculation's id, so its status is found by it.
-    cid = ctx.data.get("correlation_id") or (ctx.instance_id if ctx.restarts == 0
-                                             else correlation_id(ctx.idempotency_key))
+    cid = ctx.token  # the calculation's id on its first run (sagas/balance.py)
+    assert cid is not None
     inputs = sorted(ctx.input["files"])
     ctx.save(correlation_id=cid, commit=head, input_files=inputs, output_file=ctx.input["output_file"])
     publish_task(runtime.current().celery, ctx.settings, ctx.input["calculation"],
                  task_message(cid, info.repo_url, branch, head, inputs, ctx.input["output_file"]))
+    return Await()

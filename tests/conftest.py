@@ -49,6 +49,25 @@ def _rabbitmqctl(*args: str) -> bool:
     return subprocess.run([ctl, *args], capture_output=True, timeout=60).returncode == 0
 
 
+def queued_messages(broker_url: str) -> dict[str, int]:
+    """{queue: messages} of the broker URL's RabbitMQ vhost, counting ready and unacknowledged
+    messages alike: a queue at 0 has had every message consumed and acknowledged (our tasks and
+    consumers acknowledge after their effect is committed)."""
+    from urllib.parse import unquote, urlparse
+
+    vhost = unquote(urlparse(broker_url).path[1:]) or "/"
+    out = subprocess.run([shutil.which("rabbitmqctl") or "rabbitmqctl", "list_queues", "-q", "-p", vhost,
+                          "name", "messages"], capture_output=True, text=True, timeout=60).stdout
+    rows = (line.split() for line in out.splitlines())
+    return {r[0]: int(r[1]) for r in rows if len(r) == 2 and r[1].isdigit()}
+
+
+def drained(broker_url: str, *queues: str) -> bool:
+    """Every one of `queues` exists and holds no message, ready or unacknowledged."""
+    counts = queued_messages(broker_url)
+    return all(counts.get(q) == 0 for q in queues)
+
+
 @contextmanager
 def fresh_database() -> Iterator[str]:
     """A new PostgreSQL database at the schema's head, dropped afterwards."""

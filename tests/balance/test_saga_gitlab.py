@@ -4,7 +4,6 @@ every process."""
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import requests
@@ -12,7 +11,7 @@ from balance_stack import (  # noqa: F401
     BRANCH, DEMO_BALANCE, TOKEN, USER_CONDENSER, file_json, git_repo, gitlab_stack, new_project,
     run_whole_saga, start, submit, wait_saga,
 )
-from conftest import wait_for
+from conftest import drained, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
@@ -203,7 +202,11 @@ def test_duplicated_task_and_result_have_one_effect(gitlab_stack):
     _publish(s, "orchestrator.calculations", task, routing_key="calculation.condenser",
              exchange="orchestrator.calculations")
     _publish(s, "orchestrator.calculation-results", {"correlationId": cid, "status": "bogus"})  # malformed
-    time.sleep(2.0)
+    # The calculator replies before it acknowledges the task, and the results consumer
+    # acknowledges after its effect: both queues empty means all three were handled.
+    wait_for(lambda: drained(s.env["CELERY_BROKER_URL"], "orchestrator.calculations",
+                             "orchestrator.calculation-results"),
+             timeout=60, interval=0.5, what="the duplicated task and results to be handled")
     after = s.http("GET", f"/sagas/{saga_id}").json()
     assert len(after["history"]) == n_history and after["state"] == "COMPLETED"
     assert git_repo(s, project).head(BRANCH) == head

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import redis
-from conftest import REDIS, wait_for
+from conftest import REDIS, drained, wait_for
 
 FINISHED = ("done", "failed", "cancelled")
 
@@ -116,9 +116,9 @@ def test_duplicate_step_delivery_has_one_effect(client, rt, worker, sweeper):
         name = "order.reserve" if s == "reserve" else "order.authorize"
         rt.celery.send_task(name, args=[inst["id"], s, run["attempt"]])
         rt.celery.send_task(name, args=[inst["id"], s, run["attempt"] + 1])  # a future attempt
-    import time
-
-    time.sleep(1.5)
+    # Step tasks acknowledge after running (acks late): an empty queue means all four ran.
+    wait_for(lambda: drained(rt.settings.broker_url, "default"), timeout=30, interval=0.3,
+             what="the stale deliveries to be consumed")
     assert effects(inst["id"]) == before
     assert len(client.get(f"/sagas/{inst['id']}").json["history"]) == len(snap["history"])
 

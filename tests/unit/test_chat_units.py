@@ -22,9 +22,10 @@ def machine(**env: str) -> tuple[ChatTask, SimpleNamespace]:
     return ChatTask(model=model, settings=settings), model
 
 
-def test_creating_a_task_dispatches_it_to_the_execution_queue():
+def test_dispatching_a_task_sends_it_to_the_execution_queue():
     m, model = machine(CHAT_CONSUMER_ID="replica-a", CHAT_TASK_TIMEOUT_SECONDS="9")
     assert model.state == "queued"
+    m.dispatch(None, m.task_token("execute", -1, None, 0), 1)  # what the engine calls on entering `execute`
     [(channel, target, key, payload)] = m.messages
     assert (channel, target, key) == ("celery", "execution.chat_task", "s-1")
     name, [message] = payload["task"]
@@ -40,15 +41,15 @@ def test_lifecycle_and_illegal_events():
     m.send("complete", payload={"result": {"text": "x"}})
     assert model.state == "completed" and model.context["result"] == {"text": "x"}
     with pytest.raises(TransitionNotAllowed):
-        m.send("error", payload={"error": "late"})
+        m.send("complete", payload={"error": "late"})
     m2, model2 = machine()
     m2.send("fail", payload={"error": "job timed out after 0.1 minutes"})  # the engine's deadline
     assert model2.state == "timed_out" and "timed out" in model2.context["error"]
     assert m2.messages[-1][1] == "chat.task_timed_out"
     m3, model3 = machine()
     m3.send("start")
-    m3.send("error", payload={"error": {"code": "boom"}})
-    assert model3.state == "failed"
+    m3.send("complete", payload={"error": {"code": "boom"}})  # the final callback was an error
+    assert model3.state == "failed" and model3.context["error"] == {"code": "boom"}
 
 
 def test_message_checks_name_the_field_and_the_limit():

@@ -1,4 +1,4 @@
-"""No I/O: the route content machine, payload validation and the bridge's retry policy."""
+"""No I/O: payload validation and the bridge's retry policy."""
 from __future__ import annotations
 
 import threading
@@ -7,7 +7,6 @@ from types import SimpleNamespace
 
 import pytest
 from sqlalchemy.exc import OperationalError
-from statemachine.exceptions import TransitionNotAllowed
 
 from orchestrator.errors import InvalidInput
 from orchestrator.kafka_bridge import Bridge, discover
@@ -18,81 +17,8 @@ from sagas.route_content import RouteConfirmed, StoryGenerateCompleted, TtsCompl
 from sagas.worker_deployment import InitScenario, WorkerDeployment, WorkerStatusReport
 
 
-class Model:
-    def __init__(self, data):
-        self.id = "i-1"
-        self.state = None
-        self.context = {"input": data}
-
-
-def machine(model):
-    return RouteContent(model=model)
-
-
-def route_through_stories(n=3):
-    model = Model({"route_id": "r1", "mode": "walking"})
-    m = machine(model)
-    m.send("confirm")
-    assert m.messages == [("kafka", "story.generate", "r1", {"route_id": "r1", "lang": "ru"})]
-    m = machine(model)
-    stories = [{"story_id": f"s{i}", "text": f"t{i}"} for i in range(1, n + 1)]
-    m.send("stories_ready", payload={"lang": "ru", "stories": stories})
-    return model, m
-
-
-def test_fan_out_one_tts_request_per_story_keyed_by_route():
-    model, m = route_through_stories(3)
-    assert model.state == "synthesizing"
-    assert [(c, t, k) for c, t, k, _ in m.messages] == [("kafka", "tts.requested", "r1")] * 3
-    assert m.messages[0][3] == {"route_id": "r1", "story_id": "s1", "text": "t1", "lang": "ru", "attempt": 1}
-    tb = model.context["steps"]["tts_batch"]
-    assert (tb["status"], tb["attempt"], tb["total"], tb["done"]) == ("pending", 1, 3, 0)
-
-
-def test_fan_in_waits_for_every_story_then_prefetches():
-    model, _ = route_through_stories(2)
-    m = machine(model)
-    m.send("tts_result", payload={"story_id": "s1", "status": "completed", "audio_url": "a1"})
-    assert model.state == "synthesizing" and m.messages == []
-    m.send("tts_result", payload={"story_id": "s2", "status": "completed", "audio_url": "a2"})
-    assert model.state == "completed"
-    assert m.messages == [("kafka", "delivery.prefetch", "r1", {"route_id": "r1", "next_audio": [
-        {"story_id": "s1", "audio_url": "a1"}, {"story_id": "s2", "audio_url": "a2"}]})]
-    assert model.context["first_audio_at"]
-
-
-def test_failed_story_fails_batch_after_all_report_and_restart_requests_only_the_rest():
-    model, _ = route_through_stories(3)
-    m = machine(model)
-    m.send("tts_result", payload={"story_id": "s1", "status": "failed", "error": "x"})
-    assert model.state == "synthesizing"  # s2 and s3 are still in flight
-    m.send("tts_result", payload={"story_id": "s2", "status": "completed"})
-    m.send("tts_result", payload={"story_id": "s3", "status": "completed"})
-    assert model.state == "tts_failed"
-    tb = model.context["steps"]["tts_batch"]
-    assert (tb["status"], tb["done"], tb["failed"]) == ("failed", 2, 1) and "s1" in tb["error"]
-    m = machine(model)
-    m.send("restart_tts", payload={"step": "tts_batch"})
-    assert model.state == "synthesizing"
-    assert [p["story_id"] for _, _, _, p in m.messages] == ["s1"] and m.messages[0][3]["attempt"] == 2
-    assert model.context["steps"]["tts_batch"]["status"] == "pending"
-    assert model.context["steps"]["tts_batch"]["attempt"] == 2
-
-
-def test_second_result_for_a_story_is_refused_by_the_guard():
-    model, _ = route_through_stories(2)
-    m = machine(model)
-    m.send("tts_result", payload={"story_id": "s1", "status": "completed"})
-    with pytest.raises(TransitionNotAllowed):
-        m.send("tts_result", payload={"story_id": "s1", "status": "failed"})
-    with pytest.raises(TransitionNotAllowed):
-        m.send("tts_result", payload={"story_id": "not-mine", "status": "completed"})
-
-
-def test_zero_stories_complete_at_once_with_an_empty_prefetch():
-    model, m = route_through_stories(0)
-    assert model.state == "completed"
-    assert m.messages[-1][3] == {"route_id": "r1", "next_audio": []}
+# The route content machine's fan-out and fan-in are the engine's external step now: they are
+# tested with the engine in process (tests/engine/test_route_content.py).
 
 
 def test_event_models_name_the_field_and_the_problem():

@@ -1,0 +1,212 @@
+"""The engine's guarantees, in process on SQLite: transitions, retries, timers, leases, fan-out
+joins, compensation and external steps. No broker, no worker: captured step messages are run by
+calling their step functions (tests/engine/inprocess.py)."""
+from __future__ import annotations
+
+import pytest
+
+from engine.workflows import CALLS, SCRIPT
+from orchestrator.engine import ACCEPTED, DUPLICATE, STALE, UNKNOWN
+
+
+@pytest.fixture(autouse=True)
+def _clean() -> None:
+    CALLS.clear()
+    SCRIPT.clear()
+
+
+def test_transitions_run_each_step_once_and_join_the_fan_out(inproc):
+    inst, created = inproc.engine.start("inproc-shop", {"parcels": ["x", "y"]})
+    assert created and inst["state"] == "reserving"
+    inproc.run()
+    snap = inproc.engine.snapshot(inst["id"])
+    assert snap["state"] == "done"
+    assert [h["event"] for h in snap["history"]] == ["create", "start", "reserved", "packed"]
+    pack = inproc.step(inst["id"], "pack")
+    assert (pack["total"], pack["done"], pack["failed"]) == (2, 2, 0)
+    assert [c[0] for c in CALLS] == ["inproc.reserve", "inproc.pack", "inproc.pack"]
+
+
+def test_a_retryable_failure_waits_on_a_timer_then_runs_again(inproc):
+    SCRIPT["inproc.reserve"] = ["retryable"]
+    inst, _ = inproc.engine.start("inproc-shop", {"parcels": []})
+    inproc.run()
+    step = inproc.step(inst["id"], "reserve")
+    assert step["status"] == "waiting" and step["failures"] == 1 and "503" in step["error"]
+    assert [t.kind for t in inproc.timers(inst["id"]) if t.fired_at is None] == ["retry"]
+    assert inproc.fire_timers("retry") == 1
+    inproc.run()
+    snap = inproc.engine.snapshot(inst["id"])
+    assert snap["state"] == "done"  # no parcels: the join fires at once
+    assert inproc.step(inst["id"], "reserve")["attempt"] == 2
+
+
+def test_a_fatal_failure_fails_the_step_and_a_restart_runs_it_again(inproc):
+    SCRIPT["inproc.reserve"] = ["fatal"]
+    inst, _ = inproc.engine.start("inproc-shop", {"parcels": ["x"]})
+    inproc.run()
+    assert inproc.engine.snapshot(inst["id"])["state"] == "failed"
+    inproc.engine.restart(inst["id"], "reserve")
+    inproc.run()
+    assert inproc.engine.snapshot(inst["id"])["state"] == "done"
+
+
+def test_a_failed_branch_alone_runs_again_after_a_restart(inproc):
+    SCRIPT["inproc.pack"] = ["ok", "fatal", "ok"]
+    inst, _ = inproc.engine.start("inproc-shop", {"parcels": ["a", "b", "c"]})
+    inproc.run()
+    pack = inproc.step(inst["id"], "pack")
+    assert inproc.engine.snapshot(inst["id"])["state"] == "failed"
+    assert (pack["done"], pack["failed"]) == (2, 1)
+    CALLS.clear()
+    inproc.engine.restart(inst["id"], "pack")
+    inproc.run()
+    assert inproc.engine.snapshot(inst["id"])["state"] == "done"
+    assert [c[3] for c in CALLS] == [1]  # only branch 1 ran again
+
+
+def test_a_lost_step_message_is_sent_again_when_its_lease_expires(inproc):
+    inst, _ = inproc.engine.start("inproc-shop", {"parcels": ["a"]})
+    assert len(inproc.drop_pending()) == 1  # the broker lost it
+    assert inproc.expire_leases() == 1
+    inproc.run()
+    assert inproc.engine.snapshot(inst["id"])["state"] == "done"
+
+
+def test_a_duplicate_delivery_has_one_effect(inproc):
+    inst, _ = inproc.engine.start("inproc-shop", {"parcels": []})
+    inproc.outbox.pending.append(inproc.outbox.pending[0])  # the same row published twice
+    outcomes = [o for _, o in inproc.run()]
+    assert outcomes.count("done") == 1 and any(o.startswith("skipped") for o in outcomes)
+    assert [c[0] for c in CALLS] == ["inproc.reserve"]
+
+
+def test_cancel_compensates_the_completed_step(inproc):
+    inst, _ = inproc.engine.start("inproc-shop", {"parcels": ["a"]})
+    inproc.run(limit=1)  # reserve done; the pack message is still captured
+    inproc.drop_pending()
+    snap = inproc.engine.cancel(inst["id"])
+    assert snap["state"] == "cancelled" and snap["compensation"] == "running"
+    SCRIPT["inproc.release"] = ["retryable"]
+    inproc.run()
+    assert inproc.step(inst["id"], "reserve")["status"] == "compensating"
+    inproc.fire_timers("compensate")
+    inproc.run()
+    snap = inproc.engine.snapshot(inst["id"])
+    assert snap["compensation"] == "completed" and inproc.step(inst["id"], "reserve")["status"] == "compensated"
+    assert [c[0] for c in CALLS].count("inproc.release") == 2
+
+
+# -- external steps ------------------------------------------------------------------------------
+def _questions(inproc):
+    return inproc.outbox.sent("kafka", "questions")
+
+
+def test_an_external_fan_out_joins_on_completion_events(inproc):
+    inst, _ = inproc.engine.start("inproc-survey", {"people": ["ann", "bob"]})
+    sent = _questions(inproc)
+    assert [q["to"] for q in sent] == ["ann", "bob"] and inproc.step(inst["id"], "ask_all")["status"] == "waiting"
+    tokens = [q["reply_token"] for q in sent]
+    assert inproc.engine.complete_external(tokens[1], True, {"answer": "no"}) == ACCEPTED
+    assert inproc.engine.complete_external(tokens[1], True, {"answer": "no"}) == DUPLICATE
+    step = inproc.step(inst["id"], "ask_all")
+    assert (step["total"], step["done"], step["failed"]) == (2, 1, 0)
+    assert inproc.engine.complete_external(tokens[0], True, {"answer": "yes"}) == ACCEPTED
+    snap = inproc.engine.snapshot(inst["id"])
+    assert snap["state"] == "confirming"
+    assert snap["context"]["answers"] == [{"answer": "yes"}, {"answer": "no"}]
+    assert inproc.engine.complete_external("no-such-token", True) == UNKNOWN
+
+
+def test_a_failed_item_alone_is_retried_with_a_new_token(inproc):
+    inst, _ = inproc.engine.start("inproc-survey", {"people": ["ann", "bob"]})
+    ann, bob = (q["reply_token"] for q in _questions(inproc))
+    assert inproc.engine.complete_external(ann, True, {"answer": "yes"}) == ACCEPTED
+    assert inproc.engine.complete_external(bob, False, error="mailbox full", retryable=True) == ACCEPTED
+    assert inproc.fire_timers("retry") == 1
+    again = _questions(inproc)[2:]
+    assert [q["to"] for q in again] == ["bob"] and again[0]["attempt"] == 2 and again[0]["reply_token"] != bob
+    assert inproc.engine.complete_external(bob, True) == STALE  # the first attempt's late answer
+    assert inproc.engine.complete_external(again[0]["reply_token"], True, {"answer": "ok"}, attempt=2) == ACCEPTED
+    assert inproc.engine.snapshot(inst["id"])["state"] == "confirming"
+
+
+def test_items_that_fail_for_good_fail_the_step_and_a_restart_asks_only_them(inproc):
+    inst, _ = inproc.engine.start("inproc-survey", {"people": ["ann", "bob", "cy"]})
+    ann, bob, cy = (q["reply_token"] for q in _questions(inproc))
+    inproc.engine.complete_external(bob, False, error="refused")
+    inproc.engine.complete_external(ann, True, {"answer": "yes"})
+    assert inproc.engine.snapshot(inst["id"])["state"] == "asking"  # cy has not answered yet
+    inproc.engine.complete_external(cy, True, {"answer": "maybe"})
+    snap = inproc.engine.snapshot(inst["id"])
+    assert snap["state"] == "failed" and snap["context"]["failed_items"] == ["bob"]
+    inproc.engine.restart(inst["id"], "ask_all")
+    again = _questions(inproc)[3:]
+    assert [q["to"] for q in again] == ["bob"]
+    assert inproc.engine.complete_external(again[0]["reply_token"], True, {"answer": "fine"}) == ACCEPTED
+    assert inproc.engine.snapshot(inst["id"])["context"]["answers"][1] == {"answer": "fine"}
+
+
+def test_an_external_step_times_out_by_its_timer(inproc):
+    inst, _ = inproc.engine.start("inproc-survey", {"people": ["ann"]})
+    assert inproc.fire_timers("deadline") == 1
+    snap = inproc.engine.snapshot(inst["id"])
+    assert snap["state"] == "failed" and "timed out" in snap["context"]["error"]
+    token = _questions(inproc)[0]["reply_token"]
+    assert inproc.engine.complete_external(token, True) == STALE
+
+
+def test_an_unpublishable_request_fails_its_item_only(inproc):
+    inst, _ = inproc.engine.start("inproc-survey", {"people": ["ann", "bob"]})
+    rows = [r for r in inproc.outbox.rows if r.target == "questions"]
+    assert inproc.engine.outbox_failed(rows[0].message_id, "MSG_SIZE_TOO_LARGE")
+    step = inproc.step(inst["id"], "ask_all")
+    assert (step["done"], step["failed"]) == (0, 1) and step["status"] == "waiting"
+    inproc.engine.complete_external(rows[1].payload["reply_token"], True)
+    snap = inproc.engine.snapshot(inst["id"])
+    assert snap["state"] == "failed" and snap["context"]["failed_items"] == ["ann"]
+
+
+def test_a_task_sent_external_step_keyed_by_a_business_id(inproc):
+    inst, _ = inproc.engine.start("inproc-survey", {"people": ["ann"]})
+    inproc.engine.complete_external(_questions(inproc)[0]["reply_token"], True, {"answer": "yes"})
+    inproc.run()
+    step = inproc.step(inst["id"], "confirm")
+    token = f"confirm-{inst['id']}-0"
+    assert step["status"] == "waiting" and step["data"]["sent_token"] == token
+    assert inproc.expire_leases() == 0  # waiting for an answer holds no lease
+    assert inproc.engine.complete_external(token, False, error="no", retryable=False) == ACCEPTED
+    assert inproc.engine.snapshot(inst["id"])["state"] == "failed"
+    inproc.engine.restart(inst["id"], "confirm")
+    inproc.run()
+    new_token = f"confirm-{inst['id']}-1"
+    assert inproc.step(inst["id"], "confirm")["data"]["sent_token"] == new_token
+    assert inproc.engine.complete_external(token, True) == STALE
+    assert inproc.engine.complete_external(new_token, True, {"ok": True}) == ACCEPTED
+    assert inproc.engine.snapshot(inst["id"])["state"] == "done"
+
+
+def test_find_by_business_key(inproc):
+    inst, _ = inproc.engine.start("inproc-shop", {"parcels": []}, key="order-7")
+    assert inproc.engine.find("inproc-shop", "order-7") == inst["id"]
+    assert inproc.engine.find("inproc-shop", "order-8") is None
+    assert inproc.engine.find("inproc-survey", "order-7") is None
+
+
+def test_an_unanswered_request_is_sent_again_under_the_same_token_when_it_resends(inproc, monkeypatch):
+    from engine.workflows import Survey
+    from orchestrator.workflow import External
+
+    step = Survey.step_table()["confirming"]
+    monkeypatch.setitem(Survey.__dict__["_step_table"], "confirming",
+                        type(step)(**{**step.__dict__, "external": External(token="confirmation_id", resend=True)}))
+    inst, _ = inproc.engine.start("inproc-survey", {"people": ["ann"]})
+    inproc.engine.complete_external(_questions(inproc)[0]["reply_token"], True, {"answer": "yes"})
+    inproc.run()
+    assert inproc.step(inst["id"], "confirm")["status"] == "queued"  # under its lease
+    assert inproc.expire_leases() == 1
+    inproc.run()
+    token = f"confirm-{inst['id']}-0"
+    assert [c[0] for c in CALLS].count("inproc.ask") == 2
+    assert inproc.engine.complete_external(token, True, {"ok": True}) == ACCEPTED
+    assert inproc.engine.snapshot(inst["id"])["state"] == "done"
