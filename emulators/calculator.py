@@ -29,9 +29,9 @@ from typing import Any
 from kombu import Connection, Exchange, Producer
 from kombu.mixins import ConsumerMixin
 
-from orchestrator.calculations import CONTRACT_VERSION, results_queue, task_queue
+from sagas.balance.calculations import CONTRACT_VERSION, results_queue, task_queue
 from orchestrator.config import Settings, load_settings
-from orchestrator.repository import FileMissing, commit_once, open_repository, project_from_repo_url
+from sagas.balance.repository import FileMissing, commit_once, open_repository, project_from_repo_url
 
 log = logging.getLogger("calculator")
 

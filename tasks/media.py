@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Callable
 
 from orchestrator.engine import Done, Poll, StepContext
-from orchestrator.http_client import ServiceClient
+from sagas.media.http_client import ServiceClient
 from orchestrator.steps import StepError, step_task
 
 NORMALIZATION_OPTIONS = ("remove_noise", "convert_to_mono", "apply_highpass_filter",

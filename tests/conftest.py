@@ -157,7 +157,7 @@ class Process:
 
     def start(self) -> "Process":
         out = self.log.open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *self.args], env=self.env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "orchestrator.entrypoints.cli", *self.args], env=self.env,
                                      cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         return self
 

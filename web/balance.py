@@ -26,7 +26,7 @@ from sqlalchemy import select, text
 
 from orchestrator.errors import InvalidInput, NotFound, Unauthorized
 from orchestrator.models import WorkflowInstance
-from orchestrator.repository import check_project, check_branch_name, geometries, open_repository
+from sagas.balance.repository import check_project, check_branch_name, geometries, open_repository
 from sagas.balance import STATE_ROLES, BalanceSaga, SimpleCalculation
 
 from . import json_body, json_object, runtime

@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .config import Settings, load_settings
-from .errors import ConfigError
+from orchestrator.config import Settings, load_settings
+from orchestrator.errors import ConfigError
 
 log = logging.getLogger("orchestrator")
 
@@ -28,7 +28,7 @@ def _settings() -> Settings:
 
 
 def _logging(settings: Settings) -> None:
-    from .logs import configure
+    from orchestrator.logs import configure
 
     configure(settings.log_level, settings.log_format)
 
@@ -42,7 +42,7 @@ def stop_on_signals() -> threading.Event:
 
 
 def cmd_db(args: argparse.Namespace) -> None:
-    from .migrate import downgrade, upgrade
+    from orchestrator.migrate import downgrade, upgrade
 
     settings = _settings()
     if args.action == "upgrade":
@@ -88,7 +88,7 @@ def _api_threads(settings: Settings) -> int:
 def cmd_worker(args: argparse.Namespace) -> None:
     from celery.signals import setup_logging
 
-    from . import runtime
+    from orchestrator import runtime
 
     rt = runtime.current()
 
@@ -102,7 +102,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
 
 
 def cmd_sweeper(args: argparse.Namespace) -> None:
-    from . import runtime
+    from orchestrator import runtime
     from .sweeper import run
 
     rt = runtime.current()
@@ -112,8 +112,8 @@ def cmd_sweeper(args: argparse.Namespace) -> None:
 
 
 def cmd_calc_results(args: argparse.Namespace) -> None:
-    from . import runtime
-    from .calculations import run_consumer
+    from orchestrator import runtime
+    from sagas.balance.calculations import run_consumer
 
     rt = runtime.current()
     _logging(rt.settings)
@@ -123,8 +123,8 @@ def cmd_calc_results(args: argparse.Namespace) -> None:
 
 def cmd_bridge(args: argparse.Namespace) -> None:
     """The Kafka bridge: a consumer-group member turning events into engine starts and events."""
-    from . import runtime
-    from .kafka_bridge import Bridge
+    from orchestrator import runtime
+    from orchestrator.kafka_bridge import Bridge
 
     rt = runtime.current()
     _logging(rt.settings)
@@ -147,7 +147,7 @@ def cmd_produce(args: argparse.Namespace) -> None:
 
     from confluent_kafka import Producer
 
-    from .kafka import producer_config
+    from orchestrator.kafka import producer_config
 
     settings = _settings()
     brokers = settings.kafka_brokers or "127.0.0.1:9092"
@@ -163,7 +163,7 @@ def cmd_produce(args: argparse.Namespace) -> None:
 
 
 def cmd_flower(args: argparse.Namespace) -> None:
-    from . import runtime
+    from orchestrator import runtime
 
     rt = runtime.current()
     auth = rt.settings.flower_basic_auth
@@ -279,10 +279,8 @@ def cmd_dev(args: argparse.Namespace) -> None:
 
     # The balance saga: a demo project in the local git backend, the GitLab emulator (used when
     # GITLAB_URL points at it) and the emulated calculation worker.
-    from emulators.demo import ensure_local_demo
-
-    if ensure_local_demo(settings.git_repos_dir):
-        print(f"orchestrator dev: created the demo project demo/balance in {settings.git_repos_dir}", flush=True)
+    # Run as a process of its own: nothing in the product imports the emulators.
+    subprocess.run([sys.executable, "-m", "emulators.demo", "--repos-dir", settings.git_repos_dir], env=env, check=True)
     if gitlab:
         children.append(("gitlab", [sys.executable, "-m", "emulators.gitlab", "--port", str(gitlab_port),
                                     "--data", "data/gitlab", "--demo"]))
@@ -290,7 +288,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
     # The execution service of the chat (seed 003): answers every message, never fails by default.
     env.setdefault("EXECUTION_FAILURE_RATE", "0")
     children.append(("execution", [sys.executable, "-m", "emulators.execution", "--concurrency", "8"]))
-    py = [sys.executable, "-m", "orchestrator.cli"]
+    py = [sys.executable, "-m", "orchestrator.entrypoints.cli"]
     broker = None
     if bundled:  # the bundled Kafka-protocol broker, stopped by PID at the end
         from .kafka_broker import BundledBroker, free_port

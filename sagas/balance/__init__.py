@@ -26,7 +26,7 @@ from statemachine import State
 
 from orchestrator.config import Settings
 from orchestrator.errors import Conflict, InvalidInput
-from orchestrator.repository import check_branch_name, check_project, check_repository_path, check_repository_paths
+from .repository import check_branch_name, check_project, check_repository_path, check_repository_paths
 from orchestrator.workflow import Retry, Step, Workflow, register
 
 BALANCE_INPUT = "balance_input.json"

@@ -29,12 +29,12 @@ from kombu import Connection, Exchange, Queue
 from kombu.mixins import ConsumerMixin
 from sqlalchemy import select
 
-from . import logs
-from .engine import Done, Engine
-from .errors import InvalidInput, UpstreamError
-from .jsonutil import check_storable
-from .models import ACTIVE_STEP_STATUSES, StepRun
-from .config import Settings
+from orchestrator import logs
+from orchestrator.engine import Done, Engine
+from orchestrator.errors import InvalidInput, UpstreamError
+from orchestrator.jsonutil import check_storable
+from orchestrator.models import ACTIVE_STEP_STATUSES, StepRun
+from orchestrator.config import Settings
 
 log = logging.getLogger(__name__)
 

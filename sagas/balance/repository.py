@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
-from .config import Settings
-from .errors import InvalidInput, NotFound, UpstreamError
+from orchestrator.config import Settings
+from orchestrator.errors import InvalidInput, NotFound, UpstreamError
 
 MARKER_PREFIX = "Orchestrator-Step:"
 GEOMETRIES_MANIFEST = "geometries_manifest.json"

@@ -19,7 +19,7 @@ from orchestrator.errors import IllegalTransition, InvalidInput, NotFound
 from orchestrator.jsonutil import iso, unstorable
 from orchestrator.models import WorkflowInstance, utcnow
 
-from .chat import CALLBACK_TYPES, FINISHED, TASK_TYPE, ChatEvent, ChatSession, ChatSettings
+from . import CALLBACK_TYPES, FINISHED, TASK_TYPE, ChatEvent, ChatSession, ChatSettings
 
 log = logging.getLogger(__name__)
 

@@ -117,7 +117,7 @@ def test_readyz_reports_a_dead_broker(env, tmp_path):
 
 
 def test_misconfiguration_stops_start_up_naming_the_variable(env):
-    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "api"], env={**env, "POLL_INTERVAL": "often"},
+    out = subprocess.run([sys.executable, "-m", "orchestrator.entrypoints.cli", "api"], env={**env, "POLL_INTERVAL": "often"},
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "POLL_INTERVAL" in out.stderr
 
@@ -132,7 +132,7 @@ def test_dev_runs_everything_on_embedded_defaults(tmp_path):
                EMULATOR_JOB_SECONDS="0.5", LOG_LEVEL="WARNING", PYTHONPATH=str(ROOT),
                FLOWER_BASIC_AUTH="admin:secret")
     log = (tmp_path / "dev.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "dev", "--flower-port", str(flower),
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.entrypoints.cli", "dev", "--flower-port", str(flower),
                              "--concurrency", "2", "--emulator-port", str(free_port_run(3))], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     base = f"http://127.0.0.1:{port}"
