@@ -21,8 +21,13 @@ log = logging.getLogger("orchestrator")
 
 
 def _settings() -> Settings:
+    """The settings, with every workflow's own: a bad variable anywhere stops the process here."""
+    from orchestrator.runtime import load_workflow_modules
+
     try:
-        return load_settings()
+        settings = load_settings()
+        load_workflow_modules(settings)
+        return settings
     except ConfigError as exc:
         sys.exit(f"configuration error: {exc.message}")
 
@@ -67,7 +72,7 @@ def cmd_api(args: argparse.Namespace) -> None:
             self.cfg.set("workers", args.workers or settings.workers)
             self.cfg.set("worker_class", "gthread")
             # Each open chat WebSocket or event stream holds one thread while it is open.
-            self.cfg.set("threads", args.threads or _api_threads(settings))
+            self.cfg.set("threads", args.threads or settings.api_threads)
             self.cfg.set("timeout", 60)
             self.cfg.set("graceful_timeout", 10)
             self.cfg.set("accesslog", "-" if args.access_log else None)
@@ -76,13 +81,6 @@ def cmd_api(args: argparse.Namespace) -> None:
             return create_app()
 
     Server().run()
-
-
-def _api_threads(settings: Settings) -> int:
-    raw = settings.extra.get("API_THREADS", "") or "32"
-    if not raw.isdigit() or int(raw) < 1:
-        sys.exit(f"configuration error: API_THREADS: expected a positive integer, got {raw!r}")
-    return int(raw)
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
@@ -264,7 +262,10 @@ def cmd_dev(args: argparse.Namespace) -> None:
     if not raw_gitlab_port.isdigit():
         sys.exit(f"configuration error: GITLAB_EMULATOR_PORT: expected a port number, got {raw_gitlab_port!r}")
     gitlab_port = int(raw_gitlab_port)
-    gitlab = not settings.gitlab_url or settings.gitlab_url.rstrip("/") in (f"http://127.0.0.1:{gitlab_port}",
+    from sagas.balance.settings import BalanceSettings
+
+    balance = BalanceSettings.from_settings(settings)
+    gitlab = not balance.gitlab_url or balance.gitlab_url.rstrip("/") in (f"http://127.0.0.1:{gitlab_port}",
                                                                            f"http://localhost:{gitlab_port}")
     if gitlab:
         claims.append(PortClaim("the GitLab emulator", "GITLAB_EMULATOR_PORT", "127.0.0.1", gitlab_port))
@@ -280,7 +281,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
     # The balance saga: a demo project in the local git backend, the GitLab emulator (used when
     # GITLAB_URL points at it) and the emulated calculation worker.
     # Run as a process of its own: nothing in the product imports the emulators.
-    subprocess.run([sys.executable, "-m", "emulators.demo", "--repos-dir", settings.git_repos_dir], env=env, check=True)
+    subprocess.run([sys.executable, "-m", "emulators.demo", "--repos-dir", balance.git_repos_dir], env=env, check=True)
     if gitlab:
         children.append(("gitlab", [sys.executable, "-m", "emulators.gitlab", "--port", str(gitlab_port),
                                     "--data", "data/gitlab", "--demo"]))

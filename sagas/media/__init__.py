@@ -15,6 +15,8 @@ from orchestrator.config import Settings
 from orchestrator.errors import InvalidInput
 from orchestrator.workflow import Retry, Step, Workflow, register
 
+from .settings import MediaSettings
+
 STAGES = ("download", "normalization", "transcription")
 
 _BOOL_FIELDS = ("remove_noise", "convert_to_mono", "apply_highpass_filter", "set_sample_rate_16k",
@@ -23,7 +25,8 @@ FIELDS = ("youtube_url", "language", "language_out", *_BOOL_FIELDS)
 
 
 def _http_retry(settings: Settings) -> Retry:
-    return Retry(attempts=settings.http_max_retries + 1, backoff=settings.retry_backoff_base_seconds,
+    media = MediaSettings.from_settings(settings)
+    return Retry(attempts=media.http_max_retries + 1, backoff=media.retry_backoff_base_seconds,
                  factor=2.0, jitter=0.1)
 
 
@@ -81,17 +84,18 @@ class MediaPipeline(Workflow):
         if parsed.scheme not in ("http", "https") or not parsed.netloc or len(url) > 2048:
             raise InvalidInput("youtube_url", "must be an http(s) URL")
         out: dict[str, Any] = {"youtube_url": url.strip()}
-        for name, default in (("language", settings.default_language), ("language_out", None)):
+        media = MediaSettings.from_settings(settings)
+        for name, default in (("language", media.default_language), ("language_out", None)):
             value = data.get(name, default)
             if value is None and name == "language":
-                value = settings.default_language
+                value = media.default_language
             if value is not None and (not isinstance(value, str) or not value.strip() or len(value) > 16):
                 raise InvalidInput(name, "must be a language code such as 'auto', 'pt' or 'en'")
             out[name] = value
-        defaults = {"remove_noise": settings.default_remove_noise,
-                    "convert_to_mono": settings.default_convert_mono,
+        defaults = {"remove_noise": media.default_remove_noise,
+                    "convert_to_mono": media.default_convert_mono,
                     "apply_highpass_filter": False,
-                    "set_sample_rate_16k": settings.default_sample_rate_16k,
+                    "set_sample_rate_16k": media.default_sample_rate_16k,
                     "isolate_vocals": False}
         for name in _BOOL_FIELDS:
             value = data.get(name, defaults[name])
@@ -104,8 +108,10 @@ class MediaPipeline(Workflow):
 
     @classmethod
     def timeout(cls, settings: Settings) -> timedelta | None:
-        return timedelta(minutes=settings.job_timeout_minutes) if settings.job_timeout_minutes > 0 else None
+        minutes = MediaSettings.from_settings(settings).job_timeout_minutes
+        return timedelta(minutes=minutes) if minutes > 0 else None
 
     @classmethod
     def reuse_within(cls, settings: Settings) -> timedelta | None:
-        return timedelta(hours=settings.cache_ttl_hours) if settings.cache_ttl_hours > 0 else None
+        hours = MediaSettings.from_settings(settings).cache_ttl_hours
+        return timedelta(hours=hours) if hours > 0 else None
