@@ -51,9 +51,9 @@ def cmd_db(args: argparse.Namespace) -> None:
 
     settings = _settings()
     if args.action == "upgrade":
-        upgrade(settings.database_url, args.revision or "head")
+        upgrade(settings.database_url, args.revision or "heads", settings.workflow_modules)
     else:
-        downgrade(settings.database_url, args.revision or "-1")
+        downgrade(settings.database_url, args.revision or "-1", settings.workflow_modules)
     print(f"database {args.action}d: {settings.database_url.split('@')[-1]}")
 
 
