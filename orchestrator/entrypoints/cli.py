@@ -58,10 +58,11 @@ def cmd_db(args: argparse.Namespace) -> None:
 
 
 def cmd_api(args: argparse.Namespace) -> None:
-    settings = _settings()
-    _logging(settings)
+    # before the settings import the workflow modules: a metric made earlier would not be shared
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="orchestrator-metrics-")
+    settings = _settings()
+    _logging(settings)
     from gunicorn.app.base import BaseApplication
 
     from web import create_app
