@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install run test unit bench services browser up down clean
+.PHONY: install run test unit lint bench services browser up down clean
 
 $(BIN)/orchestrator: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,11 @@ services:              ## start PostgreSQL, RabbitMQ and Redis if one is down (t
 browser:               ## Debian's chromium for the chat page test, installed only when missing
 	bash .ci/browser
 
-test: install services browser ## the whole suite against the real services
+test: install services browser lint ## the layer contracts, then the whole suite against the real services
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: install          ## the import contracts between the layers (.importlinter, docs/architecture.md)
+	$(BIN)/lint-imports
 
 unit: install          ## the tests with no I/O, in a second
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit tests/engine

@@ -81,7 +81,7 @@ def bridge_intake(env: dict[str, str], brokers: str, n: int, tag: str, log: Path
     db = create_engine(env["DATABASE_URL"])
     produce(brokers, "route.confirmed", _events(n, tag))
     with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "bridge"], env=env, cwd=ROOT,
+        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.entrypoints.cli", "bridge"], env=env, cwd=ROOT,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         q = select(func.count(), func.min(WorkflowInstance.created_at), func.max(WorkflowInstance.created_at)) \
@@ -109,7 +109,8 @@ def bridge_intake(env: dict[str, str], brokers: str, n: int, tag: str, log: Path
 def measure(n: int) -> dict[str, float]:
     from sqlalchemy import create_engine, text
 
-    from orchestrator.kafka_broker import BundledBroker, ensure_topics
+    from orchestrator.entrypoints.kafka_broker import BundledBroker
+    from orchestrator.kafka import ensure_topics
     from orchestrator.migrate import upgrade
 
     logdir = Path(tempfile.mkdtemp(prefix="orch-bench-kafka-"))

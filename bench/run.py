@@ -109,7 +109,7 @@ class Process:
         self.name = name
         self.log = logdir / f"{name}.log"
         with self.log.open("ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], env=env,
+            self.proc = subprocess.Popen([sys.executable, "-m", "orchestrator.entrypoints.cli", *args], env=env,
                                          cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                          start_new_session=True)
 

@@ -29,9 +29,10 @@ from typing import Any
 from kombu import Connection, Exchange, Producer
 from kombu.mixins import ConsumerMixin
 
-from orchestrator.calculations import CONTRACT_VERSION, results_queue, task_queue
 from orchestrator.config import Settings, load_settings
-from orchestrator.repository import FileMissing, commit_once, open_repository, project_from_repo_url
+from sagas.balance.calculations import CONTRACT_VERSION, results_queue, task_queue
+from sagas.balance.settings import BalanceSettings
+from sagas.balance.repository import FileMissing, commit_once, open_repository, project_from_repo_url
 
 log = logging.getLogger("calculator")
 
@@ -75,7 +76,7 @@ class Calculator(ConsumerMixin):  # type: ignore[misc]
         return [Consumer(queues=[task_queue(self.settings)], on_message=self.on_message, prefetch_count=1)]
 
     def reply(self, message: Any, body: dict[str, Any]) -> None:
-        reply_to = message.properties.get("reply_to") or self.settings.calculation_results_queue
+        reply_to = message.properties.get("reply_to") or BalanceSettings.from_settings(self.settings).calculation_results_queue
         replies = results_queue(self.settings)
         with Connection(self.settings.broker_url) as conn:
             Producer(conn).publish(
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         worker = Calculator(conn, settings, args.seconds)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: setattr(worker, "should_stop", True))
-        log.info("calculation worker on queue %s", settings.calculation_exchange)
+        log.info("calculation worker on queue %s", BalanceSettings.from_settings(settings).calculation_exchange)
         worker.run()
     return 0
 

@@ -1,10 +1,14 @@
-"""The demo project `demo/balance` that `orchestrator dev` creates for a newcomer."""
+"""The demo project `demo/balance` that `orchestrator dev` creates for a newcomer.
+
+`python -m emulators.demo --repos-dir DIR` creates it unless it exists (the dev runner runs this).
+"""
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
-from orchestrator.repository import GitRepo
+from sagas.balance.repository import GitRepo
 
 DEMO_PROJECT = "demo/balance"
 
@@ -32,3 +36,15 @@ def ensure_local_demo(repos_dir: str | Path) -> Path | None:
         return None
     GitRepo.init(path).commit("main", demo_files(), "Demo project for the balance saga\n")
     return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m emulators.demo", description="create the demo project if missing")
+    p.add_argument("--repos-dir", default="./data/repos", help="the local git backend's folder (GIT_REPOS_DIR)")
+    args = p.parse_args(argv)
+    if ensure_local_demo(args.repos_dir):
+        print(f"orchestrator dev: created the demo project {DEMO_PROJECT} in {args.repos_dir}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

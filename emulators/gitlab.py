@@ -44,7 +44,7 @@ from flask import Flask, jsonify, request
 from werkzeug.http import HTTP_STATUS_CODES
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
-from orchestrator.repository import GitRepo
+from sagas.balance.repository import GitRepo
 
 log = logging.getLogger(__name__)
 

@@ -182,7 +182,7 @@ def main() -> None:
     p.add_argument("--most-stories", type=int, default=3)
     args = p.parse_args()
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s emulators %(message)s")
-    from orchestrator.kafka_broker import ensure_topics
+    from orchestrator.kafka import ensure_topics
 
     ensure_topics(args.brokers, ["story.generate", "story.generate.completed", "tts.requested", "tts.completed",
                                  "delivery.prefetch", "to_deploy", "worker.status", "init_scenario",

@@ -1,34 +1,120 @@
-"""Configuration: one object read from the environment (and an optional `.env`) at start-up.
+"""Configuration: typed settings read from the environment (and an optional `.env`) at start-up,
+with pydantic-settings.
 
-The seeds' variable names are accepted as aliases. A malformed variable stops start-up with a
-message naming it. Nothing here connects to anything.
+`Settings` holds what the engine core and its processes need. A workflow's own variables live in
+an `AreaSettings` class beside the workflow (sagas/media/settings.py, sagas/balance/settings.py,
+sagas/chat/settings.py) and are read from the same variables; `load_settings` checks every area
+whose module is imported, and the entry points import the workflow modules first, so a bad value
+stops start-up wherever its class lives.
+
+The rules (README, "Configuration"):
+- `.env` in the working directory is read, and the environment wins over it;
+- a variable set to the empty string counts as unset: its default applies;
+- names are exact (upper case); the seeds' names are aliases (`POSTGRES_DSN`, `KAFKA_BOOTSTRAP_SERVERS`),
+  and the first one set wins;
+- booleans are true/false, 1/0, yes/no, on/off; numbers must not be negative;
+- a malformed value raises ConfigError naming the variable. Nothing here connects to anything.
 """
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Annotated, Any, ClassVar, Literal, Mapping, TypeVar
+
+from dotenv import dotenv_values
+from pydantic import AliasChoices, AliasGenerator, AfterValidator, Field, PrivateAttr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .errors import ConfigError
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
+#: A count or a duration: a negative value is refused.
+Count = Annotated[int, Field(ge=0)]
+Seconds = Annotated[float, Field(ge=0)]
 
 
-def _read_dotenv(path: Path) -> dict[str, str]:
-    values: dict[str, str] = {}
-    if not path.is_file():
-        return values
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        name, _, value = line.partition("=")
-        value = value.split(" #", 1)[0].strip().strip("'\"")
-        values[name.strip().removeprefix("export ").strip()] = value
-    return values
+def _http_url(value: str) -> str:
+    if value and not re.match(r"^https?://[^/\s]+", value):
+        raise ValueError("expected an http:// or https:// URL")
+    return value
+
+
+#: An http(s) URL (or empty where the variable is optional).
+HttpUrl = Annotated[str, AfterValidator(_http_url)]
+
+
+def env_names(prefix: str = "") -> SettingsConfigDict:
+    """The model_config of a settings class whose variables are `prefix` + the field name in upper
+    case (a field's own `validation_alias` overrides that, for the seeds' names)."""
+    return SettingsConfigDict(
+        case_sensitive=True, env_ignore_empty=True, extra="ignore", frozen=True, str_strip_whitespace=True,
+        validate_by_name=True, validate_by_alias=True,
+        alias_generator=AliasGenerator(validation_alias=lambda name: prefix + name.upper()))
+
+
+class _Variables(EnvSettingsSource):
+    """pydantic-settings' environment source over the variables `load_settings` gathered (the
+    `.env` file under the environment), instead of os.environ."""
+
+    def __init__(self, settings_cls: type[BaseSettings], variables: Mapping[str, str]) -> None:
+        self._variables = variables
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {k: v for k, v in self._variables.items() if v != ""}
+
+
+def _problem(error: dict[str, Any]) -> str:
+    """One pydantic error in the words the loader has always used."""
+    kind, got, ctx = error["type"], error.get("input"), error.get("ctx") or {}
+    if kind in ("int_parsing", "float_parsing", "int_from_float", "finite_number"):
+        return f"expected a number, got {got!r}"
+    if kind == "bool_parsing":
+        return f"expected true or false, got {got!r}"
+    if kind == "greater_than_equal":
+        return f"must not be negative, got {got!r}" if ctx.get("ge") == 0 else f"must be at least {ctx['ge']}, got {got!r}"
+    if kind == "greater_than":
+        return "must be greater than zero" if ctx.get("gt") == 0 else f"must be greater than {ctx['gt']}"
+    if kind == "literal_error":
+        return f"expected {ctx.get('expected')}, got {got!r}"
+    if kind == "value_error":
+        return str(ctx.get("error") or error["msg"])
+    return str(error["msg"])
+
+
+Area = TypeVar("Area", bound="AreaSettings")
+
+
+class EnvSettings(BaseSettings):
+    """Base of every settings class: read only from the variables `from_variables` is given (made
+    in code, one reads nothing from the process environment), errors as ConfigError."""
+
+    model_config = env_names()
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   **_: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+    @classmethod
+    def variable(cls, field: str) -> str:
+        """The (first) variable name of `field`."""
+        alias = cls.model_fields[field].validation_alias
+        if isinstance(alias, AliasChoices):
+            return str(alias.choices[0])
+        return str(alias or field)
+
+    @classmethod
+    def from_variables(cls, variables: Mapping[str, str]):  # type: ignore[no-untyped-def]
+        """An instance from `variables` (name -> raw value). Raises ConfigError naming the variable."""
+        values = _Variables(cls, variables)()
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            loc = str(error["loc"][0]) if error["loc"] else ""
+            name = cls.variable(loc) if loc in cls.model_fields else loc
+            raise ConfigError(name, _problem(dict(error))) from None
 
 
 def normalize_database_url(url: str) -> str:
@@ -39,154 +125,123 @@ def normalize_database_url(url: str) -> str:
     return url
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(EnvSettings):
+    """The engine core's and its processes' settings (README, "Configuration"). Frozen."""
+
     # State, broker, result backend
-    database_url: str = "sqlite:///data/orchestrator.db"
-    broker_url: str = ""
-    result_backend: str = ""
+    database_url: str = Field("sqlite:///data/orchestrator.db", validation_alias=AliasChoices("DATABASE_URL", "POSTGRES_DSN"))
+    broker_url: str = Field("", validation_alias="CELERY_BROKER_URL")
+    result_backend: str = Field("", validation_alias="CELERY_RESULT_BACKEND")
     redis_url: str = ""
     # API server (seed 004)
     host: str = "0.0.0.0"
-    port: int = 8000
-    workers: int = 4
-    # Polling and retry (seed 004)
-    poll_interval: float = 3.0
-    max_poll_attempts: int = 600
-    http_max_retries: int = 3
-    retry_backoff_base_seconds: float = 1.5
-    # Cache and job lifetime (seed 004)
-    cache_ttl_hours: float = 24.0
-    job_timeout_minutes: float = 60.0
-    # Media microservices (seed 004)
-    video_downloader_url: str = "http://localhost:8001"
-    audio_normalization_url: str = "http://localhost:8002"
-    audio_transcriber_url: str = "http://localhost:8003"
-    video_downloader_timeout: float = 300.0
-    audio_normalization_timeout: float = 180.0
-    audio_transcriber_timeout: float = 600.0
-    default_language: str = "auto"
-    default_remove_noise: bool = True
-    default_convert_mono: bool = True
-    default_sample_rate_16k: bool = True
+    port: Count = 8000
+    workers: Count = 4
+    # threads per API worker: each open chat WebSocket or event stream holds one
+    api_threads: Annotated[int, Field(ge=1)] = 32
     # Engine
     # Off behind a pooler that moves a session between server connections (PgBouncer in
     # transaction mode): the engine's statements are then planned on every call.
     database_prepared_statements: bool = True
-    sweep_interval: float = 1.0
-    step_lease_seconds: float = 600.0
+    sweep_interval: Seconds = 1.0
+    step_lease_seconds: Seconds = 600.0
     environment: str = "development"
+    #: Modules imported to register workflows, their tasks and their settings. The engine imports
+    #: none of them by name itself.
+    workflow_modules: str = "sagas,tasks"
     # Secrets
     admin_token: str = ""
     flower_basic_auth: str = ""
-    # Later workflows and telemetry (accepted now so a shared .env does not fail)
-    kafka_brokers: str = ""
+    # Kafka (the bridge and the outbox publisher)
+    kafka_brokers: str = Field("", validation_alias=AliasChoices("KAFKA_BROKERS", "KAFKA_BOOTSTRAP_SERVERS"))
     consumer_group: str = "orchestrator"
-    gitlab_url: str = ""
-    gitlab_token: str = ""
-    gitlab_timeout: float = 10.0
-    # Local git repositories served when no GitLab is configured (project path = folder path)
-    git_repos_dir: str = "./data/repos"
-    # The balance saga's calculation workers (docs/balance.md)
-    calculation_exchange: str = "orchestrator.calculations"
-    calculation_results_queue: str = "orchestrator.calculation-results"
     log_level: str = "INFO"
-    log_format: str = "json"  # or "text" (the dev runner's default)
+    log_format: Literal["json", "text"] = "json"  # "text" is the dev runner's default
     otel_exporter_otlp_endpoint: str = ""
-    extra: Mapping[str, str] = field(default_factory=dict)
+
+    #: the variables these settings were read from, for the per-area settings
+    _variables: Mapping[str, str] = PrivateAttr(default_factory=dict)
+    _areas: dict[type, Any] = PrivateAttr(default_factory=dict)
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        value = normalize_database_url(value)
+        if not re.match(r"^(postgresql\+psycopg2|sqlite)://", value):
+            raise ValueError("expected a postgresql:// or sqlite:// URL")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError(f"expected DEBUG, INFO, WARNING, ERROR or CRITICAL, got {value!r}")
+        return value
+
+    @field_validator("flower_basic_auth")
+    @classmethod
+    def _flower_basic_auth(cls, value: str) -> str:
+        if value and ":" not in value:
+            raise ValueError("expected user:password")
+        return value
 
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
 
-    def service_timeout(self, service: str) -> float:
-        return {
-            "video-downloader": self.video_downloader_timeout,
-            "audio-normalization": self.audio_normalization_timeout,
-            "audio-transcriber": self.audio_transcriber_timeout,
-        }[service]
+    @property
+    def variables(self) -> Mapping[str, str]:
+        """Every variable these settings were read from (environment over `.env`)."""
+        return self._variables
 
-    def service_url(self, service: str) -> str:
-        return {
-            "video-downloader": self.video_downloader_url,
-            "audio-normalization": self.audio_normalization_url,
-            "audio-transcriber": self.audio_transcriber_url,
-        }[service].rstrip("/")
+    def area(self, cls: type[Area]) -> Area:
+        """The settings of one area (a workflow's own), read from the same variables; made once."""
+        found = self._areas.get(cls)
+        if found is None:
+            found = self._areas[cls] = cls.from_variables(self._variables)
+        return found
 
-
-# variable name(s), first wins -> field name. Aliases are the seeds' names.
-_VARIABLES: dict[str, tuple[str, ...]] = {
-    "database_url": ("DATABASE_URL", "POSTGRES_DSN"),
-    "broker_url": ("CELERY_BROKER_URL",),
-    "result_backend": ("CELERY_RESULT_BACKEND",),
-    "redis_url": ("REDIS_URL",),
-    "kafka_brokers": ("KAFKA_BROKERS", "KAFKA_BOOTSTRAP_SERVERS"),
-    "admin_token": ("ADMIN_TOKEN",),
-    "flower_basic_auth": ("FLOWER_BASIC_AUTH",),
-}
+    def check_areas(self) -> "Settings":
+        """Read every registered area's settings now, so a bad value stops start-up (ConfigError)."""
+        for cls in AreaSettings.registered:
+            self.area(cls)
+        return self
 
 
-def _parse(name: str, kind: type, raw: str) -> Any:
-    if kind is bool:
-        low = raw.strip().lower()
-        if low in _TRUE:
-            return True
-        if low in _FALSE:
-            return False
-        raise ConfigError(name, f"expected true or false, got {raw!r}")
-    if kind in (int, float):
-        try:
-            value = kind(raw)
-        except ValueError:
-            raise ConfigError(name, f"expected a number, got {raw!r}") from None
-        if value < 0:
-            raise ConfigError(name, f"must not be negative, got {raw!r}")
-        return value
-    return raw.strip()
+class AreaSettings(EnvSettings):
+    """A workflow's own settings, declared beside it. Subclasses register themselves, so
+    `load_settings` checks them at start-up once their module is imported."""
+
+    registered: ClassVar[list[type["AreaSettings"]]] = []
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        AreaSettings.registered.append(cls)
+
+    @classmethod
+    def from_settings(cls: type[Area], settings: Settings) -> Area:
+        """This area's settings, read from the variables `settings` came from."""
+        return settings.area(cls)
+
+
+def read_variables(environ: Mapping[str, str] | None = None, dotenv: str | Path = ".env") -> dict[str, str]:
+    """The variables to read: `dotenv` (if it is a file) under `environ` (default os.environ)."""
+    values = {k: v for k, v in dotenv_values(dotenv).items() if v is not None} if Path(dotenv).is_file() else {}
+    values.update(os.environ if environ is None else environ)
+    return values
 
 
 def load_settings(environ: Mapping[str, str] | None = None, dotenv: str | Path = ".env") -> Settings:
-    """Read Settings from `environ` (default os.environ) over an optional .env file."""
-    env: dict[str, str] = dict(_read_dotenv(Path(dotenv)))
-    env.update(os.environ if environ is None else environ)
-    values: dict[str, Any] = {}
-    hints: dict[str, Callable[..., Any]] = {"str": str, "int": int, "float": float, "bool": bool}
-    for f in fields(Settings):
-        if f.name == "extra":
-            continue
-        names = _VARIABLES.get(f.name, (f.name.upper(),))
-        for name in names:
-            raw = env.get(name)
-            if raw is not None and raw != "":
-                values[f.name] = _parse(name, hints[str(f.type)], raw)
-                break
-    if "database_url" in values:
-        values["database_url"] = normalize_database_url(values["database_url"])
-        if not re.match(r"^(postgresql\+psycopg2|sqlite)://", values["database_url"]):
-            raise ConfigError("DATABASE_URL", "expected a postgresql:// or sqlite:// URL")
-    settings = Settings(**values, extra=env)
-    if settings.poll_interval <= 0:
-        raise ConfigError("POLL_INTERVAL", "must be greater than zero")
-    if settings.max_poll_attempts < 1:
-        raise ConfigError("MAX_POLL_ATTEMPTS", "must be at least 1")
-    if settings.log_format not in ("json", "text"):
-        raise ConfigError("LOG_FORMAT", f"expected json or text, got {settings.log_format!r}")
-    if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        raise ConfigError("LOG_LEVEL", f"expected DEBUG, INFO, WARNING, ERROR or CRITICAL, got {settings.log_level!r}")
-    if settings.flower_basic_auth and ":" not in settings.flower_basic_auth:
-        raise ConfigError("FLOWER_BASIC_AUTH", "expected user:password")
-    for name in ("VIDEO_DOWNLOADER_URL", "AUDIO_NORMALIZATION_URL", "AUDIO_TRANSCRIBER_URL"):
-        if not re.match(r"^https?://[^/\s]+", getattr(settings, name.lower())):
-            raise ConfigError(name, "expected an http:// or https:// URL")
-    if settings.gitlab_url and not re.match(r"^https?://[^/\s]+", settings.gitlab_url):
-        raise ConfigError("GITLAB_URL", "expected an http:// or https:// URL")
-    return _with_broker_defaults(settings)
+    """Read Settings from `environ` (default os.environ) over an optional .env file, and check
+    every registered area's settings. Raises ConfigError naming the first bad variable."""
+    variables = read_variables(environ, dotenv)
+    settings = _with_broker_defaults(Settings.from_variables(variables))
+    settings._variables = variables
+    return settings.check_areas()
 
 
 def _with_broker_defaults(s: Settings) -> Settings:
     """Embedded defaults: with nothing configured everything runs on SQLite files."""
-    from dataclasses import replace
-
     broker = s.broker_url
     backend = s.result_backend
     if not broker:
@@ -196,4 +251,4 @@ def _with_broker_defaults(s: Settings) -> Settings:
             backend = s.redis_url
         else:
             backend = "db+" + s.database_url
-    return replace(s, broker_url=broker, result_backend=backend)
+    return s.model_copy(update={"broker_url": broker, "result_backend": backend})

@@ -11,13 +11,15 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from typing import Any
+from typing import Any, Iterable
 
 from prometheus_client import Counter
 
 from .logs import HEADER
 from .models import OutboxMessage
 from .outbox_relay import PermanentPublishError
+
+log = logging.getLogger(__name__)
 
 KAFKA_PRODUCED = Counter("orchestrator_kafka_produced_total", "Messages produced to Kafka by the outbox relay",
                          ["topic"])
@@ -101,3 +103,24 @@ class KafkaPublisher:
         if left:
             raise RuntimeError(f"kafka delivery to {row.target} not confirmed within {self.timeout:g}s")
         KAFKA_PRODUCED.labels(row.target).inc()
+
+
+def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int = 4, timeout: float = 15.0) -> None:
+    """Create the topics that do not exist yet (an existing topic is left as it is)."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    existing = set(admin.list_topics(timeout=timeout).topics)
+    wanted = [t for t in dict.fromkeys(topics) if t not in existing]
+    if not wanted:
+        return
+    futures = admin.create_topics([NewTopic(t, num_partitions=partitions, replication_factor=1) for t in wanted],
+                                  operation_timeout=timeout)
+    for topic, future in futures.items():
+        try:
+            future.result(timeout)
+        except KafkaException as exc:
+            if "TOPIC_ALREADY_EXISTS" not in str(exc):  # a concurrent creator won the race
+                raise
+    log.info("created topics: %s", ", ".join(wanted))

@@ -215,7 +215,7 @@ class Bridge:
         log.info("revoked %s", [(p.topic, p.partition) for p in partitions])
 
     def run(self, stop: threading.Event) -> None:
-        from .kafka_broker import ensure_topics
+        from .kafka import ensure_topics
 
         ensure_topics(self.brokers, all_topics(self.engine.registry))
         self.consumer.subscribe(sorted(self.routes), on_assign=self._on_assign, on_revoke=self._on_revoke)

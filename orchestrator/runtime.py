@@ -22,9 +22,6 @@ from .workflow import registry
 
 log = logging.getLogger(__name__)
 
-#: Modules that register workflows and tasks. The engine imports none of them by name itself.
-WORKFLOW_MODULES_DEFAULT = "sagas,tasks"
-
 celery_app = Celery("orchestrator")
 celery_app.config_from_object("celeryconfig")
 
@@ -51,9 +48,11 @@ _current: Runtime | None = None
 
 
 def load_workflow_modules(settings: Settings) -> None:
-    names = settings.extra.get("WORKFLOW_MODULES", WORKFLOW_MODULES_DEFAULT)
-    for name in filter(None, (n.strip() for n in names.split(","))):
+    """Import WORKFLOW_MODULES (registering workflows, tasks and their settings) and check the
+    settings they brought (ConfigError naming a bad variable)."""
+    for name in filter(None, (n.strip() for n in settings.workflow_modules.split(","))):
         importlib.import_module(name)
+    settings.check_areas()
 
 
 def build(settings: Settings | None = None) -> Runtime:

@@ -11,11 +11,11 @@ import json
 from typing import Any
 
 from orchestrator import runtime
-from orchestrator.calculations import publish_task, task_message
+from sagas.balance.calculations import correlation_id, publish_task, task_message
 from orchestrator.engine import Await, Done, StepContext
 from orchestrator.errors import InvalidInput
 from orchestrator.jsonutil import unstorable
-from orchestrator.repository import FileContent, FileMissing, commit_once, open_repository, read_at_branch
+from sagas.balance.repository import FileContent, FileMissing, commit_once, open_repository, read_at_branch
 from orchestrator.steps import StepError, step_task
 from sagas.balance import BALANCE_INPUT, BALANCE_OUTPUT, FINAL, STEP_DEPENDENCY, Dependency
 

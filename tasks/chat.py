@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from sagas import chat_live
+from sagas.chat import live as chat_live
 
 
 @shared_task(name="chat.task_timed_out", acks_late=True, reject_on_worker_lost=False)

@@ -4,7 +4,8 @@ from __future__ import annotations
 from typing import Callable
 
 from orchestrator.engine import Done, Poll, StepContext
-from orchestrator.http_client import ServiceClient
+from sagas.media.http_client import ServiceClient
+from sagas.media.settings import MediaSettings
 from orchestrator.steps import StepError, step_task
 
 NORMALIZATION_OPTIONS = ("remove_noise", "convert_to_mono", "apply_highpass_filter",
@@ -12,7 +13,7 @@ NORMALIZATION_OPTIONS = ("remove_noise", "convert_to_mono", "apply_highpass_filt
 
 
 def client(ctx: StepContext, service: str) -> ServiceClient:
-    s = ctx.settings
+    s = MediaSettings.from_settings(ctx.settings)
     return ServiceClient(service, s.service_url(service), s.service_timeout(service))
 
 
@@ -34,10 +35,11 @@ def poll(ctx: StepContext, service: ServiceClient, remote: str, done: Callable[[
         return done()
     if state == "failed":
         raise StepError(f"{service.name} job {remote} failed: {status.get('error') or 'no reason given'}")
-    limit = ctx.settings.max_poll_attempts
+    media = MediaSettings.from_settings(ctx.settings)
+    limit = media.max_poll_attempts
     if ctx.polls + 1 >= limit:
         raise StepError(f"{service.name} job {remote} not finished after {limit} polls")
-    return Poll(after=ctx.settings.poll_interval, progress=float(status.get("progress") or 0.0))
+    return Poll(after=media.poll_interval, progress=float(status.get("progress") or 0.0))
 
 
 def fetch_file(service: ServiceClient, remote: str) -> tuple[bytes, str]:

@@ -92,15 +92,13 @@ def fresh_database() -> Iterator[str]:
 @contextmanager
 def engine_on(settings: Any, url: str, **overrides: Any) -> Iterator[Any]:
     """An engine of its own on `url` (no relay: the tests read the outbox instead)."""
-    from dataclasses import replace
-
     from orchestrator.db import make_engine, make_session_factory
     from orchestrator.engine import Engine
     from orchestrator.workflow import registry
 
     db = make_engine(url)
     try:
-        yield Engine(replace(settings, database_url=url, **overrides), make_session_factory(db), registry)
+        yield Engine(settings.model_copy(update={"database_url": url, **overrides}), make_session_factory(db), registry)
     finally:
         db.dispose()
 
@@ -176,7 +174,7 @@ class Process:
 
     def start(self) -> "Process":
         out = self.log.open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *self.args], env=self.env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "orchestrator.entrypoints.cli", *self.args], env=self.env,
                                      cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         return self
 

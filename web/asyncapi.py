@@ -9,9 +9,10 @@ from flask import Blueprint, current_app
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from orchestrator import calculations, logs
+from orchestrator import logs
+from sagas.balance import calculations
 from orchestrator.kafka_bridge import discover
-from sagas.chat_store import ChatCallback
+from sagas.chat.store import ChatCallback
 
 from . import runtime
 from .openapi import doc

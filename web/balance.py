@@ -26,7 +26,7 @@ from sqlalchemy import select, text
 
 from orchestrator.errors import InvalidInput, NotFound, Unauthorized
 from orchestrator.models import WorkflowInstance
-from orchestrator.repository import check_branch_name, check_project, geometries, open_repository
+from sagas.balance.repository import check_branch_name, check_project, geometries, open_repository
 from sagas.balance import STATE_ROLES, BalanceRequest, BalanceSaga, CalculationRequest, SimpleCalculation, Submission
 
 from . import body, json_body, query, runtime

@@ -19,9 +19,9 @@ from orchestrator.errors import InvalidInput
 from orchestrator.jsonutil import iso
 from orchestrator.metrics import render
 from orchestrator.models import utcnow
-from sagas import chat_live
+from sagas.chat import live as chat_live
 from sagas.chat import ChatInit, ChatMessage, validate_message, validate_session_request
-from sagas.chat_store import bad_after_seq
+from sagas.chat.store import bad_after_seq
 
 from . import health, json_body, query, runtime
 from .openapi import doc

@@ -17,8 +17,8 @@ from typing import Any, Callable
 
 import redis
 
-from sagas import chat_live
-from sagas.chat_store import ChatStore
+from sagas.chat import live as chat_live
+from sagas.chat.store import ChatStore
 
 log = logging.getLogger(__name__)
 

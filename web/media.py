@@ -13,6 +13,7 @@ from orchestrator.errors import Forbidden, NotFound, Unauthorized
 from orchestrator.jsonutil import iso
 from orchestrator.models import OutboxMessage, ProcessedMessage, WorkflowInstance, utcnow
 from sagas.media import STAGES, PipelineRequest
+from sagas.media.settings import MediaSettings
 
 from . import health, json_body, query, runtime
 from .openapi import doc
@@ -135,7 +136,7 @@ def list_jobs() -> Any:
 
 
 def _service_health(service: str) -> str:
-    url = runtime().settings.service_url(service)
+    url = MediaSettings.from_settings(runtime().settings).service_url(service)
     try:
         resp = requests.get(f"{url}/health", timeout=3)
         return "healthy" if resp.ok else f"unhealthy (HTTP {resp.status_code})"
@@ -191,12 +192,13 @@ def _database_size() -> str:
 @doc(AdminStats, errors=(), tags=OPS)
 def stats() -> Any:
     s = runtime().settings
+    media = MediaSettings.from_settings(s)
     return {
         "orchestrator": {"version": VERSION, "environment": s.environment},
         # The seed kept jobs in Redis; they live in the database now. The key stays for clients.
         "redis": {**_counts(), "memory_usage": _database_size()},
-        "settings": {"cache_ttl_hours": s.cache_ttl_hours, "job_timeout_minutes": s.job_timeout_minutes,
-                     "poll_interval": s.poll_interval, "max_poll_attempts": s.max_poll_attempts},
+        "settings": {"cache_ttl_hours": media.cache_ttl_hours, "job_timeout_minutes": media.job_timeout_minutes,
+                     "poll_interval": media.poll_interval, "max_poll_attempts": media.max_poll_attempts},
     }
 
 
@@ -247,7 +249,7 @@ def factory_reset() -> Any:
     removed = cleanup(None, deep=True)
     micro: dict[str, Any] = {}
     for service in SERVICES:
-        url = runtime().settings.service_url(service)
+        url = MediaSettings.from_settings(runtime().settings).service_url(service)
         try:
             resp = requests.post(f"{url}/admin/factory-reset", timeout=10)
             resp.raise_for_status()

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, RootModel, WithJsonSchema
 
-from orchestrator.repository import check_branch_name
+from sagas.balance.repository import check_branch_name
 from orchestrator.schemas import Closed, Contract, NonBlank
 from sagas.balance import Project
 

@@ -150,7 +150,7 @@ def new_project(stack: Stack, balance: Any = None, manifest: Any = None, extra: 
         r = requests.post(f"{stack.gitlab.url}/_emulator/projects", json={"path": path, "files": files}, timeout=10)
         assert r.status_code == 201, r.text
     else:
-        from orchestrator.repository import GitRepo
+        from sagas.balance.repository import GitRepo
 
         GitRepo.init(Path(stack.env["GIT_REPOS_DIR"]) / path).commit("main", files, "Initial commit\n")
     return path
@@ -158,7 +158,7 @@ def new_project(stack: Stack, balance: Any = None, manifest: Any = None, extra: 
 
 def git_repo(stack: Stack, project: str) -> Any:
     """The project's git repository on disk (the emulator stores real repositories too)."""
-    from orchestrator.repository import GitRepo
+    from sagas.balance.repository import GitRepo
 
     if stack.backend == "gitlab":
         return GitRepo(stack.tmp / "gitlab" / f"{project}.git")
@@ -167,7 +167,7 @@ def git_repo(stack: Stack, project: str) -> Any:
 
 def facade(stack: Stack) -> Any:
     from orchestrator.config import load_settings
-    from orchestrator.repository import open_repository
+    from sagas.balance.repository import open_repository
 
     return open_repository(load_settings(environ=stack.env, dotenv="/nonexistent"))
 

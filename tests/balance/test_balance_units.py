@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import pytest
 
 from emulators.calculator import compute, failure_reason
-from orchestrator.calculations import correlation_id, parse_result, task_message
+from sagas.balance.calculations import correlation_id, parse_result, task_message
 from orchestrator.errors import InvalidInput, NotFound
-from orchestrator.repository import (
+from sagas.balance.repository import (
     FileContent, FileMissing, GitRepo, LocalRepository, check_branch_name, commit_once, read_at_branch,
     validate_manifest,
 )

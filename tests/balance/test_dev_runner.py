@@ -11,7 +11,7 @@ import requests
 from balance_stack import free_port
 from conftest import ROOT, terminate, wait_for
 
-from orchestrator.repository import GitRepo
+from sagas.balance.repository import GitRepo
 
 pytestmark = [pytest.mark.e2e]
 
@@ -26,7 +26,7 @@ def test_dev_creates_the_demo_project_and_runs_the_saga(tmp_path):
                VIDEO_DOWNLOADER_URL="http://127.0.0.1:9", AUDIO_NORMALIZATION_URL="http://127.0.0.1:9",
                AUDIO_TRANSCRIBER_URL="http://127.0.0.1:9")
     log = (tmp_path / "dev.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "dev", "--flower-port", str(free_port()),
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.entrypoints.cli", "dev", "--flower-port", str(free_port()),
                              "--concurrency", "2", "--api-workers", "1", "--kafka-port", "0"], cwd=tmp_path, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"

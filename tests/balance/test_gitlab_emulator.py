@@ -9,7 +9,7 @@ import requests
 
 from emulators.gitlab import GitLabEmulator
 from orchestrator.errors import NotFound, UpstreamError
-from orchestrator.repository import GitLabRepository, commit_once, geometries
+from sagas.balance.repository import GitLabRepository, commit_once, geometries
 
 
 @pytest.fixture(scope="module")

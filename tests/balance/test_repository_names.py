@@ -70,7 +70,7 @@ def test_projects_and_branches_git_refuses_are_a_400_naming_the_field(request, b
 
 
 def test_a_project_never_resolves_outside_git_repos_dir(local_stack, tmp_path):
-    from orchestrator.repository import GitRepo
+    from sagas.balance.repository import GitRepo
 
     s = local_stack
     outside = tmp_path / "outside"
@@ -124,7 +124,7 @@ def test_a_result_with_unstorable_text_is_dropped_and_the_next_result_is_applied
 
 def test_git_itself_refuses_what_the_rule_refuses(tmp_path):
     """The rule is not stricter than needed where it matters: git's own index refuses these."""
-    from orchestrator.repository import GitRepo
+    from sagas.balance.repository import GitRepo
 
     repo = GitRepo.init(tmp_path / "r")
     for path in (".git/config", "a/.git/x", "./c.json", "a//b.json", "a/../b.json"):

@@ -223,7 +223,7 @@ def test_failed_calculation_is_restarted(gitlab_stack):
     assert "did not converge" in status["error"]
     # the user fixes the input on the branch, then restarts the calculation
     from balance_stack import facade
-    from orchestrator.repository import commit_once
+    from sagas.balance.repository import commit_once
 
     commit_once(facade(s), project, BRANCH, {"condenser_input.json": json.dumps({"pressure_kpa": 1})},
                 "Fix the condenser input", "test:fix")

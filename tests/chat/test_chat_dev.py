@@ -28,7 +28,7 @@ def test_dev_serves_the_chat_page_and_answers(tmp_path):
     for name in ("VIDEO_DOWNLOADER_URL", "AUDIO_NORMALIZATION_URL", "AUDIO_TRANSCRIBER_URL"):
         env[name] = f"http://127.0.0.1:{free_port()}"
     log = (tmp_path / "dev.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "dev", "--flower-port", str(flower),
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.entrypoints.cli", "dev", "--flower-port", str(flower),
                              "--concurrency", "1", "--kafka-port", "0"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     base = f"http://127.0.0.1:{port}"

@@ -116,10 +116,14 @@ def test_readyz_reports_a_dead_broker(env, tmp_path):
         proc.stop()
 
 
-def test_misconfiguration_stops_start_up_naming_the_variable(env):
-    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "api"], env={**env, "POLL_INTERVAL": "often"},
+# One variable of the core settings and one of each workflow's own (media, balance, chat): the
+# workflows' settings are checked at start-up too, not on the first request that reads them.
+@pytest.mark.parametrize("name, value", [("POLL_INTERVAL", "often"), ("API_THREADS", "0"), ("GITLAB_URL", "gitlab"),
+                                         ("CHAT_HEARTBEAT_SECONDS", "0"), ("CHAT_CONSUMER_ID", "has space")])
+def test_misconfiguration_stops_start_up_naming_the_variable(env, name, value):
+    out = subprocess.run([sys.executable, "-m", "orchestrator.entrypoints.cli", "api"], env={**env, name: value},
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert out.returncode != 0 and "POLL_INTERVAL" in out.stderr
+    assert out.returncode != 0 and f"configuration error: {name}:" in out.stderr
 
 
 def test_dev_runs_everything_on_embedded_defaults(tmp_path):
@@ -133,7 +137,7 @@ def test_dev_runs_everything_on_embedded_defaults(tmp_path):
                FLOWER_BASIC_AUTH="admin:secret",
                GITLAB_EMULATOR_PORT=str(free_port()))  # dev refuses a port in use: none of its fixed ones
     log = (tmp_path / "dev.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "dev", "--flower-port", str(flower),
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.entrypoints.cli", "dev", "--flower-port", str(flower),
                              "--concurrency", "2", "--emulator-port", str(free_port_run(3)),
                              "--kafka-port", "0"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)

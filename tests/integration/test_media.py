@@ -1,7 +1,7 @@
 """The media pipeline of seed 004 through HTTP, with emulated microservices."""
 from __future__ import annotations
 
-import dataclasses
+import os
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -143,10 +143,12 @@ def test_poll_exhaustion(client, worker, sweeper, faults):
 
 
 def test_job_timeout(client, rt, worker, sweeper, faults):
+    from orchestrator.config import load_settings
     from orchestrator.engine import Engine
 
     faults("video-downloader", job={"never_finish": True})
-    short = dataclasses.replace(rt.settings, job_timeout_minutes=0.02, max_poll_attempts=1000)
+    short = load_settings(environ={**rt.settings.variables, "JOB_TIMEOUT_MINUTES": "0.02", "MAX_POLL_ATTEMPTS": "1000"},
+                          dotenv=os.devnull)
     engine = Engine(short, rt.sessions, rt.engine.registry, relay=rt.relay)
     snap, _ = engine.start("media", {"youtube_url": url()})
     job = wait_job(client, snap["id"], timeout=20)

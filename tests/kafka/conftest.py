@@ -11,7 +11,8 @@ from typing import Any, Iterator
 import pytest
 from conftest import Process, wait_for
 
-from orchestrator.kafka_broker import BundledBroker, ensure_topics
+from orchestrator.entrypoints.kafka_broker import BundledBroker
+from orchestrator.kafka import ensure_topics
 
 TOPICS = ["route.confirmed", "story.generate", "story.generate.completed", "tts.requested", "tts.completed",
           "delivery.prefetch", "init_scenario", "to_deploy", "worker.status",
@@ -64,7 +65,7 @@ def ksweeper(kenv: dict[str, str]) -> Iterator[Process]:
 
 def start_bridge(kenv: dict[str, str], name: str = "bridge") -> Process:
     """A bridge process serving its metrics on a free port (`proc.metrics_url`)."""
-    from orchestrator.kafka_broker import free_port
+    from orchestrator.entrypoints.kafka_broker import free_port
 
     port = free_port()
     proc = Process(name, ["bridge", "--metrics-port", str(port)], {**kenv, "LOG_LEVEL": "INFO"}).start()

@@ -19,7 +19,8 @@ import pytest
 import requests
 from conftest import ROOT, terminate, wait_for
 
-from orchestrator.kafka_broker import BundledBroker, ensure_topics, free_port
+from orchestrator.entrypoints.kafka_broker import BundledBroker, free_port
+from orchestrator.kafka import ensure_topics
 
 from .conftest import TOPICS, Kafka, key_on_partition_of
 
@@ -77,7 +78,7 @@ class Dev:
         self.log = cwd / f"{name}-{uuid.uuid4().hex[:4]}.log"
         self.base = f"http://127.0.0.1:{env['PORT']}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator.cli", "dev", "--flower-port", str(free_port()), "--concurrency", "1",
+            [sys.executable, "-m", "orchestrator.entrypoints.cli", "dev", "--flower-port", str(free_port()), "--concurrency", "1",
              "--api-workers", "1", "--kafka-port", "0", *flags], cwd=cwd, env=env,
             stdout=self.log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -131,7 +132,7 @@ def test_dev_runs_both_kafka_workflows_on_the_bundled_broker(tmp_path):
         brokers = dev.brokers()
         dev.wait_ready()
         route_id = f"dev-{uuid.uuid4().hex[:6]}"
-        produce = [sys.executable, "-m", "orchestrator.cli", "produce"]
+        produce = [sys.executable, "-m", "orchestrator.entrypoints.cli", "produce"]
         penv = {**dev.env, "KAFKA_BROKERS": brokers}
         subprocess.run(produce + ["route.confirmed", f'{{"route_id": "{route_id}", "mode": "walking"}}',
                                   "--key", route_id], env=penv, cwd=tmp_path, check=True, timeout=60)
@@ -247,7 +248,7 @@ def test_bridge_refuses_a_metrics_port_in_use(kenv):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        run = subprocess.run([sys.executable, "-m", "orchestrator.cli", "bridge", "--metrics-port", str(port)],
+        run = subprocess.run([sys.executable, "-m", "orchestrator.entrypoints.cli", "bridge", "--metrics-port", str(port)],
                              env=kenv, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert run.returncode != 0
     assert f"--metrics-port: cannot listen on 127.0.0.1:{port}" in run.stderr

@@ -9,7 +9,8 @@ from typing import Any, Iterator
 import pytest
 from conftest import wait_for
 
-from orchestrator.kafka_broker import BundledBroker, ensure_topics
+from orchestrator.entrypoints.kafka_broker import BundledBroker
+from orchestrator.kafka import ensure_topics
 
 from .conftest import TOPICS, Kafka, key_on_partition_of, start_bridge
 

@@ -10,7 +10,7 @@ from emulators.execution import answer, options
 from orchestrator.config import load_settings
 from orchestrator.errors import ConfigError, InvalidInput
 from sagas.chat import ChatSettings, ChatTask, validate_message, validate_session_request
-from sagas.chat_store import Rejected, bad_after_seq, parse_callback
+from sagas.chat.store import Rejected, bad_after_seq, parse_callback
 
 CHAT = ChatSettings()
 

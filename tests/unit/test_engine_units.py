@@ -11,6 +11,7 @@ from orchestrator.config import Settings, load_settings, normalize_database_url
 from orchestrator.errors import ConfigError, InvalidInput, UpstreamError
 from orchestrator.workflow import Retry
 from sagas.media import MediaPipeline
+from sagas.media.settings import MediaSettings
 
 
 class Row:
@@ -69,8 +70,8 @@ def test_step_table_names_and_policies():
     table = MediaPipeline.step_table()
     assert [s.name for s in table.values()] == ["download", "normalization", "transcription"]
     assert table["downloading"].task == "media.download"
-    policy = table["downloading"].policy(Settings(http_max_retries=3, retry_backoff_base_seconds=1.5))
-    assert policy.attempts == 4 and policy.backoff == 1.5
+    policy = table["downloading"].policy(settings(HTTP_MAX_RETRIES="5", RETRY_BACKOFF_BASE_SECONDS="2.5"))
+    assert policy.attempts == 6 and policy.backoff == 2.5
 
 
 def test_retry_delay_is_exponential_with_bounded_jitter():
@@ -98,14 +99,19 @@ def test_upstream_errors_retry_on_5xx_and_connection_only():
     assert not UpstreamError("s", "x", 400).retryable
 
 
+def settings(**env: str) -> Settings:
+    return load_settings(environ=env, dotenv="/nonexistent")
+
+
 def test_config_defaults_are_the_seeds():
     s = load_settings(environ={}, dotenv="/nonexistent")
-    assert (s.port, s.workers, s.poll_interval, s.max_poll_attempts) == (8000, 4, 3.0, 600)
-    assert (s.http_max_retries, s.retry_backoff_base_seconds) == (3, 1.5)
-    assert (s.cache_ttl_hours, s.job_timeout_minutes) == (24.0, 60.0)
-    assert s.video_downloader_url == "http://localhost:8001"
-    assert (s.video_downloader_timeout, s.audio_normalization_timeout, s.audio_transcriber_timeout) == (300, 180, 600)
-    assert s.default_language == "auto" and s.default_remove_noise and s.default_convert_mono
+    m = MediaSettings.from_settings(s)
+    assert (s.port, s.workers, m.poll_interval, m.max_poll_attempts) == (8000, 4, 3.0, 600)
+    assert (m.http_max_retries, m.retry_backoff_base_seconds) == (3, 1.5)
+    assert (m.cache_ttl_hours, m.job_timeout_minutes) == (24.0, 60.0)
+    assert m.video_downloader_url == "http://localhost:8001"
+    assert (m.video_downloader_timeout, m.audio_normalization_timeout, m.audio_transcriber_timeout) == (300, 180, 600)
+    assert m.default_language == "auto" and m.default_remove_noise and m.default_convert_mono
     assert s.database_url.startswith("sqlite") and s.broker_url.startswith("sqla+sqlite")
     assert s.database_prepared_statements
     off = load_settings(environ={"DATABASE_PREPARED_STATEMENTS": "false"}, dotenv="/nonexistent")
@@ -138,11 +144,11 @@ def test_dotenv_is_read_and_environment_wins(tmp_path):
     f = tmp_path / ".env"
     f.write_text("# comment\nPORT=9000\nexport POLL_INTERVAL=5 # seconds\nWORKERS='2'\n")
     s = load_settings(environ={"PORT": "9100"}, dotenv=f)
-    assert (s.port, s.poll_interval, s.workers) == (9100, 5.0, 2)
+    assert (s.port, MediaSettings.from_settings(s).poll_interval, s.workers) == (9100, 5.0, 2)
 
 
 def test_media_input_defaults_and_validation():
-    s = Settings(default_language="pt", default_remove_noise=False)
+    s = settings(DEFAULT_LANGUAGE="pt", DEFAULT_REMOVE_NOISE="false")
     out = MediaPipeline.validate_input({"youtube_url": " https://youtu.be/x "}, s)
     assert out == {"youtube_url": "https://youtu.be/x", "language": "pt", "language_out": None,
                    "remove_noise": False, "convert_to_mono": True, "apply_highpass_filter": False,
@@ -150,5 +156,61 @@ def test_media_input_defaults_and_validation():
     with pytest.raises(InvalidInput) as err:
         MediaPipeline.validate_input({"youtube_url": "https://youtu.be/x", "remove_noise": "no"}, s)
     assert err.value.field == "remove_noise"
-    assert MediaPipeline.timeout(Settings(job_timeout_minutes=60)) == timedelta(minutes=60)
-    assert MediaPipeline.reuse_within(Settings(cache_ttl_hours=0)) is None
+    assert MediaPipeline.timeout(settings(JOB_TIMEOUT_MINUTES="60")) == timedelta(minutes=60)
+    assert MediaPipeline.reuse_within(settings(CACHE_TTL_HOURS="0")) is None
+
+
+def test_empty_variable_is_unset_even_over_dotenv(tmp_path):
+    f = tmp_path / ".env"
+    f.write_text("PORT=9000\nCONSUMER_GROUP=from-file\n")
+    s = load_settings(environ={"PORT": "", "CONSUMER_GROUP": " "}, dotenv=f)
+    assert (s.port, s.consumer_group) == (8000, "")  # empty: the default; blank: stripped, as before
+    assert load_settings(environ={"DATABASE_URL": "", "POSTGRES_DSN": "postgres://a@b/c"},
+                         dotenv=f).database_url == "postgresql+psycopg2://a@b/c"
+
+
+@pytest.mark.parametrize("raw, value", [("yes", True), ("ON", True), ("1", True), ("no", False), ("off", False),
+                                        ("0", False), ("False", False)])
+def test_boolean_spellings(raw, value):
+    assert settings(DATABASE_PREPARED_STATEMENTS=raw).database_prepared_statements is value
+
+
+def test_settings_made_in_code_read_no_environment(monkeypatch):
+    monkeypatch.setenv("PORT", "1234")
+    monkeypatch.setenv("DATABASE_URL", "mysql://nope")
+    assert Settings().port == 8000 and Settings(port=9).port == 9
+
+
+@pytest.mark.parametrize("name, value, problem", [
+    ("API_THREADS", "0", "must be at least 1"), ("WORKERS", "-1", "must not be negative"),
+    ("GITLAB_URL", "gitlab.example.com", "expected an http:// or https:// URL"),
+    ("GITLAB_TIMEOUT", "soon", "expected a number"), ("MAX_POLL_ATTEMPTS", "0", "must be at least 1"),
+    ("CHAT_MAX_MESSAGE_CHARS", "lots", "expected a number"), ("CHAT_HEARTBEAT_SECONDS", "0", "must be at least 0.1"),
+    ("LOG_FORMAT", "xml", "expected 'json' or 'text'"), ("KAFKA_BOOTSTRAP_SERVERS", "", None)])
+def test_every_area_is_checked_when_settings_load(name, value, problem):
+    """The workflows' own settings (media, balance, chat) are checked by load_settings, naming the
+    variable, as the core ones are: a process stops at start-up, not on the first request."""
+    import sagas  # noqa: F401  (registers every workflow's settings, as the entry points do)
+
+    if problem is None:
+        assert load_settings(environ={name: value}, dotenv="/nonexistent").kafka_brokers == ""
+        return
+    with pytest.raises(ConfigError) as err:
+        load_settings(environ={name: value}, dotenv="/nonexistent")
+    assert err.value.variable == name and problem in err.value.message
+
+
+def test_workflow_settings_are_typed_and_beside_their_workflow():
+    from sagas.balance.settings import BalanceSettings
+    from sagas.chat.settings import ChatSettings
+
+    s = settings(WORKFLOW_MODULES="sagas", GIT_REPOS_DIR="/srv/git", CALCULATION_EXCHANGE="calc",
+                 CHAT_CALLBACK_CONSUMERS="3", REDIS_URL="redis://r:6379/1", VIDEO_DOWNLOADER_URL="http://v:1/")
+    assert s.workflow_modules == "sagas" and not hasattr(s, "git_repos_dir")
+    b = BalanceSettings.from_settings(s)
+    assert (b.git_repos_dir, b.calculation_exchange, b.calculation_results_queue) == (
+        "/srv/git", "calc", "orchestrator.calculation-results")
+    c = ChatSettings.from_settings(s)
+    assert (c.callback_consumers, c.redis_url) == (3, "redis://r:6379/1")
+    assert MediaSettings.from_settings(s).service_url("video-downloader") == "http://v:1"
+    assert MediaSettings.from_settings(s) is MediaSettings.from_settings(s)  # read once

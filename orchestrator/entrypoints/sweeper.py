@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from .runtime import Runtime
+from orchestrator.runtime import Runtime
 
 log = logging.getLogger(__name__)
 

@@ -25,12 +25,13 @@ from typing import Annotated, Any
 from pydantic import BeforeValidator, Field, WithJsonSchema
 from statemachine import State
 
-from orchestrator.calculations import correlation_id
 from orchestrator.config import Settings
 from orchestrator.errors import Conflict, InvalidInput
-from orchestrator.repository import check_branch_name, check_project, check_repository_path, check_repository_paths
 from orchestrator.schemas import Closed, parse
 from orchestrator.workflow import External, Retry, Step, Workflow, register
+
+from .calculations import correlation_id
+from .repository import check_branch_name, check_project, check_repository_path, check_repository_paths
 
 BALANCE_INPUT = "balance_input.json"
 BALANCE_OUTPUT = "balance_output.json"
@@ -77,7 +78,7 @@ FINAL = Dependency("balance", "balance")  # the final calculation: balance_input
 # What the calculation steps retry on: GitLab 5xx, timeouts and connection errors, with backoff.
 GIT_RETRY = Retry(attempts=6, backoff=0.5, factor=2.0, max_delay=30.0)
 CALCULATION_TIMEOUT = timedelta(hours=1)
-#: A calculation step waits for its result on the results queue (orchestrator/calculations.py),
+#: A calculation step waits for its result on the results queue (sagas/balance/calculations.py),
 #: keyed by the task's correlationId: the engine's token for the step. A task not answered within
 #: the step's lease is sent again with the same correlationId (docs/balance.md).
 AWAIT_RESULT = External(token="calculation_correlation_id", resend=True)

@@ -28,12 +28,14 @@ from typing import Any, Literal
 from kombu import Connection, Exchange, Queue
 from kombu.mixins import ConsumerMixin
 
-from . import logs
-from .engine import ACCEPTED, Engine
-from .errors import InvalidInput, UpstreamError
-from .jsonutil import check_storable
-from .schemas import Event, NonBlank, parse
-from .config import Settings
+from orchestrator import logs
+from orchestrator.engine import ACCEPTED, Engine
+from orchestrator.errors import InvalidInput, UpstreamError
+from orchestrator.jsonutil import check_storable
+from orchestrator.schemas import Event, NonBlank, parse
+from orchestrator.config import Settings
+
+from .settings import BalanceSettings
 
 log = logging.getLogger(__name__)
 
@@ -71,16 +73,16 @@ def correlation_id(idempotency_key: str) -> str:
 
 
 def task_exchange(settings: Settings) -> Exchange:
-    return Exchange(settings.calculation_exchange, type="topic", durable=True)
+    return Exchange(BalanceSettings.from_settings(settings).calculation_exchange, type="topic", durable=True)
 
 
 def task_queue(settings: Settings) -> Queue:
-    return Queue(settings.calculation_exchange, task_exchange(settings), routing_key="calculation.#",
+    return Queue(BalanceSettings.from_settings(settings).calculation_exchange, task_exchange(settings), routing_key="calculation.#",
                  durable=True)
 
 
 def results_queue(settings: Settings) -> Queue:
-    name = settings.calculation_results_queue
+    name = BalanceSettings.from_settings(settings).calculation_results_queue
     return Queue(name, Exchange(name, type="direct", durable=True), routing_key=name, durable=True)
 
 
@@ -108,7 +110,7 @@ def _publish(celery_app: Any, exchange: Exchange, queue: Queue, replies: Queue, 
             json.dumps(body), exchange=exchange, routing_key=f"calculation.{calculation_type}",
             declare=[exchange, queue, replies], serializer=None, content_type="application/json",
             content_encoding="utf-8", delivery_mode=2, correlation_id=body["correlationId"],
-            message_id=body["correlationId"], reply_to=settings.calculation_results_queue,
+            message_id=body["correlationId"], reply_to=BalanceSettings.from_settings(settings).calculation_results_queue,
             headers={"contract-version": CONTRACT_VERSION, "calculation-type": calculation_type},
             retry=True, retry_policy={"max_retries": 3},
         )
@@ -186,5 +188,5 @@ def run_consumer(rt: Any, stop: threading.Event) -> None:
         consumer = ResultConsumer(conn, rt.engine, rt.settings)
         threading.Thread(target=lambda: (stop.wait(), setattr(consumer, "should_stop", True)),
                          daemon=True).start()
-        log.info("calculation results consumer on %s", rt.settings.calculation_results_queue)
+        log.info("calculation results consumer on %s", BalanceSettings.from_settings(rt.settings).calculation_results_queue)
         consumer.run()

@@ -30,8 +30,10 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
-from .config import Settings
-from .errors import InvalidInput, NotFound, UpstreamError
+from orchestrator.config import Settings
+from orchestrator.errors import InvalidInput, NotFound, UpstreamError
+
+from .settings import BalanceSettings
 
 MARKER_PREFIX = "Orchestrator-Step:"
 GEOMETRIES_MANIFEST = "geometries_manifest.json"
@@ -633,15 +635,16 @@ class GitLabRepository:
 
 def open_repository(settings: Settings) -> Repository:
     """GitLab when GITLAB_URL is set, else the local git repositories under GIT_REPOS_DIR."""
-    if settings.gitlab_url:
-        return GitLabRepository(settings.gitlab_url, settings.gitlab_token, settings.gitlab_timeout)
-    return LocalRepository(settings.git_repos_dir)
+    balance = BalanceSettings.from_settings(settings)
+    if balance.gitlab_url:
+        return GitLabRepository(balance.gitlab_url, balance.gitlab_token, balance.gitlab_timeout)
+    return LocalRepository(balance.git_repos_dir)
 
 
 def project_from_repo_url(repo_url: str, settings: Settings) -> str:
     """The project path a task message's repoUrl points at (for workers using this facade)."""
     parsed = urlparse(repo_url)
     if parsed.scheme == "file":
-        root = Path(settings.git_repos_dir).resolve()
+        root = Path(BalanceSettings.from_settings(settings).git_repos_dir).resolve()
         return str(Path(parsed.path).resolve().relative_to(root)).removesuffix(".git")
     return parsed.path.strip("/").removesuffix(".git")

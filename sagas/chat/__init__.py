@@ -14,7 +14,6 @@ keyed by the task id (the token the callbacks carry); the final callback complet
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -24,63 +23,17 @@ from sqlalchemy.orm import Mapped, mapped_column
 from statemachine import State
 
 from orchestrator.config import Settings
-from orchestrator.errors import ConfigError, InvalidInput
+from orchestrator.errors import InvalidInput
 from orchestrator.models import Base, JSONType, UTCDateTime, utcnow
 from orchestrator.schemas import TOO_LARGE, Closed, NonBlank, parse, problem
 from orchestrator.workflow import External, Step, Workflow, register
+
+from .settings import ChatSettings
 
 TASK_TYPE = "chat_task"
 EXECUTION_TASK = "execution.chat_task"
 CALLBACK_TYPES = ("chunk", "result", "error")
 FINISHED = frozenset({"completed", "failed", "timed_out"})
-
-
-@dataclass(frozen=True)
-class ChatSettings:
-    """The chat's own variables, read from the same environment as every other setting."""
-
-    max_message_chars: int = 4000
-    max_config_bytes: int = 16384
-    task_timeout_seconds: float = 300.0
-    heartbeat_seconds: float = 15.0
-    consumer_id: str = "orchestrator"
-    callback_consumers: int = 1
-    hot_ttl_seconds: int = 3600
-    redis_url: str = "redis://127.0.0.1:6379/0"
-
-    @property
-    def callback_channel(self) -> str:
-        return f"callback:{self.consumer_id}"
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> "ChatSettings":
-        env = settings.extra
-        values: dict[str, Any] = {}
-        numbers = {"CHAT_MAX_MESSAGE_CHARS": ("max_message_chars", int, 1),
-                   "CHAT_MAX_CONFIG_BYTES": ("max_config_bytes", int, 2),
-                   "CHAT_TASK_TIMEOUT_SECONDS": ("task_timeout_seconds", float, 0.1),
-                   "CHAT_HEARTBEAT_SECONDS": ("heartbeat_seconds", float, 0.1),
-                   "CHAT_CALLBACK_CONSUMERS": ("callback_consumers", int, 0),
-                   "CHAT_HOT_TTL_SECONDS": ("hot_ttl_seconds", int, 1)}
-        for name, (attr, kind, minimum) in numbers.items():
-            raw = (env.get(name) or "").strip()
-            if not raw:
-                continue
-            try:
-                value = kind(raw)
-            except ValueError:
-                raise ConfigError(name, f"expected a number, got {raw!r}") from None
-            if value < minimum:
-                raise ConfigError(name, f"must be at least {minimum}, got {raw!r}")
-            values[attr] = value
-        consumer = (env.get("CHAT_CONSUMER_ID") or "").strip()
-        if consumer:
-            if len(consumer) > 64 or not all(c.isalnum() or c in "-_." for c in consumer):
-                raise ConfigError("CHAT_CONSUMER_ID", "expected up to 64 letters, digits, '-', '_' or '.'")
-            values["consumer_id"] = consumer
-        if settings.redis_url:
-            values["redis_url"] = settings.redis_url
-        return cls(**values)
 
 
 # -- tables ------------------------------------------------------------------------------------

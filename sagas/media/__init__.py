@@ -16,6 +16,8 @@ from orchestrator.config import Settings
 from orchestrator.schemas import Closed, parse, problem
 from orchestrator.workflow import Retry, Step, Workflow, register
 
+from .settings import MediaSettings
+
 STAGES = ("download", "normalization", "transcription")
 
 _BOOL_FIELDS = ("remove_noise", "convert_to_mono", "apply_highpass_filter", "set_sample_rate_16k",
@@ -56,7 +58,8 @@ class PipelineRequest(Closed):
 
 
 def _http_retry(settings: Settings) -> Retry:
-    return Retry(attempts=settings.http_max_retries + 1, backoff=settings.retry_backoff_base_seconds,
+    media = MediaSettings.from_settings(settings)
+    return Retry(attempts=media.http_max_retries + 1, backoff=media.retry_backoff_base_seconds,
                  factor=2.0, jitter=0.1)
 
 
@@ -101,13 +104,14 @@ class MediaPipeline(Workflow):
     @classmethod
     def validate_input(cls, data: Any, settings: Settings) -> dict[str, Any]:
         req = parse(PipelineRequest, data)
+        media = MediaSettings.from_settings(settings)
         out: dict[str, Any] = {"youtube_url": req.youtube_url,
-                               "language": req.language or settings.default_language,
+                               "language": req.language or media.default_language,
                                "language_out": req.language_out}
-        defaults = {"remove_noise": settings.default_remove_noise,
-                    "convert_to_mono": settings.default_convert_mono,
+        defaults = {"remove_noise": media.default_remove_noise,
+                    "convert_to_mono": media.default_convert_mono,
                     "apply_highpass_filter": False,
-                    "set_sample_rate_16k": settings.default_sample_rate_16k,
+                    "set_sample_rate_16k": media.default_sample_rate_16k,
                     "isolate_vocals": False}
         for name in _BOOL_FIELDS:
             value = getattr(req, name)
@@ -116,8 +120,10 @@ class MediaPipeline(Workflow):
 
     @classmethod
     def timeout(cls, settings: Settings) -> timedelta | None:
-        return timedelta(minutes=settings.job_timeout_minutes) if settings.job_timeout_minutes > 0 else None
+        minutes = MediaSettings.from_settings(settings).job_timeout_minutes
+        return timedelta(minutes=minutes) if minutes > 0 else None
 
     @classmethod
     def reuse_within(cls, settings: Settings) -> timedelta | None:
-        return timedelta(hours=settings.cache_ttl_hours) if settings.cache_ttl_hours > 0 else None
+        hours = MediaSettings.from_settings(settings).cache_ttl_hours
+        return timedelta(hours=hours) if hours > 0 else None

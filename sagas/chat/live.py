@@ -24,8 +24,8 @@ from prometheus_client import Counter, Gauge
 
 from orchestrator import runtime as runtime_module
 
-from .chat import ChatSettings
-from .chat_store import ChatStore, Rejected, parse_callback
+from . import ChatSettings
+from .store import ChatStore, Rejected, parse_callback
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import requests
 
-from .errors import UpstreamError
-from .jsonutil import unstorable
+from orchestrator.errors import UpstreamError
+from orchestrator.jsonutil import unstorable
 
 
 def _message(resp: requests.Response) -> str:

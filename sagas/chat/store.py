@@ -21,7 +21,7 @@ from orchestrator.jsonutil import iso, unstorable
 from orchestrator.models import WorkflowInstance, utcnow
 from orchestrator.schemas import Event, parse
 
-from .chat import CALLBACK_TYPES, FINISHED, TASK_TYPE, ChatEvent, ChatSession, ChatSettings
+from . import CALLBACK_TYPES, FINISHED, TASK_TYPE, ChatEvent, ChatSession, ChatSettings
 
 log = logging.getLogger(__name__)
 
