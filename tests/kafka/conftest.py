@@ -28,6 +28,16 @@ def kafka_broker(tmp_path_factory: Any) -> Iterator[BundledBroker]:
     broker.stop()
 
 
+@pytest.fixture
+def own_broker(tmp_path: Any) -> Iterator[BundledBroker]:
+    """A broker of this test's own, for tests that delete topics or run dev against a broker:
+    the emulators of other tests consume on the session's broker."""
+    broker = BundledBroker(log_path=tmp_path / "tansu.log").start()
+    ensure_topics(broker.bootstrap, TOPICS)
+    yield broker
+    broker.stop()
+
+
 @pytest.fixture(scope="session")
 def kenv(env: dict[str, str], kafka_broker: BundledBroker) -> dict[str, str]:
     return {**env, "KAFKA_BROKERS": kafka_broker.bootstrap, "CONSUMER_GROUP": f"orch-{uuid.uuid4().hex[:6]}",

@@ -13,16 +13,15 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import requests
 from conftest import ROOT, terminate, wait_for
 
-from orchestrator.entrypoints.kafka_broker import BundledBroker, free_port
-from orchestrator.kafka import ensure_topics
+from orchestrator.entrypoints.kafka_broker import free_port
 
-from .conftest import TOPICS, Kafka, key_on_partition_of
+from .conftest import Kafka, key_on_partition_of
 
 pytestmark = pytest.mark.kafka
 
@@ -116,14 +115,6 @@ class Dev:
         finally:
             kill_leftovers(self.env)
 
-
-@pytest.fixture
-def own_broker(tmp_path: Any) -> Iterator[BundledBroker]:
-    """A broker of this test's own: emulators of other tests consume on the session's broker."""
-    broker = BundledBroker(log_path=tmp_path / "tansu.log").start()
-    ensure_topics(broker.bootstrap, TOPICS)
-    yield broker
-    broker.stop()
 
 
 def test_dev_runs_both_kafka_workflows_on_the_bundled_broker(tmp_path):

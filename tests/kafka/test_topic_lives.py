@@ -4,7 +4,7 @@ test has a broker of its own, so deleting a topic touches no other test."""
 from __future__ import annotations
 
 import uuid
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from conftest import wait_for
@@ -16,13 +16,6 @@ from .conftest import TOPICS, Kafka, key_on_partition_of, start_bridge
 
 pytestmark = pytest.mark.kafka
 
-
-@pytest.fixture
-def own_broker(tmp_path: Any) -> Iterator[BundledBroker]:
-    broker = BundledBroker(log_path=tmp_path / "tansu.log").start()
-    ensure_topics(broker.bootstrap, TOPICS)
-    yield broker
-    broker.stop()
 
 
 def route_started(kclient: Any, route_id: str) -> bool:
