@@ -39,13 +39,13 @@ def start_saga() -> Any:
     return _start(start.type, start.key, start.input)
 
 
-@bp.post("/saga/<type_name>")
+@bp.post("/saga/<type>")
 @doc(Instance, status=201, also={200: Instance}, errors=(400, 404, 409), json=StartSagaOfType,
      headers=IdempotencyHeader, tags=TAGS)
-def start_saga_of_type(type_name: str) -> Any:
+def start_saga_of_type(type: str) -> Any:  # noqa: A002 - the path parameter is named as in SPEC
     """Start a workflow of a type."""
     start = body(StartSagaOfType, required=False)
-    return _start(type_name, start.key, start.input)
+    return _start(type, start.key, start.input)
 
 
 @bp.get("/sagas")

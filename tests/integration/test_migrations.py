@@ -13,7 +13,11 @@ from typing import Iterator
 
 import pytest
 from conftest import PG_ADMIN, ROOT, _admin_engine
+from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, inspect, text
+
+#: The engine's newest revision, which a workflow's own branch depends on.
+ENGINE_HEAD = ScriptDirectory(str(ROOT / "orchestrator" / "migrations")).get_current_head()
 
 REVISION = '''
 """notes of the example workflow
@@ -27,7 +31,7 @@ import sqlalchemy as sa
 revision = "notes_0001"
 down_revision = None
 branch_labels = ("notes",)
-depends_on = "0007"
+depends_on = "{engine_head}"
 
 
 def upgrade() -> None:
@@ -79,18 +83,18 @@ def test_a_workflow_owns_its_tables_in_its_own_migrations_folder(empty_database:
     assert out.returncode == 0, out.stderr
     tables, heads = tables_and_heads(empty_database)
     assert {"workflow_instances", "workers", "chat_sessions"} <= tables and "notes" not in tables
-    assert heads == {"0007"}
+    assert heads == {ENGINE_HEAD}
 
     # A workflow of one's own, with a table of its own beside it.
     package = tmp_path / "notes_workflow"
     (package / "migrations").mkdir(parents=True)
     (package / "__init__.py").write_text('"""An example workflow package owning one table."""\n')
-    (package / "migrations" / "notes_0001.py").write_text(textwrap.dedent(REVISION))
+    (package / "migrations" / "notes_0001.py").write_text(textwrap.dedent(REVISION).replace("{engine_head}", ENGINE_HEAD))
     modules = {"WORKFLOW_MODULES": "sagas,tasks,notes_workflow"}
     out = db_upgrade(empty_database, tmp_path, **modules)
     assert out.returncode == 0, out.stderr
     tables, heads = tables_and_heads(empty_database)
-    # the branch depends on the engine's 0007, so Alembic keeps only the branch's head as current
+    # the branch depends on the engine's head, so Alembic keeps only the branch's head as current
     assert "notes" in tables and heads == {"notes_0001"}
     # Upgrading again changes nothing.
     assert db_upgrade(empty_database, tmp_path, **modules).returncode == 0
