@@ -31,7 +31,7 @@ from statemachine.exceptions import TransitionNotAllowed
 from .config import Settings
 from .errors import Conflict, IllegalTransition, InvalidInput, NotFound
 from . import logs
-from .jsonutil import digest, storable
+from .jsonutil import digest, storable, utc_iso
 from .models import (ACTIVE_STEP_STATUSES, HistoryEntry, OutboxMessage, StepClaim, StepRun, StepStatus, StepToken,
                      Timer, utcnow)
 from .rows import INSTANCES, Record, StaleBasis, Writes, execute_prepared
@@ -1165,7 +1165,7 @@ def _not_a_signal(cls: type[Workflow], event: str) -> str:
 
 
 def _ts(value: datetime | None) -> str | None:
-    return value.isoformat() if value else None
+    return utc_iso(value)  # with +00:00 on SQLite too, which hands back naive values
 
 
 def step_dict(run: Any) -> dict[str, Any]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from datetime import datetime, timezone
 from typing import Any
 
@@ -15,20 +16,32 @@ def digest(value: Any) -> str:
     return hashlib.sha256(canonical(value).encode()).hexdigest()
 
 
-def iso(value: datetime | None) -> str | None:
-    """ISO 8601 in UTC without offset, as the seeds' clients expect ("2025-10-29T10:00:00")."""
+def utc_iso(value: datetime | None, timespec: str = "auto") -> str | None:
+    """ISO 8601 in UTC with its offset always written ("2025-10-29T10:00:00.123456+00:00"), on
+    every database: a naive value (SQLite hands timestamps back without a zone) is UTC, as the
+    engine stores only UTC. A time without an offset would be read as local time by many clients
+    (JavaScript's Date among them)."""
     if value is None:
         return None
-    return value.astimezone(timezone.utc).replace(tzinfo=None).isoformat(timespec="seconds")
+    value = value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+    return value.isoformat(timespec=timespec)
+
+
+def iso(value: datetime | None) -> str | None:
+    """`utc_iso` to the second, the precision of the media seed's examples
+    ("2025-10-29T10:00:00+00:00"; the seed shows no offset, which is ambiguous: we add it)."""
+    return utc_iso(value, "seconds")
 
 
 def unstorable(value: Any, path: str = "") -> tuple[str, str] | None:
-    """Where decoded JSON holds text that a database cannot store, and why; None if it holds none.
+    """Where decoded JSON holds a value that a database cannot store, and why; None if it holds none.
 
     PostgreSQL's text and jsonb refuse the NUL character (`\\u0000`), and a lone UTF-16 surrogate
-    (`"\\ud800"`, which JSON parsers accept) cannot be encoded as UTF-8 at all. Every string and
-    every object key is checked, depth first; the answer is the first one's dotted path
-    (`input.note`, `items[2]`, a key as `input.<key>` with the key JSON-escaped) and the problem.
+    (`"\\ud800"`, which JSON parsers accept) cannot be encoded as UTF-8 at all. Python's parser
+    also accepts `NaN`, `Infinity` and `-Infinity` (and turns `1e999` into infinity), which are
+    not JSON: PostgreSQL's json refuses them, and SQLite stores them where json_extract then fails
+    on every later read. Every string, number and object key is checked, depth first; the answer
+    is the first one's dotted path (`input.note`, `items[2]`, a key as `input.<key>` with the key JSON-escaped) and the problem.
     `path` is the name of `value` itself ("" for a request body: its fields are named bare).
     """
     stack: list[tuple[str, Any]] = [(path, value)]
@@ -38,6 +51,8 @@ def unstorable(value: Any, path: str = "") -> tuple[str, str] | None:
             problem = _text_problem(item)
             if problem:
                 return where or "body", problem
+        elif isinstance(item, float) and not math.isfinite(item):
+            return where or "body", "is not a finite number (NaN and Infinity are not JSON)"
         elif isinstance(item, dict):
             children = []
             for key, child in item.items():

@@ -27,6 +27,12 @@ M = TypeVar("M", bound=BaseModel)
 #: The error type of a value over a configured size limit: answered 413, not 400.
 TOO_LARGE = "too_large"
 
+#: Bounds of the integers a database column or query parameter takes: a position compared in SQL
+#: (offset, after_seq) fits a signed 64-bit integer; a value stored in an INTEGER column (a
+#: sequence number, a process id) fits 32 bits. Beyond them the database answers an error.
+INT64_MAX = 2**63 - 1
+INT32_MAX = 2**31 - 1
+
 
 class Contract(BaseModel):
     """An open shape: fields it does not name are ignored (kept out of the parsed value)."""

@@ -21,8 +21,9 @@ from sagas.balance import BALANCE_INPUT, BALANCE_OUTPUT, FINAL, STEP_DEPENDENCY,
 
 
 def dumps(value: Any) -> str:
-    """Files the saga writes: stable formatting so the same content is the same blob."""
-    return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    """Files the saga writes: stable formatting so the same content is the same blob. Only
+    JSON: a NaN or infinity raises ValueError rather than being written as `NaN`."""
+    return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n"
 
 
 def invalid(ctx: StepContext, field: str, problem: str) -> InvalidInput:

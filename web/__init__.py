@@ -6,6 +6,7 @@ import time
 from typing import Any, TypeVar
 
 from flask import Flask, g, jsonify, request
+from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException
 
 from orchestrator import logs
@@ -29,6 +30,7 @@ STORED_HEADERS = ("Idempotency-Key", "X-Correlation-ID", "X-Request-ID", "X-Acto
 def create_app(runtime: runtime_module.Runtime | None = None) -> Flask:
     rt = runtime_module.install(runtime) if runtime is not None else runtime_module.current()
     app = Flask(__name__)
+    app.json = StrictJSONProvider(app)
     app.config["RUNTIME"] = rt
     app.config["MAX_CONTENT_LENGTH"] = 1 * 1024 * 1024
     app.json.sort_keys = False  # type: ignore[attr-defined]
@@ -83,6 +85,16 @@ def create_app(runtime: runtime_module.Runtime | None = None) -> Flask:
             g.unbind_log_ids()
 
     return app
+
+
+class StrictJSONProvider(DefaultJSONProvider):
+    """Answers are JSON only: a NaN or infinity raises (a 500 naming no field, logged) instead
+    of going out as `NaN`, which JSON clients cannot parse. Inputs are refused before that
+    (`json_body`)."""
+
+    def dumps(self, obj: Any, **kwargs: Any) -> str:
+        kwargs.setdefault("allow_nan", False)
+        return super().dumps(obj, **kwargs)
 
 
 def runtime() -> runtime_module.Runtime:

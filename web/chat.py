@@ -19,6 +19,7 @@ from orchestrator.errors import InvalidInput
 from orchestrator.jsonutil import iso
 from orchestrator.metrics import render
 from orchestrator.models import utcnow
+from orchestrator.schemas import INT64_MAX
 from sagas.chat import live as chat_live
 from sagas.chat import ChatInit, ChatMessage, validate_message, validate_session_request
 from sagas.chat.store import bad_after_seq
@@ -163,8 +164,8 @@ def _client_frame(raw: Any, cursor: StreamCursor, send: Callable[[dict[str, Any]
     kind = msg.get("type")
     if kind == "resume":
         after = msg.get("after_seq")
-        if not isinstance(after, int) or isinstance(after, bool) or after < 0:
-            send(error_frame("bad_frame", "after_seq: must be an integer >= 0"))
+        if not isinstance(after, int) or isinstance(after, bool) or not 0 <= after <= INT64_MAX:
+            send(error_frame("bad_frame", f"after_seq: must be an integer from 0 to {INT64_MAX}"))
             return
         cursor.resume(after)
     elif kind == "ping":
@@ -223,8 +224,10 @@ def chat_socket(ws: Server, session_id: str) -> None:
 def chat_events(session_id: str) -> Any:
     """Server-sent events: the same frames as the WebSocket, for clients that cannot open one.
     Resumes from `after_seq` or the Last-Event-ID header."""
-    raw = request.args.get("after_seq", request.headers.get("Last-Event-ID", 0))
-    after = bad_after_seq(raw)
+    if "after_seq" in request.args:
+        after = bad_after_seq(request.args["after_seq"])
+    else:
+        after = bad_after_seq(request.headers.get("Last-Event-ID", 0), "Last-Event-ID")
     chat_live.store().session(session_id)  # 404 before the stream starts
 
     def generate() -> Iterator[str]:

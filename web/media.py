@@ -28,24 +28,37 @@ SERVICES = ("video-downloader", "audio-normalization", "audio-transcriber")
 STAGE_STATES = {"download": "downloading", "normalization": "normalizing", "transcription": "transcribing"}
 
 
+def started(step: dict[str, Any] | None) -> bool:
+    """Whether a stage's step has begun its work: it ran (started_at), polled the service or
+    reported progress. A polling step goes back to `queued` between polls, and a retry waits
+    `queued` too: neither is "not started" to someone watching the job."""
+    return bool(step) and bool(step["started_at"] or step["polls"] or step["progress"])  # type: ignore[index]
+
+
 def job_status(snapshot: dict[str, Any]) -> str:
-    """The seed's job status: queued until the first stage runs, then the state's name."""
+    """The seed's job status: queued until the first stage has started, then the state's name
+    (never back to queued: see `started`)."""
     state = snapshot["state"]
     steps = {s["name"]: s for s in snapshot.get("steps", [])}
     first = steps.get("download")
-    if state == "queued" or (state == "downloading" and first and first["status"] == "queued"
-                             and first["attempt"] == 1 and first["restarts"] == 0):
+    if state == "queued" or (state == "downloading" and first and first["status"] in ("pending", "queued")
+                             and first["attempt"] <= 1 and first["restarts"] == 0 and not started(first)):
         return "queued"
     return state
 
 
 def stage_view(step: dict[str, Any] | None) -> dict[str, Any]:
+    """A stage as seed 004 shows it: pending until its step starts, then processing until it
+    completes or fails (a step queued for its next poll or retry still reads processing)."""
     if step is None:
         return {"status": "pending", "job_id": None, "progress": 0.0, "started_at": None, "completed_at": None}
     status = step["status"]
     progress = 100.0 if status == "completed" else round(float(step["progress"]), 1)
+    shown = {"queued": "pending", "waiting": "processing"}.get(status, status)
+    if shown == "pending" and started(step):
+        shown = "processing"
     view = {
-        "status": {"queued": "pending", "waiting": "processing"}.get(status, status),
+        "status": shown,
         "job_id": (step["data"].get("output") or {}).get("remote_job_id") or step["data"].get("remote_job_id"),
         "progress": progress,
         "started_at": _iso(step["started_at"]),

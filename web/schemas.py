@@ -12,8 +12,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, RootModel, WithJsonSchema
 
+from orchestrator.schemas import INT64_MAX, Closed, Contract, NonBlank
 from sagas.balance.repository import check_branch_name
-from orchestrator.schemas import Closed, Contract, NonBlank
 from sagas.balance import Project
 
 
@@ -62,7 +62,7 @@ class SignalPayload(RootModel[dict[str, Any]]):
 
 class Paging(Contract):
     limit: int = Field(50, ge=1, le=500)
-    offset: int = Field(0, ge=0)
+    offset: int = Field(0, ge=0, le=INT64_MAX)
 
 
 class SagaListQuery(Paging):
@@ -328,7 +328,8 @@ class ChatPaging(Paging):
 
 
 class EventsQuery(Contract):
-    after_seq: int = Field(0, ge=0, description="resume after this stream seq (or send Last-Event-ID)")
+    after_seq: int = Field(0, ge=0, le=INT64_MAX,
+                           description="resume after this stream seq (or send Last-Event-ID)")
 
 
 class SessionCreated(Answer):

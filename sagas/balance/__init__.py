@@ -361,7 +361,7 @@ class SimpleCalculation(Workflow):
             if isinstance(content, str):
                 out_files[path] = content
             else:
-                out_files[path] = json.dumps(content, indent=2, sort_keys=True) + "\n"
+                out_files[path] = json.dumps(content, indent=2, sort_keys=True, allow_nan=False) + "\n"
         output = check_repository_path(req.output_file, "output_file")
         if output in out_files:
             raise InvalidInput("output_file", "must not be one of the input files")

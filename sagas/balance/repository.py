@@ -32,6 +32,7 @@ from urllib.parse import urlparse
 
 from orchestrator.config import Settings
 from orchestrator.errors import InvalidInput, NotFound, UpstreamError
+from orchestrator.jsonutil import unstorable
 
 from .settings import BalanceSettings
 
@@ -64,9 +65,13 @@ class FileContent:
     def json(self) -> Any:
         """The file parsed as JSON; InvalidInput (422) naming the file if it is not JSON."""
         try:
-            return json.loads(self.text)
+            data = json.loads(self.text)
         except ValueError as exc:
             raise InvalidInput(self.path, f"is not valid JSON: {exc}", status=422) from None
+        bad = unstorable(data, "$")  # NaN, NUL: what is read from it is stored in the context
+        if bad is not None:
+            raise InvalidInput(f"{self.path}:{bad[0].removeprefix('$.')}", bad[1], status=422)
+        return data
 
 
 @dataclass(frozen=True)
@@ -318,7 +323,7 @@ class GitRepo:
             mr = {"iid": iid, "source_branch": source, "target_branch": target, "title": title,
                   "state": "opened", "web_url": f"{web_url}/-/merge_requests/{iid}"}
             items.append(mr)
-            f.write_text(json.dumps(items, indent=2))
+            f.write_text(json.dumps(items, indent=2, allow_nan=False))
             return mr, True
 
 

@@ -19,7 +19,7 @@ from orchestrator.engine import ACCEPTED, Engine
 from orchestrator.errors import IllegalTransition, InvalidInput, NotFound
 from orchestrator.jsonutil import iso, unstorable
 from orchestrator.models import WorkflowInstance, utcnow
-from orchestrator.schemas import Event, parse
+from orchestrator.schemas import INT32_MAX, INT64_MAX, Event, parse
 
 from . import CALLBACK_TYPES, FINISHED, TASK_TYPE, ChatEvent, ChatSession, ChatSettings
 
@@ -54,7 +54,7 @@ class ChatCallback(Event):
 
     session_id: str = Field(min_length=1, max_length=64)
     task_id: str = Field(min_length=1, max_length=64)
-    seq: int = Field(ge=1)
+    seq: int = Field(ge=1, le=INT32_MAX)  # stored in an INTEGER column
     type: Literal[CALLBACK_TYPES]  # type: ignore[valid-type]
     result: Any = Field(description="the chunk's or the final answer's data (any JSON; required, may be null)")
 
@@ -323,11 +323,13 @@ def task_dict(inst: WorkflowInstance, events: list[ChatEvent]) -> dict[str, Any]
     }
 
 
-def bad_after_seq(raw: Any) -> int:
+def bad_after_seq(raw: Any, field: str = "after_seq") -> int:
+    """A resume position: an integer from 0 to INT64_MAX (it is compared in SQL); InvalidInput
+    naming `field` (`after_seq`, or the `Last-Event-ID` header it came from) otherwise."""
     try:
         value = int(raw)
     except (TypeError, ValueError):
-        raise InvalidInput("after_seq", f"must be an integer >= 0, got {raw!r}") from None
-    if value < 0:
-        raise InvalidInput("after_seq", f"must be an integer >= 0, got {value}")
+        raise InvalidInput(field, f"must be an integer >= 0, got {str(raw)[:40]!r}") from None
+    if not 0 <= value <= INT64_MAX:
+        raise InvalidInput(field, f"must be an integer from 0 to {INT64_MAX}, got {str(raw)[:40]}")
     return value

@@ -31,7 +31,7 @@ from orchestrator.errors import NotFound
 from orchestrator.jsonutil import iso
 from orchestrator.kafka_bridge import Ignored, KafkaEvent
 from orchestrator.models import Base, UTCDateTime, utcnow
-from orchestrator.schemas import Contract, Event, parse, parse_value, problem
+from orchestrator.schemas import INT32_MAX, INT64_MAX, Contract, Event, parse, parse_value, problem
 from orchestrator.workflow import Workflow, register
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class WorkerStatusReport(Event):
 
     worker_id: UuidText
     status: Literal[REPORTED]  # type: ignore[valid-type]
-    process_pid: int | None = None
+    process_pid: int | None = Field(None, ge=0, le=INT32_MAX)
     reason: str | None = None
 
 
@@ -117,7 +117,7 @@ class WorkersQuery(Contract):
     status: Literal[STATUSES] | None = None  # type: ignore[valid-type]
     scenario_uuid: UuidText | None = None
     limit: int = Field(50, ge=1, le=500)
-    offset: int = Field(0, ge=0)
+    offset: int = Field(0, ge=0, le=INT64_MAX)
 
 
 @register

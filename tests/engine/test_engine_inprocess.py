@@ -3,6 +3,8 @@ joins, compensation and external steps. No broker, no worker: captured step mess
 calling their step functions (tests/engine/inprocess.py)."""
 from __future__ import annotations
 
+from datetime import datetime, timedelta
+
 import pytest
 
 from engine.workflows import CALLS, SCRIPT
@@ -210,3 +212,29 @@ def test_an_unanswered_request_is_sent_again_under_the_same_token_when_it_resend
     assert [c[0] for c in CALLS].count("inproc.ask") == 2
     assert inproc.engine.complete_external(token, True, {"ok": True}) == ACCEPTED
     assert inproc.engine.snapshot(inst["id"])["state"] == "done"
+
+
+def _timestamps(view: object, where: str = "") -> list[tuple[str, str]]:
+    """Every (path, value) of a view whose key names a time."""
+    found: list[tuple[str, str]] = []
+    if isinstance(view, dict):
+        for key, value in view.items():
+            if isinstance(value, str) and (key.endswith("_at") or key in ("at", "timestamp")):
+                found.append((f"{where}.{key}", value))
+            else:
+                found.extend(_timestamps(value, f"{where}.{key}"))
+    elif isinstance(view, list):
+        for i, value in enumerate(view):
+            found.extend(_timestamps(value, f"{where}[{i}]"))
+    return found
+
+
+def test_every_timestamp_of_a_snapshot_on_sqlite_has_the_utc_offset(inproc):
+    inst, _ = inproc.engine.start("inproc-shop", {"parcels": ["x"]})
+    inproc.run()
+    for view in (inst, inproc.engine.snapshot(inst["id"])):
+        stamps = _timestamps(view)
+        assert len(stamps) >= 4, view
+        for where, value in stamps:
+            assert value.endswith("+00:00"), (where, value)
+            assert datetime.fromisoformat(value).utcoffset() == timedelta(0)

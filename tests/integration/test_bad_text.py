@@ -77,3 +77,27 @@ def test_text_that_can_be_stored_is_kept_intact(client):
     assert r.status_code == 201, r.json
     assert client.get(f"/sagas/{r.json['id']}").json["context"]["input"]["note"] == note
     assert json.loads(json.dumps(note)) == note
+
+
+# NaN, Infinity and -Infinity are not JSON, though Python's parser takes them (and 1e999 as
+# infinity): PostgreSQL's json refuses them (a 500), SQLite stores them and then fails every read.
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e999", "-1e999"])
+@pytest.mark.parametrize("path, raw, field", [
+    ("/api/v1/chat/init", '{"config": {"x": %s}}', "config.x"),
+    ("/saga/order", '{"input": {"parcels": [{"weight": %s}]}}', "input.parcels[0].weight"),
+    ("/pipeline", '{"youtube_url": "%s", "extra": %%s}' % URL, "extra"),
+    ("/calculations", '{"project": "team/p", "branch": "b", "files": {"in.json": {"p": %s}}, '
+                      '"output_file": "out.json"}', "files.in.json.p"),
+])
+def test_a_number_that_is_not_finite_is_a_400_naming_the_field(client, path, raw, field, number):
+    r = client.post(path, data=raw % number, content_type="application/json")
+    assert r.status_code == 400, (path, number, r.status_code, r.json)
+    assert r.json["field"] == field and "is not a finite number" in r.json["message"], r.json
+
+
+def test_after_a_refused_nan_every_chat_session_still_answers(client):
+    session = client.post("/api/v1/chat/init", json={"config": {"x": 1.5}}).json["session_id"]
+    r = client.post("/api/v1/chat/init", data='{"config": {"x": NaN}}', content_type="application/json")
+    assert r.status_code == 400
+    for path in ("status", "events", "tasks"):
+        assert client.get(f"/api/v1/chat/{session}/{path}").status_code == 200, path

@@ -247,3 +247,26 @@ def test_health_stats_and_admin(client, worker, sweeper, emulators):
     assert set(r.json["microservices"]) == {"video-downloader", "audio-normalization", "audio-transcriber"}
     assert all(v["status"] == "success" for v in r.json["microservices"].values())
     assert client.get("/admin/stats").json["redis"]["total_jobs"] == 0
+
+
+def test_status_never_goes_back_while_a_slow_download_runs(client, worker, sweeper, faults):
+    """A polling step is `queued` again before each poll: the job and its stage must still read
+    as started (seed 004: processing until the stage completes or fails)."""
+    faults("video-downloader", job={"job_seconds": 2})  # about 10 of its 15 polls
+    job_id = submit(client)["job_id"]
+    samples: list[tuple[str, str, float]] = []
+
+    def sample():
+        job = client.get(f"/jobs/{job_id}").json
+        samples.append((job["status"], job["stages"]["download"]["status"], job["stages"]["download"]["progress"]))
+        return job["stages"]["download"]["status"] in ("completed", "failed")
+
+    wait_for(sample, timeout=30, interval=0.01, what="the download to finish")
+    assert samples[-1][1] == "completed", samples[-1]
+    midway = [s for s in samples if 0 < s[2] < 100]
+    assert midway, "no sample while the download was under way"
+    rank = {"queued": 0, "pending": 0, "processing": 1, "downloading": 1, "completed": 2}
+    for before, after in zip(samples, samples[1:]):
+        assert rank.get(after[0], 1) >= rank.get(before[0], 1), (before, after)  # the job's status
+        assert rank[after[1]] >= rank[before[1]], (before, after)  # the download stage's status
+    assert all(s[1] == "processing" and s[0] != "queued" for s in midway)

@@ -67,6 +67,13 @@ def completed_route(kclient, kafka, route_id):
                                   "note\u0000": 1}).encode(), "note\\u0000: the object key contains a NUL"),
     ("worker.status", json.dumps({"worker_id": str(uuid.UUID(int=9)), "status": "failed",
                                   "reason": "\udfff"}).encode(), "reason: contains a lone UTF-16 surrogate"),
+    # numbers that are not JSON (Python's parser takes them, the database does not): named at once
+    ("route.confirmed", b'{"route_id": "r-nan", "mode": "walking", "distance_km": NaN}',
+     "distance_km: is not a finite number"),
+    ("worker.status", ('{"worker_id": "%s", "status": "running", "process_pid": 1e999}' % uuid.UUID(int=9)).encode(),
+     "process_pid: is not a finite number"),
+    ("init_scenario", ('{"scenario_uuid": "%s", "camera_url": "rtsp://c/1", "meta": {"fps": [25, -Infinity]}}'
+                       % uuid.UUID(int=11)).encode(), "meta.fps[1]: is not a finite number"),
 ])
 def test_bad_events_are_dead_lettered_with_reason(kafka, bridge, topic, raw, reason):
     before = metric(bridge, "orchestrator_kafka_dead_letters_total", topic=topic)

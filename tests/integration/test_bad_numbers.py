@@ -1,0 +1,49 @@
+"""Numbers in query parameters and headers that do not fit: a 400 naming the parameter, never a
+500 from the database (an integer beyond 64 bits), from timedelta (hours beyond its range) or
+from float parsing (nan, 1e999)."""
+from __future__ import annotations
+
+import pytest
+
+HUGE = "9223372036854775808"  # 2**63: one past the largest signed 64-bit integer
+HUGER = "99999999999999999999999999"
+
+
+@pytest.fixture
+def session(client) -> str:
+    return client.post("/api/v1/chat/init", json={}).json["session_id"]
+
+
+@pytest.mark.parametrize("method, url, field", [
+    ("get", f"/sagas?offset={HUGE}", "offset"),
+    ("get", f"/sagas?limit={HUGE}", "limit"),
+    ("get", f"/sagas?offset={HUGER}", "offset"),
+    ("get", "/sagas?offset=-1", "offset"),
+    ("get", f"/workers?offset={HUGE}", "offset"),
+    ("get", f"/workers?limit={HUGER}", "limit"),
+    ("get", f"/jobs?limit={HUGE}", "limit"),
+    ("post", "/admin/cleanup?max_age_hours=nan", "max_age_hours"),
+    ("post", "/admin/cleanup?max_age_hours=inf", "max_age_hours"),
+    ("post", "/admin/cleanup?max_age_hours=1e999", "max_age_hours"),
+    ("post", "/admin/cleanup?max_age_hours=1e300", "max_age_hours"),
+    ("post", "/admin/cleanup?max_age_hours=99999999999", "max_age_hours"),
+    ("post", "/admin/cleanup?max_age_hours=-1", "max_age_hours"),
+])
+def test_a_number_out_of_range_in_the_query_is_a_400_naming_it(client, method, url, field):
+    r = getattr(client, method)(url)
+    assert r.status_code == 400, (url, r.status_code, r.json)
+    assert r.json["field"] == field, r.json
+
+
+@pytest.mark.parametrize("value", [HUGE, HUGER, "-1", "nan", "1e3"])
+def test_a_resume_position_out_of_range_is_a_400_naming_it(client, session, value):
+    r = client.get(f"/api/v1/chat/{session}/events?after_seq={value}")
+    assert r.status_code == 400 and r.json["field"] == "after_seq", (value, r.json)
+    r = client.get(f"/api/v1/chat/{session}/events", headers={"Last-Event-ID": value})
+    assert r.status_code == 400 and r.json["field"] == "Last-Event-ID", (value, r.json)
+
+
+def test_the_largest_allowed_values_are_answered(client, session):
+    assert client.get("/sagas?offset=9223372036854775807").status_code == 200
+    assert client.post("/admin/cleanup?max_age_hours=1000000").status_code == 200
+    assert client.get("/workers?offset=9223372036854775807").status_code == 200
