@@ -68,41 +68,10 @@ class StreamHub(threading.Thread):
 
     # -- the subscriber ----------------------------------------------------------------------
     def run(self) -> None:
-        backoff = 0.5
-        while not self.stop.is_set():
-            pubsub = None
-            try:
-                pubsub = chat_live.client().pubsub(ignore_subscribe_messages=True)
-                pubsub.psubscribe(chat_live.STREAM_PREFIX + "*")
-                self.connected.set()
-                backoff = 0.5
-                ticks = 0
-                while not self.stop.is_set():
-                    msg = pubsub.get_message(timeout=1.0)
-                    if msg is None:
-                        ticks += 1
-                        if ticks % 10 == 0:
-                            self.refresh_presence()
-                        continue
-                    if msg.get("type") != "pmessage":
-                        continue
-                    session_id = msg["channel"][len(chat_live.STREAM_PREFIX):]
-                    self.dispatch(session_id, msg["data"])
-            except redis.RedisError as exc:
-                self.connected.clear()
-                log.warning("chat stream hub: Redis unavailable (%s); retrying in %.1fs", exc, backoff)
-                self.stop.wait(backoff)
-                backoff = min(10.0, backoff * 2)
-            except Exception:
-                self.connected.clear()
-                log.exception("chat stream hub error; restarting its loop")
-                self.stop.wait(1.0)
-            finally:
-                if pubsub is not None:
-                    try:
-                        pubsub.close()
-                    except Exception:
-                        pass
+        chat_live.listen(self.stop, "chat stream hub", lambda p: p.psubscribe(chat_live.STREAM_PREFIX + "*"),
+                         lambda msg: self.dispatch(msg["channel"][len(chat_live.STREAM_PREFIX):], msg["data"]),
+                         idle=self.refresh_presence, idle_every=10.0,
+                         on_connected=lambda up: self.connected.set() if up else self.connected.clear())
 
     def dispatch(self, session_id: str, raw: str) -> None:
         with self.lock:

@@ -17,7 +17,7 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import redis
 from prometheus_client import Counter, Gauge
@@ -180,39 +180,62 @@ class CallbackConsumer(threading.Thread):
     def run(self) -> None:
         chat = chat_settings()
         presence_key = f"chat:consumers:{PROCESS_ID}:{self.index}"
+        r = client(chat.redis_url)
         CONSUMERS.inc()
-        backoff = 0.5
         try:
-            while not self.stop.is_set():
-                pubsub = None
-                try:
-                    r = client(chat.redis_url)
-                    pubsub = r.pubsub(ignore_subscribe_messages=True)
-                    pubsub.subscribe(chat.callback_channel)
-                    backoff = 0.5
-                    refreshed = 0.0
-                    while not self.stop.is_set():
-                        if time.monotonic() - refreshed > PRESENCE_TTL / 3:
-                            r.set(presence_key, "1", ex=PRESENCE_TTL)
-                            refreshed = time.monotonic()
-                        msg = pubsub.get_message(timeout=1.0)
-                        if msg is not None and msg.get("type") == "message":
-                            handle_callback(msg["data"])
-                except redis.RedisError as exc:
-                    log.warning("callback consumer: Redis unavailable (%s); retrying in %.1fs", exc, backoff)
-                    self.stop.wait(backoff)
-                    backoff = min(10.0, backoff * 2)
-                except Exception:
-                    log.exception("callback consumer error; restarting its loop")
-                    self.stop.wait(1.0)
-                finally:
-                    if pubsub is not None:
-                        try:
-                            pubsub.close()
-                        except Exception:
-                            pass
+            listen(self.stop, "callback consumer", lambda p: p.subscribe(chat.callback_channel),
+                   lambda msg: handle_callback(msg["data"]),
+                   idle=lambda: r.set(presence_key, "1", ex=PRESENCE_TTL), idle_every=PRESENCE_TTL / 3,
+                   redis_client=r)
         finally:
             CONSUMERS.dec()
+
+
+def listen(stop: threading.Event, name: str, subscribe: Callable[[Any], None],
+           on_message: Callable[[dict[str, Any]], None], *, idle: Callable[[], None] | None = None,
+           idle_every: float = 10.0, on_connected: Callable[[bool], None] | None = None,
+           redis_client: redis.Redis | None = None) -> None:
+    """Keep a Redis pub/sub subscription alive until `stop` is set.
+
+    `subscribe(pubsub)` subscribes a new PubSub; every message (not the subscribe
+    confirmations) goes to `on_message`; `idle()` runs at most every `idle_every` seconds and
+    right after subscribing (presence keys). On a Redis error the subscription is closed,
+    `on_connected(False)` is called, and it subscribes again after 0.5 s, doubling to 10 s; any
+    other error restarts the loop after 1 s. Used by the callback consumers and the stream hub."""
+    backoff = 0.5
+    while not stop.is_set():
+        pubsub = None
+        try:
+            pubsub = (redis_client or client()).pubsub(ignore_subscribe_messages=True)
+            subscribe(pubsub)
+            if on_connected is not None:
+                on_connected(True)
+            backoff = 0.5
+            idled = 0.0
+            while not stop.is_set():
+                if idle is not None and time.monotonic() - idled >= idle_every:
+                    idle()
+                    idled = time.monotonic()
+                msg = pubsub.get_message(timeout=1.0)
+                if msg is not None and msg.get("type") in ("message", "pmessage"):
+                    on_message(msg)
+        except redis.RedisError as exc:
+            if on_connected is not None:
+                on_connected(False)
+            log.warning("%s: Redis unavailable (%s); retrying in %.1fs", name, exc, backoff)
+            stop.wait(backoff)
+            backoff = min(10.0, backoff * 2)
+        except Exception:
+            if on_connected is not None:
+                on_connected(False)
+            log.exception("%s error; restarting its loop", name)
+            stop.wait(1.0)
+        finally:
+            if pubsub is not None:
+                try:
+                    pubsub.close()
+                except Exception:  # closing a broken connection: nothing left to do
+                    pass
 
 
 _consumers: list[CallbackConsumer] = []
