@@ -11,13 +11,15 @@ import json
 from typing import Any
 
 from orchestrator import runtime
-from sagas.balance.calculations import correlation_id, publish_task, task_message
+from sagas.balance.calculations import publish_task, task_message
 from orchestrator.engine import Await, Done, StepContext
 from orchestrator.errors import InvalidInput
 from orchestrator.jsonutil import unstorable
 from sagas.balance.repository import FileContent, FileMissing, commit_once, open_repository, read_at_branch
 from orchestrator.steps import StepError, step_task
-from sagas.balance import BALANCE_INPUT, BALANCE_OUTPUT, FINAL, STEP_DEPENDENCY, Dependency
+from sagas.balance import (BALANCE_INPUT, BALANCE_OUTPUT, CALCULATE_TASK, CHECK_TASK, COMMIT_INPUTS_TASK, FINAL,
+                           SAVE_INPUT_TASK, SIMPLE_CALCULATE_TASK, STEP_DEPENDENCY, SYNC_FINAL_TASK, SYNC_RESULT_TASK,
+                           Dependency)
 
 
 def dumps(value: Any) -> str:
@@ -49,7 +51,7 @@ def dependency(ctx: StepContext) -> Dependency:
     return STEP_DEPENDENCY[ctx.step]
 
 
-@step_task("balance.check")
+@step_task(CHECK_TASK)
 def check(ctx: StepContext) -> Done:
     """Is <dep>_input.json on the branch? If not, hydrate it from balance_input.json and commit it."""
     dep = dependency(ctx)
@@ -71,7 +73,7 @@ def check(ctx: StepContext) -> Done:
     return Done("checked", {"commit": result.sha, "hydrated": True, "file": dep.input_file})
 
 
-@step_task("balance.save_input")
+@step_task(SAVE_INPUT_TASK)
 def save_input(ctx: StepContext) -> Done:
     """Commit the user's input file, or confirm the one already on the branch."""
     dep = dependency(ctx)
@@ -87,7 +89,7 @@ def save_input(ctx: StepContext) -> Done:
     return Done("input_saved", {"commit": None, "file": dep.input_file})
 
 
-@step_task("balance.calculate")
+@step_task(CALCULATE_TASK)
 def calculate(ctx: StepContext) -> Await:
     """Send the calculation task; the step waits for its result (an external step keyed by the
     correlationId the engine issued: `ctx.token`)."""
@@ -107,7 +109,7 @@ def calculate(ctx: StepContext) -> Await:
     return Await()
 
 
-@step_task("balance.sync_result")
+@step_task(SYNC_RESULT_TASK)
 def sync_result(ctx: StepContext) -> Done:
     """Read <dep>_output.json and merge it into balance_input.json under <dep>_result."""
     dep = dependency(ctx)
@@ -128,7 +130,7 @@ def sync_result(ctx: StepContext) -> Done:
     return Done("synced", {"commit": merged.sha, "result": result})
 
 
-@step_task("balance.sync_final")
+@step_task(SYNC_FINAL_TASK)
 def sync_final(ctx: StepContext) -> Done:
     """Read the final balance_output.json: the saga's result."""
     project = ctx.input["project"]
@@ -141,7 +143,7 @@ def sync_final(ctx: StepContext) -> Done:
 
 
 # -- simple calculations (FR-ORCH-3) -----------------------------------------------------------------
-@step_task("calculation.commit_inputs")
+@step_task(COMMIT_INPUTS_TASK)
 def commit_inputs(ctx: StepContext) -> Done:
     repo = open_repository(ctx.settings)
     result = commit_once(repo, ctx.input["project"], ctx.input["branch"], dict(ctx.input["files"]),
@@ -149,7 +151,7 @@ def commit_inputs(ctx: StepContext) -> Done:
     return Done("committed", {"commit": result.sha})
 
 
-@step_task("calculation.calculate")
+@step_task(SIMPLE_CALCULATE_TASK)
 def simple_calculate(ctx: StepContext) -> Await:
     project, branch = ctx.input["project"], ctx.input["branch"]
     repo = open_repository(ctx.settings)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Callable
 
 from orchestrator.engine import Done, Poll, StepContext
+from sagas.media import DOWNLOAD_TASK, NORMALIZE_TASK, TRANSCRIBE_TASK
 from sagas.media.http_client import ServiceClient
 from sagas.media.settings import MediaSettings
 from orchestrator.steps import StepError, step_task
@@ -49,14 +50,14 @@ def fetch_file(service: ServiceClient, remote: str) -> tuple[bytes, str]:
     return resp.content, filename
 
 
-@step_task("media.download")
+@step_task(DOWNLOAD_TASK)
 def download(ctx: StepContext) -> Done | Poll:
     downloader = client(ctx, "video-downloader")
     remote = submit_once(ctx, downloader, json={"url": ctx.input["youtube_url"]})
     return poll(ctx, downloader, remote, lambda: Done("downloaded", {"remote_job_id": remote}))
 
 
-@step_task("media.normalize")
+@step_task(NORMALIZE_TASK)
 def normalize(ctx: StepContext) -> Done | Poll:
     normalizer = client(ctx, "audio-normalization")
     if ctx.data.get("remote_job_id") is None:
@@ -72,7 +73,7 @@ def normalize(ctx: StepContext) -> Done | Poll:
     return poll(ctx, normalizer, remote, done)
 
 
-@step_task("media.transcribe")
+@step_task(TRANSCRIBE_TASK)
 def transcribe(ctx: StepContext) -> Done | Poll:
     transcriber = client(ctx, "audio-transcriber")
     if ctx.data.get("remote_job_id") is None:

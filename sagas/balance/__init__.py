@@ -33,6 +33,11 @@ from orchestrator.workflow import External, Retry, Step, Workflow, register
 from .calculations import correlation_id
 from .repository import check_branch_name, check_project, check_repository_path, check_repository_paths
 
+#: The steps' Celery task names, written once: tasks/balance.py registers its tasks under them.
+CHECK_TASK, SAVE_INPUT_TASK = "balance.check", "balance.save_input"
+CALCULATE_TASK, SYNC_RESULT_TASK, SYNC_FINAL_TASK = "balance.calculate", "balance.sync_result", "balance.sync_final"
+COMMIT_INPUTS_TASK, SIMPLE_CALCULATE_TASK = "calculation.commit_inputs", "calculation.calculate"
+
 BALANCE_INPUT = "balance_input.json"
 BALANCE_OUTPUT = "balance_output.json"
 
@@ -111,9 +116,9 @@ def _build_balance_saga() -> type[Workflow]:
     STATE_ROLES["BALANCE_CALCULATION"] = (FINAL.name, "final")
     STATE_ROLES["SYNC_BALANCE_RESULT"] = (FINAL.name, "final_sync")
     steps: dict[State, Step] = {
-        final_calc: Step("balance.calculate", name="balance_calculation", retry=GIT_RETRY,
+        final_calc: Step(CALCULATE_TASK, name="balance_calculation", retry=GIT_RETRY,
                          timeout=CALCULATION_TIMEOUT, external=AWAIT_RESULT, join="calculated"),
-        final_sync: Step("balance.sync_final", name="sync_balance_result", retry=GIT_RETRY),
+        final_sync: Step(SYNC_FINAL_TASK, name="sync_balance_result", retry=GIT_RETRY),
     }
     STEP_DEPENDENCY["balance_calculation"] = FINAL
     STEP_DEPENDENCY["sync_balance_result"] = FINAL
@@ -126,11 +131,11 @@ def _build_balance_saga() -> type[Workflow]:
             ns[sid] = states[role]
             STATE_ROLES[sid] = (dep.name, role)
         names = step_names(dep)
-        steps[states["check"]] = Step("balance.check", name=names["check"], retry=GIT_RETRY)
-        steps[states["save"]] = Step("balance.save_input", name=names["save"], retry=GIT_RETRY)
-        steps[states["calc"]] = Step("balance.calculate", name=names["calc"], retry=GIT_RETRY,
+        steps[states["check"]] = Step(CHECK_TASK, name=names["check"], retry=GIT_RETRY)
+        steps[states["save"]] = Step(SAVE_INPUT_TASK, name=names["save"], retry=GIT_RETRY)
+        steps[states["calc"]] = Step(CALCULATE_TASK, name=names["calc"], retry=GIT_RETRY,
                                      timeout=CALCULATION_TIMEOUT, external=AWAIT_RESULT, join="calculated")
-        steps[states["sync"]] = Step("balance.sync_result", name=names["sync"], retry=GIT_RETRY)
+        steps[states["sync"]] = Step(SYNC_RESULT_TASK, name=names["sync"], retry=GIT_RETRY)
         for name in names.values():
             STEP_DEPENDENCY[name] = dep
 
@@ -325,8 +330,8 @@ class SimpleCalculation(Workflow):
     cancel = NEW.to(CANCELLED) | COMMIT_INPUTS.to(CANCELLED) | CALCULATION.to(CANCELLED) | FAILED.to(CANCELLED)
 
     steps = {
-        COMMIT_INPUTS: Step("calculation.commit_inputs", name="commit_inputs", retry=GIT_RETRY),
-        CALCULATION: Step("calculation.calculate", name="calculation", retry=GIT_RETRY,
+        COMMIT_INPUTS: Step(COMMIT_INPUTS_TASK, name="commit_inputs", retry=GIT_RETRY),
+        CALCULATION: Step(SIMPLE_CALCULATE_TASK, name="calculation", retry=GIT_RETRY,
                           timeout=CALCULATION_TIMEOUT, external=AWAIT_RESULT, join="calculated"),
     }
 

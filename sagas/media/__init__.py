@@ -20,6 +20,9 @@ from .settings import MediaSettings
 
 STAGES = ("download", "normalization", "transcription")
 
+#: The stages' Celery task names, written once: tasks/media.py registers its tasks under them.
+DOWNLOAD_TASK, NORMALIZE_TASK, TRANSCRIBE_TASK = "media.download", "media.normalize", "media.transcribe"
+
 _BOOL_FIELDS = ("remove_noise", "convert_to_mono", "apply_highpass_filter", "set_sample_rate_16k",
                 "isolate_vocals")
 
@@ -90,9 +93,9 @@ class MediaPipeline(Workflow):
               | transcribing.to(cancelled) | failed.to(cancelled))
 
     steps = {
-        downloading: Step("media.download", name="download", retry=_http_retry),
-        normalizing: Step("media.normalize", name="normalization", retry=_http_retry),
-        transcribing: Step("media.transcribe", name="transcription", retry=_http_retry),
+        downloading: Step(DOWNLOAD_TASK, name="download", retry=_http_retry),
+        normalizing: Step(NORMALIZE_TASK, name="normalization", retry=_http_retry),
+        transcribing: Step(TRANSCRIBE_TASK, name="transcription", retry=_http_retry),
     }
 
     def on_enter_failed(self, payload: dict[str, Any] | None = None) -> None:
