@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 from sqlalchemy import Engine as SAEngine, Table, and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -61,6 +61,50 @@ CLAIM_SQL = (f"SELECT {', '.join('i.' + c for c in INSTANCE_COLUMNS)}, {', '.joi
 
 #: (instance values, [step row values]) as read by the claim
 Basis = tuple[dict[str, Any], list[dict[str, Any]]]
+
+
+class InstanceFilter(Protocol):
+    """Which instances `Engine.list`, `match` and `match_ids` select; a field left None does not
+    filter. `web.schemas.SagaFilter` (the query of GET /sagas, the filter of POST /sagas/bulk) and
+    `Filter` both are one.
+
+    type, state:     exact workflow type and current state;
+    key:             exact business key;
+    created_after:   created at or after (inclusive); created_before: strictly before; a naive
+                     datetime is UTC;
+    error:           case-insensitive substring of the instance's failure message (its context's
+                     "error") or of any of its steps' `error`;
+    step, step_status: the instance has a step of that name (and/or a step in that status, a
+                     `StepStatus` value).
+    """
+
+    type: str | None
+    state: str | None
+    key: str | None
+    created_after: datetime | None
+    created_before: datetime | None
+    error: str | None
+    step: str | None
+    step_status: Any
+
+
+@dataclass(frozen=True)
+class Filter:
+    """A plain `InstanceFilter`."""
+
+    type: str | None = None
+    state: str | None = None
+    key: str | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    error: str | None = None
+    step: str | None = None
+    step_status: str | None = None
+
+
+def _utc(value: datetime) -> datetime:
+    """Aware UTC (a naive value is UTC), as the columns store it."""
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 
 @dataclass
@@ -1126,18 +1170,76 @@ class Engine:
                                    .order_by(HISTORY.c.id)).all() if history else None
             return instance_dict(inst, runs, entries)
 
-    def list(self, type_name: str | None = None, state: str | None = None, limit: int = 50,
+    def list(self, flt: "InstanceFilter | str | None" = None, state: str | None = None, limit: int = 50,
              offset: int = 0) -> tuple[int, list[dict[str, Any]]]:
+        """(total, a page of instances) matching `flt` (see `InstanceFilter`), newest first.
+        The older form `list(type_name, state, limit, offset)` is kept for callers that filter by
+        type and state only. Raises InvalidInput naming the filter field at fault."""
+        if flt is None or isinstance(flt, str):
+            flt = Filter(type=flt, state=state)
+        q = self._matching(flt)
         with self.reads.connect() as conn:
-            q = select(INSTANCES)
-            if type_name:
-                q = q.where(INSTANCES.c.type == type_name)
-            if state:
-                q = q.where(INSTANCES.c.state == state)
             total = conn.execute(select(func.count()).select_from(q.subquery())).scalar_one()
             rows = conn.execute(q.order_by(INSTANCES.c.created_at.desc(), INSTANCES.c.id)
                                 .limit(limit).offset(offset)).all()
             return total, [instance_dict(r, None, None) for r in rows]
+
+    def match(self, flt: "InstanceFilter", limit: int = 50) -> list[dict[str, Any]]:
+        """Up to `limit` instances matching `flt`, newest first (as `list` shows them)."""
+        return self.list(flt, limit=limit)[1]
+
+    def match_ids(self, flt: "InstanceFilter") -> list[str]:
+        """The id of every instance matching `flt`, newest first (what a bulk operation acts
+        on). Raises InvalidInput naming the filter field at fault."""
+        q = self._matching(flt).with_only_columns(INSTANCES.c.id)
+        with self.reads.connect() as conn:
+            return list(conn.execute(q.order_by(INSTANCES.c.created_at.desc(), INSTANCES.c.id)).scalars())
+
+    def _matching(self, flt: "InstanceFilter") -> Any:
+        """The SELECT of instances matching `flt`, after checking the names it uses."""
+        type_name = flt.type or None
+        if type_name and self.registry.get(type_name) is None:
+            raise InvalidInput("type", f"unknown workflow type '{type_name}'; known: "
+                               + ", ".join(self.registry.names()))
+        statuses = {s.value for s in StepStatus}
+        step_status = getattr(flt.step_status, "value", flt.step_status) or None
+        if step_status and step_status not in statuses:
+            raise InvalidInput("step_status", f"unknown step status '{step_status}'; known: "
+                               + ", ".join(sorted(statuses)))
+        if flt.step:
+            types = [type_name] if type_name else self.registry.names()
+            names = {s.name for t in types for s in self.workflow_class(t).step_table().values()}
+            if flt.step not in names:
+                raise InvalidInput("step", f"no step '{flt.step}' in "
+                                   + (f"workflow '{type_name}'" if type_name else "any workflow")
+                                   + "; steps: " + ", ".join(sorted(names)))
+        q = select(INSTANCES)
+        if type_name:
+            q = q.where(INSTANCES.c.type == type_name)
+        if flt.state:
+            q = q.where(INSTANCES.c.state == flt.state)
+        if flt.key is not None:
+            q = q.where(INSTANCES.c.business_key == flt.key)
+        if flt.created_after is not None:
+            q = q.where(INSTANCES.c.created_at >= _utc(flt.created_after))
+        if flt.created_before is not None:
+            q = q.where(INSTANCES.c.created_at < _utc(flt.created_before))
+        if flt.step or step_status:
+            run = select(RUNS.c.id).where(RUNS.c.instance_id == INSTANCES.c.id)
+            if flt.step:
+                run = run.where(RUNS.c.name == flt.step)
+            if step_status:
+                run = run.where(RUNS.c.status == step_status)
+            q = q.where(run.exists())
+        if flt.error:
+            # An instance's failure message is its context's "error" (set by the workflow's
+            # failure callback); a step's is its row's `error`.
+            needle = flt.error.lower()
+            failed_step = (select(RUNS.c.id).where(RUNS.c.instance_id == INSTANCES.c.id)
+                           .where(func.lower(RUNS.c.error).contains(needle, autoescape=True)))
+            q = q.where(or_(func.lower(INSTANCES.c.context["error"].as_string()).contains(needle, autoescape=True),
+                            failed_step.exists()))
+        return q
 
     def delete_instances(self, ids: list[str]) -> int:
         if not ids:

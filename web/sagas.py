@@ -51,9 +51,10 @@ def start_saga_of_type(type: str) -> Any:  # noqa: A002 - the path parameter is 
 @bp.get("/sagas")
 @doc(InstancePage, query=SagaListQuery, tags=TAGS)
 def list_sagas() -> Any:
-    """List instances, newest first."""
+    """List instances, newest first, filtered by type, state, business key, creation time,
+    failure message or a step's status; 400 naming the parameter for a malformed one."""
     q = query(SagaListQuery)
-    total, items = runtime().engine.list(q.type, q.state, q.limit, q.offset)
+    total, items = runtime().engine.list(q, limit=q.limit, offset=q.offset)
     return {"total": total, "limit": q.limit, "offset": q.offset, "items": items}
 
 

@@ -7,12 +7,14 @@ and a field added later is not a breaking change.
 """
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from functools import partial
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, RootModel, WithJsonSchema
 
-from orchestrator.schemas import INT64_MAX, Closed, Contract, NonBlank
+from orchestrator.models import StepStatus
+from orchestrator.schemas import INT64_MAX, Closed, Contract, NonBlank, problem
 from sagas.balance.repository import check_branch_name
 from sagas.balance import Project
 
@@ -65,9 +67,47 @@ class Paging(Contract):
     offset: int = Field(0, ge=0, le=INT64_MAX)
 
 
-class SagaListQuery(Paging):
-    type: str | None = None
-    state: str | None = None
+def _instant(value: Any) -> Any:
+    """An ISO 8601 date or date-time as an aware UTC datetime (UTC when it gives no offset)."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value.upper())  # RFC 3339 allows a lower-case t and z
+        except ValueError:
+            hint = " (send '+' in a query string as %2B)" if " " in value else ""
+            raise problem(f"must be an ISO 8601 date-time such as 2024-05-01T12:00:00Z, got {value!r}{hint}") from None
+    if not isinstance(value, datetime):
+        raise problem("must be an ISO 8601 date-time string")
+    try:
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+    except OverflowError:
+        raise problem("is out of range") from None
+
+
+Instant = Annotated[datetime, BeforeValidator(_instant), WithJsonSchema({"type": "string", "format": "date-time"})]
+
+
+class SagaFilter(Closed):
+    """Which instances: the filters of GET /sagas (query parameters) and of POST /sagas/bulk
+    (its `filter` object, where a key it does not name is refused). Every field left out does
+    not filter; the engine reads it as an `orchestrator.engine.InstanceFilter` and answers 400
+    naming `type` or `step` when the registry has no such workflow or step."""
+
+    model_config = ConfigDict(extra="forbid", strict=False, populate_by_name=True)
+
+    type: str | None = Field(None, description="the workflow type (GET /workflow-types lists them)")
+    state: str | None = Field(None, description="the instance's current state")
+    key: str | None = Field(None, description="the business key, exactly")
+    created_after: Instant | None = Field(None, description="created at or after this ISO 8601 time (UTC when no offset)")
+    created_before: Instant | None = Field(None, description="created before this ISO 8601 time (UTC when no offset)")
+    error: str | None = Field(None, description="a case-insensitive part of the instance's or a step's failure message")
+    step: str | None = Field(None, description="the instance has a step of this name (with step_status: in that status)")
+    step_status: StepStatus | None = Field(None, description="a step's current status (with step: that step's)")
+
+
+class SagaListQuery(Paging, SagaFilter):
+    """GET /sagas: paging and the filters; other query parameters are ignored."""
+
+    model_config = ConfigDict(extra="ignore", strict=False, populate_by_name=True)
 
 
 class StepQuery(Contract):
