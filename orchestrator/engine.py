@@ -1241,6 +1241,31 @@ class Engine:
                             failed_step.exists()))
         return q
 
+    def counts(self, type_name: str | None = None) -> dict[str, dict[str, int]]:
+        """{type: {state: number of instances}}, every state of each registered type present
+        (0 when none is there), plus any state stored that the machine no longer has."""
+        names = [type_name] if type_name else self.registry.names()
+        out = {n: {s.id: 0 for s in self.workflow_class(n).states} for n in names}
+        q = select(INSTANCES.c.type, INSTANCES.c.state, func.count()).group_by(INSTANCES.c.type, INSTANCES.c.state)
+        if type_name:
+            q = q.where(INSTANCES.c.type == type_name)
+        with self.reads.connect() as conn:
+            for t, state, n in conn.execute(q):
+                if t in out:
+                    out[t][state or ""] = n
+        return out
+
+    def history_path(self, instance_id: str) -> tuple[str, str | None, list[tuple[str | None, str, str]]]:
+        """(type, current state, [(from_state, to_state, event)] oldest first) of an instance:
+        what its diagram marks. Raises NotFound."""
+        with self.reads.connect() as conn:
+            inst = conn.execute(INSTANCE, {"id": instance_id}).first()
+            if inst is None:
+                raise NotFound(f"instance {instance_id} not found", instance_id=instance_id)
+            rows = conn.execute(select(HISTORY.c.from_state, HISTORY.c.to_state, HISTORY.c.event)
+                                .where(HISTORY.c.instance_id == instance_id).order_by(HISTORY.c.id)).all()
+            return inst.type, inst.state, [tuple(r) for r in rows]
+
     def delete_instances(self, ids: list[str]) -> int:
         if not ids:
             return 0

@@ -313,6 +313,47 @@ def check_definition(cls: type[Workflow]) -> None:
         need("state", name, "success_states/failure_states", states)
 
 
+def describe(cls: type[Workflow], settings: "Settings") -> dict[str, Any]:
+    """A workflow type's definition as GET /workflow-types shows it: its states (declaration
+    order), initial and final states, events, transitions and steps. A step shows its Celery
+    task (`task`) or chain (`tasks`), its retry policy (`retry`: attempts, backoff and max_delay
+    in seconds, factor, jitter), `timeout` in seconds (null: none), and for a step whose work is
+    done elsewhere `external: true` (with `items` when it has one item per input)."""
+    steps = []
+    for state_id, step in cls.step_table().items():
+        item: dict[str, Any] = {"name": step.name, "state": state_id}
+        if step.chain:
+            item["tasks"] = list(step.chain)
+        else:
+            item["task"] = step.task or None
+        policy = step.policy(settings)
+        item["retry"] = {"attempts": policy.attempts, "backoff": policy.backoff, "factor": policy.factor,
+                         "max_delay": policy.max_delay, "jitter": policy.jitter}
+        item["timeout"] = step.timeout.total_seconds() if step.timeout is not None else None
+        item["external"] = step.external is not None
+        if step.items_method:
+            item["items"] = step.items_method
+        if step.join:
+            item["join"] = step.join
+        item["on_failure"] = step.on_failure
+        if step.compensate:
+            item["compensate"] = step.compensate
+        steps.append(item)
+    return {
+        "type": cls.type,
+        "states": [s.id for s in cls.states],
+        "initial": next(s.id for s in cls.states if s.initial),
+        "final_states": [s.id for s in cls.states if s.final],
+        "success_states": sorted(cls.success_states),
+        "failure_states": sorted(cls.failure_states),
+        "events": [e.id for e in cls.events],
+        "signals": sorted(cls.signals),
+        "transitions": [{"event": e.id, "from": t.source.id, "to": t.target.id}
+                        for s in cls.states for t in s.transitions for e in t.events],
+        "steps": steps,
+    }
+
+
 def _per_class(cls: type, name: str, compute: Callable[[], Any]) -> Any:
     """A value computed once per workflow class (not inherited: a subclass has its own)."""
     value = cls.__dict__.get(name)

@@ -35,9 +35,9 @@ def create_app(runtime: runtime_module.Runtime | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = 1 * 1024 * 1024
     app.json.sort_keys = False  # type: ignore[attr-defined]
 
-    from . import asyncapi, balance, chat, health, media, openapi, routes, sagas, workers
+    from . import asyncapi, balance, chat, definitions, health, media, openapi, routes, sagas, workers
 
-    for module in (health, sagas, media, balance, routes, workers, openapi, asyncapi, chat):
+    for module in (health, sagas, definitions, media, balance, routes, workers, openapi, asyncapi, chat):
         app.register_blueprint(module.bp)
     chat.init_app(app)
 

@@ -164,6 +164,35 @@ class InstancePage(Answer):
     items: list[Instance]
 
 
+# -- workflow definitions --------------------------------------------------------------------
+class StepDefinition(Answer):
+    """A step of a workflow type: `task` (one Celery task; null for an external step whose
+    request the workflow sends itself) or `tasks` (a chain), `retry` (attempts, backoff and
+    max_delay in seconds, factor, jitter), `timeout` in seconds (null: none), `external`."""
+
+    name: str
+    state: str
+    retry: dict[str, Any]
+    timeout: float | None
+    external: bool
+
+
+class WorkflowType(Answer):
+    """A registered workflow type: its machine, its steps and how many instances are in each state."""
+
+    type: str
+    states: list[str]
+    initial: str
+    final_states: list[str]
+    events: list[str]
+    steps: list[StepDefinition]
+    counts: dict[str, int]
+
+
+class WorkflowTypeList(Answer):
+    items: list[WorkflowType]
+
+
 # -- operations -------------------------------------------------------------------------------
 class Dependency(Answer):
     status: str = Field(description="ok or error")
