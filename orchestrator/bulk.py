@@ -20,7 +20,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
 
 from sqlalchemy import Table, exists, func, insert, or_, select, update
@@ -79,9 +79,9 @@ def match_ids(engine: Engine, flt: InstanceFilter) -> list[str]:
         if value:
             q = q.where(column == value)
     if flt.created_after is not None:
-        q = q.where(i.created_at >= flt.created_after)
+        q = q.where(i.created_at >= _aware(flt.created_after))
     if flt.created_before is not None:
-        q = q.where(i.created_at < flt.created_before)
+        q = q.where(i.created_at < _aware(flt.created_before))
     if flt.step or status:
         run = select(RUNS.c.id).where(RUNS.c.instance_id == i.id)
         if flt.step:
@@ -221,7 +221,7 @@ def _run(engine: Engine, bulk_id: str, budget: float, lease: float) -> int:
         job = conn.execute(select(JOBS).where(JOBS.c.id == bulk_id)).first()
     assert job is not None
     interval = 1.0 / job.rate_per_second
-    next_at = job.next_at
+    next_at = _aware(job.next_at)
     while True:
         wait = (next_at - utcnow()).total_seconds()
         if wait > 0:
@@ -244,6 +244,11 @@ def _run(engine: Engine, bulk_id: str, budget: float, lease: float) -> int:
         if not _renew(engine, bulk_id, next_at, lease) or time.monotonic() >= end:
             break
     return settled
+
+
+def _aware(value: datetime) -> datetime:
+    """A naive value as UTC (SQLite hands back naive values; an ISO time without offset is UTC)."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
 
 
 def _act(engine: Engine, job: Any, instance_id: str) -> bool:
