@@ -69,11 +69,11 @@ def match_ids(engine: Engine, flt: InstanceFilter) -> list[str]:
         return list(engine.match_ids(flt))
     i = INSTANCES.c
     if flt.type and engine.registry.get(flt.type) is None:
-        raise InvalidInput("filter.type", f"unknown workflow type '{flt.type}'; known: "
+        raise InvalidInput("type", f"unknown workflow type '{flt.type}'; known: "
                            + ", ".join(engine.registry.names()))
     status = getattr(flt.step_status, "value", flt.step_status)
     if status and status not in {s.value for s in StepStatus}:
-        raise InvalidInput("filter.step_status", f"unknown step status '{status}'")
+        raise InvalidInput("step_status", f"unknown step status '{status}'")
     q = select(i.id)
     for column, value in ((i.type, flt.type), (i.state, flt.state), (i.business_key, flt.key)):
         if value:
@@ -114,7 +114,10 @@ def check(engine: Engine, spec: Spec, type_name: str | None) -> None:
     """Refuse, before anything is matched, what could not apply to any instance: a restart
     without a step or of a step no workflow (of the filter's type) has; an event that is not a
     user's signal (the same refusal as POST /sagas/<id>/events/<event>). InvalidInput (400)."""
-    classes = [engine.workflow_class(type_name)] if type_name else [engine.registry.get(n) for n in engine.registry.names()]
+    if type_name and engine.registry.get(type_name) is None:
+        raise InvalidInput("filter.type", f"unknown workflow type '{type_name}'; known: "
+                           + ", ".join(engine.registry.names()))
+    classes = [engine.registry.get(n) for n in ([type_name] if type_name else engine.registry.names())]
     if spec.action == "restart":
         if not spec.step:
             raise InvalidInput("step", "a restart needs the step to restart")

@@ -8,7 +8,7 @@ from typing import Any
 from flask import Blueprint
 
 from orchestrator import bulk
-from orchestrator.errors import Forbidden, Unauthorized
+from orchestrator.errors import Forbidden, InvalidInput, Unauthorized
 
 from . import admin_token_sent, body, runtime
 from .openapi import doc
@@ -44,7 +44,11 @@ def start_bulk() -> Any:
     engine = runtime().engine
     bulk.check(engine, bulk.Spec(req.action, req.step, req.event, req.payload, req.rate_per_second),
                req.filter.type)
-    ids = bulk.match_ids(engine, req.filter)
+    try:
+        ids = bulk.match_ids(engine, req.filter)
+    except InvalidInput as exc:  # a filter field the registry does not know: named inside `filter`
+        field = exc.field if exc.field.startswith("filter.") else f"filter.{exc.field}"
+        raise InvalidInput(field, exc.problem) from None
     if req.dry_run:
         return {"matched": len(ids), "sample": ids[:SAMPLE]}
     job = bulk.create(engine, bulk.Spec(req.action, req.step, req.event, req.payload, req.rate_per_second),

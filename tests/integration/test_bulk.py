@@ -109,6 +109,8 @@ def test_bulk_needs_the_admin_token(client):
     ({"action": "event", "event": "approve", "filter": {"type": "repair"}}, "event"),
     ({"action": "cancel", "filter": {"stat": "failed"}}, "filter.stat"),
     ({"action": "cancel", "filter": {"created_after": "yesterday"}}, "filter.created_after"),
+    ({"action": "cancel", "filter": {"type": "no-such-type"}}, "filter.type"),
+    ({"action": "cancel", "filter": {"step_status": "broken"}}, "filter.step_status"),
     ({"action": "cancel", "rate_per_second": 0}, "rate_per_second"),
     ({"action": "fix"}, "action"),
 ])
