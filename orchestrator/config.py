@@ -145,6 +145,8 @@ class Settings(EnvSettings):
     database_prepared_statements: bool = True
     sweep_interval: Seconds = 1.0
     step_lease_seconds: Seconds = 600.0
+    # How long a sweeper holds a bulk operation it drives before another may take it over.
+    bulk_lease_seconds: Seconds = 30.0
     environment: str = "development"
     #: Modules imported to register workflows, their tasks and their settings. The engine imports
     #: none of them by name itself.

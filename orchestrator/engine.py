@@ -381,14 +381,15 @@ class Engine:
         return self.snapshot(instance_id)
 
     def signal(self, instance_id: str, event: str, payload: dict[str, Any] | None = None, *,
-               actor: str = "api") -> dict[str, Any]:
+               actor: str = "api", within: Callable[[UnitOfWork], None] | None = None) -> dict[str, Any]:
         """A user's signal (`POST /sagas/<id>/events/<event>`, SPEC "signals and human input").
 
         Only the events the workflow declares in `Workflow.signals` are accepted, each payload
         checked by its declared check under the instance lock. Raises NotFound (404), InvalidInput
         on `event` (400: unknown, or the engine's own event) or on a payload field (400),
         Conflict / IllegalTransition with `state` (409: not allowed now). A refused signal
-        changes nothing: no state, step or history row is written.
+        changes nothing: no state, step or history row is written. `within`, if given, runs in
+        the same transaction after the signal (a bulk operation marks its item done there).
         """
         with self.unit_of_work() as uow:
             inst = uow.lock(instance_id)
@@ -397,6 +398,8 @@ class Engine:
             if check is None:
                 raise InvalidInput("event", _not_a_signal(cls, event))
             self._transition(uow, inst, event, check(dict(payload or {}), inst), actor)
+            if within is not None:
+                within(uow)
         return self.snapshot(instance_id)
 
     def _transition(self, uow: UnitOfWork, inst: Record, event: str, payload: dict[str, Any],
@@ -948,7 +951,10 @@ class Engine:
         self._fail_step(uow, inst, cls, run, reason)
 
     # -- restart and cancel --------------------------------------------------------------------
-    def restart(self, instance_id: str, step: str, actor: str = "api") -> dict[str, Any]:
+    def restart(self, instance_id: str, step: str, actor: str = "api",
+                within: Callable[[UnitOfWork], None] | None = None) -> dict[str, Any]:
+        """Restart a failed (or cancelled) step. Raises NotFound, InvalidInput on `step`, Conflict
+        (409) unless the step failed. `within` runs in the same transaction (see `signal`)."""
         with self.unit_of_work() as uow:
             inst = uow.lock(instance_id)
             cls = self.workflow_class(inst.type)
@@ -962,15 +968,22 @@ class Engine:
                                step_status=run.status if run else None)
             run.status = StepStatus.PENDING.value
             self._transition(uow, inst, cls.restart_event, {"step": step}, actor)
+            if within is not None:
+                within(uow)
         return self.snapshot(instance_id)
 
-    def cancel(self, instance_id: str, actor: str = "api") -> dict[str, Any]:
+    def cancel(self, instance_id: str, actor: str = "api",
+               within: Callable[[UnitOfWork], None] | None = None) -> dict[str, Any]:
+        """Cancel; compensations follow. Raises NotFound, Conflict / IllegalTransition (409).
+        `within` runs in the same transaction (see `signal`)."""
         with self.unit_of_work() as uow:
             inst = uow.lock(instance_id)
             cls = self.workflow_class(inst.type)
             if cls.cancel_event not in cls.event_names():
                 raise Conflict(f"workflow '{cls.type}' cannot be cancelled", state=inst.state)
             self._transition(uow, inst, cls.cancel_event, {}, actor)
+            if within is not None:
+                within(uow)
         return self.snapshot(instance_id)
 
     def _compensate(self, uow: UnitOfWork, inst: Record, cls: type[Workflow]) -> bool:

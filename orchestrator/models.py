@@ -210,3 +210,44 @@ class ProcessedMessage(Base):
     consumer: Mapped[str] = mapped_column(String(64), primary_key=True)
     message_id: Mapped[str] = mapped_column(String(255), primary_key=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class BulkJob(Base):
+    """One bulk operation (`POST /sagas/bulk`): an action applied to the instances a filter matched
+    when it was created (its BulkItem rows), at `rate_per_second`. A sweeper drives it while it
+    holds the lease (`owner`, `lease_until`); `next_at` is when its next item is due, so the rate
+    holds across passes and across a sweeper's restart."""
+
+    __tablename__ = "bulk_jobs"
+    __table_args__ = (Index("ix_bulk_jobs_status", "status", "lease_until"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    action: Mapped[str] = mapped_column(String(16))  # "restart", "cancel" or "event"
+    step: Mapped[str | None] = mapped_column(String(64))
+    event: Mapped[str | None] = mapped_column(String(64))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    filter: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)  # as given, for the record
+    rate_per_second: Mapped[float] = mapped_column(Float)
+    status: Mapped[str] = mapped_column(String(16))  # "running", "completed" or "cancelled"
+    matched: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    next_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    owner: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class BulkItem(Base):
+    """One instance a bulk operation acts on. `status` goes from "pending" to "done" in the same
+    transaction as the action on the instance (so an action is never done twice), or to
+    "skipped" (no longer eligible: `error` says why) or "failed" (`error`)."""
+
+    __tablename__ = "bulk_items"
+    __table_args__ = (Index("ix_bulk_items_status", "bulk_id", "status", "position"),)
+
+    bulk_id: Mapped[str] = mapped_column(ForeignKey("bulk_jobs.id", ondelete="CASCADE"), primary_key=True)
+    instance_id: Mapped[str] = mapped_column(String(36), primary_key=True)  # no FK: an instance may be deleted
+    position: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    error: Mapped[str | None] = mapped_column(Text)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

@@ -263,3 +263,40 @@ def trip_unbook(ctx: StepContext) -> None:
     if mode == "refused":
         raise StepError("booking already used")
     effects().rpush(f"compensations:{ctx.instance_id}", ctx.step)
+
+
+@register
+class Repair(Workflow):
+    """One step that fails for good until its batch is marked mended in Redis (`mend(batch)`):
+    many failed instances to repair at once. The error names the batch, to filter on."""
+
+    type = "repair"
+    start_event = "start"
+    success_states = frozenset({"mended"})
+    failure_states = frozenset({"failed"})
+
+    new = State(initial=True)
+    working = State()
+    mended = State(final=True)
+    failed = State()
+    cancelled = State(final=True)
+
+    start = new.to(working)
+    worked = working.to(mended)
+    fail = working.to(failed)
+    restart = failed.to(working, cond="is_restart_target")
+    cancel = working.to(cancelled) | failed.to(cancelled)
+
+    steps = {working: Step("repair.work", name="work", retry=FAST)}
+
+
+def mend(batch: str) -> None:
+    effects().set(f"mended:{batch}", 1)
+
+
+@step_task("repair.work")
+def repair_work(ctx: StepContext) -> Done:
+    batch = ctx.input.get("batch", "")
+    if not effects().get(f"mended:{batch}"):
+        raise UpstreamError("part", f"not mended yet (batch {batch})", upstream_status=422)
+    return Done("worked")

@@ -35,9 +35,9 @@ def create_app(runtime: runtime_module.Runtime | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = 1 * 1024 * 1024
     app.json.sort_keys = False  # type: ignore[attr-defined]
 
-    from . import asyncapi, balance, chat, definitions, health, media, openapi, routes, sagas, workers
+    from . import asyncapi, balance, bulk, chat, definitions, health, media, openapi, routes, sagas, workers
 
-    for module in (health, sagas, definitions, media, balance, routes, workers, openapi, asyncapi, chat):
+    for module in (health, bulk, sagas, definitions, media, balance, routes, workers, openapi, asyncapi, chat):
         app.register_blueprint(module.bp)
     chat.init_app(app)
 
@@ -101,6 +101,15 @@ def runtime() -> runtime_module.Runtime:
     from flask import current_app
 
     return current_app.config["RUNTIME"]  # type: ignore[no-any-return]
+
+
+def admin_token_sent() -> str | None:
+    """The admin token the request sends: `X-Admin-Token`, else `Authorization: Bearer <token>`."""
+    given = request.headers.get("X-Admin-Token")
+    auth = request.headers.get("Authorization", "")
+    if not given and auth.startswith("Bearer "):
+        given = auth[7:]
+    return given or None
 
 
 def check_request_text() -> None:

@@ -15,7 +15,7 @@ from orchestrator.models import OutboxMessage, ProcessedMessage, WorkflowInstanc
 from sagas.media import STAGES, PipelineRequest
 from sagas.media.settings import MediaSettings
 
-from . import health, json_body, query, runtime
+from . import admin_token_sent, health, json_body, query, runtime
 from .openapi import doc
 from .schemas import (AdminHeader, AdminStats, Cleanup, CleanupQuery, FactoryReset, IdempotencyHeader, Job, JobPage,
                       JobsQuery, PipelineStarted, ServiceHealth)
@@ -247,10 +247,7 @@ def _require_admin() -> None:
     token = runtime().settings.admin_token
     if not token:
         raise Forbidden("factory reset is disabled: set ADMIN_TOKEN to enable it")
-    given = request.headers.get("X-Admin-Token") or ""
-    auth = request.headers.get("Authorization", "")
-    if auth.startswith("Bearer "):
-        given = given or auth[7:]
+    given = admin_token_sent() or ""
     if not hmac.compare_digest(given.encode(), token.encode()):
         raise Unauthorized("admin token missing or wrong (send X-Admin-Token or Authorization: Bearer)")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 from functools import partial
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, RootModel, WithJsonSchema
 
@@ -469,3 +469,43 @@ class DetailedHealth(Answer):
     websockets: dict[str, Any]
     callback_consumers: dict[str, Any]
     sessions: Any
+
+
+# -- bulk operations (POST /sagas/bulk) ----------------------------------------------------------
+class BulkRequest(Closed):
+    """POST /sagas/bulk: an action on every instance the filter matches now."""
+
+    action: Literal["restart", "cancel", "event"]
+    step: str | None = Field(None, min_length=1, max_length=64, description="restart: the failed step to restart")
+    event: str | None = Field(None, min_length=1, max_length=64, description="event: the signal to send")
+    payload: dict[str, Any] | None = Field(None, description="event: the signal's payload")
+    filter: SagaFilter = Field(default_factory=SagaFilter)
+    dry_run: bool = Field(False, description="only count the matches and show a sample; change nothing")
+    rate_per_second: float = Field(10.0, gt=0, le=10000, description="actions per second at most")
+
+
+class BulkDryRun(Answer):
+    matched: int
+    sample: list[str] = Field(description="up to 20 of the matched instance ids")
+
+
+class BulkStarted(Answer):
+    bulk_id: str
+    matched: int
+    status: str
+
+
+class BulkError(Answer):
+    instance_id: str
+    status: str = Field(description="skipped (no longer eligible) or failed")
+    error: str | None
+
+
+class BulkStatus(Answer):
+    bulk_id: str
+    status: str = Field(description="running, completed or cancelled")
+    matched: int
+    done: int
+    skipped: int
+    failed: int
+    errors: list[BulkError]

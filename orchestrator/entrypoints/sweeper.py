@@ -1,10 +1,12 @@
 """The relay / sweeper process: publishes unsent outbox rows, fires due timers (retries, polls,
-deadlines, job timeouts) and re-dispatches steps whose lease ran out. Several may run at once."""
+deadlines, job timeouts), re-dispatches steps whose lease ran out and drives bulk operations
+(orchestrator/bulk.py). Several may run at once."""
 from __future__ import annotations
 
 import logging
 import threading
 
+from orchestrator import bulk
 from orchestrator.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -15,6 +17,9 @@ def sweep_once(rt: Runtime) -> dict[str, int]:
         "published": rt.relay.publish(),
         "timers": rt.engine.fire_due_timers(),
         "leases": rt.engine.redispatch_expired_leases(),
+        # At most about one sweep interval of a bulk operation's items per pass, at its rate.
+        "bulk": bulk.drive(rt.engine, budget=max(rt.settings.sweep_interval, 0.5),
+                           lease=rt.settings.bulk_lease_seconds),
     }
 
 

@@ -1,0 +1,138 @@
+"""Bulk operations (POST /sagas/bulk) over real services: a worker fails 200 instances, a sweeper
+process restarts them at a set rate, is SIGKILLed midway and started again."""
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from conftest import Process, wait_for
+from engine_workflows import mend
+from orchestrator import bulk
+from orchestrator.models import BulkItem
+
+ADMIN = {"X-Admin-Token": "test-admin-token"}
+
+
+def start_failed(client: Any, n: int) -> tuple[str, list[str]]:
+    """`n` repair instances of a new batch, each failed (its step's error names the batch)."""
+    batch = uuid.uuid4().hex[:12]
+    ids = [client.post("/saga", json={"type": "repair", "input": {"batch": batch}}).json["id"] for _ in range(n)]
+    wait_for(lambda: client.get("/sagas", query_string={"type": "repair", "state": "failed", "limit": 500})
+             .json["total"] >= n and all(client.get(f"/sagas/{i}").json["state"] == "failed" for i in ids[-5:]),
+             timeout=60, what="every instance to fail")
+    wait_for(lambda: all(client.get(f"/sagas/{i}").json["state"] == "failed" for i in ids), timeout=60,
+             what="every instance to fail")
+    return batch, ids
+
+
+def bulk_status(client: Any, bulk_id: str) -> dict[str, Any]:
+    resp = client.get(f"/sagas/bulk/{bulk_id}", headers=ADMIN)
+    assert resp.status_code == 200, resp.json
+    return resp.json  # type: ignore[no-any-return]
+
+
+def restarts_by(snapshot: dict[str, Any], actor: str) -> int:
+    return sum(1 for h in snapshot["history"] if h["event"] == "restart" and h["actor"] == actor)
+
+
+def test_bulk_restart_survives_a_killed_sweeper_and_acts_once_per_instance(client, rt, env, worker):
+    batch, ids = start_failed(client, 200)
+    flt = {"type": "repair", "step": "work", "step_status": "failed", "error": batch}
+    dry = client.post("/sagas/bulk", headers=ADMIN, json={"action": "restart", "step": "work", "filter": flt,
+                                                          "dry_run": True})
+    assert dry.status_code == 200, dry.json
+    assert dry.json["matched"] == 200 and len(dry.json["sample"]) == 20 and set(dry.json["sample"]) <= set(ids)
+    assert all(client.get(f"/sagas/{i}").json["state"] == "failed" for i in ids)  # the dry run changed nothing
+
+    mend(batch)  # the cause is fixed: a restart now completes
+    rate = 40.0
+    resp = client.post("/sagas/bulk", headers=ADMIN, json={"action": "restart", "step": "work", "filter": flt,
+                                                           "rate_per_second": rate})
+    assert resp.status_code == 202, resp.json
+    bulk_id = resp.json["bulk_id"]
+    assert resp.json == {"bulk_id": bulk_id, "matched": 200, "status": "running"}
+    # The instance whose turn comes last is repaired by hand meanwhile: no longer failed when
+    # the bulk run reaches it, it is skipped.
+    with rt.engine.reads.connect() as conn:
+        last = conn.execute(select(BulkItem.instance_id).where(BulkItem.bulk_id == bulk_id)
+                            .order_by(BulkItem.position.desc()).limit(1)).scalar_one()
+    assert client.post(f"/sagas/{last}/restart", query_string={"step": "work"}).status_code == 200
+
+    sweep_env = {**env, "BULK_LEASE_SECONDS": "2"}
+    first = Process("bulk-sweeper", ["sweeper"], sweep_env).start()
+    try:
+        wait_for(lambda: bulk_status(client, bulk_id)["done"] >= 40, timeout=60, what="a part of the run")
+    finally:
+        first.kill()  # SIGKILL, mid-run: maybe mid-transaction
+    midway = bulk_status(client, bulk_id)
+    assert midway["status"] == "running" and midway["done"] < 199, midway
+    second = Process("bulk-sweeper", ["sweeper"], sweep_env).start()
+    try:
+        final = wait_for(lambda: (lambda s: s if s["status"] == "completed" else None)(bulk_status(client, bulk_id)),
+                         timeout=90, what="the bulk run to complete")
+    finally:
+        second.stop()
+    assert (final["matched"], final["done"], final["skipped"], final["failed"]) == (200, 199, 1, 0), final
+    assert [e["instance_id"] for e in final["errors"]] == [last] and final["errors"][0]["status"] == "skipped"
+
+    actor = f"bulk:{bulk_id}"
+    snapshots = {i: wait_for(lambda i=i: (lambda s: s if s["state"] == "mended" else None)(
+        client.get(f"/sagas/{i}").json), timeout=60, what=f"{i} to be mended") for i in ids}
+    counts = {i: restarts_by(s, actor) for i, s in snapshots.items()}
+    assert counts.pop(last) == 0 and restarts_by(snapshots[last], "api") == 1
+    assert set(counts.values()) == {1}, {i: c for i, c in counts.items() if c != 1}
+    # The rate held: 199 actions, each at least 1/rate after the one before.
+    times = sorted(datetime.fromisoformat(h["at"]) for s in snapshots.values() for h in s["history"]
+                   if h["actor"] == actor)
+    assert (times[-1] - times[0]).total_seconds() >= 198 / rate * 0.95
+
+
+def test_bulk_needs_the_admin_token(client):
+    body = {"action": "cancel", "filter": {"type": "repair"}, "dry_run": True}
+    assert client.post("/sagas/bulk", json=body).status_code == 401
+    wrong = client.post("/sagas/bulk", json=body, headers={"X-Admin-Token": "wrong"})
+    assert wrong.status_code == 403 and wrong.json["error"] == "forbidden"
+    assert client.post("/sagas/bulk", json=body, headers={"Authorization": "Bearer test-admin-token"}).status_code == 200
+    assert client.get(f"/sagas/bulk/{uuid.uuid4()}").status_code == 401
+    assert client.post(f"/sagas/bulk/{uuid.uuid4()}/cancel", headers={"Authorization": "Bearer nope"}).status_code == 403
+    assert client.get(f"/sagas/bulk/{uuid.uuid4()}", headers=ADMIN).status_code == 404
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"action": "restart", "filter": {"type": "repair"}}, "step"),
+    ({"action": "restart", "step": "nope", "filter": {"type": "repair"}}, "step"),
+    ({"action": "event", "event": "restart", "filter": {"type": "order"}}, "event"),
+    ({"action": "event", "event": "approve", "filter": {"type": "repair"}}, "event"),
+    ({"action": "cancel", "filter": {"stat": "failed"}}, "filter.stat"),
+    ({"action": "cancel", "filter": {"created_after": "yesterday"}}, "filter.created_after"),
+    ({"action": "cancel", "filter": {"type": "no-such-type"}}, "filter.type"),
+    ({"action": "cancel", "filter": {"step_status": "broken"}}, "filter.step_status"),
+    ({"action": "cancel", "rate_per_second": 0}, "rate_per_second"),
+    ({"action": "fix"}, "action"),
+])
+def test_bulk_refuses_what_cannot_apply_naming_the_field(client, body, field):
+    resp = client.post("/sagas/bulk", json=body, headers=ADMIN)
+    assert resp.status_code == 400, resp.json
+    assert resp.json["field"] == field, resp.json
+
+
+def test_cancel_stops_a_bulk_run_and_skips_what_is_no_longer_eligible(client, rt, worker):
+    batch, ids = start_failed(client, 4)
+    flt = {"type": "repair", "error": batch}
+    bulk_id = client.post("/sagas/bulk", headers=ADMIN, json={"action": "cancel", "filter": flt,
+                                                              "rate_per_second": 2}).json["bulk_id"]
+    wait_for(lambda: bulk.drive(rt.engine, budget=0.2) or bulk_status(client, bulk_id)["done"] >= 1,
+             timeout=30, what="the first cancel")
+    cancelled = client.post(f"/sagas/bulk/{bulk_id}/cancel", headers=ADMIN)
+    assert cancelled.status_code == 200 and cancelled.json["status"] == "cancelled", cancelled.json
+    done = cancelled.json["done"]
+    assert bulk.drive(rt.engine, budget=1.0) == 0  # nothing more is acted on
+    after = bulk_status(client, bulk_id)
+    assert (after["status"], after["done"]) == ("cancelled", done) and done < 4
+    states = [client.get(f"/sagas/{i}").json["state"] for i in ids]
+    assert states.count("cancelled") == done and states.count("failed") == 4 - done
+    assert client.post(f"/sagas/bulk/{bulk_id}/cancel", headers=ADMIN).status_code == 200  # again: no-op
