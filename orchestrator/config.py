@@ -160,6 +160,7 @@ class Settings(EnvSettings):
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"  # "text" is the dev runner's default
     otel_exporter_otlp_endpoint: str = ""
+    otel_exporter_otlp_protocol: str = ""
 
     #: the variables these settings were read from, for the per-area settings
     _variables: Mapping[str, str] = PrivateAttr(default_factory=dict)
@@ -179,6 +180,13 @@ class Settings(EnvSettings):
         if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ValueError(f"expected DEBUG, INFO, WARNING, ERROR or CRITICAL, got {value!r}")
         return value
+
+    @field_validator("otel_exporter_otlp_protocol")
+    @classmethod
+    def _otlp_protocol(cls, value: str) -> str:
+        if value.strip() not in ("", "grpc", "http/protobuf"):
+            raise ValueError(f"expected grpc or http/protobuf, got {value!r}")
+        return value.strip()
 
     @field_validator("flower_basic_auth")
     @classmethod

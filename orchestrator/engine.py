@@ -30,7 +30,7 @@ from statemachine.exceptions import TransitionNotAllowed
 
 from .config import Settings
 from .errors import Conflict, IllegalTransition, InvalidInput, NotFound
-from . import logs
+from . import logs, tracing
 from .jsonutil import digest, storable, utc_iso
 from .models import (ACTIVE_STEP_STATUSES, HistoryEntry, OutboxMessage, StepClaim, StepRun, StepStatus, StepToken,
                      Timer, utcnow)
@@ -211,7 +211,9 @@ class UnitOfWork:
         msg = Record({"message_id": uuid.uuid4().hex, "instance_id": instance_id, "channel": channel,
                       "target": target, "key": key, "payload": payload, "created_at": utcnow(),
                       "sent_at": None, "publish_attempts": 0, "last_error": None,
-                      "correlation_id": correlation}, new=True)
+                      "correlation_id": correlation,
+                      # its publish continues this trace (tracing.py); None when tracing is off
+                      "trace_context": tracing.carrier()}, new=True)
         self.outbox.append(self.writes.add(OUTBOX, msg))
 
     def lock(self, instance_id: str) -> Record:
@@ -314,13 +316,15 @@ class Engine:
             return self.snapshot(existing), False
         instance_id = str(uuid.uuid4())
         try:
-            with self.unit_of_work() as uow:
+            with tracing.span(f"workflow start {cls.type}", tracing.workflow_attributes(instance_id, cls.type, key)), \
+                    self.unit_of_work() as uow:
                 now = utcnow()
                 inst = uow.add_instance(id=instance_id, type=cls.type, business_key=key,
                                         idempotency_key=idempotency_key, fingerprint=fingerprint,
                                         state=None, context={"input": data}, finished=False,
                                         created_at=now, updated_at=now, finished_at=None, version=0,
-                                        correlation_id=logs.correlation_id() or logs.new_correlation_id())
+                                        correlation_id=logs.correlation_id() or logs.new_correlation_id(),
+                                        trace_context=tracing.carrier())  # later work links to it
                 machine = cls(model=inst, settings=self.settings)  # enters the initial state
                 self._record(uow, inst, None, "create", data, actor)
                 self._write_messages(uow, inst, machine)
@@ -405,6 +409,16 @@ class Engine:
     def _transition(self, uow: UnitOfWork, inst: Record, event: str, payload: dict[str, Any],
                     actor: str, failed_step: bool = False, old_run: Record | None = None,
                     machine: Workflow | None = None) -> None:
+        attrs = {**tracing.workflow_attributes(inst.id, inst.type, inst.business_key),
+                 "workflow.event": event, "workflow.from_state": inst.state or "", "workflow.actor": actor}
+        with tracing.span(f"transition {event}", attrs) as span:
+            self._apply_transition(uow, inst, event, payload, actor, failed_step, old_run, machine)
+            if span is not None:
+                span.set_attribute("workflow.to_state", inst.state or "")
+
+    def _apply_transition(self, uow: UnitOfWork, inst: Record, event: str, payload: dict[str, Any],
+                          actor: str, failed_step: bool, old_run: Record | None,
+                          machine: Workflow | None) -> None:
         cls = self.workflow_class(inst.type)
         if event not in cls.event_names():
             raise InvalidInput("event", f"unknown event '{event}' for workflow '{cls.type}'", status=400)
@@ -967,7 +981,10 @@ class Engine:
                                "step can be restarted", state=inst.state,
                                step_status=run.status if run else None)
             run.status = StepStatus.PENDING.value
-            self._transition(uow, inst, cls.restart_event, {"step": step}, actor)
+            # later work on the instance: its own trace (the request's), linked to the first one
+            with tracing.span(f"workflow restart {step}", tracing.workflow_attributes(
+                    inst.id, inst.type, inst.business_key, step, run.attempt + 1), link=inst.trace_context):
+                self._transition(uow, inst, cls.restart_event, {"step": step}, actor)
             if within is not None:
                 within(uow)
         return self.snapshot(instance_id)
@@ -1089,6 +1106,13 @@ class Engine:
 
     def _fire_timer(self, uow: UnitOfWork, timer: Record) -> None:
         inst = uow.lock(timer.instance_id)
+        # A timer is work started later: a trace of its own, linked to the instance's first one.
+        with tracing.span(f"timer {timer.kind}", tracing.workflow_attributes(
+                inst.id, inst.type, inst.business_key, timer.step, timer.attempt),
+                link=inst.trace_context, new_trace=True):
+            self._on_timer(uow, inst, timer)
+
+    def _on_timer(self, uow: UnitOfWork, inst: Record, timer: Record) -> None:
         cls = self.workflow_class(inst.type)
         if timer.kind == "compensate":  # the instance is finished (cancelled) by then
             run = uow.step_run(inst.id, timer.step or "")
@@ -1147,7 +1171,8 @@ class Engine:
             # The instance is locked too (its version is bumped), and skipped while another
             # transaction holds it: waiting for it while holding the step row could deadlock.
             rows = uow.execute(
-                select(RUNS, INSTANCES.c.type).join(INSTANCES, INSTANCES.c.id == RUNS.c.instance_id)
+                select(RUNS, INSTANCES.c.type, INSTANCES.c.business_key, INSTANCES.c.trace_context)
+                .join(INSTANCES, INSTANCES.c.id == RUNS.c.instance_id)
                 .where(RUNS.c.status.in_((StepStatus.QUEUED.value, StepStatus.COMPENSATING.value)),
                        RUNS.c.lease_until < utcnow())
                 .limit(100).with_for_update(of=(RUNS, INSTANCES), skip_locked=True)).all()
@@ -1157,20 +1182,27 @@ class Engine:
                 found = cls.step_named(run.name)
                 if found is None:
                     continue
-                if run.status == StepStatus.COMPENSATING.value:
-                    if found[1].compensate:
-                        self._dispatch_compensation(uow, run.instance_id, found[1], run)
-                        count += 1
-                    continue
-                run.lease_until = utcnow() + timedelta(seconds=self.settings.step_lease_seconds)
-                branches = None
-                if found[1].items_method:
-                    branches = [i for i, b in enumerate(run.data["branches"])
-                                if b["status"] == StepStatus.QUEUED.value or
-                                (b["status"] in ACTIVE and not found[1].external)]
-                self._dispatch(uow, run.instance_id, found[1], run, branches)
-                count += 1
+                with tracing.span(f"lease expired {run.name}", tracing.workflow_attributes(
+                        run.instance_id, cls.type, row._mapping[INSTANCES.c.business_key], run.name, run.attempt),
+                        link=row._mapping[INSTANCES.c.trace_context], new_trace=True):
+                    count += self._redispatch(uow, cls, run, found[1])
         return count
+
+    def _redispatch(self, uow: UnitOfWork, cls: type[Workflow], run: Record, step: Step) -> int:
+        """Deliver a step (or compensation) whose lease ran out again; 1 if it was sent."""
+        if run.status == StepStatus.COMPENSATING.value:
+            if not step.compensate:
+                return 0
+            self._dispatch_compensation(uow, run.instance_id, step, run)
+            return 1
+        run.lease_until = utcnow() + timedelta(seconds=self.settings.step_lease_seconds)
+        branches = None
+        if step.items_method:
+            branches = [i for i, b in enumerate(run.data["branches"])
+                        if b["status"] == StepStatus.QUEUED.value or
+                        (b["status"] in ACTIVE and not step.external)]
+        self._dispatch(uow, run.instance_id, step, run, branches)
+        return 1
 
     # -- reads ---------------------------------------------------------------------------------
     def snapshot(self, instance_id: str, history: bool = True) -> dict[str, Any]:

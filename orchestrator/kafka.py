@@ -15,6 +15,7 @@ from typing import Any, Iterable
 
 from prometheus_client import Counter
 
+from . import tracing
 from .logs import HEADER
 from .models import OutboxMessage
 from .outbox_relay import PermanentPublishError
@@ -73,6 +74,19 @@ class KafkaPublisher:
     def __call__(self, row: OutboxMessage) -> None:
         """Raises PermanentPublishError for a message Kafka can never take, RuntimeError (or
         KafkaException) for one that may go later (broker down, timeout)."""
+        headers = [("message_id", row.message_id.encode())]
+        if row.instance_id:
+            headers.append(("instance_id", row.instance_id.encode()))
+        if row.correlation_id:
+            headers.append((HEADER, row.correlation_id.encode()))
+        value = encode(row.payload)  # a payload that does not serialise raises TypeError: permanent
+        with tracing.span(f"{row.target} publish", {**tracing.workflow_attributes(row.instance_id, key=row.key),
+                                                    "messaging.system": "kafka",
+                                                    "messaging.destination.name": row.target}, kind="producer"):
+            tracing.inject_headers(headers)  # the consumer's spans continue this trace
+            self._produce(row, value, headers)
+
+    def _produce(self, row: OutboxMessage, value: bytes, headers: list[tuple[str, bytes]]) -> None:
         from confluent_kafka import KafkaException
 
         errors: list[Any] = []
@@ -81,12 +95,6 @@ class KafkaPublisher:
             if err is not None:
                 errors.append(err)
 
-        headers = [("message_id", row.message_id.encode())]
-        if row.instance_id:
-            headers.append(("instance_id", row.instance_id.encode()))
-        if row.correlation_id:
-            headers.append((HEADER, row.correlation_id.encode()))
-        value = encode(row.payload)  # a payload that does not serialise raises TypeError: permanent
         with self._lock:
             try:
                 self.producer.produce(row.target, value, key=row.key.encode() if row.key else None,

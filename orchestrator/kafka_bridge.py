@@ -40,7 +40,7 @@ from sqlalchemy import event as sa_event
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
-from . import logs
+from . import logs, tracing
 from .errors import Conflict, IllegalTransition, InvalidInput, NotFound
 from .jsonutil import unstorable
 from .models import ProcessedMessage
@@ -331,8 +331,14 @@ class Bridge:
         bad = unstorable(payload) or unstorable({"key": key, "headers": ev.headers})
         if bad is not None:
             return self.dead_letter(msg, f"{bad[0]}: {bad[1]}", "invalid_field")
-        # An event without the header continues the correlation stored with its instance.
-        with logs.context(correlation_id=ev.headers.get(logs.HEADER) or None):
+        # An event without the header continues the correlation stored with its instance; its
+        # trace (W3C headers) goes on through the engine's spans and the outbox rows it writes.
+        with logs.context(correlation_id=ev.headers.get(logs.HEADER) or None), tracing.span(
+                f"{topic} process", {"messaging.system": "kafka", "messaging.destination.name": topic,
+                                     "messaging.kafka.message.offset": msg.offset(),
+                                     "messaging.destination.partition.id": str(msg.partition()),
+                                     "messaging.message.id": msg_id, **({"workflow.key": key} if key else {})},
+                parent=ev.headers, kind="consumer"):
             token = _current_delivery.set(_Delivery(consumer, msg_id))
             try:
                 outcome = route.handler(self.engine, ev) or "accepted"

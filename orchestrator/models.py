@@ -81,6 +81,8 @@ class WorkflowInstance(Base):
     version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # The request or event that created it; its log lines and messages carry it (orchestrator/logs.py).
     correlation_id: Mapped[str | None] = mapped_column(String(64))
+    # The trace it was created in (W3C traceparent/tracestate); later work links to it (tracing.py).
+    trace_context: Mapped[dict[str, str] | None] = mapped_column(JSONType)
 
 
 class StepRun(Base):
@@ -183,6 +185,8 @@ class OutboxMessage(Base):
     correlation_id: Mapped[str | None] = mapped_column(String(64))  # sent as a message header
     # Set when publishing failed for good (a permanent error): the relay no longer tries it.
     failed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # The trace the row was written in (W3C traceparent/tracestate): its publish continues it.
+    trace_context: Mapped[dict[str, str] | None] = mapped_column(JSONType)
 
 
 class Timer(Base):

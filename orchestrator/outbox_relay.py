@@ -29,6 +29,7 @@ from typing import Any, Callable
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from . import tracing
 from .models import OutboxMessage, utcnow
 
 log = logging.getLogger(__name__)
@@ -112,10 +113,20 @@ class OutboxRelay:
         publisher = self.publishers.get(row.channel)
         if publisher is None:
             return NoPublisher(f"no publisher for channel '{row.channel}' in this process")
-        try:
-            publisher(row)
-        except Exception as exc:
-            return exc
+        # The publish continues the trace the row was written in (its request, event or task), so
+        # the message's headers carry it on (Celery's instrumentation, KafkaPublisher).
+        with tracing.span(f"outbox publish {row.target}", {
+                **tracing.workflow_attributes(row.instance_id), "messaging.system": row.channel,
+                "messaging.destination.name": row.target, "messaging.message.id": row.message_id},
+                parent=getattr(row, "trace_context", None), kind="producer") as span:
+            try:
+                publisher(row)
+            except Exception as exc:
+                if span is not None:
+                    span.record_exception(exc)
+                    from opentelemetry.trace import Status, StatusCode
+                    span.set_status(Status(StatusCode.ERROR, describe(exc)))
+                return exc
         return None
 
     def fail(self, message_id: str, error: str) -> None:

@@ -29,7 +29,7 @@ from billiard.exceptions import WorkerLostError
 from celery import shared_task
 from celery.signals import task_failure
 
-from . import logs, runtime
+from . import logs, runtime, tracing
 from .engine import Await, Done, Poll, StepContext
 from .errors import InvalidInput, UpstreamError
 
@@ -79,9 +79,14 @@ def execute_step(engine: Any, name: str, fn: StepFunction, instance_id: str, ste
     """Claim the step, run `fn` once, report its one outcome to `engine`: the body of every step
     task, also run in-process by the engine's own tests. Returns what happened ("done",
     "waiting", "awaiting", "continued", "failed: ...", "skipped: ...")."""
+    # the Celery task's span (its instrumentation continues the trace from the message headers)
+    tracing.annotate({**tracing.workflow_attributes(instance_id, step=step, attempt=attempt), "workflow.branch": branch})
     ctx = engine.claim_step(instance_id, step, attempt, branch)
     if ctx is None or not engine.take_claim(ctx, name, redelivered):
         return "skipped: stale or duplicate delivery"
+    if ctx.basis is not None:
+        tracing.annotate(tracing.workflow_attributes(instance_id, ctx.basis[0].get("type"),
+                                                     ctx.basis[0].get("business_key")))
     try:
         outcome = fn(ctx)
     except UpstreamError as exc:
@@ -135,6 +140,7 @@ def compensation_task(name: str, **options: Any) -> Callable[[Callable[[StepCont
 def execute_compensation(engine: Any, fn: Callable[[StepContext], None], instance_id: str, step: str,
                          attempt: int) -> str:
     """The body of every compensation task (see `compensation_task`), runnable in-process."""
+    tracing.annotate(tracing.workflow_attributes(instance_id, step=step, attempt=attempt))
     ctx = engine.claim_compensation(instance_id, step, attempt)
     if ctx is None:
         return "skipped: stale or duplicate delivery"

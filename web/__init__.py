@@ -9,7 +9,7 @@ from flask import Flask, g, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException
 
-from orchestrator import logs
+from orchestrator import logs, tracing
 from orchestrator import runtime as runtime_module
 from orchestrator.errors import InvalidInput, OrchestratorError
 from orchestrator.jsonutil import check_storable
@@ -40,6 +40,7 @@ def create_app(runtime: runtime_module.Runtime | None = None) -> Flask:
     for module in (health, bulk, sagas, definitions, media, balance, routes, workers, openapi, asyncapi, chat):
         app.register_blueprint(module.bp)
     chat.init_app(app)
+    tracing.instrument_flask(app)  # a span per request, when tracing is on
 
     @app.errorhandler(OrchestratorError)
     def _known(exc: OrchestratorError) -> Any:

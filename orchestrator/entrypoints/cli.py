@@ -38,6 +38,19 @@ def _logging(settings: Settings) -> None:
     configure(settings.log_level, settings.log_format)
 
 
+def _tracing(role: str) -> None:
+    """Spans exported over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set (orchestrator/tracing.py);
+    without it the SDK is not even imported."""
+    from orchestrator import tracing
+
+    settings = load_settings()
+    # OTEL_* variables given in .env reach the SDK, which reads the environment only
+    for name, value in settings.variables.items():
+        if name.upper().startswith("OTEL_"):
+            os.environ.setdefault(name.upper(), value)
+    tracing.setup(role)
+
+
 def stop_on_signals() -> threading.Event:
     """An event set by SIGINT or SIGTERM, for the long-running loops to finish their pass and exit."""
     stop = threading.Event()
@@ -63,6 +76,7 @@ def cmd_api(args: argparse.Namespace) -> None:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="orchestrator-metrics-")
     settings = _settings()
     _logging(settings)
+    _tracing("api")  # gunicorn's workers inherit it; create_app instruments Flask
     from gunicorn.app.base import BaseApplication
 
     from web import create_app
@@ -85,11 +99,14 @@ def cmd_api(args: argparse.Namespace) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
-    from celery.signals import setup_logging
+    from celery.signals import setup_logging, worker_process_init
 
     from orchestrator import runtime
 
     rt = runtime.current()
+    _tracing("worker")
+    # a prefork pool process: keeps the parent's provider (its exporter thread restarts after fork)
+    worker_process_init.connect(lambda **_: _tracing("worker"), weak=False)
 
     @setup_logging.connect  # Celery leaves logging to us when this signal has a receiver
     def _setup(**_: Any) -> None:
@@ -106,6 +123,7 @@ def cmd_sweeper(args: argparse.Namespace) -> None:
 
     rt = runtime.current()
     _logging(rt.settings)
+    _tracing("sweeper")
     stop = stop_on_signals()
     run(rt, stop)
 
@@ -116,6 +134,7 @@ def cmd_calc_results(args: argparse.Namespace) -> None:
 
     rt = runtime.current()
     _logging(rt.settings)
+    _tracing("calc-results")
     stop = stop_on_signals()
     run_consumer(rt, stop)
 
@@ -129,6 +148,7 @@ def cmd_bridge(args: argparse.Namespace) -> None:
     _logging(rt.settings)
     if not rt.settings.kafka_brokers:
         sys.exit("configuration error: KAFKA_BROKERS: required by the bridge (host:port[,host:port])")
+    _tracing("bridge")
     if args.metrics_port:
         from prometheus_client import start_http_server
 
