@@ -43,7 +43,10 @@ def bind(workflow_id: str | None = None, correlation_id: str | None = None) -> C
 
     def unbind() -> None:
         for var, token in reversed(tokens):
-            var.reset(token)
+            try:
+                var.reset(token)
+            except (RuntimeError, ValueError):  # used already, or from another context (a stream's)
+                var.set(None)
 
     return unbind
 

@@ -82,8 +82,10 @@ def create_app(runtime: runtime_module.Runtime | None = None) -> Flask:
 
     @app.teardown_request
     def _end_log_context(_exc: BaseException | None) -> None:
-        if "unbind_log_ids" in g:
-            g.unbind_log_ids()
+        # A streamed answer (SSE) tears its request down again when the stream ends: once only.
+        unbind = g.pop("unbind_log_ids", None)
+        if unbind is not None:
+            unbind()
 
     return app
 

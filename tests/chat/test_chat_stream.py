@@ -148,6 +148,26 @@ def test_server_sent_events_fallback(chat_api):
     assert events[-1]["task_id"] == task
 
 
+def test_a_client_leaving_an_event_stream_leaves_no_error(chat_env, execution, sweeper):
+    """The server finds the client gone at the next heartbeat and tears the request down once,
+    without a traceback (it used to log BrokenPipeError and a context variable reset twice)."""
+    proc, base = start_api(chat_env, name="chat-sse-leave", workers=1)
+
+    def streams() -> int:
+        return requests.get(f"{base}/health/detailed", timeout=5).json()["websockets"]["this_process"]
+
+    try:
+        sid = new_session(base)
+        with requests.get(f"{base}/api/v1/chat/{sid}/events", stream=True, timeout=20) as r:
+            assert r.status_code == 200
+            wait_for(lambda: streams() == 1, timeout=20, what="the stream to attach")
+        wait_for(lambda: streams() == 0, timeout=30, what="the server to notice the client left")
+        out = proc.output()
+        assert "Traceback" not in out and "already been used" not in out, out[-3000:]
+    finally:
+        proc.stop()
+
+
 def test_health_endpoints(chat_api):
     basic = requests.get(f"{chat_api}/health/", timeout=5)
     assert basic.status_code == 200 and basic.json()["status"] == "healthy"
