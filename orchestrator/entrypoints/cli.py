@@ -470,7 +470,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except ConfigError as exc:  # a bad variable: one line naming it, not a traceback
+        sys.exit(f"configuration error: {exc.message}")
 
 
 if __name__ == "__main__":

@@ -126,6 +126,16 @@ def test_misconfiguration_stops_start_up_naming_the_variable(env, name, value):
     assert out.returncode != 0 and f"configuration error: {name}:" in out.stderr
 
 
+@pytest.mark.parametrize("command", ["sweeper", "worker", "calc-results", "bridge", "flower", "db"])
+def test_every_process_refuses_a_bad_variable_in_one_line(env, command):
+    args = [command, "upgrade"] if command == "db" else [command]
+    out = subprocess.run([sys.executable, "-m", "orchestrator.entrypoints.cli", *args],
+                         env={**env, "LOG_LEVEL": "loud", "KAFKA_BROKERS": "127.0.0.1:1"},
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "configuration error: LOG_LEVEL:" in out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+
+
 def test_dev_runs_everything_on_embedded_defaults(tmp_path):
     """The README's main command on a machine with nothing configured: SQLite, a server-less
     broker, the emulators; a pipeline completes; SIGTERM stops every process cleanly."""
