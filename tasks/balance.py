@@ -158,7 +158,7 @@ def simple_calculate(ctx: StepContext) -> Await:
     info = repo.project(project)
     head = ctx.data.get("commit") or (ctx.outputs.get("commit_inputs") or {}).get("commit") \
         or repo.ensure_branch(project, branch)
-    cid = ctx.token  # the calculation's id on its first run (sagas/balance.py)
+    cid = ctx.token  # the calculation's id on its first run (sagas/balance/)
     assert cid is not None
     inputs = sorted(ctx.input["files"])
     ctx.save(correlation_id=cid, commit=head, input_files=inputs, output_file=ctx.input["output_file"])
