@@ -154,6 +154,8 @@ class Settings(EnvSettings):
     # Secrets
     admin_token: str = ""
     flower_basic_auth: str = ""
+    # The operator console at /ui/ (user:password); unset, the console answers 403.
+    console_basic_auth: str = ""
     # Kafka (the bridge and the outbox publisher)
     kafka_brokers: str = Field("", validation_alias=AliasChoices("KAFKA_BROKERS", "KAFKA_BOOTSTRAP_SERVERS"))
     consumer_group: str = "orchestrator"
@@ -188,7 +190,7 @@ class Settings(EnvSettings):
             raise ValueError(f"expected grpc or http/protobuf, got {value!r}")
         return value.strip()
 
-    @field_validator("flower_basic_auth")
+    @field_validator("flower_basic_auth", "console_basic_auth")
     @classmethod
     def _flower_basic_auth(cls, value: str) -> str:
         if value and ":" not in value:

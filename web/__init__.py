@@ -35,9 +35,10 @@ def create_app(runtime: runtime_module.Runtime | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = 1 * 1024 * 1024
     app.json.sort_keys = False  # type: ignore[attr-defined]
 
-    from . import asyncapi, balance, bulk, chat, definitions, health, media, openapi, routes, sagas, workers
+    from . import asyncapi, balance, bulk, chat, console, definitions, health, media, openapi, routes, sagas, workers
 
-    for module in (health, bulk, sagas, definitions, media, balance, routes, workers, openapi, asyncapi, chat):
+    for module in (health, bulk, sagas, definitions, media, balance, routes, workers, openapi, asyncapi, chat,
+                   console):
         app.register_blueprint(module.bp)
     chat.init_app(app)
     tracing.instrument_flask(app)  # a span per request, when tracing is on

@@ -40,7 +40,13 @@ def start_bulk() -> Any:
     `rate_per_second` (default 10). `dry_run` answers the count and a sample and changes nothing;
     otherwise 202 with the `bulk_id` to follow. Durable: sweepers drive it (docs/operations.md)."""
     require_admin()
-    req = body(BulkRequest)
+    return start(body(BulkRequest))
+
+
+def start(req: BulkRequest) -> Any:
+    """Dry run (200 `{"matched", "sample"}`) or start (202 `{"bulk_id", "matched", "status"}`)
+    of the bulk operation `req`, once the caller has checked who asks (the admin token here,
+    the console's own login in web/console.py)."""
     engine = runtime().engine
     bulk.check(engine, bulk.Spec(req.action, req.step, req.event, req.payload, req.rate_per_second),
                req.filter.type)

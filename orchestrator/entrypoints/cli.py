@@ -267,6 +267,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
     _logging(settings)
     env = dict(os.environ)
     env.setdefault("FLOWER_BASIC_AUTH", "admin:admin")
+    env.setdefault("CONSOLE_BASIC_AUTH", "admin:admin")
     env.setdefault("EMULATOR_JOB_SECONDS", "2")
     children: list[tuple[str, list[str]]] = []
     claims = [PortClaim("the API", "PORT", settings.host, settings.port),
@@ -354,6 +355,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
     for name in commands:
         start(name)
     print(f"orchestrator dev: API http://{settings.host}:{settings.port}  "
+          f"Console http://{settings.host}:{settings.port}/ui/ ({env['CONSOLE_BASIC_AUTH']})  "
           f"Flower http://127.0.0.1:{args.flower_port} ({env['FLOWER_BASIC_AUTH']})  "
           f"Kafka {env.get('KAFKA_BROKERS') or settings.kafka_brokers}{' (bundled)' if broker else ''}  "
           "Ctrl-C stops all", flush=True)

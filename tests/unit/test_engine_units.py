@@ -132,7 +132,8 @@ def test_config_aliases_and_driver_mapping():
 @pytest.mark.parametrize("name, value", [("POLL_INTERVAL", "soon"), ("PORT", "eighty"), ("WORKERS", "-1"),
                                          ("DEFAULT_REMOVE_NOISE", "maybe"), ("DATABASE_URL", "mysql://x"),
                                          ("VIDEO_DOWNLOADER_URL", "localhost:8001"),
-                                         ("FLOWER_BASIC_AUTH", "nopassword"), ("POLL_INTERVAL", "0"),
+                                         ("FLOWER_BASIC_AUTH", "nopassword"), ("CONSOLE_BASIC_AUTH", "nopassword"),
+                                         ("POLL_INTERVAL", "0"),
                                          ("DATABASE_PREPARED_STATEMENTS", "sometimes")])
 def test_misconfiguration_names_the_variable(name, value):
     with pytest.raises(ConfigError) as err:

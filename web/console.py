@@ -1,0 +1,173 @@
+"""The operator console at /ui/: server-rendered HTML pages (web/templates/console/) with a
+little JavaScript (web/static/console/console.js), shipped inside the package, nothing fetched
+from the internet.
+
+Pages: the workflow types with their instances per state (`/ui/`), the instances with the
+GET /sagas filters, refreshing by themselves (`/ui/sagas`), one instance with its diagram, steps,
+context, history and the Restart / Cancel / Send event buttons (`/ui/sagas/<id>`), and the bulk
+operations (`/ui/bulk`). The pages' own calls go to the JSON API of the same origin, except the
+bulk operations: those need the ADMIN_TOKEN, which never reaches the browser; the console's
+`/ui/bulk/run` and `/ui/bulk/<bulk_id>` run them on the server for the logged-in operator.
+
+Access: HTTP basic auth against CONSOLE_BASIC_AUTH (`user:password`). Unset, every console
+route answers 403 saying how to enable it (`orchestrator dev` sets `admin:admin`); a missing or
+wrong login is a 401 with `WWW-Authenticate: Basic`. The pages are not in /openapi.json (HTML,
+and the console's two JSON routes are its own, not the API's).
+"""
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, render_template, request
+from markupsafe import Markup
+
+from orchestrator.diagram import render
+from orchestrator.errors import NotFound
+from orchestrator.models import ACTIVE_STEP_STATUSES, StepStatus
+
+from . import body, runtime
+from . import bulk as bulk_routes
+from .schemas import BulkRequest
+
+bp = Blueprint("console", __name__, url_prefix="/ui", template_folder="templates",
+               static_folder="static/console", static_url_path="/static")
+REALM = 'Basic realm="orchestrator console", charset="UTF-8"'
+#: The GET /sagas filters the instances page offers, in the order shown.
+FILTERS = ("type", "state", "key", "created_after", "created_before", "error", "step", "step_status")
+#: Seconds between two refreshes of a page that follows running work.
+REFRESH_SECONDS = 2
+
+
+def _wants_html() -> bool:
+    best = request.accept_mimetypes.best_match(["text/html", "application/json"])
+    return best == "text/html" and not request.path.startswith(("/ui/bulk/run", "/ui/bulk/b"))
+
+
+@bp.before_request
+def _login() -> Any:
+    """403 when the console is off (CONSOLE_BASIC_AUTH unset), 401 without the right login."""
+    configured = runtime().settings.console_basic_auth
+    if not configured:
+        message = ("the operator console is disabled: set CONSOLE_BASIC_AUTH=user:password "
+                   "(orchestrator dev sets admin:admin) and restart the API")
+        if _wants_html():
+            return Response(render_template("console/disabled.html", message=message), 403, mimetype="text/html")
+        return jsonify({"error": "forbidden", "message": message}), 403
+    user, _, password = configured.partition(":")
+    auth = request.authorization
+    given_user = (auth.username or "") if auth and auth.type == "basic" else None
+    given_password = (auth.password or "") if auth and auth.type == "basic" else ""
+    if given_user is None or not (hmac.compare_digest(given_user.encode(), user.encode())
+                                  & hmac.compare_digest(given_password.encode(), password.encode())):
+        return Response(json.dumps({"error": "unauthorized", "message": "log in to the operator console"}),
+                        401, {"WWW-Authenticate": REALM}, mimetype="application/json")
+    return None
+
+
+@bp.after_request
+def _no_store(response: Response) -> Response:
+    # The pages show live state and carry a login: never cached, never framed by another site.
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["X-Frame-Options"] = "DENY"
+    return response
+
+
+@bp.get("/")
+def types_page() -> Any:
+    """The workflow types, each with its instances per state (as GET /workflow-types)."""
+    engine = runtime().engine
+    counts = engine.counts()
+    types = []
+    for name in engine.registry.names():
+        cls = engine.registry.get(name)
+        per_state = counts.get(name, {})
+        types.append({"type": name, "states": [s.id for s in cls.states],  # type: ignore[union-attr]
+                      "counts": per_state, "total": sum(per_state.values())})
+    return render_template("console/types.html", types=types, page="types")
+
+
+@bp.get("/types/<type>")
+def type_page(type: str) -> Any:  # noqa: A002 - named like the type field
+    """One type's diagram and its states, each linking to its instances."""
+    engine = runtime().engine
+    cls = engine.registry.get(type)
+    if cls is None:
+        raise NotFound(f"unknown workflow type '{type}'")
+    return render_template("console/type.html", type=type, svg=Markup(render(cls)),
+                           counts=engine.counts(type).get(type, {}), states=[s.id for s in cls.states],
+                           signals=sorted(cls.signals), page="types")
+
+
+@bp.get("/sagas")
+def instances_page() -> Any:
+    """The instances, filtered like GET /sagas; console.js fills and refreshes the table."""
+    engine = runtime().engine
+    names = engine.registry.names()
+    states = sorted({s.id for n in names for s in engine.registry.get(n).states})  # type: ignore[union-attr]
+    values = {name: request.args.get(name, "") for name in FILTERS}
+    return render_template("console/instances.html", filters=values, types=names, states=states,
+                           statuses=_step_statuses(), refresh=REFRESH_SECONDS, page="instances")
+
+
+@bp.get("/sagas/<instance_id>")
+def instance_page(instance_id: str) -> Any:
+    """One instance: diagram, steps, context, history and the actions it allows now. With
+    `?part=1` only the part that changes (console.js swaps it in every few seconds)."""
+    engine = runtime().engine
+    snap = engine.snapshot(instance_id)
+    cls = engine.registry.get(snap["type"])
+    if cls is None:
+        raise NotFound(f"instance {instance_id} has the unknown workflow type '{snap['type']}'")
+    _, state, taken = engine.history_path(instance_id)
+    # The signals the current state allows: the user may send these (Workflow.signals).
+    allowed = sorted({e.id for s in cls.states if s.id == snap["state"] for t in s.transitions
+                      for e in t.events if e.id in cls.signals}) if not snap["finished"] else []
+    running = any(st["status"] in {s.value for s in ACTIVE_STEP_STATUSES} for st in snap["steps"] or [])
+    context = {"instance": snap, "svg": Markup(render(cls, current=state, taken=taken)), "signals": allowed,
+               "can_cancel": not snap["finished"], "running": running,
+               "context_json": json.dumps(snap["context"], indent=2, sort_keys=True, default=str),
+               "refresh": REFRESH_SECONDS, "page": "instances"}
+    if request.args.get("part"):
+        return render_template("console/instance_part.html", **context)
+    return render_template("console/instance.html", **context)
+
+
+@bp.get("/bulk")
+def bulk_page() -> Any:
+    """Bulk repair: a dry run shows the count, then the run and its progress."""
+    engine = runtime().engine
+    names = engine.registry.names()
+    states = sorted({s.id for n in names for s in engine.registry.get(n).states})  # type: ignore[union-attr]
+    values = {name: request.args.get(name, "") for name in FILTERS}
+    return render_template("console/bulk.html", filters=values, types=names, states=states,
+                           statuses=_step_statuses(), action=request.args.get("action", "restart"),
+                           refresh=REFRESH_SECONDS, page="bulk")
+
+
+@bp.post("/bulk/run")
+def bulk_run() -> Any:
+    """POST /sagas/bulk for the logged-in operator (same body and answers), without the admin
+    token: the console's login stands for it, so the token never reaches a browser."""
+    return bulk_routes.start(body(BulkRequest))
+
+
+@bp.get("/bulk/<bulk_id>")
+def bulk_status(bulk_id: str) -> Any:
+    """GET /sagas/bulk/<bulk_id> for the logged-in operator."""
+    from orchestrator import bulk
+
+    return bulk.view(runtime().engine, bulk_id)
+
+
+@bp.post("/bulk/<bulk_id>/cancel")
+def bulk_cancel(bulk_id: str) -> Any:
+    """POST /sagas/bulk/<bulk_id>/cancel for the logged-in operator."""
+    from orchestrator import bulk
+
+    return bulk.cancel(runtime().engine, bulk_id)
+
+
+def _step_statuses() -> list[str]:
+    return [s.value for s in StepStatus]
