@@ -1,0 +1,129 @@
+"""The operator console over HTTP (Flask test client): its login, the 403 that says how to turn
+it on, and its pages for every built-in workflow type."""
+from __future__ import annotations
+
+import base64
+from typing import Any, Iterator
+
+import pytest
+from conftest import wait_for
+
+LOGIN = "operator:s3cret"
+
+
+def basic(login: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(login.encode()).decode()}
+
+
+def app_with(env: dict[str, str], rt: Any, **extra: str) -> Iterator[Any]:
+    from orchestrator import runtime
+    from orchestrator.config import load_settings
+    from web import create_app
+
+    own = runtime.build(load_settings(environ={**env, **extra}, dotenv="/nonexistent"))
+    try:
+        yield create_app(own).test_client()
+    finally:
+        own.db.dispose()
+        runtime.install(rt)
+
+
+@pytest.fixture(scope="module")
+def on(env: dict[str, str], rt: Any) -> Iterator[Any]:
+    yield from app_with(env, rt, CONSOLE_BASIC_AUTH=LOGIN)
+
+
+@pytest.fixture(scope="module")
+def off(env: dict[str, str], rt: Any) -> Iterator[Any]:
+    yield from app_with({k: v for k, v in env.items() if k != "CONSOLE_BASIC_AUTH"}, rt)
+
+
+PAGES = ["/ui/", "/ui/sagas", "/ui/bulk", "/ui/static/console.js"]
+
+
+@pytest.mark.parametrize("path", PAGES + ["/ui/bulk/run"])
+@pytest.mark.parametrize("auth", [None, "operator:wrong", "someone:s3cret", "operator"])
+def test_refused_without_the_right_login(on, path, auth):
+    headers = basic(auth) if auth else {}
+    r = on.post(path, headers=headers, json={}) if path.endswith("/run") else on.get(path, headers=headers)
+    assert r.status_code == 401
+    assert r.headers["WWW-Authenticate"].startswith("Basic ")
+    assert r.json["error"] == "unauthorized"
+
+
+def test_a_bearer_token_is_no_login(on):
+    assert on.get("/ui/", headers={"Authorization": "Bearer s3cret"}).status_code == 401
+
+
+@pytest.mark.parametrize("path", PAGES)
+def test_disabled_when_unset_says_how_to_enable(off, path):
+    page = off.get(path, headers={**basic(LOGIN), "Accept": "text/html"})
+    assert page.status_code == 403 and page.mimetype == "text/html"
+    assert "CONSOLE_BASIC_AUTH=user:password" in page.get_data(as_text=True)
+    answer = off.get(path, headers={"Accept": "application/json"})
+    assert answer.status_code == 403
+    assert answer.json["error"] == "forbidden" and "CONSOLE_BASIC_AUTH" in answer.json["message"]
+
+
+def test_bad_value_stops_start_up_naming_it():
+    from orchestrator.config import ConfigError, load_settings
+
+    with pytest.raises(ConfigError) as err:
+        load_settings(environ={"CONSOLE_BASIC_AUTH": "nopassword"}, dotenv="/nonexistent")
+    assert err.value.variable == "CONSOLE_BASIC_AUTH"
+
+
+def test_pages_render_for_every_built_in_type(on, rt):
+    names = rt.engine.registry.names()
+    assert {"media", "calculate-balance", "simple-calculation", "route_content", "worker_deployment"} <= set(names)
+    assert len(names) >= 6  # and the chat task
+    home = on.get("/ui/", headers=basic(LOGIN))
+    assert home.status_code == 200 and home.mimetype == "text/html"
+    for name in names:
+        assert f'data-type="{name}"' in home.get_data(as_text=True)
+        page = on.get(f"/ui/types/{name}", headers=basic(LOGIN))
+        assert page.status_code == 200, (name, page.get_data(as_text=True)[:500])
+        assert "<svg" in page.get_data(as_text=True)
+        listing = on.get(f"/ui/sagas?type={name}&state=", headers=basic(LOGIN))
+        assert listing.status_code == 200 and f"<option selected>{name}</option>" in listing.get_data(as_text=True)
+        bulk = on.get(f"/ui/bulk?type={name}", headers=basic(LOGIN))
+        assert bulk.status_code == 200
+    assert on.get("/ui/types/nope", headers=basic(LOGIN)).status_code == 404
+
+
+def test_instance_page_shows_diagram_steps_context_history_and_actions(on):
+    started = on.post("/pipeline", json={"youtube_url": "https://www.youtube.com/watch?v=abcdefghijk"})
+    assert started.status_code == 200, started.json
+    job = started.json["job_id"]
+    page = on.get(f"/ui/sagas/{job}", headers=basic(LOGIN))
+    assert page.status_code == 200
+    html = page.get_data(as_text=True)
+    assert 'data-current="true"' in html and 'data-step="download"' in html
+    assert "youtube_url" in html and ">Cancel</button>" in html and 'id="history"' in html
+    part = on.get(f"/ui/sagas/{job}?part=1", headers=basic(LOGIN)).get_data(as_text=True)
+    assert "<html" not in part and 'id="steps"' in part
+    assert on.get("/ui/sagas/00000000-0000-0000-0000-000000000000", headers=basic(LOGIN)).status_code == 404
+    on.post(f"/sagas/{job}/cancel")
+
+
+def test_send_event_offers_the_signals_the_state_allows(on, worker, sweeper):
+    # the test `order` workflow declares one user signal, `approve`, allowed in awaiting_approval
+    iid = on.post("/saga", json={"type": "order", "input": {"parcels": [], "limit": 50}}).json["id"]
+    wait_for(lambda: on.get(f"/sagas/{iid}").json["state"] == "awaiting_approval", timeout=60,
+             what="the order to wait for approval")
+    html = on.get(f"/ui/sagas/{iid}", headers=basic(LOGIN)).get_data(as_text=True)
+    assert ">Send event</button>" in html and '<select id="event-name"><option>approve</option></select>' in html
+    on.post(f"/sagas/{iid}/cancel")
+    wait_for(lambda: on.get(f"/sagas/{iid}").json["finished"], timeout=60, what="the order to be cancelled")
+    html = on.get(f"/ui/sagas/{iid}", headers=basic(LOGIN)).get_data(as_text=True)
+    assert "Send event" not in html and ">Cancel</button>" not in html
+
+
+def test_bulk_from_the_console_needs_no_admin_token_and_checks_its_input(on):
+    dry = on.post("/ui/bulk/run", headers=basic(LOGIN),
+                  json={"action": "restart", "step": "normalization", "dry_run": True, "filter": {"type": "media"}})
+    assert dry.status_code == 200 and set(dry.json) == {"matched", "sample"}
+    bad = on.post("/ui/bulk/run", headers=basic(LOGIN), json={"action": "restart", "step": "nope", "dry_run": True,
+                                                              "filter": {"type": "media"}})
+    assert bad.status_code == 400 and bad.json["field"] == "step"
+    assert on.get("/ui/bulk/nope", headers=basic(LOGIN)).status_code in (400, 404)
