@@ -120,6 +120,7 @@ def test_operator_restarts_a_failed_job_then_repairs_the_rest_in_bulk(console, b
              timeout=60, interval=0.3, what="the page to show the job completed")
     assert browser.eval("document.querySelector('#steps tr[data-step=normalization]').dataset.status") == "completed"
     assert browser.eval("document.querySelector('#diagram svg [data-current=true]').dataset.state") == "completed"
+    assert browser.eval("document.querySelector('#steps tr[data-step=normalization] progress').value") == 100
     assert "restarted" in browser.eval("document.getElementById('message').textContent")
     assert job_state(console, chosen) == "completed"
     screenshot(browser, "04-restarted-job-completed.png")
