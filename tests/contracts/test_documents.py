@@ -22,6 +22,8 @@ def test_openapi_document_is_valid_and_describes_every_endpoint(app, client):
     for rule in app.url_map.iter_rules():
         if rule.endpoint in ("static",) or rule.rule == "/openapi.json" or getattr(rule, "websocket", False):
             continue
+        if rule.endpoint.startswith("console."):  # the operator console's pages, behind its own login
+            continue
         path = rule.rule
         for arg in rule.arguments:
             path = path.replace(f"<{arg}>", f"{{{arg}}}")
