@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.e2e]
 
 def test_dev_creates_the_demo_project_and_runs_the_saga(tmp_path):
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("CELERY_", "DATABASE_", "POSTGRES_", "REDIS_", "GIT"))}
+           if not k.startswith(("CELERY_", "DATABASE_", "POSTGRES_", "REDIS_", "GIT", "CONSOLE_"))}
     port = free_port()
     env.update(PORT=str(port), HOST="127.0.0.1", SWEEP_INTERVAL="0.2", LOG_LEVEL="WARNING", PYTHONPATH=str(ROOT),
                FLOWER_BASIC_AUTH="admin:secret", GITLAB_EMULATOR_PORT=str(free_port()),
@@ -32,6 +32,9 @@ def test_dev_creates_the_demo_project_and_runs_the_saga(tmp_path):
     base = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: _up(f"{base}/healthz"), timeout=90, what="the dev API")
+        # dev serves the operator console with its own login (admin:admin unless told otherwise)
+        assert requests.get(f"{base}/ui/", auth=("admin", "admin"), timeout=10).status_code == 200
+        assert requests.get(f"{base}/ui/", timeout=10).status_code == 401
         demo = GitRepo(tmp_path / "data" / "repos" / "demo" / "balance")
         assert demo.read("main", "balance_input.json") and demo.read("main", "geometries_manifest.json")
         r = requests.post(f"{base}/saga/calculate-balance", timeout=60,
@@ -48,6 +51,8 @@ def test_dev_creates_the_demo_project_and_runs_the_saga(tmp_path):
         assert demo.read("issue/1", "balance_output.json")
         geo = requests.get(f"{base}/geometries?project=demo/balance", timeout=10).json()
         assert len(geo["geometries"]) == 2
+        page = requests.get(f"{base}/ui/sagas/{saga_id}", auth=("admin", "admin"), timeout=10)
+        assert page.status_code == 200 and 'data-current="true"' in page.text
     finally:
         print((tmp_path / "dev.log").read_text(errors="replace")[-5000:])  # shown when the test fails
         code = terminate(proc)
