@@ -40,9 +40,13 @@ FILTERS = ("type", "state", "key", "created_after", "created_before", "error", "
 REFRESH_SECONDS = 2
 
 
+#: The console's JSON routes (the rest are pages and their static files).
+JSON_ROUTES = frozenset({"console.bulk_run", "console.bulk_status", "console.bulk_cancel"})
+
+
 def _wants_html() -> bool:
     best = request.accept_mimetypes.best_match(["text/html", "application/json"])
-    return best == "text/html" and not request.path.startswith(("/ui/bulk/run", "/ui/bulk/b"))
+    return best == "text/html" and request.endpoint not in JSON_ROUTES
 
 
 @bp.before_request
