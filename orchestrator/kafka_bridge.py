@@ -333,6 +333,9 @@ class Bridge:
             return self.dead_letter(msg, f"{bad[0]}: {bad[1]}", "invalid_field")
         # An event without the header continues the correlation stored with its instance; its
         # trace (W3C headers) goes on through the engine's spans and the outbox rows it writes.
+        # This span is by hand: the confluent-kafka instrumentation's consumer makes its process
+        # span the child of a fresh `recv` span, the producer's trace only linked, so the event's
+        # trace would stop at the broker.
         with logs.context(correlation_id=ev.headers.get(logs.HEADER) or None), tracing.span(
                 f"{topic} process", {"messaging.system": "kafka", "messaging.destination.name": topic,
                                      "messaging.kafka.message.offset": msg.offset(),

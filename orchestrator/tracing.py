@@ -8,11 +8,13 @@ Unset, nothing here imports the SDK or the API: every helper is a no-op that cos
 
 Each process calls `setup(role)` once (the CLI entry points; a prefork Celery child from
 `worker_process_init`). It installs the SDK's instrumentation for Flask (HTTP requests), Celery
-(publishing a task puts the trace context in its headers; running it continues that trace) and
-requests (calls to the media services and GitLab). Written by hand here: spans for engine
-transitions, outbox publishes and Kafka produce/consume, and the propagation through the outbox
-row (`carrier()` stored in `outbox.trace_context`, the publish span's parent) and through Kafka
-headers (W3C `traceparent`/`tracestate`).
+(publishing a task puts the trace context in its headers; running it continues that trace),
+requests (calls to the media services and GitLab) and confluent-kafka on the outbox's producer
+(`instrument_kafka_producer`: a send span, W3C `traceparent`/`tracestate` in the headers).
+Written by hand here: spans for engine transitions and outbox publishes, the propagation through
+the outbox row (`carrier()` stored in `outbox.trace_context`, the publish span's parent), and the
+bridge's consume span, parented from the message's headers (the instrumentation's consumer only
+links a consumed message's trace, under a `recv` span of a trace of its own).
 
 Every span about an instance carries `workflow.id`, `workflow.type` and, where they apply,
 `workflow.key`, `workflow.step`, `workflow.attempt` (`workflow_attributes`).
@@ -172,7 +174,14 @@ def carrier() -> dict[str, str] | None:
     return out or None
 
 
-def inject_headers(headers: list[tuple[str, bytes]]) -> None:
-    """Add the current trace context to Kafka message headers."""
-    for k, v in (carrier() or {}).items():
-        headers.append((k, v.encode()))
+def instrument_kafka_producer(producer: Any) -> Any:
+    """The confluent-kafka `Producer` traced by the SDK's instrumentation when tracing is on (each
+    `produce` is a `<topic> send` span, child of the current one, whose context goes into the
+    message's headers as `traceparent`/`tracestate`); the producer itself when it is off. The
+    instrumentation wraps an instance (a proxy with `produce`, `flush`, `poll`, `purge`): the
+    C-extension class cannot be patched."""
+    if _tracer is None:
+        return producer
+    from opentelemetry import trace
+    from opentelemetry.instrumentation.confluent_kafka import ConfluentKafkaInstrumentor
+    return ConfluentKafkaInstrumentor.instrument_producer(producer, tracer_provider=trace.get_tracer_provider())

@@ -1,6 +1,7 @@
 """A route that enters through Kafka is one trace: the bridge's consume span, the engine's start
-and transition, the outbox publish (by the bridge or a sweeper) and the message it produces,
-whose W3C `traceparent` header carries the trace on."""
+and transition, the outbox publish (by the bridge or a sweeper) with the confluent-kafka
+instrumentation's send span under it, and the message it produces, whose W3C `traceparent` header
+carries the trace on."""
 from __future__ import annotations
 
 import uuid
@@ -59,3 +60,12 @@ def test_a_consumed_event_is_one_trace(traced_bridge, kafka, receiver):
     sent = kafka.read("story.generate", until=lambda ms: any(m.key() == route_id.encode() for m in ms))
     mine = [m for m in sent if m.key() == route_id.encode()]
     assert mine and headers(mine[0]).get("traceparent", "").split("-")[1] == trace
+    # ... from the confluent-kafka instrumentation's send span, a child of the outbox publish span,
+    # which carries the workflow's attributes
+    span_id = headers(mine[0])["traceparent"].split("-")[2]
+    send = wait_for(lambda: [s for s in in_trace("story.generate send") if s.span_id == span_id], timeout=20,
+                    what="the send span the message's traceparent names")[0]
+    assert send.attributes.get("messaging.system") == "kafka"
+    parent = wait_for(lambda: [s for s in in_trace("outbox publish") if s.span_id == send.parent_id], timeout=20,
+                      what="the send span's parent")[0]
+    assert parent.name == "outbox publish story.generate" and parent.attributes.get("workflow.key") == route_id
