@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from typing import Any
 
 import pytest
@@ -31,16 +32,42 @@ class DevTools:
     def __init__(self, ws_url: str) -> None:
         self.ws = websocket.create_connection(ws_url, timeout=20, suppress_origin=True)
         self.ids = itertools.count(1)
+        #: The events (a domain enabled, e.g. Page.enable) received while waiting for answers.
+        self.events: list[dict[str, Any]] = []
 
     def call(self, method: str, **params: Any) -> dict[str, Any]:
         ident = next(self.ids)
         self.ws.send(json.dumps({"id": ident, "method": method, "params": params}))
         while True:
             msg = json.loads(self.ws.recv())
-            if msg.get("id") == ident:
+            if "method" in msg:
+                self.events.append(msg)
+            elif msg.get("id") == ident:
                 if "error" in msg:
                     raise AssertionError(f"{method}: {msg['error']}")
                 return msg["result"]
+
+    def event(self, method: str, timeout: float = 30.0) -> dict[str, Any]:
+        """The params of the first event `method` not yet taken, waiting up to `timeout` seconds
+        for it (AssertionError then)."""
+        end = time.monotonic() + timeout
+        while True:
+            for n, msg in enumerate(self.events):
+                if msg["method"] == method:
+                    del self.events[n]
+                    return msg.get("params", {})  # type: ignore[no-any-return]
+            left = end - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {method} event within {timeout} s")
+            self.ws.settimeout(left)
+            try:
+                msg = json.loads(self.ws.recv())
+            except websocket.WebSocketTimeoutException:
+                continue
+            finally:
+                self.ws.settimeout(20)
+            if "method" in msg:
+                self.events.append(msg)
 
     def eval(self, expression: str) -> Any:
         out = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)

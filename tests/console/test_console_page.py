@@ -1,7 +1,9 @@
 """The operator console in a real browser (headless Chromium over the DevTools protocol), against
 a real API process, worker, sweeper and the media emulators: an operator logs in, filters to the
 failed media jobs, opens one, sees its diagram and its failed step, presses Restart and sees it
-complete; then repairs the others with a bulk restart, a dry run first. Screenshots are kept
+complete; then repairs the others with a bulk restart, a dry run first. And an order waiting for
+its approval: the operator types the payload and presses Send event, and cancels another one
+(accepting the confirm dialog).  Screenshots are kept
 (TEST_LOG_DIR, else /tmp/console-artifacts/; each path is printed)."""
 from __future__ import annotations
 
@@ -60,6 +62,22 @@ def open_page(browser: Any, url: str, ready: str) -> None:
              timeout=30, interval=0.2, what=f"{url} to show {ready}")
 
 
+def log_in(browser: Any) -> None:
+    """Basic auth on every request of the page, its own fetches included."""
+    browser.call("Page.enable")
+    browser.call("Network.enable")
+    token = base64.b64encode(":".join(LOGIN).encode()).decode()
+    browser.call("Network.setExtraHTTPHeaders", headers={"Authorization": f"Basic {token}"})
+
+
+def press(browser: Any, name: str) -> None:
+    """Click the button whose visible name is `name`, from a task of its own: a click that opens
+    a confirm dialog would otherwise hold this call until the dialog is answered."""
+    assert browser.eval(f"(() => {{ const b = [...document.querySelectorAll('button')]"
+                        f".find(b => b.textContent.trim() === {json.dumps(name)}); if (!b) return false;"
+                        " setTimeout(() => b.click(), 0); return true; })()"), f"no {name} button"
+
+
 def job_state(base: str, instance_id: str) -> str:
     return requests.get(f"{base}/sagas/{instance_id}", timeout=5).json()["state"]
 
@@ -77,11 +95,7 @@ def test_operator_restarts_a_failed_job_then_repairs_the_rest_in_bulk(console, b
     for i in ids:
         wait_for(lambda i=i: job_state(console, i) == "failed", timeout=60, what=f"job {i} to fail")
 
-    # log in: basic auth on every request of the page, its own fetches included
-    browser.call("Page.enable")
-    browser.call("Network.enable")
-    token = base64.b64encode(":".join(LOGIN).encode()).decode()
-    browser.call("Network.setExtraHTTPHeaders", headers={"Authorization": f"Basic {token}"})
+    log_in(browser)
     open_page(browser, f"{console}/ui/", "document.querySelector('section[data-type=media]')")
     assert int(browser.eval("document.querySelector('section[data-type=media] td[data-state=failed]')"
                             ".textContent")) >= 3
@@ -146,3 +160,47 @@ def test_operator_restarts_a_failed_job_then_repairs_the_rest_in_bulk(console, b
         wait_for(lambda i=i: job_state(console, i) == "completed", timeout=60, what=f"job {i} to complete")
         actors = [h["actor"] for h in requests.get(f"{console}/sagas/{i}", timeout=5).json()["history"]]
         assert any(a.startswith("bulk:") for a in actors), actors
+
+
+def test_operator_sends_a_signal_then_cancels_an_order(console, browser):
+    ids = []
+    for _ in range(2):
+        r = requests.post(f"{console}/saga", timeout=10,
+                          json={"type": "order", "input": {"limit": 50, "parcels": [{"id": "p1"}]}})
+        assert r.status_code in (200, 201), r.text
+        ids.append(r.json()["id"])
+    for i in ids:
+        wait_for(lambda i=i: job_state(console, i) == "awaiting_approval", timeout=60, what=f"order {i} to wait")
+    approved, cancelled = ids
+    log_in(browser)
+
+    # the order waiting for its approval: type the payload, press Send event, see it ship
+    open_page(browser, f"{console}/ui/sagas/{approved}", "document.getElementById('event-payload')")
+    assert browser.eval("document.getElementById('event-name').value") == "approve"
+    browser.eval("const t = document.getElementById('event-payload'); t.focus(); t.select(); true")
+    browser.call("Input.insertText", text='{"amount": 20}')
+    assert browser.eval("document.getElementById('event-payload').value") == '{"amount": 20}'
+    screenshot(browser, "07-order-awaiting-approval.png")
+    press(browser, "Send event")
+    wait_for(lambda: browser.eval("document.getElementById('state').dataset.state") == "done",
+             timeout=60, interval=0.3, what="the page to show the order done")
+    assert "Event approve sent." in browser.eval("document.getElementById('message').textContent")
+    history = browser.eval("[...document.querySelectorAll('#history tbody tr')]"
+                           ".map(r => [...r.cells].map(c => c.textContent))")
+    assert [h[1:4] for h in history if h[2] == "approve"] == [["awaiting_approval", "approve", "shipping"]]
+    assert not browser.eval("!!document.getElementById('event-payload')")  # nothing left to send
+    assert job_state(console, approved) == "done"
+    screenshot(browser, "08-order-approved-done.png")
+
+    # another one: press Cancel, accept the confirm dialog, see it cancelled
+    open_page(browser, f"{console}/ui/sagas/{cancelled}", "document.querySelector('button[data-action=cancel]')")
+    press(browser, "Cancel")
+    dialog = browser.event("Page.javascriptDialogOpening")
+    assert dialog["type"] == "confirm" and "Cancel this workflow" in dialog["message"]
+    browser.call("Page.handleJavaScriptDialog", accept=True)
+    wait_for(lambda: browser.eval("document.getElementById('state').dataset.state") == "cancelled",
+             timeout=60, interval=0.3, what="the page to show the order cancelled")
+    assert "Cancelled." in browser.eval("document.getElementById('message').textContent")
+    assert not browser.eval("!!document.querySelector('button[data-action=cancel]')")
+    assert job_state(console, cancelled) == "cancelled"
+    screenshot(browser, "09-order-cancelled.png")

@@ -3,7 +3,7 @@ process restarts them at a set rate, is SIGKILLed midway and started again."""
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 import pytest
@@ -136,3 +136,37 @@ def test_cancel_stops_a_bulk_run_and_skips_what_is_no_longer_eligible(client, rt
     states = [client.get(f"/sagas/{i}").json["state"] for i in ids]
     assert states.count("cancelled") == done and states.count("failed") == 4 - done
     assert client.post(f"/sagas/bulk/{bulk_id}/cancel", headers=ADMIN).status_code == 200  # again: no-op
+
+
+def test_bulk_event_signals_each_waiting_instance_once_and_skips_one_that_moved_on(client, worker, sweeper):
+    since = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")
+    ids = [client.post("/saga", json={"type": "order", "input": {"limit": 50, "parcels": [{"id": f"p{n}"}]}}).json["id"]
+           for n in range(20)]
+    wait_for(lambda: all(client.get(f"/sagas/{i}").json["state"] == "awaiting_approval" for i in ids), timeout=60,
+             what="every order to wait for its approval")
+    # One order is cancelled by hand first: the filter still matches it, but approve no longer
+    # applies to it, so the run skips it and says why.
+    last = ids[-1]
+    assert client.post(f"/sagas/{last}/cancel").status_code == 200
+    wait_for(lambda: client.get(f"/sagas/{last}").json["state"] == "cancelled", what="the cancel")
+    flt = {"type": "order", "created_after": since}
+    body = {"action": "event", "event": "approve", "payload": {"amount": 20}, "filter": flt, "rate_per_second": 20}
+    dry = client.post("/sagas/bulk", headers=ADMIN, json={**body, "dry_run": True})
+    assert dry.status_code == 200 and dry.json["matched"] == 20, dry.json
+    resp = client.post("/sagas/bulk", headers=ADMIN, json=body)
+    assert resp.status_code == 202 and resp.json["matched"] == 20, resp.json
+    bulk_id = resp.json["bulk_id"]
+
+    final = wait_for(lambda: (lambda s: s if s["status"] == "completed" else None)(bulk_status(client, bulk_id)),
+                     timeout=60, what="the bulk event to complete")
+    assert (final["matched"], final["done"], final["skipped"], final["failed"]) == (20, 19, 1, 0), final
+    assert [e["instance_id"] for e in final["errors"]] == [last] and final["errors"][0]["status"] == "skipped"
+
+    actor = f"bulk:{bulk_id}"
+    for i in ids[:-1]:
+        snap = wait_for(lambda i=i: (lambda s: s if s["state"] == "done" else None)(client.get(f"/sagas/{i}").json),
+                        timeout=60, what=f"order {i} to ship")
+        by_bulk = [(h["event"], h["from"], h["to"]) for h in snap["history"] if h["actor"] == actor]
+        assert by_bulk == [("approve", "awaiting_approval", "shipping")], snap["history"]
+    snap = client.get(f"/sagas/{last}").json
+    assert snap["state"] == "cancelled" and not any(h["actor"] == actor for h in snap["history"])
