@@ -38,12 +38,11 @@ def _logging(settings: Settings) -> None:
     configure(settings.log_level, settings.log_format)
 
 
-def _tracing(role: str) -> None:
+def _tracing(role: str, settings: Settings) -> None:
     """Spans exported over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set (orchestrator/tracing.py);
     without it the SDK is not even imported."""
     from orchestrator import tracing
 
-    settings = load_settings()
     # OTEL_* variables given in .env reach the SDK, which reads the environment only
     for name, value in settings.variables.items():
         if name.upper().startswith("OTEL_"):
@@ -76,7 +75,7 @@ def cmd_api(args: argparse.Namespace) -> None:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="orchestrator-metrics-")
     settings = _settings()
     _logging(settings)
-    _tracing("api")  # gunicorn's workers inherit it; create_app instruments Flask
+    _tracing("api", settings)  # gunicorn's workers inherit it; create_app instruments Flask
     from gunicorn.app.base import BaseApplication
 
     from web import create_app
@@ -104,9 +103,9 @@ def cmd_worker(args: argparse.Namespace) -> None:
     from orchestrator import runtime
 
     rt = runtime.current()
-    _tracing("worker")
+    _tracing("worker", rt.settings)
     # a prefork pool process: keeps the parent's provider (its exporter thread restarts after fork)
-    worker_process_init.connect(lambda **_: _tracing("worker"), weak=False)
+    worker_process_init.connect(lambda **_: _tracing("worker", rt.settings), weak=False)
 
     @setup_logging.connect  # Celery leaves logging to us when this signal has a receiver
     def _setup(**_: Any) -> None:
@@ -117,38 +116,36 @@ def cmd_worker(args: argparse.Namespace) -> None:
     rt.celery.worker_main(argv)
 
 
-def cmd_sweeper(args: argparse.Namespace) -> None:
+def _process(role: str) -> Any:
+    """This process's runtime, with its logs and traces set up (a long-running process: sweeper,
+    calc-results, bridge)."""
     from orchestrator import runtime
-    from .sweeper import run
 
     rt = runtime.current()
     _logging(rt.settings)
-    _tracing("sweeper")
-    stop = stop_on_signals()
-    run(rt, stop)
+    _tracing(role, rt.settings)
+    return rt
+
+
+def cmd_sweeper(args: argparse.Namespace) -> None:
+    from .sweeper import run
+
+    run(_process("sweeper"), stop_on_signals())
 
 
 def cmd_calc_results(args: argparse.Namespace) -> None:
-    from orchestrator import runtime
     from sagas.balance.calculations import run_consumer
 
-    rt = runtime.current()
-    _logging(rt.settings)
-    _tracing("calc-results")
-    stop = stop_on_signals()
-    run_consumer(rt, stop)
+    run_consumer(_process("calc-results"), stop_on_signals())
 
 
 def cmd_bridge(args: argparse.Namespace) -> None:
     """The Kafka bridge: a consumer-group member turning events into engine starts and events."""
-    from orchestrator import runtime
     from orchestrator.kafka_bridge import Bridge
 
-    rt = runtime.current()
-    _logging(rt.settings)
+    rt = _process("bridge")
     if not rt.settings.kafka_brokers:
         sys.exit("configuration error: KAFKA_BROKERS: required by the bridge (host:port[,host:port])")
-    _tracing("bridge")
     if args.metrics_port:
         from prometheus_client import start_http_server
 
