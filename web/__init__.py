@@ -45,7 +45,7 @@ def create_app(runtime: runtime_module.Runtime | None = None) -> Flask:
 
     @app.errorhandler(OrchestratorError)
     def _known(exc: OrchestratorError) -> Any:
-        return jsonify(exc.to_dict()), exc.status
+        return jsonify(exc.to_dict()), exc.status, getattr(exc, "headers", None) or {}
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException) -> Any:

@@ -2,15 +2,14 @@
 Admin only: the ADMIN_TOKEN, sent as for /admin/factory-reset."""
 from __future__ import annotations
 
-import hmac
 from typing import Any
 
 from flask import Blueprint
 
 from orchestrator import bulk
-from orchestrator.errors import Forbidden, InvalidInput, Unauthorized
+from orchestrator.errors import InvalidInput
 
-from . import admin_token_sent, body, runtime
+from . import auth, body, runtime
 from .openapi import doc
 from .schemas import AdminHeader, BulkDryRun, BulkRequest, BulkStarted, BulkStatus
 
@@ -21,15 +20,8 @@ SAMPLE = 20
 
 def require_admin() -> None:
     """401 without a token, 403 with a wrong one, 403 (saying how to enable them) when the
-    server has no ADMIN_TOKEN."""
-    token = runtime().settings.admin_token
-    if not token:
-        raise Forbidden("bulk operations are disabled: set ADMIN_TOKEN to enable them")
-    given = admin_token_sent()
-    if given is None:
-        raise Unauthorized("admin token missing (send X-Admin-Token or Authorization: Bearer)")
-    if not hmac.compare_digest(given.encode(), token.encode()):
-        raise Forbidden("admin token is wrong")
+    server has no ADMIN_TOKEN (web/auth.py)."""
+    auth.require_admin("bulk operations")
 
 
 @bp.post("/sagas/bulk")

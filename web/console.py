@@ -16,7 +16,6 @@ and the console's two JSON routes are its own, not the API's).
 """
 from __future__ import annotations
 
-import hmac
 import json
 from typing import Any
 
@@ -28,6 +27,7 @@ from orchestrator.errors import NotFound
 from orchestrator.models import ACTIVE_STEP_STATUSES, StepStatus
 
 from . import body, runtime
+from .auth import same_secret
 from . import bulk as bulk_routes
 from .schemas import BulkRequest
 
@@ -58,14 +58,14 @@ def _login() -> Any:
                    "(orchestrator dev sets admin:admin) and restart the API")
         if _wants_html():
             return Response(render_template("console/disabled.html", message=message), 403, mimetype="text/html")
-        return jsonify({"error": "forbidden", "message": message}), 403
+        return jsonify({"error": "forbidden", "message": message, "field": "Authorization"}), 403
     user, _, password = configured.partition(":")
     auth = request.authorization
     given_user = (auth.username or "") if auth and auth.type == "basic" else None
     given_password = (auth.password or "") if auth and auth.type == "basic" else ""
-    if given_user is None or not (hmac.compare_digest(given_user.encode(), user.encode())
-                                  & hmac.compare_digest(given_password.encode(), password.encode())):
-        return Response(json.dumps({"error": "unauthorized", "message": "log in to the operator console"}),
+    if given_user is None or not (same_secret(given_user, user) & same_secret(given_password, password)):
+        return Response(json.dumps({"error": "unauthorized", "message": "log in to the operator console",
+                                    "field": "Authorization"}),
                         401, {"WWW-Authenticate": REALM}, mimetype="application/json")
     return None
 

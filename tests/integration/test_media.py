@@ -9,6 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from conftest import emulator_stats, wait_for
 
+ADMIN = {"X-Admin-Token": "test-admin-token"}  # /admin/* needs it
+
 STAGES = ("download", "normalization", "transcription")
 
 
@@ -223,8 +225,8 @@ def test_bad_requests_never_500(client):
     assert client.post("/pipeline").status_code == 400
     assert client.get("/jobs/nope").status_code == 404
     assert client.get("/jobs?limit=x").json["field"] == "limit"
-    assert client.post("/admin/cleanup?max_age_hours=soon").json["field"] == "max_age_hours"
-    assert client.post("/admin/cleanup?deep=maybe").json["field"] == "deep"
+    assert client.post("/admin/cleanup?max_age_hours=soon", headers=ADMIN).json["field"] == "max_age_hours"
+    assert client.post("/admin/cleanup?deep=maybe", headers=ADMIN).json["field"] == "deep"
     assert client.get("/nothing-here").status_code == 404
 
 
@@ -233,20 +235,20 @@ def test_health_stats_and_admin(client, worker, sweeper, emulators):
     assert h["status"] == "healthy" and h["service"] == "ytcaption-orchestrator"
     assert h["microservices"] == {s: "healthy" for s in ("video-downloader", "audio-normalization",
                                                           "audio-transcriber")}
-    stats = client.get("/admin/stats").json
+    stats = client.get("/admin/stats", headers=ADMIN).json
     assert set(stats) == {"orchestrator", "redis", "settings"}
     assert set(stats["redis"]) >= {"total_jobs", "active_jobs", "completed_jobs", "memory_usage"}
     assert stats["settings"] == {"cache_ttl_hours": 24.0, "job_timeout_minutes": 60.0, "poll_interval": 0.2,
                                  "max_poll_attempts": 15}
-    cleaned = client.post("/admin/cleanup?max_age_hours=0&deep=true").json
+    cleaned = client.post("/admin/cleanup?max_age_hours=0&deep=true", headers=ADMIN).json
     assert cleaned["message"] and cleaned["logs_cleaned"] is True and cleaned["jobs_removed"] >= 0
     assert client.post("/admin/factory-reset").status_code == 401
-    assert client.post("/admin/factory-reset", headers={"X-Admin-Token": "wrong"}).status_code == 401
-    r = client.post("/admin/factory-reset", headers={"X-Admin-Token": "test-admin-token"})
+    assert client.post("/admin/factory-reset", headers={"X-Admin-Token": "wrong"}).status_code == 403
+    r = client.post("/admin/factory-reset", headers=ADMIN)
     assert r.status_code == 200
     assert set(r.json["microservices"]) == {"video-downloader", "audio-normalization", "audio-transcriber"}
     assert all(v["status"] == "success" for v in r.json["microservices"].values())
-    assert client.get("/admin/stats").json["redis"]["total_jobs"] == 0
+    assert client.get("/admin/stats", headers=ADMIN).json["redis"]["total_jobs"] == 0
 
 
 def test_status_never_goes_back_while_a_slow_download_runs(client, worker, sweeper, faults):
