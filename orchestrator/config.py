@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from urllib.parse import unquote
 from typing import Annotated, Any, ClassVar, Literal, Mapping, TypeVar
 
 from dotenv import dotenv_values
@@ -27,6 +28,9 @@ from pydantic import AliasChoices, AliasGenerator, AfterValidator, Field, Privat
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .errors import ConfigError
+
+#: The password of a URL: scheme://user:PASSWORD@host
+_URL_PASSWORD = re.compile(r"[a-z][a-z0-9+.-]*://[^:/@\s]*:([^@\s/]+)@", re.I)
 
 #: A count or a duration: a negative value is refused.
 Count = Annotated[int, Field(ge=0)]
@@ -148,6 +152,9 @@ class Settings(EnvSettings):
     # How long a sweeper holds a bulk operation it drives before another may take it over.
     bulk_lease_seconds: Seconds = 30.0
     environment: str = "development"
+    #: How long a process waits at start-up for PostgreSQL, RabbitMQ and Redis before it gives up
+    #: (0: for ever), retrying with backoff (orchestrator/runtime.py, `wait_for_services`).
+    startup_wait_seconds: Seconds = 0.0
     #: Modules imported to register workflows, their tasks and their settings. The engine imports
     #: none of them by name itself.
     workflow_modules: str = "sagas,tasks"
@@ -200,6 +207,28 @@ class Settings(EnvSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+    def secrets(self) -> list[str]:
+        """The secret values these settings were read with, for redacting logs and answers:
+        every variable named *_TOKEN, *_PASSWORD, *_SECRET or *_KEY (ADMIN_TOKEN, GITLAB_TOKEN...),
+        the password part of *_BASIC_AUTH, and the password of every URL-valued variable
+        (DATABASE_URL, CELERY_BROKER_URL, REDIS_URL...). Longest first; never empty strings."""
+        found: set[str] = set()
+        for name, value in {**self._variables, "DATABASE_URL": self.database_url,
+                            "CELERY_BROKER_URL": self.broker_url, "CELERY_RESULT_BACKEND": self.result_backend,
+                            "REDIS_URL": self.redis_url, "ADMIN_TOKEN": self.admin_token,
+                            "CONSOLE_BASIC_AUTH": self.console_basic_auth,
+                            "FLOWER_BASIC_AUTH": self.flower_basic_auth}.items():
+            upper = name.upper()
+            if not value:
+                continue
+            if upper.endswith(("_TOKEN", "_PASSWORD", "_SECRET", "_KEY")):
+                found.add(value)
+            elif upper.endswith("_BASIC_AUTH") and ":" in value:
+                found.add(value.partition(":")[2])
+            for m in _URL_PASSWORD.finditer(value):
+                found.update((m.group(1), unquote(m.group(1))))  # as written and as a client decodes it
+        return sorted((s for s in found if s), key=len, reverse=True)
 
     @property
     def variables(self) -> Mapping[str, str]:

@@ -1,6 +1,11 @@
 """Structured logs: one JSON object per line, carrying the id of the workflow a line is about and
 the correlation id of the request or event that caused it (`LOG_FORMAT=text` for a terminal).
 
+Secrets never reach a log line: URLs are rendered with their password masked (`mask_url`), and
+every handler `configure` installs carries a `RedactFilter` that replaces the process's secret
+values (`Settings.secrets()`: ADMIN_TOKEN, GITLAB_TOKEN, URL passwords, basic-auth passwords) with
+`***` in the message and the traceback, whatever logged them (our code, Celery, a driver's error).
+
 The correlation id comes in as an HTTP `X-Correlation-ID` header (or is made up), travels with
 every outbox message the request's transaction writes (a Celery header, a Kafka header), and is
 taken up again by the task or the bridge that handles the message; so `grep <id>` over the logs
@@ -11,6 +16,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 import sys
 import uuid
 from contextlib import contextmanager
@@ -61,6 +67,51 @@ def context(workflow_id: str | None = None, correlation_id: str | None = None) -
         unbind()
 
 
+#: What a secret is replaced with.
+MASK = "***"
+#: Secrets shorter than this are not searched for in free text (masking "admin" would garble
+#: every "/admin/..." path); URL passwords are masked at any length by `mask_url`.
+MIN_SECRET_LENGTH = 8
+_URL_CREDENTIALS = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s'\"]*:)[^@\s'\"]+@", re.I)
+_secrets: tuple[str, ...] = ()
+
+
+def mask_url(url: str) -> str:
+    """`url` (or any text holding URLs) with the password of every `scheme://user:password@host`
+    replaced by `***`: the form in which a URL may be logged or answered."""
+    return _URL_CREDENTIALS.sub(lambda m: m.group("head") + MASK + "@", url)
+
+
+def set_secrets(secrets: "list[str] | tuple[str, ...]") -> None:
+    """The secret values `redact` masks in this process (long enough ones: MIN_SECRET_LENGTH)."""
+    global _secrets
+    _secrets = tuple(sorted({s for s in secrets if len(s) >= MIN_SECRET_LENGTH}, key=len, reverse=True))
+
+
+def redact(text: str) -> str:
+    """`text` with URL passwords and this process's secrets (`set_secrets`) masked."""
+    text = mask_url(text)
+    for secret in _secrets:
+        if secret in text:
+            text = text.replace(secret, MASK)
+    return text
+
+
+class RedactFilter(logging.Filter):
+    """Masks secrets (`redact`) in a record's message and traceback before any formatter sees it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        return True
+
+
 class ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.workflow_id = getattr(record, "workflow_id", None) or _workflow.get()
@@ -81,8 +132,8 @@ class JsonFormatter(logging.Formatter):
             value = getattr(record, key, None)
             if value:
                 out[key] = value
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
+        if record.exc_text or record.exc_info:
+            out["exc"] = record.exc_text or self.formatException(record.exc_info)
         return json.dumps(out, default=str)
 
 
@@ -96,10 +147,13 @@ class TextFormatter(logging.Formatter):
         return super().format(record)
 
 
-def configure(level: str, fmt: str) -> None:
-    """The root logger of this process writes `fmt` ("json" or "text") lines to stderr."""
+def configure(level: str, fmt: str, secrets: "list[str] | tuple[str, ...]" = ()) -> None:
+    """The root logger of this process writes `fmt` ("json" or "text") lines to stderr, with
+    `secrets` (and URL passwords) masked in every line."""
+    set_secrets(secrets)
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(ContextFilter())
+    handler.addFilter(RedactFilter())
     handler.setFormatter(TextFormatter() if fmt == "text" else JsonFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):

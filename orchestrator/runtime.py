@@ -9,7 +9,10 @@ import importlib
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
+from typing import Callable, Iterable
+
 from celery import Celery
 from sqlalchemy import Engine as SAEngine
 from sqlalchemy.orm import Session, sessionmaker
@@ -17,6 +20,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from .config import Settings, load_settings
 from .db import make_engine, make_session_factory
 from .engine import Engine
+from .errors import ConfigError
+from .logs import mask_url
 from .outbox_relay import OutboxRelay, celery_publisher
 from .workflow import registry
 
@@ -103,3 +108,117 @@ def reset() -> None:
         if _current is not None:
             _current.db.dispose()
         _current = None
+
+
+# -- waiting for the services at start-up --------------------------------------------------------
+#: Seconds between two tries while a service is unreachable: 0.5, 1, 2, ... at most this.
+WAIT_MAX_BACKOFF = 10.0
+#: Seconds one try may take before it counts as failed.
+PROBE_TIMEOUT = 3.0
+
+
+@dataclass(frozen=True)
+class Dependency:
+    """A service a process needs: its `name` ("database", "broker", "redis"), its address with the
+    password masked, and `probe`, which returns when the service answers and raises otherwise."""
+
+    name: str
+    address: str
+    probe: Callable[[], None]
+
+
+def _probe_database(url: str) -> Callable[[], None]:
+    def probe() -> None:
+        from sqlalchemy import create_engine, text
+        from sqlalchemy.pool import NullPool
+
+        db = create_engine(url, poolclass=NullPool, connect_args={"connect_timeout": int(PROBE_TIMEOUT)})
+        try:
+            with db.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        finally:
+            db.dispose()
+    return probe
+
+
+def _probe_broker(url: str) -> Callable[[], None]:
+    def probe() -> None:
+        from kombu import Connection
+
+        with Connection(url, connect_timeout=PROBE_TIMEOUT) as conn:
+            conn.ensure_connection(max_retries=1, timeout=PROBE_TIMEOUT)
+    return probe
+
+
+def _probe_redis(url: str) -> Callable[[], None]:
+    def probe() -> None:
+        import redis
+
+        client = redis.Redis.from_url(url, socket_connect_timeout=PROBE_TIMEOUT, socket_timeout=PROBE_TIMEOUT)
+        try:
+            client.ping()
+        finally:
+            client.close()
+    return probe
+
+
+def dependencies(settings: Settings, needs: Iterable[str] = ("database", "broker", "redis")) -> list[Dependency]:
+    """The network services among `needs` that `settings` point at: PostgreSQL (not an SQLite
+    file), RabbitMQ (not the embedded SQLite broker) and Redis (REDIS_URL, or a redis:// result
+    backend). Embedded ones need no waiting and are left out."""
+    out: list[Dependency] = []
+    wanted = set(needs)
+    if "database" in wanted and not settings.is_sqlite:
+        out.append(Dependency("database", mask_url(settings.database_url), _probe_database(settings.database_url)))
+    if "broker" in wanted and not settings.broker_url.startswith("sqla+"):
+        out.append(Dependency("broker", mask_url(settings.broker_url), _probe_broker(settings.broker_url)))
+    if "redis" in wanted:
+        redis_urls = dict.fromkeys(u for u in (settings.redis_url, settings.result_backend)
+                                   if u.startswith(("redis://", "rediss://")))
+        for url in redis_urls:
+            out.append(Dependency("redis", mask_url(url), _probe_redis(url)))
+    return out
+
+
+def wait_for_services(settings: Settings, needs: Iterable[str] = ("database", "broker", "redis"),
+                      stop: threading.Event | None = None) -> bool:
+    """Block until every service among `needs` (see `dependencies`) answers, trying each again
+    after 0.5, 1, 2, ... (at most WAIT_MAX_BACKOFF) seconds and logging, at WARNING, what it
+    waits for (name, address without password, the error). Returns False if `stop` was set
+    meanwhile; raises ConfigError (STARTUP_WAIT_SECONDS) when a service stayed unreachable
+    longer than that setting (0: wait for ever). Every long-running entry point calls it first,
+    so a process started before PostgreSQL, RabbitMQ or Redis waits instead of crashing."""
+    from tenacity import (RetryCallState, Retrying, retry_if_exception_type, stop_after_delay, stop_never,
+                          wait_exponential)
+
+    from .logs import redact
+
+    stop = stop or threading.Event()
+    limit = settings.startup_wait_seconds
+    for dep in dependencies(settings, needs):
+        def waiting(state: RetryCallState, dep: Dependency = dep) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            log.warning("waiting for the %s at %s (%s: %s); next try in %.1fs", dep.name, dep.address,
+                        type(exc).__name__, redact(str(exc)).splitlines()[0][:200] if exc else "",
+                        state.upcoming_sleep)
+
+        def probe(dep: Dependency = dep) -> None:
+            if stop.is_set():
+                return
+            dep.probe()
+
+        started = time.monotonic()
+        retrying = Retrying(retry=retry_if_exception_type(Exception),
+                            wait=wait_exponential(multiplier=0.5, min=0.5, max=WAIT_MAX_BACKOFF),
+                            stop=stop_after_delay(limit) if limit else stop_never, sleep=stop.wait,
+                            before_sleep=waiting, reraise=True)
+        try:
+            retrying(probe)
+        except Exception as exc:
+            raise ConfigError("STARTUP_WAIT_SECONDS", f"the {dep.name} at {dep.address} stayed unreachable for "
+                              f"{limit:g}s ({type(exc).__name__}: {redact(str(exc)).splitlines()[0][:200]})") from None
+        if stop.is_set():
+            return False
+        if retrying.statistics.get("attempt_number", 1) > 1:
+            log.warning("the %s at %s answers after %.1fs", dep.name, dep.address, time.monotonic() - started)
+    return True

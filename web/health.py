@@ -1,4 +1,8 @@
-"""Liveness, readiness and metrics."""
+"""Liveness, readiness and metrics.
+
+`/healthz` is liveness: the process answers. `/readyz` is readiness: 200 once the database, the
+broker, the result backend, Redis (REDIS_URL) and Kafka (KAFKA_BROKERS) answer, else 503 naming
+what is down (`down`), each dependency with its address (password masked) and the error."""
 from __future__ import annotations
 
 import time
@@ -7,6 +11,7 @@ from typing import Any, Callable
 from flask import Blueprint, Response
 from sqlalchemy import text
 
+from orchestrator.logs import mask_url, redact
 from orchestrator.metrics import render
 
 from . import runtime
@@ -37,6 +42,16 @@ def check_result_backend() -> None:
             session.execute(text("SELECT 1"))
 
 
+def check_redis() -> None:
+    import redis
+
+    client = redis.Redis.from_url(runtime().settings.redis_url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        client.ping()
+    finally:
+        client.close()
+
+
 def check_kafka() -> None:
     from confluent_kafka.admin import AdminClient
 
@@ -50,18 +65,32 @@ CHECKS: dict[str, Callable[[], None]] = {
 }
 
 
+def addresses() -> dict[str, str]:
+    """Where each dependency is looked for, passwords masked."""
+    s = runtime().settings
+    out = {"database": s.database_url, "broker": s.broker_url, "result_backend": s.result_backend,
+           "redis": s.redis_url, "kafka": s.kafka_brokers}
+    return {name: mask_url(url) for name, url in out.items() if url}
+
+
 def dependencies() -> dict[str, dict[str, Any]]:
+    """Each dependency's answer now: {"status": "ok"|"error", "address", "latency_ms" | "error"}."""
     out: dict[str, dict[str, Any]] = {}
     checks = dict(CHECKS)
+    if runtime().settings.redis_url:
+        checks["redis"] = check_redis
     if runtime().settings.kafka_brokers:
         checks["kafka"] = check_kafka
+    where = addresses()
     for name, check in checks.items():
         started = time.perf_counter()
         try:
             check()
-            out[name] = {"status": "ok", "latency_ms": round((time.perf_counter() - started) * 1000, 1)}
+            out[name] = {"status": "ok", "address": where.get(name),
+                         "latency_ms": round((time.perf_counter() - started) * 1000, 1)}
         except Exception as exc:  # a failed dependency is a readiness answer, not an error
-            out[name] = {"status": "error", "error": f"{type(exc).__name__}: {exc}"[:300]}
+            out[name] = {"status": "error", "address": where.get(name),
+                         "error": redact(f"{type(exc).__name__}: {exc}")[:300]}
     return out
 
 
@@ -74,9 +103,11 @@ def healthz() -> Any:
 @bp.get("/readyz")
 @doc(Readiness, also={503: Readiness}, errors=(), tags=("operations",))
 def readyz() -> Any:
+    """200 when every dependency answers; 503 naming those that do not (`down`)."""
     deps = dependencies()
-    ready = all(d["status"] == "ok" for d in deps.values())
-    return {"status": "ready" if ready else "not_ready", "dependencies": deps}, (200 if ready else 503)
+    down = [name for name, d in deps.items() if d["status"] != "ok"]
+    return ({"status": "not_ready" if down else "ready", "down": down, "dependencies": deps},
+            503 if down else 200)
 
 
 @bp.get("/metrics")

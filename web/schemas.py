@@ -196,8 +196,9 @@ class WorkflowTypeList(Answer):
 # -- operations -------------------------------------------------------------------------------
 class Dependency(Answer):
     status: str = Field(description="ok or error")
+    address: str | None = Field(None, description="where it is looked for, the password masked (***)")
     latency_ms: float | None = None
-    error: str | None = None
+    error: str | None = Field(None, description="why it does not answer (secrets masked)")
 
 
 class Liveness(Answer):
@@ -207,6 +208,7 @@ class Liveness(Answer):
 
 class Readiness(Answer):
     status: str = Field(description="ready or not_ready")
+    down: list[str] = Field(default_factory=list, description="the dependencies that do not answer")
     dependencies: dict[str, Dependency]
 
 

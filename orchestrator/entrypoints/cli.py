@@ -35,7 +35,7 @@ def _settings() -> Settings:
 def _logging(settings: Settings) -> None:
     from orchestrator.logs import configure
 
-    configure(settings.log_level, settings.log_format)
+    configure(settings.log_level, settings.log_format, settings.secrets())
 
 
 def _tracing(role: str, settings: Settings) -> None:
@@ -58,15 +58,36 @@ def stop_on_signals() -> threading.Event:
     return stop
 
 
+def wait_for_services(settings: Settings, needs: tuple[str, ...] = ("database", "broker", "redis"),
+                      stop: threading.Event | None = None) -> None:
+    """Wait (logging what for) until the services this process needs answer; a SIGINT or SIGTERM
+    meanwhile ends the process cleanly (exit 0). See orchestrator.runtime.wait_for_services."""
+    from orchestrator.runtime import wait_for_services as wait
+
+    own = stop is None
+    if own:
+        stop = threading.Event()
+        previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    if not wait(settings, needs, stop) and own:
+        sys.exit(0)
+    if own:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def cmd_db(args: argparse.Namespace) -> None:
     from orchestrator.migrate import downgrade, upgrade
 
     settings = _settings()
+    _logging(settings)
+    wait_for_services(settings, ("database",))
     if args.action == "upgrade":
         upgrade(settings.database_url, args.revision or "heads", settings.workflow_modules)
     else:
         downgrade(settings.database_url, args.revision or "-1", settings.workflow_modules)
-    print(f"database {args.action}d: {settings.database_url.split('@')[-1]}")
+    from orchestrator.logs import mask_url
+
+    print(f"database {args.action}d: {mask_url(settings.database_url)}")
 
 
 def cmd_api(args: argparse.Namespace) -> None:
@@ -97,15 +118,63 @@ def cmd_api(args: argparse.Namespace) -> None:
     Server().run()
 
 
+#: A SIGTERM that reaches a pool process within this many seconds of the main process's own is
+#: the same signal sent to the whole worker (a warm shutdown); see pool_processes_finish_their_step.
+SHUTDOWN_SIGNAL_WINDOW = 1.0
+
+
+def pool_processes_finish_their_step() -> None:
+    """Make a SIGTERM sent to every process of the worker (systemd stops every process of a unit,
+    `kill -- -PGID` the process group) a warm shutdown, as a SIGTERM to the main process alone is:
+    the main process stops taking tasks and waits for the running ones, and a pool process that
+    got the same SIGTERM ignores it and finishes its step instead of dying in it.
+
+    A pool process tells that SIGTERM from the ones its main process sends on purpose (a cold
+    shutdown, a revoke with terminate) by time: the main process notes when it got its own
+    SIGTERM; one reaching a pool process within SHUTDOWN_SIGNAL_WINDOW of that is ignored, any
+    other ends the pool process as before (after waiting at most half a second for that note)."""
+    import multiprocessing
+
+    from billiard.common import _shutdown_cleanup
+    from celery.signals import task_prerun, worker_shutting_down
+
+    warm_at = multiprocessing.Value("d", 0.0, lock=False)  # shared with the pool processes it forks
+    main = os.getpid()
+
+    def shutting_down(how: str = "", sig: str = "", **_: Any) -> None:
+        if how == "Warm" and sig == "SIGTERM":
+            warm_at.value = time.monotonic()  # system-wide on Linux: comparable across processes
+
+    def on_term(signum: int, frame: Any) -> None:
+        got = time.monotonic()
+        while not warm_at.value and time.monotonic() - got < 0.5:  # the main process's handler runs too
+            time.sleep(0.01)
+        if warm_at.value and abs(got - warm_at.value) < SHUTDOWN_SIGNAL_WINDOW:
+            return  # the worker's own warm shutdown: finish the step
+        _shutdown_cleanup(signum, frame)  # billiard's own handler: end this pool process
+
+    def before_task(**_: Any) -> None:
+        # billiard installs its own handler after the pool process starts: take over before a task
+        # (not in the main process: a solo or threads pool runs tasks there)
+        if os.getpid() != main and signal.getsignal(signal.SIGTERM) is not on_term:
+            signal.signal(signal.SIGTERM, on_term)
+
+    worker_shutting_down.connect(shutting_down, weak=False)
+    task_prerun.connect(before_task, weak=False)
+
+
 def cmd_worker(args: argparse.Namespace) -> None:
     from celery.signals import setup_logging, worker_process_init
 
     from orchestrator import runtime
 
     rt = runtime.current()
+    _logging(rt.settings)  # the wait below logs; Celery sets logging up again (setup_logging)
+    wait_for_services(rt.settings)
     _tracing("worker", rt.settings)
     # a prefork pool process: keeps the parent's provider (its exporter thread restarts after fork)
     worker_process_init.connect(lambda **_: _tracing("worker", rt.settings), weak=False)
+    pool_processes_finish_their_step()
 
     @setup_logging.connect  # Celery leaves logging to us when this signal has a receiver
     def _setup(**_: Any) -> None:
@@ -116,13 +185,17 @@ def cmd_worker(args: argparse.Namespace) -> None:
     rt.celery.worker_main(argv)
 
 
-def _process(role: str) -> Any:
+def _process(role: str, stop: threading.Event | None = None) -> Any:
     """This process's runtime, with its logs and traces set up (a long-running process: sweeper,
-    calc-results, bridge)."""
+    calc-results, bridge); with `stop`, once PostgreSQL, RabbitMQ and Redis answer."""
     from orchestrator import runtime
 
     rt = runtime.current()
     _logging(rt.settings)
+    if stop is not None:
+        wait_for_services(rt.settings, stop=stop)
+        if stop.is_set():
+            sys.exit(0)
     _tracing(role, rt.settings)
     return rt
 
@@ -130,13 +203,15 @@ def _process(role: str) -> Any:
 def cmd_sweeper(args: argparse.Namespace) -> None:
     from .sweeper import run
 
-    run(_process("sweeper"), stop_on_signals())
+    stop = stop_on_signals()
+    run(_process("sweeper", stop), stop)
 
 
 def cmd_calc_results(args: argparse.Namespace) -> None:
     from sagas.balance.calculations import run_consumer
 
-    run_consumer(_process("calc-results"), stop_on_signals())
+    stop = stop_on_signals()
+    run_consumer(_process("calc-results", stop), stop)
 
 
 def cmd_bridge(args: argparse.Namespace) -> None:
@@ -191,6 +266,9 @@ def cmd_flower(args: argparse.Namespace) -> None:
 #: A dev child that exits on its own is started again after 1, 2, 4, ... (at most 30) seconds; one
 #: that dies this many times in a row, each time within DEV_STABLE_SECONDS of its start, stops dev.
 DEV_RESTARTS = 5
+#: The login `orchestrator dev` gives Flower and the console unless FLOWER_BASIC_AUTH /
+#: CONSOLE_BASIC_AUTH are set (README, "Running it").
+DEV_LOGIN = "admin:admin"
 DEV_STABLE_SECONDS = 60.0
 
 
@@ -263,8 +341,9 @@ def cmd_dev(args: argparse.Namespace) -> None:
     settings = _settings()
     _logging(settings)
     env = dict(os.environ)
-    env.setdefault("FLOWER_BASIC_AUTH", "admin:admin")
-    env.setdefault("CONSOLE_BASIC_AUTH", "admin:admin")
+    # Flower and the console are never open, not even in dev: a documented default login
+    env["FLOWER_BASIC_AUTH"] = env.get("FLOWER_BASIC_AUTH") or DEV_LOGIN
+    env["CONSOLE_BASIC_AUTH"] = env.get("CONSOLE_BASIC_AUTH") or DEV_LOGIN
     env.setdefault("EMULATOR_JOB_SECONDS", "2")
     children: list[tuple[str, list[str]]] = []
     claims = [PortClaim("the API", "PORT", settings.host, settings.port),
@@ -351,9 +430,12 @@ def cmd_dev(args: argparse.Namespace) -> None:
     signal.signal(signal.SIGTERM, stop)
     for name in commands:
         start(name)
+    def login(name: str) -> str:  # dev's own default is shown, an operator's password never
+        return env[name] if env[name] == DEV_LOGIN else f"{env[name].partition(':')[0]}:*** from {name}"
+
     print(f"orchestrator dev: API http://{settings.host}:{settings.port}  "
-          f"Console http://{settings.host}:{settings.port}/ui/ ({env['CONSOLE_BASIC_AUTH']})  "
-          f"Flower http://127.0.0.1:{args.flower_port} ({env['FLOWER_BASIC_AUTH']})  "
+          f"Console http://{settings.host}:{settings.port}/ui/ ({login('CONSOLE_BASIC_AUTH')})  "
+          f"Flower http://127.0.0.1:{args.flower_port} ({login('FLOWER_BASIC_AUTH')})  "
           f"Kafka {env.get('KAFKA_BROKERS') or settings.kafka_brokers}{' (bundled)' if broker else ''}  "
           "Ctrl-C stops all", flush=True)
     print("orchestrator dev: pids " + ", ".join(f"{n}={p.pid}" for n, p in procs.items()), flush=True)

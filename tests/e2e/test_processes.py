@@ -88,7 +88,7 @@ def test_operations_endpoints(api):
     ready = requests.get(f"{api}/readyz", timeout=10)
     assert ready.status_code == 200, ready.text
     assert {k: v["status"] for k, v in ready.json()["dependencies"].items()} == {
-        "database": "ok", "broker": "ok", "result_backend": "ok"}
+        "database": "ok", "broker": "ok", "result_backend": "ok", "redis": "ok"}
     metrics = requests.get(f"{api}/metrics", timeout=10).text
     assert "orchestrator_http_requests_total" in metrics
     assert 'orchestrator_workflow_instances{state="completed",type="media"}' in metrics

@@ -1,0 +1,219 @@
+"""Graceful start and stop of real processes started from the CLI.
+
+- A worker, a sweeper and the calculation-results consumer started while PostgreSQL, RabbitMQ and
+  Redis cannot be reached wait, logging what they wait for (address, password masked), instead of
+  exiting; once the services answer they work: a pipeline completes through them.
+- The API answers /healthz at once and /readyz 503 naming what is down until then, 200 after.
+- A worker stopped with SIGTERM in the middle of a step lets the step finish: its effect (a submit
+  to the service) happens once, and the workflow completes after a new worker starts.
+
+The services "come up late" through a TCP forwarder (tests/tcp_proxy.py) on a port where nothing
+listens until it is switched on: the shared servers are never stopped."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from typing import Any
+from urllib.parse import urlparse
+
+import pytest
+import requests
+from conftest import REDIS, Process, start_worker, wait_for
+from tcp_proxy import Proxy, free_port
+
+from orchestrator.entrypoints.cli import SHUTDOWN_SIGNAL_WINDOW
+
+#: A password the shared PostgreSQL (trust) ignores, to see that it is never shown.
+DB_PASSWORD = "db-pass-9f3k2q7z"
+
+
+def behind_proxies(env: dict[str, str]) -> tuple[dict[str, str], dict[str, Proxy]]:
+    """`env` with the database, broker and Redis reached through proxies that are off."""
+    proxies: dict[str, Proxy] = {}
+    out = dict(env)
+    for name, var in (("database", "DATABASE_URL"), ("broker", "CELERY_BROKER_URL"), ("redis", "REDIS_URL")):
+        url = urlparse(env[var])
+        proxy = proxies[name] = Proxy(url.hostname or "127.0.0.1", url.port or {"database": 5432, "broker": 5672,
+                                                                                "redis": 6379}[name])
+        netloc = f"{url.username or ''}{':' + url.password if url.password else ''}{'@' if url.username else ''}"
+        if name == "database":
+            netloc = f"{url.username}:{DB_PASSWORD}@"
+        out[var] = url._replace(netloc=f"{netloc}127.0.0.1:{proxy.port}").geturl()
+    out["CELERY_RESULT_BACKEND"] = out["REDIS_URL"]
+    return out, proxies
+
+
+def test_processes_started_before_the_services_wait_for_them(env, rt, client, sweeper):
+    late, proxies = behind_proxies(env)
+    name = f"late{uuid.uuid4().hex[:6]}"
+    procs = {
+        "worker": Process(name, ["worker", "--concurrency", "2", "--name", f"{name}@%h"], late).start(),
+        "sweeper": Process("sweeper-late", ["sweeper"], late).start(),
+        "calc-results": Process("calc-late", ["calc-results"], late).start(),
+    }
+    try:
+        db_address = f"127.0.0.1:{proxies['database'].port}"
+        for role, proc in procs.items():
+            wait_for(lambda: "waiting for the database at" in proc.output(), timeout=60,
+                     what=f"the {role} to say it waits for the database")
+        # well past the first tries: still alive and still waiting, never exited
+        wait_for(lambda: all(p.output().count("waiting for the database") >= 3 for p in procs.values()),
+                 timeout=30, what="repeated tries")
+        for role, proc in procs.items():
+            assert proc.proc.poll() is None, (role, proc.output()[-2000:])
+            out = proc.output()
+            assert db_address in out and DB_PASSWORD not in out, out[-2000:]
+            assert "Traceback" not in out, out[-2000:]
+        proxies["database"].start()
+        for role, proc in procs.items():
+            wait_for(lambda: "waiting for the broker at" in proc.output(), timeout=60,
+                     what=f"the {role} to wait for the broker next")
+            assert "amqp://guest:***@" in proc.output() and "guest:guest" not in proc.output()
+        proxies["broker"].start()
+        proxies["redis"].start()
+        wait_for(lambda: any(k.startswith(f"{name}@") for r in rt.celery.control.ping(timeout=0.5) for k in r),
+                 timeout=60, what="the late worker to answer ping")
+        # The late worker runs a pipeline (the session's sweeper publishes its steps).
+        job = client.post("/pipeline", json={"youtube_url": f"https://www.youtube.com/watch?v={uuid.uuid4().hex[:11]}"})
+        assert job.status_code == 200, job.json
+        done = wait_for(lambda: (lambda j: j if j["status"] in ("completed", "failed") else None)(
+            client.get(f"/jobs/{job.json['job_id']}").json), timeout=90, what="the pipeline")
+        assert done["status"] == "completed", done
+        for role, proc in procs.items():
+            assert proc.proc.poll() is None, (role, proc.output()[-2000:])
+            assert "answers after" in proc.output(), (role, proc.output()[-2000:])
+    finally:
+        for proc in procs.values():
+            proc.stop()
+        for proxy in proxies.values():
+            proxy.stop()
+
+
+def test_a_process_waiting_for_the_services_stops_cleanly_on_sigterm(env):
+    late, proxies = behind_proxies(env)
+    proc = Process("sweeper-stop", ["sweeper"], late).start()
+    wait_for(lambda: "waiting for the database" in proc.output(), timeout=60, what="the wait")
+    proc.proc.send_signal(signal.SIGTERM)
+    assert proc.proc.wait(30) == 0, proc.output()[-2000:]
+
+
+def test_startup_wait_seconds_bounds_the_wait(env):
+    late, _ = behind_proxies(env)
+    proc = Process("sweeper-bounded", ["sweeper"], {**late, "STARTUP_WAIT_SECONDS": "2"}).start()
+    assert proc.proc.wait(60) != 0
+    out = proc.output()
+    assert "STARTUP_WAIT_SECONDS: the database at" in out and DB_PASSWORD not in out, out[-2000:]
+
+
+def test_readyz_names_what_is_down_until_it_answers(env):
+    late, proxies = behind_proxies(env)
+    port = free_port()
+    api = Process("api-late", ["api", "--port", str(port), "--host", "127.0.0.1", "--workers", "1"], late).start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        def live() -> bool:
+            try:
+                return requests.get(f"{base}/healthz", timeout=2).status_code == 200
+            except requests.RequestException:
+                return False
+
+        wait_for(live, timeout=60, interval=0.2, what="the API to answer /healthz")
+        r = requests.get(f"{base}/readyz", timeout=30)
+        assert r.status_code == 503, r.text
+        body = r.json()
+        assert set(body["down"]) == {"database", "broker", "result_backend", "redis"}, body
+        assert body["dependencies"]["database"]["address"] == \
+            f"postgresql+psycopg2://postgres:***@127.0.0.1:{proxies['database'].port}/{urlparse(env['DATABASE_URL']).path[1:]}"
+        assert DB_PASSWORD not in r.text and "guest:guest" not in r.text
+        proxies["database"].start()
+        r = requests.get(f"{base}/readyz", timeout=30)
+        assert r.status_code == 503 and "database" not in r.json()["down"] and "broker" in r.json()["down"], r.text
+        proxies["broker"].start()
+        proxies["redis"].start()
+        r = wait_for(lambda: (lambda a: a if a.status_code == 200 else None)(requests.get(f"{base}/readyz", timeout=30)),
+                     timeout=60, what="ready")
+        assert r.json()["status"] == "ready" and r.json()["down"] == []
+        proxies["redis"].stop()  # Redis goes away again: not ready, still alive
+        r = requests.get(f"{base}/readyz", timeout=30)
+        assert r.status_code == 503 and "redis" in r.json()["down"], r.text
+        assert requests.get(f"{base}/healthz", timeout=5).status_code == 200
+    finally:
+        api.stop()
+        for proxy in proxies.values():
+            proxy.stop()
+
+
+@pytest.fixture
+def slow_downloader() -> Any:
+    from emulators.media import EmulatorServer
+
+    server = EmulatorServer("video-downloader", job_seconds=0.2, latency=3.0).start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("group", [False, True], ids=["main-process", "process-group"])
+def test_sigterm_lets_the_step_in_flight_finish_once(env, rt, client, sweeper, slow_downloader, group):
+    """Every answer of the video downloader takes 3 s: SIGTERM arrives while the worker waits for
+    its answer to the submit; sent to the main process (docker stop, Kubernetes) or to every
+    process of the worker (systemd's default)."""
+    slow = {**env, "VIDEO_DOWNLOADER_URL": slow_downloader.url, "VIDEO_DOWNLOADER_TIMEOUT": "10"}
+    first = start_worker(slow, rt, f"term{uuid.uuid4().hex[:6]}", concurrency=2)
+    first.node = next(k for r in rt.celery.control.ping(timeout=1) for k in r if k.startswith(first.name + "@"))
+    job_id = None
+    try:
+        r = client.post("/pipeline", json={"youtube_url": f"https://www.youtube.com/watch?v={uuid.uuid4().hex[:11]}"})
+        assert r.status_code == 200, r.json
+        job_id = r.json["job_id"]
+
+        def download_running() -> bool:  # what Flower shows: the task the worker executes now
+            active = rt.celery.control.inspect(destination=[first.node], timeout=1).active() or {}
+            return any("download" in t["name"] for tasks in active.values() for t in tasks)
+
+        wait_for(download_running, timeout=30, interval=0.05, what="the download step to run")
+        assert requests.get(f"{slow_downloader.url}/_emulator/stats", timeout=10).json()["submit_requests"] == 0
+        if group:
+            os.killpg(first.proc.pid, signal.SIGTERM)
+        else:
+            first.proc.send_signal(signal.SIGTERM)
+        assert first.proc.wait(60) == 0, first.output()[-3000:]
+        stats = requests.get(f"{slow_downloader.url}/_emulator/stats", timeout=10).json()
+        assert stats["submit_requests"] == 1 and stats["submits"] == 1, stats  # finished, not abandoned
+        assert client.get(f"/jobs/{job_id}").json["status"] != "completed"
+    finally:
+        first.kill()
+    second = start_worker(slow, rt, f"term{uuid.uuid4().hex[:6]}", concurrency=2)
+    try:
+        done = wait_for(lambda: (lambda j: j if j["status"] in ("completed", "failed") else None)(
+            client.get(f"/jobs/{job_id}").json), timeout=120, what="the pipeline after the restart")
+        assert done["status"] == "completed", done
+        stats = requests.get(f"{slow_downloader.url}/_emulator/stats", timeout=10).json()
+        assert stats["submit_requests"] == 1 and stats["submits"] == 1, stats
+    finally:
+        second.stop()
+
+
+def test_sigquit_after_sigterm_still_stops_the_worker_at_once(env, rt, client, sweeper, slow_downloader):
+    """The cold shutdown an impatient operator asks for (SIGQUIT) while a warm one waits for a
+    stalled step: the pool process still ends within seconds."""
+    slow = {**env, "VIDEO_DOWNLOADER_URL": slow_downloader.url, "VIDEO_DOWNLOADER_TIMEOUT": "30"}
+    requests.post(f"{slow_downloader.url}/_emulator/faults", json={"faults": [{"endpoint": "submit", "kind": "hang"}]},
+                  timeout=5)
+    worker = start_worker(slow, rt, f"cold{uuid.uuid4().hex[:6]}", concurrency=1)
+    node = next(k for r in rt.celery.control.ping(timeout=1) for k in r if k.startswith(worker.name + "@"))
+    try:
+        r = client.post("/pipeline", json={"youtube_url": f"https://www.youtube.com/watch?v={uuid.uuid4().hex[:11]}"})
+        assert r.status_code == 200, r.json
+        wait_for(lambda: any(t for tasks in (rt.celery.control.inspect(destination=[node], timeout=1).active() or {})
+                             .values() for t in tasks), timeout=30, interval=0.1, what="a step to run")
+        os.killpg(worker.proc.pid, signal.SIGTERM)  # warm: waits for the step (stalled for 30 s)
+        wait_for(lambda: "Warm shutdown" in worker.output(), timeout=10, what="the warm shutdown")
+        time.sleep(SHUTDOWN_SIGNAL_WINDOW + 0.5)  # the operator loses patience a moment later
+        worker.proc.send_signal(signal.SIGQUIT)  # cold
+        worker.proc.wait(20)
+        assert "Cold shutdown" in worker.output()
+    finally:
+        worker.kill()
+        requests.delete(f"{slow_downloader.url}/_emulator/faults", timeout=5)
