@@ -10,6 +10,7 @@ from sqlalchemy import delete, func, select
 
 from orchestrator.errors import NotFound
 from orchestrator.jsonutil import iso
+from orchestrator.logs import redact
 from orchestrator.models import OutboxMessage, ProcessedMessage, WorkflowInstance, utcnow
 from sagas.media import STAGES, PipelineRequest
 from sagas.media.settings import MediaSettings
@@ -259,7 +260,7 @@ def factory_reset() -> Any:
             resp.raise_for_status()
             micro[service] = {"status": "success", "data": resp.json()}
         except (requests.RequestException, ValueError) as exc:
-            micro[service] = {"status": "error", "error": f"{type(exc).__name__}: {exc}"[:300]}
+            micro[service] = {"status": "error", "error": redact(f"{type(exc).__name__}: {exc}")[:300]}
     return {
         "message": "Factory reset executado em todos os serviços",
         "orchestrator": {"jobs_removed": removed, "logs_cleaned": True},
