@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 
 import pytest
 import requests
-from conftest import REDIS, Process, start_worker, wait_for
+from conftest import Process, start_worker, wait_for
 from tcp_proxy import Proxy, free_port
 
 from orchestrator.entrypoints.cli import SHUTDOWN_SIGNAL_WINDOW
