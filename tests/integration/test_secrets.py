@@ -48,6 +48,8 @@ def broker_with_password() -> Iterator[str]:
 @pytest.fixture
 def redis_with_password(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """A private Redis that requires a password (the shared one has none)."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
     port = free_port()
     proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--requirepass",
                              SECRETS["redis"], "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
@@ -64,8 +66,6 @@ def redis_with_password(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[
 
 
 def test_no_secret_in_any_log_or_answer_of_a_full_run(tmp_path, broker_with_password, redis_with_password):
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
     with fresh_database() as url:
         database = url.replace("postgres@", f"postgres:{SECRETS['db']}@")  # trust: any password is accepted
         run(tmp_path, database, broker_with_password, *redis_with_password)
