@@ -267,7 +267,7 @@ def cmd_flower(args: argparse.Namespace) -> None:
 #: that dies this many times in a row, each time within DEV_STABLE_SECONDS of its start, stops dev.
 DEV_RESTARTS = 5
 #: The login `orchestrator dev` gives Flower and the console unless FLOWER_BASIC_AUTH /
-#: CONSOLE_BASIC_AUTH are set (README, "Running it").
+#: CONSOLE_BASIC_AUTH are set (docs/operations.md, "Who may do what").
 DEV_LOGIN = "admin:admin"
 DEV_STABLE_SECONDS = 60.0
 
@@ -430,6 +430,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
     signal.signal(signal.SIGTERM, stop)
     for name in commands:
         start(name)
+
     def login(name: str) -> str:  # dev's own default is shown, an operator's password never
         return env[name] if env[name] == DEV_LOGIN else f"{env[name].partition(':')[0]}:*** from {name}"
 
