@@ -127,6 +127,9 @@ def test_readyz_names_what_is_down_until_it_answers(env):
         assert body["dependencies"]["database"]["address"] == \
             f"postgresql+psycopg2://postgres:***@127.0.0.1:{proxies['database'].port}/{urlparse(env['DATABASE_URL']).path[1:]}"
         assert DB_PASSWORD not in r.text and "guest:guest" not in r.text
+        # the chat listener inside the API waits for Redis too, logging it, and the API lives on
+        wait_for(lambda: "callback consumer: Redis unavailable" in api.output(), timeout=30,
+                 what="the chat listener to log the wait")
         proxies["database"].start()
         r = requests.get(f"{base}/readyz", timeout=30)
         assert r.status_code == 503 and "database" not in r.json()["down"] and "broker" in r.json()["down"], r.text
@@ -139,6 +142,7 @@ def test_readyz_names_what_is_down_until_it_answers(env):
         r = requests.get(f"{base}/readyz", timeout=30)
         assert r.status_code == 503 and "redis" in r.json()["down"], r.text
         assert requests.get(f"{base}/healthz", timeout=5).status_code == 200
+        assert api.proc.poll() is None and DB_PASSWORD not in api.output(), api.output()[-2000:]
     finally:
         api.stop()
         for proxy in proxies.values():
