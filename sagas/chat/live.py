@@ -1,6 +1,9 @@
 """The chat's Redis side: hot data with TTLs, the callback consumer, and the pub/sub fan-out
 that lets whichever API replica holds a client's socket forward its frames.
 
+Streams (consumer group CALLBACK_GROUP):
+    chat:callbacks:<consumer_id>        callbacks from the execution service, field `data` (durable)
+    chat:callbacks:<consumer_id>:dead   entries that failed to store too often, with `reason`
 Channels:
     callback:<consumer_id>     callbacks from the execution service (JSON, see docs/chat.md)
     chat:stream:<session_id>   frames committed to a session's stream, for the sockets
@@ -25,6 +28,7 @@ from prometheus_client import Counter, Gauge
 from orchestrator import runtime as runtime_module
 
 from . import ChatSettings
+from .settings import CALLBACK_GROUP
 from .store import ChatStore, Rejected, parse_callback
 
 log = logging.getLogger(__name__)
@@ -137,28 +141,37 @@ def connections(session_id: str) -> int | None:
 
 
 # -- callbacks ---------------------------------------------------------------------------------
+#: Outcomes after which a callback is never tried again (the stream entry is acknowledged).
+SETTLED = frozenset({"delivered", "buffered", "duplicate", "malformed", "too_large", "unknown_session",
+                     "unknown_task", "task_finished"})
+
+
 def handle_callback(raw: Any, chat_store: ChatStore | None = None) -> str:
     """Store one callback, move the task's lifecycle, fan the new frames out. Never raises:
-    a bad callback is logged and counted. Returns the outcome."""
+    a bad callback is logged with its reason and counted. Returns the outcome: one of SETTLED,
+    or "error" when the database could not store it or its lifecycle event was not applied
+    (a redelivery may succeed)."""
     chat_store = chat_store or store()
     try:
-        cb = parse_callback(raw)
+        cb = parse_callback(raw, chat_store.chat.max_callback_bytes)
         accepted = chat_store.accept_callback(cb)
     except Rejected as exc:
-        log.warning("callback rejected (%s): %s; payload %.300s", exc.reason, exc.problem, raw)
+        log.warning("callback rejected (%s): %s; payload %.300r", exc.reason, exc.problem, raw)
         CALLBACKS.labels(exc.reason).inc()
         return exc.reason
     except Exception:
-        log.exception("callback not stored; payload %.300s", raw)
+        log.exception("callback not stored; payload %.300r", raw)
+        CALLBACKS.labels("error").inc()
+        return "error"
+    try:
+        chat_store.fire(cb["task_id"], accepted.events)
+    except Exception:  # the frames are stored; a redelivery (a duplicate then) fires it again
+        log.exception("task %s: lifecycle events %s not applied", cb["task_id"], [e for e, _ in accepted.events])
         CALLBACKS.labels("error").inc()
         return "error"
     if accepted.duplicate:
         CALLBACKS.labels("duplicate").inc()
         return "duplicate"
-    try:
-        chat_store.fire(cb["task_id"], accepted.events)
-    except Exception:  # the frames are stored: the client still gets them; the state lags
-        log.exception("task %s: lifecycle events %s not applied", cb["task_id"], [e for e, _ in accepted.events])
     publish(cb["session_id"], accepted.frames)
     outcome = "delivered" if any(f["type"] == cb["type"] for f in accepted.frames) else "buffered"
     CALLBACKS.labels(outcome).inc()
@@ -189,6 +202,110 @@ class CallbackConsumer(threading.Thread):
                    redis_client=r)
         finally:
             CONSUMERS.dec()
+
+
+class StreamConsumer(threading.Thread):
+    """Reads the stream `chat:callbacks:<consumer_id>` as a member of the consumer group
+    CALLBACK_GROUP (named `<host>:<pid>:<n>`) and handles each entry's `data` field.
+
+    An entry is acknowledged (XACK) once its outcome is settled: stored and its lifecycle event
+    applied, or rejected for good. One that failed (the database away) stays pending and is
+    claimed again (XAUTOCLAIM) after CHAT_CALLBACK_CLAIM_IDLE_SECONDS, as are the entries of a
+    consumer that died between reading and acknowledging; after CHAT_CALLBACK_MAX_DELIVERIES it
+    goes to the dead-letter stream `<stream>:dead` with its reason. Entries added while no API
+    process ran are read when one starts: the group keeps its position."""
+
+    def __init__(self, index: int = 0) -> None:
+        super().__init__(name=f"chat-callback-stream-{index}", daemon=True)
+        self.index = index
+        self.name_in_group = f"{PROCESS_ID}:{index}"
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        chat = chat_settings()
+        presence_key = f"chat:consumers:{PROCESS_ID}:stream-{self.index}"
+        r = client(chat.redis_url)
+        CONSUMERS.inc()
+        backoff = 0.5
+        try:
+            while not self.stop.is_set():
+                try:
+                    ensure_group(r, chat)
+                    backoff = 0.5
+                    self._consume(r, chat, presence_key)
+                except redis.RedisError as exc:  # NOGROUP after a Redis restart lands here too
+                    log.warning("callback stream consumer: Redis unavailable (%s); retrying in %.1fs", exc, backoff)
+                    self.stop.wait(backoff)
+                    backoff = min(10.0, backoff * 2)
+                except Exception:
+                    log.exception("callback stream consumer error; restarting its loop")
+                    self.stop.wait(1.0)
+        finally:
+            CONSUMERS.dec()
+
+    def _consume(self, r: redis.Redis, chat: ChatSettings, presence_key: str) -> None:
+        claim_every = max(0.5, chat.callback_claim_idle_seconds / 2)
+        claimed = idled = 0.0
+        while not self.stop.is_set():
+            now = time.monotonic()
+            if now - idled >= PRESENCE_TTL / 3:
+                r.set(presence_key, "1", ex=PRESENCE_TTL)
+                idled = now
+            if now - claimed >= claim_every:
+                self._claim(r, chat)
+                claimed = time.monotonic()
+            read = r.xreadgroup(CALLBACK_GROUP, self.name_in_group, {chat.callback_stream: ">"}, count=50,
+                                block=1000)
+            for _stream, entries in read or []:
+                for entry_id, fields in entries:
+                    self._handle(r, chat, entry_id, fields, reclaimed=False)
+
+    def _claim(self, r: redis.Redis, chat: ChatSettings) -> None:
+        """Take over the entries pending longer than the claim idle time, on any consumer."""
+        start = "0-0"
+        while not self.stop.is_set():
+            answer = r.xautoclaim(chat.callback_stream, CALLBACK_GROUP, self.name_in_group,
+                                  min_idle_time=int(chat.callback_claim_idle_seconds * 1000), start_id=start,
+                                  count=50)
+            start, entries = answer[0], answer[1]
+            for entry_id, fields in entries:
+                self._handle(r, chat, entry_id, fields, reclaimed=True)
+            if start in ("0-0", b"0-0"):
+                return
+
+    def _handle(self, r: redis.Redis, chat: ChatSettings, entry_id: str, fields: dict[str, Any] | None,
+                reclaimed: bool) -> None:
+        raw = (fields or {}).get("data")
+        if raw is None:
+            log.warning("callback rejected (malformed): stream entry %s has no 'data' field; fields %.300r",
+                        entry_id, fields)
+            CALLBACKS.labels("malformed").inc()
+            outcome = "malformed"
+        else:
+            outcome = handle_callback(raw)
+        if outcome in SETTLED:
+            r.xack(chat.callback_stream, CALLBACK_GROUP, entry_id)
+            return
+        if reclaimed:
+            pending = r.xpending_range(chat.callback_stream, CALLBACK_GROUP, min=entry_id, max=entry_id, count=1)
+            deliveries = pending[0]["times_delivered"] if pending else 0
+            if deliveries >= chat.callback_max_deliveries:
+                r.xadd(chat.callback_dead_letters, {"data": raw if raw is not None else "", "entry": entry_id,
+                                                    "reason": f"{outcome} after {deliveries} deliveries"},
+                       maxlen=100_000, approximate=True)
+                r.xack(chat.callback_stream, CALLBACK_GROUP, entry_id)
+                CALLBACKS.labels("dead_lettered").inc()
+                log.error("callback stream entry %s dead-lettered after %d deliveries", entry_id, deliveries)
+
+
+def ensure_group(r: redis.Redis, chat: ChatSettings) -> None:
+    """Create the stream and its consumer group if missing. The group starts at the stream's
+    first entry, so callbacks added before any API process ever ran are read too."""
+    try:
+        r.xgroup_create(chat.callback_stream, CALLBACK_GROUP, id="0", mkstream=True)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
 
 
 def listen(stop: threading.Event, name: str, subscribe: Callable[[Any], None],
@@ -238,18 +355,20 @@ def listen(stop: threading.Event, name: str, subscribe: Callable[[Any], None],
                     pass
 
 
-_consumers: list[CallbackConsumer] = []
+_consumers: list[threading.Thread] = []
 _consumers_pid = 0
 
 
-def start_consumers() -> list[CallbackConsumer]:
-    """Start this process's callback consumers once (after a fork, again)."""
+def start_consumers() -> list[threading.Thread]:
+    """Start this process's callback consumers once (after a fork, again): CHAT_CALLBACK_CONSUMERS
+    on the pub/sub channel and as many on the stream."""
     global _consumers, _consumers_pid
     with _lock:
         if _consumers_pid == os.getpid():
             return _consumers
         _consumers_pid = os.getpid()
-        _consumers = [CallbackConsumer(i) for i in range(chat_settings().callback_consumers)]
+        n = chat_settings().callback_consumers
+        _consumers = [*(CallbackConsumer(i) for i in range(n)), *(StreamConsumer(i) for i in range(n))]
         for c in _consumers:
             c.start()
         return _consumers
