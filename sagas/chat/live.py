@@ -29,7 +29,7 @@ from orchestrator import runtime as runtime_module
 
 from . import ChatSettings
 from .settings import CALLBACK_GROUP
-from .store import ChatStore, Rejected, parse_callback
+from .store import NESTED_TOO_DEEPLY, ChatStore, Rejected, parse_callback
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +155,11 @@ def handle_callback(raw: Any, chat_store: ChatStore | None = None) -> str:
     try:
         cb = parse_callback(raw, chat_store.chat.max_callback_bytes)
         accepted = chat_store.accept_callback(cb)
+    except RecursionError:  # data nested too deeply to store: it never will be
+        exc = Rejected("malformed", NESTED_TOO_DEEPLY)
+        log.warning("callback rejected (%s): %s; payload %.300r", exc.reason, exc.problem, raw)
+        CALLBACKS.labels(exc.reason).inc()
+        return exc.reason
     except Rejected as exc:
         log.warning("callback rejected (%s): %s; payload %.300r", exc.reason, exc.problem, raw)
         CALLBACKS.labels(exc.reason).inc()

@@ -60,6 +60,9 @@ class ChatCallback(Event):
     result: Any = Field(description="the chunk's or the final answer's data (any JSON; required, may be null)")
 
 
+NESTED_TOO_DEEPLY = "body: JSON nested too deeply"
+
+
 def parse_callback(raw: Any, max_bytes: int | None = None) -> dict[str, Any]:
     """Check a callback's shape; raise Rejected("malformed", ...) naming the field, or
     Rejected("too_large", ...) when the message holds more than `max_bytes` bytes."""
@@ -74,15 +77,19 @@ def parse_callback(raw: Any, max_bytes: int | None = None) -> dict[str, Any]:
             raw = json.loads(raw)
         except ValueError:
             raise Rejected("malformed", "body: not JSON") from None
+        except RecursionError:
+            raise Rejected("malformed", NESTED_TOO_DEEPLY) from None
     if not isinstance(raw, dict):
         raise Rejected("malformed", "body: must be a JSON object")
-    bad = unstorable(raw)  # text the database refuses would fail the store on every consumer
-    if bad is not None:
-        raise Rejected("malformed", f"{bad[0]}: {bad[1]}")
     try:
+        bad = unstorable(raw)  # text the database refuses would fail the store on every consumer
+        if bad is not None:
+            raise Rejected("malformed", f"{bad[0]}: {bad[1]}")
         return parse(ChatCallback, raw).model_dump()
     except InvalidInput as exc:
         raise Rejected("malformed", f"{exc.field}: {exc.problem}") from None
+    except RecursionError:
+        raise Rejected("malformed", NESTED_TOO_DEEPLY) from None
 
 
 class ChatStore:
