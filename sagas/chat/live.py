@@ -24,6 +24,8 @@ from typing import Any, Callable, Iterable
 
 import redis
 from prometheus_client import Counter, Gauge
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as SATimeoutError
 
 from orchestrator import runtime as runtime_module
 
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 STREAM_PREFIX = "chat:stream:"
 PROCESS_ID = f"{socket.gethostname()}:{os.getpid()}"
 PRESENCE_TTL = 30
+STALE_CONSUMER_MS = 3_600_000  # a consumer name unused this long (its process gone) is deleted
 
 CALLBACKS = Counter("orchestrator_chat_callbacks_total", "Execution callbacks by outcome", ["outcome"])
 FRAMES = Counter("orchestrator_chat_frames_sent_total", "Frames sent to chat clients", ["type"])
@@ -141,6 +144,8 @@ def connections(session_id: str) -> int | None:
 
 
 # -- callbacks ---------------------------------------------------------------------------------
+#: Database errors that pass: the connection refused, dropped or timed out.
+UNAVAILABLE = (OperationalError, InterfaceError, DisconnectionError, SATimeoutError, OSError)
 #: Outcomes after which a callback is never tried again (the stream entry is acknowledged).
 SETTLED = frozenset({"delivered", "buffered", "duplicate", "malformed", "too_large", "unknown_session",
                      "unknown_task", "task_finished"})
@@ -148,9 +153,9 @@ SETTLED = frozenset({"delivered", "buffered", "duplicate", "malformed", "too_lar
 
 def handle_callback(raw: Any, chat_store: ChatStore | None = None) -> str:
     """Store one callback, move the task's lifecycle, fan the new frames out. Never raises:
-    a bad callback is logged with its reason and counted. Returns the outcome: one of SETTLED,
-    or "error" when the database could not store it or its lifecycle event was not applied
-    (a redelivery may succeed)."""
+    a bad callback is logged with its reason and counted. Returns the outcome: one of SETTLED;
+    "unavailable" when the database could not be reached, or "error" when storing or applying
+    failed otherwise (a redelivery may succeed)."""
     chat_store = chat_store or store()
     try:
         cb = parse_callback(raw, chat_store.chat.max_callback_bytes)
@@ -164,13 +169,22 @@ def handle_callback(raw: Any, chat_store: ChatStore | None = None) -> str:
         log.warning("callback rejected (%s): %s; payload %.300r", exc.reason, exc.problem, raw)
         CALLBACKS.labels(exc.reason).inc()
         return exc.reason
+    except UNAVAILABLE as exc:
+        log.warning("callback not stored, the database is unavailable (%s); payload %.300r", exc, raw)
+        CALLBACKS.labels("unavailable").inc()
+        return "unavailable"
     except Exception:
         log.exception("callback not stored; payload %.300r", raw)
         CALLBACKS.labels("error").inc()
         return "error"
     try:
         chat_store.fire(cb["task_id"], accepted.events)
-    except Exception:  # the frames are stored; a redelivery (a duplicate then) fires it again
+    except UNAVAILABLE as exc:  # the frames are stored; a redelivery (a duplicate then) fires it again
+        log.warning("task %s: lifecycle events %s not applied, the database is unavailable (%s)",
+                    cb["task_id"], [e for e, _ in accepted.events], exc)
+        CALLBACKS.labels("unavailable").inc()
+        return "unavailable"
+    except Exception:
         log.exception("task %s: lifecycle events %s not applied", cb["task_id"], [e for e, _ in accepted.events])
         CALLBACKS.labels("error").inc()
         return "error"
@@ -214,11 +228,13 @@ class StreamConsumer(threading.Thread):
     CALLBACK_GROUP (named `<host>:<pid>:<n>`) and handles each entry's `data` field.
 
     An entry is acknowledged (XACK) once its outcome is settled: stored and its lifecycle event
-    applied, or rejected for good. One that failed (the database away) stays pending and is
-    claimed again (XAUTOCLAIM) after CHAT_CALLBACK_CLAIM_IDLE_SECONDS, as are the entries of a
-    consumer that died between reading and acknowledging; after CHAT_CALLBACK_MAX_DELIVERIES it
-    goes to the dead-letter stream `<stream>:dead` with its reason. Entries added while no API
-    process ran are read when one starts: the group keeps its position."""
+    applied, or rejected for good. One that failed stays pending and this consumer reads it again
+    (its own pending entries, backing off from 0.5 s to 5 s) before any new entry: while the
+    database is unreachable (`unavailable`) for as long as that lasts; after any other failure
+    (`error`) up to CHAT_CALLBACK_MAX_DELIVERIES deliveries, then it moves to the dead-letter
+    stream `<stream>:dead` with its reason. Entries pending on a consumer that died between
+    reading and acknowledging are claimed (XAUTOCLAIM) once idle CHAT_CALLBACK_CLAIM_IDLE_SECONDS.
+    Entries added while no API process ran are read when one starts: the group keeps its position."""
 
     def __init__(self, index: int = 0) -> None:
         super().__init__(name=f"chat-callback-stream-{index}", daemon=True)
@@ -251,35 +267,51 @@ class StreamConsumer(threading.Thread):
     def _consume(self, r: redis.Redis, chat: ChatSettings, presence_key: str) -> None:
         claim_every = max(0.5, chat.callback_claim_idle_seconds / 2)
         claimed = idled = 0.0
+        retry = 0.0  # > 0: seconds to wait before reading this consumer's failed entries again
         while not self.stop.is_set():
             now = time.monotonic()
             if now - idled >= PRESENCE_TTL / 3:
                 r.set(presence_key, "1", ex=PRESENCE_TTL)
                 idled = now
             if now - claimed >= claim_every:
-                self._claim(r, chat)
+                if not self._claim(r, chat):  # a claimed entry failed: it is ours to retry now
+                    retry = retry or 0.5
                 claimed = time.monotonic()
-            read = r.xreadgroup(CALLBACK_GROUP, self.name_in_group, {chat.callback_stream: ">"}, count=50,
-                                block=1000)
+            if retry:
+                self.stop.wait(retry)
+                read = r.xreadgroup(CALLBACK_GROUP, self.name_in_group, {chat.callback_stream: "0"}, count=50)
+            else:
+                read = r.xreadgroup(CALLBACK_GROUP, self.name_in_group, {chat.callback_stream: ">"}, count=50,
+                                    block=1000)
+            failed = False
             for _stream, entries in read or []:
                 for entry_id, fields in entries:
-                    self._handle(r, chat, entry_id, fields, reclaimed=False)
+                    failed |= not self._handle(r, chat, entry_id, fields, again=bool(retry))
+            retry = min(5.0, retry * 2 or 0.5) if failed else 0.0
 
-    def _claim(self, r: redis.Redis, chat: ChatSettings) -> None:
-        """Take over the entries pending longer than the claim idle time, on any consumer."""
-        start = "0-0"
+    def _claim(self, r: redis.Redis, chat: ChatSettings) -> bool:
+        """Take over the entries pending longer than the claim idle time on other consumers, and
+        forget consumers (of processes gone) that hold nothing and were idle for an hour. False
+        when a claimed entry is not settled."""
+        start, settled = "0-0", True
         while not self.stop.is_set():
             answer = r.xautoclaim(chat.callback_stream, CALLBACK_GROUP, self.name_in_group,
                                   min_idle_time=int(chat.callback_claim_idle_seconds * 1000), start_id=start,
                                   count=50)
             start, entries = answer[0], answer[1]
             for entry_id, fields in entries:
-                self._handle(r, chat, entry_id, fields, reclaimed=True)
+                settled &= self._handle(r, chat, entry_id, fields, again=True)
             if start in ("0-0", b"0-0"):
-                return
+                break
+        for consumer in r.xinfo_consumers(chat.callback_stream, CALLBACK_GROUP):
+            if consumer["pending"] == 0 and consumer["idle"] > STALE_CONSUMER_MS \
+                    and consumer["name"] != self.name_in_group:
+                r.xgroup_delconsumer(chat.callback_stream, CALLBACK_GROUP, consumer["name"])
+        return settled
 
     def _handle(self, r: redis.Redis, chat: ChatSettings, entry_id: str, fields: dict[str, Any] | None,
-                reclaimed: bool) -> None:
+                again: bool) -> bool:
+        """Handle one entry; True when it is settled (acknowledged or dead-lettered)."""
         raw = (fields or {}).get("data")
         if raw is None:
             log.warning("callback rejected (malformed): stream entry %s has no 'data' field; fields %.300r",
@@ -290,17 +322,20 @@ class StreamConsumer(threading.Thread):
             outcome = handle_callback(raw)
         if outcome in SETTLED:
             r.xack(chat.callback_stream, CALLBACK_GROUP, entry_id)
-            return
-        if reclaimed:
-            pending = r.xpending_range(chat.callback_stream, CALLBACK_GROUP, min=entry_id, max=entry_id, count=1)
-            deliveries = pending[0]["times_delivered"] if pending else 0
-            if deliveries >= chat.callback_max_deliveries:
-                r.xadd(chat.callback_dead_letters, {"data": raw if raw is not None else "", "entry": entry_id,
-                                                    "reason": f"{outcome} after {deliveries} deliveries"},
-                       maxlen=100_000, approximate=True)
-                r.xack(chat.callback_stream, CALLBACK_GROUP, entry_id)
-                CALLBACKS.labels("dead_lettered").inc()
-                log.error("callback stream entry %s dead-lettered after %d deliveries", entry_id, deliveries)
+            return True
+        if outcome != "error" or not again:  # the database away: kept for as long as that lasts
+            return False
+        pending = r.xpending_range(chat.callback_stream, CALLBACK_GROUP, min=entry_id, max=entry_id, count=1)
+        deliveries = pending[0]["times_delivered"] if pending else 0
+        if deliveries < chat.callback_max_deliveries:
+            return False
+        r.xadd(chat.callback_dead_letters, {"data": raw if raw is not None else "", "entry": entry_id,
+                                            "reason": f"{outcome} after {deliveries} deliveries"},
+               maxlen=100_000, approximate=True)
+        r.xack(chat.callback_stream, CALLBACK_GROUP, entry_id)
+        CALLBACKS.labels("dead_lettered").inc()
+        log.error("callback stream entry %s dead-lettered after %d deliveries", entry_id, deliveries)
+        return True
 
 
 def ensure_group(r: redis.Redis, chat: ChatSettings) -> None:
