@@ -33,6 +33,8 @@ from typing import Any
 
 import redis
 from celery import Celery
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from orchestrator.config import load_settings
 from orchestrator.runtime import configure_celery
@@ -70,7 +72,10 @@ def answer(message: str, chunks: int) -> list[str]:
     return [text[i * size:(i + 1) * size] for i in range(chunks)]
 
 
-@app.task(name="execution.chat_task", acks_late=True, reject_on_worker_lost=True)
+# Redis away longer than the client's own retries: the task runs again later and sends every
+# callback again (the orchestrator stores each (task, seq) once).
+@app.task(name="execution.chat_task", acks_late=True, reject_on_worker_lost=True,
+          autoretry_for=(redis.RedisError,), retry_backoff=True, retry_backoff_max=30, max_retries=20)
 def chat_task(message: dict[str, Any]) -> str:
     opts = options(message.get("config") or {})
     if opts["silent"]:
@@ -112,7 +117,10 @@ def _client() -> redis.Redis:
     global _redis
     if _redis is None:
         url = load_settings().redis_url or "redis://127.0.0.1:6379/0"
-        _redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3)
+        # A Redis restart: each command is retried with backoff (about 30 s in all) before failing.
+        _redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3,
+                                      retry=Retry(ExponentialBackoff(cap=5.0, base=0.1), 10),
+                                      retry_on_error=[redis.ConnectionError, redis.TimeoutError])
     return _redis
 
 
