@@ -12,7 +12,8 @@ from typing import Any
 from gunicorn import util
 from gunicorn.http.errors import (ChunkMissingTerminator, InvalidChunkExtension, InvalidChunkSize, InvalidHeader,
                                   InvalidHeaderName, InvalidHTTPVersion, InvalidRequestLine, InvalidRequestMethod,
-                                  LimitRequestHeaders, LimitRequestLine, ObsoleteFolding)
+                                  LimitRequestHeaders, LimitRequestLine, ObsoleteFolding,
+                                  UnsupportedTransferCoding)
 from gunicorn.workers.gthread import ThreadWorker as _GunicornThreadWorker
 
 #: (exception types, status, reason phrase, the part of the request at fault)
@@ -22,6 +23,8 @@ MALFORMED: tuple[tuple[tuple[type[BaseException], ...], int, str, str], ...] = (
     ((LimitRequestHeaders,), 431, "Request Header Fields Too Large", "headers"),
     ((InvalidHeader, InvalidHeaderName, ObsoleteFolding), 400, "Bad Request", "headers"),
     ((InvalidChunkSize, ChunkMissingTerminator, InvalidChunkExtension), 400, "Bad Request", "body"),
+    # RFC 9112 asks for 501 here: the one 5xx, answered before the app runs, about the request
+    ((UnsupportedTransferCoding,), 501, "Not Implemented", "Transfer-Encoding"),
 )
 
 
