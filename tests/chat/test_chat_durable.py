@@ -241,3 +241,35 @@ def test_callbacks_read_while_the_database_is_unreachable_are_kept_and_applied_o
         listener.stop()
         front.stop()
         r.delete(stream, f"{stream}:dead")
+
+
+def test_a_final_callback_stored_by_a_process_that_died_before_completing_the_task_completes_it_on_redelivery(
+        durable_env, execution, sweeper, worker, rt):
+    from sagas.chat.settings import ChatSettings
+    from sagas.chat.store import ChatStore, parse_callback
+
+    env = durable_env
+    r = redis.Redis.from_url(REDIS)
+    stream = stream_of(env)
+    proc, base = start_api(env, name="chat-api-redeliver", workers=1)
+    try:
+        sid = new_session(base, {"emulator": {"silent": True}})  # we send the callback
+        task = send_task(base, sid, "hello")
+        callback = json.dumps({"session_id": sid, "task_id": task, "seq": 1, "type": "result",
+                               "result": {"text": "done"}})
+        # What a consumer commits before it fires the task's events; it is killed right here, so
+        # the events are never fired and the entry never acknowledged.
+        stored = ChatStore(rt.engine, ChatSettings.from_settings(rt.settings)).accept_callback(
+            parse_callback(callback))
+        assert [e for e, _ in stored.events] == ["start", "complete"]
+        assert task_view(base, sid, task)["status"] == "queued"
+        r.xadd(stream, {"data": callback})  # the same entry, delivered again
+        wait_for(lambda: task_view(base, sid, task)["status"] == "completed", timeout=20,
+                 what="the redelivered duplicate completed the task")
+        wait_for(lambda: no_pending(r, stream), timeout=10, what="the entry acknowledged")
+        t = task_view(base, sid, task)
+        assert t["result"] == {"text": "done"} and t["chunks_received"] == 0
+        assert [f["type"] for f in whole_stream(base, sid) if f["type"] == "result"] == ["result"]
+    finally:
+        proc.stop()
+        r.delete(stream)
