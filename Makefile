@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install run test unit lint bench services browser up down clean
+.PHONY: install run test unit lint bench services browser up down clean fuzz
 
 $(BIN)/orchestrator: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: install services browser lint ## the layer contracts, then the whole suite
 
 lint: install          ## the import contracts between the layers (.importlinter, docs/architecture.md)
 	$(BIN)/lint-imports
+
+FUZZ_EXAMPLES ?= 200
+fuzz: install services ## every /openapi.json operation with FUZZ_EXAMPLES generated requests (FUZZ_SEED to vary), and hostile HTTP
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q -s -p no:cacheprovider tests/contracts/test_openapi_fuzz.py tests/contracts/test_hostile_http.py
 
 unit: install          ## the tests with no I/O, in a second
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit tests/engine

@@ -1,17 +1,22 @@
 """Stand-in for the execution service of seed 003.
 
 A Celery worker on the `execution` queue runs `execution.chat_task(message)` where `message` is
-`{task_id, session_id, message, config, callback_channel, timeout_seconds}`, and answers on Redis
-pub/sub channel `callback_channel` with JSON callbacks
-`{session_id, task_id, seq, type: "chunk"|"result"|"error", result}`: N chunks, then the result
-(or an error at the configured failure rate). seq runs 1, 2, ... per task.
+`{task_id, session_id, message, config, callback_channel, callback_stream, timeout_seconds}`, and
+answers with JSON callbacks `{session_id, task_id, seq, type: "chunk"|"result"|"error", result}`:
+N chunks, then the result (or an error at the configured failure rate). seq runs 1, 2, ... per task.
+
+By default each callback is added (XADD, field `data`) to the Redis Stream `callback_stream`, which
+keeps it until an API process reads and acknowledges it; `EXECUTION_CALLBACK_MODE=pubsub` (or a
+message without `callback_stream`) publishes on the pub/sub channel `callback_channel` instead,
+where a callback sent while no API process listens is lost.
 
 Settings (environment, overridable per session with `config.emulator`):
     EXECUTION_CHUNKS        chunks per answer (default 3)
     EXECUTION_CHUNK_DELAY   seconds before each chunk (default 0.2)
     EXECUTION_FAILURE_RATE  0..1, share of tasks that end with an error (default 0)
+    EXECUTION_CALLBACK_MODE `stream` (default) or `pubsub`
 Per session, `config.emulator` may also set `shuffle: true` (send callbacks out of order, with a
-duplicate) and `silent: true` (never answer, so the task times out).
+duplicate), `silent: true` (never answer, so the task times out) and `callback` (the mode).
 
 Run: `python -m emulators.execution` (the dev runner does). It reads the broker and Redis URLs
 from the orchestrator's configuration.
@@ -28,6 +33,8 @@ from typing import Any
 
 import redis
 from celery import Celery
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from orchestrator.config import load_settings
 from orchestrator.runtime import configure_celery
@@ -37,6 +44,7 @@ log = logging.getLogger("emulators.execution")
 app = Celery("execution-emulator")
 app.config_from_object("celeryconfig")
 _redis: redis.Redis | None = None
+STREAM_MAXLEN = 100_000
 
 
 def options(config: dict[str, Any]) -> dict[str, Any]:
@@ -47,6 +55,7 @@ def options(config: dict[str, Any]) -> dict[str, Any]:
         "failure_rate": float(env.get("EXECUTION_FAILURE_RATE", "0")),
         "shuffle": False,
         "silent": False,
+        "callback": env.get("EXECUTION_CALLBACK_MODE", "stream"),
     }
     override = config.get("emulator") if isinstance(config, dict) else None
     if isinstance(override, dict):
@@ -63,7 +72,10 @@ def answer(message: str, chunks: int) -> list[str]:
     return [text[i * size:(i + 1) * size] for i in range(chunks)]
 
 
-@app.task(name="execution.chat_task", acks_late=True, reject_on_worker_lost=True)
+# Redis away longer than the client's own retries: the task runs again later and sends every
+# callback again (the orchestrator stores each (task, seq) once).
+@app.task(name="execution.chat_task", acks_late=True, reject_on_worker_lost=True,
+          autoretry_for=(redis.RedisError,), retry_backoff=True, retry_backoff_max=30, max_retries=20)
 def chat_task(message: dict[str, Any]) -> str:
     opts = options(message.get("config") or {})
     if opts["silent"]:
@@ -83,19 +95,32 @@ def chat_task(message: dict[str, Any]) -> str:
                           "result": {"text": "".join(pieces), "chunks": len(pieces)}})
     if opts["shuffle"]:
         callbacks = list(reversed(callbacks)) + callbacks[:1]  # out of order, and one duplicate
+    stream = message.get("callback_stream") if opts["callback"] != "pubsub" else None
     r = _client()
     for cb in callbacks:
         if opts["delay"]:
             time.sleep(opts["delay"])
-        r.publish(channel, json.dumps(cb))
+        send_callback(r, cb, stream, channel)
     return "answered"
+
+
+def send_callback(r: redis.Redis, callback: dict[str, Any], stream: str | None, channel: str) -> None:
+    """One callback: an entry `{"data": <JSON>}` on the stream (durable), else a pub/sub message.
+    The stream is capped (approximately) at STREAM_MAXLEN entries."""
+    if stream:
+        r.xadd(stream, {"data": json.dumps(callback)}, maxlen=STREAM_MAXLEN, approximate=True)
+    else:
+        r.publish(channel, json.dumps(callback))
 
 
 def _client() -> redis.Redis:
     global _redis
     if _redis is None:
         url = load_settings().redis_url or "redis://127.0.0.1:6379/0"
-        _redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3)
+        # A Redis restart: each command is retried with backoff (about 30 s in all) before failing.
+        _redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3,
+                                      retry=Retry(ExponentialBackoff(cap=5.0, base=0.1), 10),
+                                      retry_on_error=[redis.ConnectionError, redis.TimeoutError])
     return _redis
 
 

@@ -7,7 +7,8 @@ from typing import Any, TypeVar
 
 from flask import Flask, g, jsonify, request
 from flask.json.provider import DefaultJSONProvider
-from werkzeug.exceptions import HTTPException
+from gunicorn.http.errors import ParseException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from orchestrator import logs, tracing
 from orchestrator import runtime as runtime_module
@@ -15,6 +16,8 @@ from orchestrator.errors import InvalidInput, OrchestratorError
 from orchestrator.jsonutil import check_storable
 from orchestrator.metrics import HTTP_LATENCY, HTTP_REQUESTS
 from orchestrator.schemas import parse
+
+from .settings import HttpSettings
 
 M = TypeVar("M")
 
@@ -32,7 +35,7 @@ def create_app(runtime: runtime_module.Runtime | None = None) -> Flask:
     app = Flask(__name__)
     app.json = StrictJSONProvider(app)
     app.config["RUNTIME"] = rt
-    app.config["MAX_CONTENT_LENGTH"] = 1 * 1024 * 1024
+    app.config["MAX_CONTENT_LENGTH"] = HttpSettings.from_settings(rt.settings).max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
 
     from . import asyncapi, balance, bulk, chat, console, definitions, health, media, openapi, routes, sagas, workers
@@ -46,6 +49,17 @@ def create_app(runtime: runtime_module.Runtime | None = None) -> Flask:
     @app.errorhandler(OrchestratorError)
     def _known(exc: OrchestratorError) -> Any:
         return jsonify(exc.to_dict()), exc.status, getattr(exc, "headers", None) or {}
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def _too_large(exc: RequestEntityTooLarge) -> Any:
+        limit = app.config["MAX_CONTENT_LENGTH"]
+        got = f", got {request.content_length}" if request.content_length else ""
+        err = InvalidInput("body", f"must be at most {limit} bytes (API_MAX_BODY_BYTES){got}", 413)
+        return jsonify(err.to_dict()), 413
+
+    @app.errorhandler(ParseException)
+    def _unreadable(exc: ParseException) -> Any:  # gunicorn could not read the body (a bad chunk)
+        return jsonify(InvalidInput("body", f"could not be read: {str(exc)[:200]}").to_dict()), 400
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException) -> Any:
@@ -129,9 +143,18 @@ def check_request_text() -> None:
 
 
 def json_body(required: bool = True) -> Any:
-    """The request's JSON body, or a 400 that says what is wrong with it: not JSON (invalid
-    UTF-8 included), or text the database cannot store, named by its dotted path."""
-    if not request.data:
+    """The request's JSON body, or a 4xx that says what is wrong with it: a body that is not
+    `application/json` (415 naming `Content-Type`), more than API_MAX_BODY_BYTES (413), not JSON
+    (invalid UTF-8 included) or nested deeper than the parser goes (400), or text the database
+    cannot store, named by its dotted path (400)."""
+    sent = bool(request.content_length) or "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+    if sent and not request.is_json:  # before reading: a form body would be parsed away
+        raise InvalidInput("Content-Type", f"must be application/json, got {request.mimetype or 'none'!r}", 415)
+    data = request.get_data(cache=True)
+    limit = request.max_content_length
+    if request.content_length is None and limit is not None and len(data) >= limit:
+        request.stream.read(1)  # a chunked body cut at the limit: 413 if it goes on past it
+    if not data:
         if required:
             raise InvalidInput("body", "a JSON body is required")
         return {}
@@ -140,8 +163,11 @@ def json_body(required: bool = True) -> Any:
     except RecursionError:  # nested deeper than the parser goes
         data = None
     if data is None:
-        raise InvalidInput("body", "is not valid JSON (send Content-Type: application/json)")
-    return check_storable(data)
+        raise InvalidInput("body", "is not valid JSON")
+    try:
+        return check_storable(data)
+    except RecursionError:
+        raise InvalidInput("body", "is nested too deeply") from None
 
 
 def body(model: type[M], required: bool = True, context: dict[str, Any] | None = None) -> M:

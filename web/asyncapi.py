@@ -1,6 +1,6 @@
 """/asyncapi.json (AsyncAPI 3.0), generated from the message models: every Kafka topic the
 registered workflows consume or produce (with its key, headers and dead-letter topic), the AMQP
-calculation task and result queues, and the Redis chat callback channel."""
+calculation task and result queues, and the Redis chat callback stream and channel."""
 from __future__ import annotations
 
 from typing import Any
@@ -12,6 +12,7 @@ from pydantic.json_schema import models_json_schema
 from orchestrator import logs
 from sagas.balance import calculations
 from orchestrator.kafka_bridge import discover
+from sagas.chat.settings import CALLBACK_GROUP
 from sagas.chat.store import ChatCallback
 
 from . import runtime
@@ -115,13 +116,31 @@ def build(registry: Any) -> dict[str, Any]:
     add("chat_callbacks", "callback:{consumer_id}", "redis", "receive", "ChatCallback", {
         "name": "ChatCallback", "contentType": "application/json", "summary": (ChatCallback.__doc__ or "").strip(),
         "payload": {"$ref": REF.format(model="ChatCallback")}},
-        "Redis pub/sub channel the execution service publishes a task's callbacks on",
+        "Redis pub/sub channel the execution service may publish a task's callbacks on (the seed's path): "
+        "Redis keeps nothing for absent subscribers, so a callback published while no API process "
+        "listens is lost; use the stream chat:callbacks:{consumer_id}",
         parameters={"consumer_id": {"description": "CHAT_CONSUMER_ID (default orchestrator)",
                                     "default": "orchestrator"}})
+    add("chat_callback_stream", "chat:callbacks:{consumer_id}", "redis", "receive", "ChatCallbackEntry", {
+        "name": "ChatCallbackEntry", "summary": "one Redis Stream entry (XADD) holding one callback",
+        "payload": {"type": "object", "required": ["data"], "properties": {"data": {
+            "type": "string", "contentMediaType": "application/json",
+            "description": "the callback's JSON, the ChatCallback schema (the same as on callback:{consumer_id})",
+            "x-schema": {"$ref": REF.format(model="ChatCallback")}}}}},
+        "Redis Stream the execution service adds a task's callbacks to (the durable path, the emulator's "
+        "default): `XADD chat:callbacks:<consumer_id> MAXLEN ~ 100000 * data <callback JSON>`. The API "
+        f"processes read it as the consumer group {CALLBACK_GROUP} (XREADGROUP), acknowledge an entry (XACK) "
+        "once it is stored or rejected for good, and claim entries left pending by a dead consumer "
+        "(XAUTOCLAIM after CHAT_CALLBACK_CLAIM_IDLE_SECONDS); an entry that fails to store "
+        "CHAT_CALLBACK_MAX_DELIVERIES times moves to chat:callbacks:<consumer_id>:dead with fields data, entry "
+        "and reason. Entries added while no API process runs are delivered when one starts.",
+        parameters={"consumer_id": {"description": "CHAT_CONSUMER_ID (default orchestrator)",
+                                    "default": "orchestrator"}},
+        **{"x-consumer-group": CALLBACK_GROUP, "x-dead-letter-stream": "chat:callbacks:{consumer_id}:dead"})
     return {
         "asyncapi": "3.0.0",
         "info": {"title": "orchestrator messages", "version": "0.1.0",
-                 "description": "The Kafka topics, RabbitMQ queues and Redis channels the orchestrator owns, "
+                 "description": "The Kafka topics, RabbitMQ queues and Redis streams and channels the orchestrator owns, "
                                 "generated from the models that validate them. Guarantees: docs/kafka.md, "
                                 "docs/balance.md, docs/chat.md."},
         "defaultContentType": "application/json",

@@ -31,7 +31,8 @@ api = SpecTree(
 #: What each error status means, for the answers' descriptions.
 MEANING = {400: "bad input; `field` names it", 401: "not authenticated", 403: "forbidden",
            404: "not found", 409: "conflict or illegal transition; the body carries the state",
-           413: "a value over its limit (named in `field`)", 422: "the data cannot be processed (named in `field`)",
+           413: "a value over its limit (named in `field`), or a body over API_MAX_BODY_BYTES",
+           415: "a body that is not application/json (`field` is `Content-Type`)", 422: "the data cannot be processed (named in `field`)",
            502: "an upstream service failed", 503: "a dependency is down"}
 
 
@@ -41,6 +42,8 @@ def doc(ok: Any = None, *, status: int = 200, also: dict[int, Any] | None = None
     `also` other successful answers, `errors` the error statuses (each answers ErrorBody)."""
     codes: dict[str, Any] = {f"HTTP_{status}": ok}
     codes.update({f"HTTP_{code}": model for code, model in (also or {}).items()})
+    if json is not None:  # every JSON body may be too large or of another media type
+        errors = (*errors, *(code for code in (413, 415) if code not in errors))
     codes.update({f"HTTP_{code}": ErrorBody for code in errors})
     plain = [code for code, model in codes.items() if model is None]
     resp = Response(*plain, **{code: model for code, model in codes.items() if model is not None})

@@ -105,7 +105,7 @@ def cmd_api(args: argparse.Namespace) -> None:
         def load_config(self) -> None:
             self.cfg.set("bind", f"{args.host or settings.host}:{args.port or settings.port}")
             self.cfg.set("workers", args.workers or settings.workers)
-            self.cfg.set("worker_class", "gthread")
+            self.cfg.set("worker_class", "web.server.ThreadWorker")  # gthread, JSON errors
             # Each open chat WebSocket or event stream holds one thread while it is open.
             self.cfg.set("threads", args.threads or settings.api_threads)
             self.cfg.set("timeout", 60)

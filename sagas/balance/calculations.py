@@ -116,20 +116,32 @@ def _publish(celery_app: Any, exchange: Exchange, queue: Queue, replies: Queue, 
         )
 
 
+#: The largest result body accepted (bytes); a result is a commit id and a short error.
+MAX_RESULT_BYTES = 1024 * 1024
+
+
 def parse_result(raw: Any) -> dict[str, Any]:
-    """Validate a result message; InvalidInput naming the field if it breaks the contract or
-    holds text the database cannot store (see `jsonutil.unstorable`)."""
+    """Validate a result message; InvalidInput naming the field if it breaks the contract, is
+    larger than MAX_RESULT_BYTES, nested deeper than the parser goes, or holds text the database
+    cannot store (see `jsonutil.unstorable`)."""
+    if isinstance(raw, (bytes, bytearray, str)):
+        size = len(raw) if not isinstance(raw, str) else len(raw.encode("utf-8", "surrogatepass"))
+        if size > MAX_RESULT_BYTES:
+            raise InvalidInput("body", f"is {size} bytes, more than the {MAX_RESULT_BYTES} a result may hold", 413)
     if isinstance(raw, (bytes, bytearray)):
         try:
             raw = bytes(raw).decode()
         except UnicodeDecodeError:
             raise InvalidInput("body", "is not UTF-8 text") from None
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except ValueError:
-            raise InvalidInput("body", "is not JSON") from None
-    result = parse(CalculationResult, check_storable(raw))
+    try:
+        if isinstance(raw, str):
+            try:
+                raw = json.loads(raw)
+            except ValueError:
+                raise InvalidInput("body", "is not JSON") from None
+        result = parse(CalculationResult, check_storable(raw))
+    except RecursionError:
+        raise InvalidInput("body", "is JSON nested too deeply") from None
     if result.status == "succeeded" and not result.outputCommit:  # a rule across two fields
         raise InvalidInput("outputCommit", "is required when status is 'succeeded'")
     return {"correlationId": result.correlationId, "status": result.status, "outputCommit": result.outputCommit,
@@ -147,7 +159,8 @@ def apply_result(engine: Engine, result: dict[str, Any]) -> bool:
         outcome = engine.complete_external(cid, False, error=f"calculation {cid} failed: "
                                            f"{result['error'] or 'no reason given'}", actor="calculation")
     if outcome != ACCEPTED:
-        log.info("result %s matches no waiting step (%s); ignored", cid, outcome)
+        log.warning("result %s dropped: it matches no waiting step (%s: an unknown id, a duplicate or too late)",
+                    cid, outcome)
         return False
     return True
 
@@ -166,10 +179,18 @@ class ResultConsumer(ConsumerMixin):  # type: ignore[misc]
                          prefetch_count=10)]
 
     def on_message(self, message: Any) -> None:
+        # A body that does not parse never will: it is acknowledged (dropped) with its reason,
+        # never requeued, so it cannot come back forever nor hold up the results behind it.
         try:
             result = parse_result(message.body)
         except InvalidInput as exc:
-            log.error("malformed calculation result dropped: %s", exc.message)
+            log.error("malformed calculation result dropped: %s; correlation_id %.80r, body %.200r",
+                      exc.message, message.properties.get("correlation_id"), message.body)
+            message.ack()
+            return
+        except Exception as exc:  # a parser failure of its own: the same body fails every time
+            log.error("malformed calculation result dropped: body: %s: %s; body %.200r",
+                      type(exc).__name__, exc, message.body)
             message.ack()
             return
         with logs.context(correlation_id=result["correlationId"]):

@@ -124,6 +124,7 @@ class ChatTask(Workflow):
             "message": data["message"],
             "config": data.get("config") or {},
             "callback_channel": chat.callback_channel,
+            "callback_stream": chat.callback_stream,
             "timeout_seconds": chat.task_timeout_seconds,
         }
         self.emit("celery", EXECUTION_TASK, {"task": [EXECUTION_TASK, [message]]}, key=data["session_id"])

@@ -1,5 +1,5 @@
 """The chat's settings (seed 003): message and configuration limits, timeouts, the callback
-channel and its consumers, and the Redis it uses.
+channel and stream and their consumers, and the Redis it uses.
 
 Read from the same variables as the core settings (`ChatSettings.from_settings(settings)`);
 `load_settings` checks them at start-up once this module is imported.
@@ -25,6 +25,12 @@ class ChatSettings(AreaSettings):
     #: names the callback channel `callback:<id>` the execution service publishes to
     consumer_id: str = "orchestrator"
     callback_consumers: Annotated[int, Field(ge=0)] = 1
+    #: a stream entry read by a consumer that has not acknowledged it this long is claimed by another
+    callback_claim_idle_seconds: Annotated[float, Field(ge=0.1)] = 30.0
+    #: deliveries of one stream entry that failed to store before it is dead-lettered
+    callback_max_deliveries: Annotated[int, Field(ge=1)] = 10
+    #: the largest callback accepted (bytes of JSON); larger ones are rejected as `too_large`
+    max_callback_bytes: Annotated[int, Field(ge=64)] = 1048576
     hot_ttl_seconds: Annotated[int, Field(ge=1)] = 3600
     redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias="REDIS_URL")
 
@@ -37,4 +43,20 @@ class ChatSettings(AreaSettings):
 
     @property
     def callback_channel(self) -> str:
+        """The seed's pub/sub channel: kept for producers that publish there (nothing is kept
+        for absent subscribers)."""
         return f"callback:{self.consumer_id}"
+
+    @property
+    def callback_stream(self) -> str:
+        """The durable path: a Redis Stream read by the consumer group CALLBACK_GROUP."""
+        return f"chat:callbacks:{self.consumer_id}"
+
+    @property
+    def callback_dead_letters(self) -> str:
+        """Stream entries that failed to store CHAT_CALLBACK_MAX_DELIVERIES times."""
+        return f"chat:callbacks:{self.consumer_id}:dead"
+
+
+#: The consumer group of the API processes on the callback stream.
+CALLBACK_GROUP = "orchestrator-api"

@@ -49,7 +49,8 @@ def frame(ev: ChatEvent) -> dict[str, Any]:
 
 # -- schemas: the Redis callback contract (docs/chat.md; /asyncapi.json is generated from it) -------
 class ChatCallback(Event):
-    """One message of the execution service on the Redis list/channel `callback:<consumer_id>`:
+    """One message of the execution service, on the Redis Stream `chat:callbacks:<consumer_id>`
+    (field `data`) or the pub/sub channel `callback:<consumer_id>`:
     a `chunk` of a task's output, or its final `result` or `error`; `seq` counts from 1 per task."""
 
     session_id: str = Field(min_length=1, max_length=64)
@@ -59,24 +60,36 @@ class ChatCallback(Event):
     result: Any = Field(description="the chunk's or the final answer's data (any JSON; required, may be null)")
 
 
-def parse_callback(raw: Any) -> dict[str, Any]:
-    """Check a callback's shape; raise Rejected("malformed", ...) naming the field."""
+NESTED_TOO_DEEPLY = "body: JSON nested too deeply"
+
+
+def parse_callback(raw: Any, max_bytes: int | None = None) -> dict[str, Any]:
+    """Check a callback's shape; raise Rejected("malformed", ...) naming the field, or
+    Rejected("too_large", ...) when the message holds more than `max_bytes` bytes."""
     import json
 
+    if max_bytes is not None and isinstance(raw, (bytes, str)):
+        size = len(raw) if isinstance(raw, bytes) else len(raw.encode("utf-8", "surrogateescape"))
+        if size > max_bytes:
+            raise Rejected("too_large", f"body: {size} bytes, more than CHAT_MAX_CALLBACK_BYTES ({max_bytes})")
     if isinstance(raw, (bytes, str)):
         try:
             raw = json.loads(raw)
         except ValueError:
             raise Rejected("malformed", "body: not JSON") from None
+        except RecursionError:
+            raise Rejected("malformed", NESTED_TOO_DEEPLY) from None
     if not isinstance(raw, dict):
         raise Rejected("malformed", "body: must be a JSON object")
-    bad = unstorable(raw)  # text the database refuses would fail the store on every consumer
-    if bad is not None:
-        raise Rejected("malformed", f"{bad[0]}: {bad[1]}")
     try:
+        bad = unstorable(raw)  # text the database refuses would fail the store on every consumer
+        if bad is not None:
+            raise Rejected("malformed", f"{bad[0]}: {bad[1]}")
         return parse(ChatCallback, raw).model_dump()
     except InvalidInput as exc:
         raise Rejected("malformed", f"{exc.field}: {exc.problem}") from None
+    except RecursionError:
+        raise Rejected("malformed", NESTED_TOO_DEEPLY) from None
 
 
 class ChatStore:
@@ -219,7 +232,7 @@ class ChatStore:
             if inst is None or inst.type != TASK_TYPE or (inst.context or {}).get("input", {}).get("session_id") != sid:
                 raise Rejected("unknown_task", f"task_id: no task {tid} in session {sid}")
             if s.execute(select(ChatEvent.id).where(ChatEvent.task_id == tid, ChatEvent.task_seq == seq)).first():
-                return Accepted(duplicate=True)
+                return Accepted(duplicate=True, events=self._unfinished_end(s, tid, inst.state))
             delivered = s.execute(select(ChatEvent.task_seq, ChatEvent.type).where(
                 ChatEvent.task_id == tid, ChatEvent.task_seq.is_not(None), ChatEvent.seq.is_not(None))
                 .order_by(ChatEvent.task_seq)).all()
@@ -265,6 +278,20 @@ class ChatStore:
             s.flush()
             out.frames = [frame(ev) for ev in new]
             return out
+
+    @staticmethod
+    def _unfinished_end(s: Session, task_id: str, state: str) -> list[tuple[str, dict[str, Any]]]:
+        """The final event again when the task's result or error is stored but its step is not
+        completed: the process that stored it died before it fired it. A redelivered callback
+        (stream entries are acknowledged only after this) then finishes the task."""
+        if state in FINISHED:
+            return []
+        final = s.execute(select(ChatEvent.type, ChatEvent.data).where(
+            ChatEvent.task_id == task_id, ChatEvent.seq.is_not(None), ChatEvent.type.in_(("result", "error")))
+        ).first()
+        if final is None:
+            return []
+        return [("complete", {"result": final.data})] if final.type == "result" else [("error", {"error": final.data})]
 
     def fire(self, task_id: str, events: list[tuple[str, dict[str, Any]]]) -> None:
         """Follow the stream with the task's lifecycle on the engine: `start` and `stream` move

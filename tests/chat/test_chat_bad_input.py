@@ -218,3 +218,51 @@ def test_a_task_the_execution_service_never_answers_times_out(chat_env, executio
         assert t["status"] == "timed_out" and "timed out" in t["error"]
     finally:
         proc.stop()
+
+
+def test_hostile_stream_entries_are_rejected_acknowledged_and_the_next_valid_one_delivered(chat_api, chat_env):
+    sid = new_session(chat_api, {"emulator": {"silent": True}})  # the task waits for our callbacks
+    task = send_task(chat_api, sid, "hello")
+    r = redis.Redis.from_url(REDIS)
+    stream = f"chat:callbacks:{chat_env['CHAT_CONSUMER_ID']}"
+    before = _outcomes(chat_api)
+
+    def callback(**over):
+        return json.dumps({"session_id": sid, "task_id": task, "seq": 1, "type": "chunk", "result": {"t": 1}, **over})
+
+    hostile = [
+        {"other": "no data field"}, {"data": ""}, {"data": "not json"}, {"data": b"\xff\xfe{"},  # not UTF-8
+        {"data": "null"}, {"data": "[1, 2]"}, {"data": callback(seq="one")}, {"data": callback(seq=0)},
+        {"data": callback(type="banana")}, {"data": callback(task_id=None)}, {"data": callback(session_id=7)},
+        {"data": callback(seq=2 ** 40)}, {"data": "[" * 100_000},  # nested deeper than any parser goes
+        {"data": callback(result="deep").replace('"deep"', "[" * 990 + "]" * 990)},  # parses, too deep to store
+        {"data": callback(result={"text": "x" * (1024 * 1024)})},  # over CHAT_MAX_CALLBACK_BYTES
+    ]
+    for fields in hostile:
+        r.xadd(stream, fields)
+    r.xadd(stream, {"data": callback(session_id=UNKNOWN)})
+    r.xadd(stream, {"data": callback(task_id=UNKNOWN)})
+    r.xadd(stream, {"data": callback(result={"text": "fine"})})
+
+    def counted():
+        now = _outcomes(chat_api)
+        grown = {k: now.get(k, 0) - before.get(k, 0) for k in ("malformed", "too_large", "unknown_session",
+                                                               "unknown_task", "error")}
+        return grown if grown["malformed"] >= 14 and grown["too_large"] >= 1 and grown["unknown_session"] >= 1 \
+            and grown["unknown_task"] >= 1 else None
+
+    grown = wait_for(counted, timeout=20, what="every hostile entry rejected and counted")
+    assert grown["error"] == 0, grown
+    # rejected for good: acknowledged, never redelivered
+    wait_for(lambda: r.xpending(stream, "orchestrator-api")["pending"] == 0, timeout=10, what="nothing pending")
+    t = wait_for(lambda: (lambda b: b if b["chunks_received"] == 1 else None)(
+        requests.get(f"{chat_api}/api/v1/chat/{sid}/tasks/{task}", timeout=5).json()), timeout=10,
+        what="the valid callback after them stored")
+    assert t["chunks"] == [{"seq": 1, "data": {"text": "fine"}}]
+    # the pub/sub path refuses a huge message too, and carries on
+    channel = f"callback:{chat_env['CHAT_CONSUMER_ID']}"
+    r.publish(channel, callback(seq=2, result={"text": "y" * (1024 * 1024)}))
+    r.publish(channel, callback(seq=2, type="result", result={"text": "done"}))
+    wait_for(lambda: requests.get(f"{chat_api}/api/v1/chat/{sid}/tasks/{task}", timeout=5).json()["status"]
+             == "completed", timeout=10, what="the task completed by the valid callback")
+    assert _outcomes(chat_api).get("too_large", 0) - before.get("too_large", 0) >= 2

@@ -48,7 +48,8 @@ def test_asyncapi_document_is_valid_and_describes_every_topic_and_queue(app, cli
     consumed = set(discover(registry))
     addresses = {c["address"] for c in doc["channels"].values()}
     assert consumed | {f"{t}.dlq" for t in consumed} | set(produced_topics(registry)) <= addresses
-    assert {"orchestrator.calculations", "orchestrator.calculation-results", "callback:{consumer_id}"} <= addresses
+    assert {"orchestrator.calculations", "orchestrator.calculation-results", "callback:{consumer_id}",
+            "chat:callbacks:{consumer_id}"} <= addresses
     for op in doc["operations"].values():  # every message has a payload schema that resolves
         for ref in op["messages"]:
             channel, message = ref["$ref"].split("/")[2], ref["$ref"].split("/")[-1]

@@ -31,7 +31,8 @@ def test_dispatching_a_task_sends_it_to_the_execution_queue():
     name, [message] = payload["task"]
     assert name == "execution.chat_task"
     assert message == {"task_id": "t-1", "session_id": "s-1", "message": "hi", "config": {"k": 1},
-                       "callback_channel": "callback:replica-a", "timeout_seconds": 9.0}
+                       "callback_channel": "callback:replica-a", "callback_stream": "chat:callbacks:replica-a",
+                       "timeout_seconds": 9.0}
 
 
 def test_lifecycle_and_illegal_events():
