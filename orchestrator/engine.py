@@ -1087,22 +1087,43 @@ class Engine:
         return inst, run, self.workflow_class(inst.type)
 
     # -- sweeper -------------------------------------------------------------------------------
-    def fire_due_timers(self, limit: int = 200) -> int:
-        """Turn due timers into dispatches and events. Safe with several sweepers (SKIP LOCKED)."""
+    def fire_due_timers(self, limit: int = 1000, batch: int = 100) -> int:
+        """Turn due timers into dispatches and events: up to `batch` timers per transaction, at
+        most `limit` per call; the number fired. Safe with several sweepers: on PostgreSQL each
+        claims its batch with SKIP LOCKED, on SQLite BEGIN IMMEDIATE runs one batch at a time.
+        A batch that raises is fired again one timer per transaction, so one bad timer holds
+        back no other."""
         fired = 0
         while fired < limit:
-            with self.unit_of_work() as uow:
-                row = uow.execute(
-                    select(TIMERS).where(TIMERS.c.fired_at.is_(None), TIMERS.c.due_at <= utcnow())
-                    .order_by(TIMERS.c.due_at).limit(1).with_for_update(skip_locked=True)).first()
-                if row is None:
-                    return fired
-                timer = uow.writes.track(TIMERS, Record.loaded(row))
-                timer.fired_at = utcnow()
-                with logs.context(workflow_id=timer.instance_id):
-                    self._fire_timer(uow, timer)
-            fired += 1
+            try:
+                count, claimed = self._fire_timer_batch(min(batch, limit - fired))
+            except Exception:
+                log.warning("firing a batch of timers failed; firing them one at a time", exc_info=True)
+                count, claimed = self._fire_timer_batch(1)
+            fired += count
+            if claimed < batch or count == 0:
+                return fired
         return fired
+
+    def _fire_timer_batch(self, size: int) -> tuple[int, int]:
+        """Fire up to `size` due timers in one transaction: (fired, claimed). A second due timer
+        of an instance already in the batch waits for the next one: the batch holds one copy
+        of each instance row, so the later timer sees what the earlier one wrote."""
+        with self.unit_of_work() as uow:
+            rows = uow.execute(
+                select(TIMERS).where(TIMERS.c.fired_at.is_(None), TIMERS.c.due_at <= utcnow())
+                .order_by(TIMERS.c.due_at).limit(size).with_for_update(skip_locked=True)).all()
+            now = utcnow()
+            first: dict[str, Any] = {}
+            for row in rows:
+                first.setdefault(row.instance_id, row)
+            # Instances are locked in one order by every sweeper, so two batches cannot deadlock.
+            for instance_id in sorted(first):
+                timer = uow.writes.track(TIMERS, Record.loaded(first[instance_id]))
+                timer.fired_at = now
+                with logs.context(workflow_id=instance_id):
+                    self._fire_timer(uow, timer)
+        return len(first), len(rows)
 
     def _fire_timer(self, uow: UnitOfWork, timer: Record) -> None:
         inst = uow.lock(timer.instance_id)
