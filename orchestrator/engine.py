@@ -1113,20 +1113,32 @@ class Engine:
             rows = uow.execute(
                 select(TIMERS).where(TIMERS.c.fired_at.is_(None), TIMERS.c.due_at <= utcnow())
                 .order_by(TIMERS.c.due_at).limit(size).with_for_update(skip_locked=True)).all()
-            now = utcnow()
             first: dict[str, Any] = {}
             for row in rows:
                 first.setdefault(row.instance_id, row)
-            # Instances are locked in one order by every sweeper, so two batches cannot deadlock.
-            for instance_id in sorted(first):
-                timer = uow.writes.track(TIMERS, Record.loaded(first[instance_id]))
-                timer.fired_at = now
+            if not first:
+                return 0, len(rows)
+            ids = sorted(first)
+            # A few statements for the whole batch instead of a few per timer: mark the timers
+            # fired, lock their instances (in id order, as every sweeper does, so two batches
+            # cannot deadlock), then read their step rows (after the lock: see lock_with_runs).
+            uow.execute(update(TIMERS).where(TIMERS.c.id.in_([r.id for r in first.values()]))
+                        .values(fired_at=utcnow()))
+            instances = {row.id: uow.writes.track(INSTANCES, Record.loaded(row)) for row in uow.execute(
+                select(INSTANCES).where(INSTANCES.c.id.in_(ids)).order_by(INSTANCES.c.id).with_for_update())}
+            for instance_id in ids:
+                uow.runs[instance_id] = {}
+            for row in uow.execute(select(RUNS).where(RUNS.c.instance_id.in_(ids))):
+                uow.runs[row.instance_id][row.name] = uow.writes.track(RUNS, Record.loaded(row))
+            for instance_id in ids:
+                inst = instances.get(instance_id)
+                if inst is None:  # deleted since: its timer is spent
+                    continue
                 with logs.context(workflow_id=instance_id):
-                    self._fire_timer(uow, timer)
+                    self._fire_timer(uow, Record.loaded(first[instance_id]), inst)
         return len(first), len(rows)
 
-    def _fire_timer(self, uow: UnitOfWork, timer: Record) -> None:
-        inst = uow.lock(timer.instance_id)
+    def _fire_timer(self, uow: UnitOfWork, timer: Record, inst: Record) -> None:
         # A timer is work started later: a trace of its own, linked to the instance's first one.
         with tracing.span(f"timer {timer.kind}", tracing.workflow_attributes(
                 inst.id, inst.type, inst.business_key, timer.step, timer.attempt),
