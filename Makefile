@@ -13,7 +13,7 @@ $(BIN)/orchestrator: setup.cfg pyproject.toml
 
 install: $(BIN)/orchestrator
 
-# The `bench` extra (DBOS Transact, psutil) for `make bench` and its end-to-end test.
+# The `bench` extra (DBOS Transact) for `make bench` and its end-to-end test.
 $(VENV)/.bench: $(BIN)/orchestrator setup.cfg
 	$(BIN)/pip install -q -e '.[dev,bench]'
 	touch $@
