@@ -13,6 +13,11 @@ $(BIN)/orchestrator: setup.cfg pyproject.toml
 
 install: $(BIN)/orchestrator
 
+# The `bench` extra (DBOS Transact) for `make bench` and its end-to-end test.
+$(VENV)/.bench: $(BIN)/orchestrator setup.cfg
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	touch $@
+
 run: install           ## every process plus the emulators, embedded defaults, Ctrl-C stops all
 	$(BIN)/orchestrator dev
 
@@ -22,7 +27,7 @@ services:              ## start PostgreSQL, RabbitMQ and Redis if one is down (t
 browser:               ## Debian's chromium for the chat page test, installed only when missing
 	bash .ci/browser
 
-test: install services browser lint ## the layer contracts, then the whole suite against the real services
+test: install $(VENV)/.bench services browser lint ## the layer contracts, then the whole suite against the real services
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: install          ## the import contracts between the layers (.importlinter, docs/architecture.md)
@@ -35,8 +40,8 @@ fuzz: install services ## every /openapi.json operation with FUZZ_EXAMPLES gener
 unit: install          ## the tests with no I/O, in a second
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit tests/engine
 
-bench: install services
-	$(BIN)/python -m bench.run
+bench: install $(VENV)/.bench services ## every figure beside its peer, one table at the end (docs/performance.md)
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 up:                    ## the full stack with Docker
 	docker compose up --build -d

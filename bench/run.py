@@ -1,25 +1,33 @@
-"""Engine overhead benchmark on the real services: `python -m bench.run` (also `make bench`).
+"""Engine benchmark beside its peers, on the real services: `python -m bench.run` (also `make bench`).
 
-One run creates its own PostgreSQL database and RabbitMQ vhost, starts one worker (queue
-`bench`) and one sweeper from the CLI, and measures with the same worker, broker and backend:
+One run creates its own PostgreSQL database and RabbitMQ vhost, starts one engine worker (queue
+`bench`), one sweeper, one plain Celery worker (bench/plain_app.py, queue `bench-plain`) and one
+DBOS Transact process (bench/dbos_peer.py, on a system database of its own), and measures:
 
-  (a) engine throughput: N three-step `bench` workflows started through the engine, first start
-      to last `finished_at`;
-  (b) raw baseline: N Celery chains of the same three trivial tasks, first apply to last
-      `date_done`;
-  (c) latency of single workflows (POST /saga -> state "done") against single raw chains;
-  (d) peak RSS of the worker (main process and pool children) during (a) and (b);
-  (e) CPU time per workflow of the worker and of the database's server backends in (a) and (b),
-      to tell where the engine's overhead goes.
+  (a) throughput of trivial three-step workflows, in alternating rounds (medians) of
+        engine      the `bench` workflow (bench/workflow.py): every transition committed, outbox;
+        raw         the same three links as a plain Celery chain, on the engine's worker;
+        upsert      a Celery chain whose links each upsert a state row (bench/handrolled.py);
+        plain       the raw chain on the plain Celery worker (its memory is the peer of (d));
+        DBOS        the same workflow on DBOS Transact, its queue polled every 10 ms
+                    (paused with SIGSTOP while the others run, so its polling costs them nothing);
+  (b) latency of single workflows: POST /saga -> state "done", against single raw chains,
+      upsert chains and DBOS workflows;
+  (c) CPU time per workflow of the worker and of the database's server backends;
+  (d) peak RSS of the engine's worker (main process and pool children) against the plain worker;
+  (e) parked workflows (bench/parked.py): memory growth of the worker and sweeper while N wait on
+      timers and signals, and how fast the sweeper fires N timers that come due at once;
+  (f) Kafka intake (bench/kafka_intake.py): one bridge against the raw consume rate.
 
-Everything it created is removed at the end (results in the Redis backend expire on their own).
-Service addresses can be changed with BENCH_PG_ADMIN_URL, BENCH_AMQP_URL and BENCH_REDIS_URL.
+It ends with one table: every figure, its peer, its target and whether it holds. Everything it
+created is removed at the end (results in the Redis backend expire on their own). Service
+addresses can be changed with BENCH_PG_ADMIN_URL, BENCH_AMQP_URL and BENCH_REDIS_URL.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
-import math
 import os
 import shutil
 import signal
@@ -27,7 +35,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -36,20 +43,31 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlparse
 
+from .procs import (BenchError, Process, RssSampler, cpu_ticks, descendants, first_line, note, percentile,
+                    wait_for)
+from .table import Row, at_least, at_most, render
+
 ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 AMQP = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672")
 REDIS = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/2")
 QUEUE = "bench"
 WARMUP = 8
+PEERS = ("engine", "raw", "upsert", "plain", "dbos")
 
-
-class BenchError(Exception):
-    """Stops the run with a message; resources are cleaned up first."""
-
-
-def note(msg: str) -> None:
-    print(f"bench: {msg}", file=sys.stderr, flush=True)
+#: Labels of the closing table's rows, in order (the end-to-end test checks every one is there).
+ROWS = (
+    "throughput vs raw Celery chain",
+    "latency median vs raw chain",
+    "latency p95 vs raw chain",
+    "throughput vs DBOS",
+    "latency median vs DBOS",
+    "throughput vs hand-rolled upsert chain",
+    "worker peak RSS vs plain Celery worker",
+    "parked: RSS growth worker + sweeper",
+    "parked: timers fired when all due at once",
+    "Kafka intake (one bridge)",
+)
 
 
 # -- services ----------------------------------------------------------------------------------
@@ -68,7 +86,7 @@ def check_services() -> None:
             conn.execute(text("SELECT 1"))
         eng.dispose()
     except Exception as exc:
-        raise BenchError(f"PostgreSQL at {_where(PG_ADMIN)} is not reachable: {_first_line(exc)}") from None
+        raise BenchError(f"PostgreSQL at {_where(PG_ADMIN)} is not reachable: {first_line(exc)}") from None
 
     from kombu import Connection
 
@@ -76,19 +94,14 @@ def check_services() -> None:
         with Connection(AMQP + "//", connect_timeout=3) as conn:
             conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0)
     except Exception as exc:
-        raise BenchError(f"RabbitMQ at {_where(AMQP)} is not reachable: {_first_line(exc)}") from None
+        raise BenchError(f"RabbitMQ at {_where(AMQP)} is not reachable: {first_line(exc)}") from None
 
     import redis
 
     try:
         redis.Redis.from_url(REDIS, socket_connect_timeout=3, socket_timeout=3).ping()
     except Exception as exc:
-        raise BenchError(f"Redis at {_where(REDIS)} is not reachable: {_first_line(exc)}") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
+        raise BenchError(f"Redis at {_where(REDIS)} is not reachable: {first_line(exc)}") from None
 
 
 def _rabbitmqctl(*args: str) -> bool:
@@ -99,129 +112,6 @@ def _rabbitmqctl(*args: str) -> bool:
         return subprocess.run([ctl, *args], capture_output=True, timeout=60).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
-
-
-# -- processes and memory ----------------------------------------------------------------------
-class Process:
-    """An orchestrator process started from the CLI in a session (process group) of its own."""
-
-    def __init__(self, name: str, args: list[str], env: dict[str, str], logdir: Path) -> None:
-        self.name = name
-        self.log = logdir / f"{name}.log"
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "orchestrator.entrypoints.cli", *args], env=env,
-                                         cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self, timeout: float = 20.0) -> None:
-        if self.alive():
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-            except ProcessLookupError:
-                pass
-
-    def tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-
-def _descendants(root: int) -> list[int]:
-    """root and all its descendants, from the parent links in /proc/<pid>/stat."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, ()))
-    return out
-
-
-def _rss_kib(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
-def _cpu_ticks(pid: int) -> int:
-    """utime + stime of one process, in clock ticks (0 if it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-class RssSampler(threading.Thread):
-    """Sums VmRSS over a process tree every `interval` seconds; keeps the maximum."""
-
-    def __init__(self, pid: int, interval: float = 0.2) -> None:
-        super().__init__(daemon=True, name="rss-sampler")
-        self.pid = pid
-        self.interval = interval
-        self.peak_kib = 0
-        self.samples = 0
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        while not self._halt.is_set():
-            total = sum(_rss_kib(p) for p in _descendants(self.pid))
-            self.peak_kib = max(self.peak_kib, total)
-            self.samples += 1
-            self._halt.wait(self.interval)
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join(5)
-
-
-# -- helpers -----------------------------------------------------------------------------------
-def wait_for(predicate: Callable[[], Any], timeout: float, interval: float, what: str,
-             check: Callable[[], None] | None = None) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if check is not None:
-            check()
-        if time.monotonic() > deadline:
-            raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
-
-
-def percentile(values: list[float], p: float) -> float:
-    """Nearest-rank percentile."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
 
 
 def _utc(value: Any) -> datetime | None:
@@ -240,22 +130,83 @@ def raw_chain(app: Any) -> Any:
     return chain(*(app.tasks[f"bench.raw_{n}"].si() for n in ("one", "two", "three")))
 
 
+class DbosPeer:
+    """The DBOS process (bench/dbos_peer.py): one JSON command a line in, one reply a line out.
+    Paused (SIGSTOP) between commands so that its 10 ms queue polling loads no other round."""
+
+    def __init__(self, url: str, env: dict[str, str], logdir: Path) -> None:
+        self.proc = Process("dbos", [], env, logdir, pipes=True,
+                            argv=[sys.executable, "-m", "bench.dbos_peer", url])
+
+    def _read(self, timeout: float) -> dict[str, Any]:
+        import select
+
+        out = self.proc.proc.stdout
+        assert out is not None
+        ready, _, _ = select.select([out], [], [], timeout)
+        line = out.readline() if ready else ""
+        if not line:
+            raise BenchError(f"the DBOS peer did not answer within {timeout:.0f}s:\n{self.proc.tail()}")
+        reply: dict[str, Any] = json.loads(line)
+        if "error" in reply:
+            raise BenchError(f"the DBOS peer failed: {reply['error']}")
+        return reply
+
+    def ready(self, timeout: float = 120) -> None:
+        self._read(timeout)
+        self.proc.signal(signal.SIGSTOP)
+
+    def ask(self, timeout: float, **cmd: Any) -> dict[str, Any]:
+        self.proc.signal(signal.SIGCONT)
+        try:
+            assert self.proc.proc.stdin is not None
+            self.proc.proc.stdin.write(json.dumps(cmd) + "\n")
+            self.proc.proc.stdin.flush()
+            return self._read(timeout)
+        finally:
+            self.proc.signal(signal.SIGSTOP)
+
+    def close(self) -> None:
+        if self.proc.alive():
+            self.proc.signal(signal.SIGCONT)
+            try:
+                assert self.proc.proc.stdin is not None
+                self.proc.proc.stdin.close()  # end of input: DBOS is destroyed, the process exits
+                self.proc.proc.wait(20)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        self.proc.stop()
+
+
 # -- the benchmark -----------------------------------------------------------------------------
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.tag = uuid.uuid4().hex[:8]
         self.admin: Any = None
-        self.database: str | None = None
+        self.databases: list[str] = []
         self.vhost: str | None = None
         self.logdir = Path(tempfile.mkdtemp(prefix="orch-bench-"))
         self.procs: list[Process] = []
         self.worker: Process | None = None
+        self.plain_worker: Process | None = None
+        self.sweeper: Process | None = None
+        self.dbos: DbosPeer | None = None
+        self.plain: Any = None
         self.rt: Any = None
         self.failed = False
+        self.results: dict[str, Any] = {}
         self._started_in = 0.0
 
     # -- setup and teardown --------------------------------------------------------------------
+    def _create_database(self, name: str) -> str:
+        from sqlalchemy import text
+
+        with self.admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        self.databases.append(name)
+        return PG_ADMIN.rsplit("/", 1)[0] + "/" + name
+
     def setup(self) -> None:
         from sqlalchemy import create_engine, text
 
@@ -263,13 +214,14 @@ class Bench:
         from orchestrator.config import load_settings
         from orchestrator.migrate import upgrade
 
+        from .handrolled import TABLE_DDL
+        from .plain_app import QUEUE as PLAIN_QUEUE
+        from .plain_app import make_app
+
         self.admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-        name = f"orch_bench_{self.tag}"
-        with self.admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        self.database = name
-        database_url = PG_ADMIN.rsplit("/", 1)[0] + "/" + name
+        database_url = self._create_database(f"orch_bench_{self.tag}")
         upgrade(database_url)
+        dbos_url = self._create_database(f"orch_bench_dbos_{self.tag}").replace("postgresql+psycopg2", "postgresql")
 
         vhost = f"orch-bench-{self.tag}"
         user = urlparse(AMQP).username or "guest"
@@ -283,67 +235,80 @@ class Bench:
             broker_url = f"{AMQP}//"
 
         base = {k: v for k, v in os.environ.items()
-                if not k.startswith(("CELERY_", "DATABASE_", "POSTGRES_", "REDIS_"))}
+                if not k.startswith(("CELERY_", "DATABASE_", "POSTGRES_", "REDIS_", "DBOS_"))}
         self.env = {
             **base,
             "DATABASE_URL": database_url,
             "CELERY_BROKER_URL": broker_url,
             "CELERY_RESULT_BACKEND": REDIS,
             "REDIS_URL": REDIS,
-            "WORKFLOW_MODULES": "sagas,tasks,bench.workflow",
+            "WORKFLOW_MODULES": "sagas,tasks,bench.workflow,bench.handrolled,bench.parked_workflow",
             "PYTHONPATH": str(ROOT),
             "LOG_LEVEL": "WARNING",
             "SWEEP_INTERVAL": "0.2",
         }
         self.rt = runtime.install(runtime.build(load_settings(environ=self.env, dotenv=os.devnull)))
+        with self.rt.sessions() as s, s.begin():
+            s.execute(text(TABLE_DDL))
+        self.plain = make_app(broker_url, REDIS)
 
-        self.worker = self._start("worker", ["worker", "--concurrency", str(self.args.concurrency),
-                                             "--pool", self.args.pool, "--queues", QUEUE,
-                                             "--name", f"{QUEUE}@%h"])
-        self._start("sweeper", ["sweeper"])
-        wait_for(self._pinged, timeout=60, interval=0.2, what="the worker to answer ping",
+        a = self.args
+        self.worker = self._start("worker", ["worker", "--concurrency", str(a.concurrency), "--pool", a.pool,
+                                             "--queues", QUEUE, "--name", f"{QUEUE}@%h"])
+        self.sweeper = self._start("sweeper", ["sweeper"])
+        self.plain_worker = self._start("plain-worker", [], argv=[
+            sys.executable, "-m", "celery", "-A", "bench.plain_app", "worker", "--loglevel", "WARNING",
+            "-Q", PLAIN_QUEUE, "-c", str(a.concurrency), "--pool", a.pool, "-n", f"{PLAIN_QUEUE}@%h"])
+        self.dbos = DbosPeer(dbos_url, self.env, self.logdir)
+        wait_for(self._pinged, timeout=60, interval=0.2, what="both workers to answer ping",
                  check=self.check_processes)
+        self.dbos.ready()
 
-    def _start(self, name: str, args: list[str]) -> Process:
-        proc = Process(name, args, self.env, self.logdir)
+    def _start(self, name: str, args: list[str], argv: list[str] | None = None) -> Process:
+        proc = Process(name, args, self.env, self.logdir, argv=argv)
         self.procs.append(proc)
         return proc
 
     def _pinged(self) -> bool:
         replies = self.rt.celery.control.ping(timeout=0.5)
-        return any(node.startswith(f"{QUEUE}@") for reply in replies for node in reply)
+        nodes = {node.split("@")[0] for reply in replies for node in reply}
+        return {QUEUE, "bench-plain"} <= nodes
 
     def check_processes(self) -> None:
-        for proc in self.procs:
+        for proc in self.procs + ([self.dbos.proc] if self.dbos else []):
             if not proc.alive():
                 raise BenchError(f"the {proc.name} exited with {proc.proc.returncode}:\n{proc.tail()}")
 
     def teardown(self) -> None:
+        if self.dbos is not None:
+            self.dbos.close()
         for proc in self.procs:
             try:
                 proc.stop()
             except Exception as exc:  # keep cleaning up
-                note(f"stopping the {proc.name}: {_first_line(exc)}")
+                note(f"stopping the {proc.name}: {first_line(exc)}")
         if self.vhost is not None and not _rabbitmqctl("delete_vhost", self.vhost):
             note(f"could not delete RabbitMQ vhost {self.vhost}")
         elif self.vhost is None and self.rt is not None:
-            self._delete_queue()
+            self._delete_queues()
+        for app in (self.plain, self.rt.celery if self.rt else None):
+            try:
+                if app is not None:
+                    app.close()
+            except Exception:
+                pass
         if self.rt is not None:
             from orchestrator import runtime
 
-            try:
-                self.rt.celery.close()
-            except Exception:
-                pass
             runtime.reset()
-        if self.database is not None:
-            from sqlalchemy import text
+        from sqlalchemy import text
 
+        for name in self.databases:
             try:
                 with self.admin.connect() as conn:
-                    conn.execute(text(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)'))
+                    conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
             except Exception as exc:
-                note(f"could not drop database {self.database}: {_first_line(exc)}")
+                note(f"could not drop database {name}: {first_line(exc)}")
         if self.admin is not None:
             self.admin.dispose()
         if self.failed:
@@ -351,15 +316,16 @@ class Bench:
         else:
             shutil.rmtree(self.logdir, ignore_errors=True)
 
-    def _delete_queue(self) -> None:
-        """On the shared default vhost, remove the benchmark's queue and exchange again."""
+    def _delete_queues(self) -> None:
+        """On the shared default vhost, remove the benchmark's queues and exchanges again."""
         try:
             with self.rt.celery.connection_for_write() as conn:
                 conn.ensure_connection(max_retries=1)
-                conn.default_channel.queue_delete(QUEUE)
-                conn.default_channel.exchange_delete(QUEUE)
+                for name in (QUEUE, "bench-plain"):
+                    conn.default_channel.queue_delete(name)
+                    conn.default_channel.exchange_delete(name)
         except Exception as exc:
-            note(f"could not delete the {QUEUE} queue: {_first_line(exc)}")
+            note(f"could not delete the benchmark's queues: {first_line(exc)}")
 
     # -- database reads ------------------------------------------------------------------------
     def _scalar(self, sql: str, **params: Any) -> Any:
@@ -380,7 +346,7 @@ class Bench:
                                   "WHERE type = 'bench' GROUP BY 1 ORDER BY 1")).all()
         return ", ".join(f"{state}={n}" for state, n in rows) or "none"
 
-    # -- phases --------------------------------------------------------------------------------
+    # -- one batch of each peer ----------------------------------------------------------------
     def _start_many(self, n: int, start: Callable[[int], Any]) -> list[Any]:
         with ThreadPoolExecutor(self.args.threads) as pool:
             return list(pool.map(start, range(n)))
@@ -403,11 +369,11 @@ class Bench:
         assert last is not None
         return n / max(1e-6, (last - first).total_seconds())
 
-    def _raw_batch(self, n: int, timeout: float) -> float:
-        """Apply n chains; wait until each chain's last result is ready. Chains per second, first
-        apply to last `date_done`."""
+    def _chain_batch(self, n: int, timeout: float, make: Callable[[int], Any], what: str) -> float:
+        """Apply n chains made by `make(i)`; wait until each chain's last result is ready.
+        Chains per second, first apply to last `date_done`."""
         first = datetime.now(timezone.utc)
-        pending = self._start_many(n, lambda _: raw_chain(self.rt.celery).apply_async())
+        pending = self._start_many(n, lambda i: make(i).apply_async())
         self._started_in = (datetime.now(timezone.utc) - first).total_seconds()
         results = list(pending)
 
@@ -417,21 +383,43 @@ class Bench:
             return not pending
 
         try:
-            wait_for(all_ready, timeout=timeout, interval=0.2, what=f"{n} raw chains to finish",
+            wait_for(all_ready, timeout=timeout, interval=0.2, what=f"{n} {what} chains to finish",
                      check=self.check_processes)
         except BenchError as exc:
             states = sorted({r.state for r in pending[:20]})
             raise BenchError(f"{exc} ({len(pending)} not ready; states {', '.join(states)})") from None
         failed = [r for r in results if not r.successful()]
         if failed:
-            raise BenchError(f"{len(failed)} raw chains failed, e.g. {failed[0].result!r}")
+            raise BenchError(f"{len(failed)} {what} chains failed, e.g. {failed[0].result!r}")
         last = max(_utc(r.date_done) for r in results)  # type: ignore[type-var]
         return n / max(1e-6, (last - first).total_seconds())
 
+    def _maker(self, peer: str) -> Callable[[int], Any]:
+        from .handrolled import upsert_chain
+        from .plain_app import plain_chain
+
+        if peer == "raw":
+            return lambda _: raw_chain(self.rt.celery)
+        if peer == "upsert":
+            return lambda i: upsert_chain(self.rt.celery, f"{uuid.uuid4().hex}")
+        return lambda _: plain_chain(self.plain)
+
+    def batch(self, peer: str, n: int) -> float:
+        """One batch of n three-step runs of `peer`: runs per second."""
+        timeout = max(60.0, n * 0.5)
+        if peer == "engine":
+            return self._engine_batch(n, timeout)
+        if peer == "dbos":
+            assert self.dbos is not None
+            self._started_in = 0.0  # enqueued inside the DBOS process, not timed apart
+            return float(self.dbos.ask(timeout, op="throughput", n=n, threads=self.args.threads)["rate"])
+        return self._chain_batch(n, timeout, self._maker(peer), peer)
+
+    # -- phases --------------------------------------------------------------------------------
     def warm_up(self) -> None:
         """A few of each first, so every pool process has its connections and imports."""
-        self._engine_batch(WARMUP, timeout=60)
-        self._raw_batch(WARMUP, timeout=60)
+        for peer in PEERS:
+            self.batch(peer, WARMUP)
 
     def cpu_ticks(self) -> dict[str, dict[int, int]]:
         """CPU used so far by the worker (and its pool) and by this database's server backends."""
@@ -440,9 +428,9 @@ class Bench:
         assert self.worker is not None
         with self.admin.connect() as conn:
             backends = conn.execute(text("SELECT pid FROM pg_stat_activity WHERE datname = :d"),
-                                    {"d": self.database}).scalars().all()
-        return {"worker": {p: _cpu_ticks(p) for p in _descendants(self.worker.pid)},
-                "postgres": {p: _cpu_ticks(p) for p in backends}}
+                                    {"d": self.databases[0]}).scalars().all()
+        return {"worker": {p: cpu_ticks(p) for p in descendants(self.worker.pid)},
+                "postgres": {p: cpu_ticks(p) for p in backends}}
 
     def cpu_ms_since(self, before: dict[str, dict[int, int]], n: int) -> dict[str, float]:
         """CPU milliseconds per workflow since `before`, by kind of process."""
@@ -451,100 +439,208 @@ class Bench:
         return {kind: sum(max(0, t - before[kind].get(p, 0)) for p, t in after[kind].items()) * tick_ms / n
                 for kind in after}
 
-    def throughput(self) -> tuple[float, float, float, dict[str, float], dict[str, float]]:
+    def throughput(self) -> None:
         n = self.args.n
-        assert self.worker is not None
-        sampler = RssSampler(self.worker.pid)
-        sampler.start()
-        # Alternate engine and raw rounds and keep the medians, so a load change on the
-        # machine during the run hits both sides alike.
-        engine_rates, raw_rates, engine_cpus, raw_cpus = [], [], [], []
+        assert self.worker is not None and self.plain_worker is not None
+        samplers = {"engine": RssSampler(self.worker.pid), "plain": RssSampler(self.plain_worker.pid)}
+        for s in samplers.values():
+            s.start()
+        # Alternate the peers' rounds and keep the medians, so a load change on the machine
+        # during the run hits every side alike.
+        rates: dict[str, list[float]] = {p: [] for p in PEERS}
+        cpus: dict[str, list[dict[str, float]]] = {"engine": [], "raw": []}
         try:
             for r in range(1, self.args.rounds + 1):
-                note(f"(a) round {r}: engine, {n} workflows ...")
-                cpu = self.cpu_ticks()
-                engine_rates.append(self._engine_batch(n, timeout=max(60.0, n * 0.5)))
-                engine_cpus.append(self.cpu_ms_since(cpu, n))
-                note(f"    all started in {self._started_in:.2f}s, done in {n / engine_rates[-1]:.2f}s")
-                note(f"(b) round {r}: raw, {n} chains ...")
-                cpu = self.cpu_ticks()
-                raw_rates.append(self._raw_batch(n, timeout=max(60.0, n * 0.5)))
-                raw_cpus.append(self.cpu_ms_since(cpu, n))
-                note(f"    all applied in {self._started_in:.2f}s, done in {n / raw_rates[-1]:.2f}s")
+                for peer in PEERS:
+                    note(f"(a) round {r}: {peer}, {n} runs ...")
+                    cpu = self.cpu_ticks() if peer in cpus else None
+                    rates[peer].append(self.batch(peer, n))
+                    if cpu is not None:
+                        cpus[peer].append(self.cpu_ms_since(cpu, n))
+                    started = f" (all started in {self._started_in:.2f}s)" if self._started_in else ""
+                    note(f"    {rates[peer][-1]:.1f}/s{started}")
         finally:
-            sampler.stop()
+            for s in samplers.values():
+                s.stop()
+        self.results["rate"] = {p: statistics.median(v) for p, v in rates.items()}
+        self.results["rates"] = rates
+        self.results["cpu"] = {p: {k: statistics.median(s[k] for s in v) for k in v[0]} for p, v in cpus.items()}
+        self.results["rss"] = {p: s.peak_kib / 1024 for p, s in samplers.items()}
 
-        def median_cpu(samples: list[dict[str, float]]) -> dict[str, float]:
-            return {k: statistics.median(s[k] for s in samples) for k in samples[0]}
-
-        return (statistics.median(engine_rates), statistics.median(raw_rates), sampler.peak_kib / 1024,
-                median_cpu(engine_cpus), median_cpu(raw_cpus))
-
-    def latency(self) -> tuple[list[float], list[float]]:
+    def latency(self) -> None:
         from web import create_app
 
         n = self.args.latency_n
         client = create_app(self.rt).test_client()
         engine = self.rt.engine
-        note(f"(c) latency: {n} single workflows, then {n} single chains ...")
-        engine_ms: list[float] = []
+        note(f"(b) latency: {n} single runs of each ...")
+        ms: dict[str, list[float]] = {"engine": []}
         for _ in range(n):
             t0 = time.perf_counter()
             resp = client.post("/saga", json={"type": "bench", "input": {}})
             if resp.status_code != 201:
                 raise BenchError(f"POST /saga answered {resp.status_code}: {resp.get_data(as_text=True)}")
             instance_id = resp.json["id"]
-            wait_for(lambda: engine.snapshot(instance_id)["state"] == "done", timeout=30,
+            wait_for(lambda: engine.snapshot(instance_id, history=False)["state"] == "done", timeout=30,
                      interval=0.005, what=f"workflow {instance_id} to finish", check=self.check_processes)
-            engine_ms.append((time.perf_counter() - t0) * 1000)
-        raw_ms: list[float] = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            result = raw_chain(self.rt.celery).apply_async()
-            wait_for(result.ready, timeout=30, interval=0.005, what="a raw chain to finish",
-                     check=self.check_processes)
-            raw_ms.append((time.perf_counter() - t0) * 1000)
-        return engine_ms, raw_ms
+            ms["engine"].append((time.perf_counter() - t0) * 1000)
+        for peer in ("raw", "upsert"):
+            make = self._maker(peer)
+            ms[peer] = []
+            for i in range(n):
+                t0 = time.perf_counter()
+                result = make(i).apply_async()
+                wait_for(result.ready, timeout=30, interval=0.005, what=f"a {peer} chain to finish",
+                         check=self.check_processes)
+                ms[peer].append((time.perf_counter() - t0) * 1000)
+        assert self.dbos is not None
+        ms["dbos"] = self.dbos.ask(max(60.0, n * 2.0), op="latency", n=n)["ms"]
+        self.results["latency"] = ms
+
+    def parked(self) -> None:
+        from . import parked
+
+        assert self.worker is not None and self.sweeper is not None
+        self.results["parked"] = parked.measure(self.rt, self.worker.pid, self.sweeper.pid, self.args.parked,
+                                                self.args.threads, self.check_processes)
 
     def run(self) -> None:
         a = self.args
-        note(f"n={a.n} latency-n={a.latency_n} concurrency={a.concurrency} threads={a.threads}")
+        note(f"n={a.n} rounds={a.rounds} latency-n={a.latency_n} parked={a.parked} kafka-n={a.kafka_n} "
+             f"concurrency={a.concurrency} pool={a.pool} threads={a.threads}")
         started = time.monotonic()
         self.setup()
-        note(f"worker and sweeper up after {time.monotonic() - started:.1f}s; warming up ...")
+        note(f"workers, sweeper and DBOS up after {time.monotonic() - started:.1f}s; warming up ...")
         self.warm_up()
-        engine_rate, raw_rate, peak_mib, engine_cpu, raw_cpu = self.throughput()
-        engine_ms, raw_ms = self.latency()
+        self.throughput()
+        self.latency()
+        if self.dbos is not None:
+            self.dbos.close()  # its work is done: its polling must not load the parked phase
+            self.dbos = None
+        if a.parked:
+            self.parked()
         note(f"done in {time.monotonic() - started:.1f}s")
-        print(f"engine   3-step workflows/s   {engine_rate:7.1f}")
-        print(f"raw      3-step chains/s      {raw_rate:7.1f}")
-        print(f"ratio    engine/raw           {engine_rate / raw_rate:7.2f}")
-        print(f"latency  POST /saga -> done   median {statistics.median(engine_ms):.1f} ms  "
-              f"p95 {percentile(engine_ms, 95):.1f} ms   (raw chain: median "
-              f"{statistics.median(raw_ms):.1f} ms p95 {percentile(raw_ms, 95):.1f} ms)")
-        print(f"cpu      per workflow         worker {engine_cpu['worker']:.1f} ms  postgres "
-              f"{engine_cpu['postgres']:.1f} ms   (raw chain: worker {raw_cpu['worker']:.1f} ms)")
-        print(f"worker   peak RSS             {peak_mib:7.1f} MiB")
+
+
+# -- report ------------------------------------------------------------------------------------
+def _lat(ms: list[float]) -> str:
+    return f"median {statistics.median(ms):6.1f} ms  p95 {percentile(ms, 95):6.1f} ms"
+
+
+def report(res: dict[str, Any], args: argparse.Namespace) -> list[Row]:
+    """Print every figure beside its peer; the rows of the closing table."""
+    rate, lat = res["rate"], res["latency"]
+    names = {"engine": "engine workflow", "raw": "raw Celery chain", "upsert": "hand-rolled upsert chain",
+             "plain": "raw chain, plain worker", "dbos": "DBOS Transact workflow"}
+    print(f"throughput (3 steps, median of {args.rounds} alternating rounds of {args.n}; runs/s)")
+    for p in PEERS:
+        rounds = " ".join(f"{x:.1f}" for x in res["rates"][p])
+        print(f"  {names[p]:<26} {rate[p]:8.1f}   (rounds: {rounds})")
+    print(f"latency (single runs, {args.latency_n} each; start -> done)")
+    for p in ("engine", "raw", "upsert", "dbos"):
+        print(f"  {names[p]:<26} {_lat(lat[p])}")
+    cpu = res["cpu"]
+    print(f"cpu per workflow: engine worker {cpu['engine']['worker']:.1f} ms, postgres "
+          f"{cpu['engine']['postgres']:.1f} ms; raw chain worker {cpu['raw']['worker']:.1f} ms")
+    print(f"worker peak RSS: engine {res['rss']['engine']:.1f} MiB, plain Celery {res['rss']['plain']:.1f} MiB "
+          f"(pool {args.pool}, concurrency {args.concurrency})")
+
+    def med(p: str) -> float:
+        return statistics.median(lat[p])
+
+    def p95(p: str) -> float:
+        return percentile(lat[p], 95)
+
+    rows = []
+
+    def row(label: str, ours: str, peer: str, check: tuple[str, str, bool] | None, target: str = "-") -> None:
+        ratio, tgt, holds = check if check else ("-", target, None)
+        rows.append(Row(label, ours, peer, ratio, tgt, holds))
+
+    row(ROWS[0], f"{rate['engine']:.1f}/s", f"{rate['raw']:.1f}/s", at_least(rate["engine"] / rate["raw"], 0.9))
+    row(ROWS[1], f"{med('engine'):.1f} ms", f"{med('raw'):.1f} ms", at_most(med("engine") / med("raw"), 1.5))
+    row(ROWS[2], f"{p95('engine'):.1f} ms", f"{p95('raw'):.1f} ms", at_most(p95("engine") / p95("raw"), 2.0))
+    row(ROWS[3], f"{rate['engine']:.1f}/s", f"{rate['dbos']:.1f}/s", at_least(rate["engine"] / rate["dbos"], 2.5))
+    row(ROWS[4], f"{med('engine'):.1f} ms", f"{med('dbos'):.1f} ms", None)
+    rows[-1].ratio = f"{med('engine') / med('dbos'):.2f}x"
+    row(ROWS[5], f"{rate['engine']:.1f}/s", f"{rate['upsert']:.1f}/s", at_least(rate["engine"] / rate["upsert"], 1.0))
+    row(ROWS[6], f"{res['rss']['engine']:.0f} MiB", f"{res['rss']['plain']:.0f} MiB",
+        at_most(res["rss"]["engine"] / res["rss"]["plain"], 1.2))
+    parked = res.get("parked")
+    if parked is not None:
+        growth = parked.worker_mib + parked.sweeper_mib
+        print(f"parked: {parked.n} workflows; RSS growth worker {parked.worker_mib:+.1f} MiB, sweeper "
+              f"{parked.sweeper_mib:+.1f} MiB; {parked.n} timers due at once fired in {parked.fire_seconds:.2f}s "
+              f"({parked.timers_per_second:.0f} timers/s)")
+        rows.append(Row(ROWS[7], f"{growth:+.1f} MiB ({parked.n} parked)",
+                        f"worker {parked.worker_mib:+.1f}, sweeper {parked.sweeper_mib:+.1f}", "-",
+                        "< 50 MB", growth * 1.048576 < 50))
+        row(ROWS[8], f"{parked.timers_per_second:.0f} timers/s", f"{parked.n} in {parked.fire_seconds:.1f}s", None)
+    else:
+        rows.append(Row(ROWS[7], "skipped", "-", "-", "< 50 MB", None))
+        rows.append(Row(ROWS[8], "skipped", "-", "-", "-", None))
+    return rows
+
+
+def kafka_row(n: int) -> Row:
+    """The Kafka intake figures (bench/kafka_intake.py), printed, and their row of the table."""
+    if not n:
+        return Row(ROWS[9], "skipped", "-", "-", ">= 5000 events/s", None)
+    from .kafka_intake import measure
+
+    note(f"(g) Kafka intake: {n} events ...")
+    k = measure(n)
+    relay = k.get("relay") or k.get("relay_produce")
+    print(f"kafka: bridge intake {k['bridge']:.1f} events/s; raw consume {k['consume']:.0f}/s, raw produce "
+          f"{k['produce']:.0f}/s" + (f"; outbox relay produce {relay:.0f}/s" if relay else ""))
+    peer = f"raw consume {k['consume']:.0f}/s" + (f", relay {relay:.0f}/s" if relay else "")
+    return Row(ROWS[9], f"{k['bridge']:.0f} events/s", peer, f"{k['bridge'] / k['consume']:.4f}x",
+               ">= 5000 events/s", k["bridge"] >= 5000)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=300, help="workflows (and chains) for throughput (300)")
-    p.add_argument("--latency-n", type=int, default=30, help="single workflows for latency (30)")
-    p.add_argument("--concurrency", type=int, default=4, help="worker pool processes (4)")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run: 1 round of 30, 5 latency runs, 200 parked, 200 Kafka events")
+    p.add_argument("--n", type=int, default=None, help="runs of each peer per throughput round (300)")
+    p.add_argument("--latency-n", type=int, default=None, help="single runs of each peer for latency (30)")
+    p.add_argument("--rounds", type=int, default=None, help="alternating rounds of every peer; medians (3)")
+    p.add_argument("--parked", type=int, default=None, help="workflows parked on timers and signals (10000; 0 skips)")
+    p.add_argument("--kafka-n", type=int, default=None, help="events for the Kafka intake figures (2000; 0 skips)")
+    p.add_argument("--concurrency", type=int, default=4, help="worker pool processes, both workers (4)")
     p.add_argument("--pool", default="prefork", choices=("prefork", "threads"),
-                   help="worker pool, the same for both sides (prefork)")
-    p.add_argument("--rounds", type=int, default=3, help="alternating engine/raw rounds; medians (3)")
-    p.add_argument("--threads", type=int, default=4, help="threads starting workflows (4)")
-    p.add_argument("--kafka-n", type=int, default=2000, help="events for the Kafka intake figures (2000; 0 skips)")
+                   help="worker pool, the same for both workers (prefork)")
+    p.add_argument("--threads", type=int, default=4, help="threads starting runs (4)")
     args = p.parse_args(argv)
+    defaults = (dict(n=30, latency_n=5, rounds=1, parked=200, kafka_n=200) if args.quick
+                else dict(n=300, latency_n=30, rounds=3, parked=10000, kafka_n=2000))
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.kafka_n < 0 or args.kafka_n == 1:
         p.error("--kafka-n must be 0 (skip) or at least 2")
+    if args.parked < 0 or args.parked == 1:
+        p.error("--parked must be 0 (skip) or at least 2")
     for name in ("n", "latency_n", "concurrency", "threads", "rounds"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
+
+
+def machine() -> str:
+    """CPU model and count, memory: the line the table is quoted with."""
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+        mem_kib = int(next(x for x in Path("/proc/meminfo").read_text().splitlines()
+                           if x.startswith("MemTotal")).split()[1])
+    except (OSError, StopIteration, ValueError):
+        mem_kib = 0
+    return f"{os.cpu_count()} x {model}, {mem_kib / 1024 / 1024:.0f} GiB RAM"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -575,11 +671,17 @@ def main(argv: list[str] | None = None) -> None:
         code = 130
     finally:
         bench.teardown()
-    if code == 0 and args.kafka_n:
-        from bench.kafka_intake import report
-
-        report(args.kafka_n)
-    sys.exit(code)
+    if code:
+        sys.exit(code)
+    rows = report(bench.results, args)
+    try:
+        rows.append(kafka_row(args.kafka_n))
+    except Exception as exc:  # the other figures still stand; the row says why this one is missing
+        note(f"Kafka intake failed: {first_line(exc)}")
+        rows.append(Row(ROWS[9], "failed", first_line(exc)[:60], "-", ">= 5000 events/s", False))
+    print()
+    print(f"{datetime.now(timezone.utc):%Y-%m-%d} on {machine()}")
+    print(render(rows))
 
 
 if __name__ == "__main__":

@@ -11,11 +11,14 @@ from orchestrator.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
+#: Timers fired per pass; a pass that fired this many goes again at once (more are due).
+TIMERS_PER_PASS = 1000
+
 
 def sweep_once(rt: Runtime) -> dict[str, int]:
     return {
         "published": rt.relay.publish(),
-        "timers": rt.engine.fire_due_timers(),
+        "timers": rt.engine.fire_due_timers(limit=TIMERS_PER_PASS),
         "leases": rt.engine.redispatch_expired_leases(),
         # At most about one sweep interval of a bulk operation's items per pass, at its rate.
         "bulk": bulk.drive(rt.engine, budget=max(rt.settings.sweep_interval, 0.5),
@@ -34,4 +37,5 @@ def run(rt: Runtime, stop: threading.Event) -> None:
             log.exception("sweep failed")
             stop.wait(min(5.0, rt.settings.sweep_interval * 5))
             continue
-        stop.wait(rt.settings.sweep_interval)
+        if counts["timers"] < TIMERS_PER_PASS:
+            stop.wait(rt.settings.sweep_interval)
