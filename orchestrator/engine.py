@@ -59,6 +59,45 @@ RUN_COLUMNS = tuple(c.name for c in RUNS.c)
 CLAIM_SQL = (f"SELECT {', '.join('i.' + c for c in INSTANCE_COLUMNS)}, {', '.join('r.' + c for c in RUN_COLUMNS)} "
              "FROM workflow_instances i LEFT JOIN step_runs r ON r.instance_id = i.id WHERE i.id = $1")
 
+# The claim upsert (Engine._take_claim): PostgreSQL's prepared text, and a Core statement per
+# dialect built once (building it costs more than running it).
+_CLAIM_KEYS = ("instance_id", "step", "task", "branch", "attempt", "dispatch", "claimed_at")
+_NEWER = "step_claims.attempt < excluded.attempt OR (step_claims.attempt = excluded.attempt AND " \
+         "step_claims.dispatch {} excluded.dispatch)"
+_CLAIM_UPSERT_SQL = {
+    takeover: ("INSERT INTO step_claims (instance_id, step, task, branch, attempt, dispatch, claimed_at) "
+               "VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (instance_id, step, task, branch) DO UPDATE "
+               "SET attempt = excluded.attempt, dispatch = excluded.dispatch, claimed_at = excluded.claimed_at "
+               f"WHERE {_NEWER.format('<=' if takeover else '<')} RETURNING step_claims.attempt")
+    for takeover in (False, True)}
+# A row run locally is sent as far as the relay is concerned ($8 now, $9 its message id).
+_MARK_SENT_SQL = ("UPDATE outbox SET sent_at = $8, publish_attempts = publish_attempts + 1 "
+                  "WHERE message_id = $9 AND sent_at IS NULL")
+_MARK_SENT = (update(OUTBOX).where(OUTBOX.c.message_id == bindparam("message_id"), OUTBOX.c.sent_at.is_(None))
+              .values(sent_at=bindparam("now"), publish_attempts=OUTBOX.c.publish_attempts + 1))
+_CLAIM_UPSERTS: dict[tuple[str, bool], Any] = {}
+
+
+def _claim_upsert(dialect: str, takeover: bool) -> Any:
+    stmt = _CLAIM_UPSERTS.get((dialect, takeover))
+    if stmt is None:
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        c = CLAIMS.c
+        stmt = insert(CLAIMS).values({k: bindparam(k) for k in _CLAIM_KEYS})
+        new = stmt.excluded
+        newer = or_(c.attempt < new.attempt, and_(c.attempt == new.attempt, c.dispatch < new.dispatch))
+        if takeover:
+            newer = or_(newer, and_(c.attempt == new.attempt, c.dispatch == new.dispatch))
+        stmt = _CLAIM_UPSERTS[(dialect, takeover)] = stmt.on_conflict_do_update(
+            index_elements=[c.instance_id, c.step, c.task, c.branch],
+            set_={"attempt": new.attempt, "dispatch": new.dispatch, "claimed_at": new.claimed_at},
+            where=newer).returning(c.attempt)
+    return stmt
+
+
 #: (instance values, [step row values]) as read by the claim
 Basis = tuple[dict[str, Any], list[dict[str, Any]]]
 
@@ -180,6 +219,7 @@ class UnitOfWork:
         self.runs: dict[str, dict[str, Record]] = {}  # every step row of a loaded instance
         self.history: list[Record] = []
         self.outbox: list[Record] = []
+        self.kept: list[Record] = []  # outbox rows its caller runs locally (Engine.unit_of_work)
         self.basis = basis
 
     def execute(self, statement: Any, params: dict[str, Any] | None = None) -> Any:
@@ -280,15 +320,26 @@ class Engine:
 
     # -- transactions --------------------------------------------------------------------------
     @contextmanager
-    def unit_of_work(self, basis: Basis | None = None) -> Iterator[UnitOfWork]:
+    def unit_of_work(self, basis: Basis | None = None,
+                     keep: "Callable[[Record], bool] | None" = None) -> Iterator[UnitOfWork]:
+        """One transaction; its outbox rows are handed to the relay after commit. `keep` picks
+        (at most) one committed row its caller runs itself instead (`uow.kept`, a local
+        continuation): that row is not relayed now, and stays unsent until its run claims it, so
+        a crash before then leaves it to the sweeper."""
         with self.sessions() as session:
             with session.begin():
                 uow = UnitOfWork(session, basis)
                 yield uow
                 uow.writes.flush(session.connection(), self.prepare)
-        if uow.outbox and self.relay is not None:
+        outbox = uow.outbox
+        if keep is not None:
+            kept = next((r for r in outbox if keep(r)), None)
+            if kept is not None:
+                uow.kept = [kept]
+                outbox = [r for r in outbox if r is not kept]
+        if outbox and self.relay is not None:
             try:
-                self.relay(uow.outbox)
+                self.relay(outbox)
             except Exception:  # the sweeper publishes what the kick could not
                 log.warning("relay after commit failed; the sweeper will publish", exc_info=True)
 
@@ -702,39 +753,40 @@ class Engine:
                            restarts=run["restarts"], settings=self.settings, engine=self,
                            basis=(instance, runs), dispatch=dispatch, token=token)
 
-    def take_claim(self, ctx: StepContext, task: str = "", redelivered: bool = False) -> bool:
+    def take_claim(self, ctx: StepContext, task: str = "", redelivered: bool = False,
+                   message_id: str | None = None) -> bool:
         """Make this delivery the only one to run this dispatch of the step: copies of one
         outbox row delivered at once would otherwise both call out. False: another delivery
         holds it (or a newer dispatch was claimed), do nothing. `redelivered` (the broker gave
         back a message whose consumer died) takes over the claim of the same dispatch, since
-        its holder is gone. `task`: the task running, so each link of a chain claims its own."""
+        its holder is gone. `task`: the task running, so each link of a chain claims its own.
+        `message_id`: the outbox row a local continuation runs (never published); it is marked
+        sent in the claim's transaction, so the sweeper does not send it too."""
         return self._take_claim(ctx.instance_id, ctx.step, task, ctx.branch, ctx.attempt, ctx.dispatch,
-                                redelivered)
+                                redelivered, message_id)
 
     def _take_claim(self, instance_id: str, step: str, task: str, branch: int | None, attempt: int,
-                    dispatch: int, takeover: bool) -> bool:
+                    dispatch: int, takeover: bool, message_id: str | None = None) -> bool:
         """INSERT .. ON CONFLICT DO UPDATE .. WHERE the stored claim is older: atomic on both
         databases (a concurrent second upsert waits for the first and then finds it not older).
-        Not part of the instance's version: a report on the claim's basis still writes."""
-        if self.reads.dialect.name == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert
-        else:
-            from sqlalchemy.dialects.sqlite import insert
-        c = CLAIMS.c
-        stmt = insert(CLAIMS).values(instance_id=instance_id, step=step, task=task,
-                                     branch=-1 if branch is None else branch,
-                                     attempt=attempt, dispatch=dispatch, claimed_at=utcnow())
-        new = stmt.excluded
-        newer = or_(c.attempt < new.attempt, and_(c.attempt == new.attempt, c.dispatch < new.dispatch))
-        if takeover:
-            newer = or_(newer, and_(c.attempt == new.attempt, c.dispatch == new.dispatch))
-        stmt = stmt.on_conflict_do_update(index_elements=[c.instance_id, c.step, c.task, c.branch],
-                                          set_={"attempt": new.attempt, "dispatch": new.dispatch,
-                                                "claimed_at": new.claimed_at},
-                                          where=newer).returning(c.attempt)
+        Not part of the instance's version: a report on the claim's basis still writes.
+        On PostgreSQL one prepared statement (with the outbox mark, if any, in a CTE)."""
+        now = utcnow()
+        values = [instance_id, step, task, -1 if branch is None else branch, attempt, dispatch, now]
         try:
+            if self.prepare:
+                sql = _CLAIM_UPSERT_SQL[takeover]
+                if message_id is not None:
+                    sql = f"WITH c AS ({sql}), m AS ({_MARK_SENT_SQL}) SELECT attempt FROM c"
+                    values += [now, message_id]
+                with self.reads.begin() as conn:
+                    return execute_prepared(conn, sql, values).first() is not None
             with self.reads.begin() as conn:
-                return conn.execute(stmt).first() is not None
+                taken = conn.execute(_claim_upsert(self.reads.dialect.name, takeover),
+                                     dict(zip(_CLAIM_KEYS, values))).first() is not None
+                if message_id is not None:
+                    conn.execute(_MARK_SENT, {"now": now, "message_id": message_id})
+                return taken
         except IntegrityError:  # the instance was deleted meanwhile
             return False
 
@@ -799,23 +851,30 @@ class Engine:
                       due_at=utcnow() + timedelta(seconds=poll.after))
 
     def step_succeeded(self, instance_id: str, step: str, attempt: int, done: Done,
-                       branch: int | None = None, actor: str = "worker", basis: Basis | None = None) -> None:
-        """Fire the step's event (a branch's: count it, and fire the join when all are in)."""
-        self._report(basis, lambda uow: self._succeed(uow, instance_id, step, attempt, done, branch, actor))
+                       branch: int | None = None, actor: str = "worker", basis: Basis | None = None,
+                       keep: Callable[[Record], bool] | None = None) -> list[Record]:
+        """Fire the step's event (a branch's: count it, and fire the join when all are in).
+        `keep` (see `unit_of_work`) picks the successor's message its caller runs locally; the
+        rows kept are returned."""
+        return self._report(basis, lambda uow: self._succeed(uow, instance_id, step, attempt, done, branch, actor),
+                            keep)
 
-    def _report(self, basis: Basis | None, work: Callable[[UnitOfWork], None]) -> None:
+    def _report(self, basis: Basis | None, work: Callable[[UnitOfWork], None],
+                keep: Callable[[Record], bool] | None = None) -> list[Record]:
         """A step's report, written on `basis` (what the step read when it was claimed) without
-        the lock if the instance has not changed since, else again under the lock."""
+        the lock if the instance has not changed since, else again under the lock. The outbox
+        rows `keep` chose are returned (see `unit_of_work`)."""
         if basis is not None:
             try:
-                with self.unit_of_work(basis) as uow:
+                with self.unit_of_work(basis, keep) as uow:
                     work(uow)
-                return
+                return uow.kept
             except StaleBasis:
                 log.debug("instance %s changed since its step was claimed; reporting under the lock",
                           basis[0]["id"])
-        with self.unit_of_work() as uow:
+        with self.unit_of_work(keep=keep) as uow:
             work(uow)
+        return uow.kept
 
     def _succeed(self, uow: UnitOfWork, instance_id: str, step: str, attempt: int, done: Done,
                  branch: int | None, actor: str) -> None:
