@@ -73,7 +73,7 @@ _CLAIM_UPSERT_SQL = {
 # A row run locally is sent as far as the relay is concerned ($8 now, $9 its message id).
 _MARK_SENT_SQL = ("UPDATE outbox SET sent_at = $8, publish_attempts = publish_attempts + 1 "
                   "WHERE message_id = $9 AND sent_at IS NULL")
-_MARK_SENT = (update(OUTBOX).where(OUTBOX.c.message_id == bindparam("message_id"), OUTBOX.c.sent_at.is_(None))
+_MARK_SENT = (update(OUTBOX).where(OUTBOX.c.message_id == bindparam("row"), OUTBOX.c.sent_at.is_(None))
               .values(sent_at=bindparam("now"), publish_attempts=OUTBOX.c.publish_attempts + 1))
 _CLAIM_UPSERTS: dict[tuple[str, bool], Any] = {}
 
@@ -785,7 +785,7 @@ class Engine:
                 taken = conn.execute(_claim_upsert(self.reads.dialect.name, takeover),
                                      dict(zip(_CLAIM_KEYS, values))).first() is not None
                 if message_id is not None:
-                    conn.execute(_MARK_SENT, {"now": now, "message_id": message_id})
+                    conn.execute(_MARK_SENT, {"now": now, "row": message_id})
                 return taken
         except IntegrityError:  # the instance was deleted meanwhile
             return False

@@ -86,3 +86,43 @@ def test_worker_killed_between_commit_and_local_successor_completes_once(client,
     assert [h["event"] for h in saga["history"]] == ["create", "start", "neared", "nexted", "fared"]
     out = _outputs(saga)
     assert out["next"]["worker"].startswith(rescuer.name + "@"), out
+
+
+def test_on_sqlite_with_the_embedded_broker_only_the_first_step_crosses_the_broker(env, rt, tmp_path):
+    """The embedded defaults (`make run`): SQLite state, kombu's SQLite broker. Each `hops`
+    instance puts two messages on the broker (its first step, and `far` for the other worker);
+    `next` runs in the delivery of `near`."""
+    import json
+
+    from sqlalchemy import create_engine
+
+    from conftest import engine_on
+    from orchestrator.migrate import upgrade
+
+    url = f"sqlite:///{tmp_path}/orchestrator.db"
+    broker = f"sqla+sqlite:///{tmp_path}/broker.db"
+    upgrade(url)
+    sqlite_env = {**env, "DATABASE_URL": url, "CELERY_BROKER_URL": broker, "LOG_LEVEL": "INFO"}
+    procs = [Process(f"lc-near{uuid.uuid4().hex[:4]}", ["worker", "--concurrency", "2", "--name", "lc-near@%h"], sqlite_env).start(),
+             Process(f"lc-far{uuid.uuid4().hex[:4]}", ["worker", "--concurrency", "1", "--queues", "hops-far", "--name", "lc-far@%h"],
+                     sqlite_env).start(),
+             Process("lc-sweeper", ["sweeper"], sqlite_env).start()]
+    try:
+        with engine_on(rt.settings, url) as engine:
+            ids = [engine.start("hops", {})[0]["id"] for _ in range(3)]
+            for instance_id in ids:
+                wait_for(lambda: engine.snapshot(instance_id, history=False)["state"] == "done", timeout=90,
+                         what=f"hops {instance_id} on SQLite")
+                out = {s["name"]: s["data"]["output"] for s in engine.snapshot(instance_id)["steps"]}
+                assert out["next"]["delivery"] == out["near"]["delivery"] != out["far"]["delivery"], out
+                assert _effects(instance_id) == {"near": 1, "next": 1, "far": 1}
+    finally:
+        for p in procs:
+            p.stop()
+    db = create_engine(broker.removeprefix("sqla+"))
+    try:
+        with db.connect() as conn:
+            sent = [json.loads(p)["headers"]["task"] for p in conn.execute(text("SELECT payload FROM kombu_message")).scalars()]
+    finally:
+        db.dispose()
+    assert sorted(sent) == sorted(["hops.step", "hops.far"] * 3), sent
