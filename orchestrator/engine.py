@@ -98,6 +98,11 @@ def _claim_upsert(dialect: str, takeover: bool) -> Any:
     return stmt
 
 
+# A local continuation's claim (Engine.claim_successor): the claim, the outbox mark and the read
+# in one statement; the first column says whether the claim was taken.
+CLAIM_SUCCESSOR_SQL = (f"WITH c AS ({_CLAIM_UPSERT_SQL[False]}), m AS ({_MARK_SENT_SQL}) "
+                       f"SELECT (SELECT count(*) FROM c), {CLAIM_SQL.removeprefix('SELECT ')}")
+
 #: (instance values, [step row values]) as read by the claim
 Basis = tuple[dict[str, Any], list[dict[str, Any]]]
 
@@ -209,6 +214,19 @@ class Poll:
     data: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Successor:
+    """A step message its writer runs itself (a local continuation, `Engine.unit_of_work`): its
+    outbox row's message id, and the dispatch of the step it carries (`Engine.claim_successor`)."""
+
+    message_id: str
+    task: str
+    instance_id: str
+    step: str
+    attempt: int
+    dispatch: int
+
+
 class UnitOfWork:
     """One transaction. Rows read here are Records, written when it ends (orchestrator/rows.py);
     outbox rows added here are relayed right after commit."""
@@ -219,7 +237,7 @@ class UnitOfWork:
         self.runs: dict[str, dict[str, Record]] = {}  # every step row of a loaded instance
         self.history: list[Record] = []
         self.outbox: list[Record] = []
-        self.kept: list[Record] = []  # outbox rows its caller runs locally (Engine.unit_of_work)
+        self.kept: list[Successor] = []  # step messages its caller runs itself (Engine.unit_of_work)
         self.basis = basis
 
     def execute(self, statement: Any, params: dict[str, Any] | None = None) -> Any:
@@ -323,9 +341,10 @@ class Engine:
     def unit_of_work(self, basis: Basis | None = None,
                      keep: "Callable[[Record], bool] | None" = None) -> Iterator[UnitOfWork]:
         """One transaction; its outbox rows are handed to the relay after commit. `keep` picks
-        (at most) one committed row its caller runs itself instead (`uow.kept`, a local
-        continuation): that row is not relayed now, and stays unsent until its run claims it, so
-        a crash before then leaves it to the sweeper."""
+        (at most) one committed step message (one task: `{"task": [name, [instance, step,
+        attempt]]}`) its caller runs itself instead (`uow.kept`, a local continuation): that row
+        is not relayed now, and stays unsent until its run claims it (`claim_successor`), so a
+        crash before then leaves it to the sweeper."""
         with self.sessions() as session:
             with session.begin():
                 uow = UnitOfWork(session, basis)
@@ -335,8 +354,11 @@ class Engine:
         if keep is not None:
             kept = next((r for r in outbox if keep(r)), None)
             if kept is not None:
-                uow.kept = [kept]
-                outbox = [r for r in outbox if r is not kept]
+                task, (instance_id, step, attempt) = kept.payload["task"]
+                run = uow.runs.get(instance_id, {}).get(step)
+                if run is not None and run.attempt == attempt:
+                    uow.kept = [Successor(kept.message_id, task, instance_id, step, attempt, run.dispatches)]
+                    outbox = [r for r in outbox if r is not kept]
         if outbox and self.relay is not None:
             try:
                 self.relay(outbox)
@@ -731,6 +753,31 @@ class Engine:
                 rows = execute_prepared(conn, CLAIM_SQL, [instance_id]).all()
             else:
                 rows = conn.execute(CLAIM, {"id": instance_id}).all()
+        return self._step_context(instance_id, step, attempt, branch, rows)
+
+    def claim_successor(self, successor: Successor) -> StepContext | None:
+        """`claim_step` and `take_claim` for a local continuation, whose dispatch is known: on
+        PostgreSQL one prepared statement claims it, marks its outbox row sent and reads the
+        basis (one snapshot). None: stale, or another delivery holds the claim."""
+        s = successor
+        if not self.prepare:
+            ctx = self.claim_step(s.instance_id, s.step, s.attempt)
+            return ctx if ctx is not None and self.take_claim(ctx, s.task, message_id=s.message_id) else None
+        now = utcnow()
+        try:
+            with self.reads.begin() as conn:
+                rows = execute_prepared(conn, CLAIM_SUCCESSOR_SQL, [s.instance_id, s.step, s.task, -1, s.attempt,
+                                                                    s.dispatch, now, now, s.message_id]).all()
+        except IntegrityError:  # the instance was deleted meanwhile
+            return None
+        if not rows or not rows[0][0]:
+            return None
+        ctx = self._step_context(s.instance_id, s.step, s.attempt, None, [row[1:] for row in rows])
+        return ctx if ctx is not None and ctx.dispatch == s.dispatch else None
+
+    def _step_context(self, instance_id: str, step: str, attempt: int, branch: int | None,
+                      rows: Any) -> StepContext | None:
+        """The StepContext from the claim's rows (instance columns, then step row columns)."""
         if not rows:
             return None
         k = len(INSTANCE_COLUMNS)
@@ -852,15 +899,15 @@ class Engine:
 
     def step_succeeded(self, instance_id: str, step: str, attempt: int, done: Done,
                        branch: int | None = None, actor: str = "worker", basis: Basis | None = None,
-                       keep: Callable[[Record], bool] | None = None) -> list[Record]:
+                       keep: Callable[[Record], bool] | None = None) -> list[Successor]:
         """Fire the step's event (a branch's: count it, and fire the join when all are in).
         `keep` (see `unit_of_work`) picks the successor's message its caller runs locally; the
-        rows kept are returned."""
+        successors kept are returned."""
         return self._report(basis, lambda uow: self._succeed(uow, instance_id, step, attempt, done, branch, actor),
                             keep)
 
     def _report(self, basis: Basis | None, work: Callable[[UnitOfWork], None],
-                keep: Callable[[Record], bool] | None = None) -> list[Record]:
+                keep: Callable[[Record], bool] | None = None) -> list[Successor]:
         """A step's report, written on `basis` (what the step read when it was claimed) without
         the lock if the instance has not changed since, else again under the lock. The outbox
         rows `keep` chose are returned (see `unit_of_work`)."""

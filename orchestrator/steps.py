@@ -36,7 +36,7 @@ from celery import shared_task
 from celery.signals import task_failure
 
 from . import logs, runtime, tracing
-from .engine import Await, Done, Poll, StepContext
+from .engine import Await, Done, Poll, StepContext, Successor
 from .errors import InvalidInput, UpstreamError
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class Continuation:
     def __init__(self, tasks: Mapping[str, StepFunction], steps: int) -> None:
         self.tasks = tasks
         self.left = steps
-        self.next: Any = None  # the outbox row (a Record) to run next
+        self.next: Successor | None = None  # the step to run next
 
     _per_app: dict[int, Mapping[str, StepFunction]] = {}
 
@@ -115,17 +115,17 @@ class Continuation:
         """Run the kept successors one after the other, each in this process. An error leaves
         the rest to the sweeper (a row not claimed yet) or the step's lease (one claimed)."""
         while self.next is not None:
-            row, self.next = self.next, None
+            successor, self.next = self.next, None
             self.left -= 1
-            name, (instance_id, step, attempt) = row.payload["task"]
+            s = successor
             try:
-                outcome = execute_step(engine, name, self.tasks[name], instance_id, step, attempt,
-                                       message_id=row.message_id, continuation=self)
+                outcome = execute_step(engine, s.task, self.tasks[s.task], s.instance_id, s.step, s.attempt,
+                                       successor=s, continuation=self)
             except Exception:
                 log.exception("step %s of %s, run locally, failed; its message or lease delivers it again",
-                              step, instance_id)
+                              s.step, s.instance_id)
                 return
-            log.info("step %s (attempt %d, run locally): %s", step, attempt, outcome)
+            log.info("step %s (attempt %d, run locally): %s", s.step, s.attempt, outcome)
 
 
 def local_step_tasks(app: Any) -> dict[str, StepFunction]:
@@ -145,19 +145,24 @@ def local_step_tasks(app: Any) -> dict[str, StepFunction]:
 
 
 def execute_step(engine: Any, name: str, fn: StepFunction, instance_id: str, step: str, attempt: int,
-                 branch: int | None = None, redelivered: bool = False, *, message_id: str | None = None,
+                 branch: int | None = None, redelivered: bool = False, *, successor: Successor | None = None,
                  continuation: Continuation | None = None) -> str:
     """Claim the step, run `fn` once, report its one outcome to `engine`: the body of every step
     task, also run in-process by the engine's own tests. Returns what happened ("done",
     "waiting", "awaiting", "continued", "failed: ...", "skipped: ...").
 
-    `message_id`: the outbox row this run takes the place of (a local continuation); the claim
-    marks it sent. `continuation`: keeps the successor's row, if this worker runs it, in
-    `continuation.next` instead of publishing it."""
+    `successor`: the step message this run takes the place of (a local continuation); its claim
+    marks the outbox row sent. `continuation`: keeps the successor's message, if this worker
+    runs it, in `continuation.next` instead of publishing it."""
     # the Celery task's span (its instrumentation continues the trace from the message headers)
     tracing.annotate({**tracing.workflow_attributes(instance_id, step=step, attempt=attempt), "workflow.branch": branch})
-    ctx = engine.claim_step(instance_id, step, attempt, branch)
-    if ctx is None or not engine.take_claim(ctx, name, redelivered, message_id):
+    if successor is not None:
+        ctx = engine.claim_successor(successor)
+    else:
+        ctx = engine.claim_step(instance_id, step, attempt, branch)
+        if ctx is not None and not engine.take_claim(ctx, name, redelivered):
+            ctx = None
+    if ctx is None:
         return "skipped: stale or duplicate delivery"
     if ctx.basis is not None:
         tracing.annotate(tracing.workflow_attributes(instance_id, ctx.basis[0].get("type"),
