@@ -119,8 +119,11 @@ class Continuation:
             self.left -= 1
             s = successor
             try:
-                outcome = execute_step(engine, s.task, self.tasks[s.task], s.instance_id, s.step, s.attempt,
-                                       successor=s, continuation=self)
+                # a span of its own in the delivery's trace, as its own delivery would have had
+                with tracing.span(f"step {s.task} (run locally)",
+                                  tracing.workflow_attributes(s.instance_id, step=s.step, attempt=s.attempt)):
+                    outcome = execute_step(engine, s.task, self.tasks[s.task], s.instance_id, s.step, s.attempt,
+                                           successor=s, continuation=self)
             except Exception:
                 log.exception("step %s of %s, run locally, failed; its message or lease delivers it again",
                               s.step, s.instance_id)
