@@ -40,6 +40,9 @@ from .workflow import ItemFailed, Registry, Step, Workflow
 log = logging.getLogger(__name__)
 
 ACTIVE = tuple(s.value for s in ACTIVE_STEP_STATUSES)
+#: The outbox channel of a step message its writer runs itself (a local continuation); the relay
+#: publishes it like a "celery" row when it is still unsent after the grace period.
+LOCAL = "local"
 RUNS: Table = StepRun.__table__  # type: ignore[assignment]
 TIMERS: Table = Timer.__table__  # type: ignore[assignment]
 HISTORY: Table = HistoryEntry.__table__  # type: ignore[assignment]
@@ -341,29 +344,37 @@ class Engine:
     def unit_of_work(self, basis: Basis | None = None,
                      keep: "Callable[[Record], bool] | None" = None) -> Iterator[UnitOfWork]:
         """One transaction; its outbox rows are handed to the relay after commit. `keep` picks
-        (at most) one committed step message (one task: `{"task": [name, [instance, step,
-        attempt]]}`) its caller runs itself instead (`uow.kept`, a local continuation): that row
-        is not relayed now, and stays unsent until its run claims it (`claim_successor`), so a
-        crash before then leaves it to the sweeper."""
+        (at most) one step message (one task: `{"task": [name, [instance, step, attempt]]}`)
+        its caller runs itself instead (`uow.kept`, a local continuation): that row is written
+        on the LOCAL channel, not relayed after commit, and stays unsent until its run claims it
+        (`claim_successor`), so a crash before then leaves it to the sweeper."""
         with self.sessions() as session:
             with session.begin():
                 uow = UnitOfWork(session, basis)
                 yield uow
+                if keep is not None:
+                    self._keep(uow, keep)
                 uow.writes.flush(session.connection(), self.prepare)
-        outbox = uow.outbox
-        if keep is not None:
-            kept = next((r for r in outbox if keep(r)), None)
-            if kept is not None:
-                task, (instance_id, step, attempt) = kept.payload["task"]
-                run = uow.runs.get(instance_id, {}).get(step)
-                if run is not None and run.attempt == attempt:
-                    uow.kept = [Successor(kept.message_id, task, instance_id, step, attempt, run.dispatches)]
-                    outbox = [r for r in outbox if r is not kept]
+        outbox = [r for r in uow.outbox if r.channel != LOCAL] if uow.kept else uow.outbox
         if outbox and self.relay is not None:
             try:
                 self.relay(outbox)
             except Exception:  # the sweeper publishes what the kick could not
                 log.warning("relay after commit failed; the sweeper will publish", exc_info=True)
+
+    @staticmethod
+    def _keep(uow: UnitOfWork, keep: Callable[[Record], bool]) -> None:
+        """Pick the step message `keep` wants to run locally; its row is written on the `local`
+        channel: not relayed after commit, and published through Celery by the sweeper only if
+        its run has not claimed it by then (the writer died first)."""
+        kept = next((r for r in uow.outbox if keep(r)), None)
+        if kept is None:
+            return
+        task, (instance_id, step, attempt) = kept.payload["task"]
+        run = uow.runs.get(instance_id, {}).get(step)
+        if run is not None and run.attempt == attempt:
+            kept.channel = LOCAL
+            uow.kept = [Successor(kept.message_id, task, instance_id, step, attempt, run.dispatches)]
 
     def workflow_class(self, type_name: str) -> type[Workflow]:
         cls = self.registry.get(type_name)
@@ -1038,7 +1049,7 @@ class Engine:
     def _message_failed(self, uow: UnitOfWork, inst: Record, row: Any, reason: str) -> None:
         cls = self.workflow_class(inst.type)
         run = None
-        if row.channel == "celery":
+        if row.channel in ("celery", LOCAL):
             p = row.payload or {}
             calls = [p["task"]] if "task" in p else p.get("chain") or p.get("group") or []
             if calls and len(calls[0][1]) >= 3:

@@ -61,6 +61,11 @@ def test_successor_runs_in_the_same_delivery_and_another_queue_goes_through_the_
     assert _effects(instance_id) == {"near": 1, "next": 1, "far": 1}
     # The row `next` ran from counts as sent: the sweeper will not send it again.
     wait_for(lambda: _unsent(rt, instance_id) == 0, timeout=10, what="every outbox row marked sent")
+    # It was written on the `local` channel; the others went to the broker.
+    with rt.sessions() as session:
+        rows = session.execute(text("SELECT target, channel FROM outbox WHERE instance_id = :i ORDER BY id"),
+                               {"i": instance_id}).all()
+    assert [tuple(r) for r in rows] == [("hops.step", "celery"), ("hops.step", "local"), ("hops.far", "celery")]
     assert [h["event"] for h in saga["history"]] == ["create", "start", "neared", "nexted", "fared"]
 
 
