@@ -131,3 +131,15 @@ def test_on_sqlite_with_the_embedded_broker_only_the_first_step_crosses_the_brok
     finally:
         db.dispose()
     assert sorted(sent) == sorted(["hops.step", "hops.far"] * 3), sent
+
+
+def test_local_continuation_steps_0_sends_every_step_through_the_broker(client, rt, env, sweeper, far_worker):
+    near = start_worker({**env, "LOCAL_CONTINUATION_STEPS": "0"}, rt, f"bro{uuid.uuid4().hex[:6]}", concurrency=2)
+    try:
+        instance_id = client.post("/saga", json={"type": "hops", "input": {}}).json["id"]
+        saga = _done(client, instance_id)
+    finally:
+        near.stop()
+    out = _outputs(saga)
+    assert len({out["near"]["delivery"], out["next"]["delivery"], out["far"]["delivery"]}) == 3, out
+    assert _effects(instance_id) == {"near": 1, "next": 1, "far": 1}
