@@ -149,6 +149,10 @@ class Settings(EnvSettings):
     database_prepared_statements: bool = True
     sweep_interval: Seconds = 1.0
     step_lease_seconds: Seconds = 600.0
+    # How many successive steps one delivery may run in its worker when each step's successor is
+    # a task that worker consumes (no broker hop; see docs/performance.md); 0: every step goes
+    # through the broker.
+    local_continuation_steps: Count = 16
     # How long a sweeper holds a bulk operation it drives before another may take it over.
     bulk_lease_seconds: Seconds = 30.0
     environment: str = "development"

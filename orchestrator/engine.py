@@ -40,6 +40,9 @@ from .workflow import ItemFailed, Registry, Step, Workflow
 log = logging.getLogger(__name__)
 
 ACTIVE = tuple(s.value for s in ACTIVE_STEP_STATUSES)
+#: The outbox channel of a step message its writer runs itself (a local continuation); the relay
+#: publishes it like a "celery" row when it is still unsent after the grace period.
+LOCAL = "local"
 RUNS: Table = StepRun.__table__  # type: ignore[assignment]
 TIMERS: Table = Timer.__table__  # type: ignore[assignment]
 HISTORY: Table = HistoryEntry.__table__  # type: ignore[assignment]
@@ -58,6 +61,50 @@ RUN_COLUMNS = tuple(c.name for c in RUNS.c)
 # The same, as a prepared statement on PostgreSQL.
 CLAIM_SQL = (f"SELECT {', '.join('i.' + c for c in INSTANCE_COLUMNS)}, {', '.join('r.' + c for c in RUN_COLUMNS)} "
              "FROM workflow_instances i LEFT JOIN step_runs r ON r.instance_id = i.id WHERE i.id = $1")
+
+# The claim upsert (Engine._take_claim): PostgreSQL's prepared text, and a Core statement per
+# dialect built once (building it costs more than running it).
+_CLAIM_KEYS = ("instance_id", "step", "task", "branch", "attempt", "dispatch", "claimed_at")
+_NEWER = "step_claims.attempt < excluded.attempt OR (step_claims.attempt = excluded.attempt AND " \
+         "step_claims.dispatch {} excluded.dispatch)"
+_CLAIM_UPSERT_SQL = {
+    takeover: ("INSERT INTO step_claims (instance_id, step, task, branch, attempt, dispatch, claimed_at) "
+               "VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (instance_id, step, task, branch) DO UPDATE "
+               "SET attempt = excluded.attempt, dispatch = excluded.dispatch, claimed_at = excluded.claimed_at "
+               f"WHERE {_NEWER.format('<=' if takeover else '<')} RETURNING step_claims.attempt")
+    for takeover in (False, True)}
+# A row run locally is sent as far as the relay is concerned ($8 now, $9 its message id).
+_MARK_SENT_SQL = ("UPDATE outbox SET sent_at = $8, publish_attempts = publish_attempts + 1 "
+                  "WHERE message_id = $9 AND sent_at IS NULL")
+_MARK_SENT = (update(OUTBOX).where(OUTBOX.c.message_id == bindparam("row"), OUTBOX.c.sent_at.is_(None))
+              .values(sent_at=bindparam("now"), publish_attempts=OUTBOX.c.publish_attempts + 1))
+_CLAIM_UPSERTS: dict[tuple[str, bool], Any] = {}
+
+
+def _claim_upsert(dialect: str, takeover: bool) -> Any:
+    stmt = _CLAIM_UPSERTS.get((dialect, takeover))
+    if stmt is None:
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        c = CLAIMS.c
+        stmt = insert(CLAIMS).values({k: bindparam(k) for k in _CLAIM_KEYS})
+        new = stmt.excluded
+        newer = or_(c.attempt < new.attempt, and_(c.attempt == new.attempt, c.dispatch < new.dispatch))
+        if takeover:
+            newer = or_(newer, and_(c.attempt == new.attempt, c.dispatch == new.dispatch))
+        stmt = _CLAIM_UPSERTS[(dialect, takeover)] = stmt.on_conflict_do_update(
+            index_elements=[c.instance_id, c.step, c.task, c.branch],
+            set_={"attempt": new.attempt, "dispatch": new.dispatch, "claimed_at": new.claimed_at},
+            where=newer).returning(c.attempt)
+    return stmt
+
+
+# A local continuation's claim (Engine.claim_successor): the claim, the outbox mark and the read
+# in one statement; the first column says whether the claim was taken.
+CLAIM_SUCCESSOR_SQL = (f"WITH c AS ({_CLAIM_UPSERT_SQL[False]}), m AS ({_MARK_SENT_SQL}) "
+                       f"SELECT (SELECT count(*) FROM c), {CLAIM_SQL.removeprefix('SELECT ')}")
 
 #: (instance values, [step row values]) as read by the claim
 Basis = tuple[dict[str, Any], list[dict[str, Any]]]
@@ -170,6 +217,19 @@ class Poll:
     data: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Successor:
+    """A step message its writer runs itself (a local continuation, `Engine.unit_of_work`): its
+    outbox row's message id, and the dispatch of the step it carries (`Engine.claim_successor`)."""
+
+    message_id: str
+    task: str
+    instance_id: str
+    step: str
+    attempt: int
+    dispatch: int
+
+
 class UnitOfWork:
     """One transaction. Rows read here are Records, written when it ends (orchestrator/rows.py);
     outbox rows added here are relayed right after commit."""
@@ -180,6 +240,7 @@ class UnitOfWork:
         self.runs: dict[str, dict[str, Record]] = {}  # every step row of a loaded instance
         self.history: list[Record] = []
         self.outbox: list[Record] = []
+        self.kept: list[Successor] = []  # step messages its caller runs itself (Engine.unit_of_work)
         self.basis = basis
 
     def execute(self, statement: Any, params: dict[str, Any] | None = None) -> Any:
@@ -280,17 +341,40 @@ class Engine:
 
     # -- transactions --------------------------------------------------------------------------
     @contextmanager
-    def unit_of_work(self, basis: Basis | None = None) -> Iterator[UnitOfWork]:
+    def unit_of_work(self, basis: Basis | None = None,
+                     keep: "Callable[[Record], bool] | None" = None) -> Iterator[UnitOfWork]:
+        """One transaction; its outbox rows are handed to the relay after commit. `keep` picks
+        (at most) one step message (one task: `{"task": [name, [instance, step, attempt]]}`)
+        its caller runs itself instead (`uow.kept`, a local continuation): that row is written
+        on the LOCAL channel, not relayed after commit, and stays unsent until its run claims it
+        (`claim_successor`), so a crash before then leaves it to the sweeper."""
         with self.sessions() as session:
             with session.begin():
                 uow = UnitOfWork(session, basis)
                 yield uow
+                if keep is not None:
+                    self._keep(uow, keep)
                 uow.writes.flush(session.connection(), self.prepare)
-        if uow.outbox and self.relay is not None:
+        outbox = [r for r in uow.outbox if r.channel != LOCAL] if uow.kept else uow.outbox
+        if outbox and self.relay is not None:
             try:
-                self.relay(uow.outbox)
+                self.relay(outbox)
             except Exception:  # the sweeper publishes what the kick could not
                 log.warning("relay after commit failed; the sweeper will publish", exc_info=True)
+
+    @staticmethod
+    def _keep(uow: UnitOfWork, keep: Callable[[Record], bool]) -> None:
+        """Pick the step message `keep` wants to run locally; its row is written on the `local`
+        channel: not relayed after commit, and published through Celery by the sweeper only if
+        its run has not claimed it by then (the writer died first)."""
+        kept = next((r for r in uow.outbox if keep(r)), None)
+        if kept is None:
+            return
+        task, (instance_id, step, attempt) = kept.payload["task"]
+        run = uow.runs.get(instance_id, {}).get(step)
+        if run is not None and run.attempt == attempt:
+            kept.channel = LOCAL
+            uow.kept = [Successor(kept.message_id, task, instance_id, step, attempt, run.dispatches)]
 
     def workflow_class(self, type_name: str) -> type[Workflow]:
         cls = self.registry.get(type_name)
@@ -680,6 +764,31 @@ class Engine:
                 rows = execute_prepared(conn, CLAIM_SQL, [instance_id]).all()
             else:
                 rows = conn.execute(CLAIM, {"id": instance_id}).all()
+        return self._step_context(instance_id, step, attempt, branch, rows)
+
+    def claim_successor(self, successor: Successor) -> StepContext | None:
+        """`claim_step` and `take_claim` for a local continuation, whose dispatch is known: on
+        PostgreSQL one prepared statement claims it, marks its outbox row sent and reads the
+        basis (one snapshot). None: stale, or another delivery holds the claim."""
+        s = successor
+        if not self.prepare:
+            ctx = self.claim_step(s.instance_id, s.step, s.attempt)
+            return ctx if ctx is not None and self.take_claim(ctx, s.task, message_id=s.message_id) else None
+        now = utcnow()
+        try:
+            with self.reads.begin() as conn:
+                rows = execute_prepared(conn, CLAIM_SUCCESSOR_SQL, [s.instance_id, s.step, s.task, -1, s.attempt,
+                                                                    s.dispatch, now, now, s.message_id]).all()
+        except IntegrityError:  # the instance was deleted meanwhile
+            return None
+        if not rows or not rows[0][0]:
+            return None
+        ctx = self._step_context(s.instance_id, s.step, s.attempt, None, [row[1:] for row in rows])
+        return ctx if ctx is not None and ctx.dispatch == s.dispatch else None
+
+    def _step_context(self, instance_id: str, step: str, attempt: int, branch: int | None,
+                      rows: Any) -> StepContext | None:
+        """The StepContext from the claim's rows (instance columns, then step row columns)."""
         if not rows:
             return None
         k = len(INSTANCE_COLUMNS)
@@ -702,39 +811,40 @@ class Engine:
                            restarts=run["restarts"], settings=self.settings, engine=self,
                            basis=(instance, runs), dispatch=dispatch, token=token)
 
-    def take_claim(self, ctx: StepContext, task: str = "", redelivered: bool = False) -> bool:
+    def take_claim(self, ctx: StepContext, task: str = "", redelivered: bool = False,
+                   message_id: str | None = None) -> bool:
         """Make this delivery the only one to run this dispatch of the step: copies of one
         outbox row delivered at once would otherwise both call out. False: another delivery
         holds it (or a newer dispatch was claimed), do nothing. `redelivered` (the broker gave
         back a message whose consumer died) takes over the claim of the same dispatch, since
-        its holder is gone. `task`: the task running, so each link of a chain claims its own."""
+        its holder is gone. `task`: the task running, so each link of a chain claims its own.
+        `message_id`: the outbox row a local continuation runs (never published); it is marked
+        sent in the claim's transaction, so the sweeper does not send it too."""
         return self._take_claim(ctx.instance_id, ctx.step, task, ctx.branch, ctx.attempt, ctx.dispatch,
-                                redelivered)
+                                redelivered, message_id)
 
     def _take_claim(self, instance_id: str, step: str, task: str, branch: int | None, attempt: int,
-                    dispatch: int, takeover: bool) -> bool:
+                    dispatch: int, takeover: bool, message_id: str | None = None) -> bool:
         """INSERT .. ON CONFLICT DO UPDATE .. WHERE the stored claim is older: atomic on both
         databases (a concurrent second upsert waits for the first and then finds it not older).
-        Not part of the instance's version: a report on the claim's basis still writes."""
-        if self.reads.dialect.name == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert
-        else:
-            from sqlalchemy.dialects.sqlite import insert
-        c = CLAIMS.c
-        stmt = insert(CLAIMS).values(instance_id=instance_id, step=step, task=task,
-                                     branch=-1 if branch is None else branch,
-                                     attempt=attempt, dispatch=dispatch, claimed_at=utcnow())
-        new = stmt.excluded
-        newer = or_(c.attempt < new.attempt, and_(c.attempt == new.attempt, c.dispatch < new.dispatch))
-        if takeover:
-            newer = or_(newer, and_(c.attempt == new.attempt, c.dispatch == new.dispatch))
-        stmt = stmt.on_conflict_do_update(index_elements=[c.instance_id, c.step, c.task, c.branch],
-                                          set_={"attempt": new.attempt, "dispatch": new.dispatch,
-                                                "claimed_at": new.claimed_at},
-                                          where=newer).returning(c.attempt)
+        Not part of the instance's version: a report on the claim's basis still writes.
+        On PostgreSQL one prepared statement (with the outbox mark, if any, in a CTE)."""
+        now = utcnow()
+        values = [instance_id, step, task, -1 if branch is None else branch, attempt, dispatch, now]
         try:
+            if self.prepare:
+                sql = _CLAIM_UPSERT_SQL[takeover]
+                if message_id is not None:
+                    sql = f"WITH c AS ({sql}), m AS ({_MARK_SENT_SQL}) SELECT attempt FROM c"
+                    values += [now, message_id]
+                with self.reads.begin() as conn:
+                    return execute_prepared(conn, sql, values).first() is not None
             with self.reads.begin() as conn:
-                return conn.execute(stmt).first() is not None
+                taken = conn.execute(_claim_upsert(self.reads.dialect.name, takeover),
+                                     dict(zip(_CLAIM_KEYS, values))).first() is not None
+                if message_id is not None:
+                    conn.execute(_MARK_SENT, {"now": now, "row": message_id})
+                return taken
         except IntegrityError:  # the instance was deleted meanwhile
             return False
 
@@ -799,23 +909,30 @@ class Engine:
                       due_at=utcnow() + timedelta(seconds=poll.after))
 
     def step_succeeded(self, instance_id: str, step: str, attempt: int, done: Done,
-                       branch: int | None = None, actor: str = "worker", basis: Basis | None = None) -> None:
-        """Fire the step's event (a branch's: count it, and fire the join when all are in)."""
-        self._report(basis, lambda uow: self._succeed(uow, instance_id, step, attempt, done, branch, actor))
+                       branch: int | None = None, actor: str = "worker", basis: Basis | None = None,
+                       keep: Callable[[Record], bool] | None = None) -> list[Successor]:
+        """Fire the step's event (a branch's: count it, and fire the join when all are in).
+        `keep` (see `unit_of_work`) picks the successor's message its caller runs locally; the
+        successors kept are returned."""
+        return self._report(basis, lambda uow: self._succeed(uow, instance_id, step, attempt, done, branch, actor),
+                            keep)
 
-    def _report(self, basis: Basis | None, work: Callable[[UnitOfWork], None]) -> None:
+    def _report(self, basis: Basis | None, work: Callable[[UnitOfWork], None],
+                keep: Callable[[Record], bool] | None = None) -> list[Successor]:
         """A step's report, written on `basis` (what the step read when it was claimed) without
-        the lock if the instance has not changed since, else again under the lock."""
+        the lock if the instance has not changed since, else again under the lock. The outbox
+        rows `keep` chose are returned (see `unit_of_work`)."""
         if basis is not None:
             try:
-                with self.unit_of_work(basis) as uow:
+                with self.unit_of_work(basis, keep) as uow:
                     work(uow)
-                return
+                return uow.kept
             except StaleBasis:
                 log.debug("instance %s changed since its step was claimed; reporting under the lock",
                           basis[0]["id"])
-        with self.unit_of_work() as uow:
+        with self.unit_of_work(keep=keep) as uow:
             work(uow)
+        return uow.kept
 
     def _succeed(self, uow: UnitOfWork, instance_id: str, step: str, attempt: int, done: Done,
                  branch: int | None, actor: str) -> None:
@@ -932,7 +1049,7 @@ class Engine:
     def _message_failed(self, uow: UnitOfWork, inst: Record, row: Any, reason: str) -> None:
         cls = self.workflow_class(inst.type)
         run = None
-        if row.channel == "celery":
+        if row.channel in ("celery", LOCAL):
             p = row.payload or {}
             calls = [p["task"]] if "task" in p else p.get("chain") or p.get("group") or []
             if calls and len(calls[0][1]) >= 3:

@@ -110,7 +110,9 @@ class OutboxRelay:
         return sent
 
     def _send(self, row: OutboxMessage) -> Exception | None:
-        publisher = self.publishers.get(row.channel)
+        # A "local" row is a step message its writer meant to run itself (Engine.unit_of_work):
+        # still unsent, that writer died first, so it goes out as the Celery message it is.
+        publisher = self.publishers.get("celery" if row.channel == "local" else row.channel)
         if publisher is None:
             return NoPublisher(f"no publisher for channel '{row.channel}' in this process")
         # The publish continues the trace the row was written in (its request, event or task), so

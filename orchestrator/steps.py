@@ -14,6 +14,12 @@ connection); InvalidInput or StepError fail the step at once.
 Only a link that returns None lets its chain go on: a link that failed, polls, or found nothing to
 claim stops the chain, and the step's retry (or poll) dispatches the whole chain again.
 
+A step whose successor is a step task this worker consumes runs that successor itself, right
+after its report commits (a local continuation, at most LOCAL_CONTINUATION_STEPS in a row): the
+successor's outbox row is written in the report's transaction as always, but not published; the
+successor's claim marks it sent. A crash before that claim leaves the row unsent, and the sweeper
+publishes it; a crash after it is recovered by the step's lease, like a lost message.
+
 A worker process that dies inside a step or compensation (os._exit, a segfault, the OOM killer)
 is one failed attempt: these tasks do not ask for their message back (`reject_on_worker_lost`
 off), and the worker's main process, which saw the child die, reports the failure under the
@@ -23,14 +29,14 @@ so the broker delivers it again and the step runs in the next worker.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from billiard.exceptions import WorkerLostError
 from celery import shared_task
 from celery.signals import task_failure
 
 from . import logs, runtime, tracing
-from .engine import Await, Done, Poll, StepContext
+from .engine import Await, Done, Poll, StepContext, Successor
 from .errors import InvalidInput, UpstreamError
 
 log = logging.getLogger(__name__)
@@ -53,19 +59,21 @@ def step_task(name: str, **options: Any) -> Callable[[StepFunction], Any]:
             with logs.context(workflow_id=instance_id, correlation_id=getattr(self.request, logs.HEADER, None)):
                 # A broker redelivery (its first consumer died) may take over that one's claim.
                 redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
-                outcome = run_step(instance_id, step, attempt, branch, redelivered)
+                rt = runtime.current()
+                # Only a worker's delivery continues locally (not an eager call or a test).
+                local = None if self.request.is_eager or not self.request.delivery_info \
+                    else Continuation.for_worker(self.app, rt.settings.local_continuation_steps)
+                outcome = execute_step(rt.engine, name, fn, instance_id, step, attempt, branch, redelivered,
+                                       continuation=local)
                 log.info("step %s (attempt %d%s): %s", step, attempt,
                          "" if branch is None else f", branch {branch}", outcome)
                 if outcome != "continued" and self.request.chain:
                     # Celery sends the next link of a chain whenever a task returns; a link that
                     # failed or has to wait must not let the later links run without its effect.
                     self.request.chain = None
+                if local is not None:
+                    local.run_successors(rt.engine)
                 return outcome
-
-        def run_step(instance_id: str, step: str, attempt: int, branch: int | None,
-                     redelivered: bool = False) -> str:
-            return execute_step(runtime.current().engine, name, fn, instance_id, step, attempt, branch,
-                                redelivered)
 
         run.step_function = fn  # what an in-process runner calls (execute_step), e.g. tests/engine
         run.reports_to = "step"
@@ -74,15 +82,90 @@ def step_task(name: str, **options: Any) -> Callable[[StepFunction], Any]:
     return decorate
 
 
+class Continuation:
+    """The successors one worker delivery runs itself (see the module's docstring).
+
+    `tasks`: {task name: step function} of the step tasks routed to a queue this worker
+    consumes; `steps`: how many more it may run. Passed to `Engine.step_succeeded` as its `keep`
+    filter, it picks a successor's outbox row (one task, not a chain or a group) into `next`.
+    """
+
+    def __init__(self, tasks: Mapping[str, StepFunction], steps: int) -> None:
+        self.tasks = tasks
+        self.left = steps
+        self.next: Successor | None = None  # the step to run next
+
+    _per_app: dict[int, Mapping[str, StepFunction]] = {}
+
+    @classmethod
+    def for_worker(cls, app: Any, steps: int) -> "Continuation | None":
+        """For a delivery in a worker of `app`; None when continuing locally is off (`steps` 0)."""
+        if steps <= 0:
+            return None
+        tasks = cls._per_app.get(id(app))
+        if tasks is None:
+            tasks = cls._per_app[id(app)] = local_step_tasks(app)
+        return cls(tasks, steps) if tasks else None
+
+    def __call__(self, row: Any) -> bool:
+        call = row.payload.get("task") if self.left > 0 and row.channel == "celery" else None
+        return call is not None and call[0] in self.tasks and len(call[1]) == 3
+
+    def run_successors(self, engine: Any) -> None:
+        """Run the kept successors one after the other, each in this process. An error leaves
+        the rest to the sweeper (a row not claimed yet) or the step's lease (one claimed)."""
+        while self.next is not None:
+            successor, self.next = self.next, None
+            self.left -= 1
+            s = successor
+            try:
+                # a span of its own in the delivery's trace, as its own delivery would have had
+                with tracing.span(f"step {s.task} (run locally)",
+                                  tracing.workflow_attributes(s.instance_id, step=s.step, attempt=s.attempt)):
+                    outcome = execute_step(engine, s.task, self.tasks[s.task], s.instance_id, s.step, s.attempt,
+                                           successor=s, continuation=self)
+            except Exception:
+                log.exception("step %s of %s, run locally, failed; its message or lease delivers it again",
+                              s.step, s.instance_id)
+                return
+            log.info("step %s (attempt %d, run locally): %s", s.step, s.attempt, outcome)
+
+
+def local_step_tasks(app: Any) -> dict[str, StepFunction]:
+    """{name: step function} of the step tasks this worker process would receive itself: those
+    routed (task options, then `task_routes`) to a queue its consumer reads."""
+    consumed = {getattr(q, "name", q) for q in app.amqp.queues.consume_from}
+    out: dict[str, StepFunction] = {}
+    for name, task in list(app.tasks.items()):
+        fn = getattr(task, "step_function", None)
+        if fn is None:
+            continue
+        queue = getattr(task, "queue", None)
+        route = app.amqp.router.route({"queue": queue} if queue else {}, name, (), {}, task)
+        if getattr(route.get("queue"), "name", route.get("queue")) in consumed:
+            out[name] = fn
+    return out
+
+
 def execute_step(engine: Any, name: str, fn: StepFunction, instance_id: str, step: str, attempt: int,
-                 branch: int | None = None, redelivered: bool = False) -> str:
+                 branch: int | None = None, redelivered: bool = False, *, successor: Successor | None = None,
+                 continuation: Continuation | None = None) -> str:
     """Claim the step, run `fn` once, report its one outcome to `engine`: the body of every step
     task, also run in-process by the engine's own tests. Returns what happened ("done",
-    "waiting", "awaiting", "continued", "failed: ...", "skipped: ...")."""
+    "waiting", "awaiting", "continued", "failed: ...", "skipped: ...").
+
+    `successor`: the step message this run takes the place of (a local continuation); its claim
+    marks the outbox row sent. `continuation`: keeps the successor's message, if this worker
+    runs it, in `continuation.next` instead of publishing it."""
     # the Celery task's span (its instrumentation continues the trace from the message headers)
     tracing.annotate({**tracing.workflow_attributes(instance_id, step=step, attempt=attempt), "workflow.branch": branch})
-    ctx = engine.claim_step(instance_id, step, attempt, branch)
-    if ctx is None or not engine.take_claim(ctx, name, redelivered):
+    if successor is not None:
+        ctx = engine.claim_successor(successor)
+    else:
+        ctx = engine.claim_step(instance_id, step, attempt, branch)
+        if ctx is not None and not engine.take_claim(ctx, name, redelivered):
+            ctx = None
+    if ctx is None:
         return "skipped: stale or duplicate delivery"
     if ctx.basis is not None:
         tracing.annotate(tracing.workflow_attributes(instance_id, ctx.basis[0].get("type"),
@@ -104,7 +187,9 @@ def execute_step(engine: Any, name: str, fn: StepFunction, instance_id: str, ste
         engine.step_progress(instance_id, step, attempt, outcome, branch, ctx.basis)
         return "waiting"
     if isinstance(outcome, Done):
-        engine.step_succeeded(instance_id, step, attempt, outcome, branch, basis=ctx.basis)
+        kept = engine.step_succeeded(instance_id, step, attempt, outcome, branch, basis=ctx.basis, keep=continuation)
+        if continuation is not None and kept:
+            continuation.next = kept[0]
         return "done"
     if isinstance(outcome, Await):  # an external step: its completion comes as an event
         engine.step_awaiting(instance_id, step, attempt, branch, ctx.basis)

@@ -1,19 +1,25 @@
 """Media pipeline steps: submit to a microservice, then poll it through timers, then report."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from orchestrator.engine import Done, Poll, StepContext
 from sagas.media import DOWNLOAD_TASK, NORMALIZE_TASK, TRANSCRIBE_TASK
-from sagas.media.http_client import ServiceClient
 from sagas.media.settings import MediaSettings
 from orchestrator.steps import StepError, step_task
+
+if TYPE_CHECKING:
+    from sagas.media.http_client import ServiceClient
 
 NORMALIZATION_OPTIONS = ("remove_noise", "convert_to_mono", "apply_highpass_filter",
                          "set_sample_rate_16k", "isolate_vocals")
 
 
 def client(ctx: StepContext, service: str) -> ServiceClient:
+    # Imported on first use: `requests` costs every worker process memory, also those that
+    # never run a media step.
+    from sagas.media.http_client import ServiceClient
+
     s = MediaSettings.from_settings(ctx.settings)
     return ServiceClient(service, s.service_url(service), s.service_timeout(service))
 

@@ -300,3 +300,52 @@ def repair_work(ctx: StepContext) -> Done:
     if not effects().get(f"mended:{batch}"):
         raise UpstreamError("part", f"not mended yet (batch {batch})", upstream_status=422)
     return Done("worked")
+
+
+@register
+class Hops(Workflow):
+    """near -> next -> far: two steps on the default queue, the last on `hops-far` (a queue only
+    a worker started with `--queues hops-far` reads). Each step counts its effect and records the
+    Celery delivery (task id, worker) it ran under, so a test sees which ran locally.
+    `input.die_after` names a step whose worker is SIGKILLed, whole, right after that step's
+    report commits (once per instance)."""
+
+    type = "hops"
+    start_event = "start"
+    success_states = frozenset({"done"})
+
+    new = State(initial=True)
+    near = State()
+    next = State()
+    far = State()
+    done = State(final=True)
+
+    start = new.to(near)
+    neared = near.to(next)
+    nexted = next.to(far)
+    fared = far.to(done)
+
+    steps = {near: Step("hops.step", name="near"), next: Step("hops.step", name="next"),
+             far: Step("hops.far", name="far")}
+
+
+HOP_EVENTS = {"near": "neared", "next": "nexted", "far": "fared"}
+
+
+def _hop(ctx: StepContext) -> Done:
+    from celery import current_task
+
+    if count(ctx.instance_id, ctx.step) == 1 and ctx.input.get("die_after") == ctx.step:
+        import signal
+
+        from sqlalchemy import event
+
+        # The next commit of this process's engine sessions is this step's report.
+        event.listen(ctx.engine.sessions, "after_commit",
+                     lambda _session: os.killpg(os.getpgrp(), signal.SIGKILL), once=True)
+    request = current_task.request
+    return Done(HOP_EVENTS[ctx.step], {"delivery": request.id, "worker": request.hostname})
+
+
+hop_step = step_task("hops.step")(_hop)
+hop_far = step_task("hops.far", queue="hops-far")(_hop)

@@ -1,0 +1,145 @@
+"""Local continuation: a step whose successor is a task of the same worker runs that successor in
+its own delivery (no broker hop), and a crash between the report's commit and the successor's
+run still completes the workflow with each step's effect once (the sweeper sends the row)."""
+from __future__ import annotations
+
+import uuid
+from typing import Any, Iterator
+
+import pytest
+from sqlalchemy import text
+
+from conftest import Process, start_worker, wait_for
+from engine_workflows import effects
+
+
+@pytest.fixture(scope="module")
+def far_worker(env: dict[str, str], rt: Any) -> Iterator[Process]:
+    """A worker that reads only `hops-far`: the last step of `hops` runs there."""
+    name = f"far{uuid.uuid4().hex[:6]}"
+    proc = Process(name, ["worker", "--concurrency", "1", "--queues", "hops-far", "--name", f"{name}@%h"], env).start()
+    wait_for(lambda: any(k.startswith(f"{name}@") for r in rt.celery.control.ping(timeout=0.5) for k in r),
+             timeout=60, what=f"worker {name} to answer ping")
+    yield proc
+    proc.stop()
+
+
+def _done(client: Any, instance_id: str, timeout: float = 60) -> dict[str, Any]:
+    return wait_for(lambda: (lambda s: s if s["state"] == "done" else None)(client.get(f"/sagas/{instance_id}").json),
+                    timeout=timeout, what=f"hops {instance_id} to finish")
+
+
+def _outputs(saga: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {s["name"]: s["data"]["output"] for s in saga["steps"]}
+
+
+def _effects(instance_id: str) -> dict[str, int]:
+    return {k.decode(): int(v) for k, v in effects().hgetall(f"effects:{instance_id}").items()}
+
+
+def _unsent(rt: Any, instance_id: str) -> int:
+    with rt.sessions() as s:
+        return s.execute(text("SELECT count(*) FROM outbox WHERE instance_id = :i AND sent_at IS NULL"),
+                         {"i": instance_id}).scalar()
+
+
+def test_successor_runs_in_the_same_delivery_and_another_queue_goes_through_the_broker(
+        client, rt, env, sweeper, far_worker):
+    near = start_worker(env, rt, f"near{uuid.uuid4().hex[:6]}", concurrency=2)
+    try:
+        instance_id = client.post("/saga", json={"type": "hops", "input": {}}).json["id"]
+        saga = _done(client, instance_id)
+    finally:
+        near.stop()
+    out = _outputs(saga)
+    # `next` ran in the delivery of `near` (its message was never published) ...
+    assert out["next"]["delivery"] == out["near"]["delivery"], out
+    assert out["near"]["worker"].startswith(near.name + "@"), out
+    # ... while `far`, a task of another queue, went through the broker to the other worker.
+    assert out["far"]["delivery"] != out["near"]["delivery"], out
+    assert out["far"]["worker"].startswith(far_worker.name + "@"), out
+    assert _effects(instance_id) == {"near": 1, "next": 1, "far": 1}
+    # The row `next` ran from counts as sent: the sweeper will not send it again.
+    wait_for(lambda: _unsent(rt, instance_id) == 0, timeout=10, what="every outbox row marked sent")
+    # It was written on the `local` channel; the others went to the broker.
+    with rt.sessions() as session:
+        rows = session.execute(text("SELECT target, channel FROM outbox WHERE instance_id = :i ORDER BY id"),
+                               {"i": instance_id}).all()
+    assert [tuple(r) for r in rows] == [("hops.step", "celery"), ("hops.step", "local"), ("hops.far", "celery")]
+    assert [h["event"] for h in saga["history"]] == ["create", "start", "neared", "nexted", "fared"]
+
+
+def test_worker_killed_between_commit_and_local_successor_completes_once(client, rt, env, sweeper, far_worker):
+    victim = start_worker(env, rt, f"victim{uuid.uuid4().hex[:6]}", concurrency=1)
+    try:
+        instance_id = client.post("/saga", json={"type": "hops", "input": {"die_after": "near"}}).json["id"]
+        # `near` kills its whole worker right after its report commits, before `next` is claimed.
+        assert victim.proc is not None
+        victim.proc.wait(60)
+    finally:
+        victim.kill()
+    saga = client.get(f"/sagas/{instance_id}").json
+    assert saga["state"] == "next", saga
+    assert {s["name"]: s["status"] for s in saga["steps"]} == {"near": "completed", "next": "queued"}
+    assert _effects(instance_id) == {"near": 1}
+    rescuer = start_worker(env, rt, f"rescuer{uuid.uuid4().hex[:6]}", concurrency=2)
+    try:
+        saga = _done(client, instance_id)
+    finally:
+        rescuer.stop()
+    assert _effects(instance_id) == {"near": 1, "next": 1, "far": 1}
+    assert [h["event"] for h in saga["history"]] == ["create", "start", "neared", "nexted", "fared"]
+    out = _outputs(saga)
+    assert out["next"]["worker"].startswith(rescuer.name + "@"), out
+
+
+def test_on_sqlite_with_the_embedded_broker_only_the_first_step_crosses_the_broker(env, rt, tmp_path):
+    """The embedded defaults (`make run`): SQLite state, kombu's SQLite broker. Each `hops`
+    instance puts two messages on the broker (its first step, and `far` for the other worker);
+    `next` runs in the delivery of `near`."""
+    import json
+
+    from sqlalchemy import create_engine
+
+    from conftest import engine_on
+    from orchestrator.migrate import upgrade
+
+    url = f"sqlite:///{tmp_path}/orchestrator.db"
+    broker = f"sqla+sqlite:///{tmp_path}/broker.db"
+    upgrade(url)
+    sqlite_env = {**env, "DATABASE_URL": url, "CELERY_BROKER_URL": broker, "LOG_LEVEL": "INFO"}
+    procs = [Process(f"lc-near{uuid.uuid4().hex[:4]}", ["worker", "--concurrency", "2", "--name", "lc-near@%h"], sqlite_env).start(),
+             Process(f"lc-far{uuid.uuid4().hex[:4]}", ["worker", "--concurrency", "1", "--queues", "hops-far", "--name", "lc-far@%h"],
+                     sqlite_env).start(),
+             Process("lc-sweeper", ["sweeper"], sqlite_env).start()]
+    try:
+        with engine_on(rt.settings, url) as engine:
+            ids = [engine.start("hops", {})[0]["id"] for _ in range(3)]
+            for instance_id in ids:
+                wait_for(lambda: engine.snapshot(instance_id, history=False)["state"] == "done", timeout=90,
+                         what=f"hops {instance_id} on SQLite")
+                out = {s["name"]: s["data"]["output"] for s in engine.snapshot(instance_id)["steps"]}
+                assert out["next"]["delivery"] == out["near"]["delivery"] != out["far"]["delivery"], out
+                assert _effects(instance_id) == {"near": 1, "next": 1, "far": 1}
+    finally:
+        for p in procs:
+            p.stop()
+    db = create_engine(broker.removeprefix("sqla+"))
+    try:
+        with db.connect() as conn:
+            sent = [json.loads(p)["headers"]["task"] for p in conn.execute(text("SELECT payload FROM kombu_message")).scalars()]
+    finally:
+        db.dispose()
+    assert sorted(sent) == sorted(["hops.step", "hops.far"] * 3), sent
+
+
+def test_local_continuation_steps_0_sends_every_step_through_the_broker(client, rt, env, sweeper, far_worker):
+    near = start_worker({**env, "LOCAL_CONTINUATION_STEPS": "0"}, rt, f"bro{uuid.uuid4().hex[:6]}", concurrency=2)
+    try:
+        instance_id = client.post("/saga", json={"type": "hops", "input": {}}).json["id"]
+        saga = _done(client, instance_id)
+    finally:
+        near.stop()
+    out = _outputs(saga)
+    assert len({out["near"]["delivery"], out["next"]["delivery"], out["far"]["delivery"]}) == 3, out
+    assert _effects(instance_id) == {"near": 1, "next": 1, "far": 1}
