@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install run test unit lint bench services browser up down clean
+.PHONY: install run test unit lint bench chaos services browser up down clean
 
 $(BIN)/orchestrator: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ unit: install          ## the tests with no I/O, in a second
 
 bench: install services
 	$(BIN)/python -m bench.run
+
+SEED ?= 1
+chaos: install         ## fault injection over every workflow (docs/reliability.md); private services, SEED=n
+	$(BIN)/python -m bench.chaos --seed $(SEED)
 
 up:                    ## the full stack with Docker
 	docker compose up --build -d

@@ -29,6 +29,7 @@ from typing import Any
 import redis
 from celery import Celery
 
+from emulators import effects
 from orchestrator.config import load_settings
 from orchestrator.runtime import configure_celery
 
@@ -84,6 +85,7 @@ def chat_task(message: dict[str, Any]) -> str:
     if opts["shuffle"]:
         callbacks = list(reversed(callbacks)) + callbacks[:1]  # out of order, and one duplicate
     r = _client()
+    effects.record("chat_answer", message["task_id"], chat_task.request.id or "?")
     for cb in callbacks:
         if opts["delay"]:
             time.sleep(opts["delay"])
