@@ -490,16 +490,17 @@ class Run:
             time.sleep(self.rng.uniform(3, 8))
             self.set_latency(None)
         elif kind == "emulator_5xx_burst":
+            # within a step's retry budget (3 attempts): two answers of one endpoint per service
             for server in self.media.values():
                 requests.post(f"{server.url}/_emulator/faults", timeout=5, json={"faults": [
-                    {"endpoint": ep, "kind": self.rng.choice(["500", "503"]), "times": 2}
-                    for ep in ("submit", "status", "result")]})
+                    {"endpoint": self.rng.choice(["submit", "status", "result"]),
+                     "kind": self.rng.choice(["500", "503"]), "times": 2}]})
             requests.post(f"{self.gitlab.url}/_emulator/faults", timeout=5, json={"faults": [
                 {"method": "GET", "path": "/repository/files", "kind": "error", "status": 502, "times": 2}]})
         elif kind == "emulator_dropped_connections":
             for server in self.media.values():
                 requests.post(f"{server.url}/_emulator/faults", timeout=5, json={"faults": [
-                    {"endpoint": ep, "kind": "drop", "times": 2} for ep in ("submit", "status", "result")]})
+                    {"endpoint": self.rng.choice(["submit", "status", "result"]), "kind": "drop", "times": 2}]})
         self.faults[kind] += 1
 
     def set_latency(self, seconds: float | None) -> None:

@@ -67,9 +67,19 @@ class Service:
         self.start()
 
     def crash(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(30)
+        """SIGKILL every process of the server's group, and wait until none is left (a backend
+        still exiting would hold PostgreSQL's lock file or a port)."""
+        if self.proc is None:
+            return
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                break
+            self.proc.poll()
+            time.sleep(0.05)
+        self.proc.wait(30)
 
     def stop(self) -> None:
         self.crash()
