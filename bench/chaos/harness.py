@@ -414,7 +414,8 @@ class Run:
     def user(self) -> None:
         while not self.stopping.is_set():
             with self.wlock:
-                sagas = [w for w in self.workflows if w.kind == "balance" and w.state is None]
+                sagas = [w for w in self.workflows if w.kind == "balance" and w.ref not in self.merge_requested
+                         and w.state in (None, "COMPLETED")]
             for w in sagas:
                 r = self.http("GET", f"/saga/calculate-balance/{w.ref}")
                 if r is None or r.status_code != 200:
