@@ -142,7 +142,8 @@ class Redis(Service):
 
 
 class RabbitMQ(Service):
-    """A node of its own (`RABBITMQ_NODENAME`, ports, mnesia and log directories, no plugins)."""
+    """A node of its own (`RABBITMQ_NODENAME`, ports, mnesia and log directories, no plugins). A
+    crash kills the Erlang VM in the server's process group; epmd, shared by every node, is kept."""
 
     name = "rabbitmq"
     BIN = Path("/usr/lib/rabbitmq/bin")
@@ -173,10 +174,6 @@ class RabbitMQ(Service):
         self.proc = subprocess.Popen([str(self.BIN / "rabbitmq-server")], env=self.env, stdout=out,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         _wait(lambda: self.proc.poll() is None and _listening(self.port), 120, "RabbitMQ")  # type: ignore[union-attr]
-
-    def crash(self) -> None:
-        # the Erlang VM runs in the server script's process group, epmd outside it (shared, kept)
-        super().crash()
 
     def queue_depths(self) -> dict[str, int]:
         """{queue: ready + unacknowledged messages} of the default vhost."""
