@@ -623,7 +623,11 @@ class Run:
             self.load()
             chaos.join()
             self.quiesce()
-            return self.table()
+            result = self.table()
+            if not passed(result):  # its logs and service data are what tells why
+                self.keep = True
+            result["run_directory"] = str(self.dir) if self.keep else None
+            return result
         finally:
             self.teardown()
 
@@ -654,6 +658,8 @@ def render(result: dict[str, Any]) -> str:
         lines += ["", "5xx: " + json.dumps(result["http_5xx_examples"])[:2000]]
     if result["errors"]:
         lines += ["", "not started / faults not applied: " + json.dumps(result["errors"])]
+    if result.get("run_directory"):
+        lines += ["", f"logs and service data kept in {result['run_directory']}"]
     return "\n".join(lines)
 
 
