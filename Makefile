@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install run test unit lint bench services browser up down clean fuzz
+.PHONY: install run test unit lint bench chaos fuzz services browser up down clean
 
 $(BIN)/orchestrator: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ unit: install          ## the tests with no I/O, in a second
 
 bench: install $(VENV)/.bench services ## every figure beside its peer, one table at the end (docs/performance.md)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+SEED ?= 1
+chaos: install         ## fault injection over every workflow (docs/reliability.md); private services, SEED=n
+	$(BIN)/python -m bench.chaos --seed $(SEED)
 
 up:                    ## the full stack with Docker
 	docker compose up --build -d

@@ -29,6 +29,7 @@ from typing import Any
 from kombu import Connection, Exchange, Producer
 from kombu.mixins import ConsumerMixin
 
+from emulators import effects
 from orchestrator.config import Settings, load_settings
 from sagas.balance.calculations import CONTRACT_VERSION, results_queue, task_queue
 from sagas.balance.settings import BalanceSettings
@@ -142,6 +143,7 @@ class Calculator(ConsumerMixin):  # type: ignore[misc]
         output = json.dumps(compute(calculation, inputs), indent=2, sort_keys=True) + "\n"
         commit = commit_once(repo, project, task["branch"], {task["output_file"]: output},
                              f"{calculation} calculation: {task['output_file']}", key)
+        effects.record("calculation", cid, commit.sha)
         return answer("succeeded", commit.sha)
 
 

@@ -36,6 +36,7 @@ from celery import Celery
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from emulators import effects
 from orchestrator.config import load_settings
 from orchestrator.runtime import configure_celery
 
@@ -97,6 +98,7 @@ def chat_task(message: dict[str, Any]) -> str:
         callbacks = list(reversed(callbacks)) + callbacks[:1]  # out of order, and one duplicate
     stream = message.get("callback_stream") if opts["callback"] != "pubsub" else None
     r = _client()
+    effects.record("chat_answer", message["task_id"], chat_task.request.id or "?")
     for cb in callbacks:
         if opts["delay"]:
             time.sleep(opts["delay"])

@@ -44,6 +44,7 @@ from flask import Flask, jsonify, request
 from werkzeug.http import HTTP_STATUS_CODES
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
+from emulators import effects
 from sagas.balance.repository import GitRepo
 
 log = logging.getLogger(__name__)
@@ -352,6 +353,9 @@ def create_app(data_dir: Path, tokens: dict[str, str]) -> Flask:
             new = repo.commit(branch, files, message if message.endswith("\n") else message + "\n",
                               start_branch=start)
             state.commits[p["path_with_namespace"]] = state.commits.get(p["path_with_namespace"], 0) + 1
+            markers = [line for line in message.splitlines() if line.startswith("Orchestrator-Step:")]
+            effects.record("gitlab_commit", f"{p['path_with_namespace']}@{branch}:{markers[-1] if markers else new}",
+                           new)
         return jsonify(_commit_json(repo.log(new, 1)[0], base(), p)), 201
 
     def merge_requests(p: dict[str, Any]) -> Any:
@@ -382,6 +386,7 @@ def create_app(data_dir: Path, tokens: dict[str, str]) -> Flask:
                   "web_url": f"{base()}/{p['path_with_namespace']}/-/merge_requests/{iid}"}
             state.mrs.append(mr)
             state.save()
+            effects.record("gitlab_merge_request", f"{p['path_with_namespace']}:{source}", str(mr["id"]))
         return jsonify(mr), 201
 
     return app

@@ -22,6 +22,8 @@ import threading
 import time
 from typing import Any, Callable
 
+from emulators import effects
+
 log = logging.getLogger(__name__)
 
 Reply = tuple[str, str | None, dict[str, Any]]  # topic, key, payload
@@ -40,6 +42,8 @@ class KafkaService:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"emulator-{name}", daemon=True)
         self._ready = threading.Event()
+        self.seen_ids: set[str] = set()  # message_id headers handled (kept in memory only)
+        self.message_id: str | None = None  # of the message being handled
 
     def start(self) -> "KafkaService":
         self._thread.start()
@@ -70,12 +74,21 @@ class KafkaService:
                 except ValueError:
                     log.warning("%s: undecodable message at offset %s", self.name, msg.offset())
                     continue
+                # the outbox sends a message again after a crash between publish and mark; a
+                # consumer de-duplicates by its message_id header (docs/kafka.md)
+                message_id = next((v.decode() for k, v in (msg.headers() or []) if k == "message_id" and v), None)
+                if message_id is not None and message_id in self.seen_ids:
+                    consumer.commit(message=msg, asynchronous=False)
+                    continue
                 with self.lock:
                     self.received.append(payload)
+                self.message_id = message_id
                 for topic, key, reply in self.handle(payload):
                     producer.produce(topic, encode(reply), key=key.encode() if key else None)
                 producer.flush(30)
                 consumer.commit(message=msg, asynchronous=False)
+                if message_id is not None:
+                    self.seen_ids.add(message_id)
         finally:
             consumer.close()
             producer.flush(10)
@@ -120,6 +133,7 @@ class TTSService(KafkaService):
         if self.latency:
             time.sleep(self.latency)
         key = (p["route_id"], str(p["story_id"]))
+        effects.record("tts_request", f"{key[0]}:{key[1]}:{p.get('attempt')}", self.message_id or "?")
         fail = self.rng.random() < self.failure_rate and (self.fail_always or key not in self.failed_once)
         reply: dict[str, Any] = {"route_id": p["route_id"], "story_id": p["story_id"],
                                  "attempt": p.get("attempt")}
@@ -148,6 +162,7 @@ class RunnerService(KafkaService):
         self.next_pid = 40000
 
     def _deploy(self, p: dict[str, Any]) -> list[Reply]:
+        effects.record("deploy_order", str(p["worker_id"]), self.message_id or "?")
         self.next_pid += 1
         if self.rng.random() < self.failure_rate:
             status = {"worker_id": p["worker_id"], "status": "failed", "process_pid": None,

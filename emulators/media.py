@@ -33,6 +33,8 @@ from urllib.parse import parse_qs, urlsplit
 from flask import Flask, Response, jsonify, request
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
+from emulators import effects
+
 SERVICES = ("video-downloader", "audio-normalization", "audio-transcriber")
 DEFAULT_PORTS = {"video-downloader": 8001, "audio-normalization": 8002, "audio-transcriber": 8003}
 
@@ -117,6 +119,7 @@ class _State:
         self.plan = _JobPlan()
         self.submits = 0
         self.submit_requests = 0
+        self.latency: float | None = None  # set through /_emulator/latency; None: the server's own
 
     def take_fault(self, endpoint: str) -> _Fault | None:
         with self.lock:
@@ -250,8 +253,9 @@ def create_app(
         # neither delayed nor subject to injected faults.
         if request.path.startswith("/_emulator"):
             return None
-        if latency > 0:
-            time.sleep(latency)
+        delay = latency if state.latency is None else state.latency
+        if delay > 0:
+            time.sleep(delay)
         if request.endpoint not in FAULT_ENDPOINTS:
             return None
         fault = state.take_fault(request.endpoint)
@@ -299,6 +303,8 @@ def create_app(
             if key is not None:
                 state.by_key[key] = job_id
             state.submits += 1
+        # one job per workflow stage: the key is `instance:step:restarts`
+        effects.record("media_submit", f"{service}:{(key or job_id).rsplit(':', 1)[0]}", job_id)
         return jsonify({"job_id": job_id, "status": "queued", "progress": 0.0}), 201
 
     @app.get("/jobs/<job_id>", endpoint="status")
@@ -372,6 +378,20 @@ def create_app(
         with state.lock:
             state.faults, state.plan = [], _JobPlan()
         return jsonify({"faults": [], "job": state.plan.as_json()})
+
+    @app.route("/_emulator/latency", methods=["GET", "POST"])
+    def set_latency() -> Any:
+        """`{"seconds": s}` delays every service answer by s seconds from now on; null restores
+        the server's own latency. GET shows the latency in force."""
+        if request.method == "POST":
+            body = request.get_json(silent=True)
+            seconds = body.get("seconds") if isinstance(body, dict) else "missing"
+            if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+                                        or not 0 <= seconds <= 600):
+                return _error("seconds must be a number from 0 to 600, or null", 400)
+            with state.lock:
+                state.latency = None if seconds is None else float(seconds)
+        return jsonify({"seconds": latency if state.latency is None else state.latency})
 
     @app.get("/_emulator/stats")
     def stats() -> Any:

@@ -67,7 +67,8 @@ class KafkaPublisher:
     def __init__(self, brokers: str, timeout: float = 30.0) -> None:
         from confluent_kafka import Producer
 
-        self.producer = Producer(producer_config(brokers))
+        self._config = producer_config(brokers)
+        self.producer = Producer(self._config)
         self._traced: Any = None  # the producer wrapped by the confluent-kafka instrumentation
         self.timeout = timeout
         self._lock = threading.Lock()  # one flush at a time: the report we wait for is ours
@@ -94,6 +95,20 @@ class KafkaPublisher:
             self._traced = tracing.instrument_kafka_producer(self.producer)
         return self._traced or self.producer
 
+    def _renew(self) -> None:
+        """A new producer in place of one whose delivery failed: a producer that knew a broker
+        which has since restarted without its log (or lost its idempotence state) times out on
+        every message for ever. What the old one still holds is purged; the row is sent again
+        (consumers de-duplicate by message_id)."""
+        from confluent_kafka import Producer
+
+        try:
+            self.producer.purge()
+        except Exception:  # noqa: BLE001 - the old producer is dropped either way
+            pass
+        self.producer = Producer(self._config)
+        self._traced = None
+
     def _produce(self, row: OutboxMessage, value: bytes, headers: list[tuple[str, bytes]]) -> None:
         from confluent_kafka import KafkaException
 
@@ -112,6 +127,8 @@ class KafkaPublisher:
                     raise PermanentPublishError(f"kafka refused the message for {row.target}: {exc}") from exc
                 raise
             left = self.producer.flush(self.timeout)
+            if (errors and not is_permanent_error(errors[0])) or left:
+                self._renew()
         if errors:
             if is_permanent_error(errors[0]):
                 raise PermanentPublishError(f"kafka delivery to {row.target} failed: {errors[0]}")

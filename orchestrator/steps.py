@@ -34,6 +34,7 @@ from typing import Any, Callable, Mapping
 from billiard.exceptions import WorkerLostError
 from celery import shared_task
 from celery.signals import task_failure
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from . import logs, runtime, tracing
 from .engine import Await, Done, Poll, StepContext, Successor
@@ -177,6 +178,11 @@ def execute_step(engine: Any, name: str, fn: StepFunction, instance_id: str, ste
         return f"failed: {exc.message}"
     except (InvalidInput, StepError) as exc:
         engine.step_failed(instance_id, step, attempt, str(exc), False, branch, ctx.basis)
+        return f"failed: {exc}"
+    except (OperationalError, InterfaceError) as exc:
+        # the database went away under the step (a restart): not the step's fault, so retried
+        log.warning("step %s of %s lost its database connection: %s", step, instance_id, exc)
+        engine.step_failed(instance_id, step, attempt, f"database unavailable: {exc}", True, branch, ctx.basis)
         return f"failed: {exc}"
     except Exception as exc:
         log.exception("step %s of %s raised", step, instance_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Callable
 
 from orchestrator import bulk
 from orchestrator.runtime import Runtime
@@ -15,9 +16,12 @@ log = logging.getLogger(__name__)
 TIMERS_PER_PASS = 1000
 
 
+def publish_once(rt: Runtime) -> dict[str, int]:
+    return {"published": rt.relay.publish()}
+
+
 def sweep_once(rt: Runtime) -> dict[str, int]:
     return {
-        "published": rt.relay.publish(),
         "timers": rt.engine.fire_due_timers(limit=TIMERS_PER_PASS),
         "leases": rt.engine.redispatch_expired_leases(),
         # At most about one sweep interval of a bulk operation's items per pass, at its rate.
@@ -26,16 +30,27 @@ def sweep_once(rt: Runtime) -> dict[str, int]:
     }
 
 
-def run(rt: Runtime, stop: threading.Event) -> None:
-    log.info("sweeper running every %.2fs", rt.settings.sweep_interval)
+def _loop(rt: Runtime, stop: threading.Event, what: str, once: Callable[[Runtime], dict[str, int]]) -> None:
     while not stop.is_set():
         try:
-            counts = sweep_once(rt)
+            counts = once(rt)
             if any(counts.values()):
-                log.debug("sweep: %s", counts)
+                log.debug("%s: %s", what, counts)
         except Exception:  # a database or broker outage: keep sweeping, it will come back
-            log.exception("sweep failed")
+            log.exception("%s failed", what)
             stop.wait(min(5.0, rt.settings.sweep_interval * 5))
             continue
-        if counts["timers"] < TIMERS_PER_PASS:
+        if counts.get("timers", 0) < TIMERS_PER_PASS:  # a full pass: more timers are due, go again
             stop.wait(rt.settings.sweep_interval)
+
+
+def run(rt: Runtime, stop: threading.Event) -> None:
+    """Unsent outbox rows are published by a thread of their own: a broker that is down makes
+    each row wait for its delivery timeout, and timers, leases and bulk operations (every other
+    workflow's progress) must not wait behind it."""
+    log.info("sweeper running every %.2fs", rt.settings.sweep_interval)
+    relay = threading.Thread(target=_loop, args=(rt, stop, "outbox sweep", publish_once), name="outbox-sweep",
+                             daemon=True)
+    relay.start()
+    _loop(rt, stop, "sweep", sweep_once)
+    relay.join(60)

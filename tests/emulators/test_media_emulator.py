@@ -318,3 +318,30 @@ def test_main_serves_all_services_until_sigterm() -> None:
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+def test_latency_switch_delays_service_answers_over_the_wire_until_cleared(server: Callable[..., EmulatorServer]) -> None:
+    srv = server("video-downloader")
+    assert requests.post(f"{srv.url}/_emulator/latency", json={"seconds": "slow"}, timeout=5).status_code == 400
+    assert requests.post(f"{srv.url}/_emulator/latency", json={"seconds": 0.6}, timeout=5).json() == {"seconds": 0.6}
+    t = time.monotonic()
+    assert requests.get(f"{srv.url}/health", timeout=5).status_code == 200
+    assert time.monotonic() - t >= 0.6
+    requests.post(f"{srv.url}/_emulator/latency", json={"seconds": None}, timeout=5)
+    t = time.monotonic()
+    requests.get(f"{srv.url}/health", timeout=5)
+    assert time.monotonic() - t < 0.6
+
+
+def test_effect_ledger_counts_one_job_per_stage_and_a_second_one_as_duplicated(
+        make_client: ClientFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from emulators.effects import summary
+
+    ledger = tmp_path / "effects.jsonl"
+    monkeypatch.setenv("EMULATOR_EFFECTS_FILE", str(ledger))
+    client = make_client("video-downloader")
+    for key in ("wf1:download:0", "wf1:download:0", "wf2:download:0"):  # a retry reuses its job
+        assert client.post("/jobs", json={"url": URL}, headers={"Idempotency-Key": key}).status_code in (200, 201)
+    assert summary(str(ledger))["media_submit"] == {"effects": 2, "keys": 2, "duplicated": 0, "examples": {}}
+    client.post("/jobs", json={"url": URL}, headers={"Idempotency-Key": "wf1:download:1"})  # a new job, same stage
+    assert summary(str(ledger))["media_submit"]["duplicated"] == 1
