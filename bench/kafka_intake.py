@@ -81,7 +81,10 @@ def bridge_intake(env: dict[str, str], brokers: str, n: int, tag: str, log: Path
     db = create_engine(env["DATABASE_URL"])
     produce(brokers, "route.confirmed", _events(n, tag))
     with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.entrypoints.cli", "bridge"], env=env, cwd=ROOT,
+        profile = os.environ.get("BENCH_PROFILE")  # a cProfile output path: profile the bridge
+        prefix = ["-m", "cProfile", "-o", profile] if profile else []
+        proc = subprocess.Popen([sys.executable, *prefix, "-m", "orchestrator.entrypoints.cli", "bridge"], env=env,
+                                cwd=ROOT,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         q = select(func.count(), func.min(WorkflowInstance.created_at), func.max(WorkflowInstance.created_at)) \
@@ -129,7 +132,8 @@ def measure(n: int) -> dict[str, float]:
             base = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY_", "DATABASE_", "POSTGRES_"))}
             env = {**base, "DATABASE_URL": url, "KAFKA_BROKERS": broker.bootstrap,
                    "CONSUMER_GROUP": f"bench-{uuid.uuid4().hex[:6]}", "WORKFLOW_MODULES": "sagas,tasks",
-                   "PYTHONPATH": str(ROOT), "LOG_LEVEL": "WARNING"}
+                   "PYTHONPATH": str(ROOT),
+                   "LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING")}
             bridge_s = bridge_intake(env, broker.bootstrap, n, f"b{uuid.uuid4().hex[:6]}", logdir / "bridge.log")
     finally:
         with admin.connect() as conn:

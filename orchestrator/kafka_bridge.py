@@ -43,7 +43,7 @@ from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from . import logs, tracing
 from .errors import Conflict, IllegalTransition, InvalidInput, NotFound
 from .jsonutil import unstorable
-from .models import ProcessedMessage
+from .models import ProcessedMessage, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,10 @@ KAFKA_EVENTS = Counter("orchestrator_kafka_events_total", "Kafka events handled 
 KAFKA_DEAD_LETTERS = Counter("orchestrator_kafka_dead_letters_total",
                              "Events sent to the dead-letter topic", ["topic", "reason"])
 KAFKA_HANDLE_SECONDS = Histogram("orchestrator_kafka_handle_seconds", "Time to handle one event", ["topic"])
+
+
+class _Retry(Exception):
+    """The batch must be rolled back and its events handled one by one."""
 
 
 class Ignored(Exception):
@@ -172,7 +176,8 @@ def _headers(msg: Any) -> dict[str, str]:
 # -- the consumer ------------------------------------------------------------------------------
 class Bridge:
     def __init__(self, rt: Any, group: str | None = None, commit_every: int = 200,
-                 commit_interval: float = 0.5, lag_interval: float = 5.0, max_attempts: int = 5) -> None:
+                 commit_interval: float = 0.5, lag_interval: float = 5.0, max_attempts: int = 5,
+                 batch_size: int = 500) -> None:
         from confluent_kafka import Consumer, Producer
 
         from .kafka import consumer_config, producer_config
@@ -188,6 +193,7 @@ class Bridge:
         self.commit_interval = commit_interval
         self.lag_interval = lag_interval
         self.max_attempts = max_attempts
+        self.batch_size = batch_size
         install_dedup(rt.sessions)
         self.consumer = Consumer(consumer_config(self.brokers, self.group,
                                                  **{"statistics.interval.ms": int(lag_interval * 1000),
@@ -222,17 +228,20 @@ class Bridge:
         log.info("bridge in group %s consuming %s", self.group, ", ".join(sorted(self.routes)))
         try:
             while not stop.is_set():
-                msg = self.consumer.poll(0.2)
-                if msg is not None:
+                msgs = []
+                for msg in self.consumer.consume(self.batch_size, 0.2):
                     if msg.error():
                         log.warning("consumer error: %s", msg.error())
                     else:
-                        if self.handle_with_retry(msg, stop) is None:
-                            break
+                        msgs.append(msg)
+                if msgs:
+                    if not self.handle_batch(msgs, stop):
+                        break  # stopping: this batch's offsets stay uncommitted (redelivered, de-duplicated)
+                    for msg in msgs:
                         self.pending[(msg.topic(), msg.partition())] = msg.offset() + 1
-                        self.handled += 1
-                        self._since_commit += 1
-                self.commit()
+                    self.handled += len(msgs)
+                    self._since_commit += len(msgs)
+                self.commit(force=bool(msgs))  # once per batch, after its transaction committed
         finally:
             self.commit(force=True)
             self.consumer.close()  # leaves the group: the partitions go to the others now
@@ -277,7 +286,6 @@ class Bridge:
         except Exception as exc:  # a gauge is never a reason to stop consuming
             log.debug("lag not measured: %s", exc)
 
-    # -- one event ------------------------------------------------------------------------------
     def handle_with_retry(self, msg: Any, stop: threading.Event) -> str | None:
         """A database that cannot be reached is waited for, however long (the event is fine);
         any other error is retried `max_attempts` times, then the event is dead-lettered."""
@@ -299,65 +307,169 @@ class Bridge:
                 return None  # stopping: not committed, so it is redelivered to whoever owns it next
             delay = min(delay * 2, 5.0)
 
-    def handle(self, msg: Any) -> str:
+    # -- a batch of events -------------------------------------------------------------------
+    def handle_batch(self, msgs: list[Any], stop: threading.Event) -> bool:
+        """Apply a batch of events in one transaction (Engine.batch), with their
+        processed_messages rows; False when stopping before every event was handled.
+
+        An event that cannot be applied cleanly in the batch (bad bytes, a refused or unknown
+        instance, anything raised) is set aside, with every later event of the same partition
+        and key, and handled alone after the batch committed (dead-lettered alone, say): it
+        never holds back or poisons the others. A database error, or a refusal raised after its
+        handler had written, rolls the batch back and every event is handled alone."""
+        if len(msgs) == 1:
+            return self.handle_with_retry(msgs[0], stop) is not None
+        ready, later, ids = [], [], {}
+        for msg in msgs:
+            ev = self._parse(msg)
+            if isinstance(ev, tuple):
+                later.append(msg)  # handled alone: dead-lettered with its reason
+            else:
+                ready.append((msg, ev))
+                ids.setdefault(ev.topic, set()).add(ev.event_id)
+        try:
+            seen = self.processed_many(ids)
+        except (OperationalError, InterfaceError):
+            return self._one_by_one(msgs, stop)
+        done: dict[int, tuple[str, str, float]] = {}  # by position in `msgs`
+        held: set[tuple[str, int, str | None]] = set()  # set aside: their later events go after them
+        refused: set[int] = set()
+        try:
+            with self.engine.batch() as batch:
+                for n, (msg, ev) in enumerate(ready):
+                    batch.tag = n
+                    if (ev.topic, ev.event_id) in seen:
+                        done[n] = (ev.topic, "duplicate", 0.0)
+                        log.warning("duplicate %s/%s@%s (event id %s): skipped", ev.topic, ev.partition, ev.offset,
+                                    ev.event_id)
+                        continue
+                    if (ev.topic, ev.partition, ev.key) in held:
+                        later.append(msg)
+                        continue
+                    seen.add((ev.topic, ev.event_id))
+                    started, writes = time.perf_counter(), batch.writes
+                    try:
+                        outcome = self._run_handler(msg, ev)
+                    except (InvalidInput, NotFound, Ignored, IllegalTransition, Conflict):
+                        if batch.writes != writes:
+                            raise _Retry("a refused event had written") from None
+                        seen.discard((ev.topic, ev.event_id))
+                        held.add((ev.topic, ev.partition, ev.key))
+                        later.append(msg)
+                        continue
+                    batch.extra.append((n, ProcessedMessage.__table__, {
+                        "consumer": f"kafka:{ev.topic}", "message_id": ev.event_id, "created_at": utcnow()}))
+                    done[n] = (ev.topic, outcome, time.perf_counter() - started)
+                batch.flush()
+                refused = set(batch.refused)
+        except Exception as exc:  # rolled back: nothing of the batch was written
+            log.warning("batch of %d events rolled back (%s: %s); handling them one by one", len(msgs),
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            return self._one_by_one(msgs, stop)
+        log.debug("batch of %d events: %d applied together, %d alone", len(msgs), len(done) - len(refused),
+                  len(later) + len(refused))
+        for n in refused:  # a start whose key exists: handled alone, it finds the instance
+            done.pop(n, None)
+            later.append(ready[n][0])
+        for topic, outcome, seconds in done.values():
+            KAFKA_EVENTS.labels(topic, outcome).inc()
+            KAFKA_HANDLE_SECONDS.labels(topic).observe(seconds)
+        later.sort(key=lambda m: (m.topic(), m.partition(), m.offset()))
+        return self._one_by_one(later, stop)
+
+    def _one_by_one(self, msgs: list[Any], stop: threading.Event) -> bool:
+        for msg in msgs:
+            if self.handle_with_retry(msg, stop) is None:
+                return False
+        return True
+
+    def processed_many(self, ids: dict[str, set[str]]) -> set[tuple[str, str]]:
+        """(topic, event id) of the events already handled, one query per topic."""
+        found: set[tuple[str, str]] = set()
+        with self.rt.sessions() as s:
+            for topic, wanted in ids.items():
+                rows = s.execute(select(ProcessedMessage.message_id).where(
+                    ProcessedMessage.consumer == f"kafka:{topic}", ProcessedMessage.message_id.in_(wanted)))
+                found.update((topic, m) for m in rows.scalars())
+        return found
+
+    def _parse(self, msg: Any) -> "KafkaEvent | tuple[str, str]":
+        """The event, or why it cannot be applied: (reason, dead-letter kind)."""
         topic = msg.topic()
-        started = time.perf_counter()
-        route = self.routes.get(topic)
-        if route is None:
-            return self.dead_letter(msg, f"no workflow consumes topic {topic}", "unroutable")
-        consumer = f"kafka:{topic}"
+        if topic not in self.routes:
+            return f"no workflow consumes topic {topic}", "unroutable"
         msg_id = event_id(msg)
         bad_id = unstorable(msg_id, "headers.event_id")  # its de-duplication row could not be stored
         if bad_id is not None:
-            return self.dead_letter(msg, f"{bad_id[0]}: {bad_id[1]}", "invalid_field")
-        seen_at = self.processed(consumer, msg_id)
-        if seen_at is not None:
-            # logged, never silent: a new event taken for a duplicate would otherwise vanish
-            log.warning("duplicate %s/%s@%s (event id %s, first handled %s): skipped", topic, msg.partition(),
-                        msg.offset(), msg_id, seen_at)
-            return self._outcome(topic, "duplicate", started)
-        raw = msg.value() or b""
+            return f"{bad_id[0]}: {bad_id[1]}", "invalid_field"
+        raw = msg.value()
+        if raw is None:
+            return "empty value: a tombstone (null value) is not an event", "invalid_json"
         try:
             payload = json.loads(raw)
         except (UnicodeDecodeError, ValueError) as exc:
-            return self.dead_letter(msg, f"invalid JSON: {exc}", "invalid_json")
+            return f"invalid JSON: {exc}", "invalid_json"
         if not isinstance(payload, dict):
-            return self.dead_letter(msg, f"payload must be a JSON object, got {type(payload).__name__}",
-                                    "invalid_json")
+            return f"payload must be a JSON object, got {type(payload).__name__}", "invalid_json"
         key = msg.key().decode(errors="replace") if msg.key() else None
         ev = KafkaEvent(topic, msg.partition(), msg.offset(), key, payload, msg_id, _headers(msg))
         # Text the database refuses (NUL, a lone surrogate) would fail every attempt: dead-letter
         # it at once, naming the field (a payload field bare, else `key` or `headers.<name>`).
         bad = unstorable(payload) or unstorable({"key": key, "headers": ev.headers})
         if bad is not None:
-            return self.dead_letter(msg, f"{bad[0]}: {bad[1]}", "invalid_field")
+            return f"{bad[0]}: {bad[1]}", "invalid_field"
+        return ev
+
+    def _run_handler(self, msg: Any, ev: KafkaEvent) -> str:
         # An event without the header continues the correlation stored with its instance; its
         # trace (W3C headers) goes on through the engine's spans and the outbox rows it writes.
         # This span is by hand: the confluent-kafka instrumentation's consumer makes its process
         # span the child of a fresh `recv` span, the producer's trace only linked, so the event's
         # trace would stop at the broker.
+        topic, key = ev.topic, ev.key
         with logs.context(correlation_id=ev.headers.get(logs.HEADER) or None), tracing.span(
                 f"{topic} process", {"messaging.system": "kafka", "messaging.destination.name": topic,
                                      "messaging.kafka.message.offset": msg.offset(),
                                      "messaging.destination.partition.id": str(msg.partition()),
-                                     "messaging.message.id": msg_id, **({"workflow.key": key} if key else {})},
+                                     "messaging.message.id": ev.event_id, **({"workflow.key": key} if key else {})},
                 parent=ev.headers, kind="consumer"):
-            token = _current_delivery.set(_Delivery(consumer, msg_id))
-            try:
-                outcome = route.handler(self.engine, ev) or "accepted"
-            except InvalidInput as exc:
-                return self.dead_letter(msg, f"{exc.field}: {exc.problem}", "invalid_field")
-            except NotFound as exc:
-                return self.dead_letter(msg, f"unroutable: {exc.message}", "unroutable")
-            except (Ignored, IllegalTransition, Conflict) as exc:
-                log.info("ignored %s/%s@%s: %s", topic, msg.partition(), msg.offset(), exc)
-                outcome = "ignored"
-            except IntegrityError:  # another delivery of the same event committed first
-                log.warning("duplicate %s/%s@%s (event id %s, handled concurrently): skipped", topic,
-                            msg.partition(), msg.offset(), msg_id)
-                outcome = "duplicate"
-            finally:
-                _current_delivery.reset(token)
+            return self.routes[topic].handler(self.engine, ev) or "accepted"
+
+    # -- one event ------------------------------------------------------------------------------
+    def handle(self, msg: Any) -> str:
+        topic = msg.topic()
+        started = time.perf_counter()
+        if topic not in self.routes:
+            return self.dead_letter(msg, f"no workflow consumes topic {topic}", "unroutable")
+        consumer = f"kafka:{topic}"
+        msg_id = event_id(msg)
+        bad_id = unstorable(msg_id, "headers.event_id")
+        if bad_id is None:
+            seen_at = self.processed(consumer, msg_id)
+            if seen_at is not None:
+                # logged, never silent: a new event taken for a duplicate would otherwise vanish
+                log.warning("duplicate %s/%s@%s (event id %s, first handled %s): skipped", topic, msg.partition(),
+                            msg.offset(), msg_id, seen_at)
+                return self._outcome(topic, "duplicate", started)
+        ev = self._parse(msg)
+        if isinstance(ev, tuple):
+            return self.dead_letter(msg, *ev)
+        token = _current_delivery.set(_Delivery(consumer, msg_id))
+        try:
+            outcome = self._run_handler(msg, ev)
+        except InvalidInput as exc:
+            return self.dead_letter(msg, f"{exc.field}: {exc.problem}", "invalid_field")
+        except NotFound as exc:
+            return self.dead_letter(msg, f"unroutable: {exc.message}", "unroutable")
+        except (Ignored, IllegalTransition, Conflict) as exc:
+            log.info("ignored %s/%s@%s: %s", topic, msg.partition(), msg.offset(), exc)
+            outcome = "ignored"
+        except IntegrityError:  # another delivery of the same event committed first
+            log.warning("duplicate %s/%s@%s (event id %s, handled concurrently): skipped", topic,
+                        msg.partition(), msg.offset(), msg_id)
+            outcome = "duplicate"
+        finally:
+            _current_delivery.reset(token)
         return self._outcome(topic, outcome, started)
 
     def _outcome(self, topic: str, outcome: str, started: float) -> str:
