@@ -57,6 +57,16 @@ KAFKA_DEAD_LETTERS = Counter("orchestrator_kafka_dead_letters_total",
 KAFKA_HANDLE_SECONDS = Histogram("orchestrator_kafka_handle_seconds", "Time to handle one event", ["topic"])
 
 
+#: The largest dead letter the bridge produces (the broker may take less: see `dead_letter`).
+DLQ_MAX_BYTES = 64 * 1024 * 1024
+#: What is kept of an event the dead-letter topic refuses as too large.
+DLQ_TRUNCATE = 64 * 1024
+
+
+class _Waiting(Exception):
+    """What the bridge waits for before it can consume (the database, the broker)."""
+
+
 class _Retry(Exception):
     """The batch must be rolled back and its events handled one by one."""
 
@@ -177,7 +187,7 @@ def _headers(msg: Any) -> dict[str, str]:
 class Bridge:
     def __init__(self, rt: Any, group: str | None = None, commit_every: int = 200,
                  commit_interval: float = 0.5, lag_interval: float = 5.0, max_attempts: int = 5,
-                 batch_size: int = 500) -> None:
+                 batch_size: int = 500, max_wait: float = 10.0) -> None:
         from confluent_kafka import Consumer, Producer
 
         from .kafka import consumer_config, producer_config
@@ -194,11 +204,19 @@ class Bridge:
         self.lag_interval = lag_interval
         self.max_attempts = max_attempts
         self.batch_size = batch_size
+        self.max_wait = max_wait
         install_dedup(rt.sessions)
         self.consumer = Consumer(consumer_config(self.brokers, self.group,
                                                  **{"statistics.interval.ms": int(lag_interval * 1000),
-                                                    "stats_cb": self.export_lag}))
-        self.dlq = Producer(producer_config(self.brokers))
+                                                    "stats_cb": self.export_lag,
+                                                    # a topic re-created after a broker restart is seen soon
+                                                    "topic.metadata.refresh.interval.ms": 10000}))
+        from confluent_kafka import KafkaError
+
+        self._lost_codes = {KafkaError._ALL_BROKERS_DOWN, KafkaError.UNKNOWN_TOPIC_OR_PART,
+                            KafkaError._UNKNOWN_TOPIC}
+        # as large as the broker takes: a dead letter carries the original bytes
+        self.dlq = Producer(producer_config(self.brokers, **{"message.max.bytes": DLQ_MAX_BYTES}))
         self.pending: dict[tuple[str, int], int] = {}  # next offset to commit, per partition
         self.handled = 0
         self._last_commit = time.monotonic()
@@ -220,20 +238,62 @@ class Bridge:
                 pass
         log.info("revoked %s", [(p.topic, p.partition) for p in partitions])
 
-    def run(self, stop: threading.Event) -> None:
+    def wait_until_ready(self, stop: threading.Event, what: str = "start") -> bool:
+        """Wait until the database answers and the broker has every topic the bridge uses
+        (created if missing), retrying with exponential backoff up to `max_wait` seconds
+        between tries (tenacity) and logging what it waits for. False if stopped meanwhile."""
+        import tenacity
+        from sqlalchemy import text
+
         from .kafka import ensure_topics
 
-        ensure_topics(self.brokers, all_topics(self.engine.registry))
+        def check() -> None:
+            try:
+                with self.rt.db.connect() as conn:
+                    conn.execute(text("SELECT 1"))
+            except Exception as exc:
+                raise _Waiting(f"the database ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+            try:
+                ensure_topics(self.brokers, all_topics(self.engine.registry), timeout=5.0)
+            except Exception as exc:
+                raise _Waiting(f"the Kafka broker at {self.brokers} ({exc})") from exc
+
+        def waiting(state: Any) -> None:
+            exc = state.outcome.exception()
+            log.warning("bridge %s: waiting for %s; next try in %.1fs", what, exc, state.next_action.sleep)
+
+        try:
+            tenacity.Retrying(retry=tenacity.retry_if_exception_type(_Waiting),
+                              wait=tenacity.wait_exponential(multiplier=0.5, max=self.max_wait),
+                              stop=tenacity.stop_when_event_set(stop), sleep=stop.wait,
+                              before_sleep=waiting, reraise=True)(check)
+        except _Waiting:
+            return False  # stopped while waiting
+        if what != "start":
+            log.info("bridge %s: the database and the Kafka broker answer again", what)
+        return not stop.is_set()
+
+    def run(self, stop: threading.Event) -> None:
+        if not self.wait_until_ready(stop):
+            self.consumer.close()
+            log.info("bridge stopped before it started")
+            return
         self.consumer.subscribe(sorted(self.routes), on_assign=self._on_assign, on_revoke=self._on_revoke)
         log.info("bridge in group %s consuming %s", self.group, ", ".join(sorted(self.routes)))
         try:
             while not stop.is_set():
                 msgs = []
+                lost = False
                 for msg in self.consumer.consume(self.batch_size, 0.2):
                     if msg.error():
                         log.warning("consumer error: %s", msg.error())
+                        lost = lost or msg.error().code() in self._lost_codes
                     else:
                         msgs.append(msg)
+                if lost and not msgs:  # the broker went away (or came back without our topics)
+                    if not self.wait_until_ready(stop, "resume"):
+                        break
+                    continue
                 if msgs:
                     if not self.handle_batch(msgs, stop):
                         break  # stopping: this batch's offsets stay uncommitted (redelivered, de-duplicated)
@@ -490,10 +550,26 @@ class Bridge:
             ("dlq_reason", reason.encode()), ("dlq_original_topic", topic.encode()),
             ("dlq_original_partition", str(msg.partition()).encode()),
             ("dlq_original_offset", str(msg.offset()).encode())]
-        errors: list[Any] = []
-        self.dlq.produce(f"{topic}.dlq", msg.value(), key=msg.key(), headers=headers,
-                         on_delivery=lambda err, _m: errors.append(err) if err else None)
-        if self.dlq.flush(30) or errors:
+        from confluent_kafka import KafkaException
+
+        from .kafka import is_permanent_error
+
+        value = msg.value()
+        for attempt in range(2):
+            errors: list[Any] = []
+            try:
+                self.dlq.produce(f"{topic}.dlq", value, key=msg.key(), headers=headers,
+                                 on_delivery=lambda err, _m: errors.append(err) if err else None)
+            except KafkaException as exc:
+                errors.append(exc)
+            left = 0 if errors else self.dlq.flush(30)
+            if not errors and not left:
+                break
+            if attempt == 0 and value and errors and is_permanent_error(errors[0]):
+                # too large for the dead-letter topic: its head, and the size it had
+                headers = headers + [("dlq_truncated_from", str(len(value)).encode())]
+                value = value[:DLQ_TRUNCATE]
+                continue
             raise RuntimeError(f"dead-letter to {topic}.dlq failed: {errors[:1]}")
         KAFKA_DEAD_LETTERS.labels(topic, kind).inc()
         log.warning("dead-lettered %s/%s@%s: %s", topic, msg.partition(), msg.offset(), reason)
