@@ -426,8 +426,9 @@ class Bridge:
             log.warning("batch of %d events rolled back (%s: %s); handling them one by one", len(msgs),
                         type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
             return self._one_by_one(msgs, stop)
-        log.debug("batch of %d events: %d applied together, %d alone", len(msgs), len(done) - len(refused),
-                  len(later) + len(refused))
+        alone = len(later) + len(refused)
+        log.log(logging.INFO if alone else logging.DEBUG, "batch of %d events: %d applied together, %d alone",
+                len(msgs), len(done) - len(refused), alone)
         for n in refused:  # a start whose key exists: handled alone, it finds the instance
             done.pop(n, None)
             later.append(ready[n][0])
