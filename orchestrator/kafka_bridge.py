@@ -208,7 +208,7 @@ class Bridge:
         install_dedup(rt.sessions)
         self.consumer = Consumer(consumer_config(self.brokers, self.group,
                                                  **{"statistics.interval.ms": int(lag_interval * 1000),
-                                                    "stats_cb": self.export_lag,
+                                                    "stats_cb": self.export_lag, "error_cb": self._client_error,
                                                     # a topic re-created after a broker restart is seen soon
                                                     "topic.metadata.refresh.interval.ms": 10000}))
         from confluent_kafka import KafkaError
@@ -222,6 +222,15 @@ class Bridge:
         self._last_commit = time.monotonic()
         self._since_commit = 0
         self.assigned: set[tuple[str, int]] = set()
+        self._lost = False  # set by the client's error callback: every broker is down
+
+    def _client_error(self, err: Any) -> None:
+        """librdkafka's client-level errors (not tied to a message): every broker down."""
+        if err.code() in self._lost_codes:
+            self._lost = True
+            log.warning("kafka client error: %s", err)
+        else:  # e.g. one failed connection attempt, which librdkafka retries by itself
+            log.debug("kafka client error: %s", err)
 
     # partitions come and go when bridges join or leave the group
     def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
@@ -290,6 +299,7 @@ class Bridge:
                         lost = lost or msg.error().code() in self._lost_codes
                     else:
                         msgs.append(msg)
+                lost, self._lost = lost or self._lost, False
                 if lost and not msgs:  # the broker went away (or came back without our topics)
                     if not self.wait_until_ready(stop, "resume"):
                         break
