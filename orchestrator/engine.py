@@ -403,6 +403,18 @@ class Engine:
                 log.warning("relay after commit failed; the sweeper will publish", exc_info=True)
 
     @contextmanager
+    def _reading(self) -> Iterator[Any]:
+        """A connection to read with: inside a batch its own (it sees what the batch wrote),
+        else one of the read pool."""
+        batch = _batch.get()
+        if batch is not None and batch.engine is self:
+            batch.flush()
+            yield batch.session.connection()
+        else:
+            with self.reads.connect() as conn:
+                yield conn
+
+    @contextmanager
     def batch(self) -> Iterator["Batch"]:
         """Many engine calls in one transaction (the Kafka bridge's batches): every
         `unit_of_work` opened inside joins it, and it commits once at the end, then relays the
@@ -491,7 +503,7 @@ class Engine:
             if idem is None and key is None:
                 return None
         i = INSTANCES.c
-        with self.reads.connect() as conn:
+        with self._reading() as conn:
             if idem is not None:
                 row = conn.execute(select(i.id, i.fingerprint).where(
                     i.type == cls.type, i.idempotency_key == idem)).first()
@@ -737,7 +749,7 @@ class Engine:
         `attempt`, when the completion event carries one, must be the item's current attempt.
         Returns ACCEPTED; DUPLICATE (the item already reported: no effect); STALE (the token is
         of an earlier attempt, or the step no longer waits); UNKNOWN (no such token)."""
-        with self.reads.connect() as conn:
+        with self._reading() as conn:
             row = conn.execute(select(TOKENS).where(TOKENS.c.token == token)).first()
         if row is None:
             return UNKNOWN
@@ -804,7 +816,7 @@ class Engine:
     def find(self, type_name: str, key: str) -> str | None:
         """The id of the instance of `type_name` started with business key `key`, or None."""
         i = INSTANCES.c
-        with self.reads.connect() as conn:
+        with self._reading() as conn:
             found = conn.execute(select(i.id).where(i.type == type_name, i.business_key == key)).scalar()
         return None if found is None else str(found)
 
@@ -1344,7 +1356,7 @@ class Engine:
 
     # -- reads ---------------------------------------------------------------------------------
     def snapshot(self, instance_id: str, history: bool = True) -> dict[str, Any]:
-        with self.reads.connect() as conn:
+        with self._reading() as conn:
             inst = conn.execute(INSTANCE, {"id": instance_id}).first()
             if inst is None:
                 raise NotFound(f"instance {instance_id} not found", instance_id=instance_id)

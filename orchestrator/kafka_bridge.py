@@ -187,7 +187,7 @@ def _headers(msg: Any) -> dict[str, str]:
 class Bridge:
     def __init__(self, rt: Any, group: str | None = None, commit_every: int = 200,
                  commit_interval: float = 0.5, lag_interval: float = 5.0, max_attempts: int = 5,
-                 batch_size: int = 500, max_wait: float = 10.0) -> None:
+                 batch_size: int = 500, batch_seconds: float = 0.5, max_wait: float = 10.0) -> None:
         from confluent_kafka import Consumer, Producer
 
         from .kafka import consumer_config, producer_config
@@ -204,6 +204,7 @@ class Bridge:
         self.lag_interval = lag_interval
         self.max_attempts = max_attempts
         self.batch_size = batch_size
+        self.batch_seconds = batch_seconds
         self.max_wait = max_wait
         install_dedup(rt.sessions)
         self.consumer = Consumer(consumer_config(self.brokers, self.group,
@@ -386,9 +387,24 @@ class Bridge:
         instance, anything raised) is set aside, with every later event of the same partition
         and key, and handled alone after the batch committed (dead-lettered alone, say): it
         never holds back or poisons the others. A database error, or a refusal raised after its
-        handler had written, rolls the batch back and every event is handled alone."""
+        handler had written, rolls the batch back and every event is handled alone.
+
+        A transaction takes events for at most `batch_seconds`; the rest go in the next one, so
+        its outbox rows are not older than the sweeper's grace period when it commits (else the
+        sweeper would send them too)."""
+        i = 0
+        while i < len(msgs):
+            n = self._apply(msgs[i:], stop)
+            if n is None:
+                return False
+            i += n
+        return True
+
+    def _apply(self, msgs: list[Any], stop: threading.Event) -> int | None:
+        """One transaction of `handle_batch`: how many of `msgs` (a prefix) it handled, None
+        when stopping."""
         if len(msgs) == 1:
-            return self.handle_with_retry(msgs[0], stop) is not None
+            return None if self.handle_with_retry(msgs[0], stop) is None else 1
         ready, later, ids = [], [], {}
         for msg in msgs:
             ev = self._parse(msg)
@@ -400,13 +416,18 @@ class Bridge:
         try:
             seen = self.processed_many(ids)
         except (OperationalError, InterfaceError):
-            return self._one_by_one(msgs, stop)
-        done: dict[int, tuple[str, str, float]] = {}  # by position in `msgs`
+            return len(msgs) if self._one_by_one(msgs, stop) else None
+        done: dict[int, tuple[str, str, float]] = {}  # by position in `ready`
         held: set[tuple[str, int, str | None]] = set()  # set aside: their later events go after them
         refused: set[int] = set()
+        cut = len(msgs)  # the events from here on go in the next transaction
+        deadline = time.monotonic() + self.batch_seconds
         try:
             with self.engine.batch() as batch:
                 for n, (msg, ev) in enumerate(ready):
+                    if n and time.monotonic() > deadline:
+                        cut = next(i for i, m in enumerate(msgs) if m is msg)
+                        break
                     batch.tag = n
                     if (ev.topic, ev.event_id) in seen:
                         done[n] = (ev.topic, "duplicate", 0.0)
@@ -433,12 +454,15 @@ class Bridge:
                 batch.flush()
                 refused = set(batch.refused)
         except Exception as exc:  # rolled back: nothing of the batch was written
-            log.warning("batch of %d events rolled back (%s: %s); handling them one by one", len(msgs),
+            log.warning("batch of %d events rolled back (%s: %s); handling them one by one", cut,
                         type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-            return self._one_by_one(msgs, stop)
+            return cut if self._one_by_one(msgs[:cut], stop) else None
+        if cut < len(msgs):
+            taken = {id(m) for m in msgs[:cut]}
+            later = [m for m in later if id(m) in taken]
         alone = len(later) + len(refused)
         log.log(logging.INFO if alone else logging.DEBUG, "batch of %d events: %d applied together, %d alone",
-                len(msgs), len(done) - len(refused), alone)
+                cut, len(done) - len(refused), alone)
         for n in refused:  # a start whose key exists: handled alone, it finds the instance
             done.pop(n, None)
             later.append(ready[n][0])
@@ -446,7 +470,7 @@ class Bridge:
             KAFKA_EVENTS.labels(topic, outcome).inc()
             KAFKA_HANDLE_SECONDS.labels(topic).observe(seconds)
         later.sort(key=lambda m: (m.topic(), m.partition(), m.offset()))
-        return self._one_by_one(later, stop)
+        return cut if self._one_by_one(later, stop) else None
 
     def _one_by_one(self, msgs: list[Any], stop: threading.Event) -> bool:
         for msg in msgs:
