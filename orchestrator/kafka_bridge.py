@@ -18,6 +18,10 @@ engine call (start or fire). Delivery is at least once, the effect exactly once:
   so a redelivered event finds it and does nothing, and two deliveries racing cannot both commit;
 - the offset is committed only after that transaction committed (or the event was dead-lettered).
 
+Events are applied in batches (`Bridge.handle_batch`, docs/kafka.md "Batches"): the events of one
+poll in one transaction with their processed_messages rows, offsets committed once per batch
+after it; an event that cannot be applied cleanly is handled alone after the batch.
+
 Outcomes: `accepted`; `duplicate`; `ignored` (the workflow refused it: a late or repeated report,
 logged and counted); `dead_letter` (broken JSON, a missing or mistyped field, an unknown route:
 the original bytes go to `<topic>.dlq` with the reason in the headers). A database outage is
