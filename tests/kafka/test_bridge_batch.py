@@ -2,7 +2,8 @@
 of a batch is dead-lettered alone while every other event is applied; a bridge SIGKILLed in the
 middle of batches leaves exactly one effect per event after a restart; the bridge's relay keeps
 the outbox drained under a burst. No other bridge runs in this module (each test has a group of
-its own, started after its events are on the topic, so they arrive in batches)."""
+its own, started after its events are on the topic, so they arrive in batches; the bursts of
+starts go to a broker of their own)."""
 from __future__ import annotations
 
 import json
@@ -100,10 +101,19 @@ def test_a_poison_event_in_the_middle_of_a_batch_is_dead_lettered_alone(kclient,
         bridge.stop()
 
 
-def test_bridge_killed_in_the_middle_of_batches_of_starts(kclient, kafka, krt, kenv):
+def on_own_broker(kenv, own_broker):
+    """(environment, producer) for a broker of the test's own: its thousands of story.generate
+    messages stay away from the session broker's emulators."""
+    from .conftest import Kafka
+
+    return {**kenv, "KAFKA_BROKERS": own_broker.bootstrap}, Kafka(own_broker.bootstrap)
+
+
+def test_bridge_killed_in_the_middle_of_batches_of_starts(krt, kenv, own_broker):
     """route.confirmed starts (instance, history, outbox row and de-duplication row, all held
     back and inserted together): after a SIGKILL and a restart each route has one instance, one
     story.generate row and one processed_messages row."""
+    kenv, kafka = on_own_broker(kenv, own_broker)
     tag = uuid.uuid4().hex[:6]
     ids = [f"rk-{tag}-{i}" for i in range(3000)]
     for rid in ids:
@@ -133,9 +143,10 @@ def test_bridge_killed_in_the_middle_of_batches_of_starts(kclient, kafka, krt, k
         second.stop()
 
 
-def test_the_relay_keeps_the_outbox_drained_under_a_burst(kafka, krt, kenv):
+def test_the_relay_keeps_the_outbox_drained_under_a_burst(krt, kenv, own_broker):
     """No sweeper runs: every story.generate row the bridge writes is published by the bridge's
     own relay, marked sent, and on the topic."""
+    kenv, kafka = on_own_broker(kenv, own_broker)
     tag = uuid.uuid4().hex[:6]
     ids = [f"rb-{tag}-{i}" for i in range(2000)]
     for rid in ids:
