@@ -8,9 +8,12 @@ On one bundled broker (Tansu) and a fresh PostgreSQL database, in one run:
       the last message;
   (c) bridge intake: N new events accepted by one `orchestrator bridge` process, each one a
       committed engine transaction (instance, history, outbox row) and its story.generate
-      produced through the outbox; first to last instance created.
+      produced through the outbox; first to last instance created;
+  (d) relay produce: those N story.generate messages, first to last produced (their CreateTime),
+      and how long after the last event was accepted the last one went out.
 
-It prints events per second for each and the ratio bridge / raw consume.
+It prints events per second for each and the ratio bridge / raw consume. BENCH_PROFILE=<path>
+runs the bridge under cProfile (its profile written there); BENCH_LOG_LEVEL sets its log level.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
@@ -73,7 +77,37 @@ def consume(brokers: str, topic: str, n: int) -> float:
     return time.perf_counter() - assigned[0]
 
 
-def bridge_intake(env: dict[str, str], brokers: str, n: int, tag: str, log: Path) -> float:
+def relay_produce(brokers: str, tag: str, n: int, last_created: Any) -> tuple[float, float]:
+    """The relay's side: the story.generate messages of these routes, read back. (seconds from
+    the first to the last one produced, by their CreateTime; seconds the last one came after
+    the last instance was created)."""
+    from confluent_kafka import Consumer
+
+    from orchestrator.kafka import consumer_config
+
+    consumer = Consumer(consumer_config(brokers, f"bench-relay-{uuid.uuid4().hex[:6]}"))
+    consumer.subscribe(["story.generate"])
+    stamps: dict[str, int] = {}
+    deadline = time.monotonic() + 300
+    try:
+        while len(stamps) < n and time.monotonic() < deadline:
+            for msg in consumer.consume(1000, 0.5):
+                if msg.error():
+                    continue
+                route_id = json.loads(msg.value())["route_id"]
+                if route_id.startswith(f"{tag}-"):
+                    stamps.setdefault(route_id, msg.timestamp()[1])
+    finally:
+        consumer.close()
+    if len(stamps) < n:
+        raise RuntimeError(f"relay: {len(stamps)} of {n} story.generate messages produced")
+    first, last = min(stamps.values()), max(stamps.values())
+    return max(last - first, 1) / 1000 * n / max(1, n - 1), last / 1000 - last_created.timestamp()
+
+
+def bridge_intake(env: dict[str, str], brokers: str, n: int, tag: str, log: Path) -> tuple[float, float, float]:
+    """(seconds to accept n events, seconds for the relay to produce their n messages, how far
+    the last message came after the last event was accepted)."""
     from sqlalchemy import create_engine, func, select
 
     from orchestrator.models import WorkflowInstance
@@ -81,7 +115,10 @@ def bridge_intake(env: dict[str, str], brokers: str, n: int, tag: str, log: Path
     db = create_engine(env["DATABASE_URL"])
     produce(brokers, "route.confirmed", _events(n, tag))
     with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.entrypoints.cli", "bridge"], env=env, cwd=ROOT,
+        profile = os.environ.get("BENCH_PROFILE")  # a cProfile output path: profile the bridge
+        prefix = ["-m", "cProfile", "-o", profile] if profile else []
+        proc = subprocess.Popen([sys.executable, *prefix, "-m", "orchestrator.entrypoints.cli", "bridge"], env=env,
+                                cwd=ROOT,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         q = select(func.count(), func.min(WorkflowInstance.created_at), func.max(WorkflowInstance.created_at)) \
@@ -95,7 +132,9 @@ def bridge_intake(env: dict[str, str], brokers: str, n: int, tag: str, log: Path
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"bridge intake: {count} of {n} events accepted (log: {log})")
             time.sleep(0.2)
-        return max((last - first).total_seconds(), 1e-6) * n / max(1, n - 1)
+        intake_s = max((last - first).total_seconds(), 1e-6) * n / max(1, n - 1)
+        relay_s, behind_s = relay_produce(brokers, tag, n, last)
+        return intake_s, relay_s, behind_s
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -129,13 +168,16 @@ def measure(n: int) -> dict[str, float]:
             base = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY_", "DATABASE_", "POSTGRES_"))}
             env = {**base, "DATABASE_URL": url, "KAFKA_BROKERS": broker.bootstrap,
                    "CONSUMER_GROUP": f"bench-{uuid.uuid4().hex[:6]}", "WORKFLOW_MODULES": "sagas,tasks",
-                   "PYTHONPATH": str(ROOT), "LOG_LEVEL": "WARNING"}
-            bridge_s = bridge_intake(env, broker.bootstrap, n, f"b{uuid.uuid4().hex[:6]}", logdir / "bridge.log")
+                   "PYTHONPATH": str(ROOT),
+                   "LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING")}
+            bridge_s, relay_s, behind_s = bridge_intake(env, broker.bootstrap, n, f"b{uuid.uuid4().hex[:6]}",
+                                                        logdir / "bridge.log")
     finally:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
-    return {"produce": raw_n / produce_s, "consume": raw_n / consume_s, "bridge": n / bridge_s, "raw_n": raw_n}
+    return {"produce": raw_n / produce_s, "consume": raw_n / consume_s, "bridge": n / bridge_s, "raw_n": raw_n,
+            "relay_produce_per_s": n / relay_s, "relay_behind_s": behind_s}
 
 
 def report(n: int) -> None:
@@ -143,6 +185,8 @@ def report(n: int) -> None:
     print(f"kafka    raw produce events/s     {r['produce']:9.0f}   ({r['raw_n']:.0f} events, acks=all, bundled broker)")
     print(f"kafka    raw consume events/s     {r['consume']:9.0f}")
     print(f"kafka    bridge intake events/s   {r['bridge']:9.1f}   ({n} route.confirmed -> instance + story.generate)")
+    print(f"kafka    relay produce msgs/s     {r['relay_produce_per_s']:9.1f}   (their story.generate; the last "
+          f"{r['relay_behind_s']:.2f}s after the last event)")
     print(f"ratio    bridge/raw consume       {r['bridge'] / r['consume']:9.4f}")
 
 

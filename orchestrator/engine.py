@@ -14,6 +14,7 @@ duplicated report has one effect.
 """
 from __future__ import annotations
 
+import contextvars
 import copy
 import logging
 import uuid
@@ -24,6 +25,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterator, Protocol
 
 from sqlalchemy import Engine as SAEngine, Table, and_, bindparam, delete, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from statemachine.exceptions import TransitionNotAllowed
@@ -242,8 +244,11 @@ class UnitOfWork:
         self.outbox: list[Record] = []
         self.kept: list[Successor] = []  # step messages its caller runs itself (Engine.unit_of_work)
         self.basis = basis
+        self.before_read: Callable[[], None] | None = None  # a batch writes what it holds back
 
     def execute(self, statement: Any, params: dict[str, Any] | None = None) -> Any:
+        if self.before_read is not None:
+            self.before_read()
         return self.session.connection().execute(statement, params)
 
     def add_instance(self, **values: Any) -> Record:
@@ -316,6 +321,107 @@ class UnitOfWork:
 
 _NO_RUN = Record({"status": None})
 
+#: The batch the engine calls of this thread join (Engine.batch).
+_batch: "contextvars.ContextVar[Batch | None]" = contextvars.ContextVar("engine_batch", default=None)
+
+
+class Batch:
+    """One transaction shared by many units of work (Engine.batch).
+
+    A unit of work that only adds rows (a start: a new instance, its history, step rows, timers
+    and outbox rows) is held back, and the held ones go out as one multi-row INSERT per table
+    when the batch flushes. Any other unit of work may read, so what is held back is written
+    before it begins; its own writes go out when it ends, as outside a batch. `extra` rows
+    (table, values) are inserted with the held ones (the bridge's de-duplication rows).
+    `writes` counts the statements other than SELECT run on the batch's connection by anything
+    but the flush, so a caller can tell whether a call that raised wrote something first."""
+
+    def __init__(self, engine: "Engine", session: Session) -> None:
+        self.engine = engine
+        self.session = session
+        self.held: list[tuple[Any, Writes]] = []
+        self.extra: list[tuple[Any, Table, dict[str, Any]]] = []
+        self.tag: Any = None  # what the caller is applying now (an event): names held writes
+        self.refused: set[Any] = set()  # tags whose new instance's key was taken: nothing written
+        self.outbox: list[Record] = []
+        self.writes = 0
+        self._flushing = False
+        from sqlalchemy import event as sa_event
+
+        sa_event.listen(session.connection(), "before_cursor_execute", self._count)
+        # a workflow's own ORM reads and writes in the transaction see what is held back
+        sa_event.listen(session, "do_orm_execute", lambda *_: self.flush())
+        sa_event.listen(session, "before_flush", lambda *_: self.flush())
+
+    def _count(self, conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if not self._flushing and not statement.lstrip()[:6].upper() == "SELECT":
+            self.writes += 1
+
+    def unit_of_work(self, basis: Basis | None) -> Iterator[UnitOfWork]:
+        uow = UnitOfWork(self.session, basis)
+        uow.before_read = self.flush  # what it may read is written first
+        yield uow
+        w = uow.writes
+        if not w.loaded and not w.touched - set(w.instances) and all(r.is_new for _, r in w.new):
+            self.held.append((self.tag, w))
+        else:
+            self.flush()
+            self._flushing = True
+            try:
+                w.flush(self.session.connection(), self.engine.prepare)
+            finally:
+                self._flushing = False
+        self.outbox += uow.outbox
+
+    def flush(self) -> None:
+        """Write what is held back: one INSERT per table (instances first, for the foreign keys)
+        and shape of row. New instances are inserted skipping those whose (type, business key
+        or idempotency key) exists (ON CONFLICT DO NOTHING): their rows are dropped and their
+        tag goes to `refused` (the start found an existing instance; its caller does it again,
+        alone, to get that answer)."""
+        if not self.held and not self.extra:
+            return
+        held, extra = self.held, self.extra
+        self.held, self.extra = [], []
+        conn = self.session.connection()
+        self._flushing = True
+        try:
+            new = [r.insert_values(INSTANCES) for _, w in held for t, r in w.new if t is INSTANCES]
+            inserted: set[str] = set()
+            if new:
+                insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(INSTANCES)
+                for shape in _shapes(new).values():
+                    inserted.update(conn.execute(insert.on_conflict_do_nothing().returning(INSTANCES.c.id),
+                                                 shape).scalars())
+            rows: list[tuple[Table, dict[str, Any]]] = []
+            dropped: set[str] = set()
+            for tag, w in held:
+                ids = {r.id for t, r in w.new if t is INSTANCES}
+                if ids - inserted:
+                    self.refused.add(tag)
+                    dropped |= ids
+                    continue
+                rows += [(t, r.insert_values(t)) for t, r in w.new if t is not INSTANCES]
+            rows += [(t, values) for tag, t, values in extra if tag not in self.refused]
+            by_table: dict[Table, list[dict[str, Any]]] = {}
+            for table, values in rows:
+                by_table.setdefault(table, []).append(values)
+            for table, values_list in by_table.items():
+                for shape in _shapes(values_list).values():
+                    conn.execute(table.insert(), shape)
+        finally:
+            self._flushing = False
+        if dropped:
+            self.outbox = [m for m in self.outbox if m.instance_id not in dropped]
+
+
+def _shapes(rows: list[dict[str, Any]]) -> dict[tuple[str, ...], list[dict[str, Any]]]:
+    """Rows grouped by their columns: one executemany each."""
+    out: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for values in rows:
+        out.setdefault(tuple(values), []).append(values)
+    return out
+
 
 def new_run(instance_id: str, step: Step) -> Record:
     return Record({"instance_id": instance_id, "name": step.name,
@@ -348,6 +454,10 @@ class Engine:
         its caller runs itself instead (`uow.kept`, a local continuation): that row is written
         on the LOCAL channel, not relayed after commit, and stays unsent until its run claims it
         (`claim_successor`), so a crash before then leaves it to the sweeper."""
+        batch = _batch.get()
+        if batch is not None and batch.engine is self:  # a batch's unit of work: no local continuation
+            yield from batch.unit_of_work(basis)
+            return
         with self.sessions() as session:
             with session.begin():
                 uow = UnitOfWork(session, basis)
@@ -376,6 +486,41 @@ class Engine:
             kept.channel = LOCAL
             uow.kept = [Successor(kept.message_id, task, instance_id, step, attempt, run.dispatches)]
 
+    @contextmanager
+    def _reading(self) -> Iterator[Any]:
+        """A connection to read with: inside a batch its own (it sees what the batch wrote),
+        else one of the read pool."""
+        batch = _batch.get()
+        if batch is not None and batch.engine is self:
+            batch.flush()
+            yield batch.session.connection()
+        else:
+            with self.reads.connect() as conn:
+                yield conn
+
+    @contextmanager
+    def batch(self) -> Iterator["Batch"]:
+        """Many engine calls in one transaction (the Kafka bridge's batches): every
+        `unit_of_work` opened inside joins it, and it commits once at the end, then relays the
+        outbox rows of all of them. A call that raises writes nothing (its writes are only kept
+        when it returns); anything raised out of the block rolls the whole batch back."""
+        if _batch.get() is not None:
+            raise RuntimeError("batches do not nest")
+        with self.sessions() as session:
+            with session.begin():
+                batch = Batch(self, session)
+                token = _batch.set(batch)
+                try:
+                    yield batch
+                    batch.flush()
+                finally:
+                    _batch.reset(token)
+        if batch.outbox and self.relay is not None:
+            try:
+                self.relay(batch.outbox)
+            except Exception:  # the sweeper publishes what the kick could not
+                log.warning("relay after commit failed; the sweeper will publish", exc_info=True)
+
     def workflow_class(self, type_name: str) -> type[Workflow]:
         cls = self.registry.get(type_name)
         if cls is None:
@@ -395,7 +540,12 @@ class Engine:
         if idempotency_key is not None and (not idempotency_key.strip() or len(idempotency_key) > 255):
             raise InvalidInput("Idempotency-Key", "must be a non-empty header of at most 255 characters")
 
-        existing = self._find_existing(cls, key, idempotency_key, fingerprint)
+        batch = _batch.get()
+        if batch is not None and batch.engine is self and key is not None and idempotency_key is None \
+                and cls.reuse_within(self.settings) is None:
+            existing = None  # the batch's INSERT finds an existing key (Batch.flush)
+        else:
+            existing = self._find_existing(cls, key, idempotency_key, fingerprint)
         if existing is not None:
             return self.snapshot(existing), False
         instance_id = str(uuid.uuid4())
@@ -437,7 +587,7 @@ class Engine:
             if idem is None and key is None:
                 return None
         i = INSTANCES.c
-        with self.reads.connect() as conn:
+        with self._reading() as conn:
             if idem is not None:
                 row = conn.execute(select(i.id, i.fingerprint).where(
                     i.type == cls.type, i.idempotency_key == idem)).first()
@@ -683,7 +833,7 @@ class Engine:
         `attempt`, when the completion event carries one, must be the item's current attempt.
         Returns ACCEPTED; DUPLICATE (the item already reported: no effect); STALE (the token is
         of an earlier attempt, or the step no longer waits); UNKNOWN (no such token)."""
-        with self.reads.connect() as conn:
+        with self._reading() as conn:
             row = conn.execute(select(TOKENS).where(TOKENS.c.token == token)).first()
         if row is None:
             return UNKNOWN
@@ -750,7 +900,7 @@ class Engine:
     def find(self, type_name: str, key: str) -> str | None:
         """The id of the instance of `type_name` started with business key `key`, or None."""
         i = INSTANCES.c
-        with self.reads.connect() as conn:
+        with self._reading() as conn:
             found = conn.execute(select(i.id).where(i.type == type_name, i.business_key == key)).scalar()
         return None if found is None else str(found)
 
@@ -1356,7 +1506,7 @@ class Engine:
 
     # -- reads ---------------------------------------------------------------------------------
     def snapshot(self, instance_id: str, history: bool = True) -> dict[str, Any]:
-        with self.reads.connect() as conn:
+        with self._reading() as conn:
             inst = conn.execute(INSTANCE, {"id": instance_id}).first()
             if inst is None:
                 raise NotFound(f"instance {instance_id} not found", instance_id=instance_id)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from prometheus_client import Counter
 
@@ -58,7 +58,9 @@ def is_permanent_error(err: Any) -> bool:
 
 
 def encode(payload: Any) -> bytes:
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+    """Compact UTF-8 JSON. NaN and infinities are refused (ValueError: a permanent publish
+    error): they are not JSON, and a consumer's strict parser would reject the message."""
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
 class KafkaPublisher:
@@ -72,6 +74,55 @@ class KafkaPublisher:
         self._traced: Any = None  # the producer wrapped by the confluent-kafka instrumentation
         self.timeout = timeout
         self._lock = threading.Lock()  # one flush at a time: the report we wait for is ours
+
+    def publish_many(self, rows: list[OutboxMessage]) -> list[Exception | None]:
+        """Produce every row, then wait once for all their delivery reports: for each row None
+        (acknowledged) or the error (PermanentPublishError for one Kafka can never take). The
+        rows go out in list order; rows of one key land on one partition in that order."""
+        from confluent_kafka import KafkaException
+
+        results: list[Exception | None] = [None] * len(rows)
+        waiting: set[int] = set()
+
+        def report(i: int) -> Callable[[Any, Any], None]:
+            def done(err: Any, _msg: Any) -> None:
+                waiting.discard(i)
+                if err is not None:
+                    results[i] = PermanentPublishError(f"kafka delivery to {rows[i].target} failed: {err}") \
+                        if is_permanent_error(err) else RuntimeError(f"kafka delivery to {rows[i].target} failed: {err}")
+            return done
+
+        with self._lock:
+            for i, row in enumerate(rows):
+                try:
+                    value = encode(row.payload)
+                except (TypeError, ValueError) as exc:  # permanent: it will never serialise
+                    results[i] = exc
+                    continue
+                headers = [("message_id", row.message_id.encode())]
+                if row.instance_id:
+                    headers.append(("instance_id", row.instance_id.encode()))
+                if row.correlation_id:
+                    headers.append((HEADER, row.correlation_id.encode()))
+                while True:
+                    try:
+                        self.producer.produce(row.target, value, key=row.key.encode() if row.key else None,
+                                              headers=headers, on_delivery=report(i))
+                        waiting.add(i)
+                        break
+                    except BufferError:  # the local queue is full: let reports drain it
+                        self.producer.poll(0.05)
+                    except KafkaException as exc:
+                        results[i] = PermanentPublishError(f"kafka refused the message for {row.target}: {exc}") \
+                            if is_permanent_error(exc) else exc
+                        break
+            self.producer.flush(self.timeout)
+        for i in waiting:
+            results[i] = RuntimeError(f"kafka delivery to {rows[i].target} not confirmed within {self.timeout:g}s")
+        for i, row in enumerate(rows):
+            if results[i] is None:
+                KAFKA_PRODUCED.labels(row.target).inc()
+        return results
 
     def __call__(self, row: OutboxMessage) -> None:
         """Raises PermanentPublishError for a message Kafka can never take, RuntimeError (or
@@ -143,7 +194,7 @@ def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int = 4, ti
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient({"bootstrap.servers": bootstrap, "logger": CLIENT_LOG})
     existing = set(admin.list_topics(timeout=timeout).topics)
     wanted = [t for t in dict.fromkeys(topics) if t not in existing]
     if not wanted:

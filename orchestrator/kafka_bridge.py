@@ -18,6 +18,10 @@ engine call (start or fire). Delivery is at least once, the effect exactly once:
   so a redelivered event finds it and does nothing, and two deliveries racing cannot both commit;
 - the offset is committed only after that transaction committed (or the event was dead-lettered).
 
+Events are applied in batches (`Bridge.handle_batch`, docs/kafka.md "Batches"): the events of one
+poll in one transaction with their processed_messages rows, offsets committed once per batch
+after it; an event that cannot be applied cleanly is handled alone after the batch.
+
 Outcomes: `accepted`; `duplicate`; `ignored` (the workflow refused it: a late or repeated report,
 logged and counted); `dead_letter` (broken JSON, a missing or mistyped field, an unknown route:
 the original bytes go to `<topic>.dlq` with the reason in the headers). A database outage is
@@ -43,7 +47,7 @@ from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from . import logs, tracing
 from .errors import Conflict, IllegalTransition, InvalidInput, NotFound
 from .jsonutil import unstorable
-from .models import ProcessedMessage
+from .models import ProcessedMessage, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,20 @@ KAFKA_EVENTS = Counter("orchestrator_kafka_events_total", "Kafka events handled 
 KAFKA_DEAD_LETTERS = Counter("orchestrator_kafka_dead_letters_total",
                              "Events sent to the dead-letter topic", ["topic", "reason"])
 KAFKA_HANDLE_SECONDS = Histogram("orchestrator_kafka_handle_seconds", "Time to handle one event", ["topic"])
+
+
+#: The largest dead letter the bridge produces (the broker may take less: see `dead_letter`).
+DLQ_MAX_BYTES = 64 * 1024 * 1024
+#: What is kept of an event the dead-letter topic refuses as too large.
+DLQ_TRUNCATE = 64 * 1024
+
+
+class _Waiting(Exception):
+    """What the bridge waits for before it can consume (the database, the broker)."""
+
+
+class _Retry(Exception):
+    """The batch must be rolled back and its events handled one by one."""
 
 
 class Ignored(Exception):
@@ -172,7 +190,8 @@ def _headers(msg: Any) -> dict[str, str]:
 # -- the consumer ------------------------------------------------------------------------------
 class Bridge:
     def __init__(self, rt: Any, group: str | None = None, commit_every: int = 200,
-                 commit_interval: float = 0.5, lag_interval: float = 5.0, max_attempts: int = 5) -> None:
+                 commit_interval: float = 0.5, lag_interval: float = 5.0, max_attempts: int = 5,
+                 batch_size: int = 500, batch_seconds: float = 0.5, max_wait: float = 10.0) -> None:
         from confluent_kafka import Consumer, Producer
 
         from .kafka import consumer_config, producer_config
@@ -188,16 +207,35 @@ class Bridge:
         self.commit_interval = commit_interval
         self.lag_interval = lag_interval
         self.max_attempts = max_attempts
+        self.batch_size = batch_size
+        self.batch_seconds = batch_seconds
+        self.max_wait = max_wait
         install_dedup(rt.sessions)
         self.consumer = Consumer(consumer_config(self.brokers, self.group,
                                                  **{"statistics.interval.ms": int(lag_interval * 1000),
-                                                    "stats_cb": self.export_lag}))
-        self.dlq = Producer(producer_config(self.brokers))
+                                                    "stats_cb": self.export_lag, "error_cb": self._client_error,
+                                                    # a topic re-created after a broker restart is seen soon
+                                                    "topic.metadata.refresh.interval.ms": 10000}))
+        from confluent_kafka import KafkaError
+
+        self._lost_codes = {KafkaError._ALL_BROKERS_DOWN, KafkaError.UNKNOWN_TOPIC_OR_PART,
+                            KafkaError._UNKNOWN_TOPIC}
+        # as large as the broker takes: a dead letter carries the original bytes
+        self.dlq = Producer(producer_config(self.brokers, **{"message.max.bytes": DLQ_MAX_BYTES}))
         self.pending: dict[tuple[str, int], int] = {}  # next offset to commit, per partition
         self.handled = 0
         self._last_commit = time.monotonic()
         self._since_commit = 0
         self.assigned: set[tuple[str, int]] = set()
+        self._lost = False  # set by the client's error callback: every broker is down
+
+    def _client_error(self, err: Any) -> None:
+        """librdkafka's client-level errors (not tied to a message): every broker down."""
+        if err.code() in self._lost_codes:
+            self._lost = True
+            log.warning("kafka client error: %s", err)
+        else:  # e.g. one failed connection attempt, which librdkafka retries by itself
+            log.debug("kafka client error: %s", err)
 
     # partitions come and go when bridges join or leave the group
     def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
@@ -214,25 +252,71 @@ class Bridge:
                 pass
         log.info("revoked %s", [(p.topic, p.partition) for p in partitions])
 
-    def run(self, stop: threading.Event) -> None:
+    def wait_until_ready(self, stop: threading.Event, what: str = "start") -> bool:
+        """Wait until the database answers and the broker has every topic the bridge uses
+        (created if missing), retrying with exponential backoff up to `max_wait` seconds
+        between tries (tenacity) and logging what it waits for. False if stopped meanwhile."""
+        import tenacity
+        from sqlalchemy import text
+
         from .kafka import ensure_topics
 
-        ensure_topics(self.brokers, all_topics(self.engine.registry))
+        def check() -> None:
+            try:
+                with self.rt.db.connect() as conn:
+                    conn.execute(text("SELECT 1"))
+            except Exception as exc:
+                raise _Waiting(f"the database ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+            try:
+                ensure_topics(self.brokers, all_topics(self.engine.registry), timeout=5.0)
+            except Exception as exc:
+                raise _Waiting(f"the Kafka broker at {self.brokers} ({exc})") from exc
+
+        def waiting(state: Any) -> None:
+            exc = state.outcome.exception()
+            log.warning("bridge %s: waiting for %s; next try in %.1fs", what, exc, state.next_action.sleep)
+
+        try:
+            tenacity.Retrying(retry=tenacity.retry_if_exception_type(_Waiting),
+                              wait=tenacity.wait_exponential(multiplier=0.5, max=self.max_wait),
+                              stop=tenacity.stop_when_event_set(stop), sleep=stop.wait,
+                              before_sleep=waiting, reraise=True)(check)
+        except _Waiting:
+            return False  # stopped while waiting
+        if what != "start":
+            log.info("bridge %s: the database and the Kafka broker answer again", what)
+        return not stop.is_set()
+
+    def run(self, stop: threading.Event) -> None:
+        if not self.wait_until_ready(stop):
+            self.consumer.close()
+            log.info("bridge stopped before it started")
+            return
         self.consumer.subscribe(sorted(self.routes), on_assign=self._on_assign, on_revoke=self._on_revoke)
         log.info("bridge in group %s consuming %s", self.group, ", ".join(sorted(self.routes)))
         try:
             while not stop.is_set():
-                msg = self.consumer.poll(0.2)
-                if msg is not None:
+                msgs = []
+                lost = False
+                for msg in self.consumer.consume(self.batch_size, 0.2):
                     if msg.error():
                         log.warning("consumer error: %s", msg.error())
+                        lost = lost or msg.error().code() in self._lost_codes
                     else:
-                        if self.handle_with_retry(msg, stop) is None:
-                            break
+                        msgs.append(msg)
+                lost, self._lost = lost or self._lost, False
+                if lost and not msgs:  # the broker went away (or came back without our topics)
+                    if not self.wait_until_ready(stop, "resume"):
+                        break
+                    continue
+                if msgs:
+                    if not self.handle_batch(msgs, stop):
+                        break  # stopping: this batch's offsets stay uncommitted (redelivered, de-duplicated)
+                    for msg in msgs:
                         self.pending[(msg.topic(), msg.partition())] = msg.offset() + 1
-                        self.handled += 1
-                        self._since_commit += 1
-                self.commit()
+                    self.handled += len(msgs)
+                    self._since_commit += len(msgs)
+                self.commit(force=bool(msgs))  # once per batch, after its transaction committed
         finally:
             self.commit(force=True)
             self.consumer.close()  # leaves the group: the partitions go to the others now
@@ -277,7 +361,6 @@ class Bridge:
         except Exception as exc:  # a gauge is never a reason to stop consuming
             log.debug("lag not measured: %s", exc)
 
-    # -- one event ------------------------------------------------------------------------------
     def handle_with_retry(self, msg: Any, stop: threading.Event) -> str | None:
         """A database that cannot be reached is waited for, however long (the event is fine);
         any other error is retried `max_attempts` times, then the event is dead-lettered."""
@@ -299,65 +382,193 @@ class Bridge:
                 return None  # stopping: not committed, so it is redelivered to whoever owns it next
             delay = min(delay * 2, 5.0)
 
-    def handle(self, msg: Any) -> str:
+    # -- a batch of events -------------------------------------------------------------------
+    def handle_batch(self, msgs: list[Any], stop: threading.Event) -> bool:
+        """Apply a batch of events in one transaction (Engine.batch), with their
+        processed_messages rows; False when stopping before every event was handled.
+
+        An event that cannot be applied cleanly in the batch (bad bytes, a refused or unknown
+        instance, anything raised) is set aside, with every later event of the same partition
+        and key, and handled alone after the batch committed (dead-lettered alone, say): it
+        never holds back or poisons the others. A database error, or a refusal raised after its
+        handler had written, rolls the batch back and every event is handled alone.
+
+        A transaction takes events for at most `batch_seconds`; the rest go in the next one, so
+        its outbox rows are not older than the sweeper's grace period when it commits (else the
+        sweeper would send them too)."""
+        i = 0
+        while i < len(msgs):
+            n = self._apply(msgs[i:], stop)
+            if n is None:
+                return False
+            i += n
+        return True
+
+    def _apply(self, msgs: list[Any], stop: threading.Event) -> int | None:
+        """One transaction of `handle_batch`: how many of `msgs` (a prefix) it handled, None
+        when stopping."""
+        if len(msgs) == 1:
+            return None if self.handle_with_retry(msgs[0], stop) is None else 1
+        ready, later, ids = [], [], {}
+        for msg in msgs:
+            ev = self._parse(msg)
+            if isinstance(ev, tuple):
+                later.append(msg)  # handled alone: dead-lettered with its reason
+            else:
+                ready.append((msg, ev))
+                ids.setdefault(ev.topic, set()).add(ev.event_id)
+        try:
+            seen = self.processed_many(ids)
+        except (OperationalError, InterfaceError):
+            return len(msgs) if self._one_by_one(msgs, stop) else None
+        done: dict[int, tuple[str, str, float]] = {}  # by position in `ready`
+        held: set[tuple[str, int, str | None]] = set()  # set aside: their later events go after them
+        refused: set[int] = set()
+        cut = len(msgs)  # the events from here on go in the next transaction
+        deadline = time.monotonic() + self.batch_seconds
+        try:
+            with self.engine.batch() as batch:
+                for n, (msg, ev) in enumerate(ready):
+                    if n and time.monotonic() > deadline:
+                        cut = next(i for i, m in enumerate(msgs) if m is msg)
+                        break
+                    batch.tag = n
+                    if (ev.topic, ev.event_id) in seen:
+                        done[n] = (ev.topic, "duplicate", 0.0)
+                        log.warning("duplicate %s/%s@%s (event id %s): skipped", ev.topic, ev.partition, ev.offset,
+                                    ev.event_id)
+                        continue
+                    if (ev.topic, ev.partition, ev.key) in held:
+                        later.append(msg)
+                        continue
+                    seen.add((ev.topic, ev.event_id))
+                    started, writes = time.perf_counter(), batch.writes
+                    try:
+                        outcome = self._run_handler(msg, ev)
+                    except (InvalidInput, NotFound, Ignored, IllegalTransition, Conflict):
+                        if batch.writes != writes:
+                            raise _Retry("a refused event had written") from None
+                        seen.discard((ev.topic, ev.event_id))
+                        held.add((ev.topic, ev.partition, ev.key))
+                        later.append(msg)
+                        continue
+                    batch.extra.append((n, ProcessedMessage.__table__, {
+                        "consumer": f"kafka:{ev.topic}", "message_id": ev.event_id, "created_at": utcnow()}))
+                    done[n] = (ev.topic, outcome, time.perf_counter() - started)
+                batch.flush()
+                refused = set(batch.refused)
+        except Exception as exc:  # rolled back: nothing of the batch was written
+            log.warning("batch of %d events rolled back (%s: %s); handling them one by one", cut,
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            return cut if self._one_by_one(msgs[:cut], stop) else None
+        if cut < len(msgs):
+            taken = {id(m) for m in msgs[:cut]}
+            later = [m for m in later if id(m) in taken]
+        alone = len(later) + len(refused)
+        log.log(logging.INFO if alone else logging.DEBUG, "batch of %d events: %d applied together, %d alone",
+                cut, len(done) - len(refused), alone)
+        for n in refused:  # a start whose key exists: handled alone, it finds the instance
+            done.pop(n, None)
+            later.append(ready[n][0])
+        for topic, outcome, seconds in done.values():
+            KAFKA_EVENTS.labels(topic, outcome).inc()
+            KAFKA_HANDLE_SECONDS.labels(topic).observe(seconds)
+        later.sort(key=lambda m: (m.topic(), m.partition(), m.offset()))
+        return cut if self._one_by_one(later, stop) else None
+
+    def _one_by_one(self, msgs: list[Any], stop: threading.Event) -> bool:
+        for msg in msgs:
+            if self.handle_with_retry(msg, stop) is None:
+                return False
+        return True
+
+    def processed_many(self, ids: dict[str, set[str]]) -> set[tuple[str, str]]:
+        """(topic, event id) of the events already handled, one query per topic."""
+        found: set[tuple[str, str]] = set()
+        with self.rt.sessions() as s:
+            for topic, wanted in ids.items():
+                rows = s.execute(select(ProcessedMessage.message_id).where(
+                    ProcessedMessage.consumer == f"kafka:{topic}", ProcessedMessage.message_id.in_(wanted)))
+                found.update((topic, m) for m in rows.scalars())
+        return found
+
+    def _parse(self, msg: Any) -> "KafkaEvent | tuple[str, str]":
+        """The event, or why it cannot be applied: (reason, dead-letter kind)."""
         topic = msg.topic()
-        started = time.perf_counter()
-        route = self.routes.get(topic)
-        if route is None:
-            return self.dead_letter(msg, f"no workflow consumes topic {topic}", "unroutable")
-        consumer = f"kafka:{topic}"
+        if topic not in self.routes:
+            return f"no workflow consumes topic {topic}", "unroutable"
         msg_id = event_id(msg)
         bad_id = unstorable(msg_id, "headers.event_id")  # its de-duplication row could not be stored
         if bad_id is not None:
-            return self.dead_letter(msg, f"{bad_id[0]}: {bad_id[1]}", "invalid_field")
-        seen_at = self.processed(consumer, msg_id)
-        if seen_at is not None:
-            # logged, never silent: a new event taken for a duplicate would otherwise vanish
-            log.warning("duplicate %s/%s@%s (event id %s, first handled %s): skipped", topic, msg.partition(),
-                        msg.offset(), msg_id, seen_at)
-            return self._outcome(topic, "duplicate", started)
-        raw = msg.value() or b""
+            return f"{bad_id[0]}: {bad_id[1]}", "invalid_field"
+        raw = msg.value()
+        if raw is None:
+            return "empty value: a tombstone (null value) is not an event", "invalid_json"
         try:
             payload = json.loads(raw)
         except (UnicodeDecodeError, ValueError) as exc:
-            return self.dead_letter(msg, f"invalid JSON: {exc}", "invalid_json")
+            return f"invalid JSON: {exc}", "invalid_json"
         if not isinstance(payload, dict):
-            return self.dead_letter(msg, f"payload must be a JSON object, got {type(payload).__name__}",
-                                    "invalid_json")
+            return f"payload must be a JSON object, got {type(payload).__name__}", "invalid_json"
         key = msg.key().decode(errors="replace") if msg.key() else None
         ev = KafkaEvent(topic, msg.partition(), msg.offset(), key, payload, msg_id, _headers(msg))
         # Text the database refuses (NUL, a lone surrogate) would fail every attempt: dead-letter
         # it at once, naming the field (a payload field bare, else `key` or `headers.<name>`).
         bad = unstorable(payload) or unstorable({"key": key, "headers": ev.headers})
         if bad is not None:
-            return self.dead_letter(msg, f"{bad[0]}: {bad[1]}", "invalid_field")
+            return f"{bad[0]}: {bad[1]}", "invalid_field"
+        return ev
+
+    def _run_handler(self, msg: Any, ev: KafkaEvent) -> str:
         # An event without the header continues the correlation stored with its instance; its
         # trace (W3C headers) goes on through the engine's spans and the outbox rows it writes.
         # This span is by hand: the confluent-kafka instrumentation's consumer makes its process
         # span the child of a fresh `recv` span, the producer's trace only linked, so the event's
         # trace would stop at the broker.
+        topic, key = ev.topic, ev.key
         with logs.context(correlation_id=ev.headers.get(logs.HEADER) or None), tracing.span(
                 f"{topic} process", {"messaging.system": "kafka", "messaging.destination.name": topic,
                                      "messaging.kafka.message.offset": msg.offset(),
                                      "messaging.destination.partition.id": str(msg.partition()),
-                                     "messaging.message.id": msg_id, **({"workflow.key": key} if key else {})},
+                                     "messaging.message.id": ev.event_id, **({"workflow.key": key} if key else {})},
                 parent=ev.headers, kind="consumer"):
-            token = _current_delivery.set(_Delivery(consumer, msg_id))
-            try:
-                outcome = route.handler(self.engine, ev) or "accepted"
-            except InvalidInput as exc:
-                return self.dead_letter(msg, f"{exc.field}: {exc.problem}", "invalid_field")
-            except NotFound as exc:
-                return self.dead_letter(msg, f"unroutable: {exc.message}", "unroutable")
-            except (Ignored, IllegalTransition, Conflict) as exc:
-                log.info("ignored %s/%s@%s: %s", topic, msg.partition(), msg.offset(), exc)
-                outcome = "ignored"
-            except IntegrityError:  # another delivery of the same event committed first
-                log.warning("duplicate %s/%s@%s (event id %s, handled concurrently): skipped", topic,
-                            msg.partition(), msg.offset(), msg_id)
-                outcome = "duplicate"
-            finally:
-                _current_delivery.reset(token)
+            return self.routes[topic].handler(self.engine, ev) or "accepted"
+
+    # -- one event ------------------------------------------------------------------------------
+    def handle(self, msg: Any) -> str:
+        topic = msg.topic()
+        started = time.perf_counter()
+        if topic not in self.routes:
+            return self.dead_letter(msg, f"no workflow consumes topic {topic}", "unroutable")
+        consumer = f"kafka:{topic}"
+        msg_id = event_id(msg)
+        bad_id = unstorable(msg_id, "headers.event_id")
+        if bad_id is None:
+            seen_at = self.processed(consumer, msg_id)
+            if seen_at is not None:
+                # logged, never silent: a new event taken for a duplicate would otherwise vanish
+                log.warning("duplicate %s/%s@%s (event id %s, first handled %s): skipped", topic, msg.partition(),
+                            msg.offset(), msg_id, seen_at)
+                return self._outcome(topic, "duplicate", started)
+        ev = self._parse(msg)
+        if isinstance(ev, tuple):
+            return self.dead_letter(msg, *ev)
+        token = _current_delivery.set(_Delivery(consumer, msg_id))
+        try:
+            outcome = self._run_handler(msg, ev)
+        except InvalidInput as exc:
+            return self.dead_letter(msg, f"{exc.field}: {exc.problem}", "invalid_field")
+        except NotFound as exc:
+            return self.dead_letter(msg, f"unroutable: {exc.message}", "unroutable")
+        except (Ignored, IllegalTransition, Conflict) as exc:
+            log.info("ignored %s/%s@%s: %s", topic, msg.partition(), msg.offset(), exc)
+            outcome = "ignored"
+        except IntegrityError:  # another delivery of the same event committed first
+            log.warning("duplicate %s/%s@%s (event id %s, handled concurrently): skipped", topic,
+                        msg.partition(), msg.offset(), msg_id)
+            outcome = "duplicate"
+        finally:
+            _current_delivery.reset(token)
         return self._outcome(topic, outcome, started)
 
     def _outcome(self, topic: str, outcome: str, started: float) -> str:
@@ -378,10 +589,26 @@ class Bridge:
             ("dlq_reason", reason.encode()), ("dlq_original_topic", topic.encode()),
             ("dlq_original_partition", str(msg.partition()).encode()),
             ("dlq_original_offset", str(msg.offset()).encode())]
-        errors: list[Any] = []
-        self.dlq.produce(f"{topic}.dlq", msg.value(), key=msg.key(), headers=headers,
-                         on_delivery=lambda err, _m: errors.append(err) if err else None)
-        if self.dlq.flush(30) or errors:
+        from confluent_kafka import KafkaException
+
+        from .kafka import is_permanent_error
+
+        value = msg.value()
+        for attempt in range(2):
+            errors: list[Any] = []
+            try:
+                self.dlq.produce(f"{topic}.dlq", value, key=msg.key(), headers=headers,
+                                 on_delivery=lambda err, _m: errors.append(err) if err else None)
+            except KafkaException as exc:
+                errors.append(exc)
+            left = 0 if errors else self.dlq.flush(30)
+            if not errors and not left:
+                break
+            if attempt == 0 and value and errors and is_permanent_error(errors[0]):
+                # too large for the dead-letter topic: its head, and the size it had
+                headers = headers + [("dlq_truncated_from", str(len(value)).encode())]
+                value = value[:DLQ_TRUNCATE]
+                continue
             raise RuntimeError(f"dead-letter to {topic}.dlq failed: {errors[:1]}")
         KAFKA_DEAD_LETTERS.labels(topic, kind).inc()
         log.warning("dead-lettered %s/%s@%s: %s", topic, msg.partition(), msg.offset(), reason)

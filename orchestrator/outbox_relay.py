@@ -24,7 +24,7 @@ import queue
 import threading
 import time
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -95,10 +95,7 @@ class OutboxRelay:
         wait for the sweeper, the others still go."""
         sent: list[str] = []
         held: set[tuple[str | None, str]] = set()  # (instance, channel) with an earlier row unsent
-        for row in rows:
-            if (row.instance_id, row.channel) in held:
-                continue
-            error = self._send(row)
+        for row, error in self._send_all(rows, held):
             if error is None:
                 sent.append(row.message_id)
             elif is_permanent(error):
@@ -108,6 +105,48 @@ class OutboxRelay:
                     log.warning("outbox %s to %s not published: %s", row.message_id, row.target, error)
                 held.add((row.instance_id, row.channel))
         return sent
+
+    def _send_all(self, rows: list[OutboxMessage], held: set[tuple[str | None, str]]
+                  ) -> Iterator[tuple[OutboxMessage, Exception | None]]:
+        """(row, error or None) for each row sent, in order, skipping rows whose (instance,
+        channel) is in `held` (the caller adds to it after an error). Rows of a channel whose
+        publisher sends many at once (`publish_many`: Kafka) go in rounds, each round holding at
+        most one row per instance and waiting once for all its acknowledgements, so an
+        instance's rows still go out in order and stop at its first failure. With tracing on,
+        each row is sent alone inside its publish span."""
+        many = {ch: getattr(p, "publish_many", None) for ch, p in self.publishers.items()}
+        queue_ = [r for r in rows]
+        while queue_:
+            round_: list[OutboxMessage] = []
+            rest: list[OutboxMessage] = []
+            taken: set[tuple[str | None, str]] = set()
+            for row in queue_:
+                k = (row.instance_id, row.channel)
+                if k in held:
+                    continue
+                if many.get(row.channel) is None or tracing.enabled():
+                    if round_ or rest:
+                        rest.append(row)
+                    else:  # one at a time, in order, until the next batchable row
+                        yield row, self._send(row)
+                    continue
+                if k in taken:
+                    rest.append(row)
+                else:
+                    taken.add(k)
+                    round_.append(row)
+            if round_:
+                by_channel: dict[str, list[OutboxMessage]] = {}
+                for row in round_:
+                    by_channel.setdefault(row.channel, []).append(row)
+                for channel, group in by_channel.items():
+                    try:
+                        errors = many[channel](group)  # type: ignore[misc]
+                    except Exception as exc:
+                        errors = [exc] * len(group)
+                    for row, error in zip(group, errors):
+                        yield row, error
+            queue_ = rest
 
     def _send(self, row: OutboxMessage) -> Exception | None:
         # A "local" row is a step message its writer meant to run itself (Engine.unit_of_work):
@@ -171,12 +210,9 @@ class OutboxRelay:
                 .order_by(OutboxMessage.id).limit(limit).with_for_update(skip_locked=True)
             ).scalars().all()
             sent = 0
-            held: set[tuple[str | None, str]] = set()
-            for row in rows:
-                if (row.instance_id, row.channel) in held:
-                    continue  # an earlier row of this instance is still unsent: keep their order
+            held: set[tuple[str | None, str]] = set()  # an earlier row of the instance is unsent: keep their order
+            for row, error in self._send_all(list(rows), held):
                 row.publish_attempts += 1
-                error = self._send(row)
                 if error is None:
                     row.sent_at = utcnow()
                     row.last_error = None

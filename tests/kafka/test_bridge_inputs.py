@@ -243,3 +243,142 @@ def test_a_valid_event_of_every_consumed_topic_is_accepted(kclient, kafka, bridg
              what="the worker running")
     wait_for(lambda: all(metric(bridge, "orchestrator_kafka_events_total", topic=t, outcome="accepted") > n
                          for t, n in accepted.items()), timeout=20, what="every topic accepted")
+
+
+# -- hostile input on every consumed topic --------------------------------------------------------
+#: A valid event (by its model) naming ids nobody knows, for the topics whose handler looks an
+#: instance up; None for the topics that start one (nothing to be unknown).
+UNKNOWN_IDS = {
+    "route.confirmed": None,
+    "init_scenario": None,
+    "story.generate.completed": lambda: {"route_id": f"r-{uuid.uuid4().hex[:8]}", "lang": "ru",
+                                         "stories": [{"story_id": "s1", "text": "t"}]},
+    "tts.completed": lambda: {"route_id": f"r-{uuid.uuid4().hex[:8]}", "story_id": "s1", "status": "completed"},
+    "worker.status": lambda: {"worker_id": str(uuid.uuid4()), "status": "running"},
+    "test.increments": lambda: {"counter": f"c-{uuid.uuid4().hex[:8]}", "n": 1, "seq": 0},
+}
+
+
+def consumed_topics(krt):
+    """Every topic the bridge consumes, found as the bridge finds them."""
+    from orchestrator.kafka_bridge import discover
+
+    return {topic: route for topic, route in discover(krt.engine.registry).items()}
+
+
+def wrong_types(route, topic):
+    """Every field of the topic's model set to an object: no field takes one."""
+    return json.dumps({name: {"not": ["this"]} for name in route.workflow.kafka_schemas[topic].model_fields}).encode()
+
+
+HOSTILE = {  # case -> (value for a topic's route, with a key?, the start of the reason)
+    "non-json": (lambda route, topic: b"this is not json {", True, r"invalid JSON: "),
+    "invalid-utf8": (lambda route, topic: b'{"a": "\xff\xfe\xfa"}', True, r"invalid JSON: "),
+    "empty-value": (lambda route, topic: b"", True, r"invalid JSON: "),
+    "null-value": (lambda route, topic: None, True, r"empty value: a tombstone \(null value\) is not an event$"),
+    "null-key": (lambda route, topic: b'"just a string"', False, r"payload must be a JSON object, got str$"),
+    "1mb-value": (lambda route, topic: json.dumps({"padding": "x" * (1024 * 1024)}).encode(), True,
+                  r"[\w.]+: is required$"),
+    "wrong-shape": (lambda route, topic: b"[1, 2, 3]", True, r"payload must be a JSON object, got list$"),
+    "wrong-types": (wrong_types, True, r"[\w.]+: must be "),
+    "unknown-ids": (lambda route, topic: json.dumps(UNKNOWN_IDS[topic]()).encode() if UNKNOWN_IDS[topic] else None,
+                    True, r"unroutable: unknown "),
+}
+
+
+def produce_at(kafka, topic, value, key, partition=None):
+    """Produce one message (big ones allowed); its (partition, offset)."""
+    from confluent_kafka import Producer
+
+    from orchestrator.kafka import producer_config
+
+    producer = Producer(producer_config(kafka.brokers, **{"message.max.bytes": 4 * 1024 * 1024}))
+    where = []
+    extra = {"partition": partition} if partition is not None else {}
+    producer.produce(topic, value, key=key.encode() if key else None,
+                     on_delivery=lambda err, msg: where.append((err, msg.partition(), msg.offset())), **extra)
+    assert producer.flush(30) == 0 and where and where[0][0] is None, where
+    return where[0][1], where[0][2]
+
+
+def read_dead_letters(kafka, topics, wanted, timeout=60.0):
+    """The dead letters of `topics` by (original topic, partition, offset), read from the start
+    until every one of `wanted` is there (and a moment more, to see any second copy)."""
+    import time
+
+    from confluent_kafka import Consumer
+
+    from orchestrator.kafka import consumer_config
+
+    consumer = Consumer(consumer_config(kafka.brokers, f"reader-{uuid.uuid4().hex[:8]}"))
+    consumer.subscribe(topics)
+    found: dict = {}
+    deadline, settled = time.monotonic() + timeout, None
+    try:
+        while time.monotonic() < (settled or deadline):
+            for m in consumer.consume(500, 0.3):
+                if m.error():
+                    continue
+                h = headers(m)
+                where = (h.get("dlq_original_topic"), int(h.get("dlq_original_partition", -1)),
+                         int(h.get("dlq_original_offset", -1)))
+                found.setdefault(where, []).append(m)
+            if settled is None and wanted <= set(found):
+                settled = time.monotonic() + 2.0
+    finally:
+        consumer.close()
+    return found
+
+
+def test_every_consumed_topic_is_in_the_hostile_tables(krt):
+    assert set(UNKNOWN_IDS) == set(consumed_topics(krt))
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_input_on_every_consumed_topic(kclient, kafka, krt, bridge, case):
+    """Each hostile event is dead-lettered once, at once (never retried as a handler error),
+    with its reason and its original bytes; the next event on its partition is handled."""
+    import re
+
+    make, keyed, reason = HOSTILE[case]
+    retried = metric(bridge, "orchestrator_kafka_dead_letters_total", reason="handler_error")
+    sent, markers = {}, {}
+    for topic, route in consumed_topics(krt).items():
+        raw = make(route, topic)
+        if case == "unknown-ids" and raw is None:
+            continue  # a start topic: no id to be unknown
+        key = f"h-{uuid.uuid4().hex[:8]}" if keyed else None
+        sent[topic] = (raw, produce_at(kafka, topic, raw, key))
+        # the next event on the same partition: a valid start, or a valid event naming nobody
+        partition = sent[topic][1][0]
+        if UNKNOWN_IDS[topic] is None:
+            if topic == "route.confirmed":
+                marker = {"route_id": f"r-{uuid.uuid4().hex[:8]}", "mode": "walking"}
+            else:
+                marker = {"scenario_uuid": str(uuid.uuid4()), "camera_url": "rtsp://cam.example/next"}
+        else:
+            marker = UNKNOWN_IDS[topic]()
+        markers[topic] = (marker, produce_at(kafka, topic, json.dumps(marker).encode(), key, partition))
+    wanted = {(t, p, o) for t, (_, (p, o)) in sent.items()}
+    wanted |= {(t, p, o) for t, (_, (p, o)) in markers.items() if UNKNOWN_IDS[t] is not None}
+    letters = read_dead_letters(kafka, sorted({f"{t}.dlq" for t, _, _ in wanted}), wanted)
+    for topic, (raw, (partition, offset)) in sent.items():
+        entries = letters.get((topic, partition, offset), [])
+        assert len(entries) == 1, f"{topic}: {len(entries)} dead letters for the {case} event"
+        h = headers(entries[0])
+        assert re.match(reason, h["dlq_reason"]), (topic, h["dlq_reason"])
+        assert h["dlq_original_topic"] == topic
+        assert entries[0].value() == raw  # the original bytes (None for a tombstone)
+    for topic, (marker, (partition, offset)) in markers.items():
+        if topic == "route.confirmed":
+            wait_for(lambda: kclient.get(f"/workflows/{marker['route_id']}").status_code == 200, timeout=30,
+                     what=f"the next {topic} event")
+        elif topic == "init_scenario":
+            wait_for(lambda: kclient.get(f"/workers?scenario_uuid={marker['scenario_uuid']}").json["total"] == 1,
+                     timeout=30, what=f"the next {topic} event")
+        else:
+            found = letters.get((topic, partition, offset), [])
+            assert len(found) == 1 and headers(found[0])["dlq_reason"].startswith("unroutable: "), topic
+    # dead-lettered for what they are, never after a retry loop
+    assert metric(bridge, "orchestrator_kafka_dead_letters_total", reason="handler_error") == retried
+    assert bridge.proc.poll() is None

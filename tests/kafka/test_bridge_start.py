@@ -1,0 +1,64 @@
+"""The bridge started before its Kafka broker waits for it (with backoff, saying what it waits
+for) instead of exiting, and handles events once the broker is up."""
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from conftest import Process, wait_for
+
+from orchestrator.entrypoints.kafka_broker import BundledBroker, free_port
+
+pytestmark = pytest.mark.kafka
+
+
+def test_bridge_started_before_the_broker_waits_then_handles_an_event(kclient, kenv, tmp_path):
+    from .conftest import Kafka
+
+    broker = BundledBroker(port=free_port(), log_path=tmp_path / "tansu.log")
+    env = {**kenv, "KAFKA_BROKERS": broker.bootstrap, "CONSUMER_GROUP": f"late-{uuid.uuid4().hex[:6]}",
+           "LOG_LEVEL": "INFO"}
+    bridge = Process("bridge-before-broker", ["bridge"], env).start()
+    try:
+        wait_for(lambda: "waiting for the Kafka broker at " + broker.bootstrap in bridge.output()
+                 or bridge.proc.poll() is not None, timeout=60, what="the bridge waiting for its broker")
+        assert bridge.proc.poll() is None, bridge.output()[-3000:]
+        broker.start()
+        wait_for(lambda: "assigned" in bridge.output(), timeout=60, what="the bridge joining its group")
+        route_id = f"r-{uuid.uuid4().hex[:8]}"
+        Kafka(broker.bootstrap).send("route.confirmed", {"route_id": route_id, "mode": "walking"}, key=route_id)
+        wait_for(lambda: kclient.get(f"/workflows/{route_id}").status_code == 200, timeout=60,
+                 what="the event handled")
+        assert bridge.proc.poll() is None
+    finally:
+        bridge.stop()
+        broker.stop()
+
+
+def test_bridge_resumes_when_its_broker_comes_back(kclient, kenv, tmp_path):
+    """The bundled broker keeps nothing: after its restart the bridge finds its topics gone,
+    creates them again and goes on with the next event."""
+    from .conftest import Kafka
+
+    broker = BundledBroker(port=free_port(), log_path=tmp_path / "tansu.log").start()
+    env = {**kenv, "KAFKA_BROKERS": broker.bootstrap, "CONSUMER_GROUP": f"back-{uuid.uuid4().hex[:6]}",
+           "LOG_LEVEL": "INFO"}
+    bridge = Process("bridge-broker-back", ["bridge"], env).start()
+    try:
+        wait_for(lambda: "assigned" in bridge.output(), timeout=60, what="the bridge joining its group")
+        first = f"r-{uuid.uuid4().hex[:8]}"
+        Kafka(broker.bootstrap).send("route.confirmed", {"route_id": first, "mode": "walking"}, key=first)
+        wait_for(lambda: kclient.get(f"/workflows/{first}").status_code == 200, timeout=60, what="the first event")
+        broker.stop()
+        wait_for(lambda: "waiting for the Kafka broker" in bridge.output(), timeout=60,
+                 what="the bridge noticing its broker is gone")
+        broker.start()
+        wait_for(lambda: "answer again" in bridge.output(), timeout=90, what="the bridge resuming")
+        second = f"r-{uuid.uuid4().hex[:8]}"
+        Kafka(broker.bootstrap).send("route.confirmed", {"route_id": second, "mode": "walking"}, key=second)
+        wait_for(lambda: kclient.get(f"/workflows/{second}").status_code == 200, timeout=90,
+                 what="an event after the broker came back")
+        assert bridge.proc.poll() is None
+    finally:
+        bridge.stop()
+        broker.stop()
