@@ -32,7 +32,7 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -43,6 +43,7 @@ from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from . import logs, tracing
 from .errors import Conflict, IllegalTransition, InvalidInput, NotFound
 from .jsonutil import unstorable
+from .kafka_events import Ignored, KafkaEvent
 from .models import ProcessedMessage
 
 log = logging.getLogger(__name__)
@@ -55,25 +56,6 @@ KAFKA_EVENTS = Counter("orchestrator_kafka_events_total", "Kafka events handled 
 KAFKA_DEAD_LETTERS = Counter("orchestrator_kafka_dead_letters_total",
                              "Events sent to the dead-letter topic", ["topic", "reason"])
 KAFKA_HANDLE_SECONDS = Histogram("orchestrator_kafka_handle_seconds", "Time to handle one event", ["topic"])
-
-
-class Ignored(Exception):
-    """The workflow refuses the event on purpose (late, repeated, already applied). Logged, counted."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-@dataclass
-class KafkaEvent:
-    topic: str
-    partition: int
-    offset: int
-    key: str | None
-    payload: dict[str, Any]
-    event_id: str
-    headers: dict[str, str] = field(default_factory=dict)
 
 
 Handler = Callable[[Any, KafkaEvent], str]
