@@ -93,6 +93,18 @@ def descendants(root: int) -> list[int]:
     return out
 
 
+def pss_kib(pid: int) -> int:
+    """Proportional set size: each page shared by n processes counted 1/n in each (KiB; Linux 4.14+)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def rss_kib(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -120,18 +132,22 @@ def cpu_ticks(pid: int) -> int:
 
 
 class RssSampler(threading.Thread):
-    """Sums VmRSS over a process tree every `interval` seconds; keeps the maximum (KiB)."""
+    """Sums VmRSS over a process tree every `interval` seconds; keeps the maximum (KiB), and the
+    maximum of the tree's summed PSS beside it (a forked pool's shared pages counted once)."""
 
     def __init__(self, pid: int, interval: float = 0.2) -> None:
         super().__init__(daemon=True, name="rss-sampler")
         self.pid = pid
         self.interval = interval
         self.peak_kib = 0
+        self.peak_pss_kib = 0
         self._halt = threading.Event()
 
     def run(self) -> None:
         while not self._halt.is_set():
-            self.peak_kib = max(self.peak_kib, sum(rss_kib(p) for p in descendants(self.pid)))
+            tree = descendants(self.pid)
+            self.peak_kib = max(self.peak_kib, sum(rss_kib(p) for p in tree))
+            self.peak_pss_kib = max(self.peak_pss_kib, sum(pss_kib(p) for p in tree))
             self._halt.wait(self.interval)
 
     def stop(self) -> None:

@@ -64,6 +64,7 @@ ROWS = (
     "latency median vs DBOS",
     "throughput vs hand-rolled upsert chain",
     "worker peak RSS vs plain Celery worker",
+    "worker peak PSS vs plain Celery worker",
     "parked: RSS growth worker + sweeper",
     "parked: timers fired when all due at once",
     "Kafka intake (one bridge)",
@@ -466,6 +467,7 @@ class Bench:
         self.results["rates"] = rates
         self.results["cpu"] = {p: {k: statistics.median(s[k] for s in v) for k in v[0]} for p, v in cpus.items()}
         self.results["rss"] = {p: s.peak_kib / 1024 for p, s in samplers.items()}
+        self.results["pss"] = {p: s.peak_pss_kib / 1024 for p, s in samplers.items()}
 
     def latency(self) -> None:
         from web import create_app
@@ -543,7 +545,8 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> list[Row]:
     print(f"cpu per workflow: engine worker {cpu['engine']['worker']:.1f} ms, postgres "
           f"{cpu['engine']['postgres']:.1f} ms; raw chain worker {cpu['raw']['worker']:.1f} ms")
     print(f"worker peak RSS: engine {res['rss']['engine']:.1f} MiB, plain Celery {res['rss']['plain']:.1f} MiB "
-          f"(pool {args.pool}, concurrency {args.concurrency})")
+          f"(pool {args.pool}, concurrency {args.concurrency}); peak PSS: engine {res['pss']['engine']:.1f} MiB, "
+          f"plain Celery {res['pss']['plain']:.1f} MiB")
 
     def med(p: str) -> float:
         return statistics.median(lat[p])
@@ -566,26 +569,28 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> list[Row]:
     row(ROWS[5], f"{rate['engine']:.1f}/s", f"{rate['upsert']:.1f}/s", at_least(rate["engine"] / rate["upsert"], 1.0))
     row(ROWS[6], f"{res['rss']['engine']:.0f} MiB", f"{res['rss']['plain']:.0f} MiB",
         at_most(res["rss"]["engine"] / res["rss"]["plain"], 1.2))
+    row(ROWS[7], f"{res['pss']['engine']:.0f} MiB", f"{res['pss']['plain']:.0f} MiB", None)
+    rows[-1].ratio = f"{res['pss']['engine'] / res['pss']['plain']:.2f}x"  # beside RSS, no target of its own
     parked = res.get("parked")
     if parked is not None:
         growth = parked.worker_mib + parked.sweeper_mib
         print(f"parked: {parked.n} workflows; RSS growth worker {parked.worker_mib:+.1f} MiB, sweeper "
               f"{parked.sweeper_mib:+.1f} MiB; {parked.n} timers due at once fired in {parked.fire_seconds:.2f}s "
               f"({parked.timers_per_second:.0f} timers/s)")
-        rows.append(Row(ROWS[7], f"{growth:+.1f} MiB ({parked.n} parked)",
+        rows.append(Row(ROWS[8], f"{growth:+.1f} MiB ({parked.n} parked)",
                         f"worker {parked.worker_mib:+.1f}, sweeper {parked.sweeper_mib:+.1f}", "-",
                         "< 50 MB", growth * 1.048576 < 50))
-        row(ROWS[8], f"{parked.timers_per_second:.0f} timers/s", f"{parked.n} in {parked.fire_seconds:.1f}s", None)
+        row(ROWS[9], f"{parked.timers_per_second:.0f} timers/s", f"{parked.n} in {parked.fire_seconds:.1f}s", None)
     else:
-        rows.append(Row(ROWS[7], "skipped", "-", "-", "< 50 MB", None))
-        rows.append(Row(ROWS[8], "skipped", "-", "-", "-", None))
+        rows.append(Row(ROWS[8], "skipped", "-", "-", "< 50 MB", None))
+        rows.append(Row(ROWS[9], "skipped", "-", "-", "-", None))
     return rows
 
 
 def kafka_row(n: int) -> Row:
     """The Kafka intake figures (bench/kafka_intake.py), printed, and their row of the table."""
     if not n:
-        return Row(ROWS[9], "skipped", "-", "-", ">= 5000 events/s", None)
+        return Row(ROWS[10], "skipped", "-", "-", ">= 5000 events/s", None)
     from .kafka_intake import measure
 
     note(f"(g) Kafka intake: {n} events ...")
@@ -594,7 +599,7 @@ def kafka_row(n: int) -> Row:
     print(f"kafka: bridge intake {k['bridge']:.1f} events/s; raw consume {k['consume']:.0f}/s, raw produce "
           f"{k['produce']:.0f}/s" + (f"; outbox relay produce {relay:.0f}/s" if relay else ""))
     peer = f"raw consume {k['consume']:.0f}/s" + (f", relay {relay:.0f}/s" if relay else "")
-    return Row(ROWS[9], f"{k['bridge']:.0f} events/s", peer, f"{k['bridge'] / k['consume']:.4f}x",
+    return Row(ROWS[10], f"{k['bridge']:.0f} events/s", peer, f"{k['bridge'] / k['consume']:.4f}x",
                ">= 5000 events/s", k["bridge"] >= 5000)
 
 
@@ -678,7 +683,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(kafka_row(args.kafka_n))
     except Exception as exc:  # the other figures still stand; the row says why this one is missing
         note(f"Kafka intake failed: {first_line(exc)}")
-        rows.append(Row(ROWS[9], "failed", first_line(exc)[:60], "-", ">= 5000 events/s", False))
+        rows.append(Row(ROWS[10], "failed", first_line(exc)[:60], "-", ">= 5000 events/s", False))
     print()
     print(f"{datetime.now(timezone.utc):%Y-%m-%d} on {machine()}")
     print(render(rows))

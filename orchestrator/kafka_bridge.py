@@ -36,7 +36,7 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -47,6 +47,7 @@ from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from . import logs, tracing
 from .errors import Conflict, IllegalTransition, InvalidInput, NotFound
 from .jsonutil import unstorable
+from .kafka_events import Ignored, KafkaEvent
 from .models import ProcessedMessage, utcnow
 
 log = logging.getLogger(__name__)
@@ -73,25 +74,6 @@ class _Waiting(Exception):
 
 class _Retry(Exception):
     """The batch must be rolled back and its events handled one by one."""
-
-
-class Ignored(Exception):
-    """The workflow refuses the event on purpose (late, repeated, already applied). Logged, counted."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-@dataclass
-class KafkaEvent:
-    topic: str
-    partition: int
-    offset: int
-    key: str | None
-    payload: dict[str, Any]
-    event_id: str
-    headers: dict[str, str] = field(default_factory=dict)
 
 
 Handler = Callable[[Any, KafkaEvent], str]

@@ -163,8 +163,18 @@ def pool_processes_finish_their_step() -> None:
     task_prerun.connect(before_task, weak=False)
 
 
+def _before_fork(**_: Any) -> None:
+    """In the main process, before it forks a pool process: what the start-up left behind is
+    collected and what remains is frozen out of the cyclic collector, so a collection in a pool
+    process does not write to, and so copy, every inherited page (the tree's PSS halves)."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 def cmd_worker(args: argparse.Namespace) -> None:
-    from celery.signals import setup_logging, worker_process_init
+    from celery.signals import setup_logging, worker_before_create_process, worker_process_init
 
     from orchestrator import runtime
 
@@ -175,14 +185,32 @@ def cmd_worker(args: argparse.Namespace) -> None:
     # a prefork pool process: keeps the parent's provider (its exporter thread restarts after fork)
     worker_process_init.connect(lambda **_: _tracing("worker", rt.settings), weak=False)
     pool_processes_finish_their_step()
+    worker_before_create_process.connect(_before_fork, weak=False)
 
     @setup_logging.connect  # Celery leaves logging to us when this signal has a receiver
     def _setup(**_: Any) -> None:
         _logging(rt.settings)
 
-    argv = ["worker", "--loglevel", rt.settings.log_level.upper(), "-Q", args.queues,
+    argv = ["--loglevel", rt.settings.log_level.upper(), "-Q", args.queues,
             "-c", str(args.concurrency), "-n", args.name, "--pool", args.pool]
-    rt.celery.worker_main(argv)
+    _celery_worker(rt.celery, argv)
+
+
+def _celery_worker(app: Any, argv: list[str]) -> None:
+    """`celery worker` with `argv` (its options, no command name) on `app`, as `app.worker_main`
+    runs it, but without the `celery` command group: that group loads every installed
+    `celery.commands` plugin (Flower with tornado and prometheus_client, click-repl with
+    prompt_toolkit and pygments), about 15 MiB in the main process and in each pool process it
+    forks (docs/performance.md, "Memory")."""
+    from celery.bin.base import CLIContext
+    from celery.bin.worker import worker
+    from click.exceptions import Exit
+
+    try:
+        worker.main(args=argv, prog_name="orchestrator worker", standalone_mode=False,
+                    obj=CLIContext(app=app, no_color=None, workdir=None))
+    except Exit:
+        pass  # as app.worker_main: the worker has stopped
 
 
 def _process(role: str, stop: threading.Event | None = None) -> Any:

@@ -19,12 +19,12 @@ story by (route_id, story_id): the token of that item is derived from them (`tts
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from datetime import datetime
 from typing import Any, Literal
 
-from prometheus_client import Histogram
 from statemachine import State
 
 from orchestrator.config import Settings
@@ -32,19 +32,27 @@ from pydantic import ConfigDict, Field
 
 from orchestrator.engine import ACCEPTED, DUPLICATE, STALE
 from orchestrator.errors import IllegalTransition, InvalidInput, NotFound
-from orchestrator.kafka_bridge import Ignored, KafkaEvent
+from orchestrator.kafka_events import Ignored, KafkaEvent
 from orchestrator.models import utcnow
 from orchestrator.schemas import Event, IdText, NonBlank, parse
 from orchestrator.workflow import External, ItemFailed, Step, Workflow, register
 
 log = logging.getLogger(__name__)
 
-ROUTE_TO_FIRST_AUDIO = Histogram("route_to_first_audio_seconds",
-                                 "From route.confirmed to the first story with audio",
-                                 buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800))
-JOB_DURATION = Histogram("job_duration_seconds", "Duration of a workflow step, start to finish",
-                         ["workflow", "step", "status"],
-                         buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800))
+
+@functools.cache
+def _histograms() -> tuple[Any, Any]:
+    """(route_to_first_audio_seconds, job_duration_seconds), registered on first use: only the
+    bridge observes them, and a worker, which loads this module too, is spared `prometheus_client`."""
+    from prometheus_client import Histogram
+
+    first_audio = Histogram("route_to_first_audio_seconds", "From route.confirmed to the first story with audio",
+                            buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800))
+    job_duration = Histogram("job_duration_seconds", "Duration of a workflow step, start to finish",
+                             ["workflow", "step", "status"],
+                             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800))
+    return first_audio, job_duration
+
 
 STEP_NAMES = ("story_generate", "tts_batch", "delivery_prefetch")
 STORY_LANG = "ru"
@@ -266,6 +274,7 @@ class RouteContent(Workflow):
 
     @classmethod
     def on_route_confirmed(cls, engine: Any, event: KafkaEvent) -> str:
+        _histograms()  # listed on /metrics from the route's first event on
         data = cls.validate_input(event.payload, engine.settings)
         _, created = engine.start(cls.type, data, key=data["route_id"], actor="kafka:route.confirmed")
         if not created:
@@ -313,7 +322,7 @@ class RouteContent(Workflow):
             raise InvalidInput("story_id", f"story {story_id} does not belong to route {route_id}")
         confirmed = before["context"].get("confirmed_at")
         if ok and confirmed and _first_audio_at(before) is None:
-            ROUTE_TO_FIRST_AUDIO.observe((utcnow() - datetime.fromisoformat(confirmed)).total_seconds())
+            _histograms()[0].observe((utcnow() - datetime.fromisoformat(confirmed)).total_seconds())
         _observe_steps(before, engine.snapshot(instance_id, history=False))
         return "accepted"
 
@@ -337,13 +346,13 @@ def _first_audio_at(snapshot: dict[str, Any]) -> str | None:
 
 
 def _observe_steps(before: dict[str, Any], after: dict[str, Any]) -> None:
-    """JOB_DURATION for each step this event finished."""
+    """job_duration_seconds for each step this event finished."""
     old = before["context"].get("steps", {})
     for name, step in after["context"].get("steps", {}).items():
         if step.get("status") in ("completed", "failed") and old.get(name, {}).get("status") != step["status"] \
                 and step.get("started_at") and step.get("finished_at"):
             seconds = (datetime.fromisoformat(step["finished_at"]) - datetime.fromisoformat(step["started_at"]))
-            JOB_DURATION.labels(RouteContent.type, name, step["status"]).observe(seconds.total_seconds())
+            _histograms()[1].labels(RouteContent.type, name, step["status"]).observe(seconds.total_seconds())
 
 
 def restart_step(engine: Any, route_id: str, step: str | None) -> dict[str, Any]:

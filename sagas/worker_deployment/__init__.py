@@ -29,7 +29,7 @@ from statemachine import State
 from orchestrator.config import Settings
 from orchestrator.errors import NotFound
 from orchestrator.jsonutil import iso
-from orchestrator.kafka_bridge import Ignored, KafkaEvent
+from orchestrator.kafka_events import Ignored, KafkaEvent
 from orchestrator.models import Base, UTCDateTime, utcnow
 from orchestrator.schemas import INT32_MAX, INT64_MAX, Contract, Event, parse, parse_value, problem
 from orchestrator.workflow import Workflow, register

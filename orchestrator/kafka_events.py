@@ -1,0 +1,33 @@
+"""What a workflow's Kafka handler receives and may raise, apart from the bridge that calls it.
+
+Workflow modules import these names from here, not from `orchestrator.kafka_bridge`: a worker
+loads every workflow module but never runs a handler, and the bridge module would bring its
+consumer machinery and `prometheus_client` into every worker process (docs/performance.md,
+"Memory"). `orchestrator.kafka_bridge` re-exports both.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Ignored(Exception):
+    """The workflow refuses the event on purpose (late, repeated, already applied). Logged, counted."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class KafkaEvent:
+    """One consumed event as a handler sees it: where it came from, its parsed JSON payload (a
+    dict), its id for exactly-once (see `kafka_bridge.event_id`) and its headers (str to str)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: str | None
+    payload: dict[str, Any]
+    event_id: str
+    headers: dict[str, str] = field(default_factory=dict)
