@@ -116,7 +116,11 @@ class KafkaPublisher:
                         results[i] = PermanentPublishError(f"kafka refused the message for {row.target}: {exc}") \
                             if is_permanent_error(exc) else exc
                         break
-            self.producer.flush(self.timeout)
+            left = self.producer.flush(self.timeout)
+            transient = any(r is not None and not isinstance(r, (PermanentPublishError, TypeError, ValueError))
+                            for r in results)
+            if left or transient:
+                self._renew()  # see `_renew`: a stale producer would time out on every later round
         for i in waiting:
             results[i] = RuntimeError(f"kafka delivery to {rows[i].target} not confirmed within {self.timeout:g}s")
         for i, row in enumerate(rows):
