@@ -146,6 +146,15 @@ def install_dedup(sessions: Any) -> None:
         session.info.pop("kafka_delivery", None)
 
 
+#: The longest `event_id` header taken (characters); a longer one is dead-lettered, never cut:
+#: two ids sharing their first characters would otherwise be taken for one event.
+EVENT_ID_MAX = 200
+
+
+class BadEventId(ValueError):
+    """The `event_id` header cannot identify the event (not UTF-8, or too long): dead-lettered."""
+
+
 def event_id(msg: Any) -> str:
     """The identity an event is de-duplicated by (within its topic), never repeated over time.
 
@@ -155,14 +164,37 @@ def event_id(msg: Any) -> str:
     database), but the message timestamp (CreateTime from the producer's clock, or the broker's
     LogAppendTime) of a message in a later life is later than that of the message the previous
     life held at the same offset. A redelivery of one message carries the same timestamp. A
-    broker too old to keep timestamps gives `@none` (offsets only again; docs/kafka.md)."""
+    broker too old to keep timestamps gives `@none` (offsets only again; docs/kafka.md).
+
+    The header is taken exactly or not at all: raises BadEventId when it is not UTF-8 or longer
+    than EVENT_ID_MAX characters (replacing bad bytes or cutting it would make different events
+    one)."""
     for k, v in msg.headers() or []:
         if k == "event_id" and v:
-            return v.decode(errors="replace")[:200]
+            try:
+                text = v.decode()
+            except UnicodeDecodeError:
+                raise BadEventId("headers.event_id: is not valid UTF-8") from None
+            if len(text) > EVENT_ID_MAX:
+                raise BadEventId(f"headers.event_id: must be at most {EVENT_ID_MAX} characters, got {len(text)}")
+            return text
+    return position_id(msg)
+
+
+def position_id(msg: Any) -> str:
+    """`<partition>:<offset>@<timestamp ms>`, the identity of an event without an `event_id`."""
     kind, ts = msg.timestamp()
     from confluent_kafka import TIMESTAMP_NOT_AVAILABLE
 
     return f"{msg.partition()}:{msg.offset()}@{ts if kind != TIMESTAMP_NOT_AVAILABLE else 'none'}"
+
+
+def _recorded_id(msg: Any) -> str:
+    """The id a dead letter is recorded under: its event id, or its position when that is bad."""
+    try:
+        return event_id(msg)
+    except BadEventId:
+        return position_id(msg)
 
 
 def _headers(msg: Any) -> dict[str, str]:
@@ -479,7 +511,10 @@ class Bridge:
         topic = msg.topic()
         if topic not in self.routes:
             return f"no workflow consumes topic {topic}", "unroutable"
-        msg_id = event_id(msg)
+        try:
+            msg_id = event_id(msg)
+        except BadEventId as exc:
+            return str(exc), "invalid_field"
         bad_id = unstorable(msg_id, "headers.event_id")  # its de-duplication row could not be stored
         if bad_id is not None:
             return f"{bad_id[0]}: {bad_id[1]}", "invalid_field"
@@ -492,7 +527,10 @@ class Bridge:
             return f"invalid JSON: {exc}", "invalid_json"
         if not isinstance(payload, dict):
             return f"payload must be a JSON object, got {type(payload).__name__}", "invalid_json"
-        key = msg.key().decode(errors="replace") if msg.key() else None
+        try:  # taken exactly or not at all, like the event id: a replaced byte would alter it
+            key = msg.key().decode() if msg.key() else None
+        except UnicodeDecodeError:
+            return "key: is not valid UTF-8", "invalid_field"
         ev = KafkaEvent(topic, msg.partition(), msg.offset(), key, payload, msg_id, _headers(msg))
         # Text the database refuses (NUL, a lone surrogate) would fail every attempt: dead-letter
         # it at once, naming the field (a payload field bare, else `key` or `headers.<name>`).
@@ -523,8 +561,11 @@ class Bridge:
         if topic not in self.routes:
             return self.dead_letter(msg, f"no workflow consumes topic {topic}", "unroutable")
         consumer = f"kafka:{topic}"
-        msg_id = event_id(msg)
-        bad_id = unstorable(msg_id, "headers.event_id")
+        try:
+            msg_id = event_id(msg)
+            bad_id = unstorable(msg_id, "headers.event_id")
+        except BadEventId as exc:  # dead-lettered by _parse below
+            msg_id, bad_id = position_id(msg), ("headers.event_id", str(exc))
         if bad_id is None:
             seen_at = self.processed(consumer, msg_id)
             if seen_at is not None:
@@ -597,7 +638,7 @@ class Bridge:
         token = _current_delivery.set(None)  # recorded here, explicitly, not by the session hook
         try:  # a redelivery of this event is then a duplicate, not a second dead letter
             with self.rt.sessions() as s, s.begin():
-                s.add(ProcessedMessage(consumer=f"kafka:{topic}", message_id=event_id(msg)))
+                s.add(ProcessedMessage(consumer=f"kafka:{topic}", message_id=_recorded_id(msg)))
         except Exception as exc:  # the dead letter is durable already; at worst it is repeated
             log.info("dead letter of %s/%s@%s not recorded: %s", topic, msg.partition(), msg.offset(), exc)
         finally:

@@ -382,3 +382,44 @@ def test_hostile_input_on_every_consumed_topic(kclient, kafka, krt, bridge, case
     # dead-lettered for what they are, never after a retry loop
     assert metric(bridge, "orchestrator_kafka_dead_letters_total", reason="handler_error") == retried
     assert bridge.proc.poll() is None
+
+
+def test_event_ids_and_keys_are_taken_exactly_or_dead_lettered(kclient, kafka, bridge, kafka_emulators):
+    """Different events never collapse into one: an `event_id` header that is not UTF-8 or is
+    longer than the bridge keeps, and a key that is not UTF-8, are dead-lettered naming the
+    field, instead of being replaced or cut into an id another event already has (which skipped
+    that event as a duplicate: its worker was never deployed)."""
+    from confluent_kafka import Producer
+
+    from orchestrator.kafka import producer_config
+    from orchestrator.kafka_bridge import EVENT_ID_MAX
+
+    producer = Producer(producer_config(kafka.brokers))
+    cases = {  # scenario -> (key, event_id header, the reason's start)
+        str(uuid.uuid4()): (b"k1", b"\xff", "headers.event_id: is not valid UTF-8"),
+        str(uuid.uuid4()): (b"k2", b"\xfe", "headers.event_id: is not valid UTF-8"),
+        str(uuid.uuid4()): (b"k3", b"x" * EVENT_ID_MAX + b"-C", "headers.event_id: must be at most"),
+        str(uuid.uuid4()): (b"k4", b"x" * EVENT_ID_MAX + b"-D", "headers.event_id: must be at most"),
+        str(uuid.uuid4()): (b"\xff\xfe", None, "key: is not valid UTF-8"),
+    }
+    raws = {}
+    for scenario, (key, eid, _) in cases.items():
+        raws[scenario] = json.dumps({"scenario_uuid": scenario, "camera_url": "rtsp://cam.example/id"}).encode()
+        producer.produce("init_scenario", raws[scenario], key=key,
+                         headers=[("event_id", eid)] if eid is not None else None)
+    # two ids that agree on their first EVENT_ID_MAX characters but are both within it are two events
+    ok = [str(uuid.uuid4()) for _ in range(2)]
+    for n, scenario in enumerate(ok):
+        producer.produce("init_scenario", json.dumps({"scenario_uuid": scenario, "camera_url": "rtsp://c/ok"}).encode(),
+                         key=scenario.encode(), headers=[("event_id", (b"y" * (EVENT_ID_MAX - 1)) + str(n).encode())])
+    assert producer.flush(30) == 0
+    wanted = set(raws.values())
+    letters = kafka.read("init_scenario.dlq", timeout=30,
+                         until=lambda ms: wanted <= {m.value() for m in ms})
+    for scenario, (_, _, reason) in cases.items():
+        [letter] = [m for m in letters if m.value() == raws[scenario]]  # once each, original headers kept
+        assert dict(letter.headers())["dlq_reason"].decode().startswith(reason)
+    for scenario in ok:
+        wait_for(lambda: kclient.get(f"/workers?scenario_uuid={scenario}").json["total"] == 1, timeout=30,
+                 what=f"worker of {scenario}")
+    assert all(kclient.get(f"/workers?scenario_uuid={s}").json["total"] == 0 for s in cases)
