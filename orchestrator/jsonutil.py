@@ -4,8 +4,22 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 from datetime import datetime, timezone
 from typing import Any
+
+
+def why_not_json(exc: BaseException) -> str:
+    """What is wrong with a text `json.loads` refused, for an error that names the field: the
+    parser's own words, except where they are Python's (a number past the interpreter's 4300-digit
+    limit, nesting past the recursion limit, bytes that are not UTF-8)."""
+    if isinstance(exc, RecursionError):
+        return "is nested too deeply"
+    if isinstance(exc, UnicodeDecodeError):
+        return "is not valid UTF-8"
+    if "digits" in str(exc) and "limit" in str(exc):
+        return f"has a number of more than {sys.get_int_max_str_digits()} digits"
+    return str(exc)
 
 
 def canonical(value: Any) -> str:

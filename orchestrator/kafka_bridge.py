@@ -46,7 +46,7 @@ from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from . import logs, tracing
 from .errors import Conflict, IllegalTransition, InvalidInput, NotFound
-from .jsonutil import unstorable
+from .jsonutil import unstorable, why_not_json
 from .kafka_events import Ignored, KafkaEvent
 from .models import ProcessedMessage, utcnow
 
@@ -523,8 +523,8 @@ class Bridge:
             return "empty value: a tombstone (null value) is not an event", "invalid_json"
         try:
             payload = json.loads(raw)
-        except (UnicodeDecodeError, ValueError) as exc:
-            return f"invalid JSON: {exc}", "invalid_json"
+        except (ValueError, RecursionError) as exc:
+            return f"invalid JSON: {why_not_json(exc)}", "invalid_json"
         if not isinstance(payload, dict):
             return f"payload must be a JSON object, got {type(payload).__name__}", "invalid_json"
         try:  # taken exactly or not at all, like the event id: a replaced byte would alter it

@@ -5,7 +5,7 @@ import logging
 import time
 from typing import Any, TypeVar
 
-from flask import Flask, g, jsonify, request
+from flask import Flask, current_app, g, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 from gunicorn.http.errors import ParseException
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
@@ -13,7 +13,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from orchestrator import logs, tracing
 from orchestrator import runtime as runtime_module
 from orchestrator.errors import InvalidInput, OrchestratorError
-from orchestrator.jsonutil import check_storable
+from orchestrator.jsonutil import check_storable, why_not_json
 from orchestrator.metrics import HTTP_LATENCY, HTTP_REQUESTS
 from orchestrator.schemas import parse
 
@@ -159,11 +159,11 @@ def json_body(required: bool = True) -> Any:
             raise InvalidInput("body", "a JSON body is required")
         return {}
     try:
-        data = request.get_json(silent=True)
+        data = current_app.json.loads(data)
     except RecursionError:  # nested deeper than the parser goes
-        data = None
-    if data is None:
-        raise InvalidInput("body", "is not valid JSON")
+        raise InvalidInput("body", "is not valid JSON: it is nested too deeply") from None
+    except ValueError as exc:
+        raise InvalidInput("body", f"is not valid JSON: {why_not_json(exc)}") from None
     try:
         return check_storable(data)
     except RecursionError:

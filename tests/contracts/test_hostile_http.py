@@ -152,6 +152,17 @@ def test_deep_nesting_huge_numbers_and_invalid_utf8_are_a_400(api, body, field):
     assert_error(status, answer, 400, field)
 
 
+@pytest.mark.parametrize("body, message", [
+    (b'{"n": ' + b"9" * 5000 + b"}", "body: is not valid JSON: has a number of more than 4300 digits"),
+    (b'{"type": "\xff"}', "body: is not valid JSON: is not valid UTF-8"),
+])
+def test_a_body_the_parser_refuses_is_named_in_the_user_s_terms(api, body, message):
+    """Not Python's words (`sys.set_int_max_str_digits()`), which mean nothing to a client."""
+    status, answer = send(api, "POST", b"/saga", body)
+    assert_error(status, answer, 400, "body")
+    assert answer["message"] == message, answer
+
+
 def test_invalid_utf8_and_huge_values_in_paths_and_queries_never_get_a_5xx(api):
     ops = operations(api, with_body=False)
     assert len(ops) >= 20
