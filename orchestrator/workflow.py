@@ -363,6 +363,83 @@ def _per_class(cls: type, name: str, compute: Callable[[], Any]) -> Any:
     return value
 
 
+#: Callbacks of the machine itself, which apply to every transition or state when a workflow
+#: defines a method of that name.
+_GENERIC_CALLBACKS = ("prepare_event", "before_transition", "on_transition", "after_transition",
+                      "on_enter_state", "on_exit_state", "on_invoke_state")
+
+
+def _runs_nothing(cls: type, specs: Any) -> bool:
+    """True when none of `specs` (a python-statemachine callback list) can call anything on an
+    instance of `cls`: each is a naming convention (`on_enter_<state>`, ...) that the class does
+    not define. An explicit callback, guard or validator is never nothing."""
+    return all(spec.is_convention and not hasattr(cls, spec.func) for spec in specs)
+
+
+def _plain_class(cls: type[Workflow]) -> bool:
+    """The machine is flat (no compound, parallel or history state), has no listeners, no
+    eventless transition and no machine-wide callback: the cases a transition table can
+    represent without running the library."""
+    if getattr(cls, "_class_listeners", None) or any(hasattr(cls, name) for name in _GENERIC_CALLBACKS):
+        return False
+    if not _runs_nothing(cls, cls.prepare):
+        return False
+    for state in cls.states:
+        if state.states or state.parallel or state.history or state.parent is not None:
+            return False
+        if any(t.is_eventless for t in state.transitions):
+            return False
+    return True
+
+
+def transition_table(cls: type[Workflow]) -> dict[tuple[str, str], str]:
+    """{(state value, event): target state value} for every transition the engine may apply
+    without building a statemachine instance, computed once per class.
+
+    A pair is in the table only when exactly one transition of the state matches the event
+    (`Transition.match`, so wildcard events count), that transition has no guard, validator or
+    callback (explicit or by naming convention), leaves its source's exit and its target's
+    entry and invoke callbacks empty, and is neither delayed nor internal. Every other pair,
+    an unknown state and an event the state does not accept go through the machine, which
+    keeps its own errors (TransitionNotAllowed, InvalidStateValue)."""
+    def compute() -> dict[tuple[str, str], str]:
+        table: dict[tuple[str, str], str] = {}
+        if not _plain_class(cls):
+            return table
+        events = list(cls.event_names())
+        for state in cls.states:
+            if not (_runs_nothing(cls, state.exit) and _runs_nothing(cls, state.invoke)):
+                continue
+            for event in events:
+                matching = [t for t in state.transitions if t.match(event)]
+                if len(matching) != 1:
+                    continue
+                move = matching[0]
+                target = move.target
+                if move.internal or len(move.targets) != 1 or target is None \
+                        or any(e.delay or e.internal for e in move.events):
+                    continue
+                if not (_runs_nothing(cls, move._specs) and _runs_nothing(cls, target.enter)
+                        and _runs_nothing(cls, target.invoke)):
+                    continue
+                table[(state.value, event)] = target.value
+        return table
+    return _per_class(cls, "_transition_table", compute)  # type: ignore[no-any-return]
+
+
+def plain_initial_state(cls: type[Workflow]) -> str | None:
+    """The initial state's value when entering it runs no callback (so a new instance needs no
+    statemachine instance to be in it), else None."""
+    def compute() -> str:
+        initial = cls.initial_state
+        if initial is None or not _plain_class(cls) or cls.start_configuration_values:
+            return ""
+        if not (_runs_nothing(cls, initial.enter) and _runs_nothing(cls, initial.invoke)):
+            return ""
+        return initial.value  # type: ignore[no-any-return]
+    return _per_class(cls, "_plain_initial_state", compute) or None
+
+
 class Registry:
     """Workflow types by name. Workflows register themselves; the engine knows none by name."""
 
@@ -382,6 +459,8 @@ class Registry:
         # Restart and cancel keep their own endpoints and checks (a failed step; compensations).
         if {cls.restart_event, cls.cancel_event} & set(cls.signals):
             raise ValueError(f"{cls.__name__}: restart and cancel cannot be signals")
+        transition_table(cls)  # built once here, not on the first event
+        plain_initial_state(cls)
         self._types[cls.type] = cls
         return cls
 
