@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install run test unit lint bench chaos fuzz services browser up down clean
+.PHONY: help install run test unit lint bench chaos fuzz services browser up down clean
 
 $(BIN)/orchestrator: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,9 @@ bench: install $(VENV)/.bench services ## every figure beside its peer, one tabl
 SEED ?= 1
 chaos: install         ## fault injection over every workflow (docs/reliability.md); private services, SEED=n
 	$(BIN)/python -m bench.chaos --seed $(SEED)
+
+help:                  ## this list
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z]+):.*## /  make \1\t/'
 
 up:                    ## the full stack with Docker
 	docker compose up --build -d

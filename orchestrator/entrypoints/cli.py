@@ -297,6 +297,8 @@ DEV_RESTARTS = 5
 #: The login `orchestrator dev` gives Flower and the console unless FLOWER_BASIC_AUTH /
 #: CONSOLE_BASIC_AUTH are set (docs/operations.md, "Who may do what").
 DEV_LOGIN = "admin:admin"
+#: The admin token `orchestrator dev` gives the API (X-Admin-Token) unless ADMIN_TOKEN is set.
+DEV_ADMIN_TOKEN = "dev-admin-token"
 DEV_STABLE_SECONDS = 60.0
 
 
@@ -372,6 +374,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
     # Flower and the console are never open, not even in dev: a documented default login
     env["FLOWER_BASIC_AUTH"] = env.get("FLOWER_BASIC_AUTH") or DEV_LOGIN
     env["CONSOLE_BASIC_AUTH"] = env.get("CONSOLE_BASIC_AUTH") or DEV_LOGIN
+    env["ADMIN_TOKEN"] = env.get("ADMIN_TOKEN") or settings.admin_token or DEV_ADMIN_TOKEN  # /admin/*, bulk
     env.setdefault("EMULATOR_JOB_SECONDS", "2")
     children: list[tuple[str, list[str]]] = []
     claims = [PortClaim("the API", "PORT", settings.host, settings.port),
@@ -465,6 +468,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
     print(f"orchestrator dev: API http://{settings.host}:{settings.port}  "
           f"Console http://{settings.host}:{settings.port}/ui/ ({login('CONSOLE_BASIC_AUTH')})  "
           f"Flower http://127.0.0.1:{args.flower_port} ({login('FLOWER_BASIC_AUTH')})  "
+          f"{'X-Admin-Token ' + DEV_ADMIN_TOKEN + '  ' if env['ADMIN_TOKEN'] == DEV_ADMIN_TOKEN else ''}"
           f"Kafka {env.get('KAFKA_BROKERS') or settings.kafka_brokers}{' (bundled)' if broker else ''}  "
           "Ctrl-C stops all", flush=True)
     print("orchestrator dev: pids " + ", ".join(f"{n}={p.pid}" for n, p in procs.items()), flush=True)

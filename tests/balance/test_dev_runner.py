@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.e2e]
 
 def test_dev_creates_the_demo_project_and_runs_the_saga(tmp_path):
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("CELERY_", "DATABASE_", "POSTGRES_", "REDIS_", "GIT", "CONSOLE_"))}
+           if not k.startswith(("CELERY_", "DATABASE_", "POSTGRES_", "REDIS_", "GIT", "CONSOLE_", "ADMIN_"))}
     port = free_port()
     env.update(PORT=str(port), HOST="127.0.0.1", SWEEP_INTERVAL="0.2", LOG_LEVEL="WARNING", PYTHONPATH=str(ROOT),
                FLOWER_BASIC_AUTH="admin:secret", GITLAB_EMULATOR_PORT=str(free_port()),
@@ -35,6 +35,10 @@ def test_dev_creates_the_demo_project_and_runs_the_saga(tmp_path):
         # dev serves the operator console with its own login (admin:admin unless told otherwise)
         assert requests.get(f"{base}/ui/", auth=("admin", "admin"), timeout=10).status_code == 200
         assert requests.get(f"{base}/ui/", timeout=10).status_code == 401
+        # and the admin operations with its own token, printed at start like the login
+        assert requests.get(f"{base}/admin/stats", timeout=10).status_code == 401
+        assert requests.get(f"{base}/admin/stats", headers={"X-Admin-Token": "dev-admin-token"},
+                            timeout=10).status_code == 200
         demo = GitRepo(tmp_path / "data" / "repos" / "demo" / "balance")
         assert demo.read("main", "balance_input.json") and demo.read("main", "geometries_manifest.json")
         r = requests.post(f"{base}/saga/calculate-balance", timeout=60,
