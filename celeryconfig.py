@@ -40,6 +40,12 @@ task_routes = {
 task_create_missing_queues = True
 
 broker_connection_retry_on_startup = True
+# After a lost broker connection with tasks still running, Celery lowers the prefetch count and
+# raises it again as they finish; under RabbitMQ's per-consumer QoS the raise never reaches the
+# consumer, and a worker (ours, or the execution service's) could stop taking messages after a
+# RabbitMQ restart while they piled up in its queue (celery/celery#9512). Celery's documented
+# workaround: keep the prefetch count as it is.
+worker_enable_prefetch_count_reduction = False
 broker_transport_options = {"confirm_publish": True, "max_retries": 3}
 broker_pool_limit = 10
 
