@@ -5,8 +5,6 @@ a duplicated entry is applied once."""
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import uuid
 from typing import Any
 
@@ -18,6 +16,7 @@ from sqlalchemy.engine import make_url
 from chat_support import (chat_env, execution, expected_answer, new_session, read_frames, send_task,  # noqa: F401
                           start_api, ws_url)
 from conftest import REDIS, wait_for
+from tcp_proxy import Proxy
 
 pytestmark = pytest.mark.e2e
 GROUP = "orchestrator-api"
@@ -139,105 +138,34 @@ def test_a_duplicated_stream_entry_is_applied_once(durable_env, execution, sweep
         r.delete(stream)
 
 
-class TcpGate:
-    """A TCP forwarder to PostgreSQL that this test opens and closes: closing refuses new
-    connections and cuts the open ones, as an outage does (the shared server itself stays up)."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.port = _free_port()
-        self.conns: list[socket.socket] = []
-        self.server: socket.socket | None = None
-        self.lock = threading.Lock()
-
-    def open(self) -> None:
-        self.server = socket.create_server(("127.0.0.1", self.port), reuse_port=False)
-        threading.Thread(target=self._accept, args=(self.server,), daemon=True).start()
-
-    def close(self) -> None:
-        server, self.server = self.server, None
-        if server is not None:
-            try:
-                server.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread (close alone does not)
-            except OSError:
-                pass
-            server.close()
-        with self.lock:
-            for c in self.conns:
-                try:
-                    c.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                c.close()
-            self.conns.clear()
-
-    def _accept(self, server: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = server.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                client.close()
-                continue
-            upstream.settimeout(None)
-            with self.lock:
-                self.conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_callbacks_read_while_the_database_is_unreachable_are_kept_and_applied_once_it_is_back(
         durable_env, execution, sweeper, worker):
     env = durable_env
     r = redis.Redis.from_url(REDIS)
     stream = stream_of(env)
     url = make_url(env["DATABASE_URL"])
-    gate = TcpGate((url.host or "127.0.0.1", url.port or 5432))
-    gate.open()
+    gate = Proxy(url.host or "127.0.0.1", url.port or 5432).start()  # closed: an outage, reopened: back
     through_gate = url.set(host="127.0.0.1", port=gate.port).render_as_string(hide_password=False)
     front, base = start_api(env, name="chat-api-front-db", workers=1, CHAT_CALLBACK_CONSUMERS="0")
     listener, _ = start_api({**env, "DATABASE_URL": through_gate}, name="chat-api-gated", workers=1)
     try:
         wait_for(lambda: r.exists(stream) and r.xinfo_groups(stream), timeout=20, what="the consumer group")
         sid = new_session(base)
-        gate.close()  # the listener's database is unreachable from here on
+        gate.stop()  # the listener's database is unreachable from here on
         task = send_task(base, sid, "is the database there?")
         wait_for(lambda: len(entries_of(r, stream, task)) == 4, timeout=30, what="the callbacks on the stream")
         # the listener read them, could not store them, and keeps them pending
         wait_for(lambda: r.xpending(stream, GROUP)["pending"] >= 1, timeout=20, what="entries pending")
         wait_for(lambda: "the database is unavailable" in listener.output(), timeout=20, what="a failed store")
         assert task_view(base, sid, task)["status"] == "queued"
-        gate.open()
+        gate.start()
         wait_for(lambda: task_view(base, sid, task)["status"] == "completed", timeout=60,
                  what="the task completed once the database is back")
         wait_for(lambda: no_pending(r, stream), timeout=20, what="every entry acknowledged")
         assert_answered_once(base, sid, task, "is the database there?")
         assert r.xlen(f"{stream}:dead") == 0
     finally:
-        gate.close()
+        gate.stop()
         listener.stop()
         front.stop()
         r.delete(stream, f"{stream}:dead")
