@@ -765,9 +765,10 @@ class Engine:
                 return
         run.status = StepStatus.QUEUED.value
         self._dispatch(uow, inst.id, step, run, branches)
-        if step.timeout is not None:  # for an external step: how long its items may take
+        deadline = step.deadline(self.settings)
+        if deadline is not None:  # for an external step: how long its items may take
             uow.add_timer(instance_id=inst.id, kind="deadline", step=step.name, attempt=run.attempt,
-                          due_at=now + step.timeout)
+                          due_at=now + deadline)
 
     def _dispatch(self, uow: UnitOfWork, instance_id: str, step: Step, run: Record,
                   branches: list[int] | None = None) -> None:
@@ -1245,9 +1246,13 @@ class Engine:
 
     # -- restart and cancel --------------------------------------------------------------------
     def restart(self, instance_id: str, step: str, actor: str = "api",
-                within: Callable[[UnitOfWork], None] | None = None) -> dict[str, Any]:
+                within: Callable[[UnitOfWork], None] | None = None, running: bool = False) -> dict[str, Any]:
         """Restart a failed (or cancelled) step. Raises NotFound, InvalidInput on `step`, Conflict
-        (409) unless the step failed. `within` runs in the same transaction (see `signal`)."""
+        (409) unless the step failed. `within` runs in the same transaction (see `signal`).
+
+        `running`: a step still running (an external step whose replies were lost) is first
+        failed as an abandoned attempt, then restarted, in one transaction; an external step's
+        items that completed are kept, the others are requested again under the next attempt."""
         with self.unit_of_work() as uow:
             inst = uow.lock(instance_id)
             cls = self.workflow_class(inst.type)
@@ -1255,6 +1260,8 @@ class Engine:
                 raise InvalidInput("step", f"unknown step '{step}'; steps: "
                                    + ", ".join(s.name for s in cls.step_table().values()))
             run = uow.step_run(instance_id, step)
+            if running and run is not None and run.status in ACTIVE:
+                self._fail_step(uow, inst, cls, run, f"attempt {run.attempt} abandoned by a restart")
             if run is None or run.status not in (StepStatus.FAILED.value, StepStatus.CANCELLED.value):
                 raise Conflict(f"step '{step}' is {run.status if run else 'not started'}; only a failed "
                                "step can be restarted", state=inst.state,
@@ -1444,7 +1451,8 @@ class Engine:
             return
         step = cls.step_named(run.name)[1]  # type: ignore[index]
         if timer.kind == "deadline":
-            seconds = step.timeout.total_seconds() if step.timeout else 0
+            deadline = step.deadline(self.settings)
+            seconds = deadline.total_seconds() if deadline else 0
             self._fail_step(uow, inst, cls, run, f"step timed out after {seconds:g}s")
         elif timer.kind in ("retry", "poll"):
             run.status = StepStatus.QUEUED.value

@@ -86,6 +86,9 @@ class Step:
               join is counted on the step row, never in a chord callback).
     external: the step waits for work done elsewhere (see `External`); its `join` fires when
               every item has completed. `task` is then optional: the task that sends the request.
+    timeout:  how long one attempt may take (a timedelta, or a function of the settings giving
+              one; None: unbounded); when it passes the attempt fails ("step timed out") and the
+              step's `on_failure` event fires, so the step can be restarted.
     compensate: a task that undoes the completed step when the instance is cancelled, retried
               by `compensate_retry` (default COMPENSATION_RETRY).
 
@@ -100,7 +103,7 @@ class Step:
     fanout: str = ""
     join: str = ""
     retry: "Retry | Callable[[Settings], Retry]" = field(default_factory=Retry)
-    timeout: timedelta | None = None
+    timeout: "timedelta | None | Callable[[Settings], timedelta | None]" = None
     on_failure: str = "fail"
     compensate: str = ""
     compensate_retry: "Retry | Callable[[Settings], Retry]" = COMPENSATION_RETRY
@@ -122,6 +125,11 @@ class Step:
     def items_method(self) -> str:
         """The workflow method giving the step's items, when it fans out."""
         return self.fanout or (self.external.items if self.external else "")
+
+    def deadline(self, settings: "Settings") -> timedelta | None:
+        """How long one attempt may take (None: no bound); a workflow may derive it from
+        configuration, as it may its retry policy."""
+        return self.timeout(settings) if callable(self.timeout) else self.timeout
 
     def policy(self, settings: "Settings") -> Retry:
         """The retry policy; a workflow may derive it from configuration."""
@@ -329,7 +337,8 @@ def describe(cls: type[Workflow], settings: "Settings") -> dict[str, Any]:
         policy = step.policy(settings)
         item["retry"] = {"attempts": policy.attempts, "backoff": policy.backoff, "factor": policy.factor,
                          "max_delay": policy.max_delay, "jitter": policy.jitter}
-        item["timeout"] = step.timeout.total_seconds() if step.timeout is not None else None
+        deadline = step.deadline(settings)
+        item["timeout"] = deadline.total_seconds() if deadline is not None else None
         item["external"] = step.external is not None
         if step.items_method:
             item["items"] = step.items_method

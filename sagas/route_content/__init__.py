@@ -12,9 +12,10 @@ tts.completed counted on the step row, and the join fired when all have complete
                                                     tts_batch_failed v  |
                                                                   tts_failed
 
-The tts_batch step fails once every requested story has reported and at least one failed, so a
-restart never re-requests a story still in flight; a restart re-requests only the stories that
-did not complete, so no story is synthesised twice after success. A tts.completed names its
+The tts_batch step fails once every requested story has reported and at least one failed, or
+when its attempt outlives ROUTE_TTS_TIMEOUT_SECONDS (replies lost); a restart (also of a route
+still synthesizing) re-requests only the stories that did not complete, so no story is
+synthesised twice after success, and a reply to an abandoned attempt is ignored as stale. A tts.completed names its
 story by (route_id, story_id): the token of that item is derived from them (`tts_token`).
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from statemachine import State
@@ -36,6 +37,8 @@ from orchestrator.kafka_events import Ignored, KafkaEvent
 from orchestrator.models import utcnow
 from orchestrator.schemas import Event, IdText, NonBlank, parse
 from orchestrator.workflow import External, ItemFailed, Step, Workflow, register
+
+from .settings import RouteSettings
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +134,11 @@ class DeliveryPrefetch(Event):
     next_audio: list[PrefetchAudio]
 
 
+def _tts_timeout(settings: Settings) -> timedelta:
+    """How long one tts_batch attempt waits for its replies (ROUTE_TTS_TIMEOUT_SECONDS)."""
+    return timedelta(seconds=RouteSettings.from_settings(settings).tts_timeout_seconds)
+
+
 @register
 class RouteContent(Workflow):
     type = "route_content"
@@ -170,7 +178,7 @@ class RouteContent(Workflow):
 
     steps = {synthesizing: Step(name="tts_batch", external=External(items="story_ids", send="request_tts",
                                                                       token="story_token"),
-                                join="tts_done", on_failure="tts_batch_failed")}
+                                timeout=_tts_timeout, join="tts_done", on_failure="tts_batch_failed")}
 
     # -- guards ----------------------------------------------------------------------------------
     def has_stories(self, payload: dict[str, Any] | None = None) -> bool:
@@ -363,9 +371,11 @@ def restart_step(engine: Any, route_id: str, step: str | None) -> dict[str, Any]
         raise InvalidInput("step", f"only tts_batch can be restarted, got {step!r}")
     instance_id = RouteContent.find(engine, route_id)
     snapshot = engine.snapshot(instance_id, history=False)
-    if snapshot["state"] != "tts_failed":  # what the machine answered before: restart_tts not allowed
+    if snapshot["state"] not in ("tts_failed", "synthesizing"):  # restart_tts is not allowed there
         raise IllegalTransition(instance_id, "restart_tts", snapshot["state"] or "")
-    return engine.restart(instance_id, step, actor="api")
+    # While synthesizing (replies lost), the running attempt is abandoned and the stories
+    # without a tts.completed are requested again; a late reply to the old attempt is stale.
+    return engine.restart(instance_id, step, actor="api", running=True)
 
 
 #: How the API names an item's status (docs/kafka.md): requested until its tts.completed.
