@@ -27,11 +27,20 @@ from .workflow import registry
 
 log = logging.getLogger(__name__)
 
-celery_app = Celery("orchestrator")
-celery_app.config_from_object("celeryconfig")
+
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app of one runtime's own, on `settings`' broker and result backend, configured by
+    celeryconfig.py. Every task of the product is a `shared_task`, so each app holds them all; an
+    app per runtime means a second runtime built in one process (a test, a benchmark) never moves
+    another's publishing or control to its broker."""
+    app = Celery("orchestrator", set_as_current=False)
+    app.config_from_object("celeryconfig")
+    configure_celery(app, settings)
+    return app
 
 
 def configure_celery(app: Celery, settings: Settings) -> None:
+    """Point `app` at `settings`' broker and result backend (the execution emulator's app too)."""
     app.conf.update(broker_url=settings.broker_url, result_backend=settings.result_backend)
     if settings.broker_url.startswith("sqla+"):
         app.conf.broker_transport_options = {}  # confirms exist only on AMQP
@@ -62,10 +71,10 @@ def load_workflow_modules(settings: Settings) -> None:
 
 def build(settings: Settings | None = None) -> Runtime:
     settings = settings or load_settings()
-    configure_celery(celery_app, settings)
     load_workflow_modules(settings)
+    app = make_celery(settings)
     # A step naming a task no module defines stops start-up here, naming both.
-    registry.check_tasks(set(celery_app.tasks.keys()))
+    registry.check_tasks(set(app.tasks.keys()))
     db = make_engine(settings.database_url)
     sessions = make_session_factory(db)
     # SQLite serialises writers anyway; a second pool there would only add lock waits (the
@@ -76,14 +85,14 @@ def build(settings: Settings | None = None) -> Runtime:
         # one duplicate send (consumers de-duplicate), so it need not wait for the disk
         connect_args={"options": "-c synchronous_commit=off"})
     relay = OutboxRelay(sessions, autocommit)
-    relay.register("celery", celery_publisher(celery_app))
+    relay.register("celery", celery_publisher(app))
     if settings.kafka_brokers:
         from .kafka import KafkaPublisher
 
         relay.register("kafka", KafkaPublisher(settings.kafka_brokers))
     engine = Engine(settings, sessions, registry, relay=relay, autocommit=autocommit)
     relay.on_failed = engine.outbox_failed  # a row that can never be published fails its step
-    return Runtime(settings, db, sessions, celery_app, relay, engine, os.getpid())
+    return Runtime(settings, db, sessions, app, relay, engine, os.getpid())
 
 
 def current() -> Runtime:
@@ -91,6 +100,7 @@ def current() -> Runtime:
     with _lock:
         if _current is None or _current.pid != os.getpid():
             _current = build(_current.settings if _current is not None else None)
+            _current.celery.set_current()
         return _current
 
 
@@ -99,6 +109,7 @@ def install(runtime: Runtime) -> Runtime:
     global _current
     with _lock:
         _current = runtime
+        runtime.celery.set_current()
     return runtime
 
 

@@ -55,7 +55,11 @@ def step_task(name: str, **options: Any) -> Callable[[StepFunction], Any]:
         # would cost a round trip per step that nobody reads.
         options.setdefault("ignore_result", True)
 
-        @shared_task(name=name, bind=True, acks_late=True, reject_on_worker_lost=False, **options)
+        # Class attributes of the task, so every Celery app's copy of it has them (a proxy's
+        # attribute would land on one app's copy): what an in-process runner calls (execute_step,
+        # e.g. tests/engine) and what local continuation looks for.
+        @shared_task(name=name, bind=True, acks_late=True, reject_on_worker_lost=False,
+                     step_function=staticmethod(fn), reports_to="step", **options)
         def run(self: Any, instance_id: str, step: str, attempt: int, branch: int | None = None) -> str:
             with logs.context(workflow_id=instance_id, correlation_id=getattr(self.request, logs.HEADER, None)):
                 # A broker redelivery (its first consumer died) may take over that one's claim.
@@ -76,8 +80,6 @@ def step_task(name: str, **options: Any) -> Callable[[StepFunction], Any]:
                     local.run_successors(rt.engine)
                 return outcome
 
-        run.step_function = fn  # what an in-process runner calls (execute_step), e.g. tests/engine
-        run.reports_to = "step"
         return run
 
     return decorate
@@ -211,7 +213,8 @@ def compensation_task(name: str, **options: Any) -> Callable[[Callable[[StepCont
     finally fails shows `compensation_failed` with its error, and the next one runs all the same."""
 
     def decorate(fn: Callable[[StepContext], None]) -> Any:
-        @shared_task(name=name, bind=True, acks_late=True, reject_on_worker_lost=False, **options)
+        @shared_task(name=name, bind=True, acks_late=True, reject_on_worker_lost=False,
+                     compensation_function=staticmethod(fn), reports_to="compensation", **options)
         def run(self: Any, instance_id: str, step: str, attempt: int) -> str:
             with logs.context(workflow_id=instance_id, correlation_id=getattr(self.request, logs.HEADER, None)):
                 outcome = compensate(instance_id, step, attempt)
@@ -221,8 +224,6 @@ def compensation_task(name: str, **options: Any) -> Callable[[Callable[[StepCont
         def compensate(instance_id: str, step: str, attempt: int) -> str:
             return execute_compensation(runtime.current().engine, fn, instance_id, step, attempt)
 
-        run.compensation_function = fn
-        run.reports_to = "compensation"
         return run
 
     return decorate

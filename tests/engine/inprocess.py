@@ -18,7 +18,7 @@ from orchestrator.db import make_engine, make_session_factory
 from orchestrator.engine import RUNS, TIMERS, Engine
 from orchestrator.models import OutboxMessage, utcnow
 from orchestrator.rows import Record
-from orchestrator.runtime import celery_app
+from orchestrator.runtime import make_celery
 from orchestrator.steps import execute_compensation, execute_step
 from orchestrator.workflow import registry
 
@@ -48,6 +48,7 @@ class InProcess:
         self.db = make_engine(url)
         self.outbox = Captured()
         self.engine = Engine(self.settings, make_session_factory(self.db), registry, relay=self.outbox)
+        self.tasks = make_celery(self.settings).tasks
         self.outcomes: list[tuple[str, str]] = []
 
     # -- running captured messages ---------------------------------------------------------------
@@ -66,7 +67,7 @@ class InProcess:
         return ran
 
     def call(self, name: str, args: list[Any]) -> str:
-        task = celery_app.tasks[name]
+        task = self.tasks[name]
         if getattr(task, "reports_to", None) == "step":
             return execute_step(self.engine, name, task.step_function, *args)
         if getattr(task, "reports_to", None) == "compensation":

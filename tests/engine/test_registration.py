@@ -7,7 +7,8 @@ from statemachine import State
 
 from engine.workflows import reserve
 from orchestrator.errors import WorkflowDefinitionError
-from orchestrator.runtime import celery_app
+from orchestrator.config import Settings
+from orchestrator.runtime import make_celery
 from orchestrator.workflow import Registry, Step, Workflow
 
 
@@ -44,7 +45,7 @@ def test_a_misspelled_task_fails_at_start_up_naming_both():
     registry = Registry()
     registry.register(_workflow("typo-task", Step("inproc.reserv")))
     with pytest.raises(WorkflowDefinitionError) as err:
-        registry.check_tasks(set(celery_app.tasks.keys()))
+        registry.check_tasks(set(make_celery(Settings()).tasks.keys()))
     assert (err.value.workflow, err.value.kind, err.value.name) == ("typo-task", "task", "inproc.reserv")
 
 
@@ -52,4 +53,4 @@ def test_a_step_given_the_task_object_names_it_once():
     registry = Registry()
     cls = registry.register(_workflow("by-object", Step(reserve)))
     assert cls.step_table()["b"].task == "inproc.reserve"
-    registry.check_tasks(set(celery_app.tasks.keys()))  # found
+    registry.check_tasks(set(make_celery(Settings()).tasks.keys()))  # found
