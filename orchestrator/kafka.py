@@ -48,13 +48,15 @@ PERMANENT_CODES = ("MSG_SIZE_TOO_LARGE", "_MSG_SIZE_TOO_LARGE", "INVALID_MSG", "
 
 
 def is_permanent_error(err: Any) -> bool:
-    """Whether a confluent_kafka KafkaError (or a KafkaException holding one) is permanent."""
+    """Whether a confluent_kafka KafkaError (or a KafkaException holding one) is permanent for
+    the message. A fatal error is not: it is the producer's (an idempotent producer whose broker
+    restarted without its state), and the message goes with a new producer (`KafkaPublisher._renew`)."""
     from confluent_kafka import KafkaError
 
     err = err.args[0] if err is not None and not isinstance(err, KafkaError) and err.args else err
     if not isinstance(err, KafkaError):
         return False
-    return err.name() in PERMANENT_CODES or bool(err.fatal())
+    return err.name() in PERMANENT_CODES
 
 
 def encode(payload: Any) -> bytes:
@@ -180,6 +182,7 @@ class KafkaPublisher:
             except KafkaException as exc:  # refused before sending, e.g. larger than message.max.bytes
                 if is_permanent_error(exc):
                     raise PermanentPublishError(f"kafka refused the message for {row.target}: {exc}") from exc
+                self._renew()  # a producer in a fatal state refuses every later message too
                 raise
             left = self.producer.flush(self.timeout)
             if (errors and not is_permanent_error(errors[0])) or left:

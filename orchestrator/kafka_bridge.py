@@ -206,9 +206,9 @@ class Bridge:
     def __init__(self, rt: Any, group: str | None = None, commit_every: int = 200,
                  commit_interval: float = 0.5, lag_interval: float = 5.0, max_attempts: int = 5,
                  batch_size: int = 500, batch_seconds: float = 0.5, max_wait: float = 10.0) -> None:
-        from confluent_kafka import Consumer, Producer
+        from confluent_kafka import Consumer
 
-        from .kafka import consumer_config, producer_config
+        from .kafka import consumer_config
 
         self.rt = rt
         self.engine = rt.engine
@@ -235,7 +235,7 @@ class Bridge:
         self._lost_codes = {KafkaError._ALL_BROKERS_DOWN, KafkaError.UNKNOWN_TOPIC_OR_PART,
                             KafkaError._UNKNOWN_TOPIC}
         # as large as the broker takes: a dead letter carries the original bytes
-        self.dlq = Producer(producer_config(self.brokers, **{"message.max.bytes": DLQ_MAX_BYTES}))
+        self.dlq = self._dlq_producer()
         self.pending: dict[tuple[str, int], int] = {}  # next offset to commit, per partition
         self.handled = 0
         self._last_commit = time.monotonic()
@@ -356,6 +356,13 @@ class Bridge:
         self.pending.clear()
         self._since_commit = 0
         self._last_commit = time.monotonic()
+
+    def _dlq_producer(self) -> Any:
+        from confluent_kafka import Producer
+
+        from .kafka import producer_config
+
+        return Producer(producer_config(self.brokers, **{"message.max.bytes": DLQ_MAX_BYTES}))
 
     def export_lag(self, stats_json: str) -> None:
         """librdkafka's statistics (every `lag_interval`): lag per assigned partition, taken from
@@ -632,6 +639,8 @@ class Bridge:
                 headers = headers + [("dlq_truncated_from", str(len(value)).encode())]
                 value = value[:DLQ_TRUNCATE]
                 continue
+            # a producer that knew a broker since restarted empty would fail every later one too
+            self.dlq = self._dlq_producer()
             raise RuntimeError(f"dead-letter to {topic}.dlq failed: {errors[:1]}")
         KAFKA_DEAD_LETTERS.labels(topic, kind).inc()
         log.warning("dead-lettered %s/%s@%s: %s", topic, msg.partition(), msg.offset(), reason)

@@ -585,6 +585,21 @@ class Run:
             if w.state is None:
                 w.extra["last_state"] = self.final_state(w)
 
+    def why(self, w: Workflow) -> list[dict[str, Any]]:
+        """The steps of a workflow that did not finish as expected that are not completed, with
+        their errors (GET /sagas/<id>), so that a report says why without its logs."""
+        ref = w.ref
+        if w.kind in ("route", "worker"):
+            t = "route_content" if w.kind == "route" else "worker_deployment"
+            r = self.http("GET", "/sagas", params={"type": t, "key": w.ref})
+            items = r.json().get("items") if r is not None and r.status_code == 200 else None
+            ref = items[0]["id"] if items else None
+        r = self.http("GET", f"/sagas/{ref}") if ref and w.kind != "chat" else None
+        if r is None or r.status_code != 200:
+            return []
+        return [{k: step.get(k) for k in ("name", "status", "attempt", "failures", "error")}
+                for step in r.json().get("steps", []) if step.get("status") != "completed"]
+
     def table(self) -> dict[str, Any]:
         from emulators.effects import summary
 
@@ -599,8 +614,8 @@ class Run:
             "started": {k: len(v) for k, v in by_kind.items()},
             "finished": {k: sum(1 for w in v if w.state == EXPECTED[k]) for k, v in by_kind.items()},
             "lost": {k: sum(1 for w in v if w.state != EXPECTED[k]) for k, v in by_kind.items()},
-            "lost_examples": [{"kind": w.kind, "ref": w.ref, "state": w.state or w.extra.get("last_state")}
-                              for w in lost[:10]],
+            "lost_examples": [{"kind": w.kind, "ref": w.ref, "state": w.state or w.extra.get("last_state"),
+                               "steps": self.why(w)} for w in lost[:10]],
             "not_started": len(self.errors),
             "errors": self.errors[:10],
             "duplicated": {k: v["duplicated"] for k, v in effects.items()},

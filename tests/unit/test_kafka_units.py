@@ -100,3 +100,16 @@ def test_a_handler_bug_dead_letters_after_the_attempts_and_stop_leaves_it_uncomm
     stop = threading.Event()
     stop.set()
     assert b.handle_with_retry(MSG, stop) is None
+
+
+def test_a_fatal_producer_error_is_the_producers_and_the_message_goes_again():
+    """An idempotent producer whose broker restarted without its state gets fatal errors; the
+    outbox row is not failed for it (its step would fail), the producer is replaced."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    from orchestrator.kafka import is_permanent_error
+
+    fatal = KafkaError(KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER, "fenced", fatal=True)
+    assert not is_permanent_error(fatal)
+    assert not is_permanent_error(KafkaException(fatal))
+    assert is_permanent_error(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE))
