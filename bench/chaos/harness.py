@@ -491,18 +491,28 @@ class Run:
             time.sleep(self.rng.uniform(3, 8))
             self.set_latency(None)
         elif kind == "emulator_5xx_burst":
-            # within a step's retry budget (3 attempts): two answers of one endpoint per service
-            for server in self.media.values():
-                requests.post(f"{server.url}/_emulator/faults", timeout=5, json={"faults": [
-                    {"endpoint": self.rng.choice(["submit", "status", "result"]),
-                     "kind": self.rng.choice(["500", "503"]), "times": 2}]})
+            # One service at a time, and the last plan cleared first: the transcription step
+            # calls two services (the normalized audio, then the transcriber), so two services'
+            # plans, or a plan left unconsumed beside a new one, could add up to four failures of
+            # one step, past its retry budget (4 attempts).
+            self.clear_emulator_faults()
+            self.one_media_service_fails(self.rng.choice(["500", "503"]))
             requests.post(f"{self.gitlab.url}/_emulator/faults", timeout=5, json={"faults": [
                 {"method": "GET", "path": "/repository/files", "kind": "error", "status": 502, "times": 2}]})
         elif kind == "emulator_dropped_connections":
-            for server in self.media.values():
-                requests.post(f"{server.url}/_emulator/faults", timeout=5, json={"faults": [
-                    {"endpoint": self.rng.choice(["submit", "status", "result"]), "kind": "drop", "times": 2}]})
+            self.clear_emulator_faults()
+            self.one_media_service_fails("drop")
         self.faults[kind] += 1
+
+    def one_media_service_fails(self, kind: str) -> None:
+        """One endpoint of one media service fails twice (`kind`: "500", "503" or "drop")."""
+        server = self.media[self.rng.choice(sorted(self.media))]
+        requests.post(f"{server.url}/_emulator/faults", timeout=5, json={"faults": [
+            {"endpoint": self.rng.choice(["submit", "status", "result"]), "kind": kind, "times": 2}]})
+
+    def clear_emulator_faults(self) -> None:
+        for server in self.media.values():
+            requests.delete(f"{server.url}/_emulator/faults", timeout=5)
 
     def set_latency(self, seconds: float | None) -> None:
         for server in self.media.values():
