@@ -21,7 +21,21 @@ def refused(client, instance_id: str, event: str, body: dict | None = None, stat
     return r.json
 
 
-def test_media_job_refuses_the_engines_own_events(client, worker, sweeper, faults):
+def no_media_job_in_flight(rt) -> None:
+    """Wait until every media job of the session has finished: an emulator's fault is taken by
+    whichever request comes first, and an earlier test's job could take the one meant here."""
+    from sqlalchemy import text
+
+    def settled() -> bool:
+        with rt.db.connect() as conn:
+            return not conn.execute(text("SELECT count(*) FROM workflow_instances "
+                                         "WHERE type = 'media' AND NOT finished")).scalar()
+
+    wait_for(settled, timeout=90, interval=0.5, what="the session's other media jobs to finish")
+
+
+def test_media_job_refuses_the_engines_own_events(rt, client, worker, sweeper, faults):
+    no_media_job_in_flight(rt)
     faults("audio-normalization", [{"endpoint": "submit", "kind": "400", "times": 1}])
     job = wait_job(client, submit(client)["job_id"])
     assert job["status"] == "failed" and job["stages"]["normalization"]["status"] == "failed"

@@ -19,14 +19,10 @@ from .conftest import TOPICS, Kafka
 pytestmark = pytest.mark.kafka
 
 
-def left_for_the_sweeper(krt: Any, route_id: str) -> None:
+def left_for_the_sweeper(engine: Any, route_id: str) -> None:
     """A route started by a process that died before its kick: its story.generate row waits in
     the outbox for a sweeper."""
-    from orchestrator.engine import Engine
-    from orchestrator.workflow import registry
-
-    Engine(krt.settings, krt.sessions, registry, relay=None).start(
-        "route_content", {"route_id": route_id, "mode": "walking"}, key=route_id)
+    engine.start("route_content", {"route_id": route_id, "mode": "walking"}, key=route_id)
 
 
 def story_request(kafka: Kafka, route_id: str) -> Any:
@@ -38,25 +34,30 @@ def story_request(kafka: Kafka, route_id: str) -> Any:
 
 
 def test_the_sweeper_sends_to_a_broker_that_restarted_empty(kenv, krt, tmp_path):
+    """On a database of its own: the session's sweeper, on the session's broker, must not take
+    the rows meant for this one."""
+    from conftest import engine_on, fresh_database
+
     broker = BundledBroker(log_path=tmp_path / "tansu.log").start()
     ensure_topics(broker.bootstrap, TOPICS)
-    env = {**kenv, "KAFKA_BROKERS": broker.bootstrap}
-    sweeper = Process("restart-sweeper", ["sweeper"], env).start()
-    try:
-        before = f"before-{uuid.uuid4().hex[:8]}"
-        left_for_the_sweeper(krt, before)
-        assert story_request(Kafka(broker.bootstrap), before) == [{"route_id": before, "lang": "ru"}]
+    with fresh_database() as db, engine_on(krt.settings, db) as engine:
+        env = {**kenv, "KAFKA_BROKERS": broker.bootstrap, "DATABASE_URL": db}
+        sweeper = Process("restart-sweeper", ["sweeper"], env).start()
+        try:
+            before = f"before-{uuid.uuid4().hex[:8]}"
+            left_for_the_sweeper(engine, before)
+            assert story_request(Kafka(broker.bootstrap), before) == [{"route_id": before, "lang": "ru"}]
 
-        broker.stop()  # everything it held is gone
-        broker = BundledBroker(port=broker.port, log_path=tmp_path / "tansu-2.log").start()
-        ensure_topics(broker.bootstrap, TOPICS)
-        after = f"after-{uuid.uuid4().hex[:8]}"
-        left_for_the_sweeper(krt, after)
-        assert story_request(Kafka(broker.bootstrap), after) == [{"route_id": after, "lang": "ru"}], \
-            sweeper.output()[-3000:]
-    finally:
-        sweeper.stop()
-        broker.stop()
+            broker.stop()  # everything it held is gone
+            broker = BundledBroker(port=broker.port, log_path=tmp_path / "tansu-2.log").start()
+            ensure_topics(broker.bootstrap, TOPICS)
+            after = f"after-{uuid.uuid4().hex[:8]}"
+            left_for_the_sweeper(engine, after)
+            assert story_request(Kafka(broker.bootstrap), after) == [{"route_id": after, "lang": "ru"}], \
+                sweeper.output()[-3000:]
+        finally:
+            sweeper.stop()
+            broker.stop()
 
 
 def test_timers_of_every_workflow_fire_while_the_kafka_broker_is_down(kenv, emulators, tmp_path):
