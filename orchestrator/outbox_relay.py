@@ -199,16 +199,29 @@ class OutboxRelay:
 
     def publish(self, limit: int = 500, grace_seconds: float = 2.0) -> int:
         """The sweep: publish unsent rows older than `grace_seconds` (younger ones are still
-        being sent by the process that wrote them), locked while they are sent. Rows that fail
+        being sent by the process that wrote them), locked while they are sent (on PostgreSQL;
+        see below for SQLite); the number sent. Rows that fail
         for good are failed after the sweep commits (their step's transaction locks the
         instance, which must not wait inside this one)."""
+        due = (select(OutboxMessage)
+               .where(OutboxMessage.sent_at.is_(None), OutboxMessage.failed_at.is_(None),
+                      OutboxMessage.created_at < utcnow() - timedelta(seconds=grace_seconds))
+               .order_by(OutboxMessage.id).limit(limit))
+        if self.marks.dialect.name == "sqlite":
+            # SQLite has one write lock for the whole file and no row locks: holding it while
+            # the broker confirms stopped every other writer (timers, steps, the API) for as
+            # long as a slow publish took, past their busy timeout. The rows are read, sent
+            # without a lock and marked; a second sweeper may send one twice, which consumers
+            # de-duplicate by message id.
+            with self.sessions() as session:
+                rows = list(session.execute(due).scalars().all())
+            sent_ids = self.publish_committed(rows)
+            if sent_ids:
+                self.mark_sent(sent_ids)
+            return len(sent_ids)
         failed: list[tuple[str, str]] = []
         with self.sessions() as session, session.begin():
-            rows = session.execute(
-                select(OutboxMessage).where(OutboxMessage.sent_at.is_(None), OutboxMessage.failed_at.is_(None),
-                                            OutboxMessage.created_at < utcnow() - timedelta(seconds=grace_seconds))
-                .order_by(OutboxMessage.id).limit(limit).with_for_update(skip_locked=True)
-            ).scalars().all()
+            rows = session.execute(due.with_for_update(skip_locked=True)).scalars().all()
             sent = 0
             held: set[tuple[str | None, str]] = set()  # an earlier row of the instance is unsent: keep their order
             for row, error in self._send_all(list(rows), held):
