@@ -175,7 +175,9 @@ class Workflow(StateMachine):
 
     Subclasses set `type`, declare states and events, and a `steps` table
     `{state: Step(...)}`. Callbacks may change `self.context` and call `self.emit(...)`;
-    both are written in the same transaction as the transition.
+    both are written in the same transaction as the transition. A callback by naming convention
+    taking at most `payload` may run without a machine (`transition_table`): it must not use the
+    machine itself (`send`, `configuration`, `current_state`).
 
     `signals` names the events a user may send through `POST /sagas/<id>/events/<event>`, each
     with the check of its payload (the same function the workflow's own endpoint or Kafka handler
