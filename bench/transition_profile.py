@@ -33,7 +33,7 @@ def main() -> None:
 
     if args.machine:
         engine.transition_table = lambda cls: {}  # type: ignore[assignment]
-        engine.plain_initial_state = lambda cls: None  # type: ignore[assignment]
+        engine.initial_entry = lambda cls: None  # type: ignore[assignment]
     ip = InProcess(os.path.join(tempfile.mkdtemp(), "engine.db"))
     ip.engine.start("bench", {})  # warm: statements prepared, classes loaded
     ip.run()

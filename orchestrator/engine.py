@@ -37,7 +37,7 @@ from .jsonutil import digest, storable, utc_iso
 from .models import (ACTIVE_STEP_STATUSES, HistoryEntry, OutboxMessage, StepClaim, StepRun, StepStatus, StepToken,
                      Timer, utcnow)
 from .rows import INSTANCES, Record, StaleBasis, Writes, execute_prepared
-from .workflow import ItemFailed, Registry, Step, Workflow, plain_initial_state, transition_table
+from .workflow import ItemFailed, Registry, Step, Workflow, initial_entry, transition_table
 
 log = logging.getLogger(__name__)
 
@@ -559,14 +559,14 @@ class Engine:
                                         created_at=now, updated_at=now, finished_at=None, version=0,
                                         correlation_id=logs.correlation_id() or logs.new_correlation_id(),
                                         trace_context=tracing.carrier())  # later work links to it
-                initial = plain_initial_state(cls)
-                if initial is not None:  # entering it runs no callback: no machine needed
-                    inst.state, machine = initial, None
-                else:
-                    machine = cls(model=inst, settings=self.settings)  # enters the initial state
+                entry = initial_entry(cls)
+                if entry is not None:  # its callbacks (if any) run without a machine
+                    machine, entered = None, entry.take(cls, inst, None, self.settings)
+                else:  # the start event goes to the machine that entered the initial state
+                    machine = entered = cls(model=inst, settings=self.settings)
                 self._record(uow, inst, None, "create", data, actor)
-                if machine is not None:
-                    self._write_messages(uow, inst, machine)
+                if entered is not None:
+                    self._write_messages(uow, inst, entered)
                 deadline = cls.timeout(self.settings)
                 if deadline is not None:
                     uow.add_timer(instance_id=inst.id, kind="expire", due_at=now + deadline)
@@ -662,11 +662,11 @@ class Engine:
         if event not in cls.event_names():
             raise InvalidInput("event", f"unknown event '{event}' for workflow '{cls.type}'", status=400)
         before = inst.state
-        target = transition_table(cls).get((before, event)) if machine is None else None
-        if target is not None:
-            # A transition that runs no guard or callback: the table says where it goes, and
-            # building a statemachine instance (about 1 ms) would decide nothing more.
-            inst.state = target
+        move = transition_table(cls).get((before, event)) if machine is None else None
+        if move is not None:
+            # No guard, and only callbacks the table can run itself: building a statemachine
+            # instance (about 1 ms) would decide nothing more.
+            machine = move.take(cls, inst, payload, self.settings, uow.session)
         else:
             if machine is None:
                 machine = cls(model=inst, settings=self.settings, session=uow.session)

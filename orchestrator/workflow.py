@@ -5,6 +5,7 @@ that step's Celery task(s) when the machine enters it.
 """
 from __future__ import annotations
 
+import inspect
 import random
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -174,7 +175,9 @@ class Workflow(StateMachine):
 
     Subclasses set `type`, declare states and events, and a `steps` table
     `{state: Step(...)}`. Callbacks may change `self.context` and call `self.emit(...)`;
-    both are written in the same transaction as the transition.
+    both are written in the same transaction as the transition. A callback by naming convention
+    taking at most `payload` may run without a machine (`transition_table`): it must not use the
+    machine itself (`send`, `configuration`, `current_state`).
 
     `signals` names the events a user may send through `POST /sagas/<id>/events/<event>`, each
     with the check of its payload (the same function the workflow's own endpoint or Kafka handler
@@ -197,13 +200,33 @@ class Workflow(StateMachine):
     started_by: ClassVar[str] = ""
 
     def __init__(self, model: Any, settings: "Settings | None" = None, session: "Session | None" = None) -> None:
+        self._bind_engine(settings, session)
+        super().__init__(model=model, state_field="state")
+
+    def _bind_engine(self, settings: "Settings | None", session: "Session | None") -> None:
+        """What callbacks get from the engine, on a machine and on a `callback_host` alike."""
         self.settings = settings
         # The engine's transaction, for callbacks that write rows of their own in it (None while
         # the initial state is entered, before the instance exists).
         self.session = session
         self.context_touched = False
         self.messages: list[tuple[str, str, str | None, dict[str, Any]]] = []
-        super().__init__(model=model, state_field="state")
+
+    @classmethod
+    def callback_host(cls, model: Any, settings: "Settings | None" = None,
+                      session: "Session | None" = None) -> "Workflow":
+        """An instance to run the workflow's table callbacks on (`Move.take`) without building a
+        statemachine: it has what callbacks get on a machine (`model`, `context`, `emit` and
+        `messages`, `settings`, `session`, the workflow's own methods), not the machine's state.
+
+        `StateMachine.__init__` is not run: python-statemachine 3.2.2 overrides only
+        `__setattr__` (refusing a state's name) and no `__getattr__`, so this instance reads and
+        sets attributes as a plain object does, and a callback that uses the machine itself
+        (`send`, `configuration`, `current_state`) raises AttributeError here instead of acting."""
+        host = cls.__new__(cls)
+        host.model = model
+        host._bind_engine(settings, session)
+        return host
 
     # -- helpers for callbacks ---------------------------------------------------------------
     @property
@@ -377,12 +400,103 @@ def _per_class(cls: type, name: str, compute: Callable[[], Any]) -> Any:
 _GENERIC_CALLBACKS = ("prepare_event", "before_transition", "on_transition", "after_transition",
                       "on_enter_state", "on_exit_state", "on_invoke_state")
 
+#: A callback the engine runs itself: a function of the workflow class, and whether it is called
+#: with `payload=` (else with no argument besides the instance).
+Callback = tuple[Callable[..., Any], bool]
+
+
+@dataclass(frozen=True)
+class Move:
+    """A transition the engine takes without a statemachine instance (`transition_table`): the
+    target state's value and the workflow's callbacks in python-statemachine's order (read in its
+    `engines/base.py` and `engines/sync.py`): validators and guards (never in a table), then
+    `before_<event>`, `on_exit_<source>`, `on_<event>` in the source state (`leaving`), the state
+    set, `on_enter_<target>` (`entering`), then `after_<event>` (`after`)."""
+
+    target: str
+    leaving: tuple[Callback, ...] = ()
+    entering: tuple[Callback, ...] = ()
+    after: tuple[Callback, ...] = ()
+
+    def take(self, cls: type[Workflow], model: Any, payload: Any, settings: "Settings | None" = None,
+             session: "Session | None" = None) -> Workflow | None:
+        """Set `model.state` to the target and run the callbacks on a `callback_host` of `cls`,
+        each given `payload` as `machine.send(event, payload=payload)` gives it. Returns the host
+        (its `messages` and `context_touched` are the transition's), or None when no callback ran.
+
+        A callback's exception propagates unchanged, as from a `StateMachine` (its
+        `catch_errors_as_events` is off); raised before `after`, it leaves `model.state` at the
+        source, as the machine restores its configuration."""
+        if not (self.leaving or self.entering or self.after):
+            model.state = self.target
+            return None
+        host = cls.callback_host(model, settings, session)
+        source = model.state
+        try:
+            _call(host, self.leaving, payload)
+            model.state = self.target
+            _call(host, self.entering, payload)
+        except Exception:
+            model.state = source
+            raise
+        _call(host, self.after, payload)
+        return host
+
+
+def _call(host: Workflow, callbacks: tuple[Callback, ...], payload: Any) -> None:
+    for function, takes_payload in callbacks:
+        if takes_payload:
+            function(host, payload=payload)
+        else:
+            function(host)
+
+
+def _takes_payload(function: Any) -> bool | None:
+    """For a plain function `(self)` or `(self, payload)` (`payload` with a default or not):
+    whether it takes `payload`. None for anything else (a coroutine, a staticmethod, a property,
+    any other parameter the machine would inject: `event_data`, `source`, `machine`, ...)."""
+    if not inspect.isfunction(function) or inspect.iscoroutinefunction(function) \
+            or inspect.isasyncgenfunction(function):
+        return None
+    params = list(inspect.signature(function).parameters.values())
+    if not params or params[0].kind not in (inspect.Parameter.POSITIONAL_ONLY,
+                                            inspect.Parameter.POSITIONAL_OR_KEYWORD):
+        return None
+    rest = params[1:]
+    if not rest:
+        return False
+    if len(rest) == 1 and rest[0].name == "payload" and rest[0].kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                                         inspect.Parameter.KEYWORD_ONLY):
+        return True
+    return None
+
 
 def _runs_nothing(cls: type, specs: Any) -> bool:
     """True when none of `specs` (a python-statemachine callback list) can call anything on an
     instance of `cls`: each is a naming convention (`on_enter_<state>`, ...) that the class does
     not define. An explicit callback, guard or validator is never nothing."""
     return all(spec.is_convention and not hasattr(cls, spec.func) for spec in specs)
+
+
+def _simple_callbacks(cls: type, specs: Any, event: str | None) -> tuple[Callback, ...] | None:
+    """The callbacks `specs` (one group of a state or transition) run for `event` on an instance
+    of `cls`, when each is a naming convention the class defines as a plain function taking at
+    most `payload`; None when any spec is something else (explicit, a guard or validator, other
+    parameters), or when the class has its own `__init__` (its callbacks may need what that sets
+    up, which a `callback_host` lacks)."""
+    found: list[Callback] = []
+    for spec in specs:
+        if not spec.is_convention:
+            return None
+        # a convention of another event of the same transition (`on_<other>`) does not run
+        if not hasattr(cls, spec.func) or (spec.cond is not None and not spec.cond(event=event)):
+            continue
+        function = inspect.getattr_static(cls, spec.func)
+        takes_payload = _takes_payload(function)
+        if takes_payload is None or cls.__init__ is not Workflow.__init__:
+            return None
+        found.append((function, takes_payload))
+    return tuple(found)
 
 
 def _plain_class(cls: type[Workflow]) -> bool:
@@ -401,23 +515,24 @@ def _plain_class(cls: type[Workflow]) -> bool:
     return True
 
 
-def transition_table(cls: type[Workflow]) -> dict[tuple[str, str], str]:
-    """{(state value, event): target state value} for every transition the engine may apply
-    without building a statemachine instance, computed once per class.
+def transition_table(cls: type[Workflow]) -> dict[tuple[str, str], Move]:
+    """{(state value, event): Move} for every transition the engine may take without building a
+    statemachine instance, computed once per class.
 
     A pair is in the table only when exactly one transition of the state matches the event
-    (`Transition.match`, so wildcard events count), that transition has no guard, validator or
-    callback (explicit or by naming convention), leaves its source's exit and its target's
-    entry and invoke callbacks empty, and is neither delayed nor internal. Every other pair,
-    an unknown state and an event the state does not accept go through the machine, which
-    keeps its own errors (TransitionNotAllowed, InvalidStateValue)."""
-    def compute() -> dict[tuple[str, str], str]:
-        table: dict[tuple[str, str], str] = {}
+    (`Transition.match`, so wildcard events count), that transition has no guard or validator,
+    is neither delayed nor internal, the source and target have no invoke callback, and every
+    callback it runs (`before_<event>`, `on_exit_<source>`, `on_<event>`, `on_enter_<target>`,
+    `after_<event>`) is one `_simple_callbacks` accepts. Every other pair, an unknown state and
+    an event the state does not accept go through the machine, which keeps its own errors
+    (TransitionNotAllowed, InvalidStateValue)."""
+    def compute() -> dict[tuple[str, str], Move]:
+        table: dict[tuple[str, str], Move] = {}
         if not _plain_class(cls):
             return table
         events = list(cls.event_names())
         for state in cls.states:
-            if not (_runs_nothing(cls, state.exit) and _runs_nothing(cls, state.invoke)):
+            if not _runs_nothing(cls, state.invoke):
                 continue
             for event in events:
                 matching = [t for t in state.transitions if t.match(event)]
@@ -428,25 +543,34 @@ def transition_table(cls: type[Workflow]) -> dict[tuple[str, str], str]:
                 if move.internal or len(move.targets) != 1 or target is None \
                         or any(e.delay or e.internal for e in move.events):
                     continue
-                if not (_runs_nothing(cls, move._specs) and _runs_nothing(cls, target.enter)
-                        and _runs_nothing(cls, target.invoke)):
+                if not (_runs_nothing(cls, [*move.validators, *move.cond]) and _runs_nothing(cls, target.invoke)):
                     continue
-                table[(state.value, event)] = target.value
+                groups = [_simple_callbacks(cls, specs, event)
+                          for specs in (move.before, state.exit, move.on, target.enter, move.after)]
+                if any(g is None for g in groups):
+                    continue
+                before, exit_, on, enter, after = groups
+                table[(state.value, event)] = Move(target.value, before + exit_ + on, enter, after)  # type: ignore[operator]
         return table
     return _per_class(cls, "_transition_table", compute)  # type: ignore[no-any-return]
 
 
-def plain_initial_state(cls: type[Workflow]) -> str | None:
-    """The initial state's value when entering it runs no callback (so a new instance needs no
-    statemachine instance to be in it), else None."""
-    def compute() -> str:
+def initial_entry(cls: type[Workflow]) -> Move | None:
+    """How a new instance enters its initial state without a statemachine instance: a Move to it
+    whose callbacks are the state's `on_enter_<state>` when `_simple_callbacks` accepts it (called
+    without `payload`, as the machine enters it when built), else None (the engine builds one)."""
+    def compute() -> Move | bool:
         initial = cls.initial_state
-        if initial is None or not _plain_class(cls) or cls.start_configuration_values:
-            return ""
-        if not (_runs_nothing(cls, initial.enter) and _runs_nothing(cls, initial.invoke)):
-            return ""
-        return initial.value  # type: ignore[no-any-return]
-    return _per_class(cls, "_plain_initial_state", compute) or None
+        if initial is None or not _plain_class(cls) or cls.start_configuration_values \
+                or not _runs_nothing(cls, initial.invoke):
+            return False
+        enter = _simple_callbacks(cls, initial.enter, None)
+        if enter is None:
+            return False
+        # Entering the initial state is not a microstep: a failing callback leaves the state set,
+        # as a failing `after` does.
+        return Move(initial.value, after=tuple((function, False) for function, _ in enter))
+    return _per_class(cls, "_initial_entry", compute) or None
 
 
 class Registry:
@@ -469,7 +593,7 @@ class Registry:
         if {cls.restart_event, cls.cancel_event} & set(cls.signals):
             raise ValueError(f"{cls.__name__}: restart and cancel cannot be signals")
         transition_table(cls)  # built once here, not on the first event
-        plain_initial_state(cls)
+        initial_entry(cls)
         self._types[cls.type] = cls
         return cls
 
