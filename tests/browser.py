@@ -16,14 +16,9 @@ import pytest
 import requests
 import websocket
 from conftest import wait_for
+from tcp_proxy import free_port
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class DevTools:

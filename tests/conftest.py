@@ -22,7 +22,7 @@ AMQP = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672")
 # A Redis database per pytest-xdist worker (gw0 -> 1, gw1 -> 2, ...): what one session's
 # processes keep in Redis never meets the other's.
 _WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
-REDIS = os.environ.get("TEST_REDIS_URL", f"redis://127.0.0.1:6379/{1 + _WORKER}")
+REDIS = os.environ.setdefault("TEST_REDIS_URL", f"redis://127.0.0.1:6379/{1 + _WORKER}")
 
 # Short intervals keep the suite fast; the production defaults are tested in unit tests.
 FAST = {

@@ -21,7 +21,9 @@ from orchestrator.workflow import Retry, Step, Workflow, register
 
 
 def effects() -> redis.Redis:
-    return redis.Redis.from_url(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/1"))
+    """Where the effects are counted: REDIS_URL in the processes a test starts; in the test
+    process itself, the session's Redis database (TEST_REDIS_URL, set by conftest.py)."""
+    return redis.Redis.from_url(os.environ.get("REDIS_URL") or os.environ["TEST_REDIS_URL"])
 
 
 def count(instance_id: str, what: str) -> int:

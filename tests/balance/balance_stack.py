@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import uuid
@@ -17,6 +16,7 @@ import requests
 from sqlalchemy import text
 
 from conftest import AMQP, FAST, PG_ADMIN, REDIS, ROOT, Process, _admin_engine, _rabbitmqctl, wait_for
+from tcp_proxy import free_port
 
 TOKEN = "test-token"
 DEMO_BALANCE = {
@@ -25,12 +25,6 @@ DEMO_BALANCE = {
     "evaporator": {"pressure_kpa": 350, "flow_kg_s": 42},
 }
 MANIFEST = {"geometries": [{"id": "g1", "name": "Shell", "file": "geometry/shell.step"}]}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Stack:

@@ -16,14 +16,9 @@ import pytest
 import requests
 import websocket
 from conftest import ROOT, Process, wait_for
+from tcp_proxy import free_port
 
 ARTIFACTS = ROOT / "test-artifacts"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, timeout: float = 60) -> None:

@@ -15,15 +15,10 @@ from typing import Any, Iterator
 import pytest
 import requests
 from conftest import ROOT, Process, wait_for
+from tcp_proxy import free_port
 
 pytestmark = pytest.mark.e2e
 LIMIT = 65536
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 from conftest import Process, ROOT, terminate, wait_for
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tcp_proxy import free_port
 
 
 def free_port_run(count: int) -> int:

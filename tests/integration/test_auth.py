@@ -6,13 +6,13 @@ refusal has the API's error shape and names the header at fault; none echoes a s
 from __future__ import annotations
 
 import base64
-import socket
 import uuid
 from typing import Any, Iterator
 
 import pytest
 import requests
 from conftest import Process, wait_for
+from tcp_proxy import free_port
 
 TOKEN = "test-admin-token"
 CONSOLE = "operator:console-pass-7c1e"
@@ -26,12 +26,6 @@ ADMIN_ONLY = [
     ("GET", f"/sagas/bulk/{uuid.UUID(int=1)}", None),
     ("POST", f"/sagas/bulk/{uuid.UUID(int=1)}/cancel", None),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_api(env: dict[str, str], name: str) -> tuple[Process, str]:

@@ -7,7 +7,8 @@ import uuid
 import pytest
 from conftest import Process, wait_for
 
-from orchestrator.entrypoints.kafka_broker import BundledBroker, free_port
+from orchestrator.entrypoints.kafka_broker import BundledBroker
+from tcp_proxy import free_port
 
 pytestmark = pytest.mark.kafka
 
