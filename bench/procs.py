@@ -1,4 +1,4 @@
-"""Processes, their memory and CPU, and waiting: the benchmark's plumbing (Linux /proc)."""
+"""Processes, their memory and CPU (psutil), and waiting: the benchmark's plumbing."""
 from __future__ import annotations
 
 import math
@@ -10,6 +10,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
+
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,66 +75,45 @@ class Process:
 
 
 def descendants(root: int) -> list[int]:
-    """root and all its descendants, from the parent links in /proc/<pid>/stat."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, ()))
-    return out
+    """root and all its descendants (psutil); [root] once it is gone."""
+    try:
+        return [root] + [child.pid for child in psutil.Process(root).children(recursive=True)]
+    except psutil.Error:
+        return [root]
 
 
 def pss_kib(pid: int) -> int:
-    """Proportional set size: each page shared by n processes counted 1/n in each (KiB; Linux 4.14+)."""
+    """Proportional set size: each page shared by n processes counted 1/n in each (KiB; 0 if gone)."""
     try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
-def rss_kib(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
-def tree_rss_mib(pid: int) -> float:
-    """VmRSS summed over a process and its descendants, in MiB."""
-    return sum(rss_kib(p) for p in descendants(pid)) / 1024
-
-
-def cpu_ticks(pid: int) -> int:
-    """utime + stime of one process, in clock ticks (0 if it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])
-    except (OSError, ValueError, IndexError):
+        return int(psutil.Process(pid).memory_full_info().pss) // 1024
+    except psutil.Error:
         return 0
 
 
+def rss_kib(pid: int) -> int:
+    """Resident set size (KiB; 0 if gone)."""
+    try:
+        return int(psutil.Process(pid).memory_info().rss) // 1024
+    except psutil.Error:
+        return 0
+
+
+def tree_rss_mib(pid: int) -> float:
+    """RSS summed over a process and its descendants, in MiB."""
+    return sum(rss_kib(p) for p in descendants(pid)) / 1024
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process, in seconds (0 if it is gone)."""
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return 0.0
+    return float(times.user + times.system)
+
+
 class RssSampler(threading.Thread):
-    """Sums VmRSS over a process tree every `interval` seconds; keeps the maximum (KiB), and the
+    """Sums RSS over a process tree every `interval` seconds; keeps the maximum (KiB), and the
     maximum of the tree's summed PSS beside it (a forked pool's shared pages counted once)."""
 
     def __init__(self, pid: int, interval: float = 0.2) -> None:

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlparse
 
-from .procs import (BenchError, Process, RssSampler, cpu_ticks, descendants, first_line, note, percentile,
+from .procs import (BenchError, Process, RssSampler, cpu_seconds, descendants, first_line, note, percentile,
                     wait_for)
 from .table import Row, at_least, at_most, render
 
@@ -422,7 +422,7 @@ class Bench:
         for peer in PEERS:
             self.batch(peer, WARMUP)
 
-    def cpu_ticks(self) -> dict[str, dict[int, int]]:
+    def cpu_seconds(self) -> dict[str, dict[int, float]]:
         """CPU used so far by the worker (and its pool) and by this database's server backends."""
         from sqlalchemy import text
 
@@ -430,14 +430,13 @@ class Bench:
         with self.admin.connect() as conn:
             backends = conn.execute(text("SELECT pid FROM pg_stat_activity WHERE datname = :d"),
                                     {"d": self.databases[0]}).scalars().all()
-        return {"worker": {p: cpu_ticks(p) for p in descendants(self.worker.pid)},
-                "postgres": {p: cpu_ticks(p) for p in backends}}
+        return {"worker": {p: cpu_seconds(p) for p in descendants(self.worker.pid)},
+                "postgres": {p: cpu_seconds(p) for p in backends}}
 
-    def cpu_ms_since(self, before: dict[str, dict[int, int]], n: int) -> dict[str, float]:
+    def cpu_ms_since(self, before: dict[str, dict[int, float]], n: int) -> dict[str, float]:
         """CPU milliseconds per workflow since `before`, by kind of process."""
-        after = self.cpu_ticks()
-        tick_ms = 1000 / os.sysconf("SC_CLK_TCK")
-        return {kind: sum(max(0, t - before[kind].get(p, 0)) for p, t in after[kind].items()) * tick_ms / n
+        after = self.cpu_seconds()
+        return {kind: sum(max(0.0, t - before[kind].get(p, 0.0)) for p, t in after[kind].items()) * 1000 / n
                 for kind in after}
 
     def throughput(self) -> None:
@@ -454,7 +453,7 @@ class Bench:
             for r in range(1, self.args.rounds + 1):
                 for peer in PEERS:
                     note(f"(a) round {r}: {peer}, {n} runs ...")
-                    cpu = self.cpu_ticks() if peer in cpus else None
+                    cpu = self.cpu_seconds() if peer in cpus else None
                     rates[peer].append(self.batch(peer, n))
                     if cpu is not None:
                         cpus[peer].append(self.cpu_ms_since(cpu, n))
