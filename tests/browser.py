@@ -6,7 +6,6 @@ import itertools
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -16,7 +15,7 @@ import pytest
 import requests
 import websocket
 from conftest import wait_for
-from tcp_proxy import free_port
+from orchestrator.entrypoints.ports import free_port
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 

@@ -4,29 +4,10 @@ forwarding every connection to the real service, `stop()` closes the port and ev
 through it (as a server that dies would)."""
 from __future__ import annotations
 
-import random
 import socket
 import threading
 
-
-def free_port() -> int:
-    """A loopback port nothing listens on, for a server a test starts later. Picked below the
-    kernel's ephemeral range: a port from bind(0) is in that range, where any outgoing connection
-    (to PostgreSQL, RabbitMQ, ...) of this or the other pytest worker may take it before the
-    server binds it. Random, so that two workers rarely try the same one."""
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            ephemeral = int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        ephemeral = 32768
-    while True:
-        port = random.randint(max(1024, ephemeral - 12000), ephemeral - 1)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
+from orchestrator.entrypoints.ports import free_port
 
 
 class Proxy:

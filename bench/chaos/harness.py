@@ -38,7 +38,9 @@ from typing import Any, Callable
 
 import requests
 
-from .services import KafkaBroker, Postgres, RabbitMQ, Redis, free_port
+from orchestrator.entrypoints.ports import free_port
+
+from .services import KafkaBroker, Postgres, RabbitMQ, Redis
 
 ROOT = Path(__file__).resolve().parents[2]
 log = logging.getLogger("chaos")

@@ -19,12 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-
-def free_port() -> int:
-    """A TCP port nothing listens on now (the kernel's pick)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from orchestrator.entrypoints.ports import free_port
 
 
 def _listening(port: int) -> bool:

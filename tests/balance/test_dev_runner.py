@@ -8,7 +8,7 @@ import time
 
 import pytest
 import requests
-from balance_stack import free_port
+from orchestrator.entrypoints.ports import free_port
 from conftest import ROOT, terminate, wait_for
 
 from sagas.balance.repository import GitRepo

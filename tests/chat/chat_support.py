@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import pytest
 import requests
 import websocket
 from conftest import ROOT, Process, wait_for
-from tcp_proxy import free_port
+from orchestrator.entrypoints.ports import free_port
 
 ARTIFACTS = ROOT / "test-artifacts"
 

@@ -10,7 +10,8 @@ import uuid
 import pytest
 import requests
 import websocket
-from chat_support import expected_answer, free_port, read_frames, result_of, wait_http, ws_url
+from orchestrator.entrypoints.ports import free_port
+from chat_support import expected_answer, read_frames, result_of, wait_http, ws_url
 from conftest import ROOT, terminate
 
 pytestmark = pytest.mark.e2e

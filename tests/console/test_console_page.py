@@ -17,7 +17,8 @@ from typing import Any, Iterator
 
 import pytest
 import requests
-from browser import browser, free_port  # noqa: F401 - the fixture
+from browser import browser  # noqa: F401 - the fixture
+from orchestrator.entrypoints.ports import free_port
 from conftest import Process, wait_for
 
 pytestmark = pytest.mark.e2e

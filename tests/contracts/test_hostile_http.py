@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import pytest
 import requests
 from conftest import ROOT, Process, wait_for
-from tcp_proxy import free_port
+from orchestrator.entrypoints.ports import free_port
 
 pytestmark = pytest.mark.e2e
 LIMIT = 65536

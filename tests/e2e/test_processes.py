@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 from conftest import Process, ROOT, terminate, wait_for
-from tcp_proxy import free_port
+from orchestrator.entrypoints.ports import free_port
 
 
 def free_port_run(count: int) -> int:

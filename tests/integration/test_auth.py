@@ -12,7 +12,7 @@ from typing import Any, Iterator
 import pytest
 import requests
 from conftest import Process, wait_for
-from tcp_proxy import free_port
+from orchestrator.entrypoints.ports import free_port
 
 TOKEN = "test-admin-token"
 CONSOLE = "operator:console-pass-7c1e"

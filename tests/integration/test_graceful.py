@@ -21,7 +21,8 @@ from urllib.parse import urlparse
 import pytest
 import requests
 from conftest import Process, start_worker, wait_for
-from tcp_proxy import Proxy, free_port
+from orchestrator.entrypoints.ports import free_port
+from tcp_proxy import Proxy
 
 from orchestrator.entrypoints.cli import SHUTDOWN_SIGNAL_WINDOW
 

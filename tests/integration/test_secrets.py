@@ -16,7 +16,7 @@ from typing import Iterator
 import pytest
 import requests
 from conftest import ROOT, fresh_database, terminate, wait_for
-from tcp_proxy import free_port
+from orchestrator.entrypoints.ports import free_port
 
 SECRETS = {
     "ADMIN_TOKEN": "adm-7Qx1-SECRET-token",

@@ -11,7 +11,7 @@ import time
 
 import sagas  # noqa: F401  (registers the built-in workflows)
 from conftest import engine_on
-from tcp_proxy import free_port
+from orchestrator.entrypoints.ports import free_port
 
 from orchestrator import migrate
 from orchestrator.config import load_settings

@@ -26,7 +26,8 @@ def receiver():
 @pytest.fixture(scope="module")
 def traced(env, rt, receiver):
     """API, worker and sweeper exporting spans to the receiver; the API's base URL."""
-    from e2e.test_processes import free_port, wait_http
+    from e2e.test_processes import wait_http
+    from orchestrator.entrypoints.ports import free_port
 
     tenv = {**env, **receiver.env()}
     port = free_port()

@@ -75,7 +75,7 @@ def ksweeper(kenv: dict[str, str]) -> Iterator[Process]:
 
 def start_bridge(kenv: dict[str, str], name: str = "bridge") -> Process:
     """A bridge process serving its metrics on a free port (`proc.metrics_url`)."""
-    from tcp_proxy import free_port
+    from orchestrator.entrypoints.ports import free_port
 
     port = free_port()
     proc = Process(name, ["bridge", "--metrics-port", str(port)], {**kenv, "LOG_LEVEL": "INFO"}).start()

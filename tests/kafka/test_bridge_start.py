@@ -8,7 +8,7 @@ import pytest
 from conftest import Process, wait_for
 
 from orchestrator.entrypoints.kafka_broker import BundledBroker
-from tcp_proxy import free_port
+from orchestrator.entrypoints.ports import free_port
 
 pytestmark = pytest.mark.kafka
 

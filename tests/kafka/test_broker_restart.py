@@ -69,7 +69,7 @@ def test_timers_of_every_workflow_fire_while_the_kafka_broker_is_down(kenv, emul
     from orchestrator import runtime
     from orchestrator.config import load_settings
     from orchestrator.engine import Engine
-    from tcp_proxy import free_port
+    from orchestrator.entrypoints.ports import free_port
     from orchestrator.workflow import registry
     from web import create_app
 

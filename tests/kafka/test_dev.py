@@ -19,7 +19,7 @@ import pytest
 import requests
 from conftest import ROOT, terminate, wait_for
 
-from tcp_proxy import free_port
+from orchestrator.entrypoints.ports import free_port
 
 from .conftest import Kafka, key_on_partition_of
 
