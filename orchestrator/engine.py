@@ -25,7 +25,6 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterator, Protocol
 
 from sqlalchemy import Engine as SAEngine, Table, and_, bindparam, delete, func, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from statemachine.exceptions import TransitionNotAllowed
@@ -36,7 +35,7 @@ from . import logs, tracing
 from .jsonutil import digest, storable, utc_iso
 from .models import (ACTIVE_STEP_STATUSES, HistoryEntry, OutboxMessage, StepClaim, StepRun, StepStatus, StepToken,
                      Timer, utcnow)
-from .rows import INSTANCES, Record, StaleBasis, Writes, execute_prepared
+from .rows import INSTANCES, Record, StaleBasis, Writes, execute_prepared, insert_many
 from .workflow import ItemFailed, Registry, Step, Workflow, initial_entry, transition_table
 
 log = logging.getLogger(__name__)
@@ -388,11 +387,8 @@ class Batch:
         try:
             new = [r.insert_values(INSTANCES) for _, w in held for t, r in w.new if t is INSTANCES]
             inserted: set[str] = set()
-            if new:
-                insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(INSTANCES)
-                for shape in _shapes(new).values():
-                    inserted.update(conn.execute(insert.on_conflict_do_nothing().returning(INSTANCES.c.id),
-                                                 shape).scalars())
+            for shape in _shapes(new).values():
+                inserted.update(insert_many(conn, INSTANCES, shape, skip_existing=True))
             rows: list[tuple[Table, dict[str, Any]]] = []
             dropped: set[str] = set()
             for tag, w in held:
@@ -408,7 +404,7 @@ class Batch:
                 by_table.setdefault(table, []).append(values)
             for table, values_list in by_table.items():
                 for shape in _shapes(values_list).values():
-                    conn.execute(table.insert(), shape)
+                    insert_many(conn, table, shape)
         finally:
             self._flushing = False
         if dropped:
