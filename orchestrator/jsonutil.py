@@ -90,6 +90,8 @@ def unstorable(value: Any, path: str = "") -> tuple[str, str] | None:
 def _text_problem(text: str) -> str | None:
     if "\x00" in text:
         return "contains a NUL character (\\u0000), which cannot be stored"
+    if text.isascii():  # a flag of the string: no surrogate, and no need to encode it to know
+        return None
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

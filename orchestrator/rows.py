@@ -30,6 +30,17 @@ from .models import WorkflowInstance
 INSTANCES: Table = WorkflowInstance.__table__  # type: ignore[assignment]
 
 
+_NAMES: dict[Table, frozenset[str]] = {}
+
+
+def _names(table: Table) -> frozenset[str]:
+    """The table's column names (a set lookup; `name in table.c` is a Python method call)."""
+    names = _NAMES.get(table)
+    if names is None:
+        names = _NAMES[table] = frozenset(c.name for c in table.c)
+    return names
+
+
 class StaleBasis(Exception):
     """The instance changed since it was read without a lock: nothing was written."""
 
@@ -69,10 +80,12 @@ class Record:
 
     def changes(self, table: Table) -> dict[str, Any]:
         # sorted: the same change is the same statement text, so its prepared plan is reused
-        return {k: self._values[k] for k in sorted(self._dirty or ()) if k in table.c and k != "id"}
+        names = _names(table)
+        return {k: self._values[k] for k in sorted(self._dirty or ()) if k in names and k != "id"}
 
     def insert_values(self, table: Table) -> dict[str, Any]:
-        return {k: v for k, v in self._values.items() if k in table.c and not (k == "id" and v is None)}
+        names = _names(table)
+        return {k: v for k, v in self._values.items() if k in names and not (k == "id" and v is None)}
 
     def __repr__(self) -> str:
         return f"Record({self._values!r})"
@@ -236,7 +249,7 @@ def _pg_type(table: Table, column: str) -> str:
 
 # -- many rows of one table -----------------------------------------------------------------------
 #: (table, columns, skip_existing) -> the JSON-parameter INSERT, or None where it does not apply
-_MANY_SQL: dict[tuple[str, tuple[str, ...], bool], str | None] = {}
+_MANY_SQL: dict[tuple[Table, tuple[str, ...], bool], str | None] = {}
 
 
 def insert_many(conn: Connection, table: Table, rows: list[dict[str, Any]], *,
@@ -272,7 +285,7 @@ def insert_many(conn: Connection, table: Table, rows: list[dict[str, Any]], *,
 
 
 def _json_insert(conn: Connection, table: Table, columns: tuple[str, ...], skip_existing: bool) -> str | None:
-    key = (table.name, columns, skip_existing)
+    key = (table, columns, skip_existing)
     if key not in _MANY_SQL:
         defaulted = any(c.default is not None and c.name not in columns for c in table.c)
         if conn.dialect.name != "postgresql" or defaulted:
