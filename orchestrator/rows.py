@@ -248,8 +248,8 @@ def _pg_type(table: Table, column: str) -> str:
 
 
 # -- many rows of one table -----------------------------------------------------------------------
-#: (table, columns, skip_existing) -> the JSON-parameter INSERT, or None where it does not apply
-_MANY_SQL: dict[tuple[Table, tuple[str, ...], bool], str | None] = {}
+#: (dialect, table, columns, skip_existing) -> the JSON-parameter INSERT, or None where it does not apply
+_MANY_SQL: dict[tuple[str, Table, tuple[str, ...], bool], str | None] = {}
 
 
 def insert_many(conn: Connection, table: Table, rows: list[dict[str, Any]], *,
@@ -285,10 +285,10 @@ def insert_many(conn: Connection, table: Table, rows: list[dict[str, Any]], *,
 
 
 def _json_insert(conn: Connection, table: Table, columns: tuple[str, ...], skip_existing: bool) -> str | None:
-    key = (table, columns, skip_existing)
+    key = (conn.dialect.name, table, columns, skip_existing)
     if key not in _MANY_SQL:
         defaulted = any(c.default is not None and c.name not in columns for c in table.c)
-        if conn.dialect.name != "postgresql" or defaulted:
+        if key[0] != "postgresql" or defaulted:
             _MANY_SQL[key] = None
         else:
             names = ", ".join(columns)
