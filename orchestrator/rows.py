@@ -291,11 +291,12 @@ def _json_insert(conn: Connection, table: Table, columns: tuple[str, ...], skip_
         if key[0] != "postgresql" or defaulted:
             _MANY_SQL[key] = None
         else:
-            names = ", ".join(columns)
-            sql = (f"INSERT INTO {table.name} ({names}) SELECT {names} FROM "
-                   f"json_populate_recordset(NULL::{table.name}, %s) WITH ORDINALITY AS r ORDER BY r.ordinality")
+            quote = conn.dialect.identifier_preparer.quote
+            name, names = quote(table.name), ", ".join(quote(c) for c in columns)
+            sql = (f"INSERT INTO {name} ({names}) SELECT {names} FROM "
+                   f"json_populate_recordset(NULL::{name}, %s) WITH ORDINALITY AS r ORDER BY r.ordinality")
             if skip_existing:
-                sql += f" ON CONFLICT DO NOTHING RETURNING {list(table.primary_key)[0].name}"
+                sql += f" ON CONFLICT DO NOTHING RETURNING {quote(list(table.primary_key)[0].name)}"
             _MANY_SQL[key] = sql
     return _MANY_SQL[key]
 

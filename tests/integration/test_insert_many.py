@@ -13,7 +13,7 @@ from sqlalchemy import select
 from conftest import fresh_database
 from orchestrator import migrate
 from orchestrator.db import make_engine
-from orchestrator.models import HistoryEntry
+from orchestrator.models import HistoryEntry, OutboxMessage, ProcessedMessage, StepRun, StepToken, Timer
 from orchestrator.rows import INSTANCES, insert_many
 
 HISTORY = HistoryEntry.__table__
@@ -46,11 +46,11 @@ def instance(key: str, **values: Any) -> dict[str, Any]:
                                   "none": None, "list": [1, {"a": []}]}}, **values}
 
 
-def stored(db: Any, table: Any, order: Any) -> list[dict[str, Any]]:
+def stored(db: Any, table: Any, *order: Any) -> list[dict[str, Any]]:
     """The table's rows, timestamps aware (SQLite hands them back naive: they are UTC)."""
     with db.connect() as conn:
         return [{k: v.replace(tzinfo=timezone.utc) if isinstance(v, datetime) and v.tzinfo is None else v
-                 for k, v in r._mapping.items()} for r in conn.execute(select(table).order_by(order))]
+                 for k, v in r._mapping.items()} for r in conn.execute(select(table).order_by(*order))]
 
 
 def test_it_stores_what_a_plain_insert_stores_and_skips_existing_keys(db):
@@ -86,3 +86,35 @@ def test_serial_ids_follow_the_list_and_left_out_defaults_are_filled(db):
     rows = stored(db, HISTORY, HISTORY.c.id)
     assert [r["event"] for r in rows] == events + ["late"]
     assert rows[0]["created_at"] == AT and rows[-1]["created_at"] is not None
+
+
+def test_every_table_a_start_writes_gets_the_same_rows_as_from_a_plain_insert(db):
+    parent = instance("owner")
+    rows = {  # one row per table, as the engine writes them; `tag` varies what must be unique
+        StepRun.__table__: lambda tag: {
+            "instance_id": parent["id"], "name": f"step-{tag}", "task": "t", "status": "queued", "attempt": 1,
+            "restarts": 0, "failures": 0, "progress": 0.25, "polls": 0, "total": 2, "done": 0, "failed": 0,
+            "data": {"branches": [{"input": "é", "status": "queued"}]}, "error": None, "queued_at": AT,
+            "started_at": None, "finished_at": None, "lease_until": AT, "dispatches": 1},
+        Timer.__table__: lambda tag: {
+            "instance_id": parent["id"], "kind": "deadline", "step": f"step-{tag}", "attempt": 1, "branch": None,
+            "event": None, "due_at": AT, "fired_at": None},
+        OutboxMessage.__table__: lambda tag: {
+            "message_id": f"m-{tag}", "instance_id": parent["id"], "channel": "kafka", "target": "story.generate",
+            "key": "k", "payload": {"route_id": "r", "n": [1, 2.5]}, "created_at": AT, "sent_at": None,
+            "publish_attempts": 0, "last_error": None, "correlation_id": "c", "trace_context": {"traceparent": "x"}},
+        StepToken.__table__: lambda tag: {
+            "token": f"tok-{tag}", "instance_id": parent["id"], "step": "s", "branch": -1, "attempt": 1,
+            "created_at": AT},
+        ProcessedMessage.__table__: lambda tag: {"consumer": "kafka:t", "message_id": f"0:{tag}@1", "created_at": AT},
+    }
+    with db.begin() as conn:
+        insert_many(conn, INSTANCES, [parent], skip_existing=True)
+        for table, row in rows.items():
+            conn.execute(table.insert(), [row("1")])  # tags in the primary key's order
+            insert_many(conn, table, [row("2")])
+    for table, row in rows.items():
+        plain, many = stored(db, table, *table.primary_key)
+        assert {k: many[k] for k in row("2")} == row("2"), table.name
+        varied = {k for k in row("a") if row("a")[k] != row("b")[k]}
+        assert {k for k in plain if plain[k] != many[k]} <= {"id", *varied}, table.name
