@@ -25,7 +25,6 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterator, Protocol
 
 from sqlalchemy import Engine as SAEngine, Table, and_, bindparam, delete, func, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from statemachine.exceptions import TransitionNotAllowed
@@ -36,7 +35,7 @@ from . import logs, tracing
 from .jsonutil import digest, storable, utc_iso
 from .models import (ACTIVE_STEP_STATUSES, HistoryEntry, OutboxMessage, StepClaim, StepRun, StepStatus, StepToken,
                      Timer, utcnow)
-from .rows import INSTANCES, Record, StaleBasis, Writes, execute_prepared
+from .rows import INSTANCES, Record, StaleBasis, Writes, execute_prepared, insert_many
 from .workflow import ItemFailed, Registry, Step, Workflow, initial_entry, transition_table
 
 log = logging.getLogger(__name__)
@@ -320,6 +319,7 @@ class UnitOfWork:
 
 
 _NO_RUN = Record({"status": None})
+_DEFAULT_FINGERPRINT = Workflow.fingerprint.__func__  # type: ignore[attr-defined]  # digest(data)
 
 #: The batch the engine calls of this thread join (Engine.batch).
 _batch: "contextvars.ContextVar[Batch | None]" = contextvars.ContextVar("engine_batch", default=None)
@@ -388,11 +388,8 @@ class Batch:
         try:
             new = [r.insert_values(INSTANCES) for _, w in held for t, r in w.new if t is INSTANCES]
             inserted: set[str] = set()
-            if new:
-                insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(INSTANCES)
-                for shape in _shapes(new).values():
-                    inserted.update(conn.execute(insert.on_conflict_do_nothing().returning(INSTANCES.c.id),
-                                                 shape).scalars())
+            for shape in _shapes(new).values():
+                inserted.update(insert_many(conn, INSTANCES, shape, skip_existing=True))
             rows: list[tuple[Table, dict[str, Any]]] = []
             dropped: set[str] = set()
             for tag, w in held:
@@ -408,7 +405,7 @@ class Batch:
                 by_table.setdefault(table, []).append(values)
             for table, values_list in by_table.items():
                 for shape in _shapes(values_list).values():
-                    conn.execute(table.insert(), shape)
+                    insert_many(conn, table, shape)
         finally:
             self._flushing = False
         if dropped:
@@ -530,11 +527,18 @@ class Engine:
 
     # -- start ---------------------------------------------------------------------------------
     def start(self, type_name: str, data: Any, *, key: str | None = None,
-              idempotency_key: str | None = None, actor: str = "api") -> tuple[dict[str, Any], bool]:
-        """Create an instance, or return the existing one for the same key. (snapshot, created)."""
+              idempotency_key: str | None = None, actor: str = "api",
+              answer: bool = True) -> tuple[dict[str, Any] | None, bool]:
+        """Create an instance, or return the existing one for the same key. (snapshot, created).
+        `answer=False`: the caller needs only `created` (the Kafka bridge), so no snapshot is
+        built or read and None stands in its place."""
         cls = self.workflow_class(type_name)
         data = cls.validate_input(data, self.settings)
-        fingerprint = cls.fingerprint(data)
+        # The same input is both history rows' payload (create, start event) and, unless the
+        # workflow fingerprints it its own way, the fingerprint: one digest serves all three.
+        payload_digest = digest(data)
+        fingerprint = payload_digest if getattr(cls.fingerprint, "__func__", None) is _DEFAULT_FINGERPRINT \
+            else cls.fingerprint(data)
         if key is not None and (not isinstance(key, str) or not key.strip() or len(key) > 255):
             raise InvalidInput("key", "must be a non-empty string of at most 255 characters")
         if idempotency_key is not None and (not idempotency_key.strip() or len(idempotency_key) > 255):
@@ -547,7 +551,7 @@ class Engine:
         else:
             existing = self._find_existing(cls, key, idempotency_key, fingerprint)
         if existing is not None:
-            return self.snapshot(existing), False
+            return (self.snapshot(existing) if answer else None), False
         instance_id = str(uuid.uuid4())
         try:
             with tracing.span(f"workflow start {cls.type}", tracing.workflow_attributes(instance_id, cls.type, key)), \
@@ -564,14 +568,15 @@ class Engine:
                     machine, entered = None, entry.take(cls, inst, None, self.settings)
                 else:  # the start event goes to the machine that entered the initial state
                     machine = entered = cls(model=inst, settings=self.settings)
-                self._record(uow, inst, None, "create", data, actor)
+                self._record(uow, inst, None, "create", data, actor, payload_digest)
                 if entered is not None:
                     self._write_messages(uow, inst, entered)
                 deadline = cls.timeout(self.settings)
                 if deadline is not None:
                     uow.add_timer(instance_id=inst.id, kind="expire", due_at=now + deadline)
                 if cls.start_event:
-                    self._transition(uow, inst, cls.start_event, data, actor, machine=machine)
+                    self._transition(uow, inst, cls.start_event, data, actor, machine=machine,
+                                     payload_digest=payload_digest)
                 else:
                     self._enter_step(uow, inst, cls)
         except IntegrityError:
@@ -579,7 +584,9 @@ class Engine:
             existing = self._find_existing(cls, key, idempotency_key, fingerprint)
             if existing is None:
                 raise
-            return self.snapshot(existing), False
+            return (self.snapshot(existing) if answer else None), False
+        if not answer:
+            return None, True
         # Everything the answer needs was just written: no need to read it back.
         runs = sorted(uow.runs[instance_id].values(), key=lambda r: r.queued_at or now)
         return instance_dict(inst, runs, uow.history), True
@@ -647,17 +654,20 @@ class Engine:
 
     def _transition(self, uow: UnitOfWork, inst: Record, event: str, payload: dict[str, Any],
                     actor: str, failed_step: bool = False, old_run: Record | None = None,
-                    machine: Workflow | None = None) -> None:
+                    machine: Workflow | None = None, payload_digest: str | None = None) -> None:
+        if not tracing.enabled():  # the span's attributes cost more than the rest of a start's move
+            self._apply_transition(uow, inst, event, payload, actor, failed_step, old_run, machine, payload_digest)
+            return
         attrs = {**tracing.workflow_attributes(inst.id, inst.type, inst.business_key),
                  "workflow.event": event, "workflow.from_state": inst.state or "", "workflow.actor": actor}
         with tracing.span(f"transition {event}", attrs) as span:
-            self._apply_transition(uow, inst, event, payload, actor, failed_step, old_run, machine)
+            self._apply_transition(uow, inst, event, payload, actor, failed_step, old_run, machine, payload_digest)
             if span is not None:
                 span.set_attribute("workflow.to_state", inst.state or "")
 
     def _apply_transition(self, uow: UnitOfWork, inst: Record, event: str, payload: dict[str, Any],
                           actor: str, failed_step: bool, old_run: Record | None,
-                          machine: Workflow | None) -> None:
+                          machine: Workflow | None, payload_digest: str | None = None) -> None:
         cls = self.workflow_class(inst.type)
         if event not in cls.event_names():
             raise InvalidInput("event", f"unknown event '{event}' for workflow '{cls.type}'", status=400)
@@ -700,7 +710,7 @@ class Engine:
             deadline = cls.timeout(self.settings)
             if not finished and deadline is not None:  # restarted: the job gets a new deadline
                 uow.add_timer(instance_id=inst.id, kind="expire", due_at=now + deadline)
-        self._record(uow, inst, before, event, payload, actor)
+        self._record(uow, inst, before, event, payload, actor, payload_digest)
         if machine is not None:
             self._write_messages(uow, inst, machine)
         if after != before and not spanning:
@@ -709,9 +719,10 @@ class Engine:
             self._enter_step(uow, inst, cls)
 
     def _record(self, uow: UnitOfWork, inst: Record, before: str | None, event: str,
-                payload: Any, actor: str) -> None:
+                payload: Any, actor: str, payload_digest: str | None = None) -> None:
+        """One history row; `payload_digest`: `digest(payload)` when the caller has it already."""
         uow.add_history(instance_id=inst.id, from_state=before, to_state=inst.state, event=event,
-                        payload_digest=digest(payload), actor=actor, created_at=utcnow())
+                        payload_digest=payload_digest or digest(payload), actor=actor, created_at=utcnow())
 
     def _write_messages(self, uow: UnitOfWork, inst: Record, machine: Workflow) -> None:
         for channel, target, key, payload in machine.messages:

@@ -22,8 +22,12 @@ def why_not_json(exc: BaseException) -> str:
     return str(exc)
 
 
+# One encoder for every call: json.dumps builds a new one per call when given options.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str)
+
+
 def canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return _CANONICAL.encode(value)
 
 
 def digest(value: Any) -> str:
@@ -86,6 +90,8 @@ def unstorable(value: Any, path: str = "") -> tuple[str, str] | None:
 def _text_problem(text: str) -> str | None:
     if "\x00" in text:
         return "contains a NUL character (\\u0000), which cannot be stored"
+    if text.isascii():  # a flag of the string: no surrogate, and no need to encode it to know
+        return None
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections import Counter as Tally
 from typing import Any, Callable, Iterable
 
 from prometheus_client import Counter
@@ -125,9 +126,9 @@ class KafkaPublisher:
                 self._renew()  # see `_renew`: a stale producer would time out on every later round
         for i in waiting:
             results[i] = RuntimeError(f"kafka delivery to {rows[i].target} not confirmed within {self.timeout:g}s")
-        for i, row in enumerate(rows):
-            if results[i] is None:
-                KAFKA_PRODUCED.labels(row.target).inc()
+        # one label lookup per topic, not per message
+        for target, n in Tally(row.target for row, r in zip(rows, results) if r is None).items():
+            KAFKA_PRODUCED.labels(target).inc(n)
         return results
 
     def __call__(self, row: OutboxMessage) -> None:

@@ -36,6 +36,7 @@ import json
 import logging
 import threading
 import time
+from collections import Counter as Tally
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -491,9 +492,15 @@ class Bridge:
         for n in refused:  # a start whose key exists: handled alone, it finds the instance
             done.pop(n, None)
             later.append(ready[n][0])
+        # one label lookup per topic and outcome, not per event (`labels` costs more than `inc`)
+        timers: dict[str, Any] = {}
         for topic, outcome, seconds in done.values():
-            KAFKA_EVENTS.labels(topic, outcome).inc()
-            KAFKA_HANDLE_SECONDS.labels(topic).observe(seconds)
+            timer = timers.get(topic)
+            if timer is None:
+                timer = timers[topic] = KAFKA_HANDLE_SECONDS.labels(topic)
+            timer.observe(seconds)
+        for (topic, outcome), n in Tally((topic, outcome) for topic, outcome, _ in done.values()).items():
+            KAFKA_EVENTS.labels(topic, outcome).inc(n)
         later.sort(key=lambda m: (m.topic(), m.partition(), m.offset()))
         return cut if self._one_by_one(later, stop) else None
 
@@ -553,6 +560,9 @@ class Bridge:
         # span the child of a fresh `recv` span, the producer's trace only linked, so the event's
         # trace would stop at the broker.
         topic, key = ev.topic, ev.key
+        if not tracing.enabled():  # no span: its attributes are not even built
+            with logs.context(correlation_id=ev.headers.get(logs.HEADER) or None):
+                return self.routes[topic].handler(self.engine, ev) or "accepted"
         with logs.context(correlation_id=ev.headers.get(logs.HEADER) or None), tracing.span(
                 f"{topic} process", {"messaging.system": "kafka", "messaging.destination.name": topic,
                                      "messaging.kafka.message.offset": msg.offset(),

@@ -18,15 +18,27 @@ touches several instances) the same writes go out as plain statements.
 """
 from __future__ import annotations
 
+import json
 import weakref
 from typing import Any, Iterable
 
-from sqlalchemy import JSON, Connection, Table, update
-from sqlalchemy.dialects import postgresql
+from sqlalchemy import JSON, Connection, DateTime, Table, update
+from sqlalchemy.dialects import postgresql, sqlite
 
 from .models import WorkflowInstance
 
 INSTANCES: Table = WorkflowInstance.__table__  # type: ignore[assignment]
+
+
+_NAMES: dict[Table, frozenset[str]] = {}
+
+
+def _names(table: Table) -> frozenset[str]:
+    """The table's column names (a set lookup; `name in table.c` is a Python method call)."""
+    names = _NAMES.get(table)
+    if names is None:
+        names = _NAMES[table] = frozenset(c.name for c in table.c)
+    return names
 
 
 class StaleBasis(Exception):
@@ -68,10 +80,12 @@ class Record:
 
     def changes(self, table: Table) -> dict[str, Any]:
         # sorted: the same change is the same statement text, so its prepared plan is reused
-        return {k: self._values[k] for k in sorted(self._dirty or ()) if k in table.c and k != "id"}
+        names = _names(table)
+        return {k: self._values[k] for k in sorted(self._dirty or ()) if k in names and k != "id"}
 
     def insert_values(self, table: Table) -> dict[str, Any]:
-        return {k: v for k, v in self._values.items() if k in table.c and not (k == "id" and v is None)}
+        names = _names(table)
+        return {k: v for k, v in self._values.items() if k in names and not (k == "id" and v is None)}
 
     def __repr__(self) -> str:
         return f"Record({self._values!r})"
@@ -231,6 +245,60 @@ def _pg_type(table: Table, column: str) -> str:
         found = _PG_TYPES[key] = table.c[column].type.compile(dialect=postgresql.dialect())
     return found
 
+
+
+# -- many rows of one table -----------------------------------------------------------------------
+#: (dialect, table, columns, skip_existing) -> the JSON-parameter INSERT, or None where it does not apply
+_MANY_SQL: dict[tuple[str, Table, tuple[str, ...], bool], str | None] = {}
+
+
+def insert_many(conn: Connection, table: Table, rows: list[dict[str, Any]], *,
+                skip_existing: bool = False) -> list[Any]:
+    """Rows of one shape (the same columns) inserted by one statement, in list order (so serial
+    ids follow it). `skip_existing`: a row whose unique key exists is skipped (ON CONFLICT DO
+    NOTHING) and the primary keys of the rows inserted are returned; otherwise [].
+
+    On PostgreSQL the rows travel as one JSON parameter that `json_populate_recordset` turns
+    into rows of the table's own type: a short statement with one bind, where an INSERT with
+    a VALUES row per row had a bind per value for SQLAlchemy and psycopg2 to render and
+    PostgreSQL to parse (the Kafka bridge's batches wrote their rows in less than half the time;
+    docs/performance.md, "Kafka intake"). Elsewhere, or for a shape that leaves out a column
+    with a Python-side default (only SQLAlchemy fills that in), SQLAlchemy's executemany."""
+    if not rows:
+        return []
+    columns = tuple(rows[0])
+    sql = _json_insert(conn, table, columns, skip_existing)
+    if sql is None:
+        if skip_existing:
+            insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
+            pk = list(table.primary_key)[0]
+            return list(conn.execute(insert.on_conflict_do_nothing().returning(pk), rows).scalars())
+        conn.execute(table.insert(), rows)
+        return []
+    dates = [c for c in columns if isinstance(table.c[c].type, DateTime)]
+    if dates:  # JSON has no timestamp: ISO 8601 with its offset, which PostgreSQL parses exactly
+        rows = [{**r, **{c: r[c].isoformat() for c in dates if r[c] is not None}} for r in rows]
+    # allow_nan=False: NaN is not JSON (PostgreSQL refuses it), so it fails here, naming itself
+    param = json.dumps(rows, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    result = conn.exec_driver_sql(sql, (param,))
+    return list(result.scalars()) if skip_existing else []
+
+
+def _json_insert(conn: Connection, table: Table, columns: tuple[str, ...], skip_existing: bool) -> str | None:
+    key = (conn.dialect.name, table, columns, skip_existing)
+    if key not in _MANY_SQL:
+        defaulted = any(c.default is not None and c.name not in columns for c in table.c)
+        if key[0] != "postgresql" or defaulted:
+            _MANY_SQL[key] = None
+        else:
+            quote = conn.dialect.identifier_preparer.quote
+            name, names = quote(table.name), ", ".join(quote(c) for c in columns)
+            sql = (f"INSERT INTO {name} ({names}) SELECT {names} FROM "
+                   f"json_populate_recordset(NULL::{name}, %s) WITH ORDINALITY AS r ORDER BY r.ordinality")
+            if skip_existing:
+                sql += f" ON CONFLICT DO NOTHING RETURNING {quote(list(table.primary_key)[0].name)}"
+            _MANY_SQL[key] = sql
+    return _MANY_SQL[key]
 
 
 # -- prepared statements -------------------------------------------------------------------------

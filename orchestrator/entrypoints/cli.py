@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import gc
 import logging
 import os
 import signal
@@ -257,7 +258,12 @@ def cmd_bridge(args: argparse.Namespace) -> None:
         except OSError as exc:
             sys.exit(f"--metrics-port: cannot listen on 127.0.0.1:{args.metrics_port}: {exc.strerror or exc}")
     stop = stop_on_signals()
-    Bridge(rt, group=args.group).run(stop)
+    bridge = Bridge(rt, group=args.group)
+    # What start-up built (modules, classes, the runtime) lives as long as the process: frozen,
+    # the cyclic collector's full collections no longer walk it (each took about 45 ms, one per
+    # few thousand events; docs/performance.md, "Kafka intake").
+    gc.freeze()
+    bridge.run(stop)
 
 
 def cmd_produce(args: argparse.Namespace) -> None:

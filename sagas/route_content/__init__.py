@@ -283,10 +283,12 @@ class RouteContent(Workflow):
     @classmethod
     def on_route_confirmed(cls, engine: Any, event: KafkaEvent) -> str:
         _histograms()  # listed on /metrics from the route's first event on
-        data = cls.validate_input(event.payload, engine.settings)
-        _, created = engine.start(cls.type, data, key=data["route_id"], actor="kafka:route.confirmed")
+        # start() validates the input (validate_input) before it looks at the key
+        route_id = event.payload.get("route_id")
+        _, created = engine.start(cls.type, event.payload, key=route_id, actor="kafka:route.confirmed",
+                                  answer=False)
         if not created:
-            raise Ignored(f"route {data['route_id']} was already confirmed")
+            raise Ignored(f"route {route_id} was already confirmed")
         return "accepted"
 
     @classmethod

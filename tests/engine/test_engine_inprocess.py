@@ -7,8 +7,10 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from engine.workflows import CALLS, SCRIPT
+from engine.workflows import CALLS, SCRIPT, Shop
 from orchestrator.engine import ACCEPTED, DUPLICATE, STALE, UNKNOWN
+from orchestrator.jsonutil import digest
+from orchestrator.models import WorkflowInstance
 
 
 @pytest.fixture(autouse=True)
@@ -238,3 +240,18 @@ def test_every_timestamp_of_a_snapshot_on_sqlite_has_the_utc_offset(inproc):
         for where, value in stamps:
             assert value.endswith("+00:00"), (where, value)
             assert datetime.fromisoformat(value).utcoffset() == timedelta(0)
+
+
+def test_a_start_without_an_answer_writes_the_same_and_only_says_whether_it_created(inproc, monkeypatch):
+    data = {"parcels": ["x"]}
+    assert inproc.engine.start("inproc-shop", data, key="quiet", answer=False) == (None, True)
+    assert inproc.engine.start("inproc-shop", data, key="quiet", answer=False) == (None, False)
+    snap, created = inproc.engine.start("inproc-shop", data, key="quiet")  # the default answers
+    assert not created and snap["key"] == "quiet" and snap["state"] == "reserving"
+    # one digest of the input: both history rows' payload digest and the default fingerprint
+    assert [(h["event"], h["payload_digest"]) for h in snap["history"]] == [("create", digest(data)),
+                                                                            ("start", digest(data))]
+    monkeypatch.setattr(Shop, "fingerprint", classmethod(lambda cls, data: "its own"))
+    mine, _ = inproc.engine.start("inproc-shop", data, key="own")
+    with inproc.engine.sessions() as s:
+        assert [s.get(WorkflowInstance, i["id"]).fingerprint for i in (snap, mine)] == [digest(data), "its own"]
