@@ -59,7 +59,8 @@ def unstorable(value: Any, path: str = "") -> tuple[str, str] | None:
     also accepts `NaN`, `Infinity` and `-Infinity` (and turns `1e999` into infinity), which are
     not JSON: PostgreSQL's json refuses them, and SQLite stores them where json_extract then fails
     on every later read. Every string, number and object key is checked, depth first; the answer
-    is the first one's dotted path (`input.note`, `items[2]`, a key as `input.<key>` with the key JSON-escaped) and the problem.
+    is the first one's dotted path, list indexes included as pydantic names them (`input.note`,
+    `items.2.name`, a key as `input.<key>` with the key JSON-escaped), and the problem.
     `path` is the name of `value` itself ("" for a request body: its fields are named bare).
     """
     stack: list[tuple[str, Any]] = [(path, value)]
@@ -83,7 +84,7 @@ def unstorable(value: Any, path: str = "") -> tuple[str, str] | None:
                 children.append((name, child))
             stack.extend(reversed(children))
         elif isinstance(item, (list, tuple)):
-            stack.extend(reversed([(f"{where}[{i}]", child) for i, child in enumerate(item)]))
+            stack.extend(reversed([(f"{where}.{i}" if where else str(i), child) for i, child in enumerate(item)]))
     return None
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import os
 import threading
 import time
 from collections import Counter as Tally
@@ -60,6 +61,8 @@ KAFKA_EVENTS = Counter("orchestrator_kafka_events_total", "Kafka events handled 
                        ["topic", "outcome"])
 KAFKA_DEAD_LETTERS = Counter("orchestrator_kafka_dead_letters_total",
                              "Events sent to the dead-letter topic", ["topic", "reason"])
+#: Metrics shared by several processes (`orchestrator dev`): prometheus_client's multiprocess mode.
+_MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir"))
 KAFKA_HANDLE_SECONDS = Histogram("orchestrator_kafka_handle_seconds", "Time to handle one event", ["topic"])
 
 
@@ -261,6 +264,9 @@ class Bridge:
         self.commit(force=True)  # hand over at the exact point we reached
         for p in partitions:
             self.assigned.discard((p.topic, p.partition))
+            if _MULTIPROCESS:  # prometheus_client cannot remove a sample there: not behind any more
+                KAFKA_CONSUMER_LAG.labels(self.group, p.topic, str(p.partition)).set(0)
+                continue
             try:
                 KAFKA_CONSUMER_LAG.remove(self.group, p.topic, str(p.partition))
             except KeyError:
@@ -457,20 +463,20 @@ class Bridge:
                     batch.tag = n
                     if (ev.topic, ev.event_id) in seen:
                         done[n] = (ev.topic, "duplicate", 0.0)
-                        log.warning("duplicate %s/%s@%s (event id %s): skipped", ev.topic, ev.partition, ev.offset,
-                                    ev.event_id)
+                        log.warning("duplicate %s/%s@%s (event id %s, first handled %s): skipped", ev.topic,
+                                    ev.partition, ev.offset, ev.event_id, seen[(ev.topic, ev.event_id)])
                         continue
                     if (ev.topic, ev.partition, ev.key) in held:
                         later.append(msg)
                         continue
-                    seen.add((ev.topic, ev.event_id))
+                    seen[(ev.topic, ev.event_id)] = "earlier in this batch"
                     started, writes = time.perf_counter(), batch.writes
                     try:
                         outcome = self._run_handler(msg, ev)
                     except (InvalidInput, NotFound, Ignored, IllegalTransition, Conflict):
                         if batch.writes != writes:
                             raise _Retry("a refused event had written") from None
-                        seen.discard((ev.topic, ev.event_id))
+                        del seen[(ev.topic, ev.event_id)]
                         held.add((ev.topic, ev.partition, ev.key))
                         later.append(msg)
                         continue
@@ -510,14 +516,15 @@ class Bridge:
                 return False
         return True
 
-    def processed_many(self, ids: dict[str, set[str]]) -> set[tuple[str, str]]:
-        """(topic, event id) of the events already handled, one query per topic."""
-        found: set[tuple[str, str]] = set()
+    def processed_many(self, ids: dict[str, set[str]]) -> dict[tuple[str, str], Any]:
+        """{(topic, event id): when it was handled (its row's created_at)} of the events already
+        handled, one query per topic."""
+        found: dict[tuple[str, str], Any] = {}
         with self.rt.sessions() as s:
             for topic, wanted in ids.items():
-                rows = s.execute(select(ProcessedMessage.message_id).where(
+                rows = s.execute(select(ProcessedMessage.message_id, ProcessedMessage.created_at).where(
                     ProcessedMessage.consumer == f"kafka:{topic}", ProcessedMessage.message_id.in_(wanted)))
-                found.update((topic, m) for m in rows.scalars())
+                found.update(((topic, m), at) for m, at in rows)
         return found
 
     def _parse(self, msg: Any) -> "KafkaEvent | tuple[str, str]":
@@ -535,6 +542,8 @@ class Bridge:
         raw = msg.value()
         if raw is None:
             return "empty value: a tombstone (null value) is not an event", "invalid_json"
+        if not raw:
+            return "empty value: zero bytes are not an event", "invalid_json"
         try:
             payload = json.loads(raw)
         except (ValueError, RecursionError) as exc:

@@ -7,6 +7,7 @@ starts go to a broker of their own)."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import uuid
 from collections import Counter as Tally
@@ -71,6 +72,7 @@ def test_a_poison_event_in_the_middle_of_a_batch_is_dead_lettered_alone(kclient,
         json.dumps({"counter": "c-nobody", "n": 1, "seq": 1001}).encode(): "unroutable: unknown counter c-nobody",
     }
     expected = Tally()
+    dup = f"dup-{uuid.uuid4().hex[:8]}"  # one event delivered twice in the burst: applied once
     for seq in range(300):
         key = keys[seq % len(keys)]
         kafka.send("test.increments", {"counter": key, "n": 1, "seq": seq}, key=key, flush=False)
@@ -78,10 +80,14 @@ def test_a_poison_event_in_the_middle_of_a_batch_is_dead_lettered_alone(kclient,
         if seq == 150:
             for i, raw in enumerate(poison):
                 kafka.send("test.increments", None, raw=raw, key=keys[i], flush=False)
+            for _ in range(2):
+                kafka.send("test.increments", {"counter": keys[5], "n": 1, "seq": 300}, key=keys[5], event_id=dup,
+                           flush=False)
+            expected[keys[5]] += 1
     kafka.flush()
     bridge = start_bridge(own_group(kenv, "poison"), "bridge-poison")
     try:
-        wait_for(lambda: len({s for c in counters(krt, keys).values() for s in c["seen"]}) >= 300, timeout=90,
+        wait_for(lambda: len({s for c in counters(krt, keys).values() for s in c["seen"]}) >= 301, timeout=90,
                  what="every good event applied")
         found = kafka.read("test.increments.dlq", timeout=30,
                            until=lambda ms: all(any(m.value() == raw for m in ms) for raw in poison))
@@ -90,10 +96,11 @@ def test_a_poison_event_in_the_middle_of_a_batch_is_dead_lettered_alone(kclient,
             assert len(entries) == 1, raw
             assert headers(entries[0])["dlq_reason"].startswith(reason), headers(entries[0])
         bridge.stop()
-        check_exactly_once(krt, keys, expected, 300)
+        check_exactly_once(krt, keys, expected, 301)
+        # the second copy was skipped, and the warning says when the first was handled
+        assert re.search(rf"duplicate test\.increments/\d+@\d+ \(event id {dup}, first handled [^)]+\): skipped",
+                         bridge.output()), bridge.output()[-3000:]
         # the poison came in a batch with good events; they were applied together, it alone
-        import re
-
         batches = [tuple(map(int, m)) for m in re.findall(r"batch of (\d+) events: (\d+) applied together, (\d+) alone",
                                                           bridge.output())]
         assert any(together > 0 and alone >= 1 for _, together, alone in batches), batches
