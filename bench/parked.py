@@ -58,7 +58,7 @@ def measure(rt: Any, worker_pid: int, sweeper_pid: int, n: int, threads: int,
     worker_before, sweeper_before = _settled_rss(worker_pid), _settled_rss(sweeper_pid)
     polls = n // 2
     kinds = ["bench_poll"] * polls + ["bench_approval"] * (n - polls)
-    note(f"(f) parking {n} workflows ({polls} on a poll timer, {n - polls} awaiting a signal) ...")
+    note(f"(e) parking {n} workflows ({polls} on a poll timer, {n - polls} awaiting a signal) ...")
     started = time.monotonic()
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(lambda kind: rt.engine.start(kind, {}), kinds))
@@ -74,7 +74,7 @@ def measure(rt: Any, worker_pid: int, sweeper_pid: int, n: int, threads: int,
             "AND timers.fired_at IS NULL AND i.type IN ('bench_approval', 'bench_poll')"), {"due": due}).rowcount
     if made_due != n:
         raise BenchError(f"{made_due} parked timers found, {n} expected")
-    note(f"(f) {n} timers due at once; the sweeper fires them ...")
+    note(f"(e) {n} timers due at once; the sweeper fires them ...")
     wait_for(lambda: int(scalar(UNFIRED)) == 0, timeout=max(120.0, n * 0.1), interval=0.2,
              what=f"the sweeper to fire {n} timers", check=check)
     last = scalar("SELECT max(fired_at) FROM timers t JOIN workflow_instances i ON i.id = t.instance_id "

@@ -530,7 +530,7 @@ class Bench:
             self.dbos = None
         if a.parked:
             self.parked()
-        note(f"done in {time.monotonic() - started:.1f}s")
+        note(f"(a)-(e) done in {time.monotonic() - started:.1f}s")
 
 
 # -- report ------------------------------------------------------------------------------------
@@ -602,7 +602,7 @@ def kafka_row(n: int) -> Row:
         return Row(ROWS[10], "skipped", "-", "-", ">= 5000 events/s", None)
     from .kafka_intake import measure
 
-    note(f"(g) Kafka intake: {n} events ...")
+    note(f"(f) Kafka intake: {n} events ...")
     k = measure(n)
     relay = k.get("relay") or k.get("relay_produce")
     print(f"kafka: bridge intake {k['bridge']:.1f} events/s; raw consume {k['consume']:.0f}/s, raw produce "
