@@ -17,7 +17,9 @@ SESSIONS = 100
 
 
 def test_100_concurrent_sessions_each_get_exactly_their_own_chunks(chat_env, execution, sweeper):
-    proc, base = start_api(chat_env, name="chat-api-load", workers=2, API_THREADS="80")
+    # Threads for every socket in each worker: which worker accepts a socket is a race, and a
+    # worker queues what its threads cannot take (docs/chat.md, "Production server").
+    proc, base = start_api(chat_env, name="chat-api-load", workers=2, API_THREADS=str(SESSIONS))
     ready = threading.Barrier(SESSIONS, timeout=60)
 
     def client(i: int) -> tuple[str, str, list[dict]]:
