@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
-import os
 import threading
 import time
 from collections import Counter as Tally
@@ -46,7 +45,7 @@ from sqlalchemy import event as sa_event
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
-from . import logs, tracing
+from . import logs, metrics, tracing
 from .errors import Conflict, IllegalTransition, InvalidInput, NotFound
 from .jsonutil import unstorable, why_not_json
 from .kafka_events import Ignored, KafkaEvent
@@ -61,8 +60,6 @@ KAFKA_EVENTS = Counter("orchestrator_kafka_events_total", "Kafka events handled 
                        ["topic", "outcome"])
 KAFKA_DEAD_LETTERS = Counter("orchestrator_kafka_dead_letters_total",
                              "Events sent to the dead-letter topic", ["topic", "reason"])
-#: Metrics shared by several processes (`orchestrator dev`): prometheus_client's multiprocess mode.
-_MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir"))
 KAFKA_HANDLE_SECONDS = Histogram("orchestrator_kafka_handle_seconds", "Time to handle one event", ["topic"])
 
 
@@ -264,7 +261,7 @@ class Bridge:
         self.commit(force=True)  # hand over at the exact point we reached
         for p in partitions:
             self.assigned.discard((p.topic, p.partition))
-            if _MULTIPROCESS:  # prometheus_client cannot remove a sample there: not behind any more
+            if metrics.multiprocess():  # prometheus_client cannot remove a shared sample: not behind any more
                 KAFKA_CONSUMER_LAG.labels(self.group, p.topic, str(p.partition)).set(0)
                 continue
             try:

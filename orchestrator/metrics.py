@@ -13,6 +13,12 @@ HTTP_REQUESTS = Counter("orchestrator_http_requests_total", "HTTP requests", ["m
 HTTP_LATENCY = Histogram("orchestrator_http_request_seconds", "HTTP request latency", ["method", "endpoint"])
 
 
+def multiprocess() -> bool:
+    """Whether this process's metrics are shared with others (PROMETHEUS_MULTIPROC_DIR is set:
+    prometheus_client's multiprocess mode, as under `orchestrator dev` and `orchestrator api`)."""
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
 class DatabaseCollector:
     """Workflow instances by type and state, active steps, outbox backlog, due timers."""
 
@@ -43,10 +49,10 @@ class DatabaseCollector:
 
 def render(sessions: Any) -> bytes:
     registry = CollectorRegistry()
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from prometheus_client import multiprocess
+    if multiprocess():
+        from prometheus_client import multiprocess as shared
 
-        multiprocess.MultiProcessCollector(registry)
+        shared.MultiProcessCollector(registry)
     else:
         from prometheus_client import REGISTRY
 
