@@ -30,8 +30,8 @@ def _sqlite_engine(url: str, **kwargs: Any) -> Engine:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
-        dbapi_connection.execute("PRAGMA journal_mode=WAL")
         dbapi_connection.execute("PRAGMA busy_timeout=30000")
+        _use_wal(dbapi_connection)
         dbapi_connection.execute("PRAGMA foreign_keys=ON")
 
     @event.listens_for(engine, "begin")
@@ -39,6 +39,25 @@ def _sqlite_engine(url: str, **kwargs: Any) -> Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def _use_wal(dbapi_connection: Any) -> None:
+    """Put the file in WAL mode (kept in the file: later connections find it so). Switching a new
+    file needs its exclusive lock, and SQLite answers "database is locked" at once, not after
+    the busy timeout, while another process holds a lock on it: processes starting together
+    on a new file (`make run`) retry for up to the busy timeout (tenacity)."""
+    import sqlite3
+
+    from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_random_exponential
+
+    if dbapi_connection.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
+        return
+    for attempt in Retrying(retry=retry_if_exception(lambda e: isinstance(e, sqlite3.OperationalError)
+                                                     and "locked" in str(e)),
+                            wait=wait_random_exponential(multiplier=0.01, max=0.5), stop=stop_after_delay(30),
+                            reraise=True):
+        with attempt:
+            dbapi_connection.execute("PRAGMA journal_mode=WAL")
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -40,10 +40,47 @@ def make_celery(settings: Settings) -> Celery:
 
 
 def configure_celery(app: Celery, settings: Settings) -> None:
-    """Point `app` at `settings`' broker and result backend (the execution emulator's app too)."""
+    """Point `app` at `settings`' broker and result backend (the execution emulator's app too).
+    On the embedded SQLite broker, also create its tables and queues (`prepare_embedded_broker`)."""
     app.conf.update(broker_url=settings.broker_url, result_backend=settings.result_backend)
     if settings.broker_url.startswith("sqla+"):
-        app.conf.broker_transport_options = {}  # confirms exist only on AMQP
+        # kombu hands these to SQLAlchemy's create_engine: no AMQP confirms, and the busy timeout
+        # of our own SQLite files (pysqlite's 5 s default lets a loaded machine fail a publish
+        # or drop a worker's consumer with "database is locked")
+        app.conf.broker_transport_options = {"connect_args": {"timeout": 30}}
+        if settings.broker_url.startswith("sqla+sqlite:"):
+            prepare_embedded_broker(app)
+
+
+_prepared_brokers: set[str] = set()  # per process; a forked child inherits it
+
+
+def prepare_embedded_broker(app: Celery) -> None:
+    """Create the tables of kombu's SQLAlchemy transport and a row for each of `app`'s queues,
+    once, under SQLite's write lock (BEGIN IMMEDIATE, see db.make_engine).
+
+    kombu creates both lazily in every process, unguarded: processes that first use a new
+    broker.db at once (`make run` starts them together) lose that race with "table kombu_queue
+    already exists" or a UNIQUE failure on kombu_queue.name. A worker that loses it stops
+    ("Unrecoverable error: IntegrityError"), and a publisher's session is left unusable until
+    its process restarts. Idempotent; the tables' names come from kombu's own channel."""
+    url = app.conf.broker_url
+    if url in _prepared_brokers:
+        return
+    from kombu.transport.sqlalchemy.models import metadata
+    from sqlalchemy.dialects.sqlite import insert
+
+    with app.connection_for_write() as conn:
+        queues = conn.default_channel.queue_cls.__table__  # registers kombu's models in `metadata`
+    names = sorted({app.conf.task_default_queue, *app.amqp.queues})
+    db = make_engine(url.removeprefix("sqla+"))
+    try:
+        with db.begin() as tx:
+            metadata.create_all(tx)  # checkfirst, inside the transaction: one process creates them
+            tx.execute(insert(queues).on_conflict_do_nothing(), [{"name": n} for n in names])
+    finally:
+        db.dispose()
+    _prepared_brokers.add(url)
 
 
 @dataclass

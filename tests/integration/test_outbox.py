@@ -154,6 +154,20 @@ def states(stack: dict[str, Any], rt: Any, ids: list[str]) -> list[str]:
         return [engine.snapshot(i, history=False)["state"] for i in ids]
 
 
+def stalled(stack: dict[str, Any], rt: Any, ids: list[str], *processes: Process) -> str:
+    """What a timed-out run was waiting on: each instance's steps, the outbox, the processes' logs."""
+    lines = []
+    with engine_on(rt.settings, stack["url"]) as engine:
+        for i in ids:
+            snap = engine.snapshot(i, history=False)
+            steps = ", ".join(f"{s['name']}={s['status']}#{s['attempt']}" for s in snap.get("steps", []))
+            lines.append(f"{i} {snap['state']}: {steps}")
+    lines.append(f"outbox: {outbox(stack)}")
+    for p in processes:
+        lines.append(f"--- {p.name} (last 60 lines)\n" + "\n".join(p.output().splitlines()[-60:]))
+    return "\n".join(lines)
+
+
 def test_each_row_is_sent_once_and_a_restart_sends_nothing_again(stack, rt):
     # First run: a worker only, and the processes stop as soon as the work is done.
     worker = start_worker(stack, 2)
@@ -191,8 +205,11 @@ def test_a_step_message_delivered_twice_runs_its_step_once(stack, rt):
                     mode="twice")
         sweeper = Process("dsweeper", ["sweeper"], stack["env"]).start()
         try:
-            wait_for(lambda: states(stack, rt, ids) == ["awaiting_approval"] * 4 + ["completed"], timeout=90,
-                     what="orders to await approval and the media job to complete")
+            try:
+                wait_for(lambda: states(stack, rt, ids) == ["awaiting_approval"] * 4 + ["completed"], timeout=90,
+                         what="orders to await approval and the media job to complete")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\n{stalled(stack, rt, ids, worker, sweeper)}") from None
         finally:
             sweeper.stop()
     finally:
