@@ -484,9 +484,12 @@ class Engine:
             uow.kept = [Successor(kept.message_id, task, instance_id, step, attempt, run.dispatches)]
 
     @contextmanager
-    def _reading(self) -> Iterator[Any]:
-        """A connection to read with: inside a batch its own (it sees what the batch wrote),
-        else one of the read pool."""
+    def reading(self) -> Iterator[Any]:
+        """A SQLAlchemy Connection to read with: inside a batch (a Kafka handler) the batch's
+        own, which sees what the batch wrote, else one of the read pool. Workflow code that
+        reads its own tables from a Kafka handler must read through this: a session of its
+        own would not see the batch's writes, and on SQLite its BEGIN IMMEDIATE would wait for
+        the batch's write lock until the busy timeout (30 s) ran out."""
         batch = _batch.get()
         if batch is not None and batch.engine is self:
             batch.flush()
@@ -599,7 +602,7 @@ class Engine:
             if idem is None and key is None:
                 return None
         i = INSTANCES.c
-        with self._reading() as conn:
+        with self.reading() as conn:
             if idem is not None:
                 row = conn.execute(select(i.id, i.fingerprint).where(
                     i.type == cls.type, i.idempotency_key == idem)).first()
@@ -857,7 +860,7 @@ class Engine:
         `attempt`, when the completion event carries one, must be the item's current attempt.
         Returns ACCEPTED; DUPLICATE (the item already reported: no effect); STALE (the token is
         of an earlier attempt, or the step no longer waits); UNKNOWN (no such token)."""
-        with self._reading() as conn:
+        with self.reading() as conn:
             row = conn.execute(select(TOKENS).where(TOKENS.c.token == token)).first()
         if row is None:
             return UNKNOWN
@@ -924,7 +927,7 @@ class Engine:
     def find(self, type_name: str, key: str) -> str | None:
         """The id of the instance of `type_name` started with business key `key`, or None."""
         i = INSTANCES.c
-        with self._reading() as conn:
+        with self.reading() as conn:
             found = conn.execute(select(i.id).where(i.type == type_name, i.business_key == key)).scalar()
         return None if found is None else str(found)
 
@@ -1537,7 +1540,7 @@ class Engine:
 
     # -- reads ---------------------------------------------------------------------------------
     def snapshot(self, instance_id: str, history: bool = True) -> dict[str, Any]:
-        with self._reading() as conn:
+        with self.reading() as conn:
             inst = conn.execute(INSTANCE, {"id": instance_id}).first()
             if inst is None:
                 raise NotFound(f"instance {instance_id} not found", instance_id=instance_id)

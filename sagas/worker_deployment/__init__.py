@@ -193,8 +193,8 @@ class WorkerDeployment(Workflow):
     def on_worker_status(cls, engine: Any, event: KafkaEvent) -> str:
         p = parse(WorkerStatusReport, event.payload)
         worker_id, status, pid, reason = p.worker_id, p.status, p.process_pid, p.reason
-        with engine.sessions() as s:
-            row = s.execute(select(Worker.status).where(Worker.worker_id == worker_id)).first()
+        with engine.reading() as conn:  # inside the bridge's batch: its connection (Engine.reading)
+            row = conn.execute(select(Worker.status).where(Worker.worker_id == worker_id)).first()
         if row is None:
             raise NotFound(f"unknown worker_id {worker_id}", worker_id=worker_id)
         event_name = f"report_{status}"

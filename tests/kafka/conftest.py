@@ -73,12 +73,12 @@ def ksweeper(kenv: dict[str, str]) -> Iterator[Process]:
     proc.stop()
 
 
-def start_bridge(kenv: dict[str, str], name: str = "bridge") -> Process:
+def start_bridge(kenv: dict[str, str], name: str = "bridge", log_level: str = "INFO") -> Process:
     """A bridge process serving its metrics on a free port (`proc.metrics_url`)."""
     from orchestrator.entrypoints.ports import free_port
 
     port = free_port()
-    proc = Process(name, ["bridge", "--metrics-port", str(port)], {**kenv, "LOG_LEVEL": "INFO"}).start()
+    proc = Process(name, ["bridge", "--metrics-port", str(port)], {**kenv, "LOG_LEVEL": log_level}).start()
     proc.metrics_url = f"http://127.0.0.1:{port}/metrics"  # type: ignore[attr-defined]
     wait_for(lambda: "assigned" in proc.output() or proc.proc.poll() is not None, timeout=30,  # type: ignore[union-attr]
              what=f"{name} to join its group")

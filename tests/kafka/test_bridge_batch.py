@@ -166,3 +166,46 @@ def test_the_relay_keeps_the_outbox_drained_under_a_burst(krt, kenv, own_broker)
         assert set(ids) <= published_routes(kafka, set(ids))
     finally:
         bridge.stop()
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def store(request, kenv, own_broker, tmp_path):
+    """(database URL, bridge environment) on one configuration, with a Kafka broker of its own."""
+    from conftest import fresh_database
+
+    from orchestrator.migrate import upgrade
+
+    kenv, kafka = on_own_broker(kenv, own_broker)
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path}/state.db"
+        upgrade(url)
+        yield url, {**kenv, "DATABASE_URL": url, "CELERY_BROKER_URL": f"sqla+sqlite:///{tmp_path}/broker.db",
+                    "CELERY_RESULT_BACKEND": f"db+sqlite:///{tmp_path}/results.db"}, kafka
+    else:
+        with fresh_database() as url:
+            yield url, {**kenv, "DATABASE_URL": url}, kafka
+
+
+def test_a_handler_that_reads_its_own_table_reads_through_the_batch(krt, store):
+    """worker.status looks up the worker's status before it fires. It used to read through a
+    session of its own: on SQLite that session's BEGIN IMMEDIATE waited for the batch's own write
+    lock until the 30 s busy timeout, every process writing the file stalled meanwhile, and the
+    batch rolled back to be handled event by event."""
+    from conftest import engine_on
+
+    url, env, kafka = store
+    with engine_on(krt.settings, url) as engine:
+        ids = [engine.start("worker_deployment", {"scenario_uuid": str(uuid.uuid4()),
+                                                  "camera_url": "rtsp://cam.example/s"})[0]["id"] for _ in range(3)]
+        for wid in ids:  # on the topic before the bridge joins: they arrive as one batch
+            kafka.send("worker.status", {"worker_id": wid, "status": "running", "process_pid": 7}, key=wid, flush=False)
+        kafka.flush()
+        bridge = start_bridge(own_group(env, "reads"), "bridge-reads", log_level="DEBUG")  # logs every batch
+        try:
+            wait_for(lambda: [engine.snapshot(i, history=False)["state"] for i in ids] == ["running"] * 3,
+                     timeout=90, what="every worker running")
+        finally:
+            bridge.stop()
+    log = bridge.output()
+    assert "rolled back" not in log, log[-3000:]
+    assert "batch of 3 events: 3 applied together, 0 alone" in log, log[-3000:]
