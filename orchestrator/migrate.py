@@ -13,9 +13,11 @@ lists which workflow uses which table.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -57,3 +59,22 @@ def upgrade(database_url: str, revision: str = "heads", workflow_modules: str = 
 
 def downgrade(database_url: str, revision: str, workflow_modules: str = DEFAULT_WORKFLOW_MODULES) -> None:
     command.downgrade(alembic_config(database_url, workflow_modules), revision)
+
+
+@functools.cache
+def heads(workflow_modules: str = DEFAULT_WORKFLOW_MODULES) -> frozenset[str]:
+    """The revision at the tip of each branch (the engine's and each workflow's), read from the
+    migration folders once per process."""
+    from alembic.script import ScriptDirectory
+
+    return frozenset(ScriptDirectory.from_config(alembic_config("sqlite://", workflow_modules)).get_heads())
+
+
+def missing_heads(conn: Any, workflow_modules: str = DEFAULT_WORKFLOW_MODULES) -> list[str]:
+    """The heads the schema on `conn` (a SQLAlchemy Connection) has not reached, sorted; empty
+    when `orchestrator db upgrade` has nothing left to do. A database never migrated has no
+    `alembic_version` table and misses every head."""
+    from alembic.runtime.migration import MigrationContext
+
+    current = set(MigrationContext.configure(conn).get_current_heads())
+    return sorted(heads(workflow_modules) - current)

@@ -1,7 +1,7 @@
 """Liveness, readiness and metrics.
 
-`/healthz` is liveness: the process answers. `/readyz` is readiness: 200 once the database, the
-broker, the result backend, Redis (REDIS_URL) and Kafka (KAFKA_BROKERS) answer, else 503 naming
+`/healthz` is liveness: the process answers. `/readyz` is readiness: 200 once the database (with
+its schema migrated to every head), the broker, the result backend, Redis (REDIS_URL) and Kafka (KAFKA_BROKERS) answer, else 503 naming
 what is down (`down`), each dependency with its address (password masked) and the error."""
 from __future__ import annotations
 
@@ -23,8 +23,18 @@ STARTED = time.time()
 
 
 def check_database() -> None:
+    """The database answers and its schema is at every head: a database never migrated
+    answers too, but every request that writes would fail on its missing tables."""
+    from orchestrator.migrate import missing_heads
+
     with runtime().db.connect() as conn:
-        conn.execute(text("SELECT 1"))
+        missing = missing_heads(conn, runtime().settings.workflow_modules)
+    if missing:
+        raise SchemaBehind(f"the schema is not at revision {', '.join(missing)}: run `orchestrator db upgrade`")
+
+
+class SchemaBehind(Exception):
+    """The database answers, but its schema lacks migrations this code needs."""
 
 
 def check_broker() -> None:

@@ -111,6 +111,28 @@ def test_readyz_reports_a_dead_broker(env, tmp_path):
         proc.stop()
 
 
+def test_readyz_is_not_ready_until_the_schema_is_migrated(env, tmp_path):
+    """An API started on a database nobody migrated answered ready, then 500 on every start
+    (no such table); readiness now names the database and the command that fixes it."""
+    url = f"sqlite:///{tmp_path}/orchestrator.db"
+    fresh = {**env, "DATABASE_URL": url, "CELERY_BROKER_URL": f"sqla+sqlite:///{tmp_path}/broker.db",
+             "CELERY_RESULT_BACKEND": f"db+sqlite:///{tmp_path}/results.db"}
+    port = free_port()
+    proc = Process("api-unmigrated", ["api", "--port", str(port), "--host", "127.0.0.1", "--workers", "1"], fresh).start()
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz")
+        r = requests.get(f"http://127.0.0.1:{port}/readyz", timeout=15)
+        assert r.status_code == 503 and r.json()["down"] == ["database"], r.text
+        assert "run `orchestrator db upgrade`" in r.json()["dependencies"]["database"]["error"], r.text
+        out = subprocess.run([sys.executable, "-m", "orchestrator.entrypoints.cli", "db", "upgrade"], env=fresh,
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        r = requests.get(f"http://127.0.0.1:{port}/readyz", timeout=15)
+        assert r.status_code == 200 and r.json()["dependencies"]["database"]["status"] == "ok", r.text
+    finally:
+        proc.stop()
+
+
 # One variable of the core settings and one of each workflow's own (media, balance, chat): the
 # workflows' settings are checked at start-up too, not on the first request that reads them.
 @pytest.mark.parametrize("name, value", [("POLL_INTERVAL", "often"), ("API_THREADS", "0"), ("GITLAB_URL", "gitlab"),
