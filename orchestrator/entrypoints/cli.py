@@ -12,7 +12,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from orchestrator.config import Settings, load_settings
@@ -406,9 +406,10 @@ def cmd_dev(args: argparse.Namespace) -> None:
         claims.append(PortClaim("the GitLab emulator", "GITLAB_EMULATOR_PORT", "127.0.0.1", gitlab_port))
     bundled = not settings.kafka_brokers
     others = {c.port for c in claims}  # what a free port picked for the broker must not be
+    broker_claim = PortClaim("the bundled Kafka broker", "--kafka-port (0: any free port) or KAFKA_BROKERS",
+                             "127.0.0.1", args.kafka_port)
     if bundled:
-        claims.append(PortClaim("the bundled Kafka broker", "--kafka-port (0: any free port) or KAFKA_BROKERS",
-                                "127.0.0.1", args.kafka_port))
+        claims.append(broker_claim)
     problems = port_problems(claims)
     if problems:  # before anything started: nothing to stop, nothing half-running
         sys.exit("orchestrator dev: " + "\norchestrator dev: ".join(problems))
@@ -433,7 +434,15 @@ def cmd_dev(args: argparse.Namespace) -> None:
         port = args.kafka_port
         while not port or port in others:
             port = free_port()
-        broker = BundledBroker(port=port).start()
+        # Checked again just before the bind: another `orchestrator dev` started at the same
+        # moment passes the first check too, and the readiness probe would then reach its broker.
+        late = port_problems([replace(broker_claim, port=port)])
+        if late:
+            sys.exit("orchestrator dev: " + late[0])
+        try:
+            broker = BundledBroker(port=port).start()
+        except RuntimeError as exc:
+            sys.exit(f"orchestrator dev: {exc}")
         atexit.register(broker.stop)
         env["KAFKA_BROKERS"] = broker.bootstrap
     if args.kafka_emulators:  # dev always runs the bridge: the services it talks to come with it
