@@ -70,6 +70,18 @@ def heads(workflow_modules: str = DEFAULT_WORKFLOW_MODULES) -> frozenset[str]:
     return frozenset(ScriptDirectory.from_config(alembic_config("sqlite://", workflow_modules)).get_heads())
 
 
+class SchemaBehind(Exception):
+    """The database answers, but its schema lacks migrations this code needs."""
+
+
+def check_schema(conn: Any, workflow_modules: str = DEFAULT_WORKFLOW_MODULES) -> None:
+    """Raise SchemaBehind, naming the missing heads and the command that adds them, unless the
+    schema on `conn` is at every head (`missing_heads`)."""
+    missing = missing_heads(conn, workflow_modules)
+    if missing:
+        raise SchemaBehind(f"the schema is not at revision {', '.join(missing)}: run `orchestrator db upgrade`")
+
+
 def missing_heads(conn: Any, workflow_modules: str = DEFAULT_WORKFLOW_MODULES) -> list[str]:
     """The heads the schema on `conn` (a SQLAlchemy Connection) has not reached, sorted; empty
     when `orchestrator db upgrade` has nothing left to do. A database never migrated has no

@@ -189,6 +189,22 @@ def _probe_database(url: str) -> Callable[[], None]:
     return probe
 
 
+def _probe_schema(settings: Settings) -> Callable[[], None]:
+    def probe() -> None:
+        from sqlalchemy import create_engine
+        from sqlalchemy.pool import NullPool
+
+        from .migrate import check_schema
+
+        db = create_engine(settings.database_url, poolclass=NullPool)
+        try:
+            with db.connect() as conn:
+                check_schema(conn, settings.workflow_modules)
+        finally:
+            db.dispose()
+    return probe
+
+
 def _probe_broker(url: str) -> Callable[[], None]:
     def probe() -> None:
         from kombu import Connection
@@ -210,14 +226,23 @@ def _probe_redis(url: str) -> Callable[[], None]:
     return probe
 
 
-def dependencies(settings: Settings, needs: Iterable[str] = ("database", "broker", "redis")) -> list[Dependency]:
-    """The network services among `needs` that `settings` point at: PostgreSQL (not an SQLite
-    file), RabbitMQ (not the embedded SQLite broker) and Redis (REDIS_URL, or a redis:// result
-    backend). Embedded ones need no waiting and are left out."""
+#: What a long-running process waits for before it starts (`orchestrator db upgrade` waits for
+#: the database only: it is what brings the schema).
+NEEDS = ("database", "schema", "broker", "redis")
+
+
+def dependencies(settings: Settings, needs: Iterable[str] = NEEDS) -> list[Dependency]:
+    """The services among `needs` that `settings` point at: PostgreSQL (not an SQLite file),
+    the database's schema at every migration head ("schema", on SQLite too: a process started
+    before `orchestrator db upgrade` would fail on missing tables), RabbitMQ (not the embedded
+    SQLite broker) and Redis (REDIS_URL, or a redis:// result backend). Embedded services need
+    no waiting and are left out."""
     out: list[Dependency] = []
     wanted = set(needs)
     if "database" in wanted and not settings.is_sqlite:
         out.append(Dependency("database", mask_url(settings.database_url), _probe_database(settings.database_url)))
+    if "schema" in wanted:
+        out.append(Dependency("database schema", mask_url(settings.database_url), _probe_schema(settings)))
     if "broker" in wanted and not settings.broker_url.startswith("sqla+"):
         out.append(Dependency("broker", mask_url(settings.broker_url), _probe_broker(settings.broker_url)))
     if "redis" in wanted:
@@ -228,7 +253,7 @@ def dependencies(settings: Settings, needs: Iterable[str] = ("database", "broker
     return out
 
 
-def wait_for_services(settings: Settings, needs: Iterable[str] = ("database", "broker", "redis"),
+def wait_for_services(settings: Settings, needs: Iterable[str] = NEEDS,
                       stop: threading.Event | None = None) -> bool:
     """Block until every service among `needs` (see `dependencies`) answers, trying each again
     after 0.5, 1, 2, ... (at most WAIT_MAX_BACKOFF) seconds and logging, at WARNING, what it

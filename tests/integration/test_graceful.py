@@ -100,6 +100,31 @@ def test_a_process_waiting_for_the_services_stops_cleanly_on_sigterm(env):
     assert proc.proc.wait(30) == 0, proc.output()[-2000:]
 
 
+def test_a_process_started_before_the_migrations_waits_for_the_schema(env, tmp_path):
+    """A sweeper started on a database nobody migrated logged "no such table" on every pass;
+    it now waits, naming the command that fixes it, and goes on once the schema is there."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    url = f"sqlite:///{tmp_path}/orchestrator.db"
+    fresh = {**env, "DATABASE_URL": url, "CELERY_BROKER_URL": f"sqla+sqlite:///{tmp_path}/broker.db",
+             "CELERY_RESULT_BACKEND": f"db+sqlite:///{tmp_path}/results.db", "LOG_LEVEL": "INFO"}
+    proc = Process("sweeper-unmigrated", ["sweeper"], fresh).start()
+    try:
+        wait_for(lambda: "waiting for the database schema" in proc.output(), timeout=60, what="the wait")
+        assert "run `orchestrator db upgrade`" in proc.output(), proc.output()[-2000:]
+        out = subprocess.run([sys.executable, "-m", "orchestrator.entrypoints.cli", "db", "upgrade"], env=fresh,
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        wait_for(lambda: "the database schema at" in proc.output() and "answers after" in proc.output(),
+                 timeout=60, what="the sweeper to go on")
+        assert proc.proc.poll() is None and "no such table" not in proc.output(), proc.output()[-2000:]
+    finally:
+        proc.stop()
+
+
 def test_startup_wait_seconds_bounds_the_wait(env):
     late, _ = behind_proxies(env)
     proc = Process("sweeper-bounded", ["sweeper"], {**late, "STARTUP_WAIT_SECONDS": "2"}).start()
