@@ -46,12 +46,12 @@ def _use_wal(dbapi_connection: Any) -> None:
     file needs its exclusive lock, and SQLite answers "database is locked" at once, not after
     the busy timeout, while another process holds a lock on it: processes starting together
     on a new file (`make run`) retry for up to the busy timeout (tenacity)."""
+    if dbapi_connection.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
+        return  # every connection after the file's first
     import sqlite3
 
     from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_random_exponential
 
-    if dbapi_connection.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
-        return
     for attempt in Retrying(retry=retry_if_exception(lambda e: isinstance(e, sqlite3.OperationalError)
                                                      and "locked" in str(e)),
                             wait=wait_random_exponential(multiplier=0.01, max=0.5), stop=stop_after_delay(30),

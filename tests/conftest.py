@@ -92,6 +92,14 @@ def fresh_database() -> Iterator[str]:
         admin.dispose()
 
 
+def embedded(directory: Any) -> dict[str, str]:
+    """The variables of `make run`'s embedded defaults with their files in `directory`: SQLite
+    state, kombu's SQLite broker, and the result backend in the state file (as config.py has it)."""
+    url = f"sqlite:///{directory}/orchestrator.db"
+    return {"DATABASE_URL": url, "CELERY_BROKER_URL": f"sqla+sqlite:///{directory}/broker.db",
+            "CELERY_RESULT_BACKEND": f"db+{url}"}
+
+
 @contextmanager
 def engine_on(settings: Any, url: str, **overrides: Any) -> Iterator[Any]:
     """An engine of its own on `url` (no relay: the tests read the outbox instead)."""

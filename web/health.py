@@ -1,8 +1,9 @@
 """Liveness, readiness and metrics.
 
-`/healthz` is liveness: the process answers. `/readyz` is readiness: 200 once the database (with
-its schema migrated to every head), the broker, the result backend, Redis (REDIS_URL) and Kafka (KAFKA_BROKERS) answer, else 503 naming
-what is down (`down`), each dependency with its address (password masked) and the error."""
+`/healthz` is liveness: the process answers. `/readyz` is readiness: 200 once the database (its
+schema migrated to every head), the broker, the result backend, Redis (REDIS_URL) and Kafka
+(KAFKA_BROKERS) answer, else 503 naming what is down (`down`), each dependency with its address
+(password masked) and the error."""
 from __future__ import annotations
 
 import time

@@ -61,8 +61,9 @@ def stop_on_signals() -> threading.Event:
 
 def wait_for_services(settings: Settings, needs: tuple[str, ...] | None = None,
                       stop: threading.Event | None = None) -> None:
-    """Wait (logging what for) until the services this process needs answer; a SIGINT or SIGTERM
-    meanwhile ends the process cleanly (exit 0). See orchestrator.runtime.wait_for_services."""
+    """Wait (logging what for) until the services this process needs answer (default: all of
+    orchestrator.runtime.NEEDS); a SIGINT or SIGTERM meanwhile ends the process cleanly (exit 0).
+    See orchestrator.runtime.wait_for_services."""
     from orchestrator.runtime import NEEDS
     from orchestrator.runtime import wait_for_services as wait
 

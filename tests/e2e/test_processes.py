@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from conftest import Process, ROOT, terminate, wait_for
+from conftest import Process, ROOT, embedded, terminate, wait_for
 from orchestrator.entrypoints.ports import free_port
 
 
@@ -114,9 +114,7 @@ def test_readyz_reports_a_dead_broker(env, tmp_path):
 def test_readyz_is_not_ready_until_the_schema_is_migrated(env, tmp_path):
     """An API started on a database nobody migrated answered ready, then 500 on every start
     (no such table); readiness now names the database and the command that fixes it."""
-    url = f"sqlite:///{tmp_path}/orchestrator.db"
-    fresh = {**env, "DATABASE_URL": url, "CELERY_BROKER_URL": f"sqla+sqlite:///{tmp_path}/broker.db",
-             "CELERY_RESULT_BACKEND": f"db+sqlite:///{tmp_path}/results.db"}
+    fresh = {**env, **embedded(tmp_path)}
     port = free_port()
     proc = Process("api-unmigrated", ["api", "--port", str(port), "--host", "127.0.0.1", "--workers", "1"], fresh).start()
     try:

@@ -17,7 +17,7 @@ import time
 
 from sqlalchemy import create_engine, text
 
-from conftest import ROOT
+from conftest import ROOT, embedded
 
 QUEUES = ("default", "engine", "media")
 
@@ -37,11 +37,6 @@ PROCESS = textwrap.dedent("""
         conn.execute(text("SELECT 1"))
     print("ok")
 """)
-
-
-def embedded(tmp_path) -> dict[str, str]:
-    return {"DATABASE_URL": f"sqlite:///{tmp_path}/state.db", "CELERY_BROKER_URL": f"sqla+sqlite:///{tmp_path}/broker.db",
-            "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
 
 
 def broker_rows(tmp_path) -> tuple[list[str], int, str]:
@@ -75,7 +70,7 @@ def test_a_runtime_built_on_a_new_embedded_broker_creates_its_tables_and_queues(
 
 
 def test_processes_starting_at_once_on_new_embedded_files_all_publish(tmp_path):
-    env = embedded(tmp_path)
+    env = {**embedded(tmp_path), "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
     count = 6
     at = time.time() + 6.0  # after every process has imported what it needs
     procs = [subprocess.Popen([sys.executable, "-c", PROCESS, json.dumps(env), str(at), ",".join(QUEUES)],

@@ -7,7 +7,7 @@ import uuid
 import pytest
 import redis
 
-from conftest import REDIS, Process, engine_on, wait_for
+from conftest import REDIS, Process, embedded, engine_on, wait_for
 from orchestrator.migrate import upgrade
 
 
@@ -68,10 +68,9 @@ def test_a_fanout_branch_that_kills_its_worker_process_fails_alone(client, worke
 def sqlite_processes(env, tmp_path_factory):
     """A worker and a sweeper on the embedded defaults: SQLite state and the kombu SQLite broker."""
     tmp = tmp_path_factory.mktemp("embedded")
-    url = f"sqlite:///{tmp}/orchestrator.db"
+    sqlite_env = {**env, **embedded(tmp)}
+    url = sqlite_env["DATABASE_URL"]
     upgrade(url)
-    sqlite_env = {**env, "DATABASE_URL": url, "CELERY_BROKER_URL": f"sqla+sqlite:///{tmp}/broker.db",
-                  "CELERY_RESULT_BACKEND": f"db+{url}"}
     procs = [Process(f"sqlite-worker{uuid.uuid4().hex[:4]}", ["worker", "--concurrency", "2"], sqlite_env).start(),
              Process("sqlite-sweeper", ["sweeper"], sqlite_env).start()]
     yield url

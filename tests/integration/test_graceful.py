@@ -106,11 +106,9 @@ def test_a_process_started_before_the_migrations_waits_for_the_schema(env, tmp_p
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from conftest import ROOT, embedded
 
-    url = f"sqlite:///{tmp_path}/orchestrator.db"
-    fresh = {**env, "DATABASE_URL": url, "CELERY_BROKER_URL": f"sqla+sqlite:///{tmp_path}/broker.db",
-             "CELERY_RESULT_BACKEND": f"db+sqlite:///{tmp_path}/results.db", "LOG_LEVEL": "INFO"}
+    fresh = {**env, **embedded(tmp_path), "LOG_LEVEL": "INFO"}
     proc = Process("sweeper-unmigrated", ["sweeper"], fresh).start()
     try:
         wait_for(lambda: "waiting for the database schema" in proc.output(), timeout=60, what="the wait")

@@ -17,8 +17,8 @@ import pytest
 import redis
 from sqlalchemy import create_engine, func, select, text
 
-from conftest import (AMQP, REDIS, ROOT, Process, _rabbitmqctl, emulator_stats, engine_on, fresh_database,
-                      wait_for)
+from conftest import (AMQP, REDIS, ROOT, Process, _rabbitmqctl, embedded, emulator_stats, engine_on,
+                      fresh_database, wait_for)
 from orchestrator.migrate import upgrade
 from orchestrator.models import OutboxMessage
 
@@ -62,12 +62,10 @@ def stack(request, env, tmp_path) -> Iterator[dict[str, Any]]:
             "AUDIO_TRANSCRIBER_URL": servers["audio-transcriber"].url}
     try:
         if request.param == "sqlite":
-            url = f"sqlite:///{tmp_path}/state.db"
-            upgrade(url)
-            broker = f"sqla+sqlite:///{tmp_path}/broker.db"
-            yield {"kind": "sqlite", "url": url, "broker": broker, "emulators": servers,
-                   "env": {**env, **urls, "DATABASE_URL": url, "CELERY_BROKER_URL": broker,
-                           "CELERY_RESULT_BACKEND": f"db+sqlite:///{tmp_path}/results.db"}}
+            files = embedded(tmp_path)
+            upgrade(files["DATABASE_URL"])
+            yield {"kind": "sqlite", "url": files["DATABASE_URL"], "broker": files["CELERY_BROKER_URL"],
+                   "emulators": servers, "env": {**env, **urls, **files}}
         else:
             with fresh_database() as url, vhost() as broker:
                 yield {"kind": "postgresql", "url": url, "broker": broker, "emulators": servers,

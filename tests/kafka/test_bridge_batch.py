@@ -171,16 +171,15 @@ def test_the_relay_keeps_the_outbox_drained_under_a_burst(krt, kenv, own_broker)
 @pytest.fixture(params=["postgresql", "sqlite"])
 def store(request, kenv, own_broker, tmp_path):
     """(database URL, bridge environment) on one configuration, with a Kafka broker of its own."""
-    from conftest import fresh_database
+    from conftest import embedded, fresh_database
 
     from orchestrator.migrate import upgrade
 
     kenv, kafka = on_own_broker(kenv, own_broker)
     if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path}/state.db"
-        upgrade(url)
-        yield url, {**kenv, "DATABASE_URL": url, "CELERY_BROKER_URL": f"sqla+sqlite:///{tmp_path}/broker.db",
-                    "CELERY_RESULT_BACKEND": f"db+sqlite:///{tmp_path}/results.db"}, kafka
+        files = embedded(tmp_path)
+        upgrade(files["DATABASE_URL"])
+        yield files["DATABASE_URL"], {**kenv, **files}, kafka
     else:
         with fresh_database() as url:
             yield url, {**kenv, "DATABASE_URL": url}, kafka
