@@ -87,6 +87,22 @@ class UpstreamError(OrchestratorError):
         return self.upstream_status is None or self.upstream_status >= 500
 
 
+class Unavailable(OrchestratorError):
+    """A service a request needs did not answer, or the database's schema is behind the code:
+    503 with `Retry-After` (seconds). `dependency` names it as `/readyz` does ("database"); the
+    message says where it was looked for (password masked) and why. The request's own
+    transaction did not commit."""
+
+    status = 503
+    code = "unavailable"
+    RETRY_AFTER_SECONDS = 5
+
+    def __init__(self, dependency: str, address: str, reason: str) -> None:
+        super().__init__(f"the {dependency} at {address} is unavailable: {reason}", dependency=dependency)
+        self.dependency = dependency
+        self.headers = {"Retry-After": str(self.RETRY_AFTER_SECONDS)}
+
+
 class ConfigError(OrchestratorError):
     """A configuration variable is missing or malformed; raised at start-up."""
 

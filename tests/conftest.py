@@ -72,8 +72,8 @@ def drained(broker_url: str, *queues: str) -> bool:
 
 
 @contextmanager
-def fresh_database() -> Iterator[str]:
-    """A new PostgreSQL database at the schema's head, dropped afterwards."""
+def fresh_database(migrated: bool = True) -> Iterator[str]:
+    """A new PostgreSQL database at the schema's head (empty unless `migrated`), dropped afterwards."""
     from sqlalchemy import text
 
     from orchestrator.migrate import upgrade
@@ -84,7 +84,8 @@ def fresh_database() -> Iterator[str]:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     url = PG_ADMIN.rsplit("/", 1)[0] + "/" + name
     try:
-        upgrade(url)
+        if migrated:
+            upgrade(url)
         yield url
     finally:
         with admin.connect() as conn:

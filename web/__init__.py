@@ -8,12 +8,14 @@ from typing import Any, TypeVar
 from flask import Flask, current_app, g, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 from gunicorn.http.errors import ParseException
+from sqlalchemy.exc import DBAPIError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from orchestrator import logs, tracing
 from orchestrator import runtime as runtime_module
-from orchestrator.errors import InvalidInput, OrchestratorError
+from orchestrator.errors import InvalidInput, OrchestratorError, Unavailable
 from orchestrator.jsonutil import check_storable, why_not_json
+from orchestrator.logs import mask_url
 from orchestrator.metrics import HTTP_LATENCY, HTTP_REQUESTS
 from orchestrator.schemas import parse
 
@@ -64,6 +66,19 @@ def create_app(runtime: runtime_module.Runtime | None = None) -> Flask:
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException) -> Any:
         return jsonify({"error": exc.name.lower().replace(" ", "_"), "message": exc.description}), exc.code
+
+    # A database that does not answer (unreachable, its schema not migrated, its connection lost,
+    # SQLite's lock held past the busy timeout) is a 503 the client may retry, not a 500. The API
+    # reaches the broker and Redis only after a commit, and leaves a failure there to the sweeper
+    # or the sockets' catch-up.
+    @app.errorhandler(DBAPIError)
+    def _database(exc: DBAPIError) -> Any:
+        gone = exc.connection_invalidated or "database is locked" in str(exc.orig)
+        why = health.database_down() or (health.first_line(exc) if gone else None)
+        if why is None:  # the database answers and its schema is current: a fault of ours
+            return _unexpected(exc)
+        log.warning("answering 503, the database is unavailable: %s", why)
+        return _known(Unavailable("database", mask_url(rt.settings.database_url), why))
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Any:

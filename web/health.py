@@ -32,6 +32,22 @@ def check_database() -> None:
         check_schema(conn, runtime().settings.workflow_modules)
 
 
+def database_down() -> str | None:
+    """Why the database cannot serve requests now (unreachable, or its schema behind: the
+    first line of the error, passwords masked), or None when `check_database` passes."""
+    try:
+        check_database()
+    except Exception as exc:  # the answer is the reason itself
+        return first_line(exc)
+    return None
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's text, passwords masked, at most 300 characters: SQLAlchemy
+    adds the statement and a link on further lines."""
+    return redact(str(exc)).strip().split("\n", 1)[0][:300]
+
+
 def check_broker() -> None:
     with runtime().celery.connection_for_write() as conn:
         conn.ensure_connection(max_retries=1, timeout=2)

@@ -44,6 +44,8 @@ def doc(ok: Any = None, *, status: int = 200, also: dict[int, Any] | None = None
     codes.update({f"HTTP_{code}": model for code, model in (also or {}).items()})
     if json is not None:  # every JSON body may be too large or of another media type
         errors = (*errors, *(code for code in (413, 415) if code not in errors))
+    if errors and 503 not in errors:  # a route that may fail may also find a dependency down
+        errors = (*errors, 503)
     codes.update({f"HTTP_{code}": ErrorBody for code in errors})
     plain = [code for code, model in codes.items() if model is None]
     resp = Response(*plain, **{code: model for code, model in codes.items() if model is not None})

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from conftest import Process, ROOT, embedded, terminate, wait_for
+from conftest import Process, ROOT, embedded, fresh_database, terminate, wait_for
 from orchestrator.entrypoints.ports import free_port
 
 
@@ -111,22 +111,62 @@ def test_readyz_reports_a_dead_broker(env, tmp_path):
         proc.stop()
 
 
-def test_readyz_is_not_ready_until_the_schema_is_migrated(env, tmp_path):
+@pytest.fixture(params=["sqlite", "postgresql"])
+def unmigrated(request, env, tmp_path):
+    """The environment of an API on a database nobody has migrated: the embedded default's new
+    state file, or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        yield {**env, **embedded(tmp_path)}
+        return
+    with fresh_database(migrated=False) as url:
+        yield {**env, "DATABASE_URL": url}
+
+
+def test_an_unmigrated_database_is_not_ready_and_answers_503_until_it_is_migrated(unmigrated):
     """An API started on a database nobody migrated answered ready, then 500 on every start
-    (no such table); readiness now names the database and the command that fixes it."""
-    fresh = {**env, **embedded(tmp_path)}
+    (no such table, relation does not exist). Readiness and every request now name the
+    database and the command that fixes it, with a 503 the client may retry."""
     port = free_port()
-    proc = Process("api-unmigrated", ["api", "--port", str(port), "--host", "127.0.0.1", "--workers", "1"], fresh).start()
+    base = f"http://127.0.0.1:{port}"
+    proc = Process("api-unmigrated", ["api", "--port", str(port), "--host", "127.0.0.1", "--workers", "1"],
+                   unmigrated).start()
+    start = {"input": {"youtube_url": f"https://youtu.be/u{uuid.uuid4().hex[:8]}"}}
     try:
-        wait_http(f"http://127.0.0.1:{port}/healthz")
-        r = requests.get(f"http://127.0.0.1:{port}/readyz", timeout=15)
+        wait_http(f"{base}/healthz")
+        r = requests.get(f"{base}/readyz", timeout=15)
         assert r.status_code == 503 and r.json()["down"] == ["database"], r.text
         assert "run `orchestrator db upgrade`" in r.json()["dependencies"]["database"]["error"], r.text
-        out = subprocess.run([sys.executable, "-m", "orchestrator.entrypoints.cli", "db", "upgrade"], env=fresh,
+        for method, path, body in (("POST", "/saga/media", start), ("GET", "/sagas", None), ("GET", "/jobs", None)):
+            r = requests.request(method, base + path, json=body, timeout=15)
+            assert r.status_code == 503, (path, r.text)
+            assert r.json()["error"] == "unavailable" and r.json()["dependency"] == "database", r.text
+            assert "run `orchestrator db upgrade`" in r.json()["message"] and r.headers["Retry-After"] == "5", r.text
+        out = subprocess.run([sys.executable, "-m", "orchestrator.entrypoints.cli", "db", "upgrade"], env=unmigrated,
                              cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
-        r = requests.get(f"http://127.0.0.1:{port}/readyz", timeout=15)
+        r = requests.get(f"{base}/readyz", timeout=15)
         assert r.status_code == 200 and r.json()["dependencies"]["database"]["status"] == "ok", r.text
+        r = requests.post(f"{base}/saga/media", json=start, timeout=15)
+        assert r.status_code == 201, r.text
+        assert requests.get(f"{base}/sagas", timeout=15).json()["total"] == 1  # the refused start left nothing
+    finally:
+        proc.stop()
+    assert "Traceback" not in proc.log.read_text(), proc.log.read_text()[-3000:]
+
+
+def test_an_unreachable_database_answers_503_naming_it(env):
+    """PostgreSQL down: a start answers 503 naming the database and where it was looked for,
+    not a 500 that says to read the server's log."""
+    port, nobody = free_port(), free_port()
+    down = {**env, "DATABASE_URL": f"postgresql+psycopg2://orchestrator:secret@127.0.0.1:{nobody}/orchestrator"}
+    proc = Process("api-no-database", ["api", "--port", str(port), "--host", "127.0.0.1", "--workers", "1"],
+                   down).start()
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz")
+        r = requests.post(f"http://127.0.0.1:{port}/pipeline", json={"youtube_url": "https://youtu.be/unreachable"},
+                          timeout=30)
+        assert r.status_code == 503 and r.json()["dependency"] == "database", r.text
+        assert f"127.0.0.1:{nobody}" in r.json()["message"] and "secret" not in r.text, r.text
     finally:
         proc.stop()
 
