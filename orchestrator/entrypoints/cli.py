@@ -376,6 +376,27 @@ def cmd_dev(args: argparse.Namespace) -> None:
 
     Before starting anything it checks every port it will listen on (exits 1 naming the port and
     what moves it); a child that dies is restarted with a backoff (DEV_RESTARTS)."""
+    # Ctrl-C from the first moment on stops dev, not a traceback in it or in a set-up step
+    # (each runs in a session of its own, out of the terminal's reach, and is waited for).
+    stopping = threading.Event()
+
+    def stop(*_: Any) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+    def unless_stopped(done: str) -> None:
+        if stopping.is_set():
+            print(f"orchestrator dev: stopped during start-up ({done})", flush=True)
+            sys.exit(0)
+
+    def set_up(what: str, cmd: list[str]) -> None:
+        code = subprocess.run(cmd, env=env, start_new_session=True).returncode
+        if code != 0:
+            sys.exit(f"orchestrator dev: {what} failed ({_exit_text(code)}); nothing else was started")
+        unless_stopped(f"{what} done")
+
     os.environ.setdefault("LOG_FORMAT", "text")  # a terminal, unless told otherwise
     settings = _settings()
     _logging(settings)
@@ -420,7 +441,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
     # The balance saga: a demo project in the local git backend, the GitLab emulator (used when
     # GITLAB_URL points at it) and the emulated calculation worker.
     # Run as a process of its own: nothing in the product imports the emulators.
-    subprocess.run([sys.executable, "-m", "emulators.demo", "--repos-dir", balance.git_repos_dir], env=env, check=True)
+    set_up("creating the demo project", [sys.executable, "-m", "emulators.demo", "--repos-dir", balance.git_repos_dir])
     if gitlab:
         children.append(("gitlab", [sys.executable, "-m", "emulators.gitlab", "--port", str(gitlab_port),
                                     "--data", "data/gitlab", "--demo"]))
@@ -447,6 +468,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
         except RuntimeError as exc:
             sys.exit(f"orchestrator dev: {exc}")
         atexit.register(broker.stop)
+        unless_stopped("the bundled Kafka broker started")
         env["KAFKA_BROKERS"] = broker.bootstrap
     if args.kafka_emulators:  # dev always runs the bridge: the services it talks to come with it
         children.append(("kafka-emulators", [sys.executable, "-m", "emulators.kafka_services",
@@ -461,23 +483,17 @@ def cmd_dev(args: argparse.Namespace) -> None:
         ("sweeper", py + ["sweeper"]),
         ("flower", py + ["flower", "--port", str(args.flower_port)]),
     ]
-    subprocess.run(py + ["db", "upgrade"], env=env, check=True)
+    set_up("orchestrator db upgrade", py + ["db", "upgrade"])
     commands = dict(children)
     procs: dict[str, subprocess.Popen[bytes]] = {}
     started: dict[str, float] = {}
     restarts = {name: 0 for name in commands}
     due: dict[str, float] = {}  # children waiting out their backoff before a restart
-    stopping = threading.Event()
-
-    def stop(*_: Any) -> None:
-        stopping.set()
 
     def start(name: str) -> None:
         procs[name] = subprocess.Popen(commands[name], env=env, start_new_session=True)
         started[name] = time.monotonic()
 
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
     for name in commands:
         start(name)
 
@@ -607,6 +623,8 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
     except ConfigError as exc:  # a bad variable: one line naming it, not a traceback
         sys.exit(f"configuration error: {exc.message}")
+    except KeyboardInterrupt:  # Ctrl-C before a command set its own handler: stop, no traceback
+        sys.exit(130)
 
 
 if __name__ == "__main__":

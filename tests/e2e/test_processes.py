@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -189,6 +190,43 @@ def test_every_process_refuses_a_bad_variable_in_one_line(env, command):
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "configuration error: LOG_LEVEL:" in out.stderr
     assert "Traceback" not in out.stderr, out.stderr
+
+
+def test_ctrl_c_during_dev_start_up_stops_everything_without_a_traceback(tmp_path):
+    """Ctrl-C (SIGINT to dev's process group, as a terminal sends it) while a set-up step runs
+    (the demo project, `db upgrade`) printed the KeyboardInterrupt tracebacks of dev and of the
+    step. Now the step finishes, dev says it stopped, exits 0 and leaves no process behind."""
+    import psutil
+
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("CELERY_", "DATABASE_", "POSTGRES_", "REDIS_", "VIDEO_", "AUDIO_"))}
+    port = free_port()
+    env.update(PORT=str(port), HOST="127.0.0.1", LOG_LEVEL="WARNING", PYTHONPATH=str(ROOT),
+               GITLAB_EMULATOR_PORT=str(free_port()))
+    log = tmp_path / "dev.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.entrypoints.cli", "dev", "--flower-port",
+                                 str(free_port()), "--emulator-port", str(free_port_run(3)), "--kafka-port", "0"],
+                                cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    dev = psutil.Process(proc.pid)
+
+    def setting_up() -> bool:
+        steps = [" ".join(c.cmdline()) for c in dev.children()]
+        return any("emulators.demo" in c or c.endswith("db upgrade") for c in steps)
+
+    try:
+        wait_for(setting_up, timeout=60, interval=0.01, what="a set-up step of dev")
+        seen = dev.children(recursive=True)  # the step, and the bundled broker once it runs
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(60) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            terminate(proc)
+    text = log.read_text()
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
+    assert "orchestrator dev: stopped during start-up" in text, text[-3000:]
+    left = [p for p in seen if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not left, [p.cmdline() for p in left]
 
 
 def test_dev_runs_everything_on_embedded_defaults(tmp_path):
