@@ -51,6 +51,10 @@ def iso(value: datetime | None) -> str | None:
     return utc_iso(value, "seconds")
 
 
+#: The largest finite double, as an integer: the bound of a JSON number every reader can hold.
+_LARGEST_DOUBLE = int(sys.float_info.max)
+
+
 def unstorable(value: Any, path: str = "") -> tuple[str, str] | None:
     """Where decoded JSON holds a value that a database cannot store, and why; None if it holds none.
 
@@ -58,7 +62,9 @@ def unstorable(value: Any, path: str = "") -> tuple[str, str] | None:
     (`"\\ud800"`, which JSON parsers accept) cannot be encoded as UTF-8 at all. Python's parser
     also accepts `NaN`, `Infinity` and `-Infinity` (and turns `1e999` into infinity), which are
     not JSON: PostgreSQL's json refuses them, and SQLite stores them where json_extract then fails
-    on every later read. Every string, number and object key is checked, depth first; the answer
+    on every later read. An integer written out to hundreds of digits parses too, but no reader
+    that takes JSON numbers as doubles (SQLite's json_extract, JavaScript, the calculation
+    workers) can hold it: refused like `1e999`. Every string, number and object key is checked, depth first; the answer
     is the first one's dotted path, list indexes included as pydantic names them (`input.note`,
     `items.2.name`, a key as `input.<key>` with the key JSON-escaped), and the problem.
     `path` is the name of `value` itself ("" for a request body: its fields are named bare).
@@ -72,6 +78,8 @@ def unstorable(value: Any, path: str = "") -> tuple[str, str] | None:
                 return where or "body", problem
         elif isinstance(item, float) and not math.isfinite(item):
             return where or "body", "is not a finite number (NaN and Infinity are not JSON)"
+        elif isinstance(item, int) and not -_LARGEST_DOUBLE <= item <= _LARGEST_DOUBLE:
+            return where or "body", "is not a finite number (an integer beyond a double's range, about 1.8e308)"
         elif isinstance(item, dict):
             children = []
             for key, child in item.items():

@@ -70,6 +70,8 @@ def completed_route(kclient, kafka, route_id):
     # numbers that are not JSON (Python's parser takes them, the database does not): named at once
     ("route.confirmed", b'{"route_id": "r-nan", "mode": "walking", "distance_km": NaN}',
      "distance_km: is not a finite number"),
+    ("route.confirmed", b'{"route_id": "r-big", "mode": "walking", "city": %s}' % (b"9" * 400),
+     "city: is not a finite number"),
     ("worker.status", ('{"worker_id": "%s", "status": "running", "process_pid": 1e999}' % uuid.UUID(int=9)).encode(),
      "process_pid: is not a finite number"),
     ("init_scenario", ('{"scenario_uuid": "%s", "camera_url": "rtsp://c/1", "meta": {"fps": [25, -Infinity]}}'
