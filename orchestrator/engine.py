@@ -963,6 +963,26 @@ class Engine:
         ctx = self._step_context(s.instance_id, s.step, s.attempt, None, [row[1:] for row in rows])
         return ctx if ctx is not None and ctx.dispatch == s.dispatch else None
 
+    def running_locally(self, instance_id: str) -> tuple[str, int] | None:
+        """(step, attempt) of the instance's step that a local continuation claimed and has not
+        reported: the newest row on the LOCAL channel, marked sent (claimed), whose attempt is
+        still active. None when no such step runs (an unclaimed row is left to the sweeper).
+        The delivery a local run went on in is the only one that knows of it: when that
+        delivery's worker is lost (`steps.report_lost_worker`) or the broker gives the message
+        back (`execute_step`, redelivered), this names the step that died with it."""
+        o = OUTBOX.c
+        with self.reads.connect() as conn:
+            row = conn.execute(select(o.payload).where(o.instance_id == instance_id, o.channel == LOCAL,
+                                                       o.sent_at.is_not(None))
+                               .order_by(o.id.desc()).limit(1)).first()
+            if row is None:
+                return None
+            _, (_, step, attempt) = row[0]["task"]
+            active = conn.execute(select(RUNS.c.id).where(
+                RUNS.c.instance_id == instance_id, RUNS.c.name == step, RUNS.c.attempt == attempt,
+                RUNS.c.status.in_(ACTIVE))).first()
+        return (step, attempt) if active is not None else None
+
     def _step_context(self, instance_id: str, step: str, attempt: int, branch: int | None,
                       rows: Any) -> StepContext | None:
         """The StepContext from the claim's rows (instance columns, then step row columns)."""

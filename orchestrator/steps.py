@@ -134,6 +134,20 @@ class Continuation:
             log.info("step %s (attempt %d, run locally): %s", s.step, s.attempt, outcome)
 
 
+def _fail_over(engine: Any, instance_id: str, step: str) -> str:
+    """A delivery the broker gave back (its worker died, whole) whose own step is done: the step
+    it went on to run locally, if one is claimed and unreported, died with that worker. Report
+    it as a failed attempt (retried by its policy) rather than leave it to its lease."""
+    local = engine.running_locally(instance_id)
+    if local is None:
+        return "skipped: stale or duplicate delivery"
+    lost, attempt = local
+    error = f"its worker was lost while running it locally, in the delivery of step {step} (given back by the broker)"
+    log.warning("step %s of %s (attempt %s): %s", lost, instance_id, attempt, error)
+    engine.step_failed(instance_id, lost, attempt, error, True)
+    return f"skipped: step {step} is done; step {lost} (attempt {attempt}) it ran locally failed with its worker"
+
+
 def local_step_tasks(app: Any) -> dict[str, StepFunction]:
     """{name: step function} of the step tasks this worker process would receive itself: those
     routed (task options, then `task_routes`) to a queue its consumer reads."""
@@ -169,6 +183,8 @@ def execute_step(engine: Any, name: str, fn: StepFunction, instance_id: str, ste
         if ctx is not None and not engine.take_claim(ctx, name, redelivered):
             ctx = None
     if ctx is None:
+        if redelivered and successor is None:
+            return _fail_over(engine, instance_id, step)
         return "skipped: stale or duplicate delivery"
     if ctx.basis is not None:
         tracing.annotate(tracing.workflow_attributes(instance_id, ctx.basis[0].get("type"),
@@ -257,18 +273,25 @@ def report_lost_worker(sender: Any = None, exception: BaseException | None = Non
                        args: tuple[Any, ...] | list[Any] | None = None, **_: Any) -> None:
     """In a worker's main process: a step or compensation task whose pool process died is a failed
     attempt of that step (retryable), so a task that kills its process runs at most as often as the
-    step's retry policy allows instead of being delivered again for ever."""
+    step's retry policy allows instead of being delivered again for ever. When the delivery's own
+    step is done and the process died in a successor it ran locally (`Engine.running_locally`),
+    that successor's attempt is the one failed: it would otherwise wait out its lease."""
     kind = getattr(sender, "reports_to", None)
     if kind is None or not isinstance(exception, WorkerLostError) or not args:
         return
     instance_id, step, attempt, *rest = args
     error = f"worker process lost while running the task: {exception}"
     with logs.context(workflow_id=instance_id):
-        log.warning("%s %s of %s (attempt %s): %s", kind, step, instance_id, attempt, error)
         try:
             engine = runtime.current().engine
+            branch = rest[0] if rest else None
+            local = engine.running_locally(instance_id) if kind == "step" else None
+            if local is not None and local != (step, attempt):  # it died in a successor it ran
+                error = f"worker process lost while running it locally, in the delivery of step {step}: {exception}"
+                (step, attempt), branch = local, None
+            log.warning("%s %s of %s (attempt %s): %s", kind, step, instance_id, attempt, error)
             if kind == "step":
-                engine.step_failed(instance_id, step, attempt, error, True, rest[0] if rest else None)
+                engine.step_failed(instance_id, step, attempt, error, True, branch)
             else:
                 engine.compensation_failed(instance_id, step, attempt, error, True)
         except Exception:  # the lease delivers the step again when nobody reports it

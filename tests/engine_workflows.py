@@ -310,7 +310,8 @@ class Hops(Workflow):
     a worker started with `--queues hops-far` reads). Each step counts its effect and records the
     Celery delivery (task id, worker) it ran under, so a test sees which ran locally.
     `input.die_after` names a step whose worker is SIGKILLed, whole, right after that step's
-    report commits (once per instance)."""
+    report commits (once per instance). `input.die_in` names a step during whose first run its
+    pool process (`input.die_how` "process") or its whole worker ("worker") is SIGKILLed."""
 
     type = "hops"
     start_event = "start"
@@ -327,7 +328,7 @@ class Hops(Workflow):
     nexted = next.to(far)
     fared = far.to(done)
 
-    steps = {near: Step("hops.step", name="near"), next: Step("hops.step", name="next"),
+    steps = {near: Step("hops.step", name="near"), next: Step("hops.step", name="next", retry=FAST),
              far: Step("hops.far", name="far")}
 
 
@@ -337,7 +338,14 @@ HOP_EVENTS = {"near": "neared", "next": "nexted", "far": "fared"}
 def _hop(ctx: StepContext) -> Done:
     from celery import current_task
 
-    if count(ctx.instance_id, ctx.step) == 1 and ctx.input.get("die_after") == ctx.step:
+    first = count(ctx.instance_id, ctx.step) == 1
+    if first and ctx.input.get("die_in") == ctx.step:
+        import signal
+
+        if ctx.input.get("die_how") == "worker":
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
+    if first and ctx.input.get("die_after") == ctx.step:
         import signal
 
         from sqlalchemy import event

@@ -143,3 +143,33 @@ def test_local_continuation_steps_0_sends_every_step_through_the_broker(client, 
     out = _outputs(saga)
     assert len({out["near"]["delivery"], out["next"]["delivery"], out["far"]["delivery"]}) == 3, out
     assert _effects(instance_id) == {"near": 1, "next": 1, "far": 1}
+
+
+@pytest.mark.parametrize("how", ["process", "worker"])
+def test_a_local_successor_that_dies_with_its_worker_is_a_failed_attempt_retried_at_once(
+        client, rt, env, sweeper, far_worker, how):
+    """`next` runs locally in the delivery of `near`, and its pool process (or its whole worker)
+    is SIGKILLed during its run. The worker's main process (or the broker, giving the delivery
+    of `near` back to another worker) reported `near`, which was done, so `next` waited out its
+    lease (STEP_LEASE_SECONDS, 600 s by default). Now `next` is named: its attempt fails and is
+    retried by its policy."""
+    victim = start_worker(env, rt, f"lost{uuid.uuid4().hex[:6]}", concurrency=1)
+    rescuer = None
+    try:
+        instance_id = client.post("/saga", json={"type": "hops", "input": {"die_in": "next", "die_how": how}}).json["id"]
+        if how == "worker":
+            assert victim.proc is not None
+            victim.proc.wait(60)
+            rescuer = start_worker(env, rt, f"rescuer{uuid.uuid4().hex[:6]}", concurrency=2)
+        saga = _done(client, instance_id)
+    finally:
+        victim.kill()
+        if rescuer is not None:
+            rescuer.stop()
+    steps = {s["name"]: s for s in saga["steps"]}
+    assert steps["next"]["attempt"] == 2 and steps["next"]["failures"] == 1, steps["next"]
+    reporter = victim if how == "process" else rescuer  # the main process, or the one given it back
+    assert reporter is not None
+    assert f"step next of {instance_id} (attempt 1): " in reporter.log.read_text(), reporter.log.read_text()[-3000:]
+    assert _effects(instance_id) == {"near": 1, "next": 2, "far": 1}
+    assert [h["event"] for h in saga["history"]].count("nexted") == 1, saga["history"]
