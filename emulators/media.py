@@ -10,22 +10,27 @@ Besides the service contract, every app exposes a small control surface under
 connections, hangs, jobs that never finish or fail) and inspect what the
 orchestrator actually did (submits, polls, result fetches).
 
-Run all three at once with ``python -m emulators.media``.
+Run all three at once with ``python -m emulators.media``; with ``--data DIR`` every
+service keeps its jobs in ``DIR/<service>.sqlite3``, so a restarted emulator (even after
+kill -9) still serves them, and a job that was running completes at its original time.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import re
 import secrets
 import signal
 import socket
+import sqlite3
 import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -80,9 +85,12 @@ class _JobPlan:
 
 @dataclass
 class _Job:
+    """One submitted job. Its fields up to ``result`` are what a store keeps; the counters
+    count this process's requests only (like ``submits`` in ``/_emulator/stats``)."""
+
     job_id: str
     idempotency_key: str | None
-    created: float  # time.monotonic() at submit
+    created: float  # wall clock (time.time()) at submit, so it still holds after a restart
     seconds: float
     never_finish: bool
     fail: str | None
@@ -92,7 +100,7 @@ class _Job:
 
     def state(self) -> tuple[str, float]:
         """Status and progress, derived from elapsed time so no worker thread is needed."""
-        elapsed = time.monotonic() - self.created
+        elapsed = time.time() - self.created
         fraction = 1.0 if self.seconds <= 0 else min(1.0, max(0.0, elapsed / self.seconds))
         if self.never_finish:
             return "processing", round(min(fraction * 100.0, NEVER_FINISH_CAP), 2)
@@ -106,15 +114,64 @@ class _Job:
         return {"job_id": self.job_id, "status": status, "progress": progress, "error": error}
 
 
-class _State:
-    """All mutable state of one emulated service; guarded by ``lock``."""
+class _JobStore:
+    """The jobs of one service in an SQLite file, one row per job, written once at submit.
 
-    def __init__(self, service: str, job_seconds: float) -> None:
+    Each write is one transaction, so a process killed at any moment leaves a readable file
+    holding every job whose submit was answered. A result is stored as bytes: a download as
+    is, a transcription (``json_results``) as its JSON text."""
+
+    def __init__(self, path: Path, *, json_results: bool) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.json_results = json_results
+        # Autocommit; callers serialise access under _State.lock.
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS jobs (job_id TEXT PRIMARY KEY, idempotency_key TEXT,"
+            " created REAL NOT NULL, seconds REAL NOT NULL, never_finish INTEGER NOT NULL,"
+            " fail TEXT, result BLOB NOT NULL)"
+        )
+
+    def load(self) -> list[_Job]:
+        """Every stored job, in submit order."""
+        rows = self.db.execute(
+            "SELECT job_id, idempotency_key, created, seconds, never_finish, fail, result"
+            " FROM jobs ORDER BY rowid"
+        )
+        return [
+            _Job(job_id, key, created, seconds, bool(never_finish), fail,
+                 json.loads(result) if self.json_results else bytes(result))
+            for job_id, key, created, seconds, never_finish, fail, result in rows
+        ]
+
+    def add(self, job: _Job) -> None:
+        result = json.dumps(job.result).encode() if self.json_results else job.result
+        self.db.execute(
+            "INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (job.job_id, job.idempotency_key, job.created, job.seconds, job.never_finish, job.fail, result),
+        )
+
+    def clear(self) -> None:
+        self.db.execute("DELETE FROM jobs")
+
+
+class _State:
+    """All mutable state of one emulated service; guarded by ``lock``.
+
+    ``store``, when given, keeps the jobs across restarts; fault plans, latency and the
+    counters are this process's only."""
+
+    def __init__(self, service: str, job_seconds: float, store: _JobStore | None = None) -> None:
         self.lock = threading.Lock()
         self.service = service
         self.job_seconds = job_seconds
+        self.store = store
         self.jobs: dict[str, _Job] = {}
         self.by_key: dict[str, str] = {}
+        for job in store.load() if store is not None else []:
+            self.jobs[job.job_id] = job
+            if job.idempotency_key is not None:
+                self.by_key[job.idempotency_key] = job.job_id
         self.faults: list[_Fault] = []
         self.plan = _JobPlan()
         self.submits = 0
@@ -137,6 +194,8 @@ class _State:
             pending = sum(1 for job in self.jobs.values() if job.state()[0] in ("queued", "processing"))
             self.jobs.clear()
             self.by_key.clear()
+            if self.store is not None:
+                self.store.clear()
         return dropped, pending
 
 
@@ -235,16 +294,22 @@ def create_app(
     job_seconds: float = 1.0,
     latency: float = 0.0,
     hang_seconds: float = 30.0,
+    data_dir: str | Path | None = None,
 ) -> Flask:
     """Build the Flask app emulating ``service`` (one of ``SERVICES``).
 
     ``job_seconds``: time from submit to completion; ``latency``: delay before
-    every service answer; ``hang_seconds``: how long an injected "hang" stalls.
+    every service answer; ``hang_seconds``: how long an injected "hang" stalls;
+    ``data_dir``: where the jobs are kept (``<data_dir>/<service>.sqlite3``, created if
+    missing, jobs found there are served again); None keeps them in memory only.
     """
     if service not in SERVICES:
         raise ValueError(f"unknown service {service!r}; expected one of {SERVICES}")
     app = Flask(f"emulators.media[{service}]")
-    state = _State(service, job_seconds)
+    store = None
+    if data_dir is not None:
+        store = _JobStore(Path(data_dir) / f"{service}.sqlite3", json_results=service == "audio-transcriber")
+    state = _State(service, job_seconds, store)
     app.extensions["media_emulator"] = state
 
     @app.before_request
@@ -297,9 +362,10 @@ def create_app(
                     job_id = f"{stem}_{secrets.token_hex(4)}"
             plan = state.plan
             seconds = plan.job_seconds if plan.job_seconds is not None else state.job_seconds
-            state.jobs[job_id] = _Job(
-                job_id, key, time.monotonic(), seconds, plan.never_finish, plan.fail, result
-            )
+            job = _Job(job_id, key, time.time(), seconds, plan.never_finish, plan.fail, result)
+            if state.store is not None:
+                state.store.add(job)  # before the answer: a job the client learnt of is kept
+            state.jobs[job_id] = job
             if key is not None:
                 state.by_key[key] = job_id
             state.submits += 1
@@ -556,6 +622,12 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated ports for " + ", ".join(SERVICES) + " (0 picks a free port)",
     )
     parser.add_argument("--log-requests", action="store_true")
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="directory keeping every service's jobs across restarts (<service>.sqlite3); "
+        "default: in memory only",
+    )
     args = parser.parse_args(argv)
 
     stop = threading.Event()
@@ -571,6 +643,7 @@ def main(argv: list[str] | None = None) -> int:
                 job_seconds=args.job_seconds,
                 latency=args.latency,
                 hang_seconds=args.hang_seconds,
+                data_dir=args.data,
             )
             try:
                 servers.append(server.start())

@@ -415,8 +415,10 @@ def cmd_dev(args: argparse.Namespace) -> None:
         for name, port in ports.items():
             env[name] = f"http://127.0.0.1:{port}"
             claims.append(PortClaim(f"the media emulator for {name}", "--emulator-port", "127.0.0.1", port))
+        # Jobs in data/media outlive a restart of dev, as a real service's do: steps still polling them go on.
         children.append(("emulators", [sys.executable, "-m", "emulators.media", "--host", "127.0.0.1",
-                                       "--ports", ",".join(str(p) for p in ports.values())]))
+                                       "--ports", ",".join(str(p) for p in ports.values()),
+                                       "--data", "data/media"]))
     raw_gitlab_port = os.environ.get("GITLAB_EMULATOR_PORT") or "8010"
     if not raw_gitlab_port.isdigit():
         sys.exit(f"configuration error: GITLAB_EMULATOR_PORT: expected a port number, got {raw_gitlab_port!r}")

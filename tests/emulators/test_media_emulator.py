@@ -345,3 +345,80 @@ def test_effect_ledger_counts_one_job_per_stage_and_a_second_one_as_duplicated(
     assert summary(str(ledger))["media_submit"] == {"effects": 2, "keys": 2, "duplicated": 0, "examples": {}}
     client.post("/jobs", json={"url": URL}, headers={"Idempotency-Key": "wf1:download:1"})  # a new job, same stage
     assert summary(str(ledger))["media_submit"]["duplicated"] == 1
+
+
+RESULT_PATHS = {"video-downloader": "download", "audio-normalization": "download",
+                "audio-transcriber": "transcription"}
+
+
+def start_emulators(data: Path) -> tuple[subprocess.Popen[str], dict[str, str]]:
+    """`python -m emulators.media --data <data>` on free ports; jobs take no time unless a plan says so."""
+    from orchestrator.entrypoints.ports import free_port
+
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "EMULATOR_JOB_SECONDS": "0"}
+    ports = ",".join(str(free_port()) for _ in SERVICES)
+    proc = subprocess.Popen([sys.executable, "-m", "emulators.media", "--ports", ports, "--data", str(data)],
+                            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    urls = dict(proc.stdout.readline().strip().partition(" listening on ")[::2] for _ in SERVICES)
+    assert set(urls) == set(SERVICES), urls
+    return proc, urls
+
+
+def post_job(url: str, service: str, key: str) -> requests.Response:
+    headers = {"Idempotency-Key": key}
+    if service == "video-downloader":
+        return requests.post(f"{url}/jobs", json={"url": f"https://youtu.be/{key}"}, headers=headers, timeout=5)
+    return requests.post(f"{url}/jobs", files={"file": ("in.webm", key.encode())}, headers=headers, timeout=5)
+
+
+@pytest.mark.timeout(60)
+def test_jobs_outlive_a_kill_9_of_the_emulators_with_a_data_dir(tmp_path: Path) -> None:
+    running_seconds = 2.0
+    proc, urls = start_emulators(tmp_path)
+    done: dict[str, tuple[str, Any]] = {}
+    running: dict[str, str] = {}
+    try:
+        for service, url in urls.items():
+            job_id = post_job(url, service, "done").json()["job_id"]
+            result = requests.get(f"{url}/jobs/{job_id}/{RESULT_PATHS[service]}", timeout=5)
+            assert result.status_code == 200
+            done[service] = (job_id, result.content)
+            requests.post(f"{url}/_emulator/faults", json={"job": {"job_seconds": running_seconds}}, timeout=5)
+            running[service] = post_job(url, service, "running").json()["job_id"]
+            assert requests.get(f"{url}/jobs/{running[service]}", timeout=5).json()["status"] in ("queued",
+                                                                                               "processing")
+    finally:
+        killed = time.monotonic()  # every job above was submitted before this
+        proc.kill()  # SIGKILL: no chance to save anything on the way out
+        proc.wait(timeout=10)
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+    proc, urls = start_emulators(tmp_path)
+    try:
+        for service, url in urls.items():
+            job_id, content = done[service]
+            assert requests.get(f"{url}/jobs/{job_id}", timeout=5).json() == {
+                "job_id": job_id, "status": "completed", "progress": 100.0, "error": None}
+            assert requests.get(f"{url}/jobs/{job_id}/{RESULT_PATHS[service]}", timeout=5).content == content
+            # A retried submit still finds its job by the idempotency key.
+            again = post_job(url, service, "done")
+            assert (again.status_code, again.json()["job_id"]) == (200, job_id)
+            # The running job kept its start: its progress counts the time since its submit,
+            # restart included (at least the time since the kill), not since the restart.
+            floor = min(100.0, 100 * (time.monotonic() - killed) / running_seconds) - 1
+            first = requests.get(f"{url}/jobs/{running[service]}", timeout=5).json()
+            assert first["status"] in ("processing", "completed") and first["progress"] >= floor, first
+        deadline = time.monotonic() + running_seconds + 5
+        for service, url in urls.items():
+            while (body := requests.get(f"{url}/jobs/{running[service]}", timeout=5).json())["status"] != "completed":
+                assert time.monotonic() < deadline, body
+                time.sleep(0.05)
+            assert requests.get(f"{url}/jobs/{running[service]}/{RESULT_PATHS[service]}", timeout=5).status_code == 200
+        assert requests.get(f"{urls['audio-normalization']}/jobs/nope", timeout=5).status_code == 404
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        assert proc.stdout is not None
+        proc.stdout.close()
