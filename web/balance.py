@@ -159,6 +159,9 @@ def start_balance() -> Any:
     repo = open_repository(rt.settings)
     info = repo.project(data["project"])  # 404 for an unknown project, 502 when GitLab fails
     data["project"] = info.path
+    if data["branch"] == info.default_branch:  # its commits would land where the merge request goes
+        raise InvalidInput("branch", f"is the default branch of {info.path}; the saga works on an issue branch "
+                                     "(its results reach the default branch through a merge request)")
     with _start_lock(data["project"], data["branch"]):
         saga_id = _running_saga(data["project"], data["branch"])
         if saga_id is None:

@@ -132,3 +132,19 @@ def test_git_itself_refuses_what_the_rule_refuses(tmp_path):
                                f"100644,{'e69de29bb2d1d6434b8b29ae775ad8c2e48c5391'},{path}"],
                               capture_output=True, env={"GIT_INDEX_FILE": str(tmp_path / "index"), "PATH": "/usr/bin:/bin"})
         assert proc.returncode != 0, path
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_balance_saga_refuses_the_default_branch_naming_branch(request, backend):
+    """The saga works on an issue branch: started on the default branch it committed its
+    hydration there, and every later saga on an issue branch then found the input in place and
+    answered without the hydration commit the README shows."""
+    s = request.getfixturevalue(backend)
+    project = new_project(s)
+    head = git_repo(s, project).head("main")
+    sagas = s.http("GET", "/sagas", params={"type": "calculate-balance"}).json()["total"]
+    r = s.http("POST", "/saga/calculate-balance", json={"project": project, "branch": "main"})
+    assert r.status_code == 400 and r.json()["field"] == "branch", r.text
+    assert "default branch" in r.json()["message"], r.text
+    assert git_repo(s, project).head("main") == head  # nothing was committed, no saga started
+    assert s.http("GET", "/sagas", params={"type": "calculate-balance"}).json()["total"] == sagas
