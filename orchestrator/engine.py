@@ -116,7 +116,8 @@ class InstanceFilter(Protocol):
     filter. `web.schemas.SagaFilter` (the query of GET /sagas, the filter of POST /sagas/bulk) and
     `Filter` both are one.
 
-    type, state:     exact workflow type and current state;
+    type, state:     exact workflow type and current state (a state the type, or without a
+                     type any registered type, has);
     key:             exact business key;
     created_after:   created at or after (inclusive); created_before: strictly before; a naive
                      datetime is UTC;
@@ -1605,13 +1606,16 @@ class Engine:
         if step_status and step_status not in statuses:
             raise InvalidInput("step_status", f"unknown step status '{step_status}'; known: "
                                + ", ".join(sorted(statuses)))
+        types = [type_name] if type_name else self.registry.names()
+        where = f"workflow '{type_name}'" if type_name else "any workflow"
+        if flt.state:
+            states = {s.id for t in types for s in self.workflow_class(t).states}
+            if flt.state not in states:
+                raise InvalidInput("state", f"no state '{flt.state}' in {where}; states: " + ", ".join(sorted(states)))
         if flt.step:
-            types = [type_name] if type_name else self.registry.names()
             names = {s.name for t in types for s in self.workflow_class(t).step_table().values()}
             if flt.step not in names:
-                raise InvalidInput("step", f"no step '{flt.step}' in "
-                                   + (f"workflow '{type_name}'" if type_name else "any workflow")
-                                   + "; steps: " + ", ".join(sorted(names)))
+                raise InvalidInput("step", f"no step '{flt.step}' in {where}; steps: " + ", ".join(sorted(names)))
         q = select(INSTANCES)
         if type_name:
             q = q.where(INSTANCES.c.type == type_name)

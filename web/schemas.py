@@ -90,12 +90,13 @@ class SagaFilter(Closed):
     """Which instances: the filters of GET /sagas (query parameters) and of POST /sagas/bulk
     (its `filter` object, where a key it does not name is refused). Every field left out does
     not filter; the engine reads it as an `orchestrator.engine.InstanceFilter` and answers 400
-    naming `type` or `step` when the registry has no such workflow or step."""
+    naming `type`, `state` or `step` when the registry has no such workflow, or no such state or
+    step in that workflow (in any workflow when no type is given)."""
 
     model_config = ConfigDict(extra="forbid", strict=False, populate_by_name=True)
 
     type: str | None = Field(None, description="the workflow type (GET /workflow-types lists them)")
-    state: str | None = Field(None, description="the instance's current state")
+    state: str | None = Field(None, description="the instance's current state (one the type has; without a type, one any type has)")
     key: str | None = Field(None, description="the business key, exactly")
     created_after: Instant | None = Field(None, description="created at or after this ISO 8601 time (UTC when no offset)")
     created_before: Instant | None = Field(None, description="created before this ISO 8601 time (UTC when no offset)")

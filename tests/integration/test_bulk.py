@@ -111,6 +111,8 @@ def test_bulk_needs_the_admin_token(client):
     ({"action": "cancel", "filter": {"created_after": "yesterday"}}, "filter.created_after"),
     ({"action": "cancel", "filter": {"type": "no-such-type"}}, "filter.type"),
     ({"action": "cancel", "filter": {"step_status": "broken"}}, "filter.step_status"),
+    ({"action": "cancel", "filter": {"state": "nope"}}, "filter.state"),
+    ({"action": "cancel", "filter": {"type": "repair", "state": "tts_failed"}}, "filter.state"),
     ({"action": "cancel", "rate_per_second": 0}, "rate_per_second"),
     ({"action": "fix"}, "action"),
 ])

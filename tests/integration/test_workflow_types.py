@@ -148,9 +148,15 @@ def test_filters_by_key_time_error_and_step_status(client, worker, sweeper, faul
 def test_a_malformed_filter_is_a_400_naming_it(client):
     for query, field in [("created_after=yesterday", "created_after"), ("created_before=2024-13-01", "created_before"),
                          ("step_status=broken", "step_status"), ("type=nope", "type"), ("step=nope", "step"),
-                         ("type=media&step=tts_batch", "step"), ("limit=0", "limit")]:
+                         ("type=media&step=tts_batch", "step"), ("limit=0", "limit"),
+                         ("state=nope", "state"), ("type=media&state=nope", "state"),
+                         ("type=media&state=tts_failed", "state"), ("type=media&state=COMPLETED", "state")]:
         r = client.get(f"/sagas?{query}")
         assert r.status_code == 400, (query, r.json)
         assert r.json["error"] == "invalid_input" and r.json["field"] == field, (query, r.json)
+    assert "tts_failed" not in client.get("/sagas?type=media&state=nope").json["message"]
+    # a state some type has is a filter, also without a type; the type's own states list it
+    for query in ("state=tts_failed", "type=route_content&state=tts_failed", "type=media&state=failed"):
+        assert client.get(f"/sagas?{query}").status_code == 200, query
     r = client.get("/sagas?created_after=2024-05-01T12:00:00+02:00")  # '+' unencoded reads as a space
     assert r.status_code == 400 and "%2B" in r.json["message"]
