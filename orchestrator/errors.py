@@ -36,8 +36,17 @@ class InvalidInput(OrchestratorError):
 
 
 class Unauthorized(OrchestratorError):
+    """No credential was sent: 401 with `WWW-Authenticate: <challenge>`, which every 401 carries
+    (RFC 9110), so the challenge is required; it names the scheme the credential fits (`Bearer`
+    for a token, `Basic` for a login; `web/auth.py` holds the API's)."""
+
     status = 401
     code = "unauthorized"
+
+    def __init__(self, message: str, challenge: str, **details: Any) -> None:
+        super().__init__(message, **details)
+        self.challenge = challenge
+        self.headers = {"WWW-Authenticate": challenge}
 
 
 class Forbidden(OrchestratorError):

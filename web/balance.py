@@ -30,6 +30,7 @@ from sagas.balance.repository import check_branch_name, check_project, geometrie
 from sagas.balance import STATE_ROLES, BalanceRequest, BalanceSaga, CalculationRequest, SimpleCalculation, Submission
 
 from . import body, json_body, query, runtime
+from .auth import USER_CHALLENGE, USER_HEADER
 from .openapi import doc
 from .schemas import (BalanceStatus, CalculationStatus, Geometries, GeometriesQuery, IdempotencyHeader, Issues,
                       MergeRequest, MergeRequestBody, SignalPayload, UserHeader)
@@ -247,10 +248,11 @@ def calculation_status(correlation_id: str) -> Any:
 @bp.get("/issues")
 @doc(Issues, errors=(400, 401, 502), headers=UserHeader, tags=GITLAB)
 def assigned_issues() -> Any:
+    """Open issues assigned to the user the API gateway passes in X-User (401 without it)."""
     user = (request.headers.get("X-User") or "").strip()
     if not user:
         raise Unauthorized("X-User: the API gateway must pass the authenticated user's GitLab username",
-                           field="X-User")
+                           USER_CHALLENGE, field=USER_HEADER)
     issues = open_repository(runtime().settings).assigned_issues(user)
     return {"user": user, "issues": issues}
 

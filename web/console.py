@@ -23,17 +23,16 @@ from flask import Blueprint, Response, jsonify, render_template, request
 from markupsafe import Markup
 
 from orchestrator.diagram import render
-from orchestrator.errors import NotFound
+from orchestrator.errors import NotFound, Unauthorized
 from orchestrator.models import ACTIVE_STEP_STATUSES, StepStatus
 
 from . import body, runtime
-from .auth import same_secret
+from .auth import CONSOLE_CHALLENGE, CONSOLE_HEADER, same_secret
 from . import bulk as bulk_routes
 from .schemas import BulkRequest
 
 bp = Blueprint("console", __name__, url_prefix="/ui", template_folder="templates",
                static_folder="static/console", static_url_path="/static")
-REALM = 'Basic realm="orchestrator console", charset="UTF-8"'
 #: The GET /sagas filters the instances page offers, in the order shown.
 FILTERS = ("type", "state", "key", "created_after", "created_before", "error", "step", "step_status")
 #: Seconds between two refreshes of a page that follows running work.
@@ -58,15 +57,13 @@ def _login() -> Any:
                    "(orchestrator dev sets admin:admin) and restart the API")
         if _wants_html():
             return Response(render_template("console/disabled.html", message=message), 403, mimetype="text/html")
-        return jsonify({"error": "forbidden", "message": message, "field": "Authorization"}), 403
+        return jsonify({"error": "forbidden", "message": message, "field": CONSOLE_HEADER}), 403
     user, _, password = configured.partition(":")
     auth = request.authorization
     given_user = (auth.username or "") if auth and auth.type == "basic" else None
     given_password = (auth.password or "") if auth and auth.type == "basic" else ""
     if given_user is None or not (same_secret(given_user, user) & same_secret(given_password, password)):
-        return Response(json.dumps({"error": "unauthorized", "message": "log in to the operator console",
-                                    "field": "Authorization"}),
-                        401, {"WWW-Authenticate": REALM}, mimetype="application/json")
+        raise Unauthorized("log in to the operator console", CONSOLE_CHALLENGE, field=CONSOLE_HEADER)
     return None
 
 

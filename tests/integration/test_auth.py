@@ -1,11 +1,13 @@
 """Who may do what, over HTTP against the API process and Flower started from the CLI: every
 admin, bulk and destructive endpoint refuses a request without the ADMIN_TOKEN (401 with
 WWW-Authenticate: Bearer), with a wrong one (403), and everything when the server has no token
-(403 saying how to enable it); the console and Flower refuse without their basic-auth login. Every
-refusal has the API's error shape and names the header at fault; none echoes a secret."""
+(403 saying how to enable it); the console and Flower refuse without their basic-auth login, and
+GET /issues without the gateway's X-User. Every refusal has the API's error shape and names the
+header at fault, every 401 carries WWW-Authenticate; none echoes a secret."""
 from __future__ import annotations
 
 import base64
+import re
 import uuid
 from typing import Any, Iterator
 
@@ -102,6 +104,30 @@ def test_the_token_lets_an_admin_in(api, headers):
     dry = call(api, "POST", "/sagas/bulk", ADMIN_ONLY[3][2], headers)
     assert dry.status_code == 200 and "matched" in dry.json(), dry.text
     assert call(api, "GET", ADMIN_ONLY[4][1], None, headers).status_code == 404
+
+
+#: The challenge each credential's 401 carries, by the header the refusal names.
+CHALLENGES = {"X-Admin-Token": 'Bearer realm="orchestrator admin"', "X-User": 'X-User realm="orchestrator"'}
+
+
+def test_every_operation_that_answers_401_says_how_to_authenticate(client):
+    # Every operation /openapi.json declares a 401 for, called without its credential: the 401
+    # carries WWW-Authenticate with the scheme of the header it names (the console's own: below).
+    spec = client.get("/openapi.json").json
+    refused = set()
+    for path, operations in spec["paths"].items():
+        for method, op in operations.items():
+            if "401" not in op.get("responses", {}):
+                continue
+            url = re.sub(r"\{[^}]+\}", str(uuid.UUID(int=1)), path)
+            for headers in ({}, {"X-User": "  "}):
+                r = client.open(url, method=method.upper(), headers=headers)
+                assert r.status_code == 401, (method, path, r.status_code, r.json)
+                assert r.json["error"] == "unauthorized" and r.json["field"] in CHALLENGES, (method, path, r.json)
+                assert r.headers.get("WWW-Authenticate") == CHALLENGES[r.json["field"]], (method, path, r.headers)
+            refused.add(f"{method.upper()} {path}")
+    assert refused >= {"GET /issues", "GET /admin/stats", "POST /admin/cleanup", "POST /admin/factory-reset",
+                       "POST /sagas/bulk", "GET /sagas/bulk/{bulk_id}", "POST /sagas/bulk/{bulk_id}/cancel"}, refused
 
 
 def basic(login: str) -> dict[str, str]:
