@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, TypeVar
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, RootModel, TypeAdapter, ValidationError, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, RootModel, TypeAdapter, ValidationError, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
 from .errors import InvalidInput
@@ -64,6 +64,19 @@ class ErrorBody(BaseModel):
     error: str
     message: str
     field: str | None = None
+
+
+def _no_null_default(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)
+
+
+def omittable(**kwargs: Any) -> Any:
+    """A field a body may leave out (it is then None: the caller applies its default) but not
+    send as `null`: declared with its type without None (`remove_noise: bool = omittable()`), so
+    a `null` is refused naming the field like any other wrong type. `kwargs` go to `Field`; the
+    documented schema shows no `default: null`. A field whose contract allows `null` says so in
+    its type instead (`str | None = None`)."""
+    return Field(None, json_schema_extra=_no_null_default, **kwargs)
 
 
 def problem(text: str, kind: str = "invalid") -> PydanticCustomError:

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, RootModel, WithJsonSchema
 
 from orchestrator.models import StepStatus
-from orchestrator.schemas import INT64_MAX, Closed, Contract, NonBlank, problem
+from orchestrator.schemas import INT64_MAX, Closed, Contract, NonBlank, omittable, problem
 from sagas.balance.repository import check_branch_name
 from sagas.balance import Project
 
@@ -45,7 +45,7 @@ class StartSaga(Closed):
     """POST /saga: unknown fields are refused."""
 
     type: str = Field(min_length=1, description="the workflow type (GET /sagas lists instances of each)")
-    key: str | None = Field(None, description="business key: a second start with it answers the same instance")
+    key: str = omittable(description="business key: a second start with it answers the same instance")
     input: dict[str, Any] = Field(default_factory=dict, description="the workflow's input, checked by the workflow")
 
 
@@ -54,7 +54,7 @@ class StartSagaOfType(Contract):
 
     model_config = ConfigDict(strict=True)
 
-    key: str | None = None
+    key: str = omittable()
     input: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -95,14 +95,14 @@ class SagaFilter(Closed):
 
     model_config = ConfigDict(extra="forbid", strict=False, populate_by_name=True)
 
-    type: str | None = Field(None, description="the workflow type (GET /workflow-types lists them)")
-    state: str | None = Field(None, description="the instance's current state (one the type has; without a type, one any type has)")
-    key: str | None = Field(None, description="the business key, exactly")
-    created_after: Instant | None = Field(None, description="created at or after this ISO 8601 time (UTC when no offset)")
-    created_before: Instant | None = Field(None, description="created before this ISO 8601 time (UTC when no offset)")
-    error: str | None = Field(None, description="a case-insensitive part of the instance's or a step's failure message")
-    step: str | None = Field(None, description="the instance has a step of this name (with step_status: in that status)")
-    step_status: StepStatus | None = Field(None, description="a step's current status (with step: that step's)")
+    type: str = omittable(description="the workflow type (GET /workflow-types lists them)")
+    state: str = omittable(description="the instance's current state (one the type has; without a type, one any type has)")
+    key: str = omittable(description="the business key, exactly")
+    created_after: Instant = omittable(description="created at or after this ISO 8601 time (UTC when no offset)")
+    created_before: Instant = omittable(description="created before this ISO 8601 time (UTC when no offset)")
+    error: str = omittable(description="a case-insensitive part of the instance's or a step's failure message")
+    step: str = omittable(description="the instance has a step of this name (with step_status: in that status)")
+    step_status: StepStatus = omittable(description="a step's current status (with step: that step's)")
 
 
 class SagaListQuery(Paging, SagaFilter):
@@ -374,8 +374,8 @@ class MergeRequestBody(Closed):
 
     project: Project
     source_branch: _branch("source_branch")  # type: ignore[valid-type]
-    target_branch: _branch("target_branch") | None = Field(  # type: ignore[valid-type]
-        None, description="the project's default branch when absent")
+    target_branch: _branch("target_branch") = omittable(  # type: ignore[valid-type]
+        description="the project's default branch when absent")
     title: NonBlank = Field(max_length=255)
 
 
@@ -479,9 +479,9 @@ class BulkRequest(Closed):
     """POST /sagas/bulk: an action on every instance the filter matches now."""
 
     action: Literal["restart", "cancel", "event"]
-    step: str | None = Field(None, min_length=1, max_length=64, description="restart: the failed step to restart")
-    event: str | None = Field(None, min_length=1, max_length=64, description="event: the signal to send")
-    payload: dict[str, Any] | None = Field(None, description="event: the signal's payload")
+    step: str = omittable(min_length=1, max_length=64, description="restart: the failed step to restart")
+    event: str = omittable(min_length=1, max_length=64, description="event: the signal to send")
+    payload: dict[str, Any] = omittable(description="event: the signal's payload")
     filter: SagaFilter = Field(default_factory=SagaFilter)
     dry_run: bool = Field(False, description="only count the matches and show a sample; change nothing")
     rate_per_second: float = Field(10.0, gt=0, le=10000, description="actions per second at most")

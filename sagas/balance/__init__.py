@@ -27,7 +27,7 @@ from statemachine import State
 
 from orchestrator.config import Settings
 from orchestrator.errors import Conflict, InvalidInput
-from orchestrator.schemas import Closed, parse
+from orchestrator.schemas import Closed, omittable, parse
 from orchestrator.workflow import External, Retry, Step, Workflow, register
 
 from .calculations import correlation_id
@@ -181,7 +181,7 @@ class BalanceRequest(Closed):
 
     project: Project
     branch: Branch
-    dependencies: list[str] | None = Field(None, description="the chain, in order; the catalog's default when absent")
+    dependencies: list[str] = omittable(description="the chain, in order; the catalog's default when absent")
 
 
 class Submission(Closed):
@@ -189,7 +189,7 @@ class Submission(Closed):
 
     step: str = Field(description="the dependency the input is for (case-insensitive)")
     content: Any = Field(None, description="the input file's JSON content")
-    use_hydrated: bool | None = None
+    use_hydrated: bool = omittable()
 
 
 class CalculationRequest(Closed):

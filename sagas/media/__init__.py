@@ -9,11 +9,11 @@ from datetime import timedelta
 from typing import Annotated, Any
 from urllib.parse import urlparse
 
-from pydantic import AfterValidator, Field, WithJsonSchema
+from pydantic import AfterValidator, WithJsonSchema
 from statemachine import State
 
 from orchestrator.config import Settings
-from orchestrator.schemas import Closed, parse, problem
+from orchestrator.schemas import Closed, omittable, parse, problem
 from orchestrator.workflow import Retry, Step, Workflow, register
 
 from .settings import MediaSettings
@@ -41,23 +41,26 @@ def _language(value: str | None) -> str | None:
     return value
 
 
-Language = Annotated[str | None, AfterValidator(_language),
-                     WithJsonSchema({"type": ["string", "null"], "minLength": 1, "maxLength": 16})]
+Language = Annotated[str, AfterValidator(_language), WithJsonSchema({"type": "string", "minLength": 1, "maxLength": 16})]
+#: `language_out` may be null: seed 004's request sends it so.
+NullableLanguage = Annotated[str | None, AfterValidator(_language),
+                             WithJsonSchema({"type": ["string", "null"], "minLength": 1, "maxLength": 16})]
 
 
 class PipelineRequest(Closed):
-    """POST /pipeline (seed 004). Unknown fields are refused. An absent or null option takes its
-    configured default (DEFAULT_LANGUAGE, DEFAULT_REMOVE_NOISE, ...)."""
+    """POST /pipeline (seed 004). Unknown fields are refused. An absent option takes its
+    configured default (DEFAULT_LANGUAGE, DEFAULT_REMOVE_NOISE, ...); `null` is refused naming
+    the field (booleans are JSON booleans), except for `language_out`, which the seed sends null."""
 
     youtube_url: Annotated[str, AfterValidator(_http_url),
                            WithJsonSchema({"type": "string", "format": "uri", "maxLength": 2048})]
-    language: Language = Field(None, description="a language code such as auto, pt or en")
-    language_out: Language = None
-    remove_noise: bool | None = None
-    convert_to_mono: bool | None = None
-    apply_highpass_filter: bool | None = None
-    set_sample_rate_16k: bool | None = None
-    isolate_vocals: bool | None = None
+    language: Language = omittable(description="a language code such as auto, pt or en")
+    language_out: NullableLanguage = None
+    remove_noise: bool = omittable()
+    convert_to_mono: bool = omittable()
+    apply_highpass_filter: bool = omittable()
+    set_sample_rate_16k: bool = omittable()
+    isolate_vocals: bool = omittable()
 
 
 def _http_retry(settings: Settings) -> Retry:

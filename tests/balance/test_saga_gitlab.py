@@ -68,6 +68,7 @@ def test_input_for_a_saga_not_waiting_for_it_is_409(gitlab_stack):
     assert r.status_code == 409 and r.json()["state"] == "AWAIT_USER_CONDENSER_INPUT"
     for bad, field in (({"step": "CONDENSER"}, "content"), ({"use_hydrated": True}, "step"),
                        ({"step": "CONDENSER", "use_hydrated": "yes"}, "use_hydrated"),
+                       ({"step": "CONDENSER", "content": {}, "use_hydrated": None}, "use_hydrated"),
                        ({"step": "COMPRESSOR", "use_hydrated": True}, "step"),
                        ({"step": "CONDENSER", "content": {}, "x": 1}, "x")):
         r = submit(s, saga["saga_id"], bad)

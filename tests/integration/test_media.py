@@ -210,7 +210,8 @@ def test_fifty_concurrent_pipelines(client, app, worker, sweeper):
     ({"youtube_url": url(), "remove_noise": "yes"}, "remove_noise"),
     ({"youtube_url": url(), "convert_to_mono": 1}, "convert_to_mono"),
     ({"youtube_url": url(), "apply_highpass_filter": "false"}, "apply_highpass_filter"),
-    ({"youtube_url": url(), "set_sample_rate_16k": None, "isolate_vocals": "x"}, "isolate_vocals"),
+    ({"youtube_url": url(), "language_out": None, "isolate_vocals": "x"}, "isolate_vocals"),
+    ({"youtube_url": url(), "convert_to_mono": None}, "convert_to_mono"),
     ({"youtube_url": url(), "colour": "blue"}, "colour"),
     ([], "body"),
 ])
