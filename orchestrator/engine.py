@@ -24,7 +24,7 @@ from functools import cached_property
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterator, Protocol
 
-from sqlalchemy import Engine as SAEngine, Table, and_, bindparam, delete, func, or_, select, update
+from sqlalchemy import Engine as SAEngine, Table, and_, bindparam, delete, false, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from statemachine.exceptions import TransitionNotAllowed
@@ -36,7 +36,7 @@ from .jsonutil import digest, storable, utc_iso
 from .models import (ACTIVE_STEP_STATUSES, HistoryEntry, OutboxMessage, StepClaim, StepRun, StepStatus, StepToken,
                      Timer, utcnow)
 from .rows import INSTANCES, Record, StaleBasis, Writes, execute_prepared, insert_many
-from .workflow import ItemFailed, Registry, Step, Workflow, initial_entry, transition_table
+from .workflow import INSTANCE_STATUSES, ItemFailed, Registry, Step, Workflow, initial_entry, transition_table
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,9 @@ class InstanceFilter(Protocol):
 
     type, state:     exact workflow type and current state (a state the type, or without a
                      type any registered type, has);
+    status:          running, completed, failed or cancelled (`workflow.InstanceStatus`): the
+                     instance's state is one its workflow counts so (`states_with_status`); an
+                     object without this attribute does not filter by it;
     key:             exact business key;
     created_after:   created at or after (inclusive); created_before: strictly before; a naive
                      datetime is UTC;
@@ -129,6 +132,7 @@ class InstanceFilter(Protocol):
 
     type: str | None
     state: str | None
+    status: str | None
     key: str | None
     created_after: datetime | None
     created_before: datetime | None
@@ -143,6 +147,7 @@ class Filter:
 
     type: str | None = None
     state: str | None = None
+    status: str | None = None
     key: str | None = None
     created_after: datetime | None = None
     created_before: datetime | None = None
@@ -1616,11 +1621,19 @@ class Engine:
             names = {s.name for t in types for s in self.workflow_class(t).step_table().values()}
             if flt.step not in names:
                 raise InvalidInput("step", f"no step '{flt.step}' in {where}; steps: " + ", ".join(sorted(names)))
+        status = getattr(flt, "status", None)  # a filter written before `status` has none
+        if status and status not in INSTANCE_STATUSES:
+            raise InvalidInput("status", f"unknown status '{status}'; known: " + ", ".join(INSTANCE_STATUSES))
         q = select(INSTANCES)
         if type_name:
             q = q.where(INSTANCES.c.type == type_name)
         if flt.state:
             q = q.where(INSTANCES.c.state == flt.state)
+        if status:
+            # Each type names its own states for a status (route_content's failure is tts_failed).
+            per_type = [and_(INSTANCES.c.type == t, INSTANCES.c.state.in_(sorted(states))) for t in types
+                        if (states := self.workflow_class(t).states_with_status(status))]
+            q = q.where(or_(*per_type) if per_type else false())
         if flt.key is not None:
             q = q.where(INSTANCES.c.business_key == flt.key)
         if flt.created_after is not None:

@@ -9,7 +9,7 @@ import inspect
 import random
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Collection, Mapping
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Collection, Literal, Mapping, get_args
 
 from statemachine import State, StateMachine
 
@@ -170,6 +170,13 @@ class ItemFailed(tuple):  # type: ignore[type-arg]
 SignalCheck = Callable[[dict[str, Any], Any], dict[str, Any]]
 
 
+#: An instance's status, from its state and what its workflow declares (GET /sagas?status=):
+#: running (not finished), completed (a success state), failed (a failure state), cancelled
+#: (finished in any other state; the built-in workflows reach one only by a cancel).
+InstanceStatus = Literal["running", "completed", "failed", "cancelled"]
+INSTANCE_STATUSES: tuple[str, ...] = get_args(InstanceStatus)
+
+
 class Workflow(StateMachine):
     """Base of every workflow definition.
 
@@ -190,7 +197,8 @@ class Workflow(StateMachine):
     steps: ClassVar[Mapping[State, Step]] = {}
     start_event: ClassVar[str] = ""  # fired in the creating transaction, if set
     success_states: ClassVar[frozenset[str]] = frozenset()
-    #: Not final (a restart leaves them) but the instance counts as finished while there.
+    #: The states in which the instance has failed (GET /sagas?status=failed); one that is not
+    #: final (a restart leaves it) still counts as finished while the instance is there.
     failure_states: ClassVar[frozenset[str]] = frozenset()
     restart_event: ClassVar[str] = "restart"
     cancel_event: ClassVar[str] = "cancel"
@@ -278,6 +286,14 @@ class Workflow(StateMachine):
     def finished_state_ids(cls) -> frozenset[str]:
         return _per_class(cls, "_finished_state_ids",
                           lambda: frozenset(s.id for s in cls.states if s.final) | cls.failure_states)
+
+    @classmethod
+    def states_with_status(cls, status: str) -> frozenset[str]:
+        """The states in which an instance of this workflow has `status` (see InstanceStatus)."""
+        finished = cls.finished_state_ids()
+        return {"running": frozenset(s.id for s in cls.states) - finished,
+                "completed": cls.success_states, "failed": cls.failure_states,
+                "cancelled": finished - cls.success_states - cls.failure_states}[status]
 
     # -- input ---------------------------------------------------------------------------------
     @classmethod

@@ -25,6 +25,7 @@ from markupsafe import Markup
 from orchestrator.diagram import render
 from orchestrator.errors import NotFound, Unauthorized
 from orchestrator.models import ACTIVE_STEP_STATUSES, StepStatus
+from orchestrator.workflow import INSTANCE_STATUSES
 
 from . import body, runtime
 from .auth import CONSOLE_CHALLENGE, CONSOLE_HEADER, same_secret
@@ -34,7 +35,7 @@ from .schemas import BulkRequest
 bp = Blueprint("console", __name__, url_prefix="/ui", template_folder="templates",
                static_folder="static/console", static_url_path="/static")
 #: The GET /sagas filters the instances page offers, in the order shown.
-FILTERS = ("type", "state", "key", "created_after", "created_before", "error", "step", "step_status")
+FILTERS = ("type", "state", "status", "key", "created_after", "created_before", "error", "step", "step_status")
 #: Seconds between two refreshes of a page that follows running work.
 REFRESH_SECONDS = 2
 
@@ -109,7 +110,8 @@ def instances_page() -> Any:
     states = sorted({s.id for n in names for s in engine.registry.get(n).states})  # type: ignore[union-attr]
     values = {name: request.args.get(name, "") for name in FILTERS}
     return render_template("console/instances.html", filters=values, types=names, states=states,
-                           statuses=_step_statuses(), refresh=REFRESH_SECONDS, page="instances")
+                           statuses=_step_statuses(), instance_statuses=INSTANCE_STATUSES, refresh=REFRESH_SECONDS,
+                           page="instances")
 
 
 @bp.get("/sagas/<instance_id>")
@@ -143,7 +145,8 @@ def bulk_page() -> Any:
     states = sorted({s.id for n in names for s in engine.registry.get(n).states})  # type: ignore[union-attr]
     values = {name: request.args.get(name, "") for name in FILTERS}
     return render_template("console/bulk.html", filters=values, types=names, states=states,
-                           statuses=_step_statuses(), action=request.args.get("action", "restart"),
+                           statuses=_step_statuses(), instance_statuses=INSTANCE_STATUSES,
+                           action=request.args.get("action", "restart"),
                            refresh=REFRESH_SECONDS, page="bulk")
 
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, RootModel, W
 
 from orchestrator.models import StepStatus
 from orchestrator.schemas import INT64_MAX, Closed, Contract, NonBlank, omittable, problem
+from orchestrator.workflow import InstanceStatus
 from sagas.balance.repository import check_branch_name
 from sagas.balance import Project
 
@@ -97,6 +98,8 @@ class SagaFilter(Closed):
 
     type: str = omittable(description="the workflow type (GET /workflow-types lists them)")
     state: str = omittable(description="the instance's current state (one the type has; without a type, one any type has)")
+    status: InstanceStatus = omittable(description="running (not finished), completed (a success state), failed (a "
+                                                   "failure state, e.g. route_content's tts_failed) or cancelled")
     key: str = omittable(description="the business key, exactly")
     created_after: Instant = omittable(description="created at or after this ISO 8601 time (UTC when no offset)")
     created_before: Instant = omittable(description="created before this ISO 8601 time (UTC when no offset)")

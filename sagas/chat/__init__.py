@@ -85,6 +85,7 @@ EXECUTE = Step(name="execute", external=External(send="dispatch", token="task_to
 class ChatTask(Workflow):
     type = TASK_TYPE
     success_states = frozenset({"completed"})
+    failure_states = frozenset({"failed", "timed_out"})
     # No user signals: the lifecycle follows the execution service's callbacks (sagas/chat/store.py).
     signals: dict[str, Any] = {}
     started_by = "POST /api/v1/chat/<session_id>/task"

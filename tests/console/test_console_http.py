@@ -88,6 +88,10 @@ def test_pages_render_for_every_built_in_type(on, rt):
         assert listing.status_code == 200 and f"<option selected>{name}</option>" in listing.get_data(as_text=True)
         bulk = on.get(f"/ui/bulk?type={name}", headers=basic(LOGIN))
         assert bulk.status_code == 200
+    # the instance's status is one of the filters, as on GET /sagas
+    for path in ("/ui/sagas?status=failed", "/ui/bulk?status=failed"):
+        html = on.get(path, headers=basic(LOGIN)).get_data(as_text=True)
+        assert '<select name="status">' in html and "<option selected>failed</option>" in html, path
     assert on.get("/ui/types/nope", headers=basic(LOGIN)).status_code == 404
 
 

@@ -160,3 +160,41 @@ def test_a_malformed_filter_is_a_400_naming_it(client):
         assert client.get(f"/sagas?{query}").status_code == 200, query
     r = client.get("/sagas?created_after=2024-05-01T12:00:00+02:00")  # '+' unencoded reads as a space
     assert r.status_code == 400 and "%2B" in r.json["message"]
+
+
+def test_status_finds_failed_instances_whatever_their_type_names_the_state(client, rt):
+    # A route whose TTS batch failed is in tts_failed, a chat task may be timed_out: status=failed
+    # finds them with the failed media job, by each type's failure_states.
+    from orchestrator.models import WorkflowInstance
+
+    at = datetime(2001, 1, 1, tzinfo=timezone.utc) + timedelta(seconds=uuid.uuid4().int % 10**6)
+    rows = {(t, s): str(uuid.uuid4()) for t, s in [
+        ("route_content", "tts_failed"), ("media", "failed"), ("chat_task", "timed_out"), ("route_content", "completed"),
+        ("media", "cancelled"), ("route_content", "synthesizing"), ("worker_deployment", "stopped")]}
+    with rt.sessions() as s, s.begin():
+        for i, ((type_name, state), id_) in enumerate(rows.items()):
+            s.add(WorkflowInstance(id=id_, type=type_name, business_key=id_, state=state, context={},
+                                   finished=state not in ("synthesizing",), created_at=at + timedelta(seconds=i)))
+    window = f"created_after={quote(at.isoformat())}&created_before={quote((at + timedelta(minutes=1)).isoformat())}"
+    try:
+        def have(query: str) -> set[tuple[str, str]]:
+            got = set(ids(client, f"{window}&{query}"))
+            return {k for k, v in rows.items() if v in got}
+
+        assert have("status=failed") == {("route_content", "tts_failed"), ("media", "failed"), ("chat_task", "timed_out")}
+        assert have("type=route_content&status=failed") == {("route_content", "tts_failed")}
+        assert have("type=route_content&state=tts_failed") == {("route_content", "tts_failed")}
+        assert have("status=completed") == {("route_content", "completed"), ("worker_deployment", "stopped")}
+        assert have("status=cancelled") == {("media", "cancelled")}
+        assert have("status=running") == {("route_content", "synthesizing")}
+        assert have("type=worker_deployment&status=cancelled") == set()
+        r = client.get("/sagas?status=broken")
+        assert r.status_code == 400 and r.json["field"] == "status", r.json
+        # the bulk filter takes it too (a dry run changes nothing)
+        bulk = client.post("/sagas/bulk", headers={"X-Admin-Token": "test-admin-token"}, json={
+            "action": "cancel", "dry_run": True, "filter": {"status": "failed", "created_after": at.isoformat(),
+                                                            "created_before": (at + timedelta(minutes=1)).isoformat()}})
+        assert bulk.status_code == 200 and bulk.json["matched"] == 3, bulk.json
+    finally:
+        with rt.sessions() as s, s.begin():
+            s.query(WorkflowInstance).filter(WorkflowInstance.id.in_(list(rows.values()))).delete()
