@@ -65,7 +65,9 @@ def create_app(runtime: runtime_module.Runtime | None = None) -> Flask:
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException) -> Any:
-        return jsonify({"error": exc.name.lower().replace(" ", "_"), "message": exc.description}), exc.code
+        # Werkzeug's own headers stay (a 405's Allow, a 401's WWW-Authenticate); the body is ours.
+        headers = [(k, v) for k, v in exc.get_headers() if k.lower() != "content-type"]
+        return jsonify({"error": exc.name.lower().replace(" ", "_"), "message": exc.description}), exc.code, headers
 
     # A database that does not answer (unreachable, its schema not migrated, its connection lost,
     # SQLite's lock held past the busy timeout) is a 503 the client may retry, not a 500. The API

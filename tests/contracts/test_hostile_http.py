@@ -208,3 +208,19 @@ def test_the_limit_is_checked_at_start_up(env):
                          env={**env, "API_MAX_BODY_BYTES": "12"}, cwd=ROOT, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode != 0 and "API_MAX_BODY_BYTES" in out.stdout + out.stderr, out.stderr[-2000:]
+
+
+def test_a_method_a_path_does_not_take_is_a_405_that_says_which_it_takes(api):
+    """RFC 9110: a 405 carries Allow. The JSON error handler kept Werkzeug's status but dropped
+    its headers, so `PUT /sagas` answered 405 without saying which methods to use."""
+    doc = requests.get(f"http://{api[0]}:{api[1]}/openapi.json", timeout=10).json()
+    for path, ops in doc["paths"].items():
+        if "{" in path:  # a route's methods do not depend on its values
+            continue
+        declared = {m.upper() for m in ops}
+        method = next(m for m in ("PATCH", "PUT", "DELETE") if m not in declared)
+        r = requests.request(method, f"http://{api[0]}:{api[1]}{path}", timeout=10)
+        assert r.status_code == 405, (method, path, r.status_code, r.text[:200])
+        assert r.json()["error"] == "method_not_allowed", (path, r.text)
+        allowed = {m.strip() for m in r.headers.get("Allow", "").split(",")}
+        assert declared <= allowed, (method, path, r.headers.get("Allow"))
