@@ -119,8 +119,7 @@ class InstanceFilter(Protocol):
     type, state:     exact workflow type and current state (a state the type, or without a
                      type any registered type, has);
     status:          running, completed, failed or cancelled (`workflow.InstanceStatus`): the
-                     instance's state is one its workflow counts so (`states_with_status`); an
-                     object without this attribute does not filter by it;
+                     instance's state is one its workflow counts so (`states_with_status`);
     key:             exact business key;
     created_after:   created at or after (inclusive); created_before: strictly before; a naive
                      datetime is UTC;
@@ -1621,7 +1620,7 @@ class Engine:
             names = {s.name for t in types for s in self.workflow_class(t).step_table().values()}
             if flt.step not in names:
                 raise InvalidInput("step", f"no step '{flt.step}' in {where}; steps: " + ", ".join(sorted(names)))
-        status = getattr(flt, "status", None)  # a filter written before `status` has none
+        status = flt.status
         if status and status not in INSTANCE_STATUSES:
             raise InvalidInput("status", f"unknown status '{status}'; known: " + ", ".join(INSTANCE_STATUSES))
         q = select(INSTANCES)

@@ -45,7 +45,6 @@ class Unauthorized(OrchestratorError):
 
     def __init__(self, message: str, challenge: str, **details: Any) -> None:
         super().__init__(message, **details)
-        self.challenge = challenge
         self.headers = {"WWW-Authenticate": challenge}
 
 
@@ -108,7 +107,6 @@ class Unavailable(OrchestratorError):
 
     def __init__(self, dependency: str, address: str, reason: str) -> None:
         super().__init__(f"the {dependency} at {address} is unavailable: {reason}", dependency=dependency)
-        self.dependency = dependency
         self.headers = {"Retry-After": str(self.RETRY_AFTER_SECONDS)}
 
 

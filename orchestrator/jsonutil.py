@@ -64,9 +64,10 @@ def unstorable(value: Any, path: str = "") -> tuple[str, str] | None:
     not JSON: PostgreSQL's json refuses them, and SQLite stores them where json_extract then fails
     on every later read. An integer written out to hundreds of digits parses too, but no reader
     that takes JSON numbers as doubles (SQLite's json_extract, JavaScript, the calculation
-    workers) can hold it: refused like `1e999`. Every string, number and object key is checked, depth first; the answer
-    is the first one's dotted path, list indexes included as pydantic names them (`input.note`,
-    `items.2.name`, a key as `input.<key>` with the key JSON-escaped), and the problem.
+    workers) can hold it: refused like `1e999`. Every string, number and object key is checked,
+    depth first; the answer is the first one's dotted path, list indexes included as pydantic
+    names them (`input.note`, `items.2.name`, a key as `input.<key>` with the key JSON-escaped),
+    and the problem.
     `path` is the name of `value` itself ("" for a request body: its fields are named bare).
     """
     stack: list[tuple[str, Any]] = [(path, value)]

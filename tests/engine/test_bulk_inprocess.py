@@ -2,12 +2,11 @@
 guarantees as on PostgreSQL (tests/integration/test_bulk.py), driven in-process."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 from sqlalchemy import select
 
 from engine.workflows import SCRIPT
 from orchestrator import bulk
+from orchestrator.engine import Filter
 from orchestrator.models import BulkJob
 
 
@@ -22,8 +21,7 @@ def failed_shops(inproc, n):
 
 
 def everything_of(type_name):
-    return SimpleNamespace(type=type_name, state="failed", key=None, created_after=None, created_before=None,
-                           error=None, step="reserve", step_status="failed")
+    return Filter(type=type_name, state="failed", step="reserve", step_status="failed")
 
 
 def test_a_bulk_restart_acts_once_per_instance_and_skips_the_no_longer_failed(inproc):
