@@ -97,6 +97,12 @@ def redact(text: str) -> str:
     return text
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an error's text, secrets masked (`redact`), at most `limit` characters:
+    SQLAlchemy and others add the statement, a traceback or a link on further lines."""
+    return redact(str(exc)).strip().split("\n", 1)[0][:limit]
+
+
 class RedactFilter(logging.Filter):
     """Masks secrets (`redact`) in a record's message and traceback before any formatter sees it."""
 

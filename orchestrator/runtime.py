@@ -264,7 +264,7 @@ def wait_for_services(settings: Settings, needs: Iterable[str] = NEEDS,
     from tenacity import (RetryCallState, Retrying, retry_if_exception_type, stop_after_delay, stop_never,
                           wait_exponential)
 
-    from .logs import redact
+    from .logs import first_line
 
     stop = stop or threading.Event()
     limit = settings.startup_wait_seconds
@@ -272,7 +272,7 @@ def wait_for_services(settings: Settings, needs: Iterable[str] = NEEDS,
         def waiting(state: RetryCallState, dep: Dependency = dep) -> None:
             exc = state.outcome.exception() if state.outcome else None
             log.warning("waiting for the %s at %s (%s: %s); next try in %.1fs", dep.name, dep.address,
-                        type(exc).__name__, redact(str(exc)).splitlines()[0][:200] if exc else "",
+                        type(exc).__name__, first_line(exc, 200) if exc else "",
                         state.upcoming_sleep)
 
         def probe(dep: Dependency = dep) -> None:
@@ -289,7 +289,7 @@ def wait_for_services(settings: Settings, needs: Iterable[str] = NEEDS,
             retrying(probe)
         except Exception as exc:
             raise ConfigError("STARTUP_WAIT_SECONDS", f"the {dep.name} at {dep.address} stayed unreachable for "
-                              f"{limit:g}s ({type(exc).__name__}: {redact(str(exc)).splitlines()[0][:200]})") from None
+                              f"{limit:g}s ({type(exc).__name__}: {first_line(exc, 200)})") from None
         if stop.is_set():
             return False
         if retrying.statistics.get("attempt_number", 1) > 1:

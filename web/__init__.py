@@ -76,7 +76,7 @@ def create_app(runtime: runtime_module.Runtime | None = None) -> Flask:
     @app.errorhandler(DBAPIError)
     def _database(exc: DBAPIError) -> Any:
         gone = exc.connection_invalidated or "database is locked" in str(exc.orig)
-        why = health.database_down() or (health.first_line(exc) if gone else None)
+        why = health.database_down() or (logs.first_line(exc) if gone else None)
         if why is None:  # the database answers and its schema is current: a fault of ours
             return _unexpected(exc)
         log.warning("answering 503, the database is unavailable: %s", why)

@@ -12,7 +12,7 @@ from typing import Any, Callable
 from flask import Blueprint, Response
 from sqlalchemy import text
 
-from orchestrator.logs import mask_url, redact
+from orchestrator.logs import first_line, mask_url, redact
 from orchestrator.metrics import render
 
 from . import runtime
@@ -40,12 +40,6 @@ def database_down() -> str | None:
     except Exception as exc:  # the answer is the reason itself
         return first_line(exc)
     return None
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an error's text, passwords masked, at most 300 characters: SQLAlchemy
-    adds the statement and a link on further lines."""
-    return redact(str(exc)).strip().split("\n", 1)[0][:300]
 
 
 def check_broker() -> None:
