@@ -229,6 +229,7 @@ class Bridge:
         self.consumer = Consumer(consumer_config(self.brokers, self.group,
                                                  **{"statistics.interval.ms": int(lag_interval * 1000),
                                                     "stats_cb": self.export_lag, "error_cb": self._client_error,
+                                                    "on_commit": self._committed,
                                                     # a topic re-created after a broker restart is seen soon
                                                     "topic.metadata.refresh.interval.ms": 10000}))
         from confluent_kafka import KafkaError
@@ -252,13 +253,22 @@ class Bridge:
         else:  # e.g. one failed connection attempt, which librdkafka retries by itself
             log.debug("kafka client error: %s", err)
 
+    @staticmethod
+    def _committed(err: Any, partitions: list[Any]) -> None:
+        """The broker's answer to an offset commit sent without waiting (`commit`): a failure
+        only means the events after the last committed offset are redelivered and de-duplicated."""
+        failed = [p for p in partitions if p.error is not None]
+        if err is not None or failed:
+            log.warning("offset commit failed: %s", err or "; ".join(f"{p.topic}/{p.partition}: {p.error}"
+                                                                   for p in failed))
+
     # partitions come and go when bridges join or leave the group
     def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
         self.assigned |= {(p.topic, p.partition) for p in partitions}
         log.info("assigned %s", sorted(self.assigned))
 
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
-        self.commit(force=True)  # hand over at the exact point we reached
+        self.commit(force=True, wait=True)  # hand over at the exact point we reached
         for p in partitions:
             self.assigned.discard((p.topic, p.partition))
             if metrics.multiprocess():  # prometheus_client cannot remove a shared sample: not behind any more
@@ -336,15 +346,20 @@ class Bridge:
                     self._since_commit += len(msgs)
                 self.commit(force=bool(msgs))  # once per batch, after its transaction committed
         finally:
-            self.commit(force=True)
+            self.commit(force=True, wait=True)
             self.consumer.close()  # leaves the group: the partitions go to the others now
             self.dlq.flush(10)
             log.info("bridge stopped after %d events", self.handled)
 
-    def commit(self, force: bool = False) -> None:
+    def commit(self, force: bool = False, wait: bool = False) -> None:
         """Commit the offsets after the handled events: every `commit_interval` seconds or
         `commit_every` events, and at once on revoke and stop. Events are handled (committed in
-        the database) before their offset is, so a crash in between only means redelivery."""
+        the database) before their offset is, so a crash in between only means redelivery.
+
+        `wait=False` (after a batch) sends the commit without waiting for the broker's answer
+        (librdkafka sends a partition's commits in order; a failure is logged by `_committed`):
+        the next batch's work overlaps the round trip. On revoke and stop the commit waits, so
+        the next owner starts exactly where this one stopped."""
         if not self.pending:
             return
         if not force and self._since_commit < self.commit_every \
@@ -354,7 +369,7 @@ class Bridge:
 
         offsets = [TopicPartition(t, p, o) for (t, p), o in self.pending.items()]
         try:
-            self.consumer.commit(offsets=offsets, asynchronous=False)
+            self.consumer.commit(offsets=offsets, asynchronous=not wait)
         except KafkaException as exc:  # e.g. mid-rebalance: the next owner re-reads and de-duplicates
             log.warning("offset commit failed: %s", exc)
         self.pending.clear()
