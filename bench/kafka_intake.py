@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -176,6 +177,7 @@ def measure(n: int) -> dict[str, float]:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+    shutil.rmtree(logdir, ignore_errors=True)  # kept when the run failed: its errors name the logs
     return {"produce": raw_n / produce_s, "consume": raw_n / consume_s, "bridge": n / bridge_s, "raw_n": raw_n,
             "relay_produce_per_s": n / relay_s, "relay_behind_s": behind_s}
 
