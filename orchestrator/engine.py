@@ -597,7 +597,7 @@ class Engine:
             return None, True
         # Everything the answer needs was just written: no need to read it back.
         runs = sorted(uow.runs[instance_id].values(), key=lambda r: r.queued_at or now)
-        return instance_dict(inst, runs, uow.history), True
+        return instance_dict(inst, runs, uow.history, cls), True
 
     def _find_existing(self, cls: type[Workflow], key: str | None, idem: str | None,
                        fingerprint: str | None) -> str | None:
@@ -1572,7 +1572,7 @@ class Engine:
             runs = conn.execute(RUNS_OF.order_by(RUNS.c.queued_at, RUNS.c.id), {"id": instance_id}).all()
             entries = conn.execute(select(HISTORY).where(HISTORY.c.instance_id == instance_id)
                                    .order_by(HISTORY.c.id)).all() if history else None
-            return instance_dict(inst, runs, entries)
+            return instance_dict(inst, runs, entries, self.registry.get(inst.type))
 
     def list(self, flt: "InstanceFilter | str | None" = None, state: str | None = None, limit: int = 50,
              offset: int = 0) -> tuple[int, list[dict[str, Any]]]:
@@ -1586,7 +1586,7 @@ class Engine:
             total = conn.execute(select(func.count()).select_from(q.subquery())).scalar_one()
             rows = conn.execute(q.order_by(INSTANCES.c.created_at.desc(), INSTANCES.c.id)
                                 .limit(limit).offset(offset)).all()
-            return total, [instance_dict(r, None, None) for r in rows]
+            return total, [instance_dict(r, None, None, self.registry.get(r.type)) for r in rows]
 
     def match(self, flt: "InstanceFilter", limit: int = 50) -> list[dict[str, Any]]:
         """Up to `limit` instances matching `flt`, newest first (as `list` shows them)."""
@@ -1738,10 +1738,13 @@ def compensation_status(runs: list[Any]) -> str | None:
     return "completed" if StepStatus.COMPENSATED.value in statuses else None
 
 
-def instance_dict(inst: Any, runs: list[Any] | None, history: list[Any] | None) -> dict[str, Any]:
+def instance_dict(inst: Any, runs: list[Any] | None, history: list[Any] | None,
+                  cls: type[Workflow] | None) -> dict[str, Any]:
+    """An instance as the API answers it; `status` from its workflow class `cls` (None when its
+    type is not registered in this process: no status then)."""
     out: dict[str, Any] = {
         "id": inst.id, "type": inst.type, "key": inst.business_key, "state": inst.state,
-        "finished": inst.finished, "created_at": _ts(inst.created_at),
+        "status": cls.status_of(inst.state) if cls is not None else None, "finished": inst.finished, "created_at": _ts(inst.created_at),
         "updated_at": _ts(inst.updated_at), "finished_at": _ts(inst.finished_at),
         "context": inst.context,
     }

@@ -288,6 +288,15 @@ class Workflow(StateMachine):
                           lambda: frozenset(s.id for s in cls.states if s.final) | cls.failure_states)
 
     @classmethod
+    def status_of(cls, state: str | None) -> InstanceStatus:
+        """The status of an instance of this workflow in `state` (the inverse of `states_with_status`)."""
+        if state in cls.success_states:
+            return "completed"
+        if state in cls.failure_states:
+            return "failed"
+        return "cancelled" if state in cls.finished_state_ids() else "running"
+
+    @classmethod
     def states_with_status(cls, status: str) -> frozenset[str]:
         """The states in which an instance of this workflow has `status` (see InstanceStatus)."""
         finished = cls.finished_state_ids()

@@ -151,6 +151,9 @@ class Instance(Answer):
     type: str
     key: str | None
     state: str | None
+    status: InstanceStatus | None = Field(description="running, completed, failed or cancelled: from the state and "
+                                                      "the workflow's success_states and failure_states, as the "
+                                                      "`status` filter reads it (null for a type not registered)")
     finished: bool
     created_at: str | None
     updated_at: str | None

@@ -192,6 +192,12 @@ def test_status_finds_failed_instances_whatever_their_type_names_the_state(clien
         assert have("status=cancelled") == {("media", "cancelled")}
         assert have("status=running") == {("route_content", "synthesizing")}
         assert have("type=worker_deployment&status=cancelled") == set()
+        # every answer names its status, as the filter reads it, listed or read alone
+        for status in ("running", "completed", "failed", "cancelled"):
+            items = client.get(f"/sagas?{window}&status={status}&limit=50").json["items"]
+            assert items and {i["status"] for i in items} == {status}, (status, items)
+            for item in items:
+                assert client.get(f"/sagas/{item['id']}").json["status"] == status, item
         r = client.get("/sagas?status=broken")
         assert r.status_code == 400 and r.json["field"] == "status", r.json
         # the bulk filter takes it too (a dry run changes nothing)
