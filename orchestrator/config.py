@@ -65,7 +65,9 @@ class _Variables(EnvSettingsSource):
         super().__init__(settings_cls)
 
     def _load_env_vars(self) -> Mapping[str, str | None]:
-        return {k: v for k, v in self._variables.items() if v != ""}
+        # Variable names are exact and upper case: a lower-case `log_level` would otherwise match
+        # the field's own name (validate_by_name, which settings made in code need).
+        return {k: v for k, v in self._variables.items() if v != "" and k.isupper()}
 
 
 def _problem(error: dict[str, Any]) -> str:

@@ -192,6 +192,16 @@ def test_every_process_refuses_a_bad_variable_in_one_line(env, command):
     assert "Traceback" not in out.stderr, out.stderr
 
 
+def test_variable_names_are_exact_a_lower_case_one_is_not_read(tmp_path):
+    # `log_level` and `database_url` are not LOG_LEVEL and DATABASE_URL: had they been read, the
+    # first would stop start-up and the second would point the upgrade at a server that is not there.
+    env = {**os.environ, **embedded(tmp_path), "log_level": "loud", "database_url": "postgresql://nobody@127.0.0.1:1/x"}
+    out = subprocess.run([sys.executable, "-m", "orchestrator.entrypoints.cli", "db", "upgrade"], env=env,
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "orchestrator.db").exists(), out.stdout
+
+
 def test_ctrl_c_during_dev_start_up_stops_everything_without_a_traceback(tmp_path):
     """Ctrl-C (SIGINT to dev's process group, as a terminal sends it) while a set-up step runs
     (the demo project, `db upgrade`) printed the KeyboardInterrupt tracebacks of dev and of the
