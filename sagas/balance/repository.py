@@ -130,6 +130,20 @@ class Repository(Protocol):
 
 
 # -- helpers every backend shares ------------------------------------------------------------------
+def merge_target(project: str, source_branch: str, target_branch: str | None, default_branch: str) -> str:
+    """The branch a merge request goes to: the given one, else the project's default branch. The
+    default is resolved before the two are compared, so a merge request from a branch into itself
+    (e.g. main without a target_branch) is refused (400) like an explicit one, on every backend."""
+    if target_branch is None:
+        if source_branch == default_branch:
+            raise InvalidInput("source_branch", f"is the default branch of {project}, where the merge request "
+                                                "would go without a target_branch; merge from another branch")
+        return default_branch
+    if target_branch == source_branch:
+        raise InvalidInput("target_branch", "must differ from source_branch")
+    return target_branch
+
+
 def read_at_branch(repo: Repository, project: str, path: str, branch: str) -> FileContent | FileMissing:
     """Read at the branch, or at the default branch while the branch does not exist yet."""
     ref = branch if repo.branch_head(project, branch) is not None else repo.project(project).default_branch
@@ -480,7 +494,7 @@ class LocalRepository:
                              title: str) -> MergeRequest:
         repo = self._repo(project)
         info = self.project(project)
-        target = target_branch or info.default_branch
+        target = merge_target(info.path, source_branch, target_branch, info.default_branch)
         if repo.head(source_branch) is None:
             raise InvalidInput("source_branch", f"branch '{source_branch}' does not exist", status=422)
         if repo.head(target) is None:
@@ -610,7 +624,8 @@ class GitLabRepository:
     def create_merge_request(self, project: str, source_branch: str, target_branch: str | None,
                              title: str) -> MergeRequest:
         p = self._project(project)
-        target = target_branch or self.project(project).default_branch
+        info = self.project(project)
+        target = merge_target(info.path, source_branch, target_branch, info.default_branch)
 
         def existing() -> MergeRequest | None:
             found = self._call("GET merge requests", p.mergerequests.list, source_branch=source_branch,

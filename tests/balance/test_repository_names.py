@@ -10,7 +10,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from balance_stack import BRANCH, git_repo, gitlab_stack, local_stack, new_project, start  # noqa: F401
+import requests
+from balance_stack import BRANCH, TOKEN, git_repo, gitlab_stack, local_stack, new_project, start  # noqa: F401
 from conftest import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
@@ -148,3 +149,30 @@ def test_the_balance_saga_refuses_the_default_branch_naming_branch(request, back
     assert "default branch" in r.json()["message"], r.text
     assert git_repo(s, project).head("main") == head  # nothing was committed, no saga started
     assert s.http("GET", "/sagas", params={"type": "calculate-balance"}).json()["total"] == sagas
+
+
+def merge_requests(s, project: str) -> list:
+    """The project's merge requests, as the backend stores them."""
+    if s.backend == "gitlab":
+        return requests.get(f"{s.gitlab.url}/api/v4/projects/{project.replace('/', '%2F')}/merge_requests",
+                            headers={"PRIVATE-TOKEN": TOKEN}, timeout=5).json()
+    return git_repo(s, project).merge_requests()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_merge_request_from_the_default_branch_into_itself_is_a_400_naming_source_branch(request, backend):
+    """Without target_branch a merge request goes to the default branch: from that branch it was
+    created main -> main (201), while the same request with target_branch main was refused."""
+    s = request.getfixturevalue(backend)
+    project = new_project(s)
+    body = {"project": project, "source_branch": "main", "title": "x"}
+    r = s.http("POST", "/merge-requests", json=body)
+    assert r.status_code == 400 and r.json()["field"] == "source_branch", r.text
+    assert "default branch" in r.json()["message"], r.text
+    r = s.http("POST", "/merge-requests", json={**body, "target_branch": "main"})
+    assert r.status_code == 400 and r.json()["field"] == "target_branch", r.text
+    assert merge_requests(s, project) == []
+    # from main into another branch is a merge request like any other
+    git_repo(s, project).create_branch("release", "main")
+    r = s.http("POST", "/merge-requests", json={**body, "target_branch": "release"})
+    assert r.status_code == 201 and r.json()["target_branch"] == "release", r.text
