@@ -15,7 +15,10 @@ by the central walk `jsonutil.check_storable` (it names object keys too, which a
 """
 from __future__ import annotations
 
+import re
+import unicodedata
 from typing import Annotated, Any, TypeVar
+from urllib.parse import urlparse
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, RootModel, TypeAdapter, ValidationError, WithJsonSchema
 from pydantic_core import PydanticCustomError
@@ -83,6 +86,50 @@ def problem(text: str, kind: str = "invalid") -> PydanticCustomError:
     """A validator's error with our wording (`text` is the problem, without the field name).
     `kind=TOO_LARGE` makes it a 413."""
     return PydanticCustomError(kind, text)
+
+
+#: The longest URL a workflow passes on to a service (what browsers and most servers take).
+MAX_URL_LENGTH = 2048
+
+
+def _invisible(c: str) -> bool:
+    # whitespace (Z*: U+2028 too) and control or format characters (C*: U+0085, U+200B, NUL):
+    # none belongs in a URL unencoded, and the service it goes to would fail on it, not us
+    return c.isspace() or unicodedata.category(c)[0] in "CZ"
+
+
+def check_url(value: str, schemes: tuple[str, ...]) -> str:
+    """`value` as a URL of one of `schemes` with a host, surrounding blanks removed, or a
+    validator's error saying what is wrong: too long, a whitespace or control character inside
+    (with its code point and position), or the wrong shape."""
+    url = value.strip(" \t\r\n")
+    if len(url) > MAX_URL_LENGTH:
+        raise problem(f"is too long: {len(url)} characters, at most {MAX_URL_LENGTH}")
+    bad = next((i for i, c in enumerate(url) if _invisible(c)), None)
+    if bad is not None:
+        raise problem(f"contains a whitespace or control character (U+{ord(url[bad]):04X} at position {bad}); "
+                      "percent-encode it")
+    try:
+        parsed = urlparse(url)
+    except ValueError:  # an unclosed IPv6 bracket
+        parsed = urlparse("")
+    if parsed.scheme.lower() not in schemes or not parsed.hostname:
+        raise problem(f"must be an {'/'.join(schemes)} URL with a host, got {url[:80]!r}")
+    return url
+
+
+#: A language code: `auto`, or an ISO 639 language with optional BCP 47 subtags (`en`, `pt-BR`).
+_LANGUAGE = re.compile(r"auto|[A-Za-z]{2,3}(?:-[A-Za-z0-9]{2,8})*", re.ASCII)
+MAX_LANGUAGE_LENGTH = 16
+
+
+def check_language(value: str) -> str:
+    """`value` if it is a language code (`auto`, `en`, `pt-BR`), else a validator's error."""
+    if len(value) > MAX_LANGUAGE_LENGTH:
+        raise problem(f"is too long: {len(value)} characters, at most {MAX_LANGUAGE_LENGTH}")
+    if not _LANGUAGE.fullmatch(value):
+        raise problem(f"must be a language code such as 'auto', 'en' or 'pt-BR', got {value[:40]!r}")
+    return value
 
 
 def _json_type(value: Any) -> str:

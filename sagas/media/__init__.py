@@ -7,13 +7,12 @@ from __future__ import annotations
 
 from datetime import timedelta
 from typing import Annotated, Any
-from urllib.parse import urlparse
 
 from pydantic import AfterValidator, WithJsonSchema
 from statemachine import State
 
 from orchestrator.config import Settings
-from orchestrator.schemas import Closed, omittable, parse, problem
+from orchestrator.schemas import MAX_URL_LENGTH, Closed, check_language, check_url, omittable, parse
 from orchestrator.workflow import Retry, Step, Workflow, register
 
 from .settings import MediaSettings
@@ -28,23 +27,19 @@ _BOOL_FIELDS = ("remove_noise", "convert_to_mono", "apply_highpass_filter", "set
 
 
 def _http_url(value: str) -> str:
-    url = value.strip()
-    parsed = urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.netloc or len(url) > 2048:
-        raise problem("must be an http(s) URL")
-    return url
+    return check_url(value, ("http", "https"))
 
 
 def _language(value: str | None) -> str | None:
-    if value is not None and (not value.strip() or len(value) > 16):
-        raise problem("must be a language code such as 'auto', 'pt' or 'en'")
-    return value
+    # the transcriber takes a code; anything else failed there, after the download
+    return None if value is None else check_language(value)
 
 
-Language = Annotated[str, AfterValidator(_language), WithJsonSchema({"type": "string", "minLength": 1, "maxLength": 16})]
+_LANGUAGE_SCHEMA = {"pattern": "^(auto|[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*)$", "minLength": 2, "maxLength": 16}
+Language = Annotated[str, AfterValidator(_language), WithJsonSchema({"type": "string", **_LANGUAGE_SCHEMA})]
 #: `language_out` may be null: seed 004's request sends it so.
 NullableLanguage = Annotated[str | None, AfterValidator(_language),
-                             WithJsonSchema({"type": ["string", "null"], "minLength": 1, "maxLength": 16})]
+                             WithJsonSchema({"type": ["string", "null"], **_LANGUAGE_SCHEMA})]
 
 
 class PipelineRequest(Closed):
@@ -53,8 +48,8 @@ class PipelineRequest(Closed):
     the field (booleans are JSON booleans), except for `language_out`, which the seed sends null."""
 
     youtube_url: Annotated[str, AfterValidator(_http_url),
-                           WithJsonSchema({"type": "string", "format": "uri", "maxLength": 2048})]
-    language: Language = omittable(description="a language code such as auto, pt or en")
+                           WithJsonSchema({"type": "string", "format": "uri", "maxLength": MAX_URL_LENGTH})]
+    language: Language = omittable(description="a language code such as auto, en or pt-BR")
     language_out: NullableLanguage = None
     remove_noise: bool = omittable()
     convert_to_mono: bool = omittable()

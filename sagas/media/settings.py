@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from orchestrator.config import AreaSettings, Count, HttpUrl, Seconds
+from orchestrator.schemas import check_language
 
 
 class MediaSettings(AreaSettings):
@@ -31,7 +32,8 @@ class MediaSettings(AreaSettings):
     audio_normalization_timeout: Seconds = 180.0
     audio_transcriber_timeout: Seconds = 600.0
     # Defaults of a pipeline request's options
-    default_language: str = "auto"
+    # checked like a request's `language`: the default goes to the transcriber the same way
+    default_language: Annotated[str, AfterValidator(check_language)] = "auto"
     default_remove_noise: bool = True
     default_convert_mono: bool = True
     default_sample_rate_16k: bool = True

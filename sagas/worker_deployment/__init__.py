@@ -14,11 +14,9 @@ same event makes no second worker. Failed workers are kept.
 from __future__ import annotations
 
 import logging
-import re
 import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
-from urllib.parse import urlparse
 
 from pydantic import AfterValidator, Field, WithJsonSchema
 
@@ -31,7 +29,7 @@ from orchestrator.errors import NotFound
 from orchestrator.jsonutil import iso
 from orchestrator.kafka_events import Ignored, KafkaEvent
 from orchestrator.models import Base, UTCDateTime, utcnow
-from orchestrator.schemas import INT32_MAX, INT64_MAX, Contract, Event, parse, parse_value, problem
+from orchestrator.schemas import INT32_MAX, INT64_MAX, Contract, Event, check_url, parse, parse_value, problem
 from orchestrator.workflow import Workflow, register
 
 log = logging.getLogger(__name__)
@@ -71,13 +69,9 @@ def _uuid(value: str) -> str:
 
 
 def _camera_url(value: str) -> str:
-    url = value.strip()
-    if not url:
+    if not value.strip():
         raise problem("is required: a stream URL such as rtsp://host/stream")
-    parsed = urlparse(url)
-    if parsed.scheme not in CAMERA_SCHEMES or not parsed.netloc or len(url) > 2048 or re.search(r"\s", url):
-        raise problem(f"must be an {'/'.join(CAMERA_SCHEMES)} URL with a host, got {url[:80]!r}")
-    return url
+    return check_url(value, CAMERA_SCHEMES)
 
 
 #: A UUID in any of the spellings Python's uuid accepts, kept in its canonical form.

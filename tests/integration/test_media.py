@@ -221,6 +221,40 @@ def test_bad_pipeline_input(client, body, field):
     assert r.json["field"] == field and r.json["message"].startswith(field)
 
 
+@pytest.mark.parametrize("field, value, reason", [
+    ("youtube_url", "https://youtu.be/" + "x" * 2100, "is too long: 2117 characters, at most 2048"),
+    ("youtube_url", "https://youtu.be/x y", "contains a whitespace or control character (U+0020 at position 18)"),
+    ("youtube_url", "https://youtu.be/x\u2028y", "contains a whitespace or control character (U+2028 at position 18)"),
+    ("youtube_url", "https://youtu.be/\tx", "contains a whitespace or control character (U+0009 at position 17)"),
+    ("youtube_url", "https://youtu.be/x\u0085", "contains a whitespace or control character (U+0085 at position 18)"),
+    ("youtube_url", "https://youtu.be/x\u200by", "contains a whitespace or control character (U+200B at position 18)"),
+    ("youtube_url", "https://:80/x", "must be an http/https URL with a host"),
+    ("language", "xx-not-lang-\u221e", "must be a language code such as 'auto', 'en' or 'pt-BR'"),
+    ("language", "pt\u0085", "must be a language code"),
+    ("language", "english", "must be a language code"),
+    ("language", "pt-BR-x-" + "a" * 20, "is too long"),
+    ("language_out", "en\u2028", "must be a language code"),
+    ("language_out", "", "must be a language code"),
+])
+def test_pipeline_input_names_the_field_and_why(client, field, value, reason):
+    """A URL or language the services downstream would fail on is refused at once, saying why:
+    these were accepted (and failed at the downloader or transcriber), or called a too long URL
+    not an http(s) URL."""
+    body = {"youtube_url": url(), field: value}
+    r = client.post("/pipeline", json=body)
+    assert r.status_code == 400, r.json
+    assert r.json["field"] == field and r.json["message"].startswith(f"{field}: {reason}"), r.json
+
+
+@pytest.mark.parametrize("language, language_out", [("auto", None), ("pt", None), ("en", "pt-BR"),
+                                                    ("pt-BR", "en"), ("zh-Hant", "auto")])
+def test_the_seeds_language_values_are_accepted(client, language, language_out):
+    """The seed's request sends `"language": "auto", "language_out": null`; codes such as en and
+    pt-BR are taken as they are."""
+    r = client.post("/pipeline", json={"youtube_url": url(), "language": language, "language_out": language_out})
+    assert r.status_code == 200, r.json
+
+
 def test_bad_requests_never_500(client):
     assert client.post("/pipeline", data="{", content_type="application/json").json["field"] == "body"
     assert client.post("/pipeline").status_code == 400

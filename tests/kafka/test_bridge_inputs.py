@@ -51,6 +51,11 @@ def completed_route(kclient, kafka, route_id):
     ("init_scenario", json.dumps({"scenario_uuid": str(uuid.UUID(int=7)), "camera_url": "ftp://c/1"}).encode(),
      "camera_url: must be an rtsp/rtsps/rtmp/http/https URL with a host, got 'ftp://c/1'"),
     ("init_scenario", json.dumps({"scenario_uuid": str(uuid.UUID(int=8))}).encode(), "camera_url: is required"),
+    # a camera URL the runner could not open is named with the reason, as /pipeline's youtube_url
+    ("init_scenario", json.dumps({"scenario_uuid": str(uuid.UUID(int=13)), "camera_url": "rtsp://c/1\u2028"}).encode(),
+     "camera_url: contains a whitespace or control character (U+2028 at position 10)"),
+    ("init_scenario", json.dumps({"scenario_uuid": str(uuid.UUID(int=14)), "camera_url": "rtsp://c/" + "x" * 2048}).encode(),
+     "camera_url: is too long: 2057 characters, at most 2048"),
     ("worker.status", json.dumps({"worker_id": str(uuid.UUID(int=9)), "status": "running"}).encode(),
      "unroutable: unknown worker_id 00000000-0000-0000-0000-000000000009"),
     ("worker.status", json.dumps({"worker_id": str(uuid.UUID(int=9)), "status": "running",
