@@ -170,12 +170,20 @@ class ChatStore:
             total = s.execute(select(func.count()).select_from(q.subquery())).scalar_one()
             rows = s.execute(q.order_by(WorkflowInstance.created_at, WorkflowInstance.id)
                              .limit(limit).offset(offset)).scalars().all()
+            ids = [r.id for r in rows]
             counts = dict(s.execute(select(ChatEvent.task_id, func.count()).where(
-                ChatEvent.task_id.in_([r.id for r in rows]), ChatEvent.type == "chunk",
+                ChatEvent.task_id.in_(ids), ChatEvent.type == "chunk",
                 ChatEvent.seq.is_not(None)).group_by(ChatEvent.task_id)).all()) if rows else {}
+            # each task's final event, so an item's result and error are the single read's, not null
+            finals: dict[str, list[ChatEvent]] = {}
+            if rows:
+                for ev in s.execute(select(ChatEvent).where(
+                        ChatEvent.task_id.in_(ids), ChatEvent.type.in_(("result", "error")),
+                        ChatEvent.seq.is_not(None)).order_by(ChatEvent.task_seq)).scalars():
+                    finals.setdefault(ev.task_id, []).append(ev)
             items = []
             for r in rows:
-                item = task_dict(r, [])
+                item = task_dict(r, finals.get(r.id, []))
                 item["chunks_received"] = counts.get(r.id, 0)
                 del item["chunks"]
                 items.append(item)

@@ -50,6 +50,8 @@ def test_init_task_ordered_chunks_and_final_result(chat_api):
     listing = requests.get(f"{chat_api}/api/v1/chat/{sid}/tasks", timeout=5).json()
     assert listing["total"] == 1 and listing["tasks"][0]["task_id"] == task
     assert listing["tasks"][0]["chunks_received"] == 3 and listing["tasks"][0]["status"] == "completed"
+    # the list shows the result the single read shows (it was null there)
+    assert listing["tasks"][0]["result"] == t["result"] and listing["tasks"][0]["error"] is None
     status = requests.get(f"{chat_api}/api/v1/chat/{sid}/status", timeout=5).json()
     assert status["status"] == "active" and status["config"] == {"model": "m1"} and status["user_id"] == "u-1"
     assert status["tasks"] == 1 and status["recent_tasks"] == [task]
@@ -216,3 +218,5 @@ def test_an_execution_error_reaches_the_client_and_fails_the_task(chat_api):
     t = wait_for(lambda: (lambda j: j if j["status"] == "failed" else None)(
         requests.get(f"{chat_api}/api/v1/chat/{sid}/tasks/{task}", timeout=5).json()), timeout=10, what="failed")
     assert t["error"]["code"] == "execution_failed" and t["result"] is None and t["chunks_received"] == 2
+    listed = requests.get(f"{chat_api}/api/v1/chat/{sid}/tasks", timeout=5).json()["tasks"]
+    assert [(x["task_id"], x["error"], x["result"]) for x in listed] == [(task, t["error"], None)]
