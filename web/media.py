@@ -47,9 +47,14 @@ def job_status(snapshot: dict[str, Any]) -> str:
     return state
 
 
+#: Every status a stage shows (README); the seed itself shows only completed.
+STAGE_STATUSES = ("pending", "processing", "completed", "failed", "cancelled")
+
+
 def stage_view(step: dict[str, Any] | None) -> dict[str, Any]:
     """A stage as seed 004 shows it: pending until its step starts, then processing until it
-    completes or fails (a step queued for its next poll or retry still reads processing)."""
+    completes or fails (a step queued for its next poll or retry still reads processing), or
+    cancelled with its job: one of STAGE_STATUSES, as the README lists them."""
     if step is None:
         return {"status": "pending", "job_id": None, "progress": 0.0, "started_at": None, "completed_at": None}
     status = step["status"]

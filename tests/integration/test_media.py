@@ -75,6 +75,31 @@ def test_happy_path_shapes(client, worker, sweeper, emulators):
     assert [s["name"] for s in saga["steps"]] == list(STAGES)
 
 
+def test_a_cancelled_job_shows_only_documented_stage_statuses(client):
+    """A cancelled job's stage reads `cancelled`, which the README did not list among the stage
+    statuses; the job reads `cancelled` alike in /jobs/<id> and /jobs."""
+    import re
+    from pathlib import Path
+
+    from web.media import STAGE_STATUSES
+
+    readme = Path(__file__).resolve().parents[2].joinpath("README.md").read_text()
+    listed = re.search(r"Stage statuses are ((?:`\w+`,?\s*)+)", readme)
+    assert listed, "the README lists the stage statuses"
+    documented = set(re.findall(r"`(\w+)`", listed.group(1)))
+    assert documented == set(STAGE_STATUSES), documented
+    started = submit(client)  # no worker: the download step waits queued
+    r = client.post(f"/sagas/{started['job_id']}/cancel")
+    assert r.status_code == 200, r.json
+    job = client.get(f"/jobs/{started['job_id']}").json
+    assert job["status"] == "cancelled" and job["completed_at"] is None
+    assert {name: stage["status"] for name, stage in job["stages"].items()} == {
+        "download": "cancelled", "normalization": "pending", "transcription": "pending"}
+    assert {stage["status"] for stage in job["stages"].values()} <= documented
+    row = next(j for j in client.get("/jobs?limit=50").json["jobs"] if j["job_id"] == started["job_id"])
+    assert row["status"] == "cancelled"
+
+
 def test_5xx_then_success_retries_without_duplicate_jobs(client, worker, sweeper, faults, emulators):
     faults("video-downloader", [{"endpoint": "submit", "kind": "500", "times": 2}])
     faults("audio-transcriber", [{"endpoint": "status", "kind": "503", "times": 1}])
