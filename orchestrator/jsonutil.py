@@ -22,6 +22,24 @@ def why_not_json(exc: BaseException) -> str:
     return str(exc)
 
 
+class NotJSON(ValueError):
+    """Text `loads` refused; its message is `why_not_json`'s words (no parser position for
+    nesting: "is nested too deeply")."""
+
+
+def loads(raw: str | bytes | bytearray) -> Any:
+    """`json.loads` for bytes a client sent (request bodies, WebSocket frames, Kafka events, Redis
+    callbacks, calculation results, repository files): every refusal is a ValueError (NotJSON),
+    nesting past the recursion limit included. `json.loads` raises RecursionError there, which a
+    caller catching ValueError lets through as a crash (a 500, a dead socket, a dead consumer)."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise NotJSON("is nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, a number past the digit limit
+        raise NotJSON(why_not_json(exc)) from None
+
+
 # One encoder for every call: json.dumps builds a new one per call when given options.
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str)
 

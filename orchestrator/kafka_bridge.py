@@ -47,7 +47,7 @@ from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from . import logs, metrics, tracing
 from .errors import Conflict, IllegalTransition, InvalidInput, NotFound
-from .jsonutil import unstorable, why_not_json
+from .jsonutil import loads, unstorable
 from .kafka_events import Ignored, KafkaEvent
 from .models import ProcessedMessage, utcnow
 
@@ -557,9 +557,9 @@ class Bridge:
         if not raw:
             return "empty value: zero bytes are not an event", "invalid_json"
         try:
-            payload = json.loads(raw)
-        except (ValueError, RecursionError) as exc:
-            return f"invalid JSON: {why_not_json(exc)}", "invalid_json"
+            payload = loads(raw)
+        except ValueError as exc:
+            return f"invalid JSON: {exc}", "invalid_json"
         if not isinstance(payload, dict):
             return f"payload must be a JSON object, got {type(payload).__name__}", "invalid_json"
         try:  # taken exactly or not at all, like the event id: a replaced byte would alter it

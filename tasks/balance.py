@@ -14,7 +14,7 @@ from orchestrator import runtime
 from sagas.balance.calculations import publish_task, task_message
 from orchestrator.engine import Await, Done, StepContext
 from orchestrator.errors import InvalidInput
-from orchestrator.jsonutil import unstorable
+from orchestrator.jsonutil import loads, unstorable
 from sagas.balance.repository import FileContent, FileMissing, commit_once, open_repository, read_at_branch
 from orchestrator.steps import StepError, step_task
 from sagas.balance import (BALANCE_INPUT, BALANCE_OUTPUT, CALCULATE_TASK, CHECK_TASK, COMMIT_INPUTS_TASK, FINAL,
@@ -38,8 +38,8 @@ def read_json(ctx: StepContext, found: FileContent | FileMissing) -> Any:
     if isinstance(found, FileMissing):
         raise invalid(ctx, found.path, f"file not found at '{found.ref}'")
     try:
-        data = json.loads(found.text)
-    except ValueError as exc:
+        data = loads(found.text)
+    except ValueError as exc:  # nesting past the parser's depth included
         raise invalid(ctx, found.path, f"is not valid JSON: {exc}") from None
     bad = unstorable(data, "$")  # what the steps read from it is stored in the saga's context
     if bad is not None:

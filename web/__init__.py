@@ -14,7 +14,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from orchestrator import logs, tracing
 from orchestrator import runtime as runtime_module
 from orchestrator.errors import InvalidInput, OrchestratorError, Unavailable
-from orchestrator.jsonutil import check_storable, why_not_json
+from orchestrator.jsonutil import check_storable, loads
 from orchestrator.logs import mask_url
 from orchestrator.metrics import HTTP_LATENCY, HTTP_REQUESTS
 from orchestrator.schemas import parse
@@ -176,11 +176,9 @@ def json_body(required: bool = True) -> Any:
             raise InvalidInput("body", "a JSON body is required")
         return {}
     try:
-        data = current_app.json.loads(data)
-    except RecursionError:  # nested deeper than the parser goes
-        raise InvalidInput("body", "is not valid JSON: it is nested too deeply") from None
-    except ValueError as exc:
-        raise InvalidInput("body", f"is not valid JSON: {why_not_json(exc)}") from None
+        data = loads(data)
+    except ValueError as exc:  # nesting past the parser's depth included (see jsonutil.loads)
+        raise InvalidInput("body", f"is not valid JSON: {exc}") from None
     try:
         return check_storable(data)
     except RecursionError:

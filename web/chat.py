@@ -16,7 +16,7 @@ from flask_sock import ConnectionClosed, Sock
 from simple_websocket import Server
 
 from orchestrator.errors import InvalidInput
-from orchestrator.jsonutil import iso
+from orchestrator.jsonutil import iso, loads
 from orchestrator.metrics import render
 from orchestrator.models import utcnow
 from orchestrator.schemas import INT64_MAX
@@ -155,8 +155,8 @@ def _follow(session_id: str, after: int, send: Callable[[dict[str, Any]], None],
 
 def _client_frame(raw: Any, cursor: StreamCursor, send: Callable[[dict[str, Any]], None]) -> None:
     try:
-        msg = json.loads(raw) if isinstance(raw, (str, bytes)) else None
-    except ValueError:
+        msg = loads(raw) if isinstance(raw, (str, bytes)) else None
+    except ValueError:  # too deep included: a RecursionError here killed the socket
         msg = None
     if not isinstance(msg, dict):
         send(error_frame("bad_frame", "frames must be JSON objects such as {\"type\": \"resume\", \"after_seq\": 0}"))

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import redis
 
+from orchestrator.jsonutil import loads
 from sagas.chat import live as chat_live
 from sagas.chat.store import ChatStore
 
@@ -79,8 +80,10 @@ class StreamHub(threading.Thread):
         if not targets:
             return
         try:
-            item = json.loads(raw)
+            item = loads(raw)
         except ValueError:
+            return
+        if not isinstance(item, dict):
             return
         kind = item.get("type", "")
         entry = (kind[1:], None) if kind.startswith("_") else ("frame", item)

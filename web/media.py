@@ -9,7 +9,7 @@ from flask import Blueprint, request
 from sqlalchemy import delete, func, select
 
 from orchestrator.errors import NotFound
-from orchestrator.jsonutil import iso
+from orchestrator.jsonutil import iso, loads
 from orchestrator.logs import redact
 from orchestrator.models import OutboxMessage, ProcessedMessage, WorkflowInstance, utcnow
 from sagas.media import STAGES, PipelineRequest
@@ -263,7 +263,7 @@ def factory_reset() -> Any:
         try:
             resp = requests.post(f"{url}/admin/factory-reset", timeout=10)
             resp.raise_for_status()
-            micro[service] = {"status": "success", "data": resp.json()}
+            micro[service] = {"status": "success", "data": loads(resp.content)}
         except (requests.RequestException, ValueError) as exc:
             micro[service] = {"status": "error", "error": redact(f"{type(exc).__name__}: {exc}")[:300]}
     return {

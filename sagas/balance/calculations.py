@@ -31,7 +31,7 @@ from kombu.mixins import ConsumerMixin
 from orchestrator import logs
 from orchestrator.engine import ACCEPTED, Engine
 from orchestrator.errors import InvalidInput, UpstreamError
-from orchestrator.jsonutil import check_storable
+from orchestrator.jsonutil import NotJSON, check_storable, loads
 from orchestrator.schemas import Event, NonBlank, parse
 from orchestrator.config import Settings
 
@@ -136,9 +136,9 @@ def parse_result(raw: Any) -> dict[str, Any]:
     try:
         if isinstance(raw, str):
             try:
-                raw = json.loads(raw)
-            except ValueError:
-                raise InvalidInput("body", "is not JSON") from None
+                raw = loads(raw)
+            except NotJSON as exc:
+                raise InvalidInput("body", "is JSON nested too deeply" if "nested" in str(exc) else "is not JSON") from None
         result = parse(CalculationResult, check_storable(raw))
     except RecursionError:
         raise InvalidInput("body", "is JSON nested too deeply") from None

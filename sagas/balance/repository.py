@@ -32,7 +32,7 @@ from urllib.parse import urlparse
 
 from orchestrator.config import Settings
 from orchestrator.errors import InvalidInput, NotFound, UpstreamError
-from orchestrator.jsonutil import unstorable
+from orchestrator.jsonutil import loads, unstorable
 
 from .settings import BalanceSettings
 
@@ -65,8 +65,8 @@ class FileContent:
     def json(self) -> Any:
         """The file parsed as JSON; InvalidInput (422) naming the file if it is not JSON."""
         try:
-            data = json.loads(self.text)
-        except ValueError as exc:
+            data = loads(self.text)
+        except ValueError as exc:  # nesting past the parser's depth included
             raise InvalidInput(self.path, f"is not valid JSON: {exc}", status=422) from None
         bad = unstorable(data, "$")  # NaN, NUL: what is read from it is stored in the context
         if bad is not None:

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from orchestrator.engine import ACCEPTED, Engine
 from orchestrator.errors import IllegalTransition, InvalidInput, NotFound
-from orchestrator.jsonutil import iso, unstorable
+from orchestrator.jsonutil import NotJSON, iso, loads, unstorable
 from orchestrator.models import WorkflowInstance, utcnow
 from orchestrator.schemas import INT32_MAX, INT64_MAX, Event, parse
 
@@ -66,19 +66,15 @@ NESTED_TOO_DEEPLY = "body: JSON nested too deeply"
 def parse_callback(raw: Any, max_bytes: int | None = None) -> dict[str, Any]:
     """Check a callback's shape; raise Rejected("malformed", ...) naming the field, or
     Rejected("too_large", ...) when the message holds more than `max_bytes` bytes."""
-    import json
-
     if max_bytes is not None and isinstance(raw, (bytes, str)):
         size = len(raw) if isinstance(raw, bytes) else len(raw.encode("utf-8", "surrogateescape"))
         if size > max_bytes:
             raise Rejected("too_large", f"body: {size} bytes, more than CHAT_MAX_CALLBACK_BYTES ({max_bytes})")
     if isinstance(raw, (bytes, str)):
         try:
-            raw = json.loads(raw)
-        except ValueError:
-            raise Rejected("malformed", "body: not JSON") from None
-        except RecursionError:
-            raise Rejected("malformed", NESTED_TOO_DEEPLY) from None
+            raw = loads(raw)
+        except NotJSON as exc:
+            raise Rejected("malformed", NESTED_TOO_DEEPLY if "nested" in str(exc) else "body: not JSON") from None
     if not isinstance(raw, dict):
         raise Rejected("malformed", "body: must be a JSON object")
     try:

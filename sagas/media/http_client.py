@@ -10,12 +10,12 @@ from typing import Any
 import requests
 
 from orchestrator.errors import UpstreamError
-from orchestrator.jsonutil import unstorable
+from orchestrator.jsonutil import loads, unstorable
 
 
 def _message(resp: requests.Response) -> str:
     try:
-        body = resp.json()
+        body = loads(resp.content)  # a too-deep answer is non-JSON too, not a crash
     except ValueError:
         return resp.text[:500] or resp.reason
     if isinstance(body, dict):
@@ -49,7 +49,7 @@ class ServiceClient:
     def json(self, method: str, path: str, **kwargs: Any) -> Any:
         resp = self.request(method, path, **kwargs)
         try:
-            body = resp.json()
+            body = loads(resp.content)  # a too-deep answer is non-JSON too, not a crash
         except ValueError:
             raise UpstreamError(self.name, f"{method} {path} answered non-JSON") from None
         bad = unstorable(body)

@@ -191,7 +191,10 @@ def test_bad_socket_query_and_bad_client_frames(chat_api):
     ws = websocket.create_connection(ws_url(chat_api, sid), timeout=10)
     try:
         for raw, words in (("nonsense", "JSON objects"), ('{"type": "dance"}', "unknown client frame"),
-                           ('{"type": "resume", "after_seq": "x"}', "after_seq")):
+                           ('{"type": "resume", "after_seq": "x"}', "after_seq"),
+                           ("[" * 100, "JSON objects"),  # parses: not an object
+                           ("[" * 1000, "JSON objects"), ("[" * 50_000, "JSON objects"),  # past the parser's depth
+                           ('{"a": ' + "[" * 1000 + "]" * 1000 + "}", "JSON objects")):
             ws.send(raw)
             f = read_frames(ws, lambda f: True)[0]
             assert f["type"] == "error" and f["data"]["code"] == "bad_frame" and words in f["data"]["message"]
