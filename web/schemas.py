@@ -488,7 +488,10 @@ class BulkRequest(Closed):
     step: str = omittable(min_length=1, max_length=64, description="restart: the failed step to restart")
     event: str = omittable(min_length=1, max_length=64, description="event: the signal to send")
     payload: dict[str, Any] = omittable(description="event: the signal's payload")
-    filter: SagaFilter = Field(default_factory=SagaFilter)
+    # Required: a body that leaves it out (a typo, a client that forgot it) must not act on every
+    # instance of every type. `{}` still means every instance, but the caller has to say so.
+    filter: SagaFilter = Field(description="which instances (the GET /sagas filters as keys); required: "
+                                           "`{}` acts on every instance of every type")
     dry_run: bool = Field(False, description="only count the matches and show a sample; change nothing")
     rate_per_second: float = Field(10.0, gt=0, le=10000, description="actions per second at most")
 

@@ -130,4 +130,7 @@ def test_bulk_from_the_console_needs_no_admin_token_and_checks_its_input(on):
     bad = on.post("/ui/bulk/run", headers=basic(LOGIN), json={"action": "restart", "step": "nope", "dry_run": True,
                                                               "filter": {"type": "media"}})
     assert bad.status_code == 400 and bad.json["field"] == "step"
+    unfiltered = on.post("/ui/bulk/run", headers=basic(LOGIN), json={"action": "cancel"})  # not "every instance"
+    assert unfiltered.status_code == 400 and unfiltered.json["field"] == "filter", unfiltered.json
+    assert unfiltered.json["problem"] == "is required", unfiltered.json
     assert on.get("/ui/bulk/nope", headers=basic(LOGIN)).status_code in (400, 404)

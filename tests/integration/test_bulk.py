@@ -12,7 +12,7 @@ from sqlalchemy import select
 from conftest import Process, wait_for
 from engine_workflows import mend
 from orchestrator import bulk
-from orchestrator.models import BulkItem
+from orchestrator.models import BulkItem, BulkJob
 
 ADMIN = {"X-Admin-Token": "test-admin-token"}
 
@@ -113,13 +113,34 @@ def test_bulk_needs_the_admin_token(client):
     ({"action": "cancel", "filter": {"step_status": "broken"}}, "filter.step_status"),
     ({"action": "cancel", "filter": {"state": "nope"}}, "filter.state"),
     ({"action": "cancel", "filter": {"type": "repair", "state": "tts_failed"}}, "filter.state"),
-    ({"action": "cancel", "rate_per_second": 0}, "rate_per_second"),
+    ({"action": "cancel", "filter": {}, "rate_per_second": 0}, "rate_per_second"),
     ({"action": "fix"}, "action"),
 ])
 def test_bulk_refuses_what_cannot_apply_naming_the_field(client, body, field):
     resp = client.post("/sagas/bulk", json=body, headers=ADMIN)
     assert resp.status_code == 400, resp.json
     assert resp.json["field"] == field, resp.json
+
+
+def test_bulk_without_a_filter_is_refused_and_touches_nothing(client, rt):
+    def jobs() -> int:
+        with rt.db.connect() as conn:
+            return len(conn.execute(select(BulkJob.id)).all())
+
+    running = client.post("/saga", json={"type": "order", "input": {"limit": 50, "parcels": [{"id": "p1"}]}}).json["id"]
+    before = jobs()
+    for body in ({"action": "cancel"}, {"action": "cancel", "dry_run": True}, {"action": "cancel", "filter": None}):
+        resp = client.post("/sagas/bulk", json=body, headers=ADMIN)
+        assert resp.status_code == 400, resp.json
+        assert resp.json["error"] == "invalid_input" and resp.json["field"] == "filter", resp.json
+        assert resp.json["problem"] in ("is required", "must be an object, got null"), resp.json
+    assert not client.get(f"/sagas/{running}").json["finished"]
+    assert jobs() == before
+    # everything, said explicitly, is still allowed
+    dry = client.post("/sagas/bulk", json={"action": "cancel", "filter": {}, "dry_run": True}, headers=ADMIN)
+    assert dry.status_code == 200 and dry.json["matched"] >= 1, dry.json
+    schema = client.get("/openapi.json").json["components"]["schemas"]["BulkRequest"]
+    assert "filter" in schema["required"], schema
 
 
 def test_cancel_stops_a_bulk_run_and_skips_what_is_no_longer_eligible(client, rt, worker):
