@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from statemachine.exceptions import TransitionNotAllowed
 
 from .config import Settings
-from .errors import Conflict, IllegalTransition, InvalidInput, NotFound
+from .errors import Conflict, IllegalTransition, InvalidInput, NotFound, nested_field
 from . import logs, tracing
 from .jsonutil import digest, storable, utc_iso
 from .models import (ACTIVE_STEP_STATUSES, HistoryEntry, OutboxMessage, StepClaim, StepRun, StepStatus, StepToken,
@@ -536,12 +536,20 @@ class Engine:
     # -- start ---------------------------------------------------------------------------------
     def start(self, type_name: str, data: Any, *, key: str | None = None,
               idempotency_key: str | None = None, actor: str = "api",
-              answer: bool = True) -> tuple[dict[str, Any] | None, bool]:
+              answer: bool = True, input_field: str = "") -> tuple[dict[str, Any] | None, bool]:
         """Create an instance, or return the existing one for the same key. (snapshot, created).
         `answer=False`: the caller needs only `created` (the Kafka bridge), so no snapshot is
-        built or read and None stands in its place."""
+        built or read and None stands in its place. `input_field`: where `data` sits in the
+        caller's request (`input` in POST /saga's body), so that an InvalidInput from the
+        workflow's `validate_input` names its dotted path there (`input.youtube_url`); "" when
+        `data` is the whole request (a workflow's own endpoint), whose fields are named bare."""
         cls = self.workflow_class(type_name)
-        data = cls.validate_input(data, self.settings)
+        try:
+            data = cls.validate_input(data, self.settings)
+        except InvalidInput as exc:
+            if not input_field:
+                raise
+            raise InvalidInput(nested_field(input_field, exc.field), exc.problem, exc.status) from None
         # The same input is both history rows' payload (create, start event) and, unless the
         # workflow fingerprints it its own way, the fingerprint: one digest serves all three.
         payload_digest = digest(data)

@@ -35,6 +35,15 @@ class InvalidInput(OrchestratorError):
         self.status = status
 
 
+def nested_field(prefix: str, field: str) -> str:
+    """`field`, named by a check that saw only the object at `prefix` of a request, as its dotted
+    path in the whole request: `youtube_url` in `input` is `input.youtube_url`. The object
+    itself (`body`, or `prefix` already) is `prefix`; a path that already starts there is kept."""
+    if field in ("body", prefix):
+        return prefix
+    return field if field.startswith(prefix + ".") else f"{prefix}.{field}"
+
+
 class Unauthorized(OrchestratorError):
     """No credential was sent: 401 with `WWW-Authenticate: <challenge>`, which every 401 carries
     (RFC 9110), so the challenge is required; it names the scheme the credential fits (`Bearer`

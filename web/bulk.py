@@ -7,7 +7,7 @@ from typing import Any
 from flask import Blueprint
 
 from orchestrator import bulk
-from orchestrator.errors import InvalidInput
+from orchestrator.errors import InvalidInput, nested_field
 
 from . import auth, body, runtime
 from .openapi import doc
@@ -45,8 +45,7 @@ def start(req: BulkRequest) -> Any:
     try:
         ids = bulk.match_ids(engine, req.filter)
     except InvalidInput as exc:  # a filter field the registry does not know: named inside `filter`
-        field = exc.field if exc.field.startswith("filter.") else f"filter.{exc.field}"
-        raise InvalidInput(field, exc.problem) from None
+        raise InvalidInput(nested_field("filter", exc.field), exc.problem, exc.status) from None
     if req.dry_run:
         return {"matched": len(ids), "sample": ids[:SAMPLE]}
     job = bulk.create(engine, bulk.Spec(req.action, req.step, req.event, req.payload, req.rate_per_second),

@@ -22,8 +22,8 @@ def _start(type_name: str, key: str | None, data: dict[str, Any]) -> Any:
         # Its own way in checks what this endpoint cannot (a session, a project, a Kafka key).
         raise InvalidInput("type", f"a '{type_name}' workflow is started by {cls.started_by}, "
                                    "not by the generic start")
-    snapshot, created = runtime().engine.start(
-        type_name, data, key=key, idempotency_key=request.headers.get("Idempotency-Key"))
+    snapshot, created = runtime().engine.start(  # the input's fields are named inside `input`
+        type_name, data, key=key, idempotency_key=request.headers.get("Idempotency-Key"), input_field="input")
     return snapshot, (201 if created else 200)
 
 

@@ -280,6 +280,23 @@ def test_the_seeds_language_values_are_accepted(client, language, language_out):
     assert r.status_code == 200, r.json
 
 
+@pytest.mark.parametrize("body, field", [
+    ({}, "input.youtube_url"),
+    ({"youtube_url": 5}, "input.youtube_url"),
+    ({"youtube_url": url(), "language": 3}, "input.language"),
+    ({"youtube_url": url(), "bogus": 1}, "input.bogus"),
+    ({"youtube_url": url(), "remove_noise": "yes"}, "input.remove_noise"),
+    ([], "input"),
+    ("x", "input"),
+])
+@pytest.mark.parametrize("path", ["/saga", "/saga/media"])
+def test_bad_input_through_the_generic_start_is_named_inside_input(client, path, body, field):
+    r = client.post(path, json={"type": "media", "input": body} if path == "/saga" else {"input": body})
+    assert r.status_code == 400, r.json
+    assert r.json["error"] == "invalid_input" and r.json["field"] == field, r.json
+    assert r.json["message"].startswith(field + ":"), r.json
+
+
 def test_bad_requests_never_500(client):
     assert client.post("/pipeline", data="{", content_type="application/json").json["field"] == "body"
     assert client.post("/pipeline").status_code == 400
