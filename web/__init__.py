@@ -17,6 +17,7 @@ from orchestrator.errors import InvalidInput, OrchestratorError, Unavailable
 from orchestrator.jsonutil import check_storable, loads
 from orchestrator.logs import mask_url
 from orchestrator.metrics import HTTP_LATENCY, HTTP_REQUESTS
+from orchestrator.models import HistoryEntry
 from orchestrator.schemas import parse
 
 from .settings import HttpSettings
@@ -145,6 +146,23 @@ def admin_token_sent() -> str | None:
     if not given and auth.startswith("Bearer "):
         given = auth[7:]
     return given or None
+
+
+#: The longest history actor: the `actor` column's length (128).
+MAX_ACTOR: int = HistoryEntry.__table__.c.actor.type.length
+
+
+def actor(header: str = "X-Actor") -> str:
+    """Who acts, for the instance's history: the request's `header` (`X-Actor`; the balance
+    routes pass their gateway's `X-User`), "api" without one. 400 naming the header when it is
+    longer than MAX_ACTOR characters: checked here, before anything is written, because the
+    column's limit is not: SQLite would store it whole and PostgreSQL refuse it mid-transaction."""
+    value = request.headers.get(header)
+    if value is None:
+        return "api"
+    if len(value) > MAX_ACTOR:
+        raise InvalidInput(header, f"must be at most {MAX_ACTOR} characters, got {len(value)}")
+    return value
 
 
 def check_request_text() -> None:

@@ -29,7 +29,7 @@ from orchestrator.models import WorkflowInstance
 from sagas.balance.repository import check_branch_name, check_project, geometries, open_repository
 from sagas.balance import STATE_ROLES, BalanceRequest, BalanceSaga, CalculationRequest, SimpleCalculation, Submission
 
-from . import body, json_body, query, runtime
+from . import actor, body, json_body, query, runtime
 from .auth import USER_CHALLENGE, USER_HEADER
 from .openapi import doc
 from .schemas import (BalanceStatus, CalculationStatus, Geometries, GeometriesQuery, IdempotencyHeader, Issues,
@@ -196,7 +196,7 @@ def submit_input(saga_id: str) -> Any:
     # The checks (fields, chain, and that the saga waits for this input) are the signal's own:
     # sagas.balance.check_submission, run under the saga's lock.
     engine.signal(saga_id, "submit_input", body(SignalPayload).root,
-                  actor=request.headers.get("X-User", "api"))
+                  actor=actor("X-User"))
     return _answer(_settle(saga_id, {"save"}))
 
 

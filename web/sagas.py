@@ -7,7 +7,7 @@ from flask import Blueprint, request
 
 from orchestrator.errors import InvalidInput
 
-from . import body, query, runtime
+from . import actor, body, query, runtime
 from .openapi import doc
 from .schemas import (IdempotencyHeader, Instance, InstancePage, SagaListQuery, SignalPayload, StartSaga,
                       StartSagaOfType, StepQuery)
@@ -71,7 +71,7 @@ def fire_event(instance_id: str, event: str) -> Any:
     """A signal the workflow declares for users (Workflow.signals); its own events are refused
     with 400 naming `event`."""
     payload = body(SignalPayload, required=False).root
-    return runtime().engine.signal(instance_id, event, payload, actor=request.headers.get("X-Actor", "api"))
+    return runtime().engine.signal(instance_id, event, payload, actor=actor())
 
 
 @bp.post("/sagas/<instance_id>/restart")
@@ -79,11 +79,11 @@ def fire_event(instance_id: str, event: str) -> Any:
 def restart_step(instance_id: str) -> Any:
     """Restart a failed step."""
     step = query(StepQuery).step
-    return runtime().engine.restart(instance_id, step, actor=request.headers.get("X-Actor", "api"))
+    return runtime().engine.restart(instance_id, step, actor=actor())
 
 
 @bp.post("/sagas/<instance_id>/cancel")
 @doc(Instance, errors=(400, 404, 409), tags=TAGS)
 def cancel(instance_id: str) -> Any:
     """Cancel; declared compensations run in reverse order."""
-    return runtime().engine.cancel(instance_id, actor=request.headers.get("X-Actor", "api"))
+    return runtime().engine.cancel(instance_id, actor=actor())

@@ -1,0 +1,53 @@
+"""Headers stored in a length-limited column are checked against it where they enter, the same
+on both databases: SQLite does not enforce a String(n) length (it would store the whole value)
+and PostgreSQL refuses it inside the transaction. A value over the limit is a 400 naming the
+header, and nothing is written."""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import pytest
+
+from conftest import embedded
+
+LONG = "a" * 5000
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def api(request: Any, tmp_path: Any) -> Iterator[Any]:
+    if request.param == "postgresql":
+        yield request.getfixturevalue("client")
+        return
+    from orchestrator import runtime
+    from orchestrator.config import load_settings
+    from orchestrator.migrate import upgrade
+    from web import create_app
+
+    env, rt = request.getfixturevalue("env"), request.getfixturevalue("rt")
+    files = embedded(tmp_path)
+    upgrade(files["DATABASE_URL"])
+    own = runtime.build(load_settings(environ={**env, **files}, dotenv="/nonexistent"))
+    try:
+        yield create_app(own).test_client()
+    finally:
+        own.db.dispose()
+        runtime.install(rt)
+
+
+def test_an_x_actor_over_128_characters_is_a_400_naming_it_and_nothing_is_written(api):
+    iid = api.post("/saga/order", json={"input": {"limit": 50, "parcels": [{"id": "p1"}]}}).json["id"]
+    before = api.get(f"/sagas/{iid}").json
+    for method, url, body in (("post", f"/sagas/{iid}/cancel", None),
+                              ("post", f"/sagas/{iid}/events/approve", {"amount": 20}),
+                              ("post", f"/sagas/{iid}/restart?step=reserve", None)):
+        r = getattr(api, method)(url, json=body, headers={"X-Actor": LONG})
+        assert r.status_code == 400, (url, r.status_code, r.json)
+        assert r.json["error"] == "invalid_input" and r.json["field"] == "X-Actor", r.json
+        assert r.json["problem"] == "must be at most 128 characters, got 5000", r.json
+    after = api.get(f"/sagas/{iid}").json
+    assert after["history"] == before["history"] and not after["finished"], after
+    # the longest allowed is stored whole
+    ok = api.post(f"/sagas/{iid}/cancel", headers={"X-Actor": "b" * 128})
+    assert ok.status_code == 200, ok.json
+    assert ok.json["history"][-1]["actor"] == "b" * 128 or any(
+        h["actor"] == "b" * 128 for h in api.get(f"/sagas/{iid}").json["history"])
