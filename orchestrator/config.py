@@ -12,7 +12,9 @@ The rules (README, "Configuration"):
 - a variable set to the empty string counts as unset: its default applies;
 - names are exact (upper case); the seeds' names are aliases (`POSTGRES_DSN`, `KAFKA_BOOTSTRAP_SERVERS`),
   and the first one set wins;
-- booleans are true/false, 1/0, yes/no, on/off; numbers must not be negative;
+- booleans are true/false, 1/0, yes/no, on/off; numbers must not be negative, and each has the
+  bounds its use needs (a port 1-65535, a count of processes at least 1, a lease or timeout above
+  zero), so a value no process could run with stops start-up instead of a server that never answers;
 - a malformed value raises ConfigError naming the variable. Nothing here connects to anything.
 """
 from __future__ import annotations
@@ -35,6 +37,14 @@ _URL_PASSWORD = re.compile(r"[a-z][a-z0-9+.-]*://[^:/@\s]*:([^@\s/]+)@", re.I)
 #: A count or a duration: a negative value is refused.
 Count = Annotated[int, Field(ge=0)]
 Seconds = Annotated[float, Field(ge=0)]
+#: A count where 0 would leave nothing to do the work (API workers): at least 1.
+AtLeastOne = Annotated[int, Field(ge=1)]
+#: A duration where 0 cannot work (a lease that has expired when taken, a request timeout that
+#: fails before it is sent): greater than zero.
+PositiveSeconds = Annotated[float, Field(gt=0)]
+#: A TCP port a server listens on: the kernel takes 1-65535 (bind() of a larger one raises
+#: OverflowError inside the server, after start-up reported nothing wrong).
+Port = Annotated[int, Field(ge=1, le=65535)]
 
 
 def _http_url(value: str) -> str:
@@ -79,6 +89,8 @@ def _problem(error: dict[str, Any]) -> str:
         return f"expected true or false, got {got!r}"
     if kind == "greater_than_equal":
         return f"must not be negative, got {got!r}" if ctx.get("ge") == 0 else f"must be at least {ctx['ge']}, got {got!r}"
+    if kind == "less_than_equal":
+        return f"must be at most {ctx['le']}, got {got!r}"
     if kind == "greater_than":
         return "must be greater than zero" if ctx.get("gt") == 0 else f"must be greater than {ctx['gt']}"
     if kind == "literal_error":
@@ -141,22 +153,23 @@ class Settings(EnvSettings):
     redis_url: str = ""
     # API server (seed 004)
     host: str = "0.0.0.0"
-    port: Count = 8000
-    workers: Count = 4
+    port: Port = 8000
+    workers: AtLeastOne = 4
     # threads per API worker: each open chat WebSocket or event stream holds one
     api_threads: Annotated[int, Field(ge=1)] = 32
     # Engine
     # Off behind a pooler that moves a session between server connections (PgBouncer in
     # transaction mode): the engine's statements are then planned on every call.
     database_prepared_statements: bool = True
-    sweep_interval: Seconds = 1.0
-    step_lease_seconds: Seconds = 600.0
+    # 0 would make the sweeper spin without a pause and every step's lease expire as it is taken
+    sweep_interval: PositiveSeconds = 1.0
+    step_lease_seconds: PositiveSeconds = 600.0
     # How many successive steps one delivery may run in its worker when each step's successor is
     # a task that worker consumes (no broker hop; see docs/performance.md); 0: every step goes
     # through the broker.
     local_continuation_steps: Count = 16
     # How long a sweeper holds a bulk operation it drives before another may take it over.
-    bulk_lease_seconds: Seconds = 30.0
+    bulk_lease_seconds: PositiveSeconds = 30.0
     environment: str = "development"
     #: How long a process waits at start-up for PostgreSQL, RabbitMQ and Redis before it gives up
     #: (0: for ever), retrying with backoff (orchestrator/runtime.py, `wait_for_services`).

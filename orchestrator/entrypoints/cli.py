@@ -21,11 +21,17 @@ from orchestrator.errors import ConfigError
 log = logging.getLogger("orchestrator")
 
 
-def _settings() -> Settings:
-    """The settings, with every workflow's own: a bad variable anywhere stops the process here."""
+def _settings(*areas: str) -> Settings:
+    """The settings, with every workflow's own and those of the modules `areas` (the API's,
+    `web.settings`, for the commands that run it): a bad variable anywhere stops the process here,
+    not in a server's forked worker after it reported itself started."""
+    import importlib
+
     from orchestrator.runtime import load_workflow_modules
 
     try:
+        for module in areas:  # registers its AreaSettings, checked by load_settings
+            importlib.import_module(module)
         settings = load_settings()
         load_workflow_modules(settings)
         return settings
@@ -98,7 +104,7 @@ def cmd_api(args: argparse.Namespace) -> None:
     # before the settings import the workflow modules: a metric made earlier would not be shared
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="orchestrator-metrics-")
-    settings = _settings()
+    settings = _settings("web.settings")  # API_* too: gunicorn's workers would only fail to boot
     _logging(settings)
     _tracing("api", settings)  # gunicorn's workers inherit it; create_app instruments Flask
     from gunicorn.app.base import BaseApplication
@@ -398,7 +404,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
         unless_stopped(f"{what} done")
 
     os.environ.setdefault("LOG_FORMAT", "text")  # a terminal, unless told otherwise
-    settings = _settings()
+    settings = _settings("web.settings")  # the API child's too: it would only restart until dev gives up
     _logging(settings)
     env = dict(os.environ)
     # Flower and the console are never open, not even in dev: a documented default login
@@ -420,8 +426,9 @@ def cmd_dev(args: argparse.Namespace) -> None:
                                        "--ports", ",".join(str(p) for p in ports.values()),
                                        "--data", "data/media"]))
     raw_gitlab_port = os.environ.get("GITLAB_EMULATOR_PORT") or "8010"
-    if not raw_gitlab_port.isdigit():
-        sys.exit(f"configuration error: GITLAB_EMULATOR_PORT: expected a port number, got {raw_gitlab_port!r}")
+    if not raw_gitlab_port.isdigit() or not 1 <= int(raw_gitlab_port) <= 65535:
+        sys.exit(f"configuration error: GITLAB_EMULATOR_PORT: expected a port number (1-65535), "
+                 f"got {raw_gitlab_port!r}")
     gitlab_port = int(raw_gitlab_port)
     from sagas.balance.settings import BalanceSettings
 
@@ -557,6 +564,30 @@ def cmd_dev(args: argparse.Namespace) -> None:
     sys.exit(code)
 
 
+def _number(low: int, high: int | None = None, zero: str = "") -> Any:
+    """An argparse type: an integer from `low` to `high`, and 0 as well when `zero` says what it
+    means. A flag out of range stops the command with a one-line usage error, as a bad variable
+    does: a server told to run 0 workers starts and never answers, one told to bind port 99999
+    fails inside gunicorn with a traceback."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if zero and value == 0:
+            return value
+        if value < low or (high is not None and value > high):
+            span = f"{low}-{high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"expected {span}{' or 0 (' + zero + ')' if zero else ''}, got {value}")
+        return value
+    return parse
+
+
+#: A port to listen on; the media emulators take three from the one given.
+PORT = _number(1, 65535)
+COUNT = _number(1)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="orchestrator", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -568,15 +599,15 @@ def parser() -> argparse.ArgumentParser:
 
     api = sub.add_parser("api", help="the HTTP API (gunicorn)")
     api.add_argument("--host")
-    api.add_argument("--port", type=int)
-    api.add_argument("--workers", type=int)
-    api.add_argument("--threads", type=int, help="threads per worker (API_THREADS, default 32)")
+    api.add_argument("--port", type=PORT)
+    api.add_argument("--workers", type=COUNT)
+    api.add_argument("--threads", type=COUNT, help="threads per worker (API_THREADS, default 32)")
     api.add_argument("--access-log", action="store_true")
     api.set_defaults(func=cmd_api)
 
     worker = sub.add_parser("worker", help="a Celery worker for step tasks")
     worker.add_argument("--queues", default="default,media,engine")
-    worker.add_argument("--concurrency", type=int, default=2)
+    worker.add_argument("--concurrency", type=COUNT, default=2)
     worker.add_argument("--name", default="worker@%h")
     worker.add_argument("--pool", default="prefork")
     worker.set_defaults(func=cmd_worker)
@@ -590,7 +621,7 @@ def parser() -> argparse.ArgumentParser:
 
     bridge = sub.add_parser("bridge", help="the Kafka bridge (consumer group CONSUMER_GROUP)")
     bridge.add_argument("--group", help="consumer group (default: CONSUMER_GROUP)")
-    bridge.add_argument("--metrics-port", type=int, default=0, help="serve /metrics on 127.0.0.1:PORT")
+    bridge.add_argument("--metrics-port", type=_number(1, 65535, zero="off"), default=0, help="serve /metrics on 127.0.0.1:PORT")
     bridge.set_defaults(func=cmd_bridge)
 
     produce = sub.add_parser("produce", help="produce one JSON event to a topic (KAFKA_BROKERS, else :9092)")
@@ -600,17 +631,17 @@ def parser() -> argparse.ArgumentParser:
     produce.set_defaults(func=cmd_produce)
 
     flower = sub.add_parser("flower", help="Flower with basic auth (FLOWER_BASIC_AUTH)")
-    flower.add_argument("--port", type=int, default=5555)
+    flower.add_argument("--port", type=PORT, default=5555)
     flower.add_argument("--address", default="127.0.0.1")
     flower.set_defaults(func=cmd_flower)
 
     dev = sub.add_parser("dev", help="all processes and the emulators together, in the foreground")
-    dev.add_argument("--concurrency", type=int, default=4)
-    dev.add_argument("--api-workers", type=int, default=2)
-    dev.add_argument("--flower-port", type=int, default=5555)
-    dev.add_argument("--emulator-port", type=int, default=8001,
+    dev.add_argument("--concurrency", type=COUNT, default=4)
+    dev.add_argument("--api-workers", type=COUNT, default=2)
+    dev.add_argument("--flower-port", type=PORT, default=5555)
+    dev.add_argument("--emulator-port", type=_number(1, 65533), default=8001,
                      help="first of three ports for the media emulators (8001-8003)")
-    dev.add_argument("--kafka-port", type=int, default=9092,
+    dev.add_argument("--kafka-port", type=_number(1, 65535, zero="any free port"), default=9092,
                      help="port of the bundled Kafka broker when KAFKA_BROKERS is unset (0: any free port)")
     dev.add_argument("--kafka-emulators", action=argparse.BooleanOptionalAction, default=True,
                      help="run the emulated Kafka services (story, TTS, delivery prefetch, worker runner) against "

@@ -6,7 +6,7 @@ Read from the same variables as the core settings (`BalanceSettings.from_setting
 """
 from __future__ import annotations
 
-from orchestrator.config import AreaSettings, HttpUrl, Seconds
+from orchestrator.config import AreaSettings, HttpUrl, PositiveSeconds
 
 
 class BalanceSettings(AreaSettings):
@@ -14,7 +14,7 @@ class BalanceSettings(AreaSettings):
 
     gitlab_url: HttpUrl = ""
     gitlab_token: str = ""
-    gitlab_timeout: Seconds = 10.0
+    gitlab_timeout: PositiveSeconds = 10.0  # 0 would fail every request to GitLab
     # Local git repositories served when no GitLab is configured (project path = folder path)
     git_repos_dir: str = "./data/repos"
     # The calculation workers' contract (docs/balance.md)

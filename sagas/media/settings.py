@@ -9,7 +9,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, Field
 
-from orchestrator.config import AreaSettings, Count, HttpUrl, Seconds
+from orchestrator.config import AreaSettings, Count, HttpUrl, PositiveSeconds, Seconds
 from orchestrator.schemas import check_language
 
 
@@ -28,9 +28,10 @@ class MediaSettings(AreaSettings):
     video_downloader_url: HttpUrl = "http://localhost:8001"
     audio_normalization_url: HttpUrl = "http://localhost:8002"
     audio_transcriber_url: HttpUrl = "http://localhost:8003"
-    video_downloader_timeout: Seconds = 300.0
-    audio_normalization_timeout: Seconds = 180.0
-    audio_transcriber_timeout: Seconds = 600.0
+    # a request timeout of 0 fails every request before it is sent
+    video_downloader_timeout: PositiveSeconds = 300.0
+    audio_normalization_timeout: PositiveSeconds = 180.0
+    audio_transcriber_timeout: PositiveSeconds = 600.0
     # Defaults of a pipeline request's options
     # checked like a request's `language`: the default goes to the transcriber the same way
     default_language: Annotated[str, AfterValidator(check_language)] = "auto"

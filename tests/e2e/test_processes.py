@@ -202,6 +202,59 @@ def test_variable_names_are_exact_a_lower_case_one_is_not_read(tmp_path):
     assert (tmp_path / "orchestrator.db").exists(), out.stdout
 
 
+# Values a server cannot run with: before, WORKERS=0 started a gunicorn that listened and never
+# answered, PORT=99999 ended in gunicorn's OverflowError traceback, and API_MAX_BODY_BYTES (the
+# API's own settings, read only in gunicorn's forked workers) in a traceback per worker and
+# "Worker failed to boot"; `dev` did not read it at all and its API child restarted until dev gave up.
+@pytest.mark.parametrize("command, name, value", [
+    ("api", "WORKERS", "0"), ("api", "PORT", "99999"), ("api", "PORT", "0"), ("api", "API_MAX_BODY_BYTES", "10"),
+    ("api", "STEP_LEASE_SECONDS", "0"), ("api", "AUDIO_TRANSCRIBER_TIMEOUT", "0"), ("sweeper", "SWEEP_INTERVAL", "0"),
+    ("dev", "API_MAX_BODY_BYTES", "10"), ("dev", "PORT", "70000"), ("dev", "GITLAB_EMULATOR_PORT", "70000")])
+def test_a_value_no_process_can_run_with_is_refused_before_it_starts(env, tmp_path, command, name, value):
+    out = _refused([command], {**env, name: value}, tmp_path)
+    assert out.returncode != 0, out.stderr
+    assert out.stderr.strip().splitlines() == [out.stderr.strip().splitlines()[0]], out.stderr  # one line
+    assert out.stderr.startswith(f"configuration error: {name}: "), out.stderr
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["api", "--workers", "0"], "--workers"), (["api", "--port", "99999"], "--port"),
+    (["api", "--threads", "0"], "--threads"), (["worker", "--concurrency", "0"], "--concurrency"),
+    (["flower", "--port", "0"], "--port"), (["bridge", "--metrics-port", "70000"], "--metrics-port"),
+    (["dev", "--api-workers", "0"], "--api-workers"), (["dev", "--concurrency", "0"], "--concurrency"),
+    (["dev", "--emulator-port", "65534"], "--emulator-port"), (["dev", "--kafka-port", "-1"], "--kafka-port")])
+def test_a_flag_out_of_range_is_a_usage_error(env, tmp_path, args, flag):
+    out = _refused(args, env, tmp_path)
+    assert out.returncode == 2 and f"error: argument {flag}: expected" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+
+
+def _refused(args: list[str], env: dict, cwd) -> "subprocess.CompletedProcess[str]":
+    """`orchestrator <args>`, expected to stop at once. One that starts instead (as before the
+    checks) gets SIGTERM after a while, and dev runs on free ports, never the defaults a user's
+    `make run` takes."""
+    env = dict(env)
+    if args[0] == "dev":
+        env.update(PORT=env.get("PORT") or str(free_port()), HOST="127.0.0.1", GITLAB_EMULATOR_PORT=env.get(
+            "GITLAB_EMULATOR_PORT") or str(free_port()))
+        args = args + ["--flower-port", str(free_port()), "--emulator-port", str(free_port_run(3)), "--kafka-port", "0"]
+    if args[0] == "api" and "PORT" not in env:
+        env["PORT"] = str(free_port())
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.entrypoints.cli", *args], env=env, cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)  # dev stops its children on it
+        try:
+            proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"orchestrator {' '.join(args)} started instead of refusing")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 def test_ctrl_c_during_dev_start_up_stops_everything_without_a_traceback(tmp_path):
     """Ctrl-C (SIGINT to dev's process group, as a terminal sends it) while a set-up step runs
     (the demo project, `db upgrade`) printed the KeyboardInterrupt tracebacks of dev and of the
@@ -273,3 +326,4 @@ def test_dev_runs_everything_on_embedded_defaults(tmp_path):
     time.sleep(0.5)
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{base}/healthz", timeout=2)
+

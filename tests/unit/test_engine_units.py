@@ -183,7 +183,8 @@ def test_settings_made_in_code_read_no_environment(monkeypatch):
 
 
 @pytest.mark.parametrize("name, value, problem", [
-    ("API_THREADS", "0", "must be at least 1"), ("WORKERS", "-1", "must not be negative"),
+    ("API_THREADS", "0", "must be at least 1"), ("WORKERS", "0", "must be at least 1"),
+    ("PORT", "65536", "must be at most 65535"), ("BULK_LEASE_SECONDS", "0", "must be greater than zero"),
     ("GITLAB_URL", "gitlab.example.com", "expected an http:// or https:// URL"),
     ("GITLAB_TIMEOUT", "soon", "expected a number"), ("MAX_POLL_ATTEMPTS", "0", "must be at least 1"),
     ("CHAT_MAX_MESSAGE_CHARS", "lots", "expected a number"), ("CHAT_HEARTBEAT_SECONDS", "0", "must be at least 0.1"),
