@@ -315,6 +315,9 @@ DEV_LOGIN = "admin:admin"
 #: The admin token `orchestrator dev` gives the API (X-Admin-Token) unless ADMIN_TOKEN is set.
 DEV_ADMIN_TOKEN = "dev-admin-token"
 DEV_STABLE_SECONDS = 60.0
+#: The children of `orchestrator dev` that stand in for outside services: started with the
+#: product's processes, stopped after them (the worker's last steps still talk to them).
+DEV_EMULATORS = frozenset({"emulators", "gitlab", "calculator", "execution", "kafka-emulators"})
 
 
 @dataclass
@@ -397,8 +400,17 @@ def cmd_dev(args: argparse.Namespace) -> None:
             print(f"orchestrator dev: stopped during start-up ({done})", flush=True)
             sys.exit(0)
 
+    from .children import die_with_parent
+
+    # Every child dies with dev, even by kill -9 (its own session keeps it out of Ctrl-C's reach,
+    # and of everything else once dev is gone): the product's processes by SIGTERM (a worker
+    # finishes its step), the emulators and the broker by SIGKILL (nothing of theirs needs a
+    # clean stop). All are started from this, the main, thread: the signal comes when the
+    # thread that forked a child ends.
+    product_preexec, emulator_preexec = die_with_parent(signal.SIGTERM), die_with_parent(signal.SIGKILL)
+
     def set_up(what: str, cmd: list[str]) -> None:
-        code = subprocess.run(cmd, env=env, start_new_session=True).returncode
+        code = subprocess.run(cmd, env=env, start_new_session=True, preexec_fn=product_preexec).returncode
         if code != 0:
             sys.exit(f"orchestrator dev: {what} failed ({_exit_text(code)}); nothing else was started")
         unless_stopped(f"{what} done")
@@ -500,7 +512,8 @@ def cmd_dev(args: argparse.Namespace) -> None:
     due: dict[str, float] = {}  # children waiting out their backoff before a restart
 
     def start(name: str) -> None:
-        procs[name] = subprocess.Popen(commands[name], env=env, start_new_session=True)
+        procs[name] = subprocess.Popen(commands[name], env=env, start_new_session=True,
+                                       preexec_fn=emulator_preexec if name in DEV_EMULATORS else product_preexec)
         started[name] = time.monotonic()
 
     for name in commands:

@@ -14,6 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from .children import die_with_parent
 from .ports import free_port
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,9 @@ class BundledBroker:
                "--storage-engine", "memory://tansu/", "--cluster-id", "dev"]
         env = {**os.environ, "RUST_LOG": "warn"}
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        # SIGKILL with its parent (a kill -9 of dev): a memory-only broker loses nothing by it
         self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=die_with_parent(signal.SIGKILL))
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:

@@ -327,3 +327,67 @@ def test_dev_runs_everything_on_embedded_defaults(tmp_path):
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{base}/healthz", timeout=2)
 
+
+def _dev(tmp_path, port: int, flower: int, emulators: int, gitlab: int, log_name: str) -> "subprocess.Popen[bytes]":
+    """`orchestrator dev` in `tmp_path` on the ports given (never the defaults a user's `make run` takes)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("CELERY_", "DATABASE_", "POSTGRES_", "REDIS_", "VIDEO_", "AUDIO_", "KAFKA_"))}
+    env.update(PORT=str(port), HOST="127.0.0.1", LOG_LEVEL="WARNING", PYTHONPATH=str(ROOT),
+               FLOWER_BASIC_AUTH="admin:secret", GITLAB_EMULATOR_PORT=str(gitlab))
+    with (tmp_path / log_name).open("wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "orchestrator.entrypoints.cli", "dev", "--flower-port", str(flower),
+                                 "--concurrency", "2", "--api-workers", "2", "--emulator-port", str(emulators),
+                                 "--kafka-port", "0"], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def _alive(procs: list) -> list:
+    import psutil
+
+    left = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                left.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return left
+
+
+def test_kill_9_of_dev_takes_every_child_with_it_and_dev_starts_again(tmp_path):
+    """Each dev child runs in a session of its own (out of Ctrl-C's reach): a kill -9 of dev
+    orphaned them all (API, worker, sweeper, bridge, Flower, emulators, the bundled broker), and
+    the next `make run` stopped at 'port ... not available'. Now every one dies with dev, and a
+    second dev on the same ports and data directory starts."""
+    import psutil
+
+    port, flower, emulators, gitlab = free_port(), free_port(), free_port_run(3), free_port()
+    proc = _dev(tmp_path, port, flower, emulators, gitlab, "dev.log")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", timeout=90)
+        wait_http(f"http://127.0.0.1:{flower}/healthcheck", timeout=60)
+        dev = psutil.Process(proc.pid)
+        # the worker's pool processes and gunicorn's workers too
+        wait_for(lambda: len(dev.children(recursive=True)) >= 14, timeout=30, what="every dev process")
+        seen = dev.children(recursive=True)
+        names = {" ".join(p.cmdline()[1:4]) for p in seen}
+        proc.send_signal(signal.SIGKILL)  # dev alone, as `kill -9 <pid>`
+        proc.wait(10)
+        deadline = time.monotonic() + 30  # a worker's warm shutdown, gunicorn's graceful stop
+        while _alive(seen) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = _alive(seen)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    for p in _alive(seen):  # leave nothing behind whatever happened
+        p.kill()
+    assert not left, ([p.cmdline() for p in left], names)
+
+    again = _dev(tmp_path, port, flower, emulators, gitlab, "dev2.log")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", timeout=90)
+    finally:
+        code = terminate(again)
+    assert code == 0, (tmp_path / "dev2.log").read_text()[-3000:]
+
