@@ -563,18 +563,35 @@ def cmd_dev(args: argparse.Namespace) -> None:
             code = 1
             stopping.set()
         stopping.wait(0.5)
+    # The product's processes first, then the emulators, then the broker: a worker in its warm
+    # shutdown still polls the emulated services, and one gone under it would cost the running
+    # step an attempt (a ConnectionError counted as a failed try, left in its error).
+    product = {n: p for n, p in procs.items() if n not in DEV_EMULATORS}
+    emulators = {n: p for n, p in procs.items() if n in DEV_EMULATORS}
+    _stop_children(product, due, "the product's processes")
+    _stop_children(emulators, due, "the emulators")
+    if broker is not None:
+        broker.stop()
+        print("orchestrator dev: stopped the bundled Kafka broker", flush=True)
+    sys.exit(code)
+
+
+def _stop_children(procs: dict[str, "subprocess.Popen[bytes]"], due: dict[str, float], what: str,
+                   grace: float = 15.0) -> None:
+    """SIGTERM every one of `procs` (their process groups), wait for them all up to `grace`
+    seconds, then SIGKILL what is left; `due` (waiting to be restarted) are already stopped."""
     for name, proc in procs.items():
         if name not in due and proc.poll() is None:
             _kill_group(proc.pid, signal.SIGTERM)
-    deadline = time.time() + 15
+    deadline = time.time() + grace
     for name, proc in procs.items():
         try:
             proc.wait(max(0.1, deadline - time.time()))
         except subprocess.TimeoutExpired:
             _kill_group(proc.pid, signal.SIGKILL)
-    if broker is not None:
-        broker.stop()
-    sys.exit(code)
+            proc.wait()
+        _kill_group(proc.pid, signal.SIGKILL)  # what it left behind in its group (pool processes)
+    print(f"orchestrator dev: stopped {what} ({', '.join(procs)})", flush=True)
 
 
 def _number(low: int, high: int | None = None, zero: str = "") -> Any:

@@ -391,3 +391,39 @@ def test_kill_9_of_dev_takes_every_child_with_it_and_dev_starts_again(tmp_path):
         code = terminate(again)
     assert code == 0, (tmp_path / "dev2.log").read_text()[-3000:]
 
+
+def test_ctrl_c_stops_the_emulators_after_the_product_processes(tmp_path):
+    """Ctrl-C stopped every child at once: the media emulators were gone while the worker, in its
+    warm shutdown, still polled them, and the running stage counted the ConnectionError as a
+    failed attempt (attempt 2 and an error text after the restart). Now the product's processes
+    stop first and are waited for; the emulators and the bundled broker go last."""
+    import psutil
+
+    port = free_port()
+    proc = _dev(tmp_path, port, free_port(), free_port_run(3), free_port(), "dev.log")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", timeout=90)
+        pids = dict(item.split("=") for item in
+                    wait_for(lambda: [line for line in (tmp_path / "dev.log").read_text().splitlines()
+                                      if line.startswith("orchestrator dev: pids ")], timeout=10)[0]
+                    .removeprefix("orchestrator dev: pids ").split(", "))
+        watched = {name: psutil.Process(int(pid)) for name, pid in pids.items()}
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: dev's process group
+        gone: dict[str, float] = {}
+        deadline = time.monotonic() + 60
+        while len(gone) < len(watched) and time.monotonic() < deadline:
+            for name, p in watched.items():
+                if name not in gone and not _alive([p]):
+                    gone[name] = time.monotonic()
+            time.sleep(0.01)
+        assert proc.wait(60) == 0, (tmp_path / "dev.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    emulators = {"emulators", "gitlab", "calculator", "execution", "kafka-emulators"} & set(watched)
+    product = set(watched) - emulators
+    assert emulators and {"worker", "api"} <= product and set(gone) == set(watched), (gone, watched)
+    last_product = max(gone[n] for n in product)
+    assert all(gone[n] >= last_product for n in emulators), sorted(gone, key=gone.get)
+    text = (tmp_path / "dev.log").read_text()
+    assert text.index("stopped the product's processes") < text.index("stopped the emulators"), text[-3000:]
