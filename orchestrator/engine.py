@@ -1177,6 +1177,8 @@ class Engine:
         run.started_at = run.started_at or now
         run.finished_at = now
         run.lease_until = None
+        if run.error is not None:  # an earlier attempt's: a completed step has failed at nothing
+            run.error = None
         self._transition(uow, inst, event, payload, actor, old_run=run)
 
     def step_failed(self, instance_id: str, step: str, attempt: int, error: str, retryable: bool,

@@ -108,6 +108,11 @@ def test_5xx_then_success_retries_without_duplicate_jobs(client, worker, sweeper
     saga = client.get(f"/sagas/{job['job_id']}").json
     download = next(s for s in saga["steps"] if s["name"] == "download")
     assert download["attempt"] == 3  # two failed submits, then success
+    # the failed attempts' error is gone with the success: the job failed at nothing, and the
+    # error filter does not list it among the failures
+    assert download["error"] is None and job["stages"]["download"].get("error") is None, (download, job)
+    listed = client.get("/sagas?type=media&error=injected&limit=200").json["items"]
+    assert job["job_id"] not in [i["id"] for i in listed]
     assert len(jobs_for(emulators, "video-downloader", job["job_id"])) == 1
     assert len(jobs_for(emulators, "audio-transcriber", job["job_id"])) == 1
 
