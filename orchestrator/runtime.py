@@ -173,6 +173,7 @@ class Dependency:
     name: str
     address: str
     probe: Callable[[], None]
+    variable: str = "DATABASE_URL"  # the setting that points at it, named when it stays unreachable
 
 
 def _probe_database(url: str) -> Callable[[], None]:
@@ -244,12 +245,14 @@ def dependencies(settings: Settings, needs: Iterable[str] = NEEDS) -> list[Depen
     if "schema" in wanted:
         out.append(Dependency("database schema", mask_url(settings.database_url), _probe_schema(settings)))
     if "broker" in wanted and not settings.broker_url.startswith("sqla+"):
-        out.append(Dependency("broker", mask_url(settings.broker_url), _probe_broker(settings.broker_url)))
+        out.append(Dependency("broker", mask_url(settings.broker_url), _probe_broker(settings.broker_url),
+                              "CELERY_BROKER_URL"))
     if "redis" in wanted:
         redis_urls = dict.fromkeys(u for u in (settings.redis_url, settings.result_backend)
                                    if u.startswith(("redis://", "rediss://")))
         for url in redis_urls:
-            out.append(Dependency("redis", mask_url(url), _probe_redis(url)))
+            out.append(Dependency("redis", mask_url(url), _probe_redis(url),
+                                  "REDIS_URL" if url == settings.redis_url else "CELERY_RESULT_BACKEND"))
     return out
 
 
@@ -258,8 +261,8 @@ def wait_for_services(settings: Settings, needs: Iterable[str] = NEEDS,
     """Block until every service among `needs` (see `dependencies`) answers, trying each again
     after 0.5, 1, 2, ... (at most WAIT_MAX_BACKOFF) seconds and logging, at WARNING, what it
     waits for (name, address without password, the error). Returns False if `stop` was set
-    meanwhile; raises ConfigError (STARTUP_WAIT_SECONDS) when a service stayed unreachable
-    longer than that setting (0: wait for ever). Every long-running entry point calls it first,
+    meanwhile; raises ConfigError naming the service's variable (DATABASE_URL, CELERY_BROKER_URL,
+    REDIS_URL...) when it stayed unreachable longer than STARTUP_WAIT_SECONDS (0: wait for ever). Every long-running entry point calls it first,
     so a process started before PostgreSQL, RabbitMQ or Redis waits instead of crashing."""
     from tenacity import (RetryCallState, Retrying, retry_if_exception_type, stop_after_delay, stop_never,
                           wait_exponential)
@@ -288,8 +291,11 @@ def wait_for_services(settings: Settings, needs: Iterable[str] = NEEDS,
         try:
             retrying(probe)
         except Exception as exc:
-            raise ConfigError("STARTUP_WAIT_SECONDS", f"the {dep.name} at {dep.address} stayed unreachable for "
-                              f"{limit:g}s ({type(exc).__name__}: {first_line(exc, 200)})") from None
+            # named by the variable that points at it (the address may be wrong); the wait's own
+            # setting is the other way out
+            raise ConfigError(dep.variable, f"the {dep.name} at {dep.address} stayed unreachable for {limit:g}s "
+                              f"({type(exc).__name__}: {first_line(exc, 200)}); STARTUP_WAIT_SECONDS sets "
+                              "how long processes wait") from None
         if stop.is_set():
             return False
         if retrying.statistics.get("attempt_number", 1) > 1:
