@@ -303,6 +303,12 @@ def cmd_flower(args: argparse.Namespace) -> None:
     auth = rt.settings.flower_basic_auth
     if not auth:
         sys.exit("configuration error: FLOWER_BASIC_AUTH: required (user:password) so Flower is never open")
+    from flower.views.monitor import Metrics
+    from tornado.web import authenticated
+
+    # Flower leaves its Prometheus page open (for scrapers); it names every task, worker and
+    # queue, so here it takes the same login as the rest (`/healthcheck`, which says only OK, stays open)
+    Metrics.get = authenticated(Metrics.get)  # type: ignore[method-assign]
     rt.celery.start(["flower", f"--basic-auth={auth}", f"--port={args.port}", f"--address={args.address}"])
 
 

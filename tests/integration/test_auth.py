@@ -169,13 +169,15 @@ def test_flower_refuses_without_its_login(env):
                 return False
 
         wait_for(up, timeout=60, interval=0.3, what="flower")
-        for path in ("/", "/api/tasks", "/api/workers", "/tasks", "/broker"):
+        for path in ("/", "/api/tasks", "/api/workers", "/tasks", "/broker", "/metrics"):
             for auth in (None, ("flower", "wrong"), ("admin", "admin")):
                 r = requests.get(base + path, auth=auth, timeout=10)
                 assert r.status_code == 401, (path, auth, r.status_code)
                 if auth is None and path == "/":  # the browser's login prompt
                     assert r.headers["WWW-Authenticate"].startswith("Basic ")
         assert requests.get(f"{base}/api/tasks", auth=("flower", "flower-pass-93ab"), timeout=10).status_code == 200
+        r = requests.get(f"{base}/metrics", auth=("flower", "flower-pass-93ab"), timeout=10)
+        assert r.status_code == 200 and "flower_" in r.text, r.text[:300]
     finally:
         proc.stop()
 
