@@ -421,14 +421,15 @@ def check_project(project: Any) -> str:
 def check_branch_name(branch: Any, field: str = "branch") -> str:
     """A branch name `git check-ref-format --branch` accepts (and GitLab too): no component that
     starts with '.' or ends with '.lock', no '..', '//', '@{', control character, space or any of
-    ~^:?*[\\; not starting with '/' or '-', not ending with '/' or '.', not '@', at most 200
+    ~^:?*[\\; not starting with '/' or '-', not ending with '/' or '.', not '@' nor 'HEAD' (git
+    refuses refs/heads/HEAD: every command would then warn that 'HEAD' is ambiguous), at most 200
     characters. Surrounding whitespace is dropped. 400 naming `field` otherwise."""
     if not isinstance(branch, str) or not branch.strip():
         raise InvalidInput(field, "is required: a branch name such as 'issue/42-new-calculation'")
     branch = branch.strip()
     components = branch.split("/")
     bad = (branch.startswith(("/", "-")) or branch.endswith(("/", ".")) or ".." in branch
-           or "//" in branch or "@{" in branch or branch == "@" or len(branch) > 200
+           or "//" in branch or "@{" in branch or branch in ("@", "HEAD") or len(branch) > 200
            or any(c in branch for c in " ~^:?*[\\") or _CONTROL.search(branch) is not None
            or any(c.startswith(".") or c.endswith(".lock") for c in components))
     if bad:

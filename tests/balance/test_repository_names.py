@@ -58,7 +58,8 @@ def test_projects_and_branches_git_refuses_are_a_400_naming_the_field(request, b
                 ("POST", "/merge-requests", {"json": {"project": bad, "source_branch": BRANCH, "title": "t"}})):
             r = s.http(method, path, **kwargs)
             assert r.status_code == 400 and r.json()["field"] == "project", (bad, path, r.status_code, r.text)
-    for bad in ("a/.hidden", "x.lock/y", "@", "-x", "a\x7fb", "issue/1."):
+    for bad in ("a/.hidden", "x.lock/y", "@", "-x", "a\x7fb", "issue/1.", "HEAD", " HEAD ", "@{-1}", "a..b",
+                "a b", "x.lock"):
         r = s.http("POST", "/calculations", json=calculation(project, branch=bad))
         assert r.status_code == 400 and r.json()["field"] == "branch", (bad, r.text)
         r = start(s, project, ["condenser"], branch=bad)
@@ -121,6 +122,31 @@ def test_a_result_with_unstorable_text_is_dropped_and_the_next_result_is_applied
         assert s.procs["calc-results"].proc.poll() is None
     finally:
         s.start("calculator")
+
+
+BRANCH_NAMES = ["HEAD", "head", "x/HEAD", "HEAD/x", "FETCH_HEAD", "-", "-x", "a/-x", "@", "@x", "a@b", "@{-1}",
+                "a@{1}", "a.lock", "a/.lock", "a.lock/b", "a./b", "x.", "a/b.", ".a", "a/.b", "a..b", "a//b", "/a",
+                "a/", "a b", "a\x7f", "a\x01b", "a~1", "a^", "a:b", "a?", "a*", "a[", "a\\b", "a{b}", "é/ü",
+                "issue/42-new-calculation", "x" * 200, "x" * 201]
+
+
+@pytest.mark.parametrize("name", BRANCH_NAMES)
+def test_the_branch_rule_refuses_what_git_check_ref_format_branch_refuses(name, tmp_path):
+    """`git check-ref-format --branch` is the reference (it expands '@' to the current branch, which the
+    rule refuses as a name; and GitLab limits names the rule caps at 200 characters)."""
+    from sagas.balance.repository import InvalidInput, check_branch_name
+
+    git = subprocess.run(["git", "check-ref-format", "--branch", name], capture_output=True, cwd=tmp_path)
+    try:
+        check_branch_name(name)
+        ours = True
+    except InvalidInput as e:
+        assert e.field == "branch"
+        ours = False
+    if name != "@" and len(name) <= 200:
+        assert ours == (git.returncode == 0), (name, git.stderr)
+    else:
+        assert not ours, name
 
 
 def test_git_itself_refuses_what_the_rule_refuses(tmp_path):
