@@ -128,8 +128,13 @@ def instance_page(instance_id: str) -> Any:
     allowed = sorted({e.id for s in cls.states if s.id == snap["state"] for t in s.transitions
                       for e in t.events if e.id in cls.signals}) if not snap["finished"] else []
     running = any(st["status"] in {s.value for s in ACTIVE_STEP_STATUSES} for st in snap["steps"] or [])
+    # Cancel only where POST /sagas/<id>/cancel can succeed: the workflow has a cancel event (the
+    # engine answers 409 "cannot be cancelled" otherwise) and the current state takes it (a
+    # running state, or a failed one whose cancel runs the compensations).
+    can_cancel = cls.cancel_event in cls.event_names() and any(
+        t.match(cls.cancel_event) for s in cls.states if s.id == snap["state"] for t in s.transitions)
     context = {"instance": snap, "svg": Markup(render(cls, current=state, taken=taken)), "signals": allowed,
-               "can_cancel": not snap["finished"], "running": running,
+               "can_cancel": can_cancel, "running": running,
                "context_json": json.dumps(snap["context"], indent=2, sort_keys=True, default=str),
                "refresh": REFRESH_SECONDS, "page": "instances"}
     if request.args.get("part"):

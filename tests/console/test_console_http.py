@@ -123,6 +123,36 @@ def test_send_event_offers_the_signals_the_state_allows(on, worker, sweeper):
     assert "Send event" not in html and ">Cancel</button>" not in html
 
 
+def test_cancel_is_offered_only_where_the_engine_takes_it(on, rt):
+    """route_content, worker_deployment and chat_task have no cancel (409 "cannot be cancelled"):
+    their running instances show no Cancel button; a failed media job, which can be cancelled, does."""
+    import uuid
+
+    from orchestrator.models import WorkflowInstance
+
+    rows = {"route_content": "synthesizing", "worker_deployment": "deployed", "chat_task": "running",
+            "media": "failed"}
+    ids = {name: str(uuid.uuid4()) for name in rows}
+    with rt.sessions() as s, s.begin():
+        for name, state in rows.items():
+            assert state in {st.id for st in rt.engine.registry.get(name).states}, (name, state)
+            s.add(WorkflowInstance(id=ids[name], type=name, business_key=ids[name], state=state, context={},
+                                   finished=name == "media"))
+    for name, iid in ids.items():
+        html = on.get(f"/ui/sagas/{iid}", headers=basic(LOGIN)).get_data(as_text=True)
+        part = on.get(f"/ui/sagas/{iid}?part=1", headers=basic(LOGIN)).get_data(as_text=True)
+        offered = ">Cancel</button>" in html
+        assert offered == (">Cancel</button>" in part), name
+        if name == "media":
+            assert offered, html[-2000:]
+            continue
+        assert not offered, (name, html[-2000:])
+        r = on.post(f"/sagas/{iid}/cancel")
+        assert r.status_code == 409 and "cannot be cancelled" in r.json["message"], (name, r.json)
+    r = on.post(f"/sagas/{ids['media']}/cancel")
+    assert r.status_code == 200 and r.json["state"] == "cancelled", r.json
+
+
 def test_bulk_from_the_console_needs_no_admin_token_and_checks_its_input(on):
     dry = on.post("/ui/bulk/run", headers=basic(LOGIN),
                   json={"action": "restart", "step": "normalization", "dry_run": True, "filter": {"type": "media"}})
