@@ -155,6 +155,7 @@ def start_balance() -> Any:
     """Start the balance saga on an issue branch (or answer its running saga); 202 while the
     repository work it triggered is still being retried, 422 when the user's data is at fault."""
     body = json_body()
+    who = actor("X-User")  # checked before anything is written
     rt = runtime()
     data = BalanceSaga.validate_input(body, rt.settings)
     repo = open_repository(rt.settings)
@@ -167,7 +168,7 @@ def start_balance() -> Any:
         saga_id = _running_saga(data["project"], data["branch"])
         if saga_id is None:
             snap, _ = rt.engine.start(BalanceSaga.type, data,
-                                      idempotency_key=request.headers.get("Idempotency-Key"))
+                                      idempotency_key=request.headers.get("Idempotency-Key"), actor=who)
             saga_id = snap["id"]
     return _answer(_settle(saga_id, {"check"}))
 
@@ -220,11 +221,12 @@ def _calculation_status(snap: dict[str, Any]) -> dict[str, Any]:
 def start_calculation() -> Any:
     """A simple calculation: commit the inputs, send one task."""
     body = json_body()
+    who = actor("X-User")  # checked before anything is written
     rt = runtime()
     data = SimpleCalculation.validate_input(body, rt.settings)
     data["project"] = open_repository(rt.settings).project(data["project"]).path
     snap, created = rt.engine.start(SimpleCalculation.type, data,
-                                    idempotency_key=request.headers.get("Idempotency-Key"))
+                                    idempotency_key=request.headers.get("Idempotency-Key"), actor=who)
     deadline = time.monotonic() + SETTLE_SECONDS
     while snap["state"] in ("NEW", "COMMIT_INPUTS") and time.monotonic() < deadline:
         time.sleep(0.05)

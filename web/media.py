@@ -15,7 +15,7 @@ from orchestrator.models import OutboxMessage, ProcessedMessage, WorkflowInstanc
 from sagas.media import STAGES, PipelineRequest
 from sagas.media.settings import MediaSettings
 
-from . import auth, health, json_body, query, runtime
+from . import actor, auth, health, json_body, query, runtime
 from .openapi import doc
 from .schemas import (AdminHeader, AdminStats, Cleanup, CleanupQuery, FactoryReset, IdempotencyHeader, Job, JobPage,
                       JobsQuery, PipelineStarted, ServiceHealth)
@@ -117,7 +117,7 @@ def start_pipeline() -> Any:
     Unknown fields are refused; the workflow's input check parses PipelineRequest."""
     body = json_body()
     snapshot, created = runtime().engine.start(
-        "media", body, idempotency_key=request.headers.get("Idempotency-Key"))
+        "media", body, idempotency_key=request.headers.get("Idempotency-Key"), actor=actor())
     view = job_view(snapshot)
     return {
         "job_id": view["job_id"],

@@ -23,7 +23,8 @@ def _start(type_name: str, key: str | None, data: dict[str, Any]) -> Any:
         raise InvalidInput("type", f"a '{type_name}' workflow is started by {cls.started_by}, "
                                    "not by the generic start")
     snapshot, created = runtime().engine.start(  # the input's fields are named inside `input`
-        type_name, data, key=key, idempotency_key=request.headers.get("Idempotency-Key"), input_field="input")
+        type_name, data, key=key, idempotency_key=request.headers.get("Idempotency-Key"), input_field="input",
+        actor=actor())
     return snapshot, (201 if created else 200)
 
 

@@ -182,6 +182,15 @@ def test_socket_of_a_deleted_session_gets_an_error_frame_and_is_closed(chat_api)
     assert requests.delete(f"{chat_api}/api/v1/chat/{sid}", timeout=10).status_code == 404
 
 
+def test_delete_refuses_an_x_actor_over_128_characters_and_keeps_the_session(chat_api):
+    sid = new_session(chat_api)
+    r = requests.delete(f"{chat_api}/api/v1/chat/{sid}", headers={"X-Actor": "x" * 129}, timeout=10)
+    assert r.status_code == 400 and r.json()["field"] == "X-Actor", r.text
+    assert requests.get(f"{chat_api}/api/v1/chat/{sid}/status", timeout=10).status_code == 200
+    r = requests.delete(f"{chat_api}/api/v1/chat/{sid}", headers={"X-Actor": "x" * 128}, timeout=10)
+    assert r.status_code == 200 and r.json()["status"] == "deleted", r.text
+
+
 def test_bad_socket_query_and_bad_client_frames(chat_api):
     sid = new_session(chat_api)
     ws = websocket.create_connection(ws_url(chat_api, sid) + "?after_seq=-3", timeout=10)

@@ -51,3 +51,34 @@ def test_an_x_actor_over_128_characters_is_a_400_naming_it_and_nothing_is_writte
     assert ok.status_code == 200, ok.json
     assert ok.json["history"][-1]["actor"] == "b" * 128 or any(
         h["actor"] == "b" * 128 for h in api.get(f"/sagas/{iid}").json["history"])
+
+
+def test_starts_record_the_x_actor_and_refuse_one_over_128_characters(api):
+    """POST /pipeline, /saga and /saga/<type> record who started the instance in its history, as
+    restart, cancel and signals do; 129 characters is a 400 naming X-Actor and no instance."""
+    import uuid
+
+    def total(type_name: str) -> int:
+        return api.get(f"/sagas?type={type_name}&limit=1").json["total"]
+
+    url = f"https://www.youtube.com/watch?v={uuid.uuid4().hex[:11]}"
+    starts = (("media", "/pipeline", lambda: {"youtube_url": url}, "job_id"),
+              ("order", "/saga", lambda: {"type": "order", "key": uuid.uuid4().hex,
+                                          "input": {"limit": 50, "parcels": [{"id": "p1"}]}}, "id"),
+              ("order", "/saga/order", lambda: {"key": uuid.uuid4().hex,
+                                                "input": {"limit": 50, "parcels": [{"id": "p1"}]}}, "id"))
+    for type_name, path, body, id_field in starts:
+        before = total(type_name)
+        r = api.post(path, json=body(), headers={"X-Actor": "x" * 129})
+        assert r.status_code == 400, (path, r.status_code, r.json)
+        assert r.json["error"] == "invalid_input" and r.json["field"] == "X-Actor", (path, r.json)
+        assert total(type_name) == before, path
+        r = api.post(path, json=body(), headers={"X-Actor": "alice"})
+        assert r.status_code in (200, 201), (path, r.json)
+        history = api.get(f"/sagas/{r.json[id_field]}").json["history"]
+        assert history[0]["actor"] == "alice", (path, history)
+        api.post(f"/sagas/{r.json[id_field]}/cancel")
+    # without the header: "api", as before
+    r = api.post("/saga/order", json=starts[2][2]())
+    assert api.get(f"/sagas/{r.json['id']}").json["history"][0]["actor"] == "api"
+    api.post(f"/sagas/{r.json['id']}/cancel")
