@@ -39,11 +39,18 @@ PAGE = Path(__file__).with_name("static") / "chat.html"
 CLOSE_BAD_REQUEST = 4400
 CLOSE_NOT_FOUND = 4404
 CLOSE_DELETED = 4410
+CLOSE_TOO_BIG = 1009  # RFC 6455: message too big
+#: A client frame (its UTF-8 text) above this is refused: an error frame, then close 1009.
 MAX_CLIENT_FRAME = 64 * 1024
+#: simple-websocket's own cap, a backstop against memory use: the socket library reads a message
+#: whole before the route sees it, and above this it stops reading, sends its own close 1009 and
+#: drops the connection with the rest of the message unread (the client may see a reset first).
+#: The route's check above is what a client meets: it answers once the message is read.
+MAX_SOCKET_MESSAGE = 1024 * 1024
 
 
 def init_app(app: Flask) -> None:
-    app.config.setdefault("SOCK_SERVER_OPTIONS", {"max_message_size": MAX_CLIENT_FRAME})
+    app.config.setdefault("SOCK_SERVER_OPTIONS", {"max_message_size": MAX_SOCKET_MESSAGE})
     if chat_live.chat_settings().callback_consumers > 0:
         chat_live.start_consumers()
 
@@ -205,6 +212,16 @@ def chat_socket(ws: Server, session_id: str) -> None:
                 except Exception:  # closed, or broken under us: the same to the loop
                     break
                 if data is None:
+                    break
+                size = len(data.encode() if isinstance(data, str) else data)
+                if size > MAX_CLIENT_FRAME:
+                    try:
+                        send(error_frame("frame_too_big", f"a client frame is at most {MAX_CLIENT_FRAME} bytes, "
+                                                          f"got {size}"))
+                        with lock:
+                            ws.close(CLOSE_TOO_BIG, f"message too big (at most {MAX_CLIENT_FRAME} bytes)")
+                    except Exception:  # closed under us meanwhile
+                        pass
                     break
                 incoming.put(("client", data))
             incoming.put(("closed", None))

@@ -214,6 +214,43 @@ def test_bad_socket_query_and_bad_client_frames(chat_api):
         ws.close()
 
 
+@pytest.mark.parametrize("size", [64 * 1024 + 1, 200 * 1024, 1024 * 1024 - 100])
+def test_a_client_frame_over_64_kib_is_closed_with_1009_and_a_reason(chat_api, size):
+    """The limit is the whole message's: a client frame of exactly 64 KiB is read, one byte more
+    closes the socket with 1009 (message too big) and a reason, not a reset connection."""
+    sid = new_session(chat_api)
+    ws = websocket.create_connection(ws_url(chat_api, sid), timeout=10)
+    try:
+        ws.send('{"type": "ping", "pad": "' + "x" * (64 * 1024 - 30) + '"}')  # 64 KiB: accepted
+        ws.settimeout(5)
+        assert json.loads(ws.recv())["type"] == "heartbeat"
+        ws.send('{"type": "ping", "pad": "' + "x" * size + '"}')
+        frames, code = frames_until_close(ws)
+        assert code == 1009, (code, frames)
+        assert frames[-1]["type"] == "error" and frames[-1]["data"]["code"] == "frame_too_big", frames
+        assert "65536" in frames[-1]["data"]["message"], frames
+    finally:
+        ws.close()
+    assert requests.get(f"{chat_api}/api/v1/chat/{sid}/status", timeout=10).status_code == 200
+
+
+def test_a_client_frame_over_the_socket_librarys_1_mib_cap_is_dropped_with_1009_or_a_reset(chat_api):
+    """Above 1 MiB simple-websocket stops reading: it sends its own close 1009 and drops the
+    connection with the rest unread, so the client sees the close or a reset (docs/chat.md);
+    the session and the server are unharmed."""
+    sid = new_session(chat_api)
+    ws = websocket.create_connection(ws_url(chat_api, sid), timeout=10)
+    try:
+        ws.send('{"type": "ping", "pad": "' + "x" * (4 * 1024 * 1024) + '"}')
+        frames, code = frames_until_close(ws)
+        assert code == 1009 and frames == [], (code, frames)
+    except (ConnectionResetError, BrokenPipeError, websocket.WebSocketConnectionClosedException):
+        pass
+    finally:
+        ws.close()
+    assert requests.get(f"{chat_api}/api/v1/chat/{sid}/status", timeout=10).status_code == 200
+
+
 def test_a_task_the_execution_service_never_answers_times_out(chat_env, execution, sweeper, worker):
     proc, base = start_api(chat_env, name="chat-api-timeout", workers=1, CHAT_TASK_TIMEOUT_SECONDS="1.5")
     try:
