@@ -1639,7 +1639,7 @@ class Engine:
         if flt.state:
             q = q.where(INSTANCES.c.state == flt.state)
         if status:
-            # Each type names its own states for a status (route_content's failure is tts_failed).
+            # Each type names its own states for a status (route_content's failures are tts_failed and story_failed).
             per_type = [and_(INSTANCES.c.type == t, INSTANCES.c.state.in_(sorted(states))) for t in types
                         if (states := self.workflow_class(t).states_with_status(status))]
             q = q.where(or_(*per_type) if per_type else false())

@@ -99,7 +99,7 @@ class SagaFilter(Closed):
     type: str = omittable(description="the workflow type (GET /workflow-types lists them)")
     state: str = omittable(description="the instance's current state (one the type has; without a type, one any type has)")
     status: InstanceStatus = omittable(description="running (not finished), completed (a success state), failed (a "
-                                                   "failure state, e.g. route_content's tts_failed) or cancelled")
+                                                   "failure state, e.g. route_content's tts_failed or story_failed) or cancelled")
     key: str = omittable(description="the business key, exactly")
     created_after: Instant = omittable(description="created at or after this ISO 8601 time (UTC when no offset)")
     created_before: Instant = omittable(description="created before this ISO 8601 time (UTC when no offset)")

@@ -54,7 +54,7 @@ WORKFLOW_KINDS = ("media", "balance", "chat", "route", "worker")
 EXPECTED = {"media": "completed", "balance": "COMPLETED", "chat": "completed", "route": "completed",
             "worker": "running"}
 TERMINAL = {"media": {"completed", "failed", "cancelled"}, "balance": {"COMPLETED", "FAILED", "CANCELLED"},
-            "chat": {"completed", "failed", "timed_out"}, "route": {"completed", "tts_failed"},
+            "chat": {"completed", "failed", "timed_out"}, "route": {"completed", "tts_failed", "story_failed"},
             "worker": {"running", "failed", "stopped"}}
 KAFKA_TOPICS = ["route.confirmed", "story.generate", "story.generate.completed", "tts.requested", "tts.completed",
                 "delivery.prefetch", "init_scenario", "to_deploy", "worker.status", "route.confirmed.dlq",

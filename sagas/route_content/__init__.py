@@ -1,16 +1,25 @@
 """Route content (seed 000): route.confirmed -> story.generate -> one tts.requested per story ->
 tts.completed per story (fan-in) -> delivery.prefetch.
 
-The work is done by services we do not own and reported on Kafka. Story generation is awaited as
-an event; the TTS batch is an external step of the engine (`Step(external=...)`): one item per
-story, each request written to the outbox with the transition that issued its token, each
-tts.completed counted on the step row, and the join fired when all have completed.
+The work is done by services we do not own and reported on Kafka. Both waits are external steps
+of the engine (`Step(external=...)`). The TTS batch has one item per story, each request written
+to the outbox with the transition that issued its token, each tts.completed counted on the step
+row, and the join fired when all have completed.
 
     received --confirm--> generating_stories --stories_ready--> synthesizing --tts_done--> completed
-                                                                     |  ^
-                                         (all reported, one failed)  |  restart_tts
-                                                    tts_batch_failed v  |
-                                                                  tts_failed
+                               |       ^                             |       ^
+    story_generate_failed      |       | restart_tts                 |       | restart_tts
+    (timed out, or abandoned)  v       |        tts_batch_failed     v       |
+                              story_failed                          tts_failed
+
+(stories_ready with no stories goes from generating_stories straight to completed.)
+
+Story generation is an external step too (`story_generate`, one item): its story.generate is
+emitted with the confirm (or the restart) and its story.generate.completed completes it. When
+no reply comes within ROUTE_STORY_TIMEOUT_SECONDS (the request or its reply was lost) the step
+fails and the route goes to story_failed; a restart (also of a route still generating) sends
+story.generate again. The story service's reply names no attempt, so whichever reply comes
+first while the route waits is taken, and any later one is ignored (the route has its stories).
 
 The tts_batch step fails once every requested story has reported and at least one failed, or
 when its attempt outlives ROUTE_TTS_TIMEOUT_SECONDS (replies lost); a restart (also of a route
@@ -139,12 +148,17 @@ def _tts_timeout(settings: Settings) -> timedelta:
     return timedelta(seconds=RouteSettings.from_settings(settings).tts_timeout_seconds)
 
 
+def _story_timeout(settings: Settings) -> timedelta:
+    """How long one story_generate attempt waits for its reply (ROUTE_STORY_TIMEOUT_SECONDS)."""
+    return timedelta(seconds=RouteSettings.from_settings(settings).story_timeout_seconds)
+
+
 @register
 class RouteContent(Workflow):
     type = "route_content"
     start_event = "confirm"
     success_states = frozenset({"completed"})
-    failure_states = frozenset({"tts_failed"})
+    failure_states = frozenset({"tts_failed", "story_failed"})
 
     kafka_consumes = {
         "route.confirmed": "on_route_confirmed",
@@ -158,7 +172,8 @@ class RouteContent(Workflow):
                      "tts.completed": TtsCompleted, "delivery.prefetch": DeliveryPrefetch}
     kafka_key = "route_id"
     # No user signals: the services' results arrive through the bridge, checked by the handlers
-    # below; the TTS batch is restarted with POST /workflows/<route_id>/restart?step=tts_batch.
+    # below; a step is restarted with POST /workflows/<route_id>/restart?step=tts_batch (or
+    # step=story_generate).
     signals: dict[str, Any] = {}
     started_by = "a route.confirmed event on Kafka (keyed by its route_id)"
 
@@ -166,6 +181,7 @@ class RouteContent(Workflow):
     generating_stories = State()
     synthesizing = State()
     tts_failed = State()
+    story_failed = State()
     completed = State(final=True)
 
     confirm = received.to(generating_stories)
@@ -173,12 +189,20 @@ class RouteContent(Workflow):
                      | generating_stories.to(completed))
     tts_done = synthesizing.to(completed)
     tts_batch_failed = synthesizing.to(tts_failed)
-    restart_tts = tts_failed.to(synthesizing)
+    story_generate_failed = generating_stories.to(story_failed)
+    # The engine's one restart event (named for its first use), for either failed step.
+    restart_tts = tts_failed.to(synthesizing) | story_failed.to(generating_stories)
     restart_event = "restart_tts"
 
+    # story_generate: one item with the engine's own token (no method of the workflow, so a
+    # route's start still builds no machine); story.generate is emitted by on_confirm and, on a
+    # restart, by on_exit_story_failed. Listed after tts_batch, which GET /workflow-types showed
+    # first before story_generate was a step.
     steps = {synthesizing: Step(name="tts_batch", external=External(items="story_ids", send="request_tts",
                                                                       token="story_token"),
-                                timeout=_tts_timeout, join="tts_done", on_failure="tts_batch_failed")}
+                                timeout=_tts_timeout, join="tts_done", on_failure="tts_batch_failed"),
+             generating_stories: Step(name="story_generate", external=External(), timeout=_story_timeout,
+                                      join="stories_ready", on_failure="story_generate_failed")}
 
     # -- guards ----------------------------------------------------------------------------------
     def has_stories(self, payload: dict[str, Any] | None = None) -> bool:
@@ -213,6 +237,19 @@ class RouteContent(Workflow):
         ctx["confirmed_at"] = _now()
         step = ctx["steps"]["story_generate"]
         step.update(status="running", attempt=step["attempt"] + 1, started_at=_now())
+        self.emit("kafka", "story.generate", {"route_id": ctx["route_id"], "lang": STORY_LANG},
+                  key=ctx["route_id"])
+
+    def on_enter_story_failed(self, payload: dict[str, Any] | None = None) -> None:
+        error = (payload or {}).get("error") or "story generation failed"
+        self.context["steps"]["story_generate"].update(status="failed", finished_at=_now(), error=error)
+
+    def on_exit_story_failed(self) -> None:
+        """Leaving story_failed is a restart: ask the story service again."""
+        ctx = self.context
+        step = ctx["steps"]["story_generate"]
+        step.update(status="running", attempt=step["attempt"] + 1, started_at=_now(), finished_at=None,
+                    error=None)
         self.emit("kafka", "story.generate", {"route_id": ctx["route_id"], "lang": STORY_LANG},
                   key=ctx["route_id"])
 
@@ -303,10 +340,20 @@ class RouteContent(Workflow):
             clean.append({"story_id": story.story_id, "text": story.text})
         instance_id = cls.find(engine, route_id)
         before = engine.snapshot(instance_id, history=False)
+        if before["state"] == "story_failed":
+            raise Ignored(f"stories for route {route_id} came after its story_generate failed "
+                          "(restart it: POST /workflows/<route_id>/restart?step=story_generate)")
         if before["state"] != "generating_stories":
             raise Ignored(f"stories for route {route_id} were already received (state {before['state']})")
-        after = engine.fire(instance_id, "stories_ready", {"lang": lang, "stories": clean},
-                            actor="kafka:story.generate.completed")
+        stories = {"lang": lang, "stories": clean}
+        token = _story_token(before)
+        if token is None:  # a route confirmed before story_generate was a step: no token to complete
+            after = engine.fire(instance_id, "stories_ready", stories, actor="kafka:story.generate.completed")
+        else:
+            outcome = engine.complete_external(token, True, stories, actor="kafka:story.generate.completed")
+            if outcome != ACCEPTED:  # the step stopped waiting since the snapshot (a restart, a timeout)
+                raise Ignored(f"stories for route {route_id} came when no story.generate waited ({outcome})")
+            after = engine.snapshot(instance_id, history=False)
         _observe_steps(before, after)
         return "accepted"
 
@@ -327,7 +374,7 @@ class RouteContent(Workflow):
         if outcome == STALE:
             raise Ignored(f"stale tts.completed for story {story_id} (attempt {attempt})")
         if outcome != ACCEPTED:
-            if before["state"] in ("received", "generating_stories"):
+            if before["state"] in ("received", "generating_stories", "story_failed"):
                 raise Ignored(f"tts.completed for story {story_id} before route {route_id} has stories")
             raise InvalidInput("story_id", f"story {story_id} does not belong to route {route_id}")
         confirmed = before["context"].get("confirmed_at")
@@ -341,6 +388,12 @@ def tts_token(route_id: str, story_id: str) -> str:
     """The token of one story's TTS item: a tts.completed names (route_id, story_id), which may be
     longer than a token, so the token is their digest."""
     return "tts:" + hashlib.sha256(f"{route_id}\x00{story_id}".encode()).hexdigest()
+
+
+def _story_token(snapshot: dict[str, Any]) -> str | None:
+    """The token of the story_generate step's waiting attempt, if it has one."""
+    step = next((s for s in snapshot.get("steps") or [] if s["name"] == "story_generate"), None)
+    return ((step or {}).get("data") or {}).get("token")
 
 
 def _tts_items(snapshot: dict[str, Any]) -> list[dict[str, Any]]:
@@ -366,18 +419,24 @@ def _observe_steps(before: dict[str, Any], after: dict[str, Any]) -> None:
 
 
 def restart_step(engine: Any, route_id: str, step: str | None) -> dict[str, Any]:
-    """POST /workflows/<route_id>/restart?step=tts_batch."""
+    """POST /workflows/<route_id>/restart?step=tts_batch|story_generate."""
     if not step:
-        raise InvalidInput("step", "query parameter is required (step=tts_batch)")
-    if step != "tts_batch":
-        raise InvalidInput("step", f"only tts_batch can be restarted, got {step!r}")
+        raise InvalidInput("step", "query parameter is required (step=tts_batch or step=story_generate)")
+    if step not in RESTARTABLE:
+        raise InvalidInput("step", f"only tts_batch and story_generate can be restarted, got {step!r}")
     instance_id = RouteContent.find(engine, route_id)
     snapshot = engine.snapshot(instance_id, history=False)
-    if snapshot["state"] not in ("tts_failed", "synthesizing"):  # restart_tts is not allowed there
+    if snapshot["state"] not in RESTARTABLE[step]:  # restart_tts is not allowed there
         raise IllegalTransition(instance_id, "restart_tts", snapshot["state"] or "")
-    # While synthesizing (replies lost), the running attempt is abandoned and the stories
-    # without a tts.completed are requested again; a late reply to the old attempt is stale.
+    # While the step still waits (its request or replies lost), the running attempt is abandoned
+    # and its requests are sent again: for tts_batch only the stories without a tts.completed (a
+    # late reply to the old attempt is stale); for story_generate the story.generate.
     return engine.restart(instance_id, step, actor="api", running=True)
+
+
+#: The steps POST /workflows/<route_id>/restart restarts, and the states it may do so in.
+RESTARTABLE = {"tts_batch": ("tts_failed", "synthesizing"),
+               "story_generate": ("story_failed", "generating_stories")}
 
 
 #: How the API names an item's status (docs/kafka.md): requested until its tts.completed.
@@ -389,7 +448,7 @@ def route_view(snapshot: dict[str, Any]) -> dict[str, Any]:
     TTS batch's counts and each story's status read from the engine's tts_batch step row."""
     ctx = snapshot["context"]
     state = snapshot["state"]
-    status = {"completed": "completed", "tts_failed": "failed"}.get(state, "running")
+    status = {"completed": "completed", "tts_failed": "failed", "story_failed": "failed"}.get(state, "running")
     steps = {name: dict(step) for name, step in ctx.get("steps", {}).items()}
     items = _tts_items(snapshot)
     stories = []

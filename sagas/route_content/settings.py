@@ -21,3 +21,6 @@ class RouteSettings(AreaSettings):
     #: how long one attempt of the tts_batch step waits for its tts.completed replies; then the
     #: attempt fails as timed out (the route goes to tts_failed) and can be restarted
     tts_timeout_seconds: Annotated[float, Field(ge=0.1)] = 600.0
+    #: how long one attempt of the story_generate step waits for its story.generate.completed;
+    #: then the attempt fails as timed out (the route goes to story_failed) and can be restarted
+    story_timeout_seconds: Annotated[float, Field(ge=0.1)] = 600.0

@@ -69,8 +69,9 @@ def test_route_endpoints_errors(kclient):
     assert kclient.post("/workflows/no-such-route/restart?step=tts_batch").status_code == 404
     r = kclient.post("/workflows/whatever/restart")
     assert r.status_code == 400 and r.json["field"] == "step"
-    r = kclient.post("/workflows/whatever/restart?step=story_generate")
+    r = kclient.post("/workflows/whatever/restart?step=delivery_prefetch")
     assert r.status_code == 400 and r.json["field"] == "step"
+    assert kclient.post("/workflows/no-such-route/restart?step=story_generate").status_code == 404
 
 
 def test_restart_of_a_running_batch_is_409(kclient, kafka, bridge, kafka_emulators):
