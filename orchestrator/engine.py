@@ -848,7 +848,11 @@ class Engine:
             if token is None:
                 token = getattr(machine, ext.token)(run.name, index, item, run.restarts) if ext.token \
                     else f"{instance_id}:{run.name}:{attempt}:{max(index, 0)}"
-                uow.execute(delete(TOKENS).where(TOKENS.c.token == token))
+                if ext.token or not inst.is_new:
+                    # a token of the workflow's own making, or of an earlier attempt, may exist; the
+                    # default token of an instance this transaction creates cannot, and a read here
+                    # would make a Kafka batch write each start's rows alone (Batch.flush)
+                    uow.execute(delete(TOKENS).where(TOKENS.c.token == token))
                 uow.writes.add(TOKENS, Record({"token": token, "instance_id": instance_id, "step": run.name,
                                                "branch": index, "attempt": attempt, "created_at": utcnow()},
                                               new=True))

@@ -118,3 +118,39 @@ def test_every_table_a_start_writes_gets_the_same_rows_as_from_a_plain_insert(db
         assert {k: many[k] for k in row("2")} == row("2"), table.name
         varied = {k for k in row("a") if row("a")[k] != row("b")[k]}
         assert {k for k in plain if plain[k] != many[k]} <= {"id", *varied}, table.name
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_a_batch_of_route_starts_writes_with_as_many_statements_for_five_as_for_forty(backend, tmp_path):
+    """The Kafka bridge's batch (Engine.batch) holds every start's rows back and writes them as
+    one INSERT per table: a start that read or wrote on its own (a statement per start, such as
+    clearing a step token that a new instance cannot have yet) would flush the batch once per
+    event and take the intake from thousands of events a second to a few hundred."""
+    from contextlib import ExitStack
+
+    from sqlalchemy import event
+
+    import sagas  # noqa: F401  (registers route_content)
+    from conftest import engine_on
+    from orchestrator.config import Settings
+
+    def statements(n: int) -> int:
+        with ExitStack() as stack:
+            if backend == "postgresql":
+                url = stack.enter_context(fresh_database())
+            else:
+                url = f"sqlite:///{tmp_path / f'batch-{n}.db'}"
+                migrate.upgrade(url)
+            engine = stack.enter_context(engine_on(Settings(), url))
+            db = engine.sessions.kw["bind"]
+            seen: list[str] = []
+            event.listen(db, "before_cursor_execute", lambda *a: seen.append(a[2]))
+            with engine.batch():
+                for i in range(n):
+                    route = f"r-{uuid.uuid4().hex[:8]}-{i}"
+                    _, created = engine.start("route_content", {"route_id": route, "mode": "walking"}, key=route,
+                                              actor="kafka:route.confirmed", answer=False)
+                    assert created
+            return len(seen)
+
+    assert statements(40) == statements(5)
