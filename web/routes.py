@@ -7,7 +7,7 @@ from flask import Blueprint
 
 from sagas.route_content import RouteContent, restart_step, route_view
 
-from . import query, runtime
+from . import actor, query, runtime
 from .openapi import doc
 from .schemas import RouteWorkflow, StepQuery
 
@@ -29,4 +29,4 @@ def restart_route_step(route_id: str) -> Any:
     """Reset tts_batch to pending, bump its attempt, re-request the stories not completed
     (400 naming `step` for any other step, 409 unless the batch failed)."""
     engine = runtime().engine
-    return route_view(restart_step(engine, route_id, query(StepQuery).step))
+    return route_view(restart_step(engine, route_id, query(StepQuery).step, actor=actor()))

@@ -418,8 +418,8 @@ def _observe_steps(before: dict[str, Any], after: dict[str, Any]) -> None:
             _histograms()[1].labels(RouteContent.type, name, step["status"]).observe(seconds.total_seconds())
 
 
-def restart_step(engine: Any, route_id: str, step: str | None) -> dict[str, Any]:
-    """POST /workflows/<route_id>/restart?step=tts_batch|story_generate."""
+def restart_step(engine: Any, route_id: str, step: str | None, actor: str = "api") -> dict[str, Any]:
+    """POST /workflows/<route_id>/restart?step=tts_batch|story_generate; `actor` goes to the history."""
     if not step:
         raise InvalidInput("step", "query parameter is required (step=tts_batch or step=story_generate)")
     if step not in RESTARTABLE:
@@ -431,7 +431,7 @@ def restart_step(engine: Any, route_id: str, step: str | None) -> dict[str, Any]
     # While the step still waits (its request or replies lost), the running attempt is abandoned
     # and its requests are sent again: for tts_batch only the stories without a tts.completed (a
     # late reply to the old attempt is stale); for story_generate the story.generate.
-    return engine.restart(instance_id, step, actor="api", running=True)
+    return engine.restart(instance_id, step, actor=actor, running=True)
 
 
 #: The steps POST /workflows/<route_id>/restart restarts, and the states it may do so in.

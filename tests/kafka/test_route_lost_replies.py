@@ -203,8 +203,14 @@ def test_a_lost_story_generate_times_out_and_a_restart_completes_the_route(env, 
         failed = api.client.get("/sagas?type=route_content&status=failed").json
         assert route_id in [i["key"] for i in failed["items"]]
 
-        r = api.client.post(f"/workflows/{route_id}/restart?step=story_generate")
+        # the operator is named in the history, as on every restart; over 128 characters is a 400
+        r = api.client.post(f"/workflows/{route_id}/restart?step=story_generate", headers={"X-Actor": "x" * 129})
+        assert r.status_code == 400 and r.json["field"] == "X-Actor", r.json
+        r = api.client.post(f"/workflows/{route_id}/restart?step=story_generate", headers={"X-Actor": "oncall-ana"})
         assert r.status_code == 200, r.json
+        instance_id = api.client.get(f"/sagas?type=route_content&key={route_id}").json["items"][0]["id"]
+        history = api.client.get(f"/sagas/{instance_id}").json["history"]
+        assert [h["actor"] for h in history if h["event"] == "restart_tts"] == ["oncall-ana"], history
         assert_completed_once(api, tts, route_id, n, tts_attempt=1)
         view = api.client.get(f"/workflows/{route_id}").json
         assert view["steps"]["story_generate"]["status"] == "completed"
@@ -236,8 +242,14 @@ def test_restart_while_generating_asks_for_the_stories_again(env, own_broker):
         # a restart of tts_batch is still refused there
         assert api.client.post(f"/workflows/{route_id}/restart?step=tts_batch").status_code == 409
 
-        r = api.client.post(f"/workflows/{route_id}/restart?step=story_generate")
+        # the operator is named in the history, as on every restart; over 128 characters is a 400
+        r = api.client.post(f"/workflows/{route_id}/restart?step=story_generate", headers={"X-Actor": "x" * 129})
+        assert r.status_code == 400 and r.json["field"] == "X-Actor", r.json
+        r = api.client.post(f"/workflows/{route_id}/restart?step=story_generate", headers={"X-Actor": "oncall-ana"})
         assert r.status_code == 200, r.json
+        instance_id = api.client.get(f"/sagas?type=route_content&key={route_id}").json["items"][0]["id"]
+        history = api.client.get(f"/sagas/{instance_id}").json["history"]
+        assert [h["actor"] for h in history if h["event"] == "restart_tts"] == ["oncall-ana"], history
         assert_completed_once(api, tts, route_id, n, tts_attempt=1)
         assert api.client.get(f"/workflows/{route_id}").json["steps"]["story_generate"]["attempt"] == 2
         r = api.client.post(f"/workflows/{route_id}/restart?step=story_generate")
