@@ -110,6 +110,8 @@ def test_cancel_runs_compensations_in_reverse_order(client, worker, sweeper):
 def test_duplicate_step_delivery_has_one_effect(client, rt, worker, sweeper):
     inst = start(client, [])
     snap = wait_state(client, inst["id"], "awaiting_approval")
+    # entering awaiting_approval sends order.notify: its effect is counted before, not during, the check
+    wait_for(lambda: effects(inst["id"]).get("notify") == 1, timeout=30, what="the approval notice")
     before = effects(inst["id"])
     for s in ("reserve", "charge"):
         run = step(snap, s)

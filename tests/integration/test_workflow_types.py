@@ -177,7 +177,9 @@ def test_status_finds_failed_instances_whatever_their_type_names_the_state(clien
         ("media", "cancelled"), ("route_content", "synthesizing"), ("worker_deployment", "stopped")]}
     with rt.sessions() as s, s.begin():
         for i, ((type_name, state), id_) in enumerate(rows.items()):
-            s.add(WorkflowInstance(id=id_, type=type_name, business_key=id_, state=state, context={},
+            # a media job's views read its input (/jobs lists every media instance of this database)
+            context = {"input": {"youtube_url": f"https://youtu.be/{id_[:8]}"}} if type_name == "media" else {}
+            s.add(WorkflowInstance(id=id_, type=type_name, business_key=id_, state=state, context=context,
                                    finished=state not in ("synthesizing",), created_at=at + timedelta(seconds=i)))
     window = f"created_after={quote(at.isoformat())}&created_before={quote((at + timedelta(minutes=1)).isoformat())}"
     try:
