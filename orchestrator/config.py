@@ -156,7 +156,7 @@ class Settings(EnvSettings):
     port: Port = 8000
     workers: AtLeastOne = 4
     # threads per API worker: each open chat WebSocket or event stream holds one
-    api_threads: Annotated[int, Field(ge=1)] = 32
+    api_threads: AtLeastOne = 32
     # Engine
     # Off behind a pooler that moves a session between server connections (PgBouncer in
     # transaction mode): the engine's statements are then planned on every call.

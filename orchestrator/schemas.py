@@ -119,7 +119,9 @@ def check_url(value: str, schemes: tuple[str, ...]) -> str:
 
 
 #: A language code: `auto`, or an ISO 639 language with optional BCP 47 subtags (`en`, `pt-BR`).
-_LANGUAGE = re.compile(r"auto|[A-Za-z]{2,3}(?:-[A-Za-z0-9]{2,8})*", re.ASCII)
+#: Also the `pattern` of the JSON Schemas that take one (anchored there: `^(...)$`).
+LANGUAGE_PATTERN = r"auto|[A-Za-z]{2,3}(?:-[A-Za-z0-9]{2,8})*"
+_LANGUAGE = re.compile(LANGUAGE_PATTERN, re.ASCII)
 MAX_LANGUAGE_LENGTH = 16
 
 

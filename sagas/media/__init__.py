@@ -12,7 +12,8 @@ from pydantic import AfterValidator, WithJsonSchema
 from statemachine import State
 
 from orchestrator.config import Settings
-from orchestrator.schemas import MAX_URL_LENGTH, Closed, check_language, check_url, omittable, parse
+from orchestrator.schemas import (LANGUAGE_PATTERN, MAX_LANGUAGE_LENGTH, MAX_URL_LENGTH, Closed, check_language,
+                                  check_url, omittable, parse)
 from orchestrator.workflow import Retry, Step, Workflow, register
 
 from .settings import MediaSettings
@@ -35,7 +36,7 @@ def _language(value: str | None) -> str | None:
     return None if value is None else check_language(value)
 
 
-_LANGUAGE_SCHEMA = {"pattern": "^(auto|[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*)$", "minLength": 2, "maxLength": 16}
+_LANGUAGE_SCHEMA = {"pattern": f"^({LANGUAGE_PATTERN})$", "minLength": 2, "maxLength": MAX_LANGUAGE_LENGTH}
 Language = Annotated[str, AfterValidator(_language), WithJsonSchema({"type": "string", **_LANGUAGE_SCHEMA})]
 #: `language_out` may be null: seed 004's request sends it so.
 NullableLanguage = Annotated[str | None, AfterValidator(_language),
