@@ -23,7 +23,7 @@ from flask import Blueprint, Response, jsonify, render_template, request
 from markupsafe import Markup
 
 from orchestrator.diagram import render
-from orchestrator.errors import NotFound, Unauthorized
+from orchestrator.errors import NotFound, OrchestratorError, Unauthorized
 from orchestrator.models import ACTIVE_STEP_STATUSES, StepStatus
 from orchestrator.workflow import INSTANCE_STATUSES
 
@@ -66,6 +66,19 @@ def _login() -> Any:
     if given_user is None or not (same_secret(given_user, user) & same_secret(given_password, password)):
         raise Unauthorized("log in to the operator console", CONSOLE_CHALLENGE, field=CONSOLE_HEADER)
     return None
+
+
+@bp.errorhandler(OrchestratorError)
+def _error_page(exc: OrchestratorError) -> Any:
+    """A page's refusal (an unknown instance or type) as a console page for a browser, with the
+    same status; the JSON of the API's own error handler for anything else (the login's 401
+    and its `WWW-Authenticate` included)."""
+    headers = getattr(exc, "headers", None) or {}
+    if not _wants_html() or isinstance(exc, Unauthorized):
+        return jsonify(exc.to_dict()), exc.status, headers
+    title = "Not found" if exc.status == 404 else "Cannot show this page"
+    return render_template("console/error.html", status=exc.status, error=exc.code, title=title,
+                           message=exc.message, page=None), exc.status, headers
 
 
 @bp.after_request

@@ -110,6 +110,18 @@ def test_instance_page_shows_diagram_steps_context_history_and_actions(on):
     on.post(f"/sagas/{job}/cancel")
 
 
+@pytest.mark.parametrize("path", ["/ui/sagas/00000000-0000-0000-0000-000000000000", "/ui/types/nope"])
+def test_an_unknown_instance_or_type_is_a_console_page_for_a_browser(on, path):
+    browser = {**basic(LOGIN), "Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
+    page = on.get(path, headers=browser)
+    assert page.status_code == 404 and page.mimetype == "text/html"
+    html = page.get_data(as_text=True)
+    assert 'data-error="not_found"' in html and path.rsplit("/", 1)[1] in html and 'href="/ui/sagas"' in html
+    # a script asking for JSON still gets the API's error
+    answer = on.get(path, headers={**basic(LOGIN), "Accept": "application/json"})
+    assert answer.status_code == 404 and answer.json["error"] == "not_found"
+
+
 def test_send_event_offers_the_signals_the_state_allows(on, worker, sweeper):
     # the test `order` workflow declares one user signal, `approve`, allowed in awaiting_approval
     iid = on.post("/saga", json={"type": "order", "input": {"parcels": [], "limit": 50}}).json["id"]
