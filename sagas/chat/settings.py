@@ -10,7 +10,7 @@ from typing import Annotated
 
 from pydantic import Field, field_validator
 
-from orchestrator.config import AreaSettings, env_names
+from orchestrator.config import AreaSettings, AtLeastOne, Count, env_names
 
 
 class ChatSettings(AreaSettings):
@@ -18,20 +18,20 @@ class ChatSettings(AreaSettings):
 
     model_config = env_names("CHAT_")
 
-    max_message_chars: Annotated[int, Field(ge=1)] = 4000
+    max_message_chars: AtLeastOne = 4000
     max_config_bytes: Annotated[int, Field(ge=2)] = 16384
     task_timeout_seconds: Annotated[float, Field(ge=0.1)] = 300.0
     heartbeat_seconds: Annotated[float, Field(ge=0.1)] = 15.0
     #: names the callback channel `callback:<id>` the execution service publishes to
     consumer_id: str = "orchestrator"
-    callback_consumers: Annotated[int, Field(ge=0)] = 1
+    callback_consumers: Count = 1
     #: a stream entry read by a consumer that has not acknowledged it this long is claimed by another
     callback_claim_idle_seconds: Annotated[float, Field(ge=0.1)] = 30.0
     #: deliveries of one stream entry that failed to store before it is dead-lettered
-    callback_max_deliveries: Annotated[int, Field(ge=1)] = 10
+    callback_max_deliveries: AtLeastOne = 10
     #: the largest callback accepted (bytes of JSON); larger ones are rejected as `too_large`
     max_callback_bytes: Annotated[int, Field(ge=64)] = 1048576
-    hot_ttl_seconds: Annotated[int, Field(ge=1)] = 3600
+    hot_ttl_seconds: AtLeastOne = 3600
     redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias="REDIS_URL")
 
     @field_validator("consumer_id")

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator
 
-from orchestrator.config import AreaSettings, Count, HttpUrl, PositiveSeconds, Seconds
+from orchestrator.config import AreaSettings, AtLeastOne, Count, HttpUrl, PositiveSeconds, Seconds
 from orchestrator.schemas import check_language
 
 
@@ -17,8 +17,8 @@ class MediaSettings(AreaSettings):
     """Variables: the field names in upper case (VIDEO_DOWNLOADER_URL, POLL_INTERVAL, ...)."""
 
     # Polling and retry (seed 004)
-    poll_interval: Annotated[float, Field(gt=0)] = 3.0
-    max_poll_attempts: Annotated[int, Field(ge=1)] = 600
+    poll_interval: PositiveSeconds = 3.0
+    max_poll_attempts: AtLeastOne = 600
     http_max_retries: Count = 3
     retry_backoff_base_seconds: Seconds = 1.5
     # Cache and job lifetime (seed 004); 0 turns each off
