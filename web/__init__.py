@@ -20,6 +20,7 @@ from orchestrator.metrics import HTTP_LATENCY, HTTP_REQUESTS
 from orchestrator.models import HistoryEntry
 from orchestrator.schemas import parse
 
+from .server import ReadTimeout
 from .settings import HttpSettings
 
 M = TypeVar("M")
@@ -59,6 +60,10 @@ def create_app(runtime: runtime_module.Runtime | None = None) -> Flask:
         got = f", got {request.content_length}" if request.content_length else ""
         err = InvalidInput("body", f"must be at most {limit} bytes (API_MAX_BODY_BYTES){got}", 413)
         return jsonify(err.to_dict()), 413
+
+    @app.errorhandler(ReadTimeout)
+    def _stalled(exc: ReadTimeout) -> Any:  # the client stopped sending its body (web.server)
+        return jsonify(InvalidInput("body", f"did not arrive: {exc}", 408).to_dict()), 408
 
     @app.errorhandler(ParseException)
     def _unreadable(exc: ParseException) -> Any:  # gunicorn could not read the body (a bad chunk)

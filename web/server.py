@@ -1,23 +1,46 @@
 """The API's gunicorn worker: gunicorn's threaded worker, whose answers to requests it cannot
 parse (a request line or header that is not HTTP, raw non-ASCII bytes in the path or query, a
 request line over 4094 bytes, a broken chunked body) are the API's JSON error
-`{"error": "invalid_input", "message", "field"}` instead of an HTML page.
+`{"error": "invalid_input", "message", "field"}` instead of an HTML page, and whose reads of a
+request give up after `read_timeout` seconds without a byte (API_READ_TIMEOUT_SECONDS): a client
+that stalls in its request line, headers or body gets a 408 and its connection is closed, instead
+of holding one of the worker's threads for as long as it likes.
 
 `orchestrator api` runs it (worker class `web.server.ThreadWorker`)."""
 from __future__ import annotations
 
+import errno
 import json
+import socket
 from typing import Any
 
 from gunicorn import util
 from gunicorn.http.errors import (ChunkMissingTerminator, InvalidChunkExtension, InvalidChunkSize, InvalidHeader,
                                   InvalidHeaderName, InvalidHTTPVersion, InvalidRequestLine, InvalidRequestMethod,
                                   LimitRequestHeaders, LimitRequestLine, ObsoleteFolding,
-                                  UnsupportedTransferCoding)
+                                  ParseException, UnsupportedTransferCoding)
+from gunicorn.http.unreader import SocketUnreader
+from gunicorn.workers.gthread import TConn
 from gunicorn.workers.gthread import ThreadWorker as _GunicornThreadWorker
+
+from .settings import HttpSettings
+
+
+class ReadTimeout(ParseException):
+    """The client sent no byte of its request for `seconds`: answered 408 (here before the app
+    runs, by the app's error handler once it reads the body)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(seconds)
+        self.seconds = seconds
+
+    def __str__(self) -> str:
+        return f"no data within {self.seconds:g} seconds (API_READ_TIMEOUT_SECONDS)"
+
 
 #: (exception types, status, reason phrase, the part of the request at fault)
 MALFORMED: tuple[tuple[tuple[type[BaseException], ...], int, str, str], ...] = (
+    ((ReadTimeout,), 408, "Request Timeout", "headers"),  # the app answers a stalled body itself
     ((LimitRequestLine,), 414, "URI Too Long", "request line"),
     ((InvalidRequestLine, InvalidRequestMethod, InvalidHTTPVersion), 400, "Bad Request", "request line"),
     ((LimitRequestHeaders,), 431, "Request Header Fields Too Large", "headers"),
@@ -40,8 +63,67 @@ def malformed_answer(exc: BaseException) -> bytes | None:
     return None
 
 
+class TimedSocketUnreader(SocketUnreader):  # type: ignore[misc]
+    """gunicorn's reader of a request off its socket, each read bounded by `limit` seconds.
+
+    Only the reads of the request have the limit: the socket's own timeout stays as it was, so
+    answers are written without one and a WebSocket taken over from the request waits as long as
+    it likes. A shorter timeout already on the socket (gunicorn's bounded drain of an unread body)
+    is kept, and so is its TimeoutError."""
+
+    def __init__(self, sock: Any, limit: float, max_chunk: int = 8192) -> None:
+        super().__init__(sock, max_chunk)
+        self.limit = limit
+
+    def chunk(self, size_hint: int | None = None) -> bytes:
+        prior = self.sock.gettimeout()
+        self.sock.settimeout(self.limit if prior is None else min(prior, self.limit))
+        try:
+            return super().chunk(size_hint)  # type: ignore[no-any-return]
+        except TimeoutError:
+            if prior is not None:  # gunicorn's own bounded read (its drain of an unread body) handles it
+                raise
+            raise ReadTimeout(self.limit) from None
+        finally:
+            self.sock.settimeout(prior)
+
+
+class TimedConn(TConn):  # type: ignore[misc]
+    """A connection whose HTTP/1 request parser reads with a time limit (TimedSocketUnreader)."""
+
+    def __init__(self, cfg: Any, sock: Any, client: Any, server: Any, limit: float) -> None:
+        super().__init__(cfg, sock, client, server)
+        self.limit = limit
+
+    def init(self) -> None:
+        super().init()
+        unreader = getattr(self.parser, "unreader", None)
+        if type(unreader) is SocketUnreader:  # not HTTP/2; bytes already read stay with the new reader
+            timed = TimedSocketUnreader(unreader.sock, self.limit, unreader.mxchunk)
+            timed.buf = unreader.buf
+            self.parser.unreader = timed
+
+
 class ThreadWorker(_GunicornThreadWorker):  # type: ignore[misc]
-    """gunicorn's `gthread` worker answering unparsable requests with the API's JSON errors."""
+    """gunicorn's `gthread` worker answering unparsable requests with the API's JSON errors, and
+    reading requests with a time limit (`orchestrator api` sets it from API_READ_TIMEOUT_SECONDS).
+
+    A connection that sends nothing at all is gunicorn's own concern: it waits a few seconds in a
+    thread, then on the poller until the keep-alive timeout, as idle kept-alive connections do."""
+
+    read_timeout: float = HttpSettings.model_fields["read_timeout_seconds"].default
+
+    def accept(self, listener: Any) -> None:
+        # gunicorn's accept, with a TimedConn for the connection
+        try:
+            client_sock, client_addr = listener.accept()
+            self.nr_conns += 1
+            client_sock.setblocking(True)
+            conn = TimedConn(self.cfg, client_sock, client_addr, listener.getsockname(), self.read_timeout)
+            self.enqueue_req(conn)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                raise
 
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
         answer = malformed_answer(exc)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from pydantic import Field
 
-from orchestrator.config import AreaSettings, env_names
+from orchestrator.config import AreaSettings, PositiveSeconds, env_names
 
 
 class HttpSettings(AreaSettings):
@@ -17,3 +17,6 @@ class HttpSettings(AreaSettings):
 
     #: the largest request body in bytes; a larger one is answered 413 naming the limit
     max_body_bytes: Annotated[int, Field(ge=1024)] = 1024 * 1024
+    #: how long the API waits for the next bytes of a request (its request line, headers or body)
+    #: before it answers 408 and closes the connection: a client that stalls must not hold a thread
+    read_timeout_seconds: PositiveSeconds = 30.0

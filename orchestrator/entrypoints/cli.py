@@ -109,7 +109,11 @@ def cmd_api(args: argparse.Namespace) -> None:
     _tracing("api", settings)  # gunicorn's workers inherit it; create_app instruments Flask
     from gunicorn.app.base import BaseApplication
 
-    from web import create_app
+    from web import create_app, server
+    from web.settings import HttpSettings
+
+    # gunicorn's workers are forked from this process: they inherit the limit on their reads
+    server.ThreadWorker.read_timeout = HttpSettings.from_settings(settings).read_timeout_seconds
 
     class Server(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
