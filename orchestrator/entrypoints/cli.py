@@ -13,7 +13,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TextIO
 
 from orchestrator.config import Settings, load_settings
 from orchestrator.errors import ConfigError
@@ -373,6 +373,38 @@ def port_problems(claims: list[PortClaim]) -> list[str]:
     return problems
 
 
+#: The file in ./data that one `orchestrator dev` holds locked for its whole life.
+DEV_LOCK = "dev.lock"
+
+
+def hold_data_folder(folder: str = "data") -> TextIO | None:
+    """Lock `folder` for this dev (the open lock file, kept for dev's life), or None when another
+    dev holds it: two on one folder share its SQLite files and emulator state and break each other.
+    An flock is released by the kernel when its holder dies, even by kill -9."""
+    import fcntl
+
+    os.makedirs(folder, exist_ok=True)
+    lock = open(os.path.join(folder, DEV_LOCK), "a+")  # open, and locked, until dev ends
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        return None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
+def _data_holder(folder: str = "data") -> str:
+    """' (pid N)' naming the dev that holds `folder`, from its lock file, or ''."""
+    try:
+        pid = open(os.path.join(folder, DEV_LOCK)).read().strip()
+    except OSError:
+        return ""
+    return f" (pid {pid})" if pid.isdigit() else ""
+
+
 def _kill_group(pid: int, sig: int) -> None:
     """Signal a child's process group (each dev child leads its own); gone already is fine."""
     try:
@@ -393,8 +425,8 @@ def _exit_text(code: int) -> str:
 def cmd_dev(args: argparse.Namespace) -> None:
     """Every process in the foreground, with the emulators, on embedded defaults.
 
-    Before starting anything it checks every port it will listen on (exits 1 naming the port and
-    what moves it); a child that dies is restarted with a backoff (DEV_RESTARTS)."""
+    Before starting anything it locks ./data (exits 1 when another dev holds it) and checks every
+    port it will listen on (exits 1 naming the port and what moves it); a child that dies is restarted with a backoff (DEV_RESTARTS)."""
     # Ctrl-C from the first moment on stops dev, not a traceback in it or in a set-up step
     # (each runs in a session of its own, out of the terminal's reach, and is waited for).
     stopping = threading.Event()
@@ -465,6 +497,11 @@ def cmd_dev(args: argparse.Namespace) -> None:
                              "127.0.0.1", args.kafka_port)
     if bundled:
         claims.append(broker_claim)
+    data_lock = hold_data_folder()  # before the ports: a second dev on other ports passes their check
+    if data_lock is None:
+        sys.exit(f"orchestrator dev: another orchestrator dev{_data_holder()} runs on the data folder "
+                 f"{os.path.abspath('data')}: stop it, or start this one in another folder "
+                 "(dev keeps its state in ./data of the folder it starts in)")
     problems = port_problems(claims)
     if problems:  # before anything started: nothing to stop, nothing half-running
         sys.exit("orchestrator dev: " + "\norchestrator dev: ".join(problems))

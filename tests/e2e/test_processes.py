@@ -255,6 +255,31 @@ def _refused(args: list[str], env: dict, cwd) -> "subprocess.CompletedProcess[st
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+def test_a_second_dev_on_the_same_data_folder_refuses_at_once(tmp_path):
+    """A second `orchestrator dev` on other ports but the same ./data started and broke the first
+    (one SQLite file under two sets of processes, media jobs the other copy's emulators did not
+    know). Now, while the folder's lock is held (here by the test, as a running dev holds it),
+    dev exits at once naming the folder and what to do, and starts nothing."""
+    import fcntl
+
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("CELERY_", "DATABASE_", "POSTGRES_", "REDIS_", "VIDEO_", "AUDIO_", "KAFKA_"))}
+    env.update(LOG_LEVEL="WARNING", PYTHONPATH=str(ROOT))
+    (tmp_path / "data").mkdir()
+    with (tmp_path / "data" / "dev.lock").open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242\n")
+        held.flush()
+        started = time.monotonic()
+        out = _refused(["dev"], env, tmp_path)
+    assert time.monotonic() - started < 20, "dev took its time before refusing"
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    assert (f"orchestrator dev: another orchestrator dev (pid 4242) runs on the data folder {tmp_path / 'data'}: "
+            "stop it, or start this one in another folder") in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and "orchestrator dev: pids" not in out.stdout, out.stderr
+    assert not (tmp_path / "data" / "repos").exists()  # the demo project, dev's first set-up step: not made
+
+
 def test_ctrl_c_during_dev_start_up_stops_everything_without_a_traceback(tmp_path):
     """Ctrl-C (SIGINT to dev's process group, as a terminal sends it) while a set-up step runs
     (the demo project, `db upgrade`) printed the KeyboardInterrupt tracebacks of dev and of the
