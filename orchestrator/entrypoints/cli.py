@@ -293,8 +293,12 @@ def cmd_produce(args: argparse.Namespace) -> None:
         loads(args.payload)
     except ValueError as exc:  # nesting past the parser's depth included
         sys.exit(f"payload: not valid JSON: {exc}")
+    headers = [(name, value.encode()) for name, value in args.header]
+    if args.event_id:  # the bridge de-duplicates by it (docs/kafka.md)
+        headers.append(("event_id", args.event_id.encode()))
     producer = Producer(producer_config(brokers))
-    producer.produce(args.topic, args.payload.encode(), key=args.key.encode() if args.key else None)
+    producer.produce(args.topic, args.payload.encode(), key=args.key.encode() if args.key else None,
+                     headers=headers or None)
     if producer.flush(15):
         sys.exit(f"not delivered to {brokers} within 15s")
     print(f"produced to {args.topic} on {brokers}")
@@ -660,6 +664,36 @@ def _number(low: int, high: int | None = None, zero: str = "") -> Any:
     return parse
 
 
+def _event_id(text: str) -> str:
+    """An argparse type: an `event_id` header as the bridge takes it (kafka_bridge.event_id), so
+    what it would dead-letter, or ignore when empty, is refused here instead."""
+    from orchestrator.kafka_bridge import EVENT_ID_MAX
+
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty (the bridge ignores an empty event_id)")
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("is not valid UTF-8") from None
+    if len(text) > EVENT_ID_MAX:
+        raise argparse.ArgumentTypeError(f"must be at most {EVENT_ID_MAX} characters, got {len(text)}")
+    return text
+
+
+def _header(text: str) -> tuple[str, str]:
+    """An argparse type: NAME=VALUE, a Kafka header."""
+    name, eq, value = text.partition("=")
+    if not eq or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    if name == "event_id":
+        raise argparse.ArgumentTypeError("give the event_id with --event-id")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"{name}: is not valid UTF-8") from None
+    return name, value
+
+
 #: A port to listen on; the media emulators take three from the one given.
 PORT = _number(1, 65535)
 COUNT = _number(1)
@@ -705,6 +739,11 @@ def parser() -> argparse.ArgumentParser:
     produce.add_argument("topic")
     produce.add_argument("payload", help="the JSON payload")
     produce.add_argument("--key")
+    produce.add_argument("--event-id", type=_event_id, metavar="ID",
+                         help="the event_id header, by which the bridge de-duplicates: give the same ID to an "
+                              "event sent again (at most 200 characters; docs/kafka.md)")
+    produce.add_argument("--header", type=_header, action="append", default=[], metavar="NAME=VALUE",
+                         help="a header of the message (repeatable)")
     produce.set_defaults(func=cmd_produce)
 
     flower = sub.add_parser("flower", help="Flower with basic auth (FLOWER_BASIC_AUTH)")

@@ -189,6 +189,43 @@ def test_same_event_id_twice_counts_once(kclient, kafka, krt, bridge):
     assert metric(bridge, "orchestrator_kafka_events_total", topic="test.increments", outcome="duplicate") >= 1
 
 
+def test_orchestrator_produce_sets_the_event_id_header(kafka, tmp_path):
+    """docs/kafka.md tells a producer that may send a request twice to set `event_id`, but
+    `orchestrator produce` could not: both sends were new events to the bridge. Now --event-id
+    sets the header on each, as the bridge reads it, and an id the bridge would dead-letter is a
+    usage error, nothing sent."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    from orchestrator.kafka_bridge import EVENT_ID_MAX
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY_", "DATABASE_", "POSTGRES_", "KAFKA_"))}
+    env.update(KAFKA_BROKERS=kafka.brokers, PYTHONPATH=str(ROOT))
+    tag = uuid.uuid4().hex[:8]
+    produce = [sys.executable, "-m", "orchestrator.entrypoints.cli", "produce", "test.increments"]
+
+    def run(*args: str) -> "subprocess.CompletedProcess[str]":
+        return subprocess.run([*produce, *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+
+    for seq in range(2):
+        sent = run(json.dumps({"counter": tag, "n": 1, "seq": seq}), "--key", tag, "--event-id", f"ev-{tag}",
+                   "--header", "trace=t1")
+        assert sent.returncode == 0, sent.stderr
+    too_long = run(json.dumps({"counter": tag, "n": 1, "seq": 2}), "--key", tag, "--event-id", "x" * (EVENT_ID_MAX + 1))
+    assert too_long.returncode == 2, too_long.stderr
+    assert f"argument --event-id: must be at most {EVENT_ID_MAX} characters, got {EVENT_ID_MAX + 1}" in too_long.stderr
+
+    def ours(msgs):
+        return [m for m in msgs if m.key() == tag.encode()]
+
+    got = ours(kafka.read("test.increments", timeout=30, until=lambda ms: len(ours(ms)) >= 2))
+    assert [json.loads(m.value())["seq"] for m in got] == [0, 1]
+    assert [headers(m) for m in got] == [{"trace": "t1", "event_id": f"ev-{tag}"}] * 2
+
+
 def test_a_redelivered_bad_event_is_dead_lettered_once(kafka, bridge):
     key = f"k-{uuid.uuid4().hex[:6]}"
     bad = json.dumps({"route_id": key}).encode()  # no mode
