@@ -188,8 +188,16 @@ class Submission(Closed):
     """POST /sagas/<saga_id>/events/submit_input: `{"step", "content"}` or `{"step", "use_hydrated": true}`."""
 
     step: str = Field(description="the dependency the input is for (case-insensitive)")
-    content: Any = Field(None, description="the input file's JSON content")
+    # An object: the file holds the dependency's parameters by name (seed 002's example, the
+    # emulated worker); a string, number or array would be committed and "calculated" to 0.0.
+    content: dict[str, Any] = omittable(description="the input file's content: a JSON object of the "
+                                                    "dependency's parameters")
     use_hydrated: bool = omittable()
+
+
+#: The longest calculation type: a name like a workflow's step and state names (64 characters in
+#: their columns), and well inside AMQP's 255-byte routing key (`calculation.<type>`).
+MAX_CALCULATION_TYPE = 64
 
 
 class CalculationRequest(Closed):
@@ -199,13 +207,13 @@ class CalculationRequest(Closed):
     branch: Branch
     files: dict[str, Any] = Field(description="{path: content} of the input files (a string, or JSON written as such)")
     output_file: str
-    calculation: str = Field("generic", pattern=r"^[A-Za-z0-9_-]+$",
+    calculation: str = Field("generic", pattern=r"^[A-Za-z0-9_-]+$", max_length=MAX_CALCULATION_TYPE,
                              description="the calculation type (the task's routing key is calculation.<type>)")
 
 
 def check_submission(payload: dict[str, Any], instance: Any) -> dict[str, Any]:
     """The user's input for the dependency the saga waits for (seed 002, docs/balance.md):
-    `{"step": "<DEP>", "content": <JSON>}` or `{"step": "<DEP>", "use_hydrated": true}`.
+    `{"step": "<DEP>", "content": {<JSON object>}}` or `{"step": "<DEP>", "use_hydrated": true}`.
 
     `instance` is the saga's row (its `state` and `context`). Returns the payload of the
     `submit_input` signal, `step` lower-cased. Raises InvalidInput naming the field (400), or
@@ -223,8 +231,6 @@ def check_submission(payload: dict[str, Any], instance: Any) -> dict[str, Any]:
     has_content = "content" in sub.model_fields_set  # rules across fields, and on the saga's chain
     if has_content == bool(sub.use_hydrated):
         raise InvalidInput("content", "send either 'content' (the input file's JSON) or 'use_hydrated': true")
-    if has_content and sub.content is None:
-        raise InvalidInput("content", "must be the input file's JSON content")
     dep, role = STATE_ROLES.get(instance.state or "", ("", ""))
     if role != "await" or dep != step:
         waiting = f"it waits for {dep.upper()} input" if role == "await" else "it is not waiting for input"
