@@ -148,6 +148,17 @@ BALANCE = ("balance",)
 GITLAB = ("gitlab",)
 
 
+def _issue_branch_project(project: str, branch: str, what: str) -> str:
+    """The project's path; 404 for an unknown project (502 when GitLab fails), 400 naming `branch`
+    when it is the project's default branch: `what` commits there, and every issue branch made
+    from it afterwards would carry those commits."""
+    info = open_repository(runtime().settings).project(project)
+    if branch == info.default_branch:
+        raise InvalidInput("branch", f"is the default branch of {info.path}; {what} works on an issue branch "
+                                     "(its results reach the default branch through a merge request)")
+    return info.path
+
+
 @bp.post("/saga/calculate-balance")
 @doc(BalanceStatus, also={202: BalanceStatus}, errors=(400, 404, 409, 422, 502), json=BalanceRequest,
      headers=IdempotencyHeader, tags=BALANCE)
@@ -158,12 +169,7 @@ def start_balance() -> Any:
     who = actor("X-User")  # checked before anything is written
     rt = runtime()
     data = BalanceSaga.validate_input(body, rt.settings)
-    repo = open_repository(rt.settings)
-    info = repo.project(data["project"])  # 404 for an unknown project, 502 when GitLab fails
-    data["project"] = info.path
-    if data["branch"] == info.default_branch:  # its commits would land where the merge request goes
-        raise InvalidInput("branch", f"is the default branch of {info.path}; the saga works on an issue branch "
-                                     "(its results reach the default branch through a merge request)")
+    data["project"] = _issue_branch_project(data["project"], data["branch"], "the saga")
     with _start_lock(data["project"], data["branch"]):
         saga_id = _running_saga(data["project"], data["branch"])
         if saga_id is None:
@@ -203,16 +209,24 @@ def submit_input(saga_id: str) -> Any:
 
 # -- simple calculations (FR-ORCH-3) -------------------------------------------------------------------
 def _calculation_status(snap: dict[str, Any]) -> dict[str, Any]:
+    """`task` is null until the inputs are committed. From then on it shows the task the
+    calculation step sends: each value is fixed when the step is entered (its token is the
+    correlationId, the inputs' commit, the request's files), so the answer has them before the
+    worker process running the step has published and saved them."""
     ctx = snap["context"] or {}
     state = snap["state"]
     status = {"COMPLETED": "completed", "FAILED": "failed", "CANCELLED": "cancelled"}.get(state, "running")
     calc = next((s for s in snap.get("steps") or [] if s["name"] == "calculation"), None)
     commit_step = next((s for s in snap.get("steps") or [] if s["name"] == "commit_inputs"), None)
-    return {"correlationId": snap["id"], "status": status, "state": state,
-            "input_commit": ((commit_step or {}).get("data", {}).get("output") or {}).get("commit"),
-            "task": {k: (calc or {}).get("data", {}).get(k) for k in
-                     ("correlation_id", "commit", "input_files", "output_file")} if calc else None,
-            "output_commit": ctx.get("output_commit"), "error": ctx.get("error")}
+    input_commit = ((commit_step or {}).get("data", {}).get("output") or {}).get("commit")
+    task = None
+    if calc is not None:
+        sent, inp = calc.get("data") or {}, ctx.get("input") or {}
+        known = {"correlation_id": sent.get("token"), "commit": input_commit,
+                 "input_files": sorted(inp.get("files") or {}), "output_file": inp.get("output_file")}
+        task = {k: sent[k] if sent.get(k) is not None else v for k, v in known.items()}
+    return {"correlationId": snap["id"], "status": status, "state": state, "input_commit": input_commit,
+            "task": task, "output_commit": ctx.get("output_commit"), "error": ctx.get("error")}
 
 
 @bp.post("/calculations")
@@ -224,7 +238,7 @@ def start_calculation() -> Any:
     who = actor("X-User")  # checked before anything is written
     rt = runtime()
     data = SimpleCalculation.validate_input(body, rt.settings)
-    data["project"] = open_repository(rt.settings).project(data["project"]).path
+    data["project"] = _issue_branch_project(data["project"], data["branch"], "a calculation")
     snap, created = rt.engine.start(SimpleCalculation.type, data,
                                     idempotency_key=request.headers.get("Idempotency-Key"), actor=who)
     deadline = time.monotonic() + SETTLE_SECONDS
@@ -255,6 +269,7 @@ def assigned_issues() -> Any:
     if not user:
         raise Unauthorized("X-User: the API gateway must pass the authenticated user's GitLab username",
                            USER_CHALLENGE, field=USER_HEADER)
+    actor("X-User")  # the same bound as on every balance route: 400 naming X-User when longer
     issues = open_repository(runtime().settings).assigned_issues(user)
     return {"user": user, "issues": issues}
 

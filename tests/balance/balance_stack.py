@@ -179,6 +179,13 @@ def wait_saga(stack: Stack, saga_id: str, *states: str, timeout: float = 60) -> 
         raise
 
 
+def sent_task(stack: Stack, calculation_id: str) -> str | None:
+    """The correlationId of a simple calculation's task once its step has published it (the
+    step's data in the engine's view; the calculation's answer shows the task before that)."""
+    steps = stack.http("GET", f"/sagas/{calculation_id}").json()["steps"]
+    return next((st["data"].get("correlation_id") for st in steps if st["name"] == "calculation"), None)
+
+
 BRANCH = "issue/42-new-calculation"
 USER_CONDENSER = {"pressure_kpa": 8, "flow_kg_s": 1000}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from balance_stack import local_stack, new_project  # noqa: F401
+from balance_stack import local_stack, new_project, sent_task  # noqa: F401
 from conftest import drained, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -30,7 +30,7 @@ def test_hostile_results_are_dropped_with_their_reason_and_the_next_valid_one_ap
             "output_file": "out.json", "calculation": "pump"})
         assert r.status_code == 201, r.text
         cid = r.json()["correlationId"]
-        task = wait_for(lambda: (s.http("GET", f"/calculations/{cid}").json().get("task") or {}).get("correlation_id"),
+        task = wait_for(lambda: sent_task(s, cid),
                         timeout=30, what="the task sent")
 
         def result(**over) -> bytes:

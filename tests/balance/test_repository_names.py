@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from balance_stack import BRANCH, TOKEN, git_repo, gitlab_stack, local_stack, new_project, start  # noqa: F401
+from balance_stack import BRANCH, TOKEN, git_repo, gitlab_stack, local_stack, new_project, sent_task, start  # noqa: F401
 from conftest import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
@@ -105,7 +105,7 @@ def test_a_result_with_unstorable_text_is_dropped_and_the_next_result_is_applied
         r = s.http("POST", "/calculations", json=calculation(project))
         assert r.status_code == 201, r.text
         cid = r.json()["correlationId"]
-        task = wait_for(lambda: (s.http("GET", f"/calculations/{cid}").json().get("task") or {}).get("correlation_id"),
+        task = wait_for(lambda: sent_task(s, cid),
                         timeout=30, what="the task sent")
         for bad in ({"version": 1, "correlationId": task, "status": "failed", "error": "diverged\u0000"},
                     {"version": 1, "correlationId": task, "status": "succeeded", "outputCommit": "\ud800"}):
