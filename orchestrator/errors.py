@@ -73,12 +73,16 @@ class IllegalTransition(OrchestratorError):
     status = 409
     code = "illegal_transition"
 
-    def __init__(self, instance_id: str, event: str, state: str) -> None:
+    def __init__(self, instance_id: str, event: str, state: str, message: str | None = None,
+                 **details: Any) -> None:
+        """`message` says why in the caller's terms when `event` is an engine event the caller
+        never sent (a route's restart); `details` add to the body."""
         super().__init__(
-            f"event '{event}' is not allowed in state '{state}'",
+            message or f"event '{event}' is not allowed in state '{state}'",
             instance_id=instance_id,
             event=event,
             state=state,
+            **details,
         )
         self.state = state
 

@@ -264,7 +264,7 @@ class RouteContent(Workflow):
         """The batch's own account (its counts come from the engine's step row: route_view)."""
         step = self.context["steps"]["tts_batch"]
         step.update(status="pending", attempt=step["attempt"] + 1, error=None, finished_at=None,
-                    started_at=step.get("started_at") or _now())
+                    started_at=_now())  # this attempt's start: its requests go out now
 
     def on_enter_tts_failed(self, payload: dict[str, Any] | None = None) -> None:
         payload = payload or {}
@@ -426,8 +426,14 @@ def restart_step(engine: Any, route_id: str, step: str | None, actor: str = "api
         raise InvalidInput("step", f"only tts_batch and story_generate can be restarted, got {step!r}")
     instance_id = RouteContent.find(engine, route_id)
     snapshot = engine.snapshot(instance_id, history=False)
-    if snapshot["state"] not in RESTARTABLE[step]:  # restart_tts is not allowed there
-        raise IllegalTransition(instance_id, "restart_tts", snapshot["state"] or "")
+    state = snapshot["state"] or ""
+    if state not in RESTARTABLE[step]:  # said in the route's terms: restart_tts is the engine's event
+        view = route_view(snapshot)
+        now = (view["steps"].get(step) or {}).get("status", "pending")
+        raise IllegalTransition(
+            instance_id, "restart", state, step=step, step_status=now,
+            message=f"route {route_id} is {view['status']} (state {state}): only a step that failed or is "
+                    f"still waiting can be restarted, and {step} is {now}")
     # While the step still waits (its request or replies lost), the running attempt is abandoned
     # and its requests are sent again: for tts_batch only the stories without a tts.completed (a
     # late reply to the old attempt is stale); for story_generate the story.generate.

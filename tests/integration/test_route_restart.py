@@ -1,0 +1,55 @@
+"""POST /workflows/<route_id>/restart over HTTP, on routes brought along by the bridge's own
+handlers: a refused restart says why in the route's terms, and a restarted step shows its own
+attempt's start."""
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from test_signals import _route_in_synthesis
+
+from orchestrator.kafka_bridge import KafkaEvent
+from orchestrator.models import utcnow
+from sagas.route_content import RouteContent
+
+
+def tts_reply(rt, route_id: str, story: int, status: str) -> None:
+    payload = {"route_id": route_id, "story_id": f"{route_id}-s{story}", "status": status}
+    payload.update({"audio_url": f"https://cdn/{story}.mp3"} if status == "completed" else {"error": "voice down"})
+    RouteContent.on_tts_completed(rt.engine, KafkaEvent("tts.completed", 0, story, route_id, payload,
+                                                        f"tts.completed:{uuid.uuid4().hex}"))
+
+
+def test_restart_of_a_completed_route_says_why_in_the_routes_terms(client, rt):
+    route_id = f"r-{uuid.uuid4().hex[:8]}"
+    _route_in_synthesis(rt.engine, route_id)
+    for story in (1, 2):
+        tts_reply(rt, route_id, story, "completed")
+    assert client.get(f"/workflows/{route_id}").json["status"] == "completed"
+
+    r = client.post(f"/workflows/{route_id}/restart?step=tts_batch")
+    assert r.status_code == 409
+    body = r.json
+    assert body["error"] == "illegal_transition" and body["state"] == "completed"
+    assert body["message"] == (f"route {route_id} is completed (state completed): only a step that failed "
+                               "or is still waiting can be restarted, and tts_batch is completed"), body
+    assert "restart_tts" not in str(body)  # the engine's event, which the operator never sent
+    assert body["step"] == "tts_batch" and body["step_status"] == "completed"
+
+
+def test_a_restarted_tts_batch_shows_its_own_start(client, rt):
+    route_id = f"r-{uuid.uuid4().hex[:8]}"
+    _route_in_synthesis(rt.engine, route_id)
+    tts_reply(rt, route_id, 1, "completed")
+    tts_reply(rt, route_id, 2, "failed")
+    failed = client.get(f"/workflows/{route_id}").json
+    assert failed["status"] == "failed" and failed["steps"]["tts_batch"]["attempt"] == 1
+    first_start = datetime.fromisoformat(failed["steps"]["tts_batch"]["started_at"])
+
+    restarted_at = utcnow()
+    r = client.post(f"/workflows/{route_id}/restart?step=tts_batch")
+    assert r.status_code == 200, r.json
+    tts = r.json["steps"]["tts_batch"]
+    assert tts["attempt"] == 2 and tts["status"] == "pending" and tts.get("finished_at") is None
+    assert datetime.fromisoformat(tts["started_at"]) >= restarted_at > first_start, (tts, first_start)
+    assert client.get(f"/workflows/{route_id}").json["steps"]["tts_batch"] == tts
