@@ -1613,6 +1613,11 @@ class Engine:
         with self.reads.connect() as conn:
             return list(conn.execute(q.order_by(INSTANCES.c.created_at.desc(), INSTANCES.c.id)).scalars())
 
+    def check_filter(self, flt: "InstanceFilter") -> None:
+        """Raise InvalidInput naming the filter field at fault, as `list` would (no query runs):
+        for a page that renders the filter before its rows are fetched."""
+        self._matching(flt)
+
     def _matching(self, flt: "InstanceFilter") -> Any:
         """The SELECT of instances matching `flt`, after checking the names it uses."""
         type_name = flt.type or None

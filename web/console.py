@@ -23,14 +23,14 @@ from flask import Blueprint, Response, jsonify, render_template, request
 from markupsafe import Markup
 
 from orchestrator.diagram import render
-from orchestrator.errors import NotFound, OrchestratorError, Unauthorized
+from orchestrator.errors import InvalidInput, NotFound, OrchestratorError, Unauthorized
 from orchestrator.models import ACTIVE_STEP_STATUSES, StepStatus
 from orchestrator.workflow import INSTANCE_STATUSES
 
-from . import body, runtime
+from . import body, query, runtime
 from .auth import CONSOLE_CHALLENGE, CONSOLE_HEADER, same_secret
 from . import bulk as bulk_routes
-from .schemas import BulkRequest
+from .schemas import BulkRequest, SagaListQuery
 
 bp = Blueprint("console", __name__, url_prefix="/ui", template_folder="templates",
                static_folder="static/console", static_url_path="/static")
@@ -122,9 +122,15 @@ def instances_page() -> Any:
     names = engine.registry.names()
     states = sorted({s.id for n in names for s in engine.registry.get(n).states})  # type: ignore[union-attr]
     values = {name: request.args.get(name, "") for name in FILTERS}
+    # The API's own rule (GET /sagas): a bad filter is said, not silently left out of the list.
+    try:
+        engine.check_filter(query(SagaListQuery))
+        refusal, status = "", 200
+    except InvalidInput as exc:
+        refusal, status = exc.message, exc.status
     return render_template("console/instances.html", filters=values, types=names, states=states,
                            statuses=_step_statuses(), instance_statuses=INSTANCE_STATUSES, refresh=REFRESH_SECONDS,
-                           page="instances")
+                           page="instances", refusal=refusal), status
 
 
 @bp.get("/sagas/<instance_id>")

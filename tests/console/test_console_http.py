@@ -7,6 +7,7 @@ from typing import Any, Iterator
 
 import pytest
 from conftest import wait_for
+from markupsafe import escape
 
 LOGIN = "operator:s3cret"
 
@@ -108,6 +109,21 @@ def test_instance_page_shows_diagram_steps_context_history_and_actions(on):
     assert "<html" not in part and 'id="steps"' in part
     assert on.get("/ui/sagas/00000000-0000-0000-0000-000000000000", headers=basic(LOGIN)).status_code == 404
     on.post(f"/sagas/{job}/cancel")
+
+
+@pytest.mark.parametrize("query, field", [("status=bogus", "status"), ("type=nope", "type"),
+                                          ("type=media&state=tts_failed", "state"), ("step_status=gone", "step_status"),
+                                          ("created_after=yesterday", "created_after")])
+def test_a_bad_filter_is_said_on_the_page_as_the_api_says_it(on, query, field):
+    api = on.get(f"/sagas?{query}")
+    assert api.status_code == 400 and api.json["field"] == field, api.json
+    page = on.get(f"/ui/sagas?{query}", headers=basic(LOGIN))
+    assert page.status_code == 400 and page.mimetype == "text/html"
+    html = page.get_data(as_text=True)
+    assert f'<p id="message" role="status" class="bad">{escape(api.json["message"])}</p>' in html
+    assert '<table id="instances"' in html  # the form stays, to correct the filter
+    good = on.get("/ui/sagas?status=failed&type=media", headers=basic(LOGIN)).get_data(as_text=True)
+    assert '<p id="message" role="status"></p>' in good
 
 
 @pytest.mark.parametrize("path", ["/ui/sagas/00000000-0000-0000-0000-000000000000", "/ui/types/nope"])

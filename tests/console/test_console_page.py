@@ -205,3 +205,20 @@ def test_operator_sends_a_signal_then_cancels_an_order(console, browser):
     assert not browser.eval("!!document.querySelector('button[data-action=cancel]')")
     assert job_state(console, cancelled) == "cancelled"
     screenshot(browser, "09-order-cancelled.png")
+
+
+def test_a_bad_filter_in_the_address_shows_the_apis_refusal_not_every_instance(console, browser):
+    log_in(browser)
+    open_page(browser, f"{console}/ui/sagas?status=bogus", "document.getElementById('instances').dataset.loaded")
+    seen = browser.eval("[document.getElementById('instances').dataset.loaded, "
+                        "document.getElementById('message').textContent, document.querySelectorAll('#rows tr').length]")
+    api = requests.get(f"{console}/sagas?status=bogus", timeout=5).json()
+    assert seen == ["refused", f"400 {api['message']}", 0], (seen, api)
+    screenshot(browser, "10-bad-filter.png")
+    # corrected in the form, the list follows the filter and the message goes
+    browser.eval("document.getElementById('filters').elements.status.value = 'failed';"
+                 "document.getElementById('apply').click(); true")
+    wait_for(lambda: browser.eval("document.getElementById('instances').dataset.loaded === 'true'"
+                                  " && location.search === '?status=failed'"
+                                  " && document.getElementById('message').textContent === ''"),
+             timeout=30, interval=0.2, what="the corrected filter to list")

@@ -22,10 +22,22 @@
     let data = null;
     try { data = await resp.json(); } catch (e) { data = null; }
     if (!resp.ok) {
-      const msg = data ? `${data.field ? data.field + ": " : ""}${data.message || data.error}` : resp.statusText;
+      const text = data ? (data.message || data.error) : resp.statusText;
+      const named = data && data.field && !text.startsWith(data.field + ":");
+      const msg = named ? `${data.field}: ${text}` : text;
       throw new Error(`${resp.status} ${msg}`);
     }
     return data;
+  }
+
+  // The filters in the address: the page was opened with them (a select cannot show a value it
+  // has no option for, so the form alone would drop a bad one), and apply() writes them there.
+  function addressFilters(form) {
+    const out = {};
+    for (const [name, value] of new URLSearchParams(location.search)) {
+      if (form.elements[name] && value.trim() !== "") out[name] = value.trim();
+    }
+    return out;
   }
 
   function filterValues(form) {
@@ -56,14 +68,17 @@
     let total = 0;
 
     async function load() {
-      const filters = filterValues(form);
+      const filters = addressFilters(form);
       const query = new URLSearchParams({ ...filters, limit: PAGE_SIZE, offset });
       $("#to-bulk").href = "/ui/bulk?" + new URLSearchParams(filters);
       let page;
       try {
         page = await call("GET", "/sagas?" + query);
       } catch (err) {
-        say(err.message, true);
+        say(err.message, true);  // e.g. the API's 400 naming a bad filter: no rows rather than all of them
+        $("#rows").replaceChildren();
+        $("#total").textContent = $("#page").textContent = "";
+        $("#instances").dataset.loaded = "refused";
         return;
       }
       total = page.total;
