@@ -255,6 +255,9 @@ def admin_cleanup() -> Any:
 @bp.post("/admin/factory-reset")
 @doc(FactoryReset, errors=(401, 403), headers=AdminHeader, tags=OPS)
 def factory_reset() -> Any:
+    """Delete every media job (running ones too), every delivered outbox row and every
+    de-duplication record, and ask the three media services to reset; admin. Other workflow
+    types' instances are kept (README: the seed's message says "all services")."""
     auth.require_admin()
     removed = cleanup(None, deep=True)
     micro: dict[str, Any] = {}
