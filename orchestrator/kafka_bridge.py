@@ -48,7 +48,7 @@ from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from . import logs, metrics, tracing
 from .errors import Conflict, IllegalTransition, InvalidInput, NotFound
 from .jsonutil import loads, unstorable
-from .kafka_events import Ignored, KafkaEvent
+from .kafka_events import EVENT_ID_MAX, Ignored, KafkaEvent
 from .models import ProcessedMessage, utcnow
 
 log = logging.getLogger(__name__)
@@ -145,11 +145,6 @@ def install_dedup(sessions: Any) -> None:
     @sa_event.listens_for(sessions, "after_rollback")
     def _rolled_back(session: Any) -> None:
         session.info.pop("kafka_delivery", None)
-
-
-#: The longest `event_id` header taken (characters); a longer one is dead-lettered, never cut:
-#: two ids sharing their first characters would otherwise be taken for one event.
-EVENT_ID_MAX = 200
 
 
 class BadEventId(ValueError):

@@ -10,6 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+#: The longest `event_id` header taken (characters); a longer one is dead-lettered, never cut:
+#: two ids sharing their first characters would otherwise be taken for one event.
+EVENT_ID_MAX = 200
+
 
 class Ignored(Exception):
     """The workflow refuses the event on purpose (late, repeated, already applied). Logged, counted."""

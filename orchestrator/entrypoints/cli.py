@@ -17,6 +17,7 @@ from typing import Any, TextIO
 
 from orchestrator.config import Settings, load_settings
 from orchestrator.errors import ConfigError
+from orchestrator.kafka_events import EVENT_ID_MAX
 
 log = logging.getLogger("orchestrator")
 
@@ -667,8 +668,6 @@ def _number(low: int, high: int | None = None, zero: str = "") -> Any:
 def _event_id(text: str) -> str:
     """An argparse type: an `event_id` header as the bridge takes it (kafka_bridge.event_id), so
     what it would dead-letter, or ignore when empty, is refused here instead."""
-    from orchestrator.kafka_bridge import EVENT_ID_MAX
-
     if not text:
         raise argparse.ArgumentTypeError("must not be empty (the bridge ignores an empty event_id)")
     try:
@@ -741,7 +740,7 @@ def parser() -> argparse.ArgumentParser:
     produce.add_argument("--key")
     produce.add_argument("--event-id", type=_event_id, metavar="ID",
                          help="the event_id header, by which the bridge de-duplicates: give the same ID to an "
-                              "event sent again (at most 200 characters; docs/kafka.md)")
+                              f"event sent again (at most {EVENT_ID_MAX} characters; docs/kafka.md)")
     produce.add_argument("--header", type=_header, action="append", default=[], metavar="NAME=VALUE",
                          help="a header of the message (repeatable)")
     produce.set_defaults(func=cmd_produce)

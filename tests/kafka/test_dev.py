@@ -85,12 +85,12 @@ class Dev:
         return self.log.read_text(errors="replace")
 
     def brokers(self) -> str:
-        return wait_for(lambda: (re.search(r"Kafka (\S+?:\d+)", self.output()) or [None, None])[1], timeout=60,
+        return wait_for(lambda: (re.search(r"Kafka (\S+?:\d+)", self.output()) or [None, None])[1], timeout=150,
                         what="dev to start")
 
     def pids(self) -> dict[str, int]:
         line = wait_for(lambda: (re.search(r"orchestrator dev: pids (.*)", self.output()) or [None, None])[1],
-                        timeout=60, what="dev to list its children")
+                        timeout=150, what="dev to list its children")
         return {name: int(pid) for name, pid in (item.split("=") for item in line.split(", "))}
 
     def wait_ready(self) -> None:
@@ -136,7 +136,7 @@ def test_dev_runs_both_kafka_workflows_on_the_bundled_broker(tmp_path):
                         what="the route completed under dev")
         assert view["steps"]["delivery_prefetch"]["status"] == "completed"
         workers = wait_for(lambda: (lambda p: p if p["total"] == 1 and p["items"][0]["status"] == "running" else None)(
-            requests.get(f"{dev.base}/workers?scenario_uuid={scenario}", timeout=5).json()), timeout=60,
+            requests.get(f"{dev.base}/workers?scenario_uuid={scenario}", timeout=5).json()), timeout=150,
             what="the worker running under dev")
         assert workers["items"][0]["camera_url"] == "rtsp://c/1"
         metrics = requests.get(f"{dev.base}/metrics", timeout=10).text
@@ -159,7 +159,7 @@ def test_dev_restarts_a_bridge_that_dies(tmp_path):
         assert "kafka-emulators" not in pids  # opted out
         dev.wait_ready()
         os.kill(pids["bridge"], signal.SIGKILL)
-        wait_for(lambda: re.search(r"bridge restarted \(pid \d+\)", dev.output()), timeout=60,
+        wait_for(lambda: re.search(r"bridge restarted \(pid \d+\)", dev.output()), timeout=150,
                  what="dev to restart the bridge")
         assert f"bridge (pid {pids['bridge']}) exited with signal SIGKILL" in dev.output()
         route_id = f"after-{uuid.uuid4().hex[:6]}"
