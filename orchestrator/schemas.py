@@ -98,10 +98,13 @@ def _invisible(c: str) -> bool:
     return c.isspace() or unicodedata.category(c)[0] in "CZ"
 
 
-def check_url(value: str, schemes: tuple[str, ...]) -> str:
+def check_url(value: str, schemes: tuple[str, ...], *, credentials: bool = False) -> str:
     """`value` as a URL of one of `schemes` with a host, surrounding blanks removed, or a
     validator's error saying what is wrong: too long, a whitespace or control character inside
-    (with its code point and position), or the wrong shape."""
+    (with its code point and position), the wrong shape, or a port that is not a number from 1 to
+    65535. User info (`user:password@`) is refused unless `credentials`: a URL a user submits as
+    job input is shown in /jobs, /sagas and the console, where a password would be in clear; a
+    setting such as an RTSP camera URL may carry its own. The refusal never quotes the URL."""
     url = value.strip(" \t\r\n")
     if len(url) > MAX_URL_LENGTH:
         raise problem(f"is too long: {len(url)} characters, at most {MAX_URL_LENGTH}")
@@ -113,8 +116,16 @@ def check_url(value: str, schemes: tuple[str, ...]) -> str:
         parsed = urlparse(url)
     except ValueError:  # an unclosed IPv6 bracket
         parsed = urlparse("")
+    if not credentials and "@" in parsed.netloc:
+        raise problem("must not contain credentials (user:password@ before the host)")
     if parsed.scheme.lower() not in schemes or not parsed.hostname:
         raise problem(f"must be an {'/'.join(schemes)} URL with a host, got {url[:80]!r}")
+    try:
+        port = parsed.port  # ValueError: not a number, or past 65535
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise problem("has an invalid port: it must be a number from 1 to 65535")
     return url
 
 

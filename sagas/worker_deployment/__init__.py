@@ -71,7 +71,7 @@ def _uuid(value: str) -> str:
 def _camera_url(value: str) -> str:
     if not value.strip():
         raise problem("is required: a stream URL such as rtsp://host/stream")
-    return check_url(value, CAMERA_SCHEMES)
+    return check_url(value, CAMERA_SCHEMES, credentials=True)  # rtsp://user:pass@camera/
 
 
 #: A UUID in any of the spellings Python's uuid accepts, kept in its canonical form.

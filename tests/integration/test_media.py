@@ -259,6 +259,12 @@ def test_bad_pipeline_input(client, body, field):
     ("youtube_url", "https://youtu.be/x\u0085", "contains a whitespace or control character (U+0085 at position 18)"),
     ("youtube_url", "https://youtu.be/x\u200by", "contains a whitespace or control character (U+200B at position 18)"),
     ("youtube_url", "https://:80/x", "must be an http/https URL with a host"),
+    # a port the downloader cannot connect to, and a password that /jobs and the console would show
+    ("youtube_url", "https://ex.com:99999/", "has an invalid port: it must be a number from 1 to 65535"),
+    ("youtube_url", "https://ex.com:abc/", "has an invalid port"),
+    ("youtube_url", "https://ex.com:0/", "has an invalid port"),
+    ("youtube_url", "https://user:pass@ex.com/", "must not contain credentials"),
+    ("youtube_url", "https://user@ex.com/", "must not contain credentials"),
     ("language", "xx-not-lang-\u221e", "must be a language code such as 'auto', 'en' or 'pt-BR'"),
     ("language", "pt\u0085", "must be a language code"),
     ("language", "english", "must be a language code"),
@@ -274,6 +280,14 @@ def test_pipeline_input_names_the_field_and_why(client, field, value, reason):
     r = client.post("/pipeline", json=body)
     assert r.status_code == 400, r.json
     assert r.json["field"] == field and r.json["message"].startswith(f"{field}: {reason}"), r.json
+    assert "@" not in value or value not in r.get_data(as_text=True)  # a refused password is not echoed
+
+
+@pytest.mark.parametrize("value", ["https://u:secret@youtu.be/x", "https://youtu.be:65536/x"])
+def test_a_bad_youtube_url_is_refused_as_saga_input_too(client, value):
+    r = client.post("/saga", json={"type": "media", "input": {"youtube_url": value}})
+    assert r.status_code == 400 and r.json["field"] == "input.youtube_url", r.json
+    assert "secret" not in r.get_data(as_text=True)
 
 
 @pytest.mark.parametrize("language, language_out", [("auto", None), ("pt", None), ("en", "pt-BR"),

@@ -56,6 +56,8 @@ def completed_route(kclient, kafka, route_id):
      "camera_url: contains a whitespace or control character (U+2028 at position 10)"),
     ("init_scenario", json.dumps({"scenario_uuid": str(uuid.UUID(int=14)), "camera_url": "rtsp://c/" + "x" * 2048}).encode(),
      "camera_url: is too long: 2057 characters, at most 2048"),
+    ("init_scenario", json.dumps({"scenario_uuid": str(uuid.UUID(int=15)), "camera_url": "rtsp://c:99999/1"}).encode(),
+     "camera_url: has an invalid port: it must be a number from 1 to 65535"),
     ("worker.status", json.dumps({"worker_id": str(uuid.UUID(int=9)), "status": "running"}).encode(),
      "unroutable: unknown worker_id 00000000-0000-0000-0000-000000000009"),
     ("worker.status", json.dumps({"worker_id": str(uuid.UUID(int=9)), "status": "running",
@@ -278,7 +280,8 @@ def test_a_valid_event_of_every_consumed_topic_is_accepted(kclient, kafka, bridg
     accepted = {t: metric(bridge, "orchestrator_kafka_events_total", topic=t, outcome="accepted") for t in INVALID}
     completed_route(kclient, kafka, f"r-{uuid.uuid4().hex[:8]}")
     scenario = str(uuid.uuid4())
-    kafka.send("init_scenario", {"scenario_uuid": scenario, "camera_url": "rtsp://cam.example/v"}, key=scenario)
+    kafka.send("init_scenario", {"scenario_uuid": scenario, "camera_url": "rtsp://viewer:pw@cam.example/v"},
+               key=scenario)  # a camera's own credentials are taken
     worker = wait_for(lambda: (kclient.get(f"/workers?scenario_uuid={scenario}").json["items"] or [None])[0],
                       timeout=20, what="the worker")
     kafka.send("worker.status", {"worker_id": worker["worker_id"], "status": "running", "process_pid": 7,
