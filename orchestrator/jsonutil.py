@@ -24,18 +24,77 @@ def why_not_json(exc: BaseException) -> str:
 
 class NotJSON(ValueError):
     """Text `loads` refused; its message is `why_not_json`'s words (no parser position for
-    nesting: "is nested too deeply")."""
+    nesting: "is nested too deeply"). `field` is the dotted path of the value at fault when there
+    is one (a duplicated key), else None; the message is then `<field>: <problem>`."""
+
+    def __init__(self, problem: str, field: str | None = None) -> None:
+        super().__init__(f"{field}: {problem}" if field else problem)
+        self.field, self.problem = field, problem
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # the hook of every object: a dict shorter than its pairs had a key twice
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise _DuplicateKey
+    return obj
+
+
+class _Marked(dict):  # type: ignore[type-arg]
+    duplicate: str
+
+
+def _marking(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        obj = _Marked(obj)
+        obj.duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+    return obj
+
+
+#: One decoder for every call (json.loads builds a new one per call when given a hook).
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique)
+
+
+def _duplicate_path(raw: str | bytes | bytearray) -> str:
+    """The dotted path of the first key `raw` has twice in one object (only on that error: the
+    parse again marks the objects, a walk names the first marked)."""
+    stack: list[tuple[str, Any]] = [("", json.loads(raw, object_pairs_hook=_marking))]
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, _Marked):
+            return f"{where}.{item.duplicate}" if where else item.duplicate
+        if isinstance(item, dict):
+            stack.extend(reversed([(f"{where}.{k}" if where else k, v) for k, v in item.items()]))
+        elif isinstance(item, list):
+            stack.extend(reversed([(f"{where}.{i}" if where else str(i), v) for i, v in enumerate(item)]))
+    return "body"
 
 
 def loads(raw: str | bytes | bytearray) -> Any:
     """`json.loads` for bytes a client sent (request bodies, WebSocket frames, Kafka events, Redis
     callbacks, calculation results, repository files): every refusal is a ValueError (NotJSON),
     nesting past the recursion limit included. `json.loads` raises RecursionError there, which a
-    caller catching ValueError lets through as a crash (a 500, a dead socket, a dead consumer)."""
+    caller catching ValueError lets through as a crash (a 500, a dead socket, a dead consumer).
+    An object with a key twice is refused too (`youtube_url: appears twice in an object`, NotJSON's
+    `field` its dotted path): `json.loads` keeps the last, so a check could pass on one value and
+    the work run on another."""
     try:
-        return json.loads(raw)
+        if not isinstance(raw, str):  # as json.loads does: UTF-8, -16 or -32, told by its first bytes
+            raw = bytes(raw).decode(json.detect_encoding(raw), "surrogatepass")
+        elif raw.startswith("\ufeff"):
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", raw, 0)
+        return _DECODER.decode(raw)
     except RecursionError:
         raise NotJSON("is nested too deeply") from None
+    except _DuplicateKey:
+        path = _duplicate_path(raw)
+        raise NotJSON("appears twice in an object", path) from None
     except ValueError as exc:  # JSONDecodeError, a number past the digit limit
         raise NotJSON(why_not_json(exc)) from None
 

@@ -14,7 +14,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from orchestrator import logs, tracing
 from orchestrator import runtime as runtime_module
 from orchestrator.errors import InvalidInput, OrchestratorError, Unavailable
-from orchestrator.jsonutil import check_storable, loads
+from orchestrator.jsonutil import NotJSON, check_storable, loads
 from orchestrator.logs import mask_url
 from orchestrator.metrics import HTTP_LATENCY, HTTP_REQUESTS
 from orchestrator.models import HistoryEntry
@@ -200,7 +200,9 @@ def json_body(required: bool = True) -> Any:
         return {}
     try:
         data = loads(data)
-    except ValueError as exc:  # nesting past the parser's depth included (see jsonutil.loads)
+    except NotJSON as exc:  # nesting past the parser's depth included (see jsonutil.loads)
+        if exc.field:  # a key sent twice: named like any other field at fault
+            raise InvalidInput(exc.field, exc.problem) from None
         raise InvalidInput("body", f"is not valid JSON: {exc}") from None
     try:
         return check_storable(data)

@@ -16,7 +16,7 @@ from flask_sock import ConnectionClosed, Sock
 from simple_websocket import Server
 
 from orchestrator.errors import InvalidInput
-from orchestrator.jsonutil import iso, loads
+from orchestrator.jsonutil import NotJSON, iso, loads
 from orchestrator.metrics import render
 from orchestrator.models import utcnow
 from orchestrator.schemas import INT64_MAX
@@ -167,7 +167,10 @@ def _follow(session_id: str, after: int, send: Callable[[dict[str, Any]], None],
 def _client_frame(raw: Any, cursor: StreamCursor, send: Callable[[dict[str, Any]], None]) -> None:
     try:
         msg = loads(raw) if isinstance(raw, (str, bytes)) else None
-    except ValueError:  # too deep included: a RecursionError here killed the socket
+    except NotJSON as exc:  # too deep included: a RecursionError here killed the socket
+        if exc.field:  # a key sent twice
+            send(error_frame("bad_frame", str(exc)))
+            return
         msg = None
     if not isinstance(msg, dict):
         send(error_frame("bad_frame", "frames must be JSON objects such as {\"type\": \"resume\", \"after_seq\": 0}"))

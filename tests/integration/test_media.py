@@ -290,6 +290,18 @@ def test_a_bad_youtube_url_is_refused_as_saga_input_too(client, value):
     assert "secret" not in r.get_data(as_text=True)
 
 
+@pytest.mark.parametrize("path, raw, field", [
+    ("/pipeline", '{"youtube_url": "https://youtu.be/x", "youtube_url": "https://other.example/"}', "youtube_url"),
+    ("/saga", '{"type": "media", "input": {"youtube_url": "https://youtu.be/x", "language": "en", '
+              '"youtube_url": "https://other.example/"}}', "input.youtube_url"),
+])
+def test_a_key_sent_twice_is_refused_naming_it(client, path, raw, field):
+    """A JSON parser keeps the last of the two: the job ran on a URL the client may not have meant."""
+    r = client.post(path, data=raw, content_type="application/json")
+    assert r.status_code == 400, r.json
+    assert r.json["field"] == field and r.json["message"] == f"{field}: appears twice in an object", r.json
+
+
 @pytest.mark.parametrize("language, language_out", [("auto", None), ("pt", None), ("en", "pt-BR"),
                                                     ("pt-BR", "en"), ("zh-Hant", "auto")])
 def test_the_seeds_language_values_are_accepted(client, language, language_out):

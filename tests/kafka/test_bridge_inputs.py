@@ -36,6 +36,9 @@ def completed_route(kclient, kafka, route_id):
     ("route.confirmed", b'{"route_id": "r-broken", "mode": ', "invalid JSON"),
     ("route.confirmed", b"\xff\xfe not utf-8", "invalid JSON"),
     ("route.confirmed", b"[1, 2, 3]", "payload must be a JSON object, got list"),
+    # a parser keeps the last of a key sent twice: the route would start under the other id
+    ("route.confirmed", b'{"route_id": "r-dup1", "mode": "walk", "route_id": "r-dup2"}',
+     "invalid JSON: route_id: appears twice in an object"),
     ("route.confirmed", json.dumps({"route_id": "r-no-mode"}).encode(), "mode: is required"),
     ("route.confirmed", json.dumps({"route_id": 12345, "mode": "walk"}).encode(),
      "route_id: must be a string, got integer"),
