@@ -33,6 +33,7 @@ from .config import Settings
 from .errors import Conflict, IllegalTransition, InvalidInput, NotFound, nested_field
 from . import logs, tracing
 from .jsonutil import digest, storable, utc_iso
+from .schemas import identifier_problem
 from .models import (ACTIVE_STEP_STATUSES, HistoryEntry, OutboxMessage, StepClaim, StepRun, StepStatus, StepToken,
                      Timer, utcnow)
 from .rows import INSTANCES, Record, StaleBasis, Writes, execute_prepared, insert_many
@@ -557,6 +558,8 @@ class Engine:
             else cls.fingerprint(data)
         if key is not None and (not isinstance(key, str) or not key.strip() or len(key) > 255):
             raise InvalidInput("key", "must be a non-empty string of at most 255 characters")
+        if key is not None and (found := identifier_problem(key)):
+            raise InvalidInput("key", found)
         if idempotency_key is not None and (not idempotency_key.strip() or len(idempotency_key) > 255):
             raise InvalidInput("Idempotency-Key", "must be a non-empty header of at most 255 characters")
 

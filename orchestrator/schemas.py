@@ -222,20 +222,59 @@ def parse_value(kind: Any, value: Any, field: str) -> Any:
         raise invalid_input(exc, prefix=field) from None
 
 
+#: Categories that show nothing: space separators (Zs), line and paragraph separators (Zl, Zp) and
+#: format characters (Cf: direction marks such as U+202E and U+200F, zero-width spaces).
+_BLANK = frozenset({"Zs", "Zl", "Zp", "Cf"})
+#: Categories no identifier may hold: controls (Cc), format characters (Cf), line and paragraph
+#: separators (Zl, Zp). They reorder or hide what an operator reads in a list, a log or a URL.
+_NOT_IN_IDS = frozenset({"Cc", "Cf", "Zl", "Zp"})
+
+
+def is_blank(text: str) -> bool:
+    """True if `text` shows nothing: only whitespace, separators and format characters."""
+    return all(c.isspace() or unicodedata.category(c) in _BLANK for c in text)
+
+
+def identifier_problem(text: str) -> str | None:
+    """Why `text` cannot be an identifier (a route id, a business key), or None: blank, or a
+    control, format or line separator character inside (named with its code point and position)."""
+    if is_blank(text):
+        return "must not be empty"
+    if text.isascii() and text.isprintable():  # the common case, without a per-character lookup
+        return None
+    bad = next((i for i, c in enumerate(text) if unicodedata.category(c) in _NOT_IN_IDS), None)
+    if bad is None:
+        return None
+    return f"contains a control, format or line separator character (U+{ord(text[bad]):04X} at position {bad})"
+
+
 def _nonblank(value: str) -> str:
-    if not value.strip():
+    if is_blank(value):
         raise problem("must not be empty")
     return value
 
 
-#: A string with something in it besides whitespace ("must not be empty" otherwise).
+def _identifier(value: str) -> str:
+    found = identifier_problem(value)
+    if found:
+        raise problem(found)
+    return value
+
+
+#: A string with something in it besides whitespace, separators and format characters ("must not
+#: be empty" otherwise: a message of only U+202E is as empty as one of spaces).
 NonBlank = Annotated[str, AfterValidator(_nonblank)]
+#: An identifier: not blank, no control, format or line separator character (`identifier_problem`).
+Identifier = Annotated[str, AfterValidator(_identifier)]
 
 
 def _id_text(value: Any) -> Any:
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
-    if isinstance(value, str) and value.strip():
+    if isinstance(value, str) and not is_blank(value):
+        found = identifier_problem(value)
+        if found:
+            raise problem(found)
         return value
     raise problem("must be a non-empty string or an integer")
 

@@ -44,7 +44,7 @@ from orchestrator.engine import ACCEPTED, DUPLICATE, STALE
 from orchestrator.errors import IllegalTransition, InvalidInput, NotFound
 from orchestrator.kafka_events import Ignored, KafkaEvent
 from orchestrator.models import utcnow
-from orchestrator.schemas import Event, IdText, NonBlank, parse
+from orchestrator.schemas import Event, Identifier, IdText, NonBlank, parse
 from orchestrator.workflow import External, ItemFailed, Step, Workflow, register
 
 from .settings import RouteSettings
@@ -83,7 +83,7 @@ class RouteConfirmed(Event):
 
     model_config = ConfigDict(extra="allow")
 
-    route_id: NonBlank = Field(max_length=255)
+    route_id: Identifier = Field(max_length=255)
     mode: NonBlank
 
 
@@ -103,7 +103,7 @@ class StoryGenerateCompleted(Event):
     """`story.generate.completed` (consumed, key `route_id`): the route's stories (may be none);
     `story_id`s are unique within the route."""
 
-    route_id: NonBlank
+    route_id: Identifier
     lang: NonBlank
     stories: list[GeneratedStory]
 
@@ -123,7 +123,7 @@ class TtsCompleted(Event):
     """`tts.completed` (consumed, key `route_id`): one story's TTS outcome; a result for an older
     `attempt` is ignored."""
 
-    route_id: NonBlank
+    route_id: Identifier
     story_id: IdText
     status: Literal["completed", "failed"]
     audio_url: str | None = None

@@ -71,6 +71,23 @@ def test_unstorable_text_in_a_stored_header_is_a_400_naming_it(client, header):
     assert "X-Correlation-ID" not in r.headers or "\x00" not in r.headers["X-Correlation-ID"]
 
 
+@pytest.mark.parametrize("message", ["\u202e\u2028\u200f", "\u200b \u2029\ufeff"])
+def test_a_task_message_of_only_invisible_characters_is_empty(client, message):
+    """Direction marks and separators show nothing, like spaces: such a message was a 202 and a task."""
+    session = client.post("/api/v1/chat/init", json={}).json["session_id"]
+    r = client.post(f"/api/v1/chat/{session}/task", json={"message": message})
+    assert r.status_code == 400 and r.json["message"] == "message: must not be empty", r.json
+    assert client.get(f"/api/v1/chat/{session}/tasks").json["total"] == 0
+
+
+@pytest.mark.parametrize("key, code", [("k-1\u202e", "U+202E at position 3"), ("k\u2028x", "U+2028 at position 1"),
+                                       ("k\x07", "U+0007 at position 1"), ("\u200fk", "U+200F at position 0")])
+def test_a_business_key_with_a_control_or_direction_character_is_a_400(client, key, code):
+    r = client.post("/saga/order", json={"key": key, "input": {"parcels": []}})
+    assert r.status_code == 400 and r.json["field"] == "key", r.json
+    assert r.json["message"] == f"key: contains a control, format or line separator character ({code})", r.json
+
+
 def test_text_that_can_be_stored_is_kept_intact(client):
     note = "tab\t, newline\n, é, 漢字, emoji 🎉, escaped \\u0000 as text"
     r = client.post("/saga/order", json={"input": {"note": note, "parcels": []}})

@@ -43,6 +43,9 @@ def completed_route(kclient, kafka, route_id):
     ("route.confirmed", json.dumps({"route_id": 12345, "mode": "walk"}).encode(),
      "route_id: must be a string, got integer"),
     ("route.confirmed", json.dumps({"route_id": "", "mode": "walk"}).encode(), "route_id: must not be empty"),
+    # an id an operator reads in lists and logs: a direction mark reorders it, a separator breaks it
+    ("route.confirmed", json.dumps({"route_id": "r-x11\u2028\u202e", "mode": "walk"}).encode(),
+     "route_id: contains a control, format or line separator character (U+2028 at position 5)"),
     ("tts.completed", json.dumps({"route_id": "r-nowhere", "story_id": "s1", "status": "completed"}).encode(),
      "unroutable: unknown route_id 'r-nowhere'"),
     ("tts.completed", json.dumps({"route_id": "r-x", "story_id": "s1", "status": "done"}).encode(),
