@@ -12,7 +12,7 @@ The rules (README, "Configuration"):
 - a variable set to the empty string counts as unset: its default applies;
 - names are exact (upper case); the seeds' names are aliases (`POSTGRES_DSN`, `KAFKA_BOOTSTRAP_SERVERS`),
   and the first one set wins;
-- booleans are true/false, 1/0, yes/no, on/off; numbers must not be negative, and each has the
+- booleans are true/false, 1/0, yes/no, on/off; numbers must be finite and not negative, and each has the
   bounds its use needs (a port 1-65535, a count of processes at least 1, a lease or timeout above
   zero), so a value no process could run with stops start-up instead of a server that never answers;
 - a malformed value raises ConfigError naming the variable. Nothing here connects to anything.
@@ -34,14 +34,15 @@ from .errors import ConfigError
 #: The password of a URL: scheme://user:PASSWORD@host
 _URL_PASSWORD = re.compile(r"[a-z][a-z0-9+.-]*://[^:/@\s]*:([^@\s/]+)@", re.I)
 
-#: A count or a duration: a negative value is refused.
+#: A count or a duration: a negative value is refused, and a duration is finite (`inf` would pass
+#: every bound check and then never expire; `nan` compares false with everything).
 Count = Annotated[int, Field(ge=0)]
-Seconds = Annotated[float, Field(ge=0)]
+Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 #: A count where 0 would leave nothing to do the work (API workers): at least 1.
 AtLeastOne = Annotated[int, Field(ge=1)]
 #: A duration where 0 cannot work (a lease that has expired when taken, a request timeout that
 #: fails before it is sent): greater than zero.
-PositiveSeconds = Annotated[float, Field(gt=0)]
+PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 #: A TCP port a server listens on: the kernel takes 1-65535 (bind() of a larger one raises
 #: OverflowError inside the server, after start-up reported nothing wrong).
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -62,6 +63,7 @@ def env_names(prefix: str = "") -> SettingsConfigDict:
     case (a field's own `validation_alias` overrides that, for the seeds' names)."""
     return SettingsConfigDict(
         case_sensitive=True, env_ignore_empty=True, extra="ignore", frozen=True, str_strip_whitespace=True,
+        allow_inf_nan=False,  # every number setting is finite, not only those of the types above
         validate_by_name=True, validate_by_alias=True,
         alias_generator=AliasGenerator(validation_alias=lambda name: prefix + name.upper()))
 
@@ -83,7 +85,9 @@ class _Variables(EnvSettingsSource):
 def _problem(error: dict[str, Any]) -> str:
     """One pydantic error in the words the loader has always used."""
     kind, got, ctx = error["type"], error.get("input"), error.get("ctx") or {}
-    if kind in ("int_parsing", "float_parsing", "int_from_float", "finite_number"):
+    if kind == "finite_number":
+        return f"must be a finite number, got {got!r}"
+    if kind in ("int_parsing", "float_parsing", "int_from_float"):
         return f"expected a number, got {got!r}"
     if kind == "bool_parsing":
         return f"expected true or false, got {got!r}"

@@ -229,6 +229,15 @@ def test_a_flag_out_of_range_is_a_usage_error(env, tmp_path, args, flag):
     assert "Traceback" not in out.stderr, out.stderr
 
 
+# `inf` passed every bound (a lease that never expires) and `nan` was refused as negative.
+@pytest.mark.parametrize("command, name, value", [
+    ("dev", "STEP_LEASE_SECONDS", "inf"), ("api", "CACHE_TTL_HOURS", "nan"), ("api", "CHAT_HEARTBEAT_SECONDS", "Infinity")])
+def test_a_duration_that_is_not_finite_is_refused_saying_so(env, tmp_path, command, name, value):
+    out = _refused([command], {**env, name: value}, tmp_path)
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.strip() == f"configuration error: {name}: must be a finite number, got {value!r}", out.stderr
+
+
 def _refused(args: list[str], env: dict, cwd) -> "subprocess.CompletedProcess[str]":
     """`orchestrator <args>`, expected to stop at once. One that starts instead (as before the
     checks) gets SIGTERM after a while, and dev runs on free ports, never the defaults a user's
