@@ -225,6 +225,27 @@ class Process:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
+def serve_api(name: str, env: dict[str, str]) -> Iterator[tuple[str, int]]:
+    """`orchestrator api` (one gunicorn worker) on a free loopback port, yielded as (host, port)
+    once /healthz answers; stopped afterwards, and its log must hold no traceback."""
+    from orchestrator.entrypoints.ports import free_port
+
+    port = free_port()
+    proc = Process(name, ["api", "--port", str(port), "--host", "127.0.0.1", "--workers", "1"], env).start()
+
+    def up() -> bool:
+        try:
+            return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code < 500
+        except requests.RequestException:
+            return proc.proc is not None and proc.proc.poll() is not None
+
+    wait_for(up, timeout=60, interval=0.2, what="the API")
+    assert proc.proc is not None and proc.proc.poll() is None, proc.output()[-3000:]
+    yield "127.0.0.1", port
+    proc.stop()
+    assert "Traceback" not in proc.output(), proc.output()[-5000:]
+
+
 def terminate(proc: "subprocess.Popen[bytes]", timeout: float = 60.0) -> int:
     """SIGTERM, as an operator stops a process; its exit code (SIGKILL and raise if it hangs)."""
     proc.send_signal(signal.SIGTERM)

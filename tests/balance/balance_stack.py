@@ -198,6 +198,28 @@ def start(stack: Stack, project: str, chain: list[str] | None = None, branch: st
     return stack.http("POST", "/saga/calculate-balance", json=body, headers=headers or {})
 
 
+def calculation(project: str, branch: str = "calc/rules", **overrides: Any) -> dict[str, Any]:
+    """A POST /calculations body of one pump input on `branch`."""
+    return {"project": project, "branch": branch, "files": {"inputs/pump_input.json": {"head_m": 3}},
+            "output_file": "pump_output.json", "calculation": "pump", **overrides}
+
+
+def assert_branch_refused(stack: Stack, project: str, bad: str) -> requests.Response:
+    """Every route that takes a branch name answers 400 naming its field for `bad`, and no branch
+    was created; the saga start's answer is returned."""
+    started = start(stack, project, ["condenser"], branch=bad)
+    assert started.status_code == 400 and started.json()["field"] == "branch", (bad, started.status_code, started.text)
+    for method, path, kwargs, field in (
+            ("POST", "/calculations", {"json": calculation(project, branch=bad)}, "branch"),
+            ("POST", "/merge-requests", {"json": {"project": project, "source_branch": bad, "title": "t"}},
+             "source_branch"),
+            ("GET", "/geometries", {"params": {"project": project, "ref": bad}}, "ref")):
+        r = stack.http(method, path, **kwargs)
+        assert r.status_code == 400 and r.json()["field"] == field, (bad, path, r.status_code, r.text)
+    assert git_repo(stack, project).branches() == ["main"]
+    return started
+
+
 def submit(stack: Stack, saga_id: str, body: dict[str, Any]) -> requests.Response:
     return stack.http("POST", f"/sagas/{saga_id}/events/submit_input", json=body)
 

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 import requests
-from balance_stack import BRANCH, TOKEN, git_repo, gitlab_stack, local_stack, new_project, sent_task, start  # noqa: F401
+from balance_stack import (BRANCH, TOKEN, assert_branch_refused, git_repo, gitlab_stack,  # noqa: F401
+                           local_stack, new_project, sent_task, start)
+from balance_stack import calculation as stack_calculation
 from conftest import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
@@ -22,8 +24,7 @@ BAD_FILE_PATHS = [".git/config", "a//b.json", "./c.json", "dir/", "a/.git/x", "A
 
 
 def calculation(project: str, **overrides):
-    return {"project": project, "branch": "calc/names", "files": {"inputs/pump_input.json": {"head_m": 3}},
-            "output_file": "pump_output.json", "calculation": "pump", **overrides}
+    return stack_calculation(project, branch="calc/names", **overrides)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -60,15 +61,7 @@ def test_projects_and_branches_git_refuses_are_a_400_naming_the_field(request, b
             assert r.status_code == 400 and r.json()["field"] == "project", (bad, path, r.status_code, r.text)
     for bad in ("a/.hidden", "x.lock/y", "@", "-x", "a\x7fb", "issue/1.", "HEAD", " HEAD ", "@{-1}", "a..b",
                 "a b", "x.lock"):
-        r = s.http("POST", "/calculations", json=calculation(project, branch=bad))
-        assert r.status_code == 400 and r.json()["field"] == "branch", (bad, r.text)
-        r = start(s, project, ["condenser"], branch=bad)
-        assert r.status_code == 400 and r.json()["field"] == "branch", (bad, r.text)
-        r = s.http("POST", "/merge-requests", json={"project": project, "source_branch": bad, "title": "t"})
-        assert r.status_code == 400 and r.json()["field"] == "source_branch", (bad, r.text)
-        r = s.http("GET", "/geometries", params={"project": project, "ref": bad})
-        assert r.status_code == 400 and r.json()["field"] == "ref", (bad, r.text)
-    assert git_repo(s, project).branches() == ["main"]
+        assert_branch_refused(s, project, bad)
 
 
 def test_a_project_never_resolves_outside_git_repos_dir(local_stack, tmp_path):

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import pytest
 import requests
-from conftest import ROOT, Process, wait_for
+from conftest import ROOT, serve_api
 from orchestrator.entrypoints.ports import free_port
 
 pytestmark = pytest.mark.e2e
@@ -23,21 +23,7 @@ LIMIT = 65536
 
 @pytest.fixture(scope="module")
 def api(env: dict[str, str]) -> Iterator[tuple[str, int]]:
-    port = free_port()
-    proc = Process("hostile-api", ["api", "--port", str(port), "--host", "127.0.0.1", "--workers", "1"],
-                   {**env, "API_MAX_BODY_BYTES": str(LIMIT)}).start()
-
-    def up() -> bool:
-        try:
-            return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
-        except requests.RequestException:
-            return proc.proc.poll() is not None
-
-    wait_for(up, timeout=60, interval=0.2, what="the API")
-    assert proc.proc.poll() is None, proc.output()[-3000:]
-    yield "127.0.0.1", port
-    proc.stop()
-    assert "Traceback" not in proc.output(), proc.output()[-5000:]
+    yield from serve_api("hostile-api", {**env, "API_MAX_BODY_BYTES": str(LIMIT)})
 
 
 def send(api: tuple[str, int], method: str, path: bytes, body: bytes | None = None,

@@ -13,8 +13,7 @@ from typing import Iterator
 import pytest
 import requests
 
-from conftest import FAST, Process, embedded, wait_for
-from orchestrator.entrypoints.ports import free_port
+from conftest import FAST, embedded, serve_api
 
 pytestmark = pytest.mark.e2e
 THREADS = 2
@@ -30,21 +29,7 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
     upgrade(files["DATABASE_URL"])
     base = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY_", "DATABASE_", "POSTGRES_", "API_"))}
     env = {**base, **FAST, **files, "API_THREADS": str(THREADS), "API_READ_TIMEOUT_SECONDS": str(READ_TIMEOUT)}
-    port = free_port()
-    proc = Process("slow-clients-api", ["api", "--port", str(port), "--host", "127.0.0.1", "--workers", "1"],
-                   env).start()
-
-    def up() -> bool:
-        try:
-            return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code < 500
-        except requests.RequestException:
-            return proc.proc.poll() is not None
-
-    wait_for(up, timeout=60, interval=0.2, what="the API")
-    assert proc.proc.poll() is None, proc.output()[-3000:]
-    yield "127.0.0.1", port
-    proc.stop()
-    assert "Traceback" not in proc.output(), proc.output()[-5000:]
+    yield from serve_api("slow-clients-api", env)
 
 
 def stall(api: tuple[str, int], sent: bytes) -> socket.socket:
