@@ -31,7 +31,7 @@ browser:               ## Debian's chromium for the chat page test, installed on
 # processes and brokers, so two streams finish in about half the time on 2 cores.
 TEST_WORKERS ?= 2
 test: install $(VENV)/.bench services browser lint ## the layer contracts, then the whole suite against the real services (TEST_WORKERS=n)
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 lint: install          ## the import contracts between the layers (.importlinter, docs/architecture.md)
 	$(BIN)/lint-imports

@@ -24,23 +24,6 @@ AMQP = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672")
 _WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
 REDIS = os.environ.setdefault("TEST_REDIS_URL", f"redis://127.0.0.1:6379/{1 + _WORKER}")
 
-#: Test folders in the order their files are handed to pytest-xdist's workers (`--dist loadfile
-#: --no-loadscope-reorder`, Makefile): those whose tests start processes (dev, workers, a broker,
-#: the chaos run) first, the in-process ones last, so that no long file is handed out at the end to
-#: run alone while the other worker idles. (xdist's own order, files with most tests first, put the
-#: one-test chaos run of two minutes last.)
-SCHEDULE = ("chaos", "kafka", "e2e", "chat", "balance", "console", "emulators", "integration", "contracts",
-            "engine", "unit")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    def folder(item: pytest.Item) -> int:
-        parts = Path(str(item.path)).relative_to(ROOT / "tests").parts
-        return SCHEDULE.index(parts[0]) if len(parts) > 1 and parts[0] in SCHEDULE else len(SCHEDULE)
-
-    items.sort(key=folder)  # stable: within a folder, the collection's order
-
-
 # Short intervals keep the suite fast; the production defaults are tested in unit tests.
 FAST = {
     "POLL_INTERVAL": "0.2",
