@@ -100,8 +100,10 @@ def test_cancel_runs_compensations_in_reverse_order(client, worker, sweeper):
     assert r.status_code == 200 and r.json["state"] == "cancelled"
     wait_for(lambda: len(compensations(inst["id"])) == 2, timeout=15, what="compensations")
     assert compensations(inst["id"]) == ["refund", "release"]
-    snap = client.get(f"/sagas/{inst['id']}").json
-    assert {s["name"]: s["status"] for s in snap["steps"]} == {"reserve": "compensated", "charge": "compensated"}
+    # a compensation's effect is recorded before its report commits the step as compensated
+    statuses = lambda: {s["name"]: s["status"] for s in client.get(f"/sagas/{inst['id']}").json["steps"]}  # noqa: E731
+    wait_for(lambda: statuses() == {"reserve": "compensated", "charge": "compensated"}, timeout=15,
+             what="both steps compensated")
     # cancelling again is an illegal transition
     r = client.post(f"/sagas/{inst['id']}/cancel")
     assert r.status_code == 409 and r.json["state"] == "cancelled"
