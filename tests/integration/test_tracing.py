@@ -89,7 +89,7 @@ def test_unset_means_no_sdk_and_no_exporter(env, tmp_path):
         "r = app.test_client().post('/saga', json={'type': 'order', 'input': {}})\n"
         "assert r.status_code == 201, r.get_data(as_text=True)\n"
         "assert not tracing.enabled()\n"
-        "print(sorted(m for m in sys.modules if m.startswith(('opentelemetry.sdk.trace', "
+        "print(sorted(m for m in list(sys.modules) if m.startswith(('opentelemetry.sdk.trace', "
         "'opentelemetry.exporter', 'opentelemetry.instrumentation'))))\n")
     clean = {k: v for k, v in env.items() if not k.startswith("OTEL_")}
     out = subprocess.run([sys.executable, "-c", script], env=clean, cwd=ROOT, capture_output=True, text=True,
