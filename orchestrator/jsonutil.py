@@ -57,10 +57,6 @@ def _marking(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
-#: One decoder for every call (json.loads builds a new one per call when given a hook).
-_DECODER = json.JSONDecoder(object_pairs_hook=_unique)
-
-
 def _duplicate_path(raw: str | bytes | bytearray) -> str:
     """The dotted path of the first key `raw` has twice in one object (only on that error: the
     parse again marks the objects, a walk names the first marked)."""
@@ -85,11 +81,7 @@ def loads(raw: str | bytes | bytearray) -> Any:
     `field` its dotted path): `json.loads` keeps the last, so a check could pass on one value and
     the work run on another."""
     try:
-        if not isinstance(raw, str):  # as json.loads does: UTF-8, -16 or -32, told by its first bytes
-            raw = bytes(raw).decode(json.detect_encoding(raw), "surrogatepass")
-        elif raw.startswith("\ufeff"):
-            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", raw, 0)
-        return _DECODER.decode(raw)
+        return json.loads(raw, object_pairs_hook=_unique)
     except RecursionError:
         raise NotJSON("is nested too deeply") from None
     except _DuplicateKey:

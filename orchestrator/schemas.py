@@ -235,14 +235,20 @@ def is_blank(text: str) -> bool:
     return all(c.isspace() or unicodedata.category(c) in _BLANK for c in text)
 
 
+def hidden_character(text: str) -> int | None:
+    """The position of the first control, format or line/paragraph separator character in `text`
+    (categories Cc, Cf, Zl, Zp), or None: what no identifier or branch name may hold."""
+    if text.isascii() and text.isprintable():  # the common case, without a per-character lookup
+        return None
+    return next((i for i, c in enumerate(text) if unicodedata.category(c) in _NOT_IN_IDS), None)
+
+
 def identifier_problem(text: str) -> str | None:
     """Why `text` cannot be an identifier (a route id, a business key), or None: blank, or a
     control, format or line separator character inside (named with its code point and position)."""
     if is_blank(text):
         return "must not be empty"
-    if text.isascii() and text.isprintable():  # the common case, without a per-character lookup
-        return None
-    bad = next((i for i, c in enumerate(text) if unicodedata.category(c) in _NOT_IN_IDS), None)
+    bad = hidden_character(text)
     if bad is None:
         return None
     return f"contains a control, format or line separator character (U+{ord(text[bad]):04X} at position {bad})"

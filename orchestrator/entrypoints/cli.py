@@ -404,7 +404,8 @@ def hold_data_folder(folder: str = "data") -> TextIO | None:
 def _data_holder(folder: str = "data") -> str:
     """' (pid N)' naming the dev that holds `folder`, from its lock file, or ''."""
     try:
-        pid = open(os.path.join(folder, DEV_LOCK)).read().strip()
+        with open(os.path.join(folder, DEV_LOCK)) as lock:
+            pid = lock.read().strip()
     except OSError:
         return ""
     return f" (pid {pid})" if pid.isdigit() else ""

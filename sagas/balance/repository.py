@@ -25,7 +25,6 @@ import os
 import re
 import subprocess
 import tempfile
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,6 +33,7 @@ from urllib.parse import urlparse
 from orchestrator.config import Settings
 from orchestrator.errors import InvalidInput, NotFound, UpstreamError
 from orchestrator.jsonutil import loads, unstorable
+from orchestrator.schemas import hidden_character
 
 from .settings import BalanceSettings
 
@@ -349,11 +349,6 @@ MAX_PATH_CHARS = 1024
 MAX_SEGMENT_BYTES = 255
 _PROJECT_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-#: Unicode categories a branch name may not hold although git takes them: controls (Cc: C1 too),
-#: format characters (Cf: direction overrides such as U+202E, zero-width spaces) and line and
-#: paragraph separators. They make a name display as another one (`issue/\u202e24` shows as
-#: `issue/42`) or break the line a tool or a merge request title prints it on.
-_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
 
 
 def check_repository_path(path: Any, field: str) -> str:
@@ -430,7 +425,8 @@ def check_branch_name(branch: Any, field: str = "branch") -> str:
     ~^:?*[\\; not starting with '/' or '-', not ending with '/' or '.', not '@' nor 'HEAD' (git
     refuses refs/heads/HEAD: every command would then warn that 'HEAD' is ambiguous), at most 200
     characters; and, stricter than git, no Unicode control, format or line/paragraph separator
-    character (_INVISIBLE_CATEGORIES). Surrounding whitespace is dropped. 400 naming `field`
+    character (`orchestrator.schemas.hidden_character`: git takes them, but `issue/\u202e24`
+    displays as `issue/42`). Surrounding whitespace is dropped. 400 naming `field`
     otherwise."""
     if not isinstance(branch, str) or not branch.strip():
         raise InvalidInput(field, "is required: a branch name such as 'issue/42-new-calculation'")
@@ -442,7 +438,7 @@ def check_branch_name(branch: Any, field: str = "branch") -> str:
            or any(c.startswith(".") or c.endswith(".lock") for c in components))
     if bad:
         raise InvalidInput(field, f"'{json.dumps(branch)[1:-1]}' is not a valid git branch name")
-    hidden = next((i for i, c in enumerate(branch) if unicodedata.category(c) in _INVISIBLE_CATEGORIES), None)
+    hidden = hidden_character(branch)
     if hidden is not None:
         raise InvalidInput(field, f"'{json.dumps(branch)[1:-1]}' contains a control or format character "
                                   f"(U+{ord(branch[hidden]):04X} at position {hidden}), which would hide "
