@@ -115,22 +115,27 @@ def type_page(type: str) -> Any:  # noqa: A002 - named like the type field
                            signals=sorted(cls.signals), page="types")
 
 
-@bp.get("/sagas")
-def instances_page() -> Any:
-    """The instances, filtered like GET /sagas; console.js fills and refreshes the table."""
+def _filter_page(template: str, page: str, **extra: Any) -> Any:
+    """A page whose filter form comes from the address (instances, bulk). The API's own rule
+    (GET /sagas): a bad filter is said, with the API's status, not silently left out."""
     engine = runtime().engine
     names = engine.registry.names()
     states = sorted({s.id for n in names for s in engine.registry.get(n).states})  # type: ignore[union-attr]
     values = {name: request.args.get(name, "") for name in FILTERS}
-    # The API's own rule (GET /sagas): a bad filter is said, not silently left out of the list.
     try:
         engine.check_filter(query(SagaListQuery))
         refusal, status = "", 200
     except InvalidInput as exc:
         refusal, status = exc.message, exc.status
-    return render_template("console/instances.html", filters=values, types=names, states=states,
-                           statuses=_step_statuses(), instance_statuses=INSTANCE_STATUSES, refresh=REFRESH_SECONDS,
-                           page="instances", refusal=refusal), status
+    return render_template(template, filters=values, types=names, states=states, statuses=_step_statuses(),
+                           instance_statuses=INSTANCE_STATUSES, refresh=REFRESH_SECONDS, page=page,
+                           refusal=refusal, **extra), status
+
+
+@bp.get("/sagas")
+def instances_page() -> Any:
+    """The instances, filtered like GET /sagas; console.js fills and refreshes the table."""
+    return _filter_page("console/instances.html", "instances")
 
 
 @bp.get("/sagas/<instance_id>")
@@ -163,15 +168,10 @@ def instance_page(instance_id: str) -> Any:
 
 @bp.get("/bulk")
 def bulk_page() -> Any:
-    """Bulk repair: a dry run shows the count, then the run and its progress."""
-    engine = runtime().engine
-    names = engine.registry.names()
-    states = sorted({s.id for n in names for s in engine.registry.get(n).states})  # type: ignore[union-attr]
-    values = {name: request.args.get(name, "") for name in FILTERS}
-    return render_template("console/bulk.html", filters=values, types=names, states=states,
-                           statuses=_step_statuses(), instance_statuses=INSTANCE_STATUSES,
-                           action=request.args.get("action", "restart"),
-                           refresh=REFRESH_SECONDS, page="bulk")
+    """Bulk repair: a dry run shows the count, then the run and its progress. A bad filter in
+    the address is refused as on the instances page: the form keeps the value, so a dry run or
+    a run sends it (and is refused) instead of acting on every instance."""
+    return _filter_page("console/bulk.html", "bulk", action=request.args.get("action", "restart"))
 
 
 @bp.post("/bulk/run")

@@ -114,16 +114,20 @@ def test_instance_page_shows_diagram_steps_context_history_and_actions(on):
 @pytest.mark.parametrize("query, field", [("status=bogus", "status"), ("type=nope", "type"),
                                           ("type=media&state=tts_failed", "state"), ("step_status=gone", "step_status"),
                                           ("created_after=yesterday", "created_after")])
-def test_a_bad_filter_is_said_on_the_page_as_the_api_says_it(on, query, field):
+@pytest.mark.parametrize("page, form", [("/ui/sagas", '<table id="instances"'), ("/ui/bulk", 'id="dry-run"')])
+def test_a_bad_filter_is_said_on_the_page_as_the_api_says_it(on, query, field, page, form):
     api = on.get(f"/sagas?{query}")
     assert api.status_code == 400 and api.json["field"] == field, api.json
-    page = on.get(f"/ui/sagas?{query}", headers=basic(LOGIN))
-    assert page.status_code == 400 and page.mimetype == "text/html"
-    html = page.get_data(as_text=True)
+    answer = on.get(f"{page}?{query}", headers=basic(LOGIN))
+    assert answer.status_code == 400 and answer.mimetype == "text/html"
+    html = answer.get_data(as_text=True)
     assert f'<p id="message" role="status" class="bad">{escape(api.json["message"])}</p>' in html
-    assert '<table id="instances"' in html  # the form stays, to correct the filter
-    good = on.get("/ui/sagas?status=failed&type=media", headers=basic(LOGIN)).get_data(as_text=True)
-    assert '<p id="message" role="status"></p>' in good
+    assert form in html  # the form stays, to correct the filter
+    name, value = query.split("&")[-1].split("=")
+    if name in ("type", "status", "step_status"):  # a select keeps the value it has no option for
+        assert f'<option selected data-unknown="true">{value}</option></select>' in html
+    good = on.get(f"{page}?status=failed&type=media", headers=basic(LOGIN)).get_data(as_text=True)
+    assert '<p id="message" role="status"></p>' in good and "data-unknown" not in good
 
 
 @pytest.mark.parametrize("path", ["/ui/sagas/00000000-0000-0000-0000-000000000000", "/ui/types/nope"])

@@ -222,3 +222,23 @@ def test_a_bad_filter_in_the_address_shows_the_apis_refusal_not_every_instance(c
                                   " && location.search === '?status=failed'"
                                   " && document.getElementById('message').textContent === ''"),
              timeout=30, interval=0.2, what="the corrected filter to list")
+
+
+def test_a_bad_filter_in_the_bulk_address_is_refused_not_widened_to_every_instance(console, browser):
+    """A bulk link with a status the select has no option for (a typo, an old link): the page
+    says the API's refusal, and a dry run sends the value and is refused, where the form used
+    to drop it and match every media job."""
+    log_in(browser)
+    open_page(browser, f"{console}/ui/bulk?type=media&status=faild", "document.getElementById('dry-run')")
+    api = requests.get(f"{console}/sagas?type=media&status=faild", timeout=5).json()
+    assert api["field"] == "status", api
+    assert browser.eval("document.getElementById('message').textContent") == api["message"]
+    assert browser.eval("document.getElementById('filters').elements.status.value") == "faild"
+    browser.eval("document.getElementById('dry-run').click(); true")
+    said = wait_for(lambda: browser.eval("document.getElementById('message').textContent").startswith("400"),
+                    timeout=30, interval=0.2, what="the dry run's refusal")
+    assert said
+    seen = browser.eval("[document.getElementById('message').textContent, "
+                        "document.getElementById('matched').textContent, document.getElementById('run').disabled]")
+    assert seen[0].startswith("400 filter.status:") and seen[1:] == ["", True], seen
+    screenshot(browser, "11-bulk-bad-filter.png")
