@@ -562,6 +562,8 @@ class Engine:
             raise InvalidInput("key", found)
         if idempotency_key is not None and (not idempotency_key.strip() or len(idempotency_key) > 255):
             raise InvalidInput("Idempotency-Key", "must be a non-empty header of at most 255 characters")
+        if idempotency_key is not None and (found := identifier_problem(idempotency_key)):
+            raise InvalidInput("Idempotency-Key", found)  # an id like a business key: nothing hidden in it
 
         batch = _batch.get()
         if batch is not None and batch.engine is self and key is not None and idempotency_key is None \

@@ -29,7 +29,8 @@ class Answer(BaseModel):
 # -- headers (documented; read where they are used) ----------------------------------------------
 class IdempotencyHeader(Contract):
     idempotency_key: str | None = Field(None, alias="Idempotency-Key", max_length=255,
-                                        description="repeats of a request with the same key answer the same instance")
+                                        description="repeats of a request with the same key answer the same instance; "
+                                                    "an identifier: no control, format or line separator character")
 
 
 class AdminHeader(Contract):

@@ -71,6 +71,16 @@ def test_unstorable_text_in_a_stored_header_is_a_400_naming_it(client, header):
     assert "X-Correlation-ID" not in r.headers or "\x00" not in r.headers["X-Correlation-ID"]
 
 
+@pytest.mark.parametrize("key", ["k\x1b[2J", "k\x7f", "\x80\u00ae"])
+def test_an_idempotency_key_with_a_control_character_is_a_400_naming_it(client, key):
+    """The header is an identifier like a business key: an escape sequence, DEL, or a UTF-8
+    U+202E as a WSGI server hands it over (latin-1: a C1 control in it) was taken and stored."""
+    r = client.post("/saga/order", json={"input": {}}, headers={"Idempotency-Key": key})
+    assert r.status_code == 400 and r.json["field"] == "Idempotency-Key", r.json
+    assert "control" in r.json["message"], r.json
+    assert client.post("/saga/order", json={"input": {}}, headers={"Idempotency-Key": "order-7"}).status_code in (200, 201)
+
+
 @pytest.mark.parametrize("message", ["\u202e\u2028\u200f", "\u200b \u2029\ufeff"])
 def test_a_task_message_of_only_invisible_characters_is_empty(client, message):
     """Direction marks and separators show nothing, like spaces: such a message was a 202 and a task."""
