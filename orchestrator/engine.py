@@ -340,7 +340,10 @@ class Batch:
     before it begins; its own writes go out when it ends, as outside a batch. `extra` rows
     (table, values) are inserted with the held ones (the bridge's de-duplication rows).
     `writes` counts the statements other than SELECT run on the batch's connection by anything
-    but the flush, so a caller can tell whether a call that raised wrote something first."""
+    but the flush, so a caller can tell whether a call that raised wrote something first.
+
+    `before_first_statement`, when set, is called once, just before the first statement goes
+    to the database (the Kafka bridge waits there for the batch before to commit)."""
 
     def __init__(self, engine: "Engine", session: Session) -> None:
         self.engine = engine
@@ -351,6 +354,7 @@ class Batch:
         self.refused: set[Any] = set()  # tags whose new instance's key was taken: nothing written
         self.outbox: list[Record] = []
         self.writes = 0
+        self.before_first_statement: Callable[[], None] | None = None
         self._flushing = False
         from sqlalchemy import event as sa_event
 
@@ -360,8 +364,50 @@ class Batch:
         sa_event.listen(session, "before_flush", lambda *_: self.flush())
 
     def _count(self, conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        hook, self.before_first_statement = self.before_first_statement, None
+        if hook is not None:
+            hook()
         if not self._flushing and not statement.lstrip()[:6].upper() == "SELECT":
             self.writes += 1
+
+    @contextmanager
+    def joined(self) -> Iterator["Batch"]:
+        """Inside the block, this thread's engine calls join the batch (one at a time)."""
+        if _batch.get() is not None:
+            raise RuntimeError("batches do not nest")
+        token = _batch.set(self)
+        try:
+            yield self
+        finally:
+            _batch.reset(token)
+
+    def commit(self) -> None:
+        """Write what is held back, commit, then hand the outbox rows to the relay. Raises what
+        the database raised, after rolling everything back. From one thread at a time, which
+        need not be the one that filled the batch."""
+        self.before_first_statement = None
+        try:
+            self.flush()
+            self.session.commit()
+        except BaseException:
+            self.rollback()
+            raise
+        self.session.close()
+        relay = self.engine.relay
+        if self.outbox and relay is not None:
+            try:
+                relay(self.outbox)
+            except Exception:  # the sweeper publishes what the kick could not
+                log.warning("relay after commit failed; the sweeper will publish", exc_info=True)
+
+    def rollback(self) -> None:
+        """Nothing of the batch is written."""
+        self.before_first_statement = None
+        self.held, self.extra, self.outbox = [], [], []
+        try:
+            self.session.rollback()
+        finally:
+            self.session.close()
 
     def unit_of_work(self, basis: Basis | None) -> Iterator[UnitOfWork]:
         uow = UnitOfWork(self.session, basis)
@@ -510,22 +556,26 @@ class Engine:
         `unit_of_work` opened inside joins it, and it commits once at the end, then relays the
         outbox rows of all of them. A call that raises writes nothing (its writes are only kept
         when it returns); anything raised out of the block rolls the whole batch back."""
-        if _batch.get() is not None:
-            raise RuntimeError("batches do not nest")
-        with self.sessions() as session:
-            with session.begin():
-                batch = Batch(self, session)
-                token = _batch.set(batch)
-                try:
-                    yield batch
-                    batch.flush()
-                finally:
-                    _batch.reset(token)
-        if batch.outbox and self.relay is not None:
-            try:
-                self.relay(batch.outbox)
-            except Exception:  # the sweeper publishes what the kick could not
-                log.warning("relay after commit failed; the sweeper will publish", exc_info=True)
+        batch = self.open_batch()
+        try:
+            with batch.joined():
+                yield batch
+        except BaseException:
+            batch.rollback()
+            raise
+        batch.commit()
+
+    def open_batch(self) -> "Batch":
+        """A batch like `batch`'s whose end its caller chooses (`Batch.commit` or
+        `Batch.rollback`); engine calls join it inside `Batch.joined()`. The Kafka bridge fills
+        the next batch while this one commits in another thread."""
+        session = self.sessions()
+        session.begin()
+        try:
+            return Batch(self, session)
+        except BaseException:
+            session.close()
+            raise
 
     def workflow_class(self, type_name: str) -> type[Workflow]:
         cls = self.registry.get(type_name)

@@ -37,7 +37,8 @@ import logging
 import threading
 import time
 from collections import Counter as Tally
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -147,6 +148,32 @@ def install_dedup(sessions: Any) -> None:
         session.info.pop("kafka_delivery", None)
 
 
+@dataclass
+class _Prepared:
+    """Events applied in a batch not committed yet (Bridge._prepare); Bridge._finish commits it.
+
+    `msgs` is the prefix of the events given that it covers (the rest go in the next batch);
+    `ready` the parsed ones (by position n); `done` their outcomes so far; `later` the events to
+    handle alone after the commit; `batch` None when every event is handled alone (the batch
+    failed, or the database could not be asked what was already handled); `ids` the (topic,
+    event id) of its parsed events."""
+
+    msgs: list[Any]
+    batch: Any = None
+    ready: list[tuple[Any, KafkaEvent]] = field(default_factory=list)
+    done: dict[int, tuple[str, str, float]] = field(default_factory=dict)
+    later: list[Any] = field(default_factory=list)
+    ids: set[tuple[str, str]] = field(default_factory=set)
+
+    def discard(self) -> None:
+        if self.batch is not None:
+            self.batch.rollback()
+
+
+def _ids(ready: list[tuple[Any, KafkaEvent]]) -> set[tuple[str, str]]:
+    return {(ev.topic, ev.event_id) for _, ev in ready}
+
+
 class BadEventId(ValueError):
     """The `event_id` header cannot identify the event (not UTF-8, or too long): dead-lettered."""
 
@@ -199,9 +226,9 @@ def _headers(msg: Any) -> dict[str, str]:
 
 # -- the consumer ------------------------------------------------------------------------------
 class Bridge:
-    def __init__(self, rt: Any, group: str | None = None, commit_every: int = 200,
-                 commit_interval: float = 0.5, lag_interval: float = 5.0, max_attempts: int = 5,
-                 batch_size: int = 500, batch_seconds: float = 0.5, max_wait: float = 10.0) -> None:
+    def __init__(self, rt: Any, group: str | None = None, lag_interval: float = 5.0, max_attempts: int = 5,
+                 batch_size: int = 500, batch_seconds: float = 0.5, max_wait: float = 10.0,
+                 overlap: bool | None = None) -> None:
         from confluent_kafka import Consumer
 
         from .kafka import consumer_config
@@ -213,8 +240,6 @@ class Bridge:
             raise ValueError("KAFKA_BROKERS is not set")
         self.group = group or rt.settings.consumer_group
         self.routes = discover(self.engine.registry)
-        self.commit_every = commit_every
-        self.commit_interval = commit_interval
         self.lag_interval = lag_interval
         self.max_attempts = max_attempts
         self.batch_size = batch_size
@@ -235,10 +260,17 @@ class Bridge:
         self.dlq = self._dlq_producer()
         self.pending: dict[tuple[str, int], int] = {}  # next offset to commit, per partition
         self.handled = 0
-        self._last_commit = time.monotonic()
-        self._since_commit = 0
         self.assigned: set[tuple[str, int]] = set()
         self._lost = False  # set by the client's error callback: every broker is down
+        # Commit a batch in a thread of its own while the next one is filled (PostgreSQL only:
+        # on SQLite the next batch's BEGIN IMMEDIATE would wait for this one's write lock, and
+        # this one's events handled alone for the next one's).
+        self.overlap = self.engine.reads.dialect.name == "postgresql" if overlap is None else overlap
+        self._committer = ThreadPoolExecutor(1, thread_name_prefix="bridge-commit") if self.overlap else None
+        self._inflight: tuple[Future[int | None], _Prepared] | None = None
+        self._stopped = False  # a committing batch was stopped before every event was handled
+        self._recent_ids: set[tuple[str, str]] = set()  # of the batch that committed last
+        self._error: BaseException | None = None  # raised in the committer thread
 
     def _client_error(self, err: Any) -> None:
         """librdkafka's client-level errors (not tied to a message): every broker down."""
@@ -263,7 +295,8 @@ class Bridge:
         log.info("assigned %s", sorted(self.assigned))
 
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
-        self.commit(force=True, wait=True)  # hand over at the exact point we reached
+        self._drain()
+        self.commit(wait=True)  # hand over at the exact point we reached
         for p in partitions:
             self.assigned.discard((p.topic, p.partition))
             if metrics.multiprocess():  # prometheus_client cannot remove a shared sample: not behind any more
@@ -321,44 +354,46 @@ class Bridge:
             while not stop.is_set():
                 msgs = []
                 lost = False
-                for msg in self.consumer.consume(self.batch_size, 0.2):
+                # with a batch committing, take only what has arrived: when nothing has, its
+                # offsets are committed as soon as it has (a topic deleted meanwhile must not get
+                # them in its next life)
+                for msg in self.consumer.consume(self.batch_size, 0 if self._inflight else 0.2):
                     if msg.error():
                         log.warning("consumer error: %s", msg.error())
                         lost = lost or msg.error().code() in self._lost_codes
                     else:
                         msgs.append(msg)
                 lost, self._lost = lost or self._lost, False
+                if not msgs and not self._drain():  # nothing new: the batch committing finishes first
+                    break
                 if lost and not msgs:  # the broker went away (or came back without our topics)
                     if not self.wait_until_ready(stop, "resume"):
                         break
                     continue
-                if msgs:
-                    if not self.handle_batch(msgs, stop):
-                        break  # stopping: this batch's offsets stay uncommitted (redelivered, de-duplicated)
-                    for msg in msgs:
-                        self.pending[(msg.topic(), msg.partition())] = msg.offset() + 1
-                    self.handled += len(msgs)
-                    self._since_commit += len(msgs)
-                self.commit(force=bool(msgs))  # once per batch, after its transaction committed
+                if msgs and not self.handle_batch(msgs, stop):
+                    break  # stopping: this batch's offsets stay uncommitted (redelivered, de-duplicated)
+                self.commit()  # once per batch, after its transaction committed
         finally:
-            self.commit(force=True, wait=True)
+            self._drain()
+            if self._committer is not None:
+                self._committer.shutdown()
+            self.commit(wait=True)
             self.consumer.close()  # leaves the group: the partitions go to the others now
             self.dlq.flush(10)
             log.info("bridge stopped after %d events", self.handled)
+        if self._error is not None:
+            raise self._error
 
-    def commit(self, force: bool = False, wait: bool = False) -> None:
-        """Commit the offsets after the handled events: every `commit_interval` seconds or
-        `commit_every` events, and at once on revoke and stop. Events are handled (committed in
-        the database) before their offset is, so a crash in between only means redelivery.
+    def commit(self, wait: bool = False) -> None:
+        """Commit the offsets after the handled events: after every batch, on revoke and at
+        stop. Events are handled (committed in the database) before their offset is, so a crash
+        in between only means redelivery.
 
         `wait=False` (after a batch) sends the commit without waiting for the broker's answer
         (librdkafka sends a partition's commits in order; a failure is logged by `_committed`):
         the next batch's work overlaps the round trip. On revoke and stop the commit waits, so
         the next owner starts exactly where this one stopped."""
         if not self.pending:
-            return
-        if not force and self._since_commit < self.commit_every \
-                and time.monotonic() - self._last_commit < self.commit_interval:
             return
         from confluent_kafka import KafkaException, TopicPartition
 
@@ -368,8 +403,6 @@ class Bridge:
         except KafkaException as exc:  # e.g. mid-rebalance: the next owner re-reads and de-duplicates
             log.warning("offset commit failed: %s", exc)
         self.pending.clear()
-        self._since_commit = 0
-        self._last_commit = time.monotonic()
 
     def _dlq_producer(self) -> Any:
         from confluent_kafka import Producer
@@ -420,7 +453,8 @@ class Bridge:
     # -- a batch of events -------------------------------------------------------------------
     def handle_batch(self, msgs: list[Any], stop: threading.Event) -> bool:
         """Apply a batch of events in one transaction (Engine.batch), with their
-        processed_messages rows; False when stopping before every event was handled.
+        processed_messages rows; False when stopping before every event was handled. The
+        offsets of the events handled are committed after their transaction (`_handled`).
 
         An event that cannot be applied cleanly in the batch (bad bytes, a refused or unknown
         instance, anything raised) is set aside, with every later event of the same partition
@@ -430,20 +464,66 @@ class Bridge:
 
         A transaction takes events for at most `batch_seconds`; the rest go in the next one, so
         its outbox rows are not older than the sweeper's grace period when it commits (else the
-        sweeper would send them too)."""
+        sweeper would send them too).
+
+        With `overlap` (PostgreSQL), a batch commits in the committer thread while the next one
+        is filled, which mostly runs handlers that only add rows (starts) and so sends no
+        statement. The next batch waits for the one committing to finish (its events handled
+        alone included) before its first statement goes out, and is filled again when it
+        repeats one of that batch's events, which it could not yet see as handled."""
         i = 0
         while i < len(msgs):
-            n = self._apply(msgs[i:], stop)
-            if n is None:
+            rest = msgs[i:]
+            if not self.overlap or len(rest) == 1:
+                if not self._drain():
+                    return False
+                n = self._finish(self._prepare(rest), stop)
+                if n is None:
+                    return False
+                self._handled(rest[:n])
+                i += n
+                continue
+            overlapped = self._inflight is not None
+            p = self._prepare(rest)
+            if not self._drain():
+                p.discard()
                 return False
-            i += n
+            repeats = len(p.ids & self._recent_ids) if overlapped else 0
+            if repeats:  # filled again now that the database shows them handled
+                log.info("batch of %d events filled again after the batch before committed: %d of its events "
+                         "came again", len(p.msgs), repeats)
+                p.discard()
+                p = self._prepare(rest)
+            self._inflight = (self._committer.submit(self._finish, p, stop), p)  # type: ignore[union-attr]
+            i += len(p.msgs)
         return True
 
-    def _apply(self, msgs: list[Any], stop: threading.Event) -> int | None:
-        """One transaction of `handle_batch`: how many of `msgs` (a prefix) it handled, None
-        when stopping."""
+    def _drain(self) -> bool:
+        """Wait for the batch committing in the committer thread (if any) and record its offsets
+        as handled; False if it was stopped before every event was handled (and ever after)."""
+        if self._inflight is not None:
+            future, p = self._inflight
+            self._inflight = None
+            self._recent_ids = p.ids
+            try:
+                handled = future.result()
+            except BaseException as exc:  # a fault of ours: raised from `run`, offsets uncommitted
+                self._error, handled = exc, None
+            if handled is None:
+                self._stopped = True
+            else:
+                self._handled(p.msgs)
+        return not self._stopped
+
+    def _handled(self, msgs: list[Any]) -> None:
+        for msg in msgs:
+            self.pending[(msg.topic(), msg.partition())] = msg.offset() + 1
+        self.handled += len(msgs)
+
+    def _prepare(self, msgs: list[Any]) -> _Prepared:
+        """Apply a prefix of `msgs` in a batch left open for `_finish` to commit."""
         if len(msgs) == 1:
-            return None if self.handle_with_retry(msgs[0], stop) is None else 1
+            return _Prepared(msgs, later=list(msgs))
         ready, later, ids = [], [], {}
         for msg in msgs:
             ev = self._parse(msg)
@@ -455,17 +535,20 @@ class Bridge:
         try:
             seen = self.processed_many(ids)
         except (OperationalError, InterfaceError):
-            return len(msgs) if self._one_by_one(msgs, stop) else None
+            return _Prepared(msgs, later=list(msgs), ids=_ids(ready))
         done: dict[int, tuple[str, str, float]] = {}  # by position in `ready`
         held: set[tuple[str, int, str | None]] = set()  # set aside: their later events go after them
-        refused: set[int] = set()
-        cut = len(msgs)  # the events from here on go in the next transaction
+        cut, taken = len(msgs), len(ready)  # from here on (of msgs, of ready) in the next transaction
         deadline = time.monotonic() + self.batch_seconds
+        batch = None
         try:
-            with self.engine.batch() as batch:
+            batch = self.engine.open_batch()
+            if self._inflight is not None:  # the batch committing goes first
+                batch.before_first_statement = self._drain
+            with batch.joined():
                 for n, (msg, ev) in enumerate(ready):
                     if n and time.monotonic() > deadline:
-                        cut = next(i for i, m in enumerate(msgs) if m is msg)
+                        cut, taken = next(i for i, m in enumerate(msgs) if m is msg), n
                         break
                     batch.tag = n
                     if (ev.topic, ev.event_id) in seen:
@@ -490,21 +573,40 @@ class Bridge:
                     batch.extra.append((n, ProcessedMessage.__table__, {
                         "consumer": f"kafka:{ev.topic}", "message_id": ev.event_id, "created_at": utcnow()}))
                     done[n] = (ev.topic, outcome, time.perf_counter() - started)
-                batch.flush()
-                refused = set(batch.refused)
         except Exception as exc:  # rolled back: nothing of the batch was written
+            if batch is not None:
+                batch.rollback()
             log.warning("batch of %d events rolled back (%s: %s); handling them one by one", cut,
                         type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-            return cut if self._one_by_one(msgs[:cut], stop) else None
+            return _Prepared(msgs[:cut], later=list(msgs[:cut]), ids=_ids(ready[:taken]))
         if cut < len(msgs):
-            taken = {id(m) for m in msgs[:cut]}
-            later = [m for m in later if id(m) in taken]
-        alone = len(later) + len(refused)
-        log.log(logging.INFO if alone else logging.DEBUG, "batch of %d events: %d applied together, %d alone",
-                cut, len(done) - len(refused), alone)
-        for n in refused:  # a start whose key exists: handled alone, it finds the instance
-            done.pop(n, None)
-            later.append(ready[n][0])
+            kept = {id(m) for m in msgs[:cut]}
+            later = [m for m in later if id(m) in kept]
+        return _Prepared(msgs[:cut], batch, ready, done, later, _ids(ready[:taken]))
+
+    def _finish(self, p: _Prepared, stop: threading.Event) -> int | None:
+        """Commit a prepared batch, then handle its set-aside events alone: how many events it
+        covered, None when stopping."""
+        later, done = p.later, p.done
+        if p.batch is not None:
+            try:
+                p.batch.commit()
+            except Exception as exc:  # rolled back: nothing of the batch was written
+                log.warning("batch of %d events rolled back (%s: %s); handling them one by one", len(p.msgs),
+                            type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+                return len(p.msgs) if self._one_by_one(p.msgs, stop) else None
+            alone = len(later) + len(p.batch.refused)
+            log.log(logging.INFO if alone else logging.DEBUG, "batch of %d events: %d applied together, %d alone",
+                    len(p.msgs), len(done) - len(p.batch.refused), alone)
+            for n in p.batch.refused:  # a start whose key exists: handled alone, it finds the instance
+                done.pop(n, None)
+                later.append(p.ready[n][0])
+            self._count_outcomes(done)
+        later.sort(key=lambda m: (m.topic(), m.partition(), m.offset()))
+        return len(p.msgs) if self._one_by_one(later, stop) else None
+
+    @staticmethod
+    def _count_outcomes(done: dict[int, tuple[str, str, float]]) -> None:
         # one label lookup per topic and outcome, not per event (`labels` costs more than `inc`)
         timers: dict[str, Any] = {}
         for topic, outcome, seconds in done.values():
@@ -514,8 +616,6 @@ class Bridge:
             timer.observe(seconds)
         for (topic, outcome), n in Tally((topic, outcome) for topic, outcome, _ in done.values()).items():
             KAFKA_EVENTS.labels(topic, outcome).inc(n)
-        later.sort(key=lambda m: (m.topic(), m.partition(), m.offset()))
-        return cut if self._one_by_one(later, stop) else None
 
     def _one_by_one(self, msgs: list[Any], stop: threading.Event) -> bool:
         for msg in msgs:
