@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextvars
 import copy
 import logging
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -31,7 +30,7 @@ from statemachine.exceptions import TransitionNotAllowed
 
 from .config import Settings
 from .errors import Conflict, IllegalTransition, InvalidInput, NotFound, nested_field
-from . import logs, tracing
+from . import ids, logs, tracing
 from .jsonutil import digest, storable, utc_iso
 from .schemas import identifier_problem
 from .models import (ACTIVE_STEP_STATUSES, HistoryEntry, OutboxMessage, StepClaim, StepRun, StepStatus, StepToken,
@@ -279,7 +278,7 @@ class UnitOfWork:
         # The request or event being handled, else the one that created the instance.
         inst = self.writes.instances.get(instance_id or "")
         correlation = logs.correlation_id() or (inst.correlation_id if inst is not None else None)
-        msg = Record({"message_id": uuid.uuid4().hex, "instance_id": instance_id, "channel": channel,
+        msg = Record({"message_id": ids.uuid4().hex, "instance_id": instance_id, "channel": channel,
                       "target": target, "key": key, "payload": payload, "created_at": utcnow(),
                       "sent_at": None, "publish_attempts": 0, "last_error": None,
                       "correlation_id": correlation,
@@ -623,7 +622,7 @@ class Engine:
             existing = self._find_existing(cls, key, idempotency_key, fingerprint)
         if existing is not None:
             return (self.snapshot(existing) if answer else None), False
-        instance_id = str(uuid.uuid4())
+        instance_id = str(ids.uuid4())
         try:
             with tracing.span(f"workflow start {cls.type}", tracing.workflow_attributes(instance_id, cls.type, key)), \
                     self.unit_of_work() as uow:

@@ -18,10 +18,11 @@ import json
 import logging
 import re
 import sys
-import uuid
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Callable, Iterator
+
+from . import ids
 
 #: The Celery and Kafka header that carries the correlation id.
 HEADER = "orchestrator_correlation_id"
@@ -35,7 +36,7 @@ def correlation_id() -> str | None:
 
 
 def new_correlation_id() -> str:
-    return uuid.uuid4().hex
+    return ids.uuid4().hex
 
 
 def bind(workflow_id: str | None = None, correlation_id: str | None = None) -> Callable[[], None]:

@@ -19,6 +19,7 @@ import sagas  # noqa: F401  (registers the built-in workflows)
 from engine.inprocess import InProcess
 from engine.workflows import CALLS, SCRIPT
 from orchestrator import engine as engine_module
+from orchestrator import ids as id_source
 from orchestrator.config import Settings
 from orchestrator.errors import IllegalTransition, InvalidInput
 from orchestrator.workflow import Workflow, initial_entry, register, registry, transition_table
@@ -392,6 +393,7 @@ def _with_and_without_table(tmp_path: Any, monkeypatch: Any, run: Any) -> tuple[
         with monkeypatch.context() as patch:
             ids = (uuid.UUID(int=n) for n in itertools.count(1))
             patch.setattr(uuid, "uuid4", lambda: next(ids))
+            patch.setattr(id_source, "uuid4", lambda: next(ids))  # the engine's ids
             if not table:
                 patch.setattr(engine_module, "transition_table", lambda cls: {})
                 patch.setattr(engine_module, "initial_entry", lambda cls: None)
