@@ -79,8 +79,17 @@ def loads(raw: str | bytes | bytearray) -> Any:
     caller catching ValueError lets through as a crash (a 500, a dead socket, a dead consumer).
     An object with a key twice is refused too (`youtube_url: appears twice in an object`, NotJSON's
     `field` its dotted path): `json.loads` keeps the last, so a check could pass on one value and
-    the work run on another."""
+    the work run on another.
+
+    Bytes must be UTF-8 (RFC 8259 for JSON between systems; a leading byte order mark is
+    allowed, as it permits): `json.loads` would guess UTF-16 or UTF-32 from the first bytes and
+    take such a text. An encoded surrogate decodes as `json.loads` decodes it (`surrogatepass`),
+    so `unstorable` names the field that holds it."""
     try:
+        if isinstance(raw, (bytes, bytearray)):
+            raw = bytes(raw).decode("utf-8", "surrogatepass")
+            if raw.startswith("\ufeff"):
+                raw = raw[1:]
         return json.loads(raw, object_pairs_hook=_unique)
     except RecursionError:
         raise NotJSON("is nested too deeply") from None

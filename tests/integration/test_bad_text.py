@@ -130,3 +130,16 @@ def test_after_a_refused_nan_every_chat_session_still_answers(client):
     assert r.status_code == 400
     for path in ("status", "events", "tasks"):
         assert client.get(f"/api/v1/chat/{session}/{path}").status_code == 200, path
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32"])
+def test_a_json_body_in_utf16_or_utf32_is_a_400_naming_the_body(client, encoding):
+    """RFC 8259: JSON between systems is UTF-8. json.loads guessed the encoding from the first
+    bytes, so a UTF-16 body started a job."""
+    raw = '{"youtube_url": "https://youtu.be/abcdefghijk"}'.encode(encoding)
+    r = client.post("/pipeline", data=raw, content_type="application/json")
+    assert r.status_code == 400 and r.json["field"] == "body", r.json
+    # UTF-8 with a byte order mark is still taken (RFC 8259 lets a parser ignore the mark)
+    ok = client.post("/pipeline", data="\ufeff{\"youtube_url\": \"https://youtu.be/abcdefghijk\"}".encode("utf-8"),
+                     content_type="application/json")
+    assert ok.status_code == 200, ok.json

@@ -35,6 +35,9 @@ def completed_route(kclient, kafka, route_id):
 @pytest.mark.parametrize("topic, raw, reason", [
     ("route.confirmed", b'{"route_id": "r-broken", "mode": ', "invalid JSON"),
     ("route.confirmed", b"\xff\xfe not utf-8", "invalid JSON"),
+    # JSON between systems is UTF-8 (RFC 8259): a parser guessing UTF-16 started this route
+    ("route.confirmed", json.dumps({"route_id": "r-utf16", "mode": "walk"}).encode("utf-16"),
+     "invalid JSON: is not valid UTF-8"),
     ("route.confirmed", b"[1, 2, 3]", "payload must be a JSON object, got list"),
     # a parser keeps the last of a key sent twice: the route would start under the other id
     ("route.confirmed", b'{"route_id": "r-dup1", "mode": "walk", "route_id": "r-dup2"}',
