@@ -1755,13 +1755,34 @@ class Engine:
             return inst.type, inst.state, [tuple(r) for r in rows]
 
     def delete_instances(self, ids: list[str]) -> int:
+        """Delete instances (running ones too) with their timers, history, claims, tokens and step
+        rows, in one transaction; their outbox rows are kept, unlinked. Returns how many of
+        `ids` were there to delete (admin cleanup and factory reset, a chat session's delete).
+
+        The instances are locked first, in id order, as a transition and every batch writer take
+        them, so a busy worker and a delete wait for each other instead of deadlocking. The
+        timer sweeper alone takes a due timer before its instance: when PostgreSQL breaks that
+        deadlock by failing this transaction, it is tried again (up to 5 times, then the
+        DBAPIError is raised)."""
         if not ids:
             return 0
-        with self.unit_of_work() as uow:
-            for table in (TIMERS, HISTORY, CLAIMS, TOKENS, RUNS):
-                uow.execute(delete(table).where(table.c.instance_id.in_(ids)))
-            uow.execute(update(OUTBOX).where(OUTBOX.c.instance_id.in_(ids)).values(instance_id=None))
-            return uow.execute(delete(INSTANCES).where(INSTANCES.c.id.in_(ids))).rowcount  # type: ignore[no-any-return]
+        from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+
+        for attempt in Retrying(retry=retry_if_exception(is_deadlock), stop=stop_after_attempt(5),
+                                wait=wait_random_exponential(multiplier=0.05, max=1), reraise=True):
+            with attempt, self.unit_of_work() as uow:
+                found = uow.execute(select(INSTANCES.c.id).where(INSTANCES.c.id.in_(ids))
+                                    .order_by(INSTANCES.c.id).with_for_update()).scalars().all()
+                for table in (TIMERS, HISTORY, CLAIMS, TOKENS, RUNS):
+                    uow.execute(delete(table).where(table.c.instance_id.in_(found)))
+                uow.execute(update(OUTBOX).where(OUTBOX.c.instance_id.in_(found)).values(instance_id=None))
+                uow.execute(delete(INSTANCES).where(INSTANCES.c.id.in_(found)))
+        return len(found)
+
+
+def is_deadlock(exc: BaseException) -> bool:
+    """PostgreSQL failed the transaction to break a deadlock (SQLSTATE 40P01): trying it again is safe."""
+    return getattr(getattr(exc, "orig", None), "pgcode", None) == "40P01"
 
 
 def _not_a_signal(cls: type[Workflow], event: str) -> str:
