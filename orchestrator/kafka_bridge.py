@@ -49,8 +49,9 @@ from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from . import logs, metrics, tracing
 from .errors import Conflict, IllegalTransition, InvalidInput, NotFound
 from .jsonutil import loads, unstorable
-from .kafka_events import EVENT_ID_MAX, Ignored, KafkaEvent
+from .kafka_events import EVENT_ID_MAX, Ignored, KafkaEvent, event_id_problem  # noqa: F401 (EVENT_ID_MAX re-exported)
 from .models import ProcessedMessage, utcnow
+from .schemas import identifier_problem, is_blank
 
 log = logging.getLogger(__name__)
 
@@ -189,17 +190,18 @@ def event_id(msg: Any) -> str:
     life held at the same offset. A redelivery of one message carries the same timestamp. A
     broker too old to keep timestamps gives `@none` (offsets only again; docs/kafka.md).
 
-    The header is taken exactly or not at all: raises BadEventId when it is not UTF-8 or longer
-    than EVENT_ID_MAX characters (replacing bad bytes or cutting it would make different events
-    one)."""
+    The header is taken exactly or not at all: raises BadEventId when it is not UTF-8 or not an
+    id (`kafka_events.event_id_problem`: too long, blank, a hidden character inside), since
+    replacing bad bytes or cutting it would make different events one."""
     for k, v in msg.headers() or []:
         if k == "event_id" and v:
             try:
                 text = v.decode()
             except UnicodeDecodeError:
                 raise BadEventId("headers.event_id: is not valid UTF-8") from None
-            if len(text) > EVENT_ID_MAX:
-                raise BadEventId(f"headers.event_id: must be at most {EVENT_ID_MAX} characters, got {len(text)}")
+            problem = event_id_problem(text)
+            if problem is not None:
+                raise BadEventId(f"headers.event_id: {problem}")
             return text
     return position_id(msg)
 
@@ -218,6 +220,19 @@ def _recorded_id(msg: Any) -> str:
         return event_id(msg)
     except BadEventId:
         return position_id(msg)
+
+
+def _correlation_problem(msg: Any) -> str | None:
+    """Why the event's correlation id header (logs.HEADER, stored with the instances it starts, as
+    HTTP's X-Correlation-ID is) cannot be taken: not UTF-8, or a hidden character inside."""
+    raw = next((v for k, v in msg.headers() or [] if k == logs.HEADER), None)
+    if not raw:
+        return None
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        return "is not valid UTF-8"
+    return None if is_blank(text) else identifier_problem(text)
 
 
 def _headers(msg: Any) -> dict[str, str]:
@@ -643,9 +658,6 @@ class Bridge:
             msg_id = event_id(msg)
         except BadEventId as exc:
             return str(exc), "invalid_field"
-        bad_id = unstorable(msg_id, "headers.event_id")  # its de-duplication row could not be stored
-        if bad_id is not None:
-            return f"{bad_id[0]}: {bad_id[1]}", "invalid_field"
         raw = msg.value()
         if raw is None:
             return "empty value: a tombstone (null value) is not an event", "invalid_json"
@@ -667,6 +679,9 @@ class Bridge:
         bad = unstorable(payload) or unstorable({"key": key, "headers": ev.headers})
         if bad is not None:
             return f"{bad[0]}: {bad[1]}", "invalid_field"
+        bad = _correlation_problem(msg)
+        if bad is not None:
+            return f"headers.{logs.HEADER}: {bad}", "invalid_field"
         return ev
 
     def _run_handler(self, msg: Any, ev: KafkaEvent) -> str:
@@ -677,9 +692,9 @@ class Bridge:
         # trace would stop at the broker.
         topic, key = ev.topic, ev.key
         if not tracing.enabled():  # no span: its attributes are not even built
-            with logs.context(correlation_id=ev.headers.get(logs.HEADER) or None):
+            with logs.context(correlation_id=logs.given_correlation_id(ev.headers.get(logs.HEADER))):
                 return self.routes[topic].handler(self.engine, ev) or "accepted"
-        with logs.context(correlation_id=ev.headers.get(logs.HEADER) or None), tracing.span(
+        with logs.context(correlation_id=logs.given_correlation_id(ev.headers.get(logs.HEADER))), tracing.span(
                 f"{topic} process", {"messaging.system": "kafka", "messaging.destination.name": topic,
                                      "messaging.kafka.message.offset": msg.offset(),
                                      "messaging.destination.partition.id": str(msg.partition()),
@@ -694,18 +709,13 @@ class Bridge:
         if topic not in self.routes:
             return self.dead_letter(msg, f"no workflow consumes topic {topic}", "unroutable")
         consumer = f"kafka:{topic}"
-        try:
-            msg_id = event_id(msg)
-            bad_id = unstorable(msg_id, "headers.event_id")
-        except BadEventId as exc:  # dead-lettered by _parse below
-            msg_id, bad_id = position_id(msg), ("headers.event_id", str(exc))
-        if bad_id is None:
-            seen_at = self.processed(consumer, msg_id)
-            if seen_at is not None:
-                # logged, never silent: a new event taken for a duplicate would otherwise vanish
-                log.warning("duplicate %s/%s@%s (event id %s, first handled %s): skipped", topic, msg.partition(),
-                            msg.offset(), msg_id, seen_at)
-                return self._outcome(topic, "duplicate", started)
+        msg_id = _recorded_id(msg)  # a bad event id: dead-lettered by _parse below, recorded by position
+        seen_at = self.processed(consumer, msg_id)
+        if seen_at is not None:
+            # logged, never silent: a new event taken for a duplicate would otherwise vanish
+            log.warning("duplicate %s/%s@%s (event id %s, first handled %s): skipped", topic, msg.partition(),
+                        msg.offset(), msg_id, seen_at)
+            return self._outcome(topic, "duplicate", started)
         ev = self._parse(msg)
         if isinstance(ev, tuple):
             return self.dead_letter(msg, *ev)

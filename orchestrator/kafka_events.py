@@ -15,6 +15,18 @@ from typing import Any
 EVENT_ID_MAX = 200
 
 
+def event_id_problem(text: str) -> str | None:
+    """Why `text` cannot be an `event_id` header (the bridge dead-letters the event, `orchestrator
+    produce --event-id` refuses it), or None: longer than EVENT_ID_MAX characters, or not an
+    identifier (blank, or a control, format or line separator character inside: two ids that
+    look the same would be two events)."""
+    from .schemas import identifier_problem
+
+    if len(text) > EVENT_ID_MAX:
+        return f"must be at most {EVENT_ID_MAX} characters, got {len(text)}"
+    return identifier_problem(text)
+
+
 class Ignored(Exception):
     """The workflow refuses the event on purpose (late, repeated, already applied). Logged, counted."""
 

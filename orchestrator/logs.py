@@ -39,6 +39,18 @@ def new_correlation_id() -> str:
     return ids.uuid4().hex
 
 
+#: The longest correlation id kept (the instances' and outbox's column): a longer one is cut.
+CORRELATION_ID_MAX = 64
+
+
+def given_correlation_id(value: str | None) -> str | None:
+    """The correlation id a request or event gives (HTTP `X-Correlation-ID` or `X-Request-ID`,
+    the Kafka header HEADER): stripped and cut to CORRELATION_ID_MAX characters; None when
+    blank or absent (one is made up or carried on). Its entry point refuses one with a hidden
+    character in it first (a 400 over HTTP, a dead letter on Kafka)."""
+    return (value or "").strip()[:CORRELATION_ID_MAX] or None
+
+
 def bind(workflow_id: str | None = None, correlation_id: str | None = None) -> Callable[[], None]:
     """Lines logged from here on carry these ids (None keeps the current one); call the result
     to go back to what was before."""

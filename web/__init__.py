@@ -18,7 +18,7 @@ from orchestrator.jsonutil import NotJSON, check_storable, loads
 from orchestrator.logs import mask_url
 from orchestrator.metrics import HTTP_LATENCY, HTTP_REQUESTS
 from orchestrator.models import HistoryEntry
-from orchestrator.schemas import parse
+from orchestrator.schemas import identifier_problem, is_blank, parse
 
 from .server import ReadTimeout
 from .settings import HttpSettings
@@ -32,6 +32,9 @@ WORKFLOW_ID_ARGS = frozenset({"instance_id", "saga_id", "job_id", "task_id", "wo
 #: Request headers whose values are stored (idempotency keys, correlation ids, history actors) or
 #: looked up in the database; their text is checked like the body's.
 STORED_HEADERS = ("Idempotency-Key", "X-Correlation-ID", "X-Request-ID", "X-Actor", "X-User", "Last-Event-ID")
+#: Stored headers that identify something (a request, a correlation, who acts): refused with a
+#: control, format or line separator character inside, as a business key is (identifier_problem).
+IDENTIFIER_HEADERS = frozenset(STORED_HEADERS) - {"Last-Event-ID"}
 
 
 def create_app(runtime: runtime_module.Runtime | None = None) -> Flask:
@@ -104,8 +107,8 @@ def create_app(runtime: runtime_module.Runtime | None = None) -> Flask:
         g.started = time.perf_counter()
         # Log lines of this request carry its correlation id (given, or made up) and the
         # workflow it is about; the id goes on with the messages the request writes.
-        given = request.headers.get("X-Correlation-ID") or request.headers.get("X-Request-ID") or ""
-        g.correlation_id = given.strip()[:64] or logs.new_correlation_id()
+        given = request.headers.get("X-Correlation-ID") or request.headers.get("X-Request-ID")
+        g.correlation_id = logs.given_correlation_id(given) or logs.new_correlation_id()
         workflow = next((v for k, v in (request.view_args or {}).items() if k in WORKFLOW_ID_ARGS), None)
         g.unbind_log_ids = logs.bind(workflow_id=workflow, correlation_id=g.correlation_id)
 
@@ -114,8 +117,8 @@ def create_app(runtime: runtime_module.Runtime | None = None) -> Flask:
         endpoint = request.url_rule.rule if request.url_rule else "unmatched"
         HTTP_REQUESTS.labels(request.method, endpoint, str(response.status_code)).inc()
         HTTP_LATENCY.labels(request.method, endpoint).observe(time.perf_counter() - g.get("started", time.perf_counter()))
-        if "correlation_id" in g:
-            response.headers["X-Correlation-ID"] = g.correlation_id
+        if "correlation_id" in g:  # as it came: UTF-8 bytes, which WSGI spells as latin-1 text
+            response.headers["X-Correlation-ID"] = g.correlation_id.encode().decode("latin-1")
         return response
 
     @app.teardown_request
@@ -165,6 +168,8 @@ def actor(header: str = "X-Actor") -> str:
     value = request.headers.get(header)
     if value is None:
         return "api"
+    if is_blank(value):
+        raise InvalidInput(header, "must not be empty")
     if len(value) > MAX_ACTOR:
         raise InvalidInput(header, f"must be at most {MAX_ACTOR} characters, got {len(value)}")
     return value
@@ -172,14 +177,28 @@ def actor(header: str = "X-Actor") -> str:
 
 def check_request_text() -> None:
     """400 naming the path parameter, query parameter or stored header (STORED_HEADERS) whose
-    text cannot be stored (a NUL character; see `orchestrator.jsonutil.unstorable`)."""
+    text cannot be stored (a NUL character; see `orchestrator.jsonutil.unstorable`).
+
+    A stored header is read as UTF-8 (400 when it is not): WSGI hands header values over as
+    latin-1 text, one character per byte, so an actor `é` sent as UTF-8 was stored as `Ã©` and
+    a U+202E as three Latin-1 characters. The decoded text replaces the environ's, so every
+    later `request.headers` read gets it. A non-blank IDENTIFIER_HEADERS value with a control,
+    format or line separator character is refused as a business key is."""
     check_storable(dict(request.view_args or {}))
     for name, value in request.args.items(multi=True):
         check_storable({name: value})
     for name in STORED_HEADERS:
         value = request.headers.get(name)
-        if value is not None:
-            check_storable(value, name)
+        if value is None:
+            continue
+        try:
+            text = value.encode("latin-1").decode("utf-8")
+        except UnicodeError:
+            raise InvalidInput(name, "is not valid UTF-8") from None
+        check_storable(text, name)
+        if name in IDENTIFIER_HEADERS and not is_blank(text) and (found := identifier_problem(text)):
+            raise InvalidInput(name, found)
+        request.environ["HTTP_" + name.upper().replace("-", "_")] = text
 
 
 def json_body(required: bool = True) -> Any:

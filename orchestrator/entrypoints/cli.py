@@ -17,7 +17,7 @@ from typing import Any, TextIO
 
 from orchestrator.config import Settings, load_settings
 from orchestrator.errors import ConfigError
-from orchestrator.kafka_events import EVENT_ID_MAX
+from orchestrator.kafka_events import EVENT_ID_MAX, event_id_problem
 
 log = logging.getLogger("orchestrator")
 
@@ -675,8 +675,9 @@ def _event_id(text: str) -> str:
         text.encode()
     except UnicodeEncodeError:
         raise argparse.ArgumentTypeError("is not valid UTF-8") from None
-    if len(text) > EVENT_ID_MAX:
-        raise argparse.ArgumentTypeError(f"must be at most {EVENT_ID_MAX} characters, got {len(text)}")
+    problem = event_id_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
     return text
 
 

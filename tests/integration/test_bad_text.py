@@ -71,14 +71,48 @@ def test_unstorable_text_in_a_stored_header_is_a_400_naming_it(client, header):
     assert "X-Correlation-ID" not in r.headers or "\x00" not in r.headers["X-Correlation-ID"]
 
 
-@pytest.mark.parametrize("key", ["k\x1b[2J", "k\x7f", "\x80\u00ae"])
+@pytest.mark.parametrize("key", ["k\x1b[2J", "k\x7f", "k\xe2\x80\xae"])
 def test_an_idempotency_key_with_a_control_character_is_a_400_naming_it(client, key):
     """The header is an identifier like a business key: an escape sequence, DEL, or a UTF-8
-    U+202E as a WSGI server hands it over (latin-1: a C1 control in it) was taken and stored."""
+    U+202E (as a WSGI server hands it over: latin-1 text) was taken and stored."""
     r = client.post("/saga/order", json={"input": {}}, headers={"Idempotency-Key": key})
     assert r.status_code == 400 and r.json["field"] == "Idempotency-Key", r.json
     assert "control" in r.json["message"], r.json
     assert client.post("/saga/order", json={"input": {}}, headers={"Idempotency-Key": "order-7"}).status_code in (200, 201)
+
+
+def wire(text: str) -> str:
+    """A header value as a client sends it (UTF-8) and a WSGI server hands it over (latin-1 text)."""
+    return text.encode().decode("latin-1")
+
+
+def test_stored_headers_are_read_as_utf8(client):
+    """An actor `é` was stored as `Ã©`: WSGI spells header bytes as latin-1 text."""
+    r = client.post("/saga/order", json={"input": {"parcels": []}},
+                    headers={"X-Actor": wire("José"), "X-Correlation-ID": wire("corr-é-1")})
+    assert r.status_code == 201, r.json
+    assert r.headers["X-Correlation-ID"] == wire("corr-é-1")  # the bytes sent, sent back
+    assert client.get(f"/sagas/{r.json['id']}").json["history"][0]["actor"] == "José"
+
+
+@pytest.mark.parametrize("header", ["Idempotency-Key", "X-Correlation-ID", "X-Request-ID", "X-Actor"])
+def test_a_stored_header_with_a_hidden_character_is_a_400_naming_it(client, header):
+    """A U+202E sent as UTF-8 is named as U+202E, not as the latin-1 characters of its bytes."""
+    r = client.post("/saga/order", json={"input": {"parcels": []}}, headers={header: wire("ab\u202ecd")})
+    assert r.status_code == 400 and r.json["field"] == header, r.json
+    assert r.json["message"] == (f"{header}: contains a control, format or line separator character "
+                                 "(U+202E at position 2)"), r.json
+
+
+@pytest.mark.parametrize("header", ["Idempotency-Key", "X-Correlation-ID", "X-Actor", "X-User"])
+def test_a_stored_header_that_is_not_utf8_is_a_400_naming_it(client, header):
+    r = client.post("/saga/order", json={"input": {"parcels": []}}, headers={header: "ab\xffcd"})
+    assert r.status_code == 400 and r.json["message"] == f"{header}: is not valid UTF-8", r.json
+
+
+def test_a_blank_actor_is_a_400(client):
+    r = client.post("/saga/order", json={"input": {"parcels": []}}, headers={"X-Actor": "   "})
+    assert r.status_code == 400 and r.json["message"] == "X-Actor: must not be empty", r.json
 
 
 @pytest.mark.parametrize("message", ["\u202e\u2028\u200f", "\u200b \u2029\ufeff"])

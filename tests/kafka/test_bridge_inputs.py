@@ -168,12 +168,15 @@ def test_same_init_scenario_twice_makes_one_worker(kclient, kafka, bridge, kafka
     event = {"scenario_uuid": scenario, "camera_url": "rtsp://cam.example/dup"}
     kafka.send("init_scenario", event, key=scenario, event_id=f"init-{scenario}")
     kafka.send("init_scenario", event, key=scenario, event_id=f"init-{scenario}")
-    wait_for(lambda: kclient.get(f"/workers?scenario_uuid={scenario}").json["total"] == 1, timeout=20,
-             what="one worker")
+
+    def running(scenario_uuid):  # the runner has had its to_deploy (it reports running then)
+        page = kclient.get(f"/workers?scenario_uuid={scenario_uuid}").json
+        return any(w["status"] == "running" for w in page["items"])
+
+    wait_for(lambda: running(scenario), timeout=40, what="a worker running")
     marker = str(uuid.uuid4())
     kafka.send("init_scenario", {"scenario_uuid": marker, "camera_url": "rtsp://m/1"}, key=scenario)
-    wait_for(lambda: kclient.get(f"/workers?scenario_uuid={marker}").json["total"] == 1, timeout=20,
-             what="marker")
+    wait_for(lambda: running(marker), timeout=40, what="the marker's worker running")
     assert kclient.get(f"/workers?scenario_uuid={scenario}").json["total"] == 1
     assert len([m for m in kafka_emulators["runner"].messages() if m["scenario_uuid"] == scenario]) == 1
 
@@ -228,6 +231,8 @@ def test_orchestrator_produce_sets_the_event_id_header(kafka, tmp_path):
     too_long = run(json.dumps({"counter": tag, "n": 1, "seq": 2}), "--key", tag, "--event-id", "x" * (EVENT_ID_MAX + 1))
     assert too_long.returncode == 2, too_long.stderr
     assert f"argument --event-id: must be at most {EVENT_ID_MAX} characters, got {EVENT_ID_MAX + 1}" in too_long.stderr
+    blank = run(json.dumps({"counter": tag, "n": 1, "seq": 2}), "--key", tag, "--event-id", "   ")
+    assert blank.returncode == 2 and "argument --event-id: must not be empty" in blank.stderr, blank.stderr
 
     def ours(msgs):
         return [m for m in msgs if m.key() == tag.encode()]
@@ -460,6 +465,11 @@ def test_event_ids_and_keys_are_taken_exactly_or_dead_lettered(kclient, kafka, b
         str(uuid.uuid4()): (b"k3", b"x" * EVENT_ID_MAX + b"-C", "headers.event_id: must be at most"),
         str(uuid.uuid4()): (b"k4", b"x" * EVENT_ID_MAX + b"-D", "headers.event_id: must be at most"),
         str(uuid.uuid4()): (b"\xff\xfe", None, "key: is not valid UTF-8"),
+        # two events whose ids look alike (or blank) in a log: one was skipped as the other's duplicate
+        str(uuid.uuid4()): (b"k5", b"   ", "headers.event_id: must not be empty"),
+        str(uuid.uuid4()): (b"k6", "ev-1\u202e".encode(), "headers.event_id: contains a control, format or line "
+                                                          "separator character (U+202E at position 4)"),
+        str(uuid.uuid4()): (b"k7", b"ev-1\x1b[2J", "headers.event_id: contains a control"),
     }
     raws = {}
     for scenario, (key, eid, _) in cases.items():
@@ -482,3 +492,32 @@ def test_event_ids_and_keys_are_taken_exactly_or_dead_lettered(kclient, kafka, b
         wait_for(lambda: kclient.get(f"/workers?scenario_uuid={scenario}").json["total"] == 1, timeout=30,
                  what=f"worker of {scenario}")
     assert all(kclient.get(f"/workers?scenario_uuid={s}").json["total"] == 0 for s in cases)
+
+
+def test_a_correlation_id_header_is_taken_as_over_http(kclient, kafka, bridge, krt):
+    """The correlation id header is stored with the instances an event starts, as HTTP's
+    X-Correlation-ID is: one with a hidden character is dead-lettered naming it, a longer one is
+    cut to 64 characters (PostgreSQL refused it whole: the event was retried, then dead-lettered
+    as a handler error)."""
+    from sqlalchemy import select
+
+    from orchestrator.models import WorkflowInstance
+
+    hidden, long = f"r-ch-{uuid.uuid4().hex[:6]}", f"r-cl-{uuid.uuid4().hex[:6]}"
+    raw = {r: json.dumps({"route_id": r, "mode": "walk"}).encode() for r in (hidden, long)}
+    sends = {hidden: "c-1\u202e".encode(), long: b"c" * 100}
+    for route_id, correlation in sends.items():
+        kafka.producer.produce("route.confirmed", raw[route_id], key=route_id.encode(),
+                               headers=[("orchestrator_correlation_id", correlation)])
+    kafka.flush()
+    letter = dead_letter(kafka, "route.confirmed", raw[hidden])
+    assert letter["dlq_reason"] == ("headers.orchestrator_correlation_id: contains a control, format or line "
+                                    "separator character (U+202E at position 3)"), letter
+
+    def correlation():
+        with krt.sessions() as s:
+            return s.execute(select(WorkflowInstance.correlation_id).where(
+                WorkflowInstance.business_key == long)).scalar()
+
+    assert wait_for(correlation, timeout=30, what="the route with a long correlation id") == "c" * 64
+    assert kclient.get(f"/workflows/{hidden}").status_code == 404
