@@ -145,14 +145,15 @@ def check_language(value: str) -> str:
     return value
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type (`string`, `integer`, `object`, ...), for messages."""
     return {"str": "string", "int": "integer", "float": "number", "bool": "boolean", "list": "array",
             "dict": "object", "NoneType": "null"}.get(type(value).__name__, type(value).__name__)
 
 
 def _problem(err: dict[str, Any], model: type[BaseModel] | None) -> str:
     kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
-    got = f", got {_json_type(value)}"
+    got = f", got {json_type(value)}"
     if kind == "missing":
         return "is required"
     if kind == "extra_forbidden":
@@ -207,7 +208,7 @@ def invalid_input(exc: ValidationError, model: type[BaseModel] | None = None, pr
 def parse(model: type[M], data: Any, *, prefix: str = "", context: dict[str, Any] | None = None) -> M:
     """`data` validated as `model`; InvalidInput naming the first field at fault otherwise."""
     if not isinstance(data, dict) and not issubclass(model, RootModel):
-        raise InvalidInput(prefix or "body", f"must be a JSON object, got {_json_type(data)}")
+        raise InvalidInput(prefix or "body", f"must be a JSON object, got {json_type(data)}")
     try:
         return model.model_validate(data, context=context)
     except ValidationError as exc:

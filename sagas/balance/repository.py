@@ -33,7 +33,7 @@ from urllib.parse import urlparse
 from orchestrator.config import Settings
 from orchestrator.errors import InvalidInput, NotFound, UpstreamError
 from orchestrator.jsonutil import loads, unstorable
-from orchestrator.schemas import hidden_character
+from orchestrator.schemas import hidden_character, json_type
 
 from .settings import BalanceSettings
 
@@ -408,7 +408,9 @@ def check_project(project: Any) -> str:
     `project` otherwise."""
     if isinstance(project, int) and not isinstance(project, bool):
         return str(project)
-    if not isinstance(project, str) or not project.strip():
+    if project is not None and not isinstance(project, str):
+        raise InvalidInput("project", f"must be a string or an integer, got {json_type(project)}")
+    if project is None or not project.strip():
         raise InvalidInput("project", "is required: a project id or path such as 'demo/balance'")
     project = project.strip()
     if len(project) > MAX_PATH_CHARS or not all(
@@ -428,7 +430,9 @@ def check_branch_name(branch: Any, field: str = "branch") -> str:
     character (`orchestrator.schemas.hidden_character`: git takes them, but `issue/\u202e24`
     displays as `issue/42`). Surrounding whitespace is dropped. 400 naming `field`
     otherwise."""
-    if not isinstance(branch, str) or not branch.strip():
+    if branch is not None and not isinstance(branch, str):
+        raise InvalidInput(field, f"must be a string, got {json_type(branch)}")
+    if branch is None or not branch.strip():
         raise InvalidInput(field, "is required: a branch name such as 'issue/42-new-calculation'")
     branch = branch.strip()
     components = branch.split("/")

@@ -84,7 +84,7 @@ class RouteConfirmed(Event):
     model_config = ConfigDict(extra="allow")
 
     route_id: Identifier = Field(max_length=255)
-    mode: NonBlank
+    mode: NonBlank = Field(max_length=64, description="how the route is travelled (walk, bike, ...)")
 
 
 class StoryGenerate(Event):

@@ -46,6 +46,11 @@ def test_bad_input_is_a_4xx_naming_the_field(gitlab_stack):
     assert r.status_code == 400 and r.json()["field"] == "dependencies" and "boiler" in r.json()["message"]
     r = s.http("POST", "/saga/calculate-balance", json={"project": project, "branch": "x", "extra": 1})
     assert r.status_code == 400 and r.json()["field"] == "extra"
+    # a value of the wrong type is named as such, not as missing
+    r = s.http("POST", "/saga/calculate-balance", json={"project": project, "branch": 12345})
+    assert r.status_code == 400 and r.json()["message"] == "branch: must be a string, got integer", r.text
+    r = s.http("POST", "/saga/calculate-balance", json={"project": ["team", "p"], "branch": "x"})
+    assert r.status_code == 400 and r.json()["message"] == "project: must be a string or an integer, got array"
     r = s.http("POST", "/saga/calculate-balance", data="{", headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and r.json()["field"] == "body"
     r = start(s, project, branch="bad..branch")

@@ -46,6 +46,8 @@ def completed_route(kclient, kafka, route_id):
     ("route.confirmed", json.dumps({"route_id": 12345, "mode": "walk"}).encode(),
      "route_id: must be a string, got integer"),
     ("route.confirmed", json.dumps({"route_id": "", "mode": "walk"}).encode(), "route_id: must not be empty"),
+    ("route.confirmed", json.dumps({"route_id": "r-long-mode", "mode": "w" * 65}).encode(),
+     "mode: must be at most 64 characters"),
     # an id an operator reads in lists and logs: a direction mark reorders it, a separator breaks it
     ("route.confirmed", json.dumps({"route_id": "r-x11\u2028\u202e", "mode": "walk"}).encode(),
      "route_id: contains a control, format or line separator character (U+2028 at position 5)"),
