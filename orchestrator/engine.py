@@ -1250,6 +1250,8 @@ class Engine:
         found = self._active_run(uow, instance_id, step, attempt, branch)
         if found is None:
             return
+        run = found[1]
+        run.started_at = run.started_at or utcnow()  # it ran, up to its failure (as a success records it)
         self._fail_run(uow, *found, error, retryable, branch)
 
     def _fail_run(self, uow: UnitOfWork, inst: Record, run: Record, error: str, retryable: bool,

@@ -124,6 +124,7 @@ def test_4xx_fails_the_stage_at_once_with_the_service_message(client, worker, sw
     assert job["status"] == "failed"
     stage = job["stages"]["normalization"]
     assert stage["status"] == "failed" and "injected 400" in stage["error"]
+    assert stage["started_at"] and stage["started_at"] <= job["updated_at"], stage  # it ran, up to its failure
     assert "injected 400" in job["error"]
     assert job["stages"]["transcription"]["status"] == "pending"
     # one request, no retry (the fault consumed it, so nothing was accepted either)
