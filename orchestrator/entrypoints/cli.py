@@ -303,6 +303,12 @@ def cmd_produce(args: argparse.Namespace) -> None:
     if producer.flush(15):
         sys.exit(f"not delivered to {brokers} within 15s")
     print(f"produced to {args.topic} on {brokers}")
+    from orchestrator.kafka_bridge import all_topics, discover
+    from orchestrator.workflow import registry
+
+    if args.topic not in all_topics(registry):  # sent all the same: another service may read it
+        print(f"note: no workflow consumes or produces topic {args.topic!r}; the bridge consumes "
+              f"{', '.join(sorted(discover(registry)))}", file=sys.stderr)
 
 
 def cmd_flower(args: argparse.Namespace) -> None:

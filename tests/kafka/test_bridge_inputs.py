@@ -235,6 +235,11 @@ def test_orchestrator_produce_sets_the_event_id_header(kafka, tmp_path):
     assert f"argument --event-id: must be at most {EVENT_ID_MAX} characters, got {EVENT_ID_MAX + 1}" in too_long.stderr
     blank = run(json.dumps({"counter": tag, "n": 1, "seq": 2}), "--key", tag, "--event-id", "   ")
     assert blank.returncode == 2 and "argument --event-id: must not be empty" in blank.stderr, blank.stderr
+    # a topic no workflow knows (a typo) is sent, but said: it was a silent success
+    typo = subprocess.run([*produce[:-1], "route.confirmd", json.dumps({"route_id": tag, "mode": "walk"})],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert typo.returncode == 0 and "note: no workflow consumes or produces topic 'route.confirmd'" in typo.stderr
+    assert "route.confirmed" in typo.stderr, typo.stderr
 
     def ours(msgs):
         return [m for m in msgs if m.key() == tag.encode()]
