@@ -140,7 +140,7 @@ class ChatStore:
             config = row.config or {}
         snapshot, created = self.engine.start(
             TASK_TYPE, {"session_id": session_id, "message": message, "config": config},
-            idempotency_key=f"{session_id}:{idempotency_key}" if idempotency_key else None, actor="chat")
+            idempotency_key=session_key(session_id, idempotency_key) if idempotency_key else None, actor="chat")
         frames: list[dict[str, Any]] = []
         if created:
             frames = self.append_status(session_id, snapshot["id"], "queued")
@@ -329,6 +329,19 @@ class ChatStore:
     def live_counts(self) -> dict[str, int]:
         with self.sessions() as s:
             return {"sessions": s.execute(select(func.count()).select_from(ChatSession)).scalar_one()}
+
+
+def session_key(session_id: str, key: str) -> str:
+    """The stored idempotency key of a task submitted with `Idempotency-Key: key`: scoped to its
+    session (two sessions may use the same key), `<session>:<key>`, or `<session>:sha256:<hex>`
+    when that would not fit the 255-character column (a key of up to 255 characters is taken on
+    every route, and a longer scoped one was refused naming a limit the client had kept)."""
+    scoped = f"{session_id}:{key}"
+    if len(scoped) <= WorkflowInstance.__table__.c.idempotency_key.type.length:
+        return scoped
+    import hashlib
+
+    return f"{session_id}:sha256:{hashlib.sha256(key.encode()).hexdigest()}"
 
 
 def _task_session() -> Any:

@@ -82,3 +82,21 @@ def test_starts_record_the_x_actor_and_refuse_one_over_128_characters(api):
     r = api.post("/saga/order", json=starts[2][2]())
     assert api.get(f"/sagas/{r.json['id']}").json["history"][0]["actor"] == "api"
     api.post(f"/sagas/{r.json['id']}/cancel")
+
+
+@pytest.mark.parametrize("path", ["/saga/order", "/api/v1/chat/{session}/task"])
+def test_an_idempotency_key_is_one_rule_on_every_route(api, path):
+    """Up to 255 characters, not blank. Chat scopes the key to its session inside the same column:
+    a 250-character key was refused there, naming a limit of 255, and a blank one was taken."""
+    session = api.post("/api/v1/chat/init", json={}).json["session_id"]
+    url = path.format(session=session)
+    body = {"message": "hi"} if "chat" in path else {"input": {"parcels": []}}
+    key = "k" * 250
+    first, again = (api.post(url, json=body, headers={"Idempotency-Key": key}) for _ in range(2))
+    assert first.status_code in (201, 202) and again.status_code in (200, 202), (first.json, again.json)
+    ident = "task_id" if "chat" in path else "id"
+    assert first.json[ident] == again.json[ident]
+    for bad, problem in (("   ", "must not be empty"), ("k" * 256, "must be at most 255 characters, got 256")):
+        r = api.post(url, json=body, headers={"Idempotency-Key": bad})
+        assert r.status_code == 400 and r.json["field"] == "Idempotency-Key", r.json
+        assert r.json["problem"] == problem, r.json
