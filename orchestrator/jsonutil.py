@@ -133,6 +133,10 @@ def iso(value: datetime | None) -> str | None:
 _LARGEST_DOUBLE = int(sys.float_info.max)
 
 
+#: The deepest nesting of arrays and objects taken from outside (`unstorable`).
+MAX_DEPTH = 100
+
+
 def unstorable(value: Any, path: str = "") -> tuple[str, str] | None:
     """Where decoded JSON holds a value that a database cannot store, and why; None if it holds none.
 
@@ -147,10 +151,19 @@ def unstorable(value: Any, path: str = "") -> tuple[str, str] | None:
     names them (`input.note`, `items.2.name`, a key as `input.<key>` with the key JSON-escaped),
     and the problem.
     `path` is the name of `value` itself ("" for a request body: its fields are named bare).
+
+    Nesting deeper than MAX_DEPTH arrays and objects is refused too, naming the outermost field
+    that holds it: the parser takes about 1,000 levels, but what is stored is encoded again
+    further down the stack (a database's JSON encoder, a worker's message), where such a value
+    raised RecursionError: a 500, or a workflow stuck with no failure recorded.
     """
-    stack: list[tuple[str, Any]] = [(path, value)]
+    stack: list[tuple[str, Any, int]] = [(path, value, 0)]
     while stack:  # a loop, not recursion: a deeply nested body cannot exhaust the stack
-        where, item = stack.pop()
+        where, item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            top = where[len(path) + 1:] if path else where
+            top = (f"{path}." if path else "") + top.split(".", 1)[0] if top else (path or "body")
+            return top, f"is nested deeper than {MAX_DEPTH} levels of arrays and objects"
         if isinstance(item, str):
             problem = _text_problem(item)
             if problem:
@@ -168,10 +181,11 @@ def unstorable(value: Any, path: str = "") -> tuple[str, str] | None:
                     if problem:
                         escaped = json.dumps(key)[1:-1]
                         return (f"{where}.{escaped}" if where else escaped), f"the object key {problem}"
-                children.append((name, child))
+                children.append((name, child, depth + 1))
             stack.extend(reversed(children))
         elif isinstance(item, (list, tuple)):
-            stack.extend(reversed([(f"{where}.{i}" if where else str(i), child) for i, child in enumerate(item)]))
+            stack.extend(reversed([(f"{where}.{i}" if where else str(i), child, depth + 1)
+                                   for i, child in enumerate(item)]))
     return None
 
 

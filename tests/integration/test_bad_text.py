@@ -30,6 +30,24 @@ def test_unstorable_text_in_a_body_is_a_400_naming_the_field(client, path, body,
     assert r.json["message"].startswith(f"{field}: ") and "contains a" in r.json["message"]
 
 
+@pytest.mark.parametrize("levels", [101, 300])
+@pytest.mark.parametrize("path, raw, field", [
+    ("/api/v1/chat/init", '{"config": {"x": %s}}', "config"),
+    ("/saga/order", '{"input": {"parcels": [], "note": %s}}', "input"),
+    ("/saga", '{"type": "order", "input": {"parcels": [], "note": %s}}', "input"),
+])
+def test_json_nested_deeper_than_100_levels_is_a_400_naming_the_field(client, path, raw, field, levels):
+    """The parser took about 975 levels, but the value is encoded again further down the stack
+    when it is stored: a chat config of 960 levels was a 500 (RecursionError) on the server, and deep inputs
+    left workflows stuck with no failure recorded."""
+    body = raw % ("[" * levels + "]" * levels)
+    r = client.post(path, data=body, content_type="application/json")
+    assert r.status_code == 400 and r.json["field"] == field, r.json
+    assert r.json["message"] == f"{field}: is nested deeper than 100 levels of arrays and objects", r.json
+    ok = raw % ("[" * 90 + "]" * 90)  # deep, but within the bound: taken
+    assert client.post(path, data=ok, content_type="application/json").status_code < 400
+
+
 def test_bytes_that_are_not_utf8_text_are_a_400(client):
     for raw, field in ((b'{"input": {"note": "\xff\xfe"}}', "body"),  # not UTF-8
                        (b'{"input": {"note": "\xed\xa0\x80"}}', "input.note"),  # an encoded surrogate

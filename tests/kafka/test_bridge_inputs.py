@@ -48,6 +48,9 @@ def completed_route(kclient, kafka, route_id):
     ("route.confirmed", json.dumps({"route_id": "", "mode": "walk"}).encode(), "route_id: must not be empty"),
     ("route.confirmed", json.dumps({"route_id": "r-long-mode", "mode": "w" * 65}).encode(),
      "mode: must be at most 64 characters"),
+    # taken by the parser, but its story replies failed to store it again (RecursionError)
+    ("route.confirmed", b'{"route_id": "r-deep", "mode": "walk", "x": ' + b"[" * 150 + b"]" * 150 + b"}",
+     "x: is nested deeper than 100 levels of arrays and objects"),
     # an id an operator reads in lists and logs: a direction mark reorders it, a separator breaks it
     ("route.confirmed", json.dumps({"route_id": "r-x11\u2028\u202e", "mode": "walk"}).encode(),
      "route_id: contains a control, format or line separator character (U+2028 at position 5)"),
