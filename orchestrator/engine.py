@@ -671,10 +671,13 @@ class Engine:
         i = INSTANCES.c
         with self.reading() as conn:
             if idem is not None:
-                row = conn.execute(select(i.id, i.fingerprint).where(
+                row = conn.execute(select(i.id, i.fingerprint, i.business_key).where(
                     i.type == cls.type, i.idempotency_key == idem)).first()
                 if row is not None:
-                    if fingerprint is not None and row.fingerprint not in (None, fingerprint):
+                    # a different input or business key is a different request (the key is
+                    # not in the fingerprint: a new key under a used header made no instance)
+                    if (fingerprint is not None and row.fingerprint not in (None, fingerprint)) \
+                            or row.business_key != key:
                         raise Conflict("Idempotency-Key was already used with a different request",
                                        field="Idempotency-Key", instance_id=row.id)
                     return row.id  # type: ignore[no-any-return]

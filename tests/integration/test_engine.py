@@ -1,6 +1,8 @@
 """The engine's guarantees through the generic API, with a test workflow (tests/engine_workflows.py)."""
 from __future__ import annotations
 
+import uuid
+
 import redis
 from conftest import REDIS, drained, wait_for
 
@@ -139,6 +141,16 @@ def test_idempotent_start_by_key_and_header(client):
     assert a.json["id"] == b.json["id"] and b.status_code == 200
     c = client.post("/saga/order", json={"input": {"n": 2}}, headers=h)
     assert c.status_code == 409 and c.json["field"] == "Idempotency-Key"
+    # the business key is part of the request: another key under a used header made no instance
+    h = {"Idempotency-Key": f"k-order-{uuid.uuid4().hex[:6]}"}
+    d = client.post("/saga", json={"type": "order", "key": "kC-" + h["Idempotency-Key"], "input": {}}, headers=h)
+    assert d.status_code == 201, d.json
+    for other in ({"key": "kD-" + h["Idempotency-Key"]}, {}):
+        e = client.post("/saga", json={"type": "order", **other, "input": {}}, headers=h)
+        assert e.status_code == 409 and e.json["field"] == "Idempotency-Key", e.json
+    assert client.get(f"/sagas?key=kD-{h['Idempotency-Key']}").json["total"] == 0
+    same = client.post("/saga", json={"type": "order", "key": "kC-" + h["Idempotency-Key"], "input": {}}, headers=h)
+    assert same.status_code == 200 and same.json["id"] == d.json["id"]
 
 
 def test_generic_api_errors(client):
