@@ -1358,13 +1358,17 @@ class Engine:
 
     # -- restart and cancel --------------------------------------------------------------------
     def restart(self, instance_id: str, step: str, actor: str = "api",
-                within: Callable[[UnitOfWork], None] | None = None, running: bool = False) -> dict[str, Any]:
+                within: Callable[[UnitOfWork], None] | None = None,
+                running_after: timedelta | None = None) -> dict[str, Any]:
         """Restart a failed (or cancelled) step. Raises NotFound, InvalidInput on `step`, Conflict
         (409) unless the step failed. `within` runs in the same transaction (see `signal`).
 
-        `running`: a step still running (an external step whose replies were lost) is first
-        failed as an abandoned attempt, then restarted, in one transaction; an external step's
-        items that completed are kept, the others are requested again under the next attempt."""
+        `running_after`: a step still running (an external step whose replies were lost) whose
+        attempt was queued at least that long ago is first failed as an abandoned attempt, then
+        restarted, in one transaction; an external step's items that completed are kept, the
+        others are requested again under the next attempt. A younger running attempt is a 409:
+        checked under the instance's lock, so restarts sent together (a double click, a retrying
+        client) restart once instead of abandoning each other's attempts."""
         with self.unit_of_work() as uow:
             inst = uow.lock(instance_id)
             cls = self.workflow_class(inst.type)
@@ -1372,7 +1376,15 @@ class Engine:
                 raise InvalidInput("step", f"unknown step '{step}'; steps: "
                                    + ", ".join(s.name for s in cls.step_table().values()))
             run = uow.step_run(instance_id, step)
-            if running and run is not None and run.status in ACTIVE:
+            if running_after is not None and run is not None and run.status in ACTIVE:
+                since = run.queued_at or run.started_at
+                if since is not None and since.tzinfo is None:  # SQLite hands back naive UTC
+                    since = since.replace(tzinfo=timezone.utc)
+                waited = utcnow() - since if since is not None else running_after
+                if waited < running_after:
+                    raise Conflict(f"step '{step}' attempt {run.attempt} was queued {waited.total_seconds():.0f}s ago "
+                                   f"and still runs; a running attempt can be restarted once it has run "
+                                   f"{running_after.total_seconds():g}s", state=inst.state, step_status=run.status)
                 self._fail_step(uow, inst, cls, run, f"attempt {run.attempt} abandoned by a restart")
             if run is None or run.status not in (StepStatus.FAILED.value, StepStatus.CANCELLED.value):
                 raise Conflict(f"step '{step}' is {run.status if run else 'not started'}; only a failed "

@@ -437,7 +437,8 @@ def restart_step(engine: Any, route_id: str, step: str | None, actor: str = "api
     # While the step still waits (its request or replies lost), the running attempt is abandoned
     # and its requests are sent again: for tts_batch only the stories without a tts.completed (a
     # late reply to the old attempt is stale); for story_generate the story.generate.
-    return engine.restart(instance_id, step, actor=actor, running=True)
+    after = timedelta(seconds=RouteSettings.from_settings(engine.settings).restart_running_after_seconds)
+    return engine.restart(instance_id, step, actor=actor, running_after=after)
 
 
 #: The steps POST /workflows/<route_id>/restart restarts, and the states it may do so in.

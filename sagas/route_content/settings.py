@@ -24,3 +24,7 @@ class RouteSettings(AreaSettings):
     #: how long one attempt of the story_generate step waits for its story.generate.completed;
     #: then the attempt fails as timed out (the route goes to story_failed) and can be restarted
     story_timeout_seconds: Annotated[float, Field(ge=0.1)] = 600.0
+    #: how long an attempt of tts_batch or story_generate must have waited before
+    #: POST /workflows/<route_id>/restart abandons it (its replies taken for lost); a restart of
+    #: a younger attempt is a 409, so restarts sent together restart once
+    restart_running_after_seconds: Annotated[float, Field(ge=0)] = 30.0

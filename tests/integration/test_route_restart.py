@@ -53,3 +53,27 @@ def test_a_restarted_tts_batch_shows_its_own_start(client, rt):
     assert tts["attempt"] == 2 and tts["status"] == "pending" and tts.get("finished_at") is None
     assert datetime.fromisoformat(tts["started_at"]) >= restarted_at > first_start, (tts, first_start)
     assert client.get(f"/workflows/{route_id}").json["steps"]["tts_batch"] == tts
+
+
+def test_restarts_sent_together_restart_once(app, rt):
+    """A waiting attempt is abandoned by a restart only once it has waited
+    ROUTE_RESTART_RUNNING_AFTER_SECONDS (30 s): twenty restarts of a failed batch sent together
+    made twenty attempts, each abandoning the one before, and re-requested its stories each time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    route_id = f"r-{uuid.uuid4().hex[:8]}"
+    _route_in_synthesis(rt.engine, route_id)
+    tts_reply(rt, route_id, 1, "completed")
+    tts_reply(rt, route_id, 2, "failed")
+    assert app.test_client().get(f"/workflows/{route_id}").json["status"] == "failed"
+
+    def restart(_):
+        return app.test_client().post(f"/workflows/{route_id}/restart?step=tts_batch")
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(restart, range(20)))
+    assert sorted(r.status_code for r in answers) == [200] + [409] * 19, [r.json for r in answers]
+    refused = next(r.json for r in answers if r.status_code == 409)
+    assert refused["message"].startswith("step 'tts_batch' attempt 2 was queued "), refused
+    assert refused["message"].endswith("a running attempt can be restarted once it has run 30s"), refused
+    assert app.test_client().get(f"/workflows/{route_id}").json["steps"]["tts_batch"]["attempt"] == 2

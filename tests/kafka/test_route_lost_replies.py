@@ -67,6 +67,7 @@ def routes(env: dict[str, str], broker: Any, tts: ForgetfulTTS | None = None,
     from orchestrator.config import load_settings
     from web import create_app
 
+    extra.setdefault("ROUTE_RESTART_RUNNING_AFTER_SECONDS", "0")  # these restart waiting attempts at once
     with fresh_database() as url:
         kenv = {**env, "DATABASE_URL": url, "KAFKA_BROKERS": broker.bootstrap,
                 "CONSUMER_GROUP": f"orch-{uuid.uuid4().hex[:6]}",
