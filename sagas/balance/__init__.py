@@ -223,7 +223,8 @@ def check_submission(payload: dict[str, Any], instance: Any) -> dict[str, Any]:
     chain = instance.context["input"]["dependencies"]
     step = sub.step.strip().lower()
     if step not in CATALOG:
-        raise InvalidInput("step", "is required: the dependency the input is for, one of "
+        named = f"unknown dependency '{json.dumps(sub.step[:80])[1:-1]}'" if step else "is required"
+        raise InvalidInput("step", f"{named}: the dependency the input is for, one of "
                            + ", ".join(d.upper() for d in chain))
     if step not in chain:
         raise InvalidInput("step", f"'{step.upper()}' is not in this saga's chain: "

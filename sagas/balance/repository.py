@@ -167,6 +167,8 @@ def geometries(repo: Repository, project: str, ref: str | None = None) -> list[d
     info = repo.project(project)
     found = repo.read_file(project, GEOMETRIES_MANIFEST, ref or info.default_branch)
     if isinstance(found, FileMissing):
+        if ref is not None and repo.branch_head(project, ref) is None:  # the ref is at fault, not the file
+            raise NotFound(f"no branch '{ref}' in {info.path}", field="ref")
         raise NotFound(f"{GEOMETRIES_MANIFEST} not found at ref '{found.ref}'", field=GEOMETRIES_MANIFEST)
     return validate_manifest(found.json())
 

@@ -73,8 +73,9 @@ def parse_callback(raw: Any, max_bytes: int | None = None) -> dict[str, Any]:
     if isinstance(raw, (bytes, str)):
         try:
             raw = loads(raw)
-        except NotJSON as exc:
-            raise Rejected("malformed", NESTED_TOO_DEEPLY if "nested" in str(exc) else "body: not JSON") from None
+        except NotJSON as exc:  # its field when it names one (a key given twice), else the body
+            raise Rejected("malformed", NESTED_TOO_DEEPLY if "nested" in str(exc) else
+                           f"{exc.field}: {exc.problem}" if exc.field else f"body: not JSON: {exc.problem}") from None
     if not isinstance(raw, dict):
         raise Rejected("malformed", "body: must be a JSON object")
     try:

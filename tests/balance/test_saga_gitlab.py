@@ -78,6 +78,10 @@ def test_input_for_a_saga_not_waiting_for_it_is_409(gitlab_stack):
                        ({"step": "CONDENSER", "content": {}, "x": 1}, "x")):
         r = submit(s, saga["saga_id"], bad)
         assert r.status_code == 400 and r.json()["field"] == field, (bad, r.text)
+    # a dependency that does not exist is named, not taken for a missing one
+    r = submit(s, saga["saga_id"], {"step": "NOPE", "use_hydrated": True})
+    assert r.json()["message"] == ("step: unknown dependency 'NOPE': the dependency the input is for, one of "
+                                   "CONDENSER, EVAPORATOR"), r.text
     # the saga's own events are not signals: the generic endpoint refuses them and nothing moves
     before = s.http("GET", f"/sagas/{saga['saga_id']}").json()
     for event, body in (("input_saved", {}), ("calculated", {"commit": "0" * 40}), ("finished", {"result": {}}),
@@ -253,6 +257,9 @@ def test_frontend_endpoints(gitlab_stack):
     r = s.http("GET", f"/geometries?project={project}")
     assert r.status_code == 200 and r.json()["geometries"][0]["id"] == "g1"
     assert s.http("GET", "/geometries").json()["field"] == "project"
+    # a branch that does not exist is named as the fault, not the manifest
+    r = s.http("GET", f"/geometries?project={project}&ref=no-such-branch")
+    assert r.status_code == 404 and r.json()["field"] == "ref", r.text
     bad = new_project(s, manifest={"geometries": [{"id": "g1", "name": "x"}]})
     r = s.http("GET", f"/geometries?project={bad}")
     assert r.status_code == 422 and r.json()["field"] == "geometries_manifest.json:geometries[0].file"

@@ -84,6 +84,9 @@ def test_callback_shape():
                                                                     "result")):
         with pytest.raises(Rejected, match=words):
             parse_callback(raw)
+    # a key given twice is named as such (it was "body: not JSON")
+    with pytest.raises(Rejected, match="^malformed: seq: appears twice in an object$"):
+        parse_callback('{"session_id": "s", "task_id": "t", "seq": 1, "seq": 2, "type": "chunk", "result": 1}')
 
 
 def test_after_seq_and_settings():
