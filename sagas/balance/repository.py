@@ -358,7 +358,8 @@ def check_repository_path(path: Any, field: str) -> str:
 
     Relative (no leading slash), segments joined by single slashes (no empty segment, no
     trailing slash), no `.` or `..` segment, no `.git` segment at any depth (in any case: git
-    refuses them), no backslash or control character, at most MAX_SEGMENT_BYTES bytes a segment
+    refuses them), no backslash, control, format or line separator character (`hidden_character`),
+    at most MAX_SEGMENT_BYTES bytes a segment
     and MAX_PATH_CHARS characters in all. InvalidInput (400) naming `field` otherwise.
     """
     if not isinstance(path, str) or not path.strip():
@@ -377,6 +378,10 @@ def check_repository_path(path: Any, field: str) -> str:
         raise bad("it names a directory (trailing '/')")
     if "\\" in path or _CONTROL.search(path):
         raise bad("backslashes and control characters are not allowed")
+    hidden = hidden_character(path)
+    if hidden is not None:  # as for a branch name: `a\u202eb.json` is listed as another name
+        raise bad(f"a control or format character (U+{ord(path[hidden]):04X} at position {hidden}) would "
+                  "hide what the name says")
     for segment in path.split("/"):
         if segment == "":
             raise bad("empty segment ('//')")

@@ -20,7 +20,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
 BACKENDS = ["local_stack", "gitlab_stack"]
 BAD_FILE_PATHS = [".git/config", "a//b.json", "./c.json", "dir/", "a/.git/x", "A/.GIT/hooks/pre-commit",
-                  "/etc/passwd", "a\\b.json", "in/../../x.json", "tab\tname.json", "x" * 256 + ".json"]
+                  "/etc/passwd", "a\\b.json", "in/../../x.json", "tab\tname.json", "x" * 256 + ".json",
+                  # listed as another name: a direction mark reorders it, a separator breaks it
+                  "in/pump\u202enosj.json", "in/a\u2028b.json", "in/\u200bpump.json"]
 
 
 def calculation(project: str, **overrides):
