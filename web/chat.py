@@ -24,7 +24,7 @@ from sagas.chat import live as chat_live
 from sagas.chat import ChatInit, ChatMessage, validate_message, validate_session_request
 from sagas.chat.store import bad_after_seq
 
-from . import actor, health, json_body, query, runtime
+from . import actor, health, json_body, query, runtime, streams
 from .openapi import doc
 from .schemas import (BasicHealth, ChatPaging, DetailedHealth, EventsQuery, IdempotencyHeader, SessionCreated,
                       SessionDeleted, SessionStatus, TaskPage, TaskQueued, TaskView)
@@ -40,6 +40,7 @@ CLOSE_BAD_REQUEST = 4400
 CLOSE_NOT_FOUND = 4404
 CLOSE_DELETED = 4410
 CLOSE_TOO_BIG = 1009  # RFC 6455: message too big
+CLOSE_TRY_AGAIN_LATER = 1013  # IANA's registry: the server is overloaded (web.streams)
 #: A client frame (its UTF-8 text) above this is refused: an error frame, then close 1009.
 MAX_CLIENT_FRAME = 64 * 1024
 #: simple-websocket's own cap, a backstop against memory use: the socket library reads a message
@@ -190,6 +191,19 @@ def _client_frame(raw: Any, cursor: StreamCursor, send: Callable[[dict[str, Any]
 
 @sock.route("/ws/chat/<session_id>", bp=bp)
 def chat_socket(ws: Server, session_id: str) -> None:
+    try:
+        release = streams.open_stream()
+    except streams.TooManyStreams as exc:
+        ws.send(json.dumps(error_frame("busy", exc.message)))
+        ws.close(CLOSE_TRY_AGAIN_LATER, "too many open streams; try again later")
+        return
+    try:
+        _chat_socket(ws, session_id)
+    finally:
+        release()
+
+
+def _chat_socket(ws: Server, session_id: str) -> None:
     lock = threading.Lock()
 
     def send(f: dict[str, Any]) -> None:
@@ -244,7 +258,7 @@ def chat_socket(ws: Server, session_id: str) -> None:
 
 
 @bp.get("/api/v1/chat/<session_id>/events")
-@doc(None, errors=(400, 404), query=EventsQuery, tags=CHAT)
+@doc(None, errors=(400, 404, 503), query=EventsQuery, tags=CHAT)
 def chat_events(session_id: str) -> Any:
     """Server-sent events: the same frames as the WebSocket, for clients that cannot open one.
     Resumes from `after_seq` or the Last-Event-ID header."""
@@ -253,6 +267,7 @@ def chat_events(session_id: str) -> Any:
     else:
         after = bad_after_seq(request.headers.get("Last-Event-ID", 0), "Last-Event-ID")
     chat_live.store().session(session_id)  # 404 before the stream starts
+    release = streams.open_stream()  # 503 when this worker's stream threads are all taken
 
     def generate() -> Iterator[str]:
         out: queue.Queue[dict[str, Any]] = queue.Queue()
@@ -281,8 +296,10 @@ def chat_events(session_id: str) -> Any:
             for q in attached:
                 q.put(("closed", None))
 
-    return Response(stream_with_context(generate()), mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    response = Response(stream_with_context(generate()), mimetype="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    response.call_on_close(release)  # the server closes every answer, started or not
+    return response
 
 
 # -- page and health ---------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from gunicorn.http.unreader import SocketUnreader
 from gunicorn.workers.gthread import TConn
 from gunicorn.workers.gthread import ThreadWorker as _GunicornThreadWorker
 
+from . import streams
 from .settings import HttpSettings
 
 
@@ -111,6 +112,10 @@ class ThreadWorker(_GunicornThreadWorker):  # type: ignore[misc]
     thread, then on the poller until the keep-alive timeout, as idle kept-alive connections do."""
 
     read_timeout: float = HttpSettings.model_fields["read_timeout_seconds"].default
+
+    def init_process(self) -> None:
+        streams.bound(self.cfg.threads)  # some threads stay free of chat streams (web.streams)
+        super().init_process()
 
     def accept(self, listener: Any) -> None:
         # gunicorn's accept, with a TimedConn for the connection

@@ -28,7 +28,8 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
     files = embedded(tmp_path_factory.mktemp("slow-clients"))
     upgrade(files["DATABASE_URL"])
     base = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY_", "DATABASE_", "POSTGRES_", "API_"))}
-    env = {**base, **FAST, **files, "API_THREADS": str(THREADS), "API_READ_TIMEOUT_SECONDS": str(READ_TIMEOUT)}
+    env = {**base, **FAST, **files, "API_THREADS": str(THREADS), "API_READ_TIMEOUT_SECONDS": str(READ_TIMEOUT),
+           "CHAT_HEARTBEAT_SECONDS": "0.5"}  # a stream learns soon that its client left
     yield from serve_api("slow-clients-api", env)
 
 
@@ -99,3 +100,44 @@ def test_a_slow_body_that_keeps_coming_is_served(api):
         s.sendall(payload[i:i + 25])
     status, body = answer(s, within=10)
     assert status is not None and status != 408, (status, body)
+
+
+def test_open_streams_leave_threads_for_other_requests(api):
+    """A chat event stream or WebSocket holds a thread while it is open: as many as the API has
+    threads kept it from answering anything else (70 of them, /healthz too, for as long as they
+    stayed). At most 3/4 of the threads serve streams (1 of 2 here); one more is a 503 with
+    Retry-After, or a WebSocket closed with 1013, and its place is free again when it closes."""
+    import struct
+
+    import websocket
+
+    base = f"http://{api[0]}:{api[1]}"
+    session = requests.post(f"{base}/api/v1/chat/init", json={}, timeout=10).json()["session_id"]
+    events = f"{base}/api/v1/chat/{session}/events"
+    first = requests.get(events, stream=True, timeout=10)
+    try:
+        assert first.status_code == 200, first.text
+        refused = requests.get(events, stream=True, timeout=10)
+        assert refused.status_code == 503 and refused.headers["Retry-After"] == "5", refused.text
+        assert refused.json()["error"] == "unavailable" and refused.json()["dependency"] == "streams"
+        assert requests.get(f"{base}/healthz", timeout=5).status_code == 200  # a thread was left for it
+        ws = websocket.create_connection(f"ws://{api[0]}:{api[1]}/ws/chat/{session}", timeout=10)
+        try:
+            opcode, frame = ws.recv_data_frame(True)
+            assert opcode == websocket.ABNF.OPCODE_TEXT and json.loads(frame.data)["type"] == "error"
+            assert json.loads(frame.data)["data"]["code"] == "busy", frame.data
+            opcode, frame = ws.recv_data_frame(True)
+            assert opcode == websocket.ABNF.OPCODE_CLOSE and struct.unpack("!H", frame.data[:2])[0] == 1013
+        finally:
+            ws.close()
+    finally:
+        first.close()
+
+    def reopened() -> bool:
+        r = requests.get(events, stream=True, timeout=10)
+        r.close()
+        return r.status_code == 200
+
+    from conftest import wait_for
+
+    wait_for(reopened, timeout=15, interval=0.5, what="the closed stream's place to be free again")
