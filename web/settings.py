@@ -19,4 +19,5 @@ class HttpSettings(AreaSettings):
     max_body_bytes: Annotated[int, Field(ge=1024)] = 1024 * 1024
     #: how long the API waits for the next bytes of a request (its request line, headers or body)
     #: before it answers 408 and closes the connection: a client that stalls must not hold a thread
-    read_timeout_seconds: PositiveSeconds = 30.0
+    #: (until then it does: 70 stalled bodies kept the API from answering for 30 s, the old default)
+    read_timeout_seconds: PositiveSeconds = 10.0
