@@ -245,14 +245,17 @@ def hidden_character(text: str) -> int | None:
 
 
 def identifier_problem(text: str) -> str | None:
-    """Why `text` cannot be an identifier (a route id, a business key), or None: blank, or a
-    control, format or line separator character inside (named with its code point and position)."""
+    """Why `text` cannot be an identifier (a route id, a business key), or None: blank, a
+    control, format or line separator character inside (named with its code point and position),
+    or whitespace around it (`" r-42"` and `"r-42"` would be two ids that read the same)."""
     if is_blank(text):
         return "must not be empty"
     bad = hidden_character(text)
-    if bad is None:
-        return None
-    return f"contains a control, format or line separator character (U+{ord(text[bad]):04X} at position {bad})"
+    if bad is not None:
+        return f"contains a control, format or line separator character (U+{ord(text[bad]):04X} at position {bad})"
+    if text != text.strip():
+        return "must not begin or end with whitespace"
+    return None
 
 
 def _nonblank(value: str) -> str:

@@ -142,6 +142,13 @@ def test_a_task_message_of_only_invisible_characters_is_empty(client, message):
     assert client.get(f"/api/v1/chat/{session}/tasks").json["total"] == 0
 
 
+@pytest.mark.parametrize("key", [" padded ", "k-1 ", "\u00a0k-2"])
+def test_a_business_key_with_whitespace_around_it_is_a_400(client, key):
+    """`" padded "` was stored with its spaces: a second id that reads as `padded`."""
+    r = client.post("/saga/order", json={"key": key, "input": {"parcels": []}})
+    assert r.status_code == 400 and r.json["message"] == "key: must not begin or end with whitespace", r.json
+
+
 @pytest.mark.parametrize("key, code", [("k-1\u202e", "U+202E at position 3"), ("k\u2028x", "U+2028 at position 1"),
                                        ("k\x07", "U+0007 at position 1"), ("\u200fk", "U+200F at position 0")])
 def test_a_business_key_with_a_control_or_direction_character_is_a_400(client, key, code):

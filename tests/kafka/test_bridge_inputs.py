@@ -46,6 +46,8 @@ def completed_route(kclient, kafka, route_id):
     ("route.confirmed", json.dumps({"route_id": 12345, "mode": "walk"}).encode(),
      "route_id: must be a string, got integer"),
     ("route.confirmed", json.dumps({"route_id": "", "mode": "walk"}).encode(), "route_id: must not be empty"),
+    ("route.confirmed", json.dumps({"route_id": " r-padded ", "mode": "walk"}).encode(),
+     "route_id: must not begin or end with whitespace"),
     ("route.confirmed", json.dumps({"route_id": "r-long-mode", "mode": "w" * 65}).encode(),
      "mode: must be at most 64 characters"),
     # taken by the parser, but its story replies failed to store it again (RecursionError)
