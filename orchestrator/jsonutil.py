@@ -160,10 +160,10 @@ def unstorable(value: Any, path: str = "") -> tuple[str, str] | None:
     stack: list[tuple[str, Any, int]] = [(path, value, 0)]
     while stack:  # a loop, not recursion: a deeply nested body cannot exhaust the stack
         where, item, depth = stack.pop()
-        if depth > MAX_DEPTH:
-            top = where[len(path) + 1:] if path else where
-            top = (f"{path}." if path else "") + top.split(".", 1)[0] if top else (path or "body")
-            return top, f"is nested deeper than {MAX_DEPTH} levels of arrays and objects"
+        if depth > MAX_DEPTH:  # named by the field of `value` that holds it, not its 100-step path
+            inner = where[len(path) + 1:] if path else where
+            field = ".".join(part for part in (path, inner.split(".", 1)[0]) if part) or "body"
+            return field, f"is nested deeper than {MAX_DEPTH} levels of arrays and objects"
         if isinstance(item, str):
             problem = _text_problem(item)
             if problem:

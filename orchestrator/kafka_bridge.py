@@ -232,7 +232,7 @@ def _correlation_problem(msg: Any) -> str | None:
         text = raw.decode()
     except UnicodeDecodeError:
         return "is not valid UTF-8"
-    return None if is_blank(text) else identifier_problem(text)
+    return None if is_blank(text) else identifier_problem(text.strip())  # stripped when taken
 
 
 def _headers(msg: Any) -> dict[str, str]:

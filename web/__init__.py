@@ -202,7 +202,8 @@ def check_request_text() -> None:
         if name == "Idempotency-Key" and (is_blank(text) or len(text) > MAX_IDEMPOTENCY_KEY):
             raise InvalidInput(name, "must not be empty" if is_blank(text) else
                                f"must be at most {MAX_IDEMPOTENCY_KEY} characters, got {len(text)}")
-        if name in IDENTIFIER_HEADERS and not is_blank(text) and (found := identifier_problem(text)):
+        # surrounding whitespace is not part of a header's value (RFC 9110)
+        if name in IDENTIFIER_HEADERS and not is_blank(text) and (found := identifier_problem(text.strip())):
             raise InvalidInput(name, found)
         request.environ["HTTP_" + name.upper().replace("-", "_")] = text
 
