@@ -392,12 +392,33 @@ class Bridge:
             self._drain()
             if self._committer is not None:
                 self._committer.shutdown()
-            self.commit(wait=True)
-            self.consumer.close()  # leaves the group: the partitions go to the others now
+            self._leave()
             self.dlq.flush(10)
             log.info("bridge stopped after %d events", self.handled)
         if self._error is not None:
             raise self._error
+
+    def _leave(self, timeout: float = 10.0) -> None:
+        """Commit the last offsets and leave the group (the partitions go to the others at
+        once), for at most `timeout` seconds: with no broker answering, librdkafka's close waits
+        up to its socket timeout (a bridge waiting for a broker gone for an hour took 60 s to
+        stop after SIGTERM). Past it, the offsets stay uncommitted: the events are redelivered
+        and de-duplicated, and the group drops this member after its session timeout."""
+        done = threading.Event()
+
+        def leave() -> None:
+            try:
+                self.commit(wait=True)
+                self.consumer.close()
+            except Exception as exc:  # noqa: BLE001 - stopping either way
+                log.warning("leaving the consumer group failed: %s", exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=leave, daemon=True, name="kafka-leave").start()
+        if not done.wait(timeout):
+            log.warning("the Kafka broker did not answer within %gs: stopping without committing the last "
+                        "offsets (their events are redelivered and de-duplicated)", timeout)
 
     def commit(self, wait: bool = False) -> None:
         """Commit the offsets after the handled events: after every batch, on revoke and at

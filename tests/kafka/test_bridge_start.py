@@ -63,3 +63,42 @@ def test_bridge_resumes_when_its_broker_comes_back(kclient, kenv, tmp_path):
     finally:
         bridge.stop()
         broker.stop()
+
+
+@pytest.mark.parametrize("gone", ["after an event", "before its partitions were assigned"])
+def test_bridge_stops_on_sigterm_while_its_broker_is_gone(kclient, kenv, tmp_path, gone):
+    """SIGTERM while the broker is gone: the bridge stops (exit 0) within its bounded leave of
+    the group, its last offsets uncommitted at worst (their events are redelivered and
+    de-duplicated). librdkafka's consumer close waits up to its socket timeout for a broker to
+    answer: a bridge that had waited an hour for its broker took 60 s to stop."""
+    import signal
+    import time
+
+    from .conftest import Kafka
+
+    broker = BundledBroker(port=free_port(), log_path=tmp_path / "tansu.log").start()
+    env = {**kenv, "KAFKA_BROKERS": broker.bootstrap, "CONSUMER_GROUP": f"gone-{uuid.uuid4().hex[:6]}",
+           "LOG_LEVEL": "INFO"}
+    bridge = Process("bridge-broker-gone", ["bridge"], env).start()
+    try:
+        if gone == "after an event":
+            wait_for(lambda: "assigned" in bridge.output(), timeout=60, what="the bridge joining its group")
+            route_id = f"r-{uuid.uuid4().hex[:8]}"
+            Kafka(broker.bootstrap).send("route.confirmed", {"route_id": route_id, "mode": "walking"}, key=route_id)
+            wait_for(lambda: kclient.get(f"/workflows/{route_id}").status_code == 200, timeout=60, what="the event")
+            broker.stop()
+            wait_for(lambda: "waiting for the Kafka broker" in bridge.output(), timeout=60,
+                     what="the bridge noticing its broker is gone")
+        else:  # killed while the group is forming
+            wait_for(lambda: "bridge in group" in bridge.output(), timeout=60, what="the bridge subscribing")
+            broker.proc.kill()
+            wait_for(lambda: "brokers are down" in bridge.output(), timeout=60,
+                     what="the bridge noticing its broker is gone")
+        sent = time.monotonic()
+        bridge.proc.send_signal(signal.SIGTERM)
+        assert bridge.proc.wait(40) == 0, bridge.output()[-3000:]
+        assert time.monotonic() - sent < 30
+        assert "bridge stopped after" in bridge.output()
+    finally:
+        bridge.kill()
+        broker.stop()
