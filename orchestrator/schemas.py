@@ -247,7 +247,8 @@ def hidden_character(text: str) -> int | None:
 def identifier_problem(text: str) -> str | None:
     """Why `text` cannot be an identifier (a route id, a business key), or None: blank, a
     control, format or line separator character inside (named with its code point and position),
-    or whitespace around it (`" r-42"` and `"r-42"` would be two ids that read the same)."""
+    or whitespace around it, or a character not in Unicode's composed form NFC (`" r-42"` and
+    `"r-42"`, `"cle\u0301"` and `"clé"`, would be two ids that read the same)."""
     if is_blank(text):
         return "must not be empty"
     bad = hidden_character(text)
@@ -255,6 +256,10 @@ def identifier_problem(text: str) -> str | None:
         return f"contains a control, format or line separator character (U+{ord(text[bad]):04X} at position {bad})"
     if text != text.strip():
         return "must not begin or end with whitespace"
+    if not text.isascii() and not unicodedata.is_normalized("NFC", text):
+        composed = unicodedata.normalize("NFC", text)
+        at = next((i for i, (a, b) in enumerate(zip(text, composed)) if a != b), min(len(text), len(composed)))
+        return f"must be in Unicode's composed form (NFC, here {composed[:40]!r}): it differs at position {at}"
     return None
 
 

@@ -142,6 +142,14 @@ def test_a_task_message_of_only_invisible_characters_is_empty(client, message):
     assert client.get(f"/api/v1/chat/{session}/tasks").json["total"] == 0
 
 
+def test_a_business_key_not_in_composed_form_is_a_400(client):
+    """`cle\u0301` (e + a combining accent) and `clé` read the same but were two instances."""
+    assert client.post("/saga/order", json={"key": "cl\u00e9-k", "input": {"parcels": []}}).status_code == 201
+    r = client.post("/saga/order", json={"key": "cle\u0301-k", "input": {"parcels": []}})
+    assert r.status_code == 400 and r.json["message"] == (
+        "key: must be in Unicode's composed form (NFC, here 'cl\u00e9-k'): it differs at position 2"), r.json
+
+
 @pytest.mark.parametrize("key", [" padded ", "k-1 ", "\u00a0k-2"])
 def test_a_business_key_with_whitespace_around_it_is_a_400(client, key):
     """`" padded "` was stored with its spaces: a second id that reads as `padded`."""
