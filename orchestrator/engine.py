@@ -664,7 +664,10 @@ class Engine:
     def _find_existing(self, cls: type[Workflow], key: str | None, idem: str | None,
                        fingerprint: str | None) -> str | None:
         reuse = cls.reuse_within(self.settings)
-        if reuse is None or fingerprint is None or not cls.success_states:
+        # A request that names itself (a business key, an Idempotency-Key) is not answered from
+        # the result cache: the cached instance holds neither, so a new key was dropped (a 200
+        # with `key: null`) and a header used on a cache hit was not seen as used afterwards.
+        if reuse is None or fingerprint is None or not cls.success_states or key is not None or idem is not None:
             reuse = None
             if idem is None and key is None:
                 return None

@@ -204,6 +204,16 @@ def test_idempotency_key_and_cache(client, worker, sweeper):
     assert again["overall_progress"] == 100.0
     # different options are a different request
     assert client.post("/pipeline", json={**body, "isolate_vocals": True}).json["job_id"] != a["job_id"]
+    # a request that names itself is not answered from the cache: its header is then known as used
+    # (the cached job held another, so the same header with another URL made a new job)
+    named = {"Idempotency-Key": f"k-{uuid.uuid4().hex}"}
+    fresh = client.post("/pipeline", json=body, headers=named).json
+    assert fresh["job_id"] != a["job_id"]
+    reused = client.post("/pipeline", json={"youtube_url": url()}, headers=named)
+    assert reused.status_code == 409 and reused.json["field"] == "Idempotency-Key", reused.json
+    # and a business key is kept (the cached job's key is null)
+    keyed = client.post("/saga", json={"type": "media", "key": f"k-{uuid.uuid4().hex[:8]}", "input": body})
+    assert keyed.status_code == 201 and keyed.json["id"] != a["job_id"] and keyed.json["key"], keyed.json
 
 
 def test_fifty_concurrent_pipelines(client, app, worker, sweeper):
