@@ -15,7 +15,9 @@ bp = Blueprint("routes", __name__)
 TAGS = ("route content",)
 
 
-@bp.get("/workflows/<route_id>")
+# `path:`: a route id is the producer's and may hold "/" (`city/r-42`), which a plain
+# converter refused: such a route was started but its endpoints answered 404
+@bp.get("/workflows/<path:route_id>")
 @doc(RouteWorkflow, errors=(400, 404), tags=TAGS)
 def get_route_workflow(route_id: str) -> Any:
     """A route's content workflow: status, mode, steps and stories."""
@@ -23,7 +25,7 @@ def get_route_workflow(route_id: str) -> Any:
     return route_view(engine.snapshot(RouteContent.find(engine, route_id), history=False))
 
 
-@bp.post("/workflows/<route_id>/restart")
+@bp.post("/workflows/<path:route_id>/restart")
 @doc(RouteWorkflow, errors=(400, 404, 409), query=StepQuery, tags=TAGS)
 def restart_route_step(route_id: str) -> Any:
     """Reset tts_batch to pending, bump its attempt, re-request the stories not completed

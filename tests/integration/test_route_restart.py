@@ -77,3 +77,20 @@ def test_restarts_sent_together_restart_once(app, rt):
     assert refused["message"].startswith("step 'tts_batch' attempt 2 was queued "), refused
     assert refused["message"].endswith("a running attempt can be restarted once it has run 30s"), refused
     assert app.test_client().get(f"/workflows/{route_id}").json["steps"]["tts_batch"]["attempt"] == 2
+
+
+def test_a_route_id_with_a_slash_is_reached_by_its_endpoints(client, rt):
+    """A route id is the producer's and may hold "/": such a route was started, but its
+    endpoints answered Flask's own 404, since the URL's plain converter stops at a slash."""
+    from urllib.parse import quote
+
+    route_id = f"city/r-{uuid.uuid4().hex[:8]}"
+    _route_in_synthesis(rt.engine, route_id)
+    tts_reply(rt, route_id, 1, "completed")
+    tts_reply(rt, route_id, 2, "failed")
+    for path in (route_id, quote(route_id, safe="")):  # as typed, and percent-encoded
+        r = client.get(f"/workflows/{path}")
+        assert r.status_code == 200 and r.json["route_id"] == route_id, r.json
+    r = client.post(f"/workflows/{quote(route_id, safe='')}/restart?step=tts_batch")
+    assert r.status_code == 200 and r.json["steps"]["tts_batch"]["attempt"] == 2, r.json
+    assert client.get(f"/workflows/{route_id}/nothing").json["message"] == f"unknown route_id '{route_id}/nothing'"
