@@ -234,8 +234,10 @@ def _act(engine: Engine, job: Any, instance_id: str) -> bool:
         outcome, error = SKIPPED, str(exc)  # no longer eligible: re-checked under the instance's lock
     except InvalidInput as exc:
         # Not this instance's step or signal (a filter spanning types): skipped; a payload its
-        # signal check refuses: failed.
-        outcome, error = (SKIPPED if exc.field in ("step", "event") else FAILED), str(exc)
+        # signal check refuses: failed, even when the payload's field is called `step` too (the
+        # balance saga's submit_input), which a check on the field's name alone counted skipped.
+        own = "step" if job.action == "restart" else "event" if job.action == "event" else None
+        outcome, error = (SKIPPED if exc.field == own else FAILED), str(exc)
     except DBAPIError:
         raise  # the database is down: the sweeper tries again later, the item stays pending
     except Exception as exc:  # noqa: BLE001 - one instance's fault must not stop the others

@@ -193,3 +193,22 @@ def test_bulk_event_signals_each_waiting_instance_once_and_skips_one_that_moved_
         assert by_bulk == [("approve", "awaiting_approval", "shipping")], snap["history"]
     snap = client.get(f"/sagas/{last}").json
     assert snap["state"] == "cancelled" and not any(h["actor"] == actor for h in snap["history"])
+
+
+def test_a_payload_the_signal_check_refuses_is_failed_even_on_a_field_called_step(client, worker, sweeper):
+    """The bulk run told "not this instance's step" (skipped) from a refused payload (failed) by
+    the field's name alone: a payload field called `step` (as the balance saga's submit_input
+    has) was counted skipped, as if the filter had matched the wrong instances."""
+    since = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")
+    ids = [client.post("/saga", json={"type": "order", "input": {"limit": 50, "parcels": [{"id": f"q{n}"}]}}).json["id"]
+           for n in range(3)]
+    wait_for(lambda: all(client.get(f"/sagas/{i}").json["state"] == "awaiting_approval" for i in ids), timeout=60,
+             what="every order to wait for its approval")
+    body = {"action": "event", "event": "approve", "payload": {"step": 5}, "rate_per_second": 20,
+            "filter": {"type": "order", "created_after": since}}
+    resp = client.post("/sagas/bulk", headers=ADMIN, json=body)
+    assert resp.status_code == 202 and resp.json["matched"] == 3, resp.json
+    final = wait_for(lambda: (lambda s: s if s["status"] == "completed" else None)(
+        bulk_status(client, resp.json["bulk_id"])), timeout=60, what="the bulk event to complete")
+    assert (final["done"], final["skipped"], final["failed"]) == (0, 0, 3), final
+    assert all(e["status"] == "failed" and "step: unknown field" in e["error"] for e in final["errors"]), final
