@@ -41,7 +41,7 @@ from orchestrator.config import Settings
 from pydantic import ConfigDict, Field
 
 from orchestrator.engine import ACCEPTED, DUPLICATE, STALE
-from orchestrator.errors import IllegalTransition, InvalidInput, NotFound
+from orchestrator.errors import Conflict, IllegalTransition, InvalidInput, NotFound
 from orchestrator.kafka_events import Ignored, KafkaEvent
 from orchestrator.models import utcnow
 from orchestrator.schemas import Event, Identifier, IdText, NonBlank, parse
@@ -438,7 +438,12 @@ def restart_step(engine: Any, route_id: str, step: str | None, actor: str = "api
     # and its requests are sent again: for tts_batch only the stories without a tts.completed (a
     # late reply to the old attempt is stale); for story_generate the story.generate.
     after = timedelta(seconds=RouteSettings.from_settings(engine.settings).restart_running_after_seconds)
-    return engine.restart(instance_id, step, actor=actor, running_after=after)
+    try:
+        return engine.restart(instance_id, step, actor=actor, running_after=after)
+    except Conflict as exc:  # an attempt too young to abandon: the same 409 body as the one above
+        now = (route_view(engine.snapshot(instance_id, history=False))["steps"].get(step) or {}).get("status")
+        raise IllegalTransition(instance_id, "restart", exc.details.get("state") or state, step=step,
+                                step_status=now, message=f"route {route_id}: {exc.message}") from None
 
 
 #: The steps POST /workflows/<route_id>/restart restarts, and the states it may do so in.

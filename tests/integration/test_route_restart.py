@@ -74,7 +74,10 @@ def test_restarts_sent_together_restart_once(app, rt):
         answers = list(pool.map(restart, range(20)))
     assert sorted(r.status_code for r in answers) == [200] + [409] * 19, [r.json for r in answers]
     refused = next(r.json for r in answers if r.status_code == 409)
-    assert refused["message"].startswith("step 'tts_batch' attempt 2 was queued "), refused
+    assert refused["message"].startswith(f"route {route_id}: step 'tts_batch' attempt 2 was queued "), refused
+    # the body of every refused route restart: the step in the route's terms
+    assert (refused["error"], refused["step"]) == ("illegal_transition", "tts_batch"), refused
+    assert refused["step_status"] in ("pending", "running"), refused  # as GET /workflows/<id> names it
     assert refused["message"].endswith("a running attempt can be restarted once it has run 30s"), refused
     assert app.test_client().get(f"/workflows/{route_id}").json["steps"]["tts_batch"]["attempt"] == 2
 
