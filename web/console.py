@@ -11,7 +11,8 @@ bulk operations: those need the ADMIN_TOKEN, which never reaches the browser; th
 
 Access: HTTP basic auth against CONSOLE_BASIC_AUTH (`user:password`). Unset, every console
 route answers 403 saying how to enable it (`orchestrator dev` sets `admin:admin`); a missing or
-wrong login is a 401 with `WWW-Authenticate: Basic`. The pages are not in /openapi.json (HTML,
+wrong login is a 401 with `WWW-Authenticate: Basic`; an action another site's page sends is a
+403 (`_same_origin`). The pages are not in /openapi.json (HTML,
 and the console's two JSON routes are its own, not the API's).
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from flask import Blueprint, Response, jsonify, render_template, request
 from markupsafe import Markup
 
 from orchestrator.diagram import render
-from orchestrator.errors import InvalidInput, NotFound, OrchestratorError, Unauthorized
+from orchestrator.errors import Forbidden, InvalidInput, NotFound, OrchestratorError, Unauthorized
 from orchestrator.models import ACTIVE_STEP_STATUSES, StepStatus
 from orchestrator.workflow import INSTANCE_STATUSES
 
@@ -65,7 +66,23 @@ def _login() -> Any:
     given_password = (auth.password or "") if auth and auth.type == "basic" else ""
     if given_user is None or not (same_secret(given_user, user) & same_secret(given_password, password)):
         raise Unauthorized("log in to the operator console", CONSOLE_CHALLENGE, field=CONSOLE_HEADER)
+    if request.method not in ("GET", "HEAD", "OPTIONS"):
+        _same_origin()
     return None
+
+
+def _same_origin() -> None:
+    """403 for an action sent by another site's page: a browser sends the console's basic-auth
+    login with any request to it, so a form elsewhere could post to /ui/bulk/<id>/cancel. A
+    browser names the sending page's origin (`Origin`) and how it relates (`Sec-Fetch-Site`);
+    the console's own pages are same-origin; a client that is not a browser sends neither."""
+    from urllib.parse import urlsplit
+
+    origin = request.headers.get("Origin")
+    site = request.headers.get("Sec-Fetch-Site")
+    if (origin is not None and urlsplit(origin).netloc != request.host) or site not in (None, "same-origin", "none"):
+        raise Forbidden(f"Origin: a console action must come from the console's own pages; refused a request "
+                        f"sent by {origin or site!r}", field="Origin")
 
 
 @bp.errorhandler(OrchestratorError)

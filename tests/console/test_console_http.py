@@ -206,3 +206,22 @@ def test_bulk_from_the_console_needs_no_admin_token_and_checks_its_input(on):
     assert unfiltered.status_code == 400 and unfiltered.json["field"] == "filter", unfiltered.json
     assert unfiltered.json["problem"] == "is required", unfiltered.json
     assert on.get("/ui/bulk/nope", headers=basic(LOGIN)).status_code in (400, 404)
+
+
+@pytest.mark.parametrize("sent_by", [{"Origin": "http://evil.example"}, {"Sec-Fetch-Site": "cross-site"},
+                                     {"Origin": "null"}])
+def test_an_action_sent_by_another_site_is_refused(on, sent_by):
+    """A browser sends the console's basic-auth login with any request to it: a form on another
+    site cancelled a bulk run (`/ui/bulk/<id>/cancel` takes no body to be checked)."""
+    run = on.post("/ui/bulk/run", headers=basic(LOGIN), json={"action": "cancel", "filter": {"type": "media",
+                                                                                             "key": "nothing-k"}})
+    assert run.status_code == 202, run.json
+    bulk_id = run.json["bulk_id"]
+    r = on.post(f"/ui/bulk/{bulk_id}/cancel", headers={**basic(LOGIN), **sent_by})
+    assert r.status_code == 403 and r.json["field"] == "Origin", r.json
+    r = on.post("/ui/bulk/run", headers={**basic(LOGIN), **sent_by}, json={"action": "cancel", "filter": {"type": "media"}})
+    assert r.status_code == 403, r.json
+    # the console's own pages (same origin), and clients that are not browsers, act
+    same = {"Origin": "http://localhost", "Sec-Fetch-Site": "same-origin"}
+    for headers in (same, {}):  # 409 once done: it matched nothing, but got past the check
+        assert on.post(f"/ui/bulk/{bulk_id}/cancel", headers={**basic(LOGIN), **headers}).status_code in (200, 409)
