@@ -176,7 +176,7 @@ def instance_page(instance_id: str) -> Any:
         t.match(cls.cancel_event) for s in cls.states if s.id == snap["state"] for t in s.transitions)
     context = {"instance": snap, "svg": Markup(render(cls, current=state, taken=taken)), "signals": allowed,
                "can_cancel": can_cancel, "running": running,
-               "context_json": json.dumps(snap["context"], indent=2, sort_keys=True, default=str),
+               "context_json": _readable_json(snap["context"]),
                "refresh": REFRESH_SECONDS, "page": "instances"}
     if request.args.get("part"):
         return render_template("console/instance_part.html", **context)
@@ -212,6 +212,19 @@ def bulk_cancel(bulk_id: str) -> Any:
     from orchestrator import bulk
 
     return bulk.cancel(runtime().engine, bulk_id)
+
+
+def _readable_json(value: Any) -> str:
+    """`value` as indented JSON for an operator to read: `é` and `漢` as themselves (they were
+    shown as `\u00e9`), but a character that hides or reorders text (categories Cc, Cf, Zl, Zp:
+    U+202E, a zero-width space) still as its escape, so what is shown is what is stored."""
+    import unicodedata
+
+    text = json.dumps(value, indent=2, sort_keys=True, default=str, ensure_ascii=False)
+    if text.isascii():
+        return text
+    return "".join(f"\\u{ord(c):04x}" if c != "\n" and unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") else c
+                   for c in text)
 
 
 def _step_statuses() -> list[str]:

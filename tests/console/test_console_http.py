@@ -225,3 +225,10 @@ def test_an_action_sent_by_another_site_is_refused(on, sent_by):
     same = {"Origin": "http://localhost", "Sec-Fetch-Site": "same-origin"}
     for headers in (same, {}):  # 409 once done: it matched nothing, but got past the check
         assert on.post(f"/ui/bulk/{bulk_id}/cancel", headers={**basic(LOGIN), **headers}).status_code in (200, 409)
+
+
+def test_the_context_shows_text_as_it_reads_and_hidden_characters_as_escapes(on):
+    """`kéy` was shown as `k\\u00e9y`; a direction mark must still show as its escape."""
+    iid = on.post("/saga", json={"type": "order", "input": {"parcels": [], "note": "kéy 漢字 a\u202eb"}}).json["id"]
+    html = on.get(f"/ui/sagas/{iid}", headers=basic(LOGIN)).get_data(as_text=True)
+    assert "kéy 漢字 a\\u202eb" in html and "\u202e" not in html, html[-2000:]
