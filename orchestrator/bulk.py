@@ -66,11 +66,20 @@ class Spec:
 def check(engine: Engine, spec: Spec, type_name: str | None) -> None:
     """Refuse, before anything is matched, what could not apply to any instance: a restart
     without a step or of a step no workflow (of the filter's type) has; an event that is not a
-    user's signal (the same refusal as POST /sagas/<id>/events/<event>). InvalidInput (400)."""
+    user's signal (the same refusal as POST /sagas/<id>/events/<event>); a cancel of a type
+    that cannot be cancelled; a field the action does not take (`step` on a cancel was silently
+    ignored). InvalidInput (400)."""
     if type_name and engine.registry.get(type_name) is None:
         raise InvalidInput("filter.type", f"unknown workflow type '{type_name}'; known: "
                            + ", ".join(engine.registry.names()))
+    for name, value, takes in (("step", spec.step, "restart"), ("event", spec.event, "event"),
+                               ("payload", spec.payload, "event")):
+        if value is not None and spec.action != takes:
+            raise InvalidInput(name, f"only an action '{takes}' takes it, not '{spec.action}'")
     classes = [engine.registry.get(n) for n in ([type_name] if type_name else engine.registry.names())]
+    if spec.action == "cancel" and type_name and classes[0] is not None \
+            and classes[0].cancel_event not in classes[0].event_names():
+        raise InvalidInput("action", f"a '{type_name}' workflow cannot be cancelled")
     if spec.action == "restart":
         if not spec.step:
             raise InvalidInput("step", "a restart needs the step to restart")

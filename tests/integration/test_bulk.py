@@ -115,6 +115,11 @@ def test_bulk_needs_the_admin_token(client):
     ({"action": "cancel", "filter": {"type": "repair", "state": "tts_failed"}}, "filter.state"),
     ({"action": "cancel", "filter": {}, "rate_per_second": 0}, "rate_per_second"),
     ({"action": "fix"}, "action"),
+    # a field the action does not take was ignored silently; a type that cannot be cancelled matched
+    ({"action": "cancel", "step": "download", "filter": {"type": "media"}}, "step"),
+    ({"action": "restart", "step": "work", "event": "approve", "filter": {"type": "repair"}}, "event"),
+    ({"action": "cancel", "payload": {"a": 1}, "filter": {"type": "media"}}, "payload"),
+    ({"action": "cancel", "filter": {"type": "route_content"}}, "action"),
 ])
 def test_bulk_refuses_what_cannot_apply_naming_the_field(client, body, field):
     resp = client.post("/sagas/bulk", json=body, headers=ADMIN)
