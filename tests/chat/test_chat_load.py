@@ -17,9 +17,10 @@ SESSIONS = 100
 
 
 def test_100_concurrent_sessions_each_get_exactly_their_own_chunks(chat_env, execution, sweeper):
-    # Threads for every socket in each worker: which worker accepts a socket is a race, and a
-    # worker queues what its threads cannot take (docs/chat.md, "Production server").
-    proc, base = start_api(chat_env, name="chat-api-load", workers=2, API_THREADS=str(SESSIONS))
+    # Room for every socket in each worker: which worker accepts a socket is a race, a worker
+    # queues what its threads cannot take, and streams may hold 3/4 of its threads (docs/chat.md,
+    # "Production server"): so 4/3 of the sockets, and a little more.
+    proc, base = start_api(chat_env, name="chat-api-load", workers=2, API_THREADS=str(SESSIONS * 4 // 3 + 2))
     ready = threading.Barrier(SESSIONS, timeout=60)
 
     def client(i: int) -> tuple[str, str, list[dict]]:
