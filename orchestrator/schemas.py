@@ -226,9 +226,10 @@ def parse_value(kind: Any, value: Any, field: str) -> Any:
 #: Categories that show nothing: space separators (Zs), line and paragraph separators (Zl, Zp) and
 #: format characters (Cf: direction marks such as U+202E and U+200F, zero-width spaces).
 _BLANK = frozenset({"Zs", "Zl", "Zp", "Cf"})
-#: Categories no identifier may hold: controls (Cc), format characters (Cf), line and paragraph
-#: separators (Zl, Zp). They reorder or hide what an operator reads in a list, a log or a URL.
-_NOT_IN_IDS = frozenset({"Cc", "Cf", "Zl", "Zp"})
+#: The Unicode categories of characters that hide or reorder text: controls (Cc), format characters
+#: (Cf), line and paragraph separators (Zl, Zp). No identifier may hold one (they reorder or hide
+#: what an operator reads in a list, a log or a URL), and what is shown to an operator escapes them.
+HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
 
 
 def is_blank(text: str) -> bool:
@@ -238,10 +239,10 @@ def is_blank(text: str) -> bool:
 
 def hidden_character(text: str) -> int | None:
     """The position of the first control, format or line/paragraph separator character in `text`
-    (categories Cc, Cf, Zl, Zp), or None: what no identifier or branch name may hold."""
+    (HIDDEN_CATEGORIES), or None: what no identifier or branch name may hold."""
     if text.isascii() and text.isprintable():  # the common case, without a per-character lookup
         return None
-    return next((i for i, c in enumerate(text) if unicodedata.category(c) in _NOT_IN_IDS), None)
+    return next((i for i, c in enumerate(text) if unicodedata.category(c) in HIDDEN_CATEGORIES), None)
 
 
 def identifier_problem(text: str) -> str | None:

@@ -26,6 +26,7 @@ from markupsafe import Markup
 from orchestrator.diagram import render
 from orchestrator.errors import Forbidden, InvalidInput, NotFound, OrchestratorError, Unauthorized
 from orchestrator.models import ACTIVE_STEP_STATUSES, StepStatus
+from orchestrator.schemas import HIDDEN_CATEGORIES
 from orchestrator.workflow import INSTANCE_STATUSES
 
 from . import body, query, runtime
@@ -216,14 +217,14 @@ def bulk_cancel(bulk_id: str) -> Any:
 
 def _readable_json(value: Any) -> str:
     """`value` as indented JSON for an operator to read: `é` and `漢` as themselves (they were
-    shown as `\u00e9`), but a character that hides or reorders text (categories Cc, Cf, Zl, Zp:
+    shown as `\u00e9`), but a character that hides or reorders text (HIDDEN_CATEGORIES:
     U+202E, a zero-width space) still as its escape, so what is shown is what is stored."""
     import unicodedata
 
     text = json.dumps(value, indent=2, sort_keys=True, default=str, ensure_ascii=False)
     if text.isascii():
         return text
-    return "".join(f"\\u{ord(c):04x}" if c != "\n" and unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") else c
+    return "".join(f"\\u{ord(c):04x}" if c != "\n" and unicodedata.category(c) in HIDDEN_CATEGORIES else c
                    for c in text)
 
 
