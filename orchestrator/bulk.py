@@ -20,7 +20,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Table, exists, func, insert, or_, select, update
@@ -28,7 +28,7 @@ from sqlalchemy.exc import DBAPIError
 
 from .engine import Engine, InstanceFilter, UnitOfWork, _not_a_signal
 from .errors import Conflict, IllegalTransition, InvalidInput, NotFound
-from .models import BulkItem, BulkJob, utcnow
+from .models import BulkItem, BulkJob, aware, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ def _run(engine: Engine, bulk_id: str, budget: float, lease: float) -> int:
         job = conn.execute(select(JOBS).where(JOBS.c.id == bulk_id)).first()
     assert job is not None
     interval = 1.0 / job.rate_per_second
-    next_at = _aware(job.next_at)
+    next_at = aware(job.next_at)
     while True:
         wait = (next_at - utcnow()).total_seconds()
         if wait > 0:
@@ -209,11 +209,6 @@ def _run(engine: Engine, bulk_id: str, budget: float, lease: float) -> int:
         if not _renew(engine, bulk_id, next_at, lease) or time.monotonic() >= end:
             break
     return settled
-
-
-def _aware(value: datetime) -> datetime:
-    """A naive value as UTC (SQLite hands back naive values; an ISO time without offset is UTC)."""
-    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
 
 
 def _act(engine: Engine, job: Any, instance_id: str) -> bool:

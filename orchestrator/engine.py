@@ -34,7 +34,7 @@ from . import ids, logs, tracing
 from .jsonutil import digest, storable, utc_iso
 from .schemas import identifier_problem
 from .models import (ACTIVE_STEP_STATUSES, HistoryEntry, OutboxMessage, StepClaim, StepRun, StepStatus, StepToken,
-                     Timer, utcnow)
+                     Timer, aware, utcnow)
 from .rows import INSTANCES, Record, StaleBasis, Writes, execute_prepared, insert_many
 from .workflow import INSTANCE_STATUSES, ItemFailed, Registry, Step, Workflow, initial_entry, transition_table
 
@@ -1381,9 +1381,7 @@ class Engine:
             run = uow.step_run(instance_id, step)
             if running_after is not None and run is not None and run.status in ACTIVE:
                 since = run.queued_at or run.started_at
-                if since is not None and since.tzinfo is None:  # SQLite hands back naive UTC
-                    since = since.replace(tzinfo=timezone.utc)
-                waited = utcnow() - since if since is not None else running_after
+                waited = utcnow() - aware(since) if since is not None else running_after
                 if waited < running_after:
                     raise Conflict(f"step '{step}' attempt {run.attempt} was queued {waited.total_seconds():.0f}s ago "
                                    f"and still runs; a running attempt can be restarted once it has run "

@@ -16,6 +16,12 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def aware(moment: datetime) -> datetime:
+    """`moment` with its time zone: SQLite returns naive datetimes that are UTC, PostgreSQL aware
+    ones (kept as they are)."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+
+
 class UTCDateTime(DateTime):
     """Timezone-aware everywhere; SQLite hands back naive values, so mark them UTC on the way out."""
 
@@ -30,9 +36,7 @@ class UTCDateTime(DateTime):
         def process(value: Any) -> Any:
             if parent is not None:
                 value = parent(value)
-            if isinstance(value, datetime) and value.tzinfo is None:
-                value = value.replace(tzinfo=timezone.utc)
-            return value
+            return aware(value) if isinstance(value, datetime) else value
 
         return process
 
