@@ -34,7 +34,7 @@ from . import ids, logs, tracing
 from .jsonutil import digest, storable, utc_iso
 from .schemas import identifier_problem
 from .models import (ACTIVE_STEP_STATUSES, HistoryEntry, OutboxMessage, StepClaim, StepRun, StepStatus, StepToken,
-                     Timer, aware, utcnow)
+                     Timer, aware, idempotency_key_problem, utcnow)
 from .rows import INSTANCES, Record, StaleBasis, Writes, execute_prepared, insert_many
 from .workflow import INSTANCE_STATUSES, ItemFailed, Registry, Step, Workflow, initial_entry, transition_table
 
@@ -609,8 +609,8 @@ class Engine:
             raise InvalidInput("key", "must be a non-empty string of at most 255 characters")
         if key is not None and (found := identifier_problem(key)):
             raise InvalidInput("key", found)
-        if idempotency_key is not None and (not idempotency_key.strip() or len(idempotency_key) > 255):
-            raise InvalidInput("Idempotency-Key", "must be a non-empty header of at most 255 characters")
+        if idempotency_key is not None and (found := idempotency_key_problem(idempotency_key)):
+            raise InvalidInput("Idempotency-Key", found)  # the words of the header's check (web.check_request_text)
         if idempotency_key is not None and (found := identifier_problem(idempotency_key)):
             raise InvalidInput("Idempotency-Key", found)  # an id like a business key: nothing hidden in it
 

@@ -9,6 +9,8 @@ from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from .schemas import is_blank
+
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 
 
@@ -87,6 +89,22 @@ class WorkflowInstance(Base):
     correlation_id: Mapped[str | None] = mapped_column(String(64))
     # The trace it was created in (W3C traceparent/tracestate); later work links to it (tracing.py).
     trace_context: Mapped[dict[str, str] | None] = mapped_column(JSONType)
+
+
+#: The longest `Idempotency-Key`: the instances' `idempotency_key` column's length (255), the
+#: same on every route (chat scopes the key to its session within that column: sagas/chat/store.py).
+MAX_IDEMPOTENCY_KEY: int = WorkflowInstance.__table__.c.idempotency_key.type.length
+
+
+def idempotency_key_problem(key: str) -> str | None:
+    """Why `key` cannot be an `Idempotency-Key`, or None: blank, or longer than its column. One
+    rule in the same words where the header enters (`web.check_request_text`) and for a caller
+    of `Engine.start` in code."""
+    if is_blank(key):
+        return "must not be empty"
+    if len(key) > MAX_IDEMPOTENCY_KEY:
+        return f"must be at most {MAX_IDEMPOTENCY_KEY} characters, got {len(key)}"
+    return None
 
 
 class StepRun(Base):

@@ -17,7 +17,7 @@ from orchestrator.errors import InvalidInput, OrchestratorError, Unavailable
 from orchestrator.jsonutil import NotJSON, check_storable, loads
 from orchestrator.logs import mask_url
 from orchestrator.metrics import HTTP_LATENCY, HTTP_REQUESTS
-from orchestrator.models import HistoryEntry, WorkflowInstance
+from orchestrator.models import HistoryEntry, idempotency_key_problem
 from orchestrator.schemas import identifier_problem, is_blank, parse
 
 from .server import ReadTimeout
@@ -158,9 +158,6 @@ def admin_token_sent() -> str | None:
 
 #: The longest history actor: the `actor` column's length (128).
 MAX_ACTOR: int = HistoryEntry.__table__.c.actor.type.length
-#: The longest `Idempotency-Key`: the instances' `idempotency_key` column's length (255), the
-#: same on every route (chat scopes the key to its session within that column: sagas/chat/store.py).
-MAX_IDEMPOTENCY_KEY: int = WorkflowInstance.__table__.c.idempotency_key.type.length
 
 
 def actor(header: str = "X-Actor") -> str:
@@ -199,9 +196,8 @@ def check_request_text() -> None:
         except UnicodeError:
             raise InvalidInput(name, "is not valid UTF-8") from None
         check_storable(text, name)
-        if name == "Idempotency-Key" and (is_blank(text) or len(text) > MAX_IDEMPOTENCY_KEY):
-            raise InvalidInput(name, "must not be empty" if is_blank(text) else
-                               f"must be at most {MAX_IDEMPOTENCY_KEY} characters, got {len(text)}")
+        if name == "Idempotency-Key" and (found := idempotency_key_problem(text)):
+            raise InvalidInput(name, found)
         # surrounding whitespace is not part of a header's value (RFC 9110)
         if name in IDENTIFIER_HEADERS and not is_blank(text) and (found := identifier_problem(text.strip())):
             raise InvalidInput(name, found)

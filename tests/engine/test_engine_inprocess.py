@@ -9,6 +9,7 @@ import pytest
 
 from engine.workflows import CALLS, SCRIPT, Shop
 from orchestrator.engine import ACCEPTED, DUPLICATE, STALE, UNKNOWN
+from orchestrator.errors import InvalidInput
 from orchestrator.jsonutil import digest
 from orchestrator.models import WorkflowInstance
 
@@ -195,6 +196,18 @@ def test_find_by_business_key(inproc):
     assert inproc.engine.find("inproc-shop", "order-7") == inst["id"]
     assert inproc.engine.find("inproc-shop", "order-8") is None
     assert inproc.engine.find("inproc-survey", "order-7") is None
+
+
+@pytest.mark.parametrize("bad, problem", [("   ", "must not be empty"), ("\u200b", "must not be empty"),
+                                          ("k" * 256, "must be at most 255 characters, got 256")])
+def test_an_idempotency_key_from_code_is_refused_in_the_words_of_the_header(inproc, bad, problem):
+    """Engine.start checks an idempotency key as the web checks the header (tests/integration/
+    test_header_lengths.py): a caller in code gets the same messages as one over HTTP."""
+    with pytest.raises(InvalidInput) as err:
+        inproc.engine.start("inproc-shop", {"parcels": []}, idempotency_key=bad)
+    assert (err.value.field, err.value.problem) == ("Idempotency-Key", problem)
+    inst, created = inproc.engine.start("inproc-shop", {"parcels": []}, idempotency_key="k" * 255)
+    assert created and inproc.engine.start("inproc-shop", {"parcels": []}, idempotency_key="k" * 255)[0]["id"] == inst["id"]
 
 
 def test_an_unanswered_request_is_sent_again_under_the_same_token_when_it_resends(inproc, monkeypatch):
