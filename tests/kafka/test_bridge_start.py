@@ -3,6 +3,9 @@ for) instead of exiting, and handles events once the broker is up."""
 from __future__ import annotations
 
 import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
 
 import pytest
 from conftest import Process, wait_for
@@ -11,6 +14,21 @@ from orchestrator.entrypoints.kafka_broker import BundledBroker
 from orchestrator.entrypoints.ports import free_port
 
 pytestmark = pytest.mark.kafka
+
+
+@contextmanager
+def broker_and_bridge(kenv: dict[str, str], tmp_path: Path, name: str) -> Iterator[tuple[BundledBroker, Process]]:
+    """A bundled broker of the test's own, started, and a bridge consuming from it in a group of
+    its own (`<name>-…`); both are stopped on the way out."""
+    broker = BundledBroker(port=free_port(), log_path=tmp_path / "tansu.log").start()
+    env = {**kenv, "KAFKA_BROKERS": broker.bootstrap, "CONSUMER_GROUP": f"{name}-{uuid.uuid4().hex[:6]}",
+           "LOG_LEVEL": "INFO"}
+    bridge = Process(f"bridge-broker-{name}", ["bridge"], env).start()
+    try:
+        yield broker, bridge
+    finally:
+        bridge.stop()
+        broker.stop()
 
 
 def test_bridge_started_before_the_broker_waits_then_handles_an_event(kclient, kenv, tmp_path):
@@ -41,11 +59,7 @@ def test_bridge_resumes_when_its_broker_comes_back(kclient, kenv, tmp_path):
     creates them again and goes on with the next event."""
     from .conftest import Kafka
 
-    broker = BundledBroker(port=free_port(), log_path=tmp_path / "tansu.log").start()
-    env = {**kenv, "KAFKA_BROKERS": broker.bootstrap, "CONSUMER_GROUP": f"back-{uuid.uuid4().hex[:6]}",
-           "LOG_LEVEL": "INFO"}
-    bridge = Process("bridge-broker-back", ["bridge"], env).start()
-    try:
+    with broker_and_bridge(kenv, tmp_path, "back") as (broker, bridge):
         wait_for(lambda: "assigned" in bridge.output(), timeout=60, what="the bridge joining its group")
         first = f"r-{uuid.uuid4().hex[:8]}"
         Kafka(broker.bootstrap).send("route.confirmed", {"route_id": first, "mode": "walking"}, key=first)
@@ -60,9 +74,6 @@ def test_bridge_resumes_when_its_broker_comes_back(kclient, kenv, tmp_path):
         wait_for(lambda: kclient.get(f"/workflows/{second}").status_code == 200, timeout=90,
                  what="an event after the broker came back")
         assert bridge.proc.poll() is None
-    finally:
-        bridge.stop()
-        broker.stop()
 
 
 @pytest.mark.parametrize("gone", ["after an event", "before its partitions were assigned"])
@@ -76,11 +87,7 @@ def test_bridge_stops_on_sigterm_while_its_broker_is_gone(kclient, kenv, tmp_pat
 
     from .conftest import Kafka
 
-    broker = BundledBroker(port=free_port(), log_path=tmp_path / "tansu.log").start()
-    env = {**kenv, "KAFKA_BROKERS": broker.bootstrap, "CONSUMER_GROUP": f"gone-{uuid.uuid4().hex[:6]}",
-           "LOG_LEVEL": "INFO"}
-    bridge = Process("bridge-broker-gone", ["bridge"], env).start()
-    try:
+    with broker_and_bridge(kenv, tmp_path, "gone") as (broker, bridge):
         if gone == "after an event":
             wait_for(lambda: "assigned" in bridge.output(), timeout=60, what="the bridge joining its group")
             route_id = f"r-{uuid.uuid4().hex[:8]}"
@@ -99,6 +106,3 @@ def test_bridge_stops_on_sigterm_while_its_broker_is_gone(kclient, kenv, tmp_pat
         assert bridge.proc.wait(40) == 0, bridge.output()[-3000:]
         assert time.monotonic() - sent < 30
         assert "bridge stopped after" in bridge.output()
-    finally:
-        bridge.kill()
-        broker.stop()
