@@ -1391,11 +1391,16 @@ class Engine:
                 raise Conflict(f"step '{step}' is {run.status if run else 'not started'}; only a failed "
                                "step can be restarted", state=inst.state,
                                step_status=run.status if run else None)
-            run.status = StepStatus.PENDING.value
+            status, run.status = run.status, StepStatus.PENDING.value
             # later work on the instance: its own trace (the request's), linked to the first one
             with tracing.span(f"workflow restart {step}", tracing.workflow_attributes(
                     inst.id, inst.type, inst.business_key, step, run.attempt + 1), link=inst.trace_context):
-                self._transition(uow, inst, cls.restart_event, {"step": step}, actor)
+                try:
+                    self._transition(uow, inst, cls.restart_event, {"step": step}, actor)
+                except IllegalTransition:  # said as the operation asked for, not as the engine's event
+                    raise IllegalTransition(inst.id, "restart", inst.state, step=step, step_status=status,
+                                            message=f"step '{step}' is {status}, but workflow '{cls.type}' "
+                                                    f"cannot restart it in state '{inst.state}'") from None
             if within is not None:
                 within(uow)
         return self.snapshot(instance_id)

@@ -95,6 +95,20 @@ def test_non_retryable_error_fails_at_once_and_restart_reruns(client, worker, sw
     assert step(snap, "reserve")["attempt"] == 2 and effects(inst["id"])["reserve"] == 2
 
 
+def test_restart_of_a_cancelled_workflows_failed_step_says_why_in_the_operations_terms(client, worker, sweeper):
+    inst = start(client, reserve_fails=True)
+    wait_state(client, inst["id"], "failed")
+    assert client.post(f"/sagas/{inst['id']}/cancel").status_code == 200
+    wait_state(client, inst["id"], "cancelled")
+
+    r = client.post(f"/sagas/{inst['id']}/restart?step=reserve")
+    assert r.status_code == 409, r.json
+    assert r.json["message"] == "step 'reserve' is failed, but workflow 'order' cannot restart it in state 'cancelled'"
+    assert r.json["state"] == "cancelled" and r.json["step"] == "reserve" and r.json["step_status"] == "failed"
+    snap = client.get(f"/sagas/{inst['id']}").json
+    assert snap["state"] == "cancelled" and step(snap, "reserve")["status"] == "failed"  # nothing written
+
+
 def test_cancel_runs_compensations_in_reverse_order(client, worker, sweeper):
     inst = start(client, [{"id": "x"}])
     wait_state(client, inst["id"], "awaiting_approval")
