@@ -28,7 +28,8 @@ from sqlalchemy.exc import DBAPIError
 
 from .engine import Engine, InstanceFilter, UnitOfWork, _not_a_signal
 from .errors import Conflict, IllegalTransition, InvalidInput, NotFound
-from .models import BulkItem, BulkJob, aware, utcnow
+from .jsonutil import as_utc
+from .models import BulkItem, BulkJob, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +187,7 @@ def _run(engine: Engine, bulk_id: str, budget: float, lease: float) -> int:
         job = conn.execute(select(JOBS).where(JOBS.c.id == bulk_id)).first()
     assert job is not None
     interval = 1.0 / job.rate_per_second
-    next_at = aware(job.next_at)
+    next_at = as_utc(job.next_at)
     while True:
         wait = (next_at - utcnow()).total_seconds()
         if wait > 0:

@@ -31,10 +31,10 @@ from statemachine.exceptions import TransitionNotAllowed
 from .config import Settings
 from .errors import Conflict, IllegalTransition, InvalidInput, NotFound, nested_field
 from . import ids, logs, tracing
-from .jsonutil import digest, storable, utc_iso
+from .jsonutil import as_utc, digest, storable, utc_iso
 from .schemas import identifier_problem
 from .models import (ACTIVE_STEP_STATUSES, HistoryEntry, OutboxMessage, StepClaim, StepRun, StepStatus, StepToken,
-                     Timer, aware, idempotency_key_problem, utcnow)
+                     Timer, idempotency_key_problem, utcnow)
 from .rows import INSTANCES, Record, StaleBasis, Writes, execute_prepared, insert_many
 from .workflow import INSTANCE_STATUSES, ItemFailed, Registry, Step, Workflow, initial_entry, transition_table
 
@@ -153,11 +153,6 @@ class Filter:
     error: str | None = None
     step: str | None = None
     step_status: str | None = None
-
-
-def _utc(value: datetime) -> datetime:
-    """Aware UTC (a naive value is UTC), as the columns store it."""
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 
 @dataclass
@@ -1381,7 +1376,7 @@ class Engine:
             run = uow.step_run(instance_id, step)
             if running_after is not None and run is not None and run.status in ACTIVE:
                 since = run.queued_at or run.started_at
-                waited = utcnow() - aware(since) if since is not None else running_after
+                waited = utcnow() - as_utc(since) if since is not None else running_after
                 if waited < running_after:
                     raise Conflict(f"step '{step}' attempt {run.attempt} was queued {waited.total_seconds():.0f}s ago "
                                    f"and still runs; a running attempt can be restarted once it has run "
@@ -1732,9 +1727,9 @@ class Engine:
         if flt.key is not None:
             q = q.where(INSTANCES.c.business_key == flt.key)
         if flt.created_after is not None:
-            q = q.where(INSTANCES.c.created_at >= _utc(flt.created_after))
+            q = q.where(INSTANCES.c.created_at >= as_utc(flt.created_after))
         if flt.created_before is not None:
-            q = q.where(INSTANCES.c.created_at < _utc(flt.created_before))
+            q = q.where(INSTANCES.c.created_at < as_utc(flt.created_before))
         if flt.step or step_status:
             run = select(RUNS.c.id).where(RUNS.c.instance_id == INSTANCES.c.id)
             if flt.step:

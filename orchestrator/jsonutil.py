@@ -112,6 +112,13 @@ def digest(value: Any) -> str:
     return hashlib.sha256(canonical(value).encode()).hexdigest()
 
 
+def as_utc(value: datetime) -> datetime:
+    """`value` in UTC, aware. A naive value is UTC: SQLite hands timestamps back without a zone,
+    the engine stores only UTC, and an ISO time without an offset is read as UTC. Raises
+    OverflowError when the conversion leaves datetime's range (a year-1 time with an offset)."""
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
 def utc_iso(value: datetime | None, timespec: str = "auto") -> str | None:
     """ISO 8601 in UTC with its offset always written ("2025-10-29T10:00:00.123456+00:00"), on
     every database: a naive value (SQLite hands timestamps back without a zone) is UTC, as the
@@ -119,8 +126,7 @@ def utc_iso(value: datetime | None, timespec: str = "auto") -> str | None:
     (JavaScript's Date among them)."""
     if value is None:
         return None
-    value = value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
-    return value.isoformat(timespec=timespec)
+    return as_utc(value).isoformat(timespec=timespec)
 
 
 def iso(value: datetime | None) -> str | None:

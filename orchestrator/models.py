@@ -9,6 +9,7 @@ from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from .jsonutil import as_utc
 from .schemas import is_blank
 
 JSONType = JSON().with_variant(JSONB(), "postgresql")
@@ -16,12 +17,6 @@ JSONType = JSON().with_variant(JSONB(), "postgresql")
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def aware(moment: datetime) -> datetime:
-    """`moment` with its time zone: SQLite returns naive datetimes that are UTC, PostgreSQL aware
-    ones (kept as they are)."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
 
 
 class UTCDateTime(DateTime):
@@ -38,7 +33,7 @@ class UTCDateTime(DateTime):
         def process(value: Any) -> Any:
             if parent is not None:
                 value = parent(value)
-            return aware(value) if isinstance(value, datetime) else value
+            return as_utc(value) if isinstance(value, datetime) else value
 
         return process
 

@@ -7,12 +7,13 @@ and a field added later is not a breaking change.
 """
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 from functools import partial
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, RootModel, WithJsonSchema
 
+from orchestrator.jsonutil import as_utc
 from orchestrator.models import StepStatus
 from orchestrator.schemas import INT64_MAX, Closed, Contract, NonBlank, omittable, problem
 from orchestrator.workflow import InstanceStatus
@@ -80,7 +81,7 @@ def _instant(value: Any) -> Any:
     if not isinstance(value, datetime):
         raise problem("must be an ISO 8601 date-time string")
     try:
-        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+        return as_utc(value)
     except OverflowError:
         raise problem("is out of range") from None
 
