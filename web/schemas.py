@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, RootModel, WithJsonSchema
 
 from orchestrator.jsonutil import as_utc
-from orchestrator.models import StepStatus
+from orchestrator.models import MAX_IDEMPOTENCY_KEY, StepStatus
 from orchestrator.schemas import INT64_MAX, Closed, Contract, NonBlank, omittable, problem
 from orchestrator.workflow import InstanceStatus
 from sagas.balance.repository import check_branch_name
@@ -29,7 +29,7 @@ class Answer(BaseModel):
 
 # -- headers (documented; read where they are used) ----------------------------------------------
 class IdempotencyHeader(Contract):
-    idempotency_key: str | None = Field(None, alias="Idempotency-Key", max_length=255,
+    idempotency_key: str | None = Field(None, alias="Idempotency-Key", max_length=MAX_IDEMPOTENCY_KEY,
                                         description="repeats of a request with the same key answer the same instance; "
                                                     "an identifier: no control, format or line separator character")
 
