@@ -319,6 +319,9 @@ def celery_publisher(app: Any) -> Publisher:
 
     from .logs import HEADER
 
+    # A step reports its outcome to the engine, and nobody waits on a published message's Celery
+    # result: `ignore_result` spares the Redis result backend a SUBSCRIBE (and its UNSUBSCRIBE
+    # once the unused AsyncResult is dropped) per message, and the worker a result write.
     def publish(row: OutboxMessage) -> None:
         p = row.payload
         headers = {HEADER: row.correlation_id} if row.correlation_id else {}
@@ -328,11 +331,11 @@ def celery_publisher(app: Any) -> Publisher:
 
         if "task" in p:
             name, args = p["task"]
-            app.send_task(name, args=args, task_id=row.message_id, headers=headers)
+            app.send_task(name, args=args, task_id=row.message_id, headers=headers, ignore_result=True)
         elif "chain" in p:
-            chain(*(sig(n, a) for n, a in p["chain"])).apply_async()
+            chain(*(sig(n, a) for n, a in p["chain"])).apply_async(ignore_result=True)
         elif "group" in p:
-            group(*(sig(n, a) for n, a in p["group"])).apply_async()
+            group(*(sig(n, a) for n, a in p["group"])).apply_async(ignore_result=True)
         else:
             raise ValueError(f"outbox {row.id}: unknown celery payload {sorted(p)}")
 
