@@ -155,6 +155,15 @@ class Filter:
     step_status: str | None = None
 
 
+def _branches_failed(run: Record) -> str:
+    """A fan-out step's error once every branch has reported and some failed: the same words
+    whichever branch reported last, with each distinct error of the failed ones, so that the
+    `error` filter (`GET /sagas?error=`, bulk operations) finds every such step by its cause."""
+    branches = (run.data or {}).get("branches") or []
+    errors = dict.fromkeys(b.get("error") or "failed" for b in branches if b["status"] == StepStatus.FAILED.value)
+    return f"{run.failed} of {run.total} branches failed: " + "; ".join(errors)
+
+
 @dataclass
 class StepContext:
     """What a step task gets: the instance's input and its own saved data. No ORM objects."""
@@ -1222,7 +1231,7 @@ class Engine:
             run.done += 1
             if run.done < run.total:
                 if run.done + run.failed == run.total:
-                    self._fail_step(uow, inst, cls, run, "some branches failed")
+                    self._fail_step(uow, inst, cls, run, _branches_failed(run))
                 return
             found_step = cls.step_named(step)[1]  # type: ignore[index]
             outputs = [x.get("output") for x in run.data["branches"]]
@@ -1281,6 +1290,7 @@ class Engine:
             run.failed += 1
             if run.done + run.failed < run.total:
                 return  # the others may still finish; the step fails when all have reported
+            error = _branches_failed(run)
         self._fail_step(uow, inst, cls, run, error)
 
     def _fail_step(self, uow: UnitOfWork, inst: Record, cls: type[Workflow], run: Record,

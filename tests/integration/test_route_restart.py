@@ -97,3 +97,23 @@ def test_a_route_id_with_a_slash_is_reached_by_its_endpoints(client, rt):
     r = client.post(f"/workflows/{quote(route_id, safe='')}/restart?step=tts_batch")
     assert r.status_code == 200 and r.json["steps"]["tts_batch"]["attempt"] == 2, r.json
     assert client.get(f"/workflows/{route_id}/nothing").json["message"] == f"unknown route_id '{route_id}/nothing'"
+
+
+def test_a_failed_batch_has_the_same_error_whichever_story_reported_last(client, rt):
+    """The error of a fan-out step whose branches failed does not depend on the order of the
+    replies: when a success came last it said "some branches failed", and the `error` filter
+    (and a bulk repair by error) missed that route."""
+    failed_first, failed_last = (f"r-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    for route_id, replies in ((failed_first, ((1, "failed"), (2, "completed"))),
+                              (failed_last, ((1, "completed"), (2, "failed")))):
+        _route_in_synthesis(rt.engine, route_id)
+        for story, status in replies:
+            tts_reply(rt, route_id, story, status)
+        assert client.get(f"/workflows/{route_id}").json["status"] == "failed"
+
+    ids = {RouteContent.find(rt.engine, r) for r in (failed_first, failed_last)}
+    for instance_id in ids:
+        tts = next(s for s in client.get(f"/sagas/{instance_id}").json["steps"] if s["name"] == "tts_batch")
+        assert tts["status"] == "failed" and tts["error"] == "1 of 2 branches failed: voice down", tts
+    found = client.get("/sagas", query_string={"type": "route_content", "error": "voice down", "limit": 500}).json
+    assert ids <= {item["id"] for item in found["items"]}, found
