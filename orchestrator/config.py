@@ -26,7 +26,8 @@ from urllib.parse import unquote
 from typing import Annotated, Any, ClassVar, Literal, Mapping, TypeVar
 
 from dotenv import dotenv_values
-from pydantic import AliasChoices, AliasGenerator, AfterValidator, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import (AliasChoices, AliasGenerator, AfterValidator, Field, PrivateAttr, ValidationError, ValidationInfo,
+                      field_validator)
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .errors import ConfigError
@@ -222,9 +223,18 @@ class Settings(EnvSettings):
 
     @field_validator("flower_basic_auth", "console_basic_auth")
     @classmethod
-    def _flower_basic_auth(cls, value: str) -> str:
-        if value and ":" not in value:
-            raise ValueError("expected user:password")
+    def _basic_auth(cls, value: str, info: ValidationInfo) -> str:
+        # Flower takes a comma-separated list of logins, the console one (its password may hold
+        # a comma); a login with an empty user or password would leave the page open to anyone
+        # who sends that user, or no user at all.
+        logins = value.split(",") if info.field_name == "flower_basic_auth" else [value]
+        for login in logins if value else []:
+            user, colon, password = login.partition(":")
+            if not colon:
+                raise ValueError("expected user:password")
+            empty = "user" if not user.strip() else "password" if not password.strip() else None
+            if empty:
+                raise ValueError(f"expected user:password, got an empty {empty}")
         return value
 
     @property
