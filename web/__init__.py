@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import time
 from typing import Any, TypeVar
+from urllib.parse import unquote_to_bytes
 
 from flask import Flask, current_app, g, jsonify, request
 from flask.json.provider import DefaultJSONProvider
@@ -183,7 +184,13 @@ def check_request_text() -> None:
     latin-1 text, one character per byte, so an actor `é` sent as UTF-8 was stored as `Ã©` and
     a U+202E as three Latin-1 characters. The decoded text replaces the environ's, so every
     later `request.headers` read gets it. A non-blank IDENTIFIER_HEADERS value with a control,
-    format or line separator character is refused as a business key is."""
+    format or line separator character is refused as a business key is.
+
+    The path and the query string are read as UTF-8 too, strictly: Werkzeug turns bytes that are
+    no UTF-8 character (`%FF`, an encoded lone surrogate `%ED%A0%80`) into U+FFFD, so a filter
+    went looking for replacement characters. A query parameter given twice is refused: every
+    parameter takes one value, and the first was taken silently."""
+    _check_raw_url()
     check_storable(dict(request.view_args or {}))
     for name, value in request.args.items(multi=True):
         check_storable({name: value})
@@ -202,6 +209,32 @@ def check_request_text() -> None:
         if name in IDENTIFIER_HEADERS and not is_blank(text) and (found := identifier_problem(text.strip())):
             raise InvalidInput(name, found)
         request.environ["HTTP_" + name.upper().replace("-", "_")] = text
+
+
+def _check_raw_url() -> None:
+    """400 naming the path parameter or query parameter whose percent-encoded bytes are not
+    UTF-8, or the query parameter sent more than once (see `check_request_text`)."""
+    try:  # PEP 3333: the path's bytes, one latin-1 character each
+        request.environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8")
+    except UnicodeDecodeError:
+        bad = next((k for k, v in (request.view_args or {}).items() if "\ufffd" in str(v)), "path")
+        raise InvalidInput(bad, "is not valid UTF-8 once percent-decoded") from None
+    except UnicodeEncodeError:  # not a server's bytes (a test client's text): nothing to check
+        pass
+    seen: set[str] = set()
+    for part in request.query_string.split(b"&"):
+        if not part:
+            continue
+        name_bytes, _, value = part.partition(b"=")
+        name = unquote_to_bytes(name_bytes.replace(b"+", b" ")).decode("utf-8", "replace")
+        try:
+            unquote_to_bytes(name_bytes.replace(b"+", b" ")).decode("utf-8")
+            unquote_to_bytes(value.replace(b"+", b" ")).decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidInput(name, "is not valid UTF-8 once percent-decoded") from None
+        if name in seen:
+            raise InvalidInput(name, "is given more than once; every query parameter takes one value")
+        seen.add(name)
 
 
 def json_body(required: bool = True) -> Any:

@@ -158,7 +158,18 @@ def test_invalid_utf8_and_huge_values_in_paths_and_queries_never_get_a_5xx(api):
                 if status >= 400:
                     assert_error(status, answer)
     status, answer = send(api, "GET", b"/api/v1/chat/%FF%FE/events", content_type=None)
-    assert_error(status, answer, 404)
+    assert_error(status, answer, 400, "session_id")
+
+
+@pytest.mark.parametrize("path, field", [
+    (b"/sagas/a%FFb", "instance_id"),  # was a 404 for an id with U+FFFD in it
+    (b"/workflows/r-%ED%A0%80", "route_id"),  # an encoded lone surrogate
+    (b"/jobs/%C0%80", "job_id"),  # an overlong NUL
+])
+def test_a_path_whose_bytes_are_not_utf8_is_a_400_naming_the_parameter(api, path, field):
+    status, answer = send(api, "GET", path, content_type=None)
+    assert_error(status, answer, 400, field)
+    assert answer["message"] == f"{field}: is not valid UTF-8 once percent-decoded", answer
 
 
 @pytest.mark.parametrize("raw, status, field", [

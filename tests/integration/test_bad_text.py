@@ -82,6 +82,35 @@ def test_unstorable_text_in_the_url_is_a_400_naming_the_parameter(client, method
     assert r.json["field"] == field, r.json
 
 
+@pytest.mark.parametrize("url, field", [
+    ("/sagas?key=%ED%A0%80", "key"),  # an encoded lone surrogate: was a 200 filtering on U+FFFD
+    ("/sagas?type=order&error=%FF", "error"),
+    ("/workers?status=a%C3", "status"),
+])  # in the path: tests/contracts/test_hostile_http.py (a test client decodes the path itself)
+def test_a_url_whose_bytes_are_not_utf8_is_a_400_naming_the_parameter(client, url, field):
+    r = client.get(url)
+    assert r.status_code == 400 and r.json["field"] == field, (url, r.status_code, r.json)
+    assert r.json["message"] == f"{field}: is not valid UTF-8 once percent-decoded", r.json
+
+
+@pytest.mark.parametrize("url, field", [
+    ("/sagas?key=k-1&key=k-2", "key"),  # was a 200 filtering on k-1 alone
+    ("/sagas?limit=5&type=order&limit=", "limit"),
+    ("/workers?status=running&status=failed", "status"),
+])
+def test_a_query_parameter_given_twice_is_a_400_naming_it(client, url, field):
+    r = client.get(url)
+    assert r.status_code == 400 and r.json["field"] == field, (url, r.status_code, r.json)
+    assert "more than once" in r.json["message"], r.json
+
+
+def test_utf8_in_the_url_is_read_as_sent(client):
+    started = client.post("/saga/order", json={"key": "café-1", "input": {}})
+    assert started.status_code == 201, started.json
+    found = client.get("/sagas?type=order&key=caf%C3%A9-1").json["items"]
+    assert [i["id"] for i in found] == [started.json["id"]], found
+
+
 @pytest.mark.parametrize("header", ["Idempotency-Key", "X-Correlation-ID", "X-Actor"])
 def test_unstorable_text_in_a_stored_header_is_a_400_naming_it(client, header):
     r = client.post("/saga/order", json={"input": {}}, headers={header: "k\u0000"})
