@@ -155,6 +155,12 @@ class Filter:
     step_status: str | None = None
 
 
+def _share_reported(run: Record) -> float:
+    """A fan-out step's progress, 0-100: the share of its branches that have completed or
+    failed for good (a branch waiting for its retry is not counted)."""
+    return 100.0 * (run.done + run.failed) / run.total if run.total else 0.0
+
+
 def _branches_failed(run: Record) -> str:
     """A fan-out step's error once every branch has reported and some failed: the same words
     whichever branch reported last, with each distinct error of the failed ones, so that the
@@ -849,6 +855,7 @@ class Engine:
                 branches = list(range(len(items)))
                 run.total, run.done, run.failed = len(items), 0, 0
             run.data = {**(run.data or {}), "branches": previous}
+            run.progress = _share_reported(run)  # a restart keeps its completed branches
             if run.total == 0:
                 run.status = StepStatus.COMPLETED.value
                 run.finished_at = now
@@ -866,6 +873,7 @@ class Engine:
         if step.external is not None:
             self._issue(uow, instance_id, step, run, branches)
             if not step.tasks:  # the workflow sent the requests: only their completions are awaited
+                run.started_at = run.started_at or utcnow()  # they went out: the step runs
                 if step.external.resend:  # queued under a lease: sent again if nobody answers
                     run.lease_until = utcnow() + timedelta(seconds=self.settings.step_lease_seconds)
                     return
@@ -1229,6 +1237,7 @@ class Engine:
             b.update(status=StepStatus.COMPLETED.value, output=done.output, error=None, finished_at=now.isoformat())
             run.touch("data")
             run.done += 1
+            run.progress = _share_reported(run)
             if run.done < run.total:
                 if run.done + run.failed == run.total:
                     self._fail_step(uow, inst, cls, run, _branches_failed(run))
@@ -1288,6 +1297,7 @@ class Engine:
                                                 finished_at=utcnow().isoformat())
             run.touch("data")
             run.failed += 1
+            run.progress = _share_reported(run)
             if run.done + run.failed < run.total:
                 return  # the others may still finish; the step fails when all have reported
             error = _branches_failed(run)

@@ -117,3 +117,27 @@ def test_a_failed_batch_has_the_same_error_whichever_story_reported_last(client,
         assert tts["status"] == "failed" and tts["error"] == "1 of 2 branches failed: voice down", tts
     found = client.get("/sagas", query_string={"type": "route_content", "error": "voice down", "limit": 500}).json
     assert ids <= {item["id"] for item in found["items"]}, found
+
+
+def test_a_tts_batch_shows_its_start_and_progress_in_the_generic_view(client, rt):
+    """`/sagas/<id>` showed a batch whose requests were out as not started (`started_at` null,
+    no duration) and at 0% progress until its last reply, where `/workflows/<id>` showed its start."""
+    route_id = f"r-{uuid.uuid4().hex[:8]}"
+    instance_id = _route_in_synthesis(rt.engine, route_id)
+
+    def tts() -> dict:
+        return next(s for s in client.get(f"/sagas/{instance_id}").json["steps"] if s["name"] == "tts_batch")
+
+    waiting = tts()
+    assert waiting["status"] == "waiting" and waiting["progress"] == 0.0 and waiting["started_at"] is not None, waiting
+    tts_reply(rt, route_id, 1, "completed")
+    assert tts()["progress"] == 50.0 and tts()["started_at"] == waiting["started_at"], tts()
+    tts_reply(rt, route_id, 2, "failed")
+    failed = tts()
+    assert failed["status"] == "failed" and failed["progress"] == 100.0 and failed["duration_seconds"] >= 0, failed
+
+    restarted = client.post(f"/workflows/{route_id}/restart?step=tts_batch")
+    assert restarted.status_code == 200, restarted.json
+    again = tts()
+    assert again["attempt"] == 2 and again["progress"] == 50.0, again  # story 1 stays completed
+    assert again["started_at"] > failed["started_at"], (again, failed)
