@@ -993,7 +993,8 @@ class Engine:
     def step_awaiting(self, instance_id: str, step: str, attempt: int, branch: int | None = None,
                       basis: Basis | None = None) -> None:
         """An external step's task sent its request: the step waits for its completion (no
-        lease: nothing is lost if no worker hears of it again)."""
+        lease: nothing is lost if no worker hears of it again). A step whose request is sent again
+        when no answer comes (`External(resend=True)`) waits under its lease."""
         def work(uow: UnitOfWork) -> None:
             found = self._active_run(uow, instance_id, step, attempt, branch)
             if found is None:
@@ -1002,7 +1003,9 @@ class Engine:
             run.started_at = run.started_at or utcnow()
             step_def = self.workflow_class(inst.type).step_named(step)
             if step_def is not None and step_def[1].external is not None and step_def[1].external.resend:
-                return  # stays queued under its lease: sent again if no answer comes in time
+                if branch is None:  # its request is out: waiting, but under its lease (sent again
+                    run.status = StepStatus.WAITING.value  # if no answer comes in time)
+                return
             if branch is None or all(b["status"] != StepStatus.QUEUED.value or i == branch
                                      for i, b in enumerate(run.data["branches"])):
                 run.status = StepStatus.WAITING.value
@@ -1638,8 +1641,9 @@ class Engine:
             rows = uow.execute(
                 select(RUNS, INSTANCES.c.type, INSTANCES.c.business_key, INSTANCES.c.trace_context)
                 .join(INSTANCES, INSTANCES.c.id == RUNS.c.instance_id)
-                .where(RUNS.c.status.in_((StepStatus.QUEUED.value, StepStatus.COMPENSATING.value)),
-                       RUNS.c.lease_until < utcnow())
+                .where(RUNS.c.status.in_((StepStatus.QUEUED.value, StepStatus.WAITING.value,
+                                          StepStatus.COMPENSATING.value)),
+                       RUNS.c.lease_until < utcnow())  # a waiting step has a lease if its request is resent
                 .limit(100).with_for_update(of=(RUNS, INSTANCES), skip_locked=True)).all()
             for row in rows:
                 run = uow.writes.track(RUNS, Record({c.name: row._mapping[c] for c in RUNS.c}))
@@ -1661,6 +1665,7 @@ class Engine:
             self._dispatch_compensation(uow, run.instance_id, step, run)
             return 1
         run.lease_until = utcnow() + timedelta(seconds=self.settings.step_lease_seconds)
+        run.status = StepStatus.QUEUED.value  # dispatched again: queued until its next report
         branches = None
         if step.items_method:
             branches = [i for i, b in enumerate(run.data["branches"])

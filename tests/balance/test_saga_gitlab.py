@@ -11,7 +11,7 @@ from balance_stack import (  # noqa: F401
     BRANCH, DEMO_BALANCE, TOKEN, USER_CONDENSER, file_json, git_repo, gitlab_stack, new_project,
     run_whole_saga, start, submit, wait_saga,
 )
-from conftest import drained, wait_for
+from conftest import drained, queued_messages, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
@@ -220,6 +220,41 @@ def test_duplicated_task_and_result_have_one_effect(gitlab_stack):
     after = s.http("GET", f"/sagas/{saga_id}").json()
     assert len(after["history"]) == n_history and after["state"] == "COMPLETED"
     assert git_repo(s, project).head(BRANCH) == head
+
+
+def test_a_calculation_out_with_its_calculator_is_waiting_and_sent_again_when_its_lease_runs_out(gitlab_stack):
+    """While its task is out, the calculation step is `waiting` (it showed `queued`, as if no
+    worker had run it, and `step_status=waiting` did not find it); its lease still sends the
+    task again when no result comes (STEP_LEASE_SECONDS is 20 in this stack)."""
+    s = gitlab_stack
+    s.stop("calculator")
+    try:
+        project = new_project(s)
+        saga_id = start(s, project, ["condenser"]).json()["saga_id"]
+        submit(s, saga_id, {"step": "CONDENSER", "use_hydrated": True})
+
+        def calc() -> dict:
+            steps = s.http("GET", f"/sagas/{saga_id}").json()["steps"]
+            return next((x for x in steps if x["name"] == "condenser_calculation"), {})
+
+        wait_for(lambda: calc().get("status") == "waiting", timeout=30, what="the calculation to wait for its result")
+        out = calc()
+        assert out["started_at"] is not None and out["data"]["correlation_id"], out
+        listed = s.http("GET", "/sagas", params={"type": "calculate-balance", "step": "condenser_calculation",
+                                                 "step_status": "waiting"}).json()["items"]
+        assert saga_id in [i["id"] for i in listed], listed
+        calculations = lambda: queued_messages(s.env["CELERY_BROKER_URL"]).get("orchestrator.calculations", 0)  # noqa: E731
+        assert calculations() == 1
+        wait_for(lambda: calculations() == 2, timeout=60, interval=1, what="the task sent again after the lease")
+        wait_for(lambda: calc().get("status") == "waiting", timeout=30, what="the step to wait again")
+        assert calc()["attempt"] == out["attempt"] and calc()["data"]["correlation_id"] == out["data"]["correlation_id"]
+    finally:
+        s.start("calculator")
+    snap = wait_saga(s, saga_id, "COMPLETED", "FAILED")
+    assert snap["state"] == "COMPLETED", snap["context"]
+    cid = out["data"]["correlation_id"]  # both tasks, one output commit (the calculator's marker)
+    log = [c["message"] for c in git_repo(s, project).log(BRANCH, 100)]
+    assert sum(f"calculation:{cid}" in m for m in log) == 1, log
 
 
 def test_failed_calculation_is_restarted(gitlab_stack):

@@ -220,7 +220,7 @@ def test_an_unanswered_request_is_sent_again_under_the_same_token_when_it_resend
     inst, _ = inproc.engine.start("inproc-survey", {"people": ["ann"]})
     inproc.engine.complete_external(_questions(inproc)[0]["reply_token"], True, {"answer": "yes"})
     inproc.run()
-    assert inproc.step(inst["id"], "confirm")["status"] == "queued"  # under its lease
+    assert inproc.step(inst["id"], "confirm")["status"] == "waiting"  # its request is out, under its lease:
     assert inproc.expire_leases() == 1
     inproc.run()
     token = f"confirm-{inst['id']}-0"
