@@ -1416,23 +1416,27 @@ class Engine:
                 try:
                     self._transition(uow, inst, cls.restart_event, {"step": step}, actor)
                 except IllegalTransition:  # said as the operation asked for, not as the engine's event
-                    raise IllegalTransition(inst.id, "restart", inst.state, step=step, step_status=status,
-                                            message=f"step '{step}' is {status}, but workflow '{cls.type}' "
-                                                    f"cannot restart it in state '{inst.state}'") from None
+                    raise Conflict(f"step '{step}' is {status}, but workflow '{cls.type}' cannot restart it "
+                                   f"in state '{inst.state}'", state=inst.state, step=step,
+                                   step_status=status) from None
             if within is not None:
                 within(uow)
         return self.snapshot(instance_id)
 
     def cancel(self, instance_id: str, actor: str = "api",
                within: Callable[[UnitOfWork], None] | None = None) -> dict[str, Any]:
-        """Cancel; compensations follow. Raises NotFound, Conflict / IllegalTransition (409).
-        `within` runs in the same transaction (see `signal`)."""
+        """Cancel; compensations follow. Raises NotFound, Conflict (409, with `state`) when the
+        type or its state does not allow it. `within` runs in the same transaction (see `signal`)."""
         with self.unit_of_work() as uow:
             inst = uow.lock(instance_id)
             cls = self.workflow_class(inst.type)
             if cls.cancel_event not in cls.event_names():
                 raise Conflict(f"workflow '{cls.type}' cannot be cancelled", state=inst.state)
-            self._transition(uow, inst, cls.cancel_event, {}, actor)
+            try:
+                self._transition(uow, inst, cls.cancel_event, {}, actor)
+            except IllegalTransition:  # said as the operation asked for, not as the engine's event
+                raise Conflict(f"workflow '{cls.type}' cannot be cancelled in state '{inst.state}'",
+                               state=inst.state) from None
             if within is not None:
                 within(uow)
         return self.snapshot(instance_id)

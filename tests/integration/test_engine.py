@@ -104,6 +104,7 @@ def test_restart_of_a_cancelled_workflows_failed_step_says_why_in_the_operations
     r = client.post(f"/sagas/{inst['id']}/restart?step=reserve")
     assert r.status_code == 409, r.json
     assert r.json["message"] == "step 'reserve' is failed, but workflow 'order' cannot restart it in state 'cancelled'"
+    assert r.json["error"] == "conflict"  # as a restart of a step that is not failed (one code for one endpoint)
     assert r.json["state"] == "cancelled" and r.json["step"] == "reserve" and r.json["step_status"] == "failed"
     snap = client.get(f"/sagas/{inst['id']}").json
     assert snap["state"] == "cancelled" and step(snap, "reserve")["status"] == "failed"  # nothing written
@@ -120,9 +121,10 @@ def test_cancel_runs_compensations_in_reverse_order(client, worker, sweeper):
     statuses = lambda: {s["name"]: s["status"] for s in client.get(f"/sagas/{inst['id']}").json["steps"]}  # noqa: E731
     wait_for(lambda: statuses() == {"reserve": "compensated", "charge": "compensated"}, timeout=15,
              what="both steps compensated")
-    # cancelling again is an illegal transition
+    # cancelling again is refused in the operation's terms (it said "event 'cancel' is not allowed")
     r = client.post(f"/sagas/{inst['id']}/cancel")
-    assert r.status_code == 409 and r.json["state"] == "cancelled"
+    assert r.status_code == 409 and r.json["state"] == "cancelled" and r.json["error"] == "conflict", r.json
+    assert r.json["message"] == "workflow 'order' cannot be cancelled in state 'cancelled'", r.json
 
 
 def test_duplicate_step_delivery_has_one_effect(client, rt, worker, sweeper):
