@@ -101,7 +101,14 @@ def create_app(runtime: runtime_module.Runtime | None = None) -> Flask:
     def _check_text() -> None:
         # First of all: nothing below (logs, queries, the stored request) sees text that the
         # database refuses. The body is checked where it is decoded (json_body).
-        check_request_text()
+        try:
+            check_request_text()
+        except InvalidInput as exc:
+            if not (request.url_rule is not None and request.url_rule.rule.startswith("/ws/")):
+                raise
+            # A browser cannot read the body of a refused WebSocket handshake: the socket opens
+            # and answers with an error frame naming the field (web/chat.py).
+            g.socket_problem = exc
 
     @app.before_request
     def _start_timer() -> None:
@@ -213,7 +220,10 @@ def check_request_text() -> None:
 
 def _check_raw_url() -> None:
     """400 naming the path parameter or query parameter whose percent-encoded bytes are not
-    UTF-8, or the query parameter sent more than once (see `check_request_text`)."""
+    UTF-8, or the query parameter sent more than once (see `check_request_text`). A path that
+    matches no route is left to its 404."""
+    if request.routing_exception is not None:
+        return
     try:  # PEP 3333: the path's bytes, one latin-1 character each
         request.environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8")
     except UnicodeDecodeError:
@@ -226,9 +236,11 @@ def _check_raw_url() -> None:
         if not part:
             continue
         name_bytes, _, value = part.partition(b"=")
-        name = unquote_to_bytes(name_bytes.replace(b"+", b" ")).decode("utf-8", "replace")
         try:
-            unquote_to_bytes(name_bytes.replace(b"+", b" ")).decode("utf-8")
+            name = unquote_to_bytes(name_bytes.replace(b"+", b" ")).decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidInput("query", "a parameter name is not valid UTF-8 once percent-decoded") from None
+        try:
             unquote_to_bytes(value.replace(b"+", b" ")).decode("utf-8")
         except UnicodeDecodeError:
             raise InvalidInput(name, "is not valid UTF-8 once percent-decoded") from None

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import redis
-from flask import Blueprint, Flask, Response, request, send_file, stream_with_context
+from flask import Blueprint, Flask, Response, g, request, send_file, stream_with_context
 from flask_sock import ConnectionClosed, Sock
 from simple_websocket import Server
 
@@ -211,9 +211,12 @@ def _chat_socket(ws: Server, session_id: str) -> None:
             ws.send(json.dumps(f))
 
     try:
+        problem = g.pop("socket_problem", None)  # the URL's check (web.check_request_text)
+        if problem is not None:
+            raise problem
         after = bad_after_seq(request.args.get("after_seq", 0))
     except InvalidInput as exc:
-        send(error_frame("bad_request", exc.message, field="after_seq"))
+        send(error_frame("bad_request", exc.message, field=exc.field))
         ws.close(CLOSE_BAD_REQUEST, exc.message[:120])
         return
     if not chat_live.store().exists(session_id):

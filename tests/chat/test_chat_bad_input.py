@@ -191,6 +191,20 @@ def test_delete_refuses_an_x_actor_over_128_characters_and_keeps_the_session(cha
     assert r.status_code == 200 and r.json()["status"] == "deleted", r.text
 
 
+@pytest.mark.parametrize("tail, field", [
+    ("?after_seq=%FF", "after_seq"),  # not UTF-8: the handshake was refused with an HTTP 400
+    ("?after_seq=0&after_seq=1", "after_seq"),  # given twice
+    ("?after_seq=1%00", "after_seq"),  # a NUL
+])
+def test_a_bad_socket_url_is_an_error_frame_naming_the_field(chat_api, tail, field):
+    """A browser cannot read the body of a refused handshake: the socket opens and says why."""
+    ws = websocket.create_connection(ws_url(chat_api, new_session(chat_api)) + tail, timeout=10)
+    frames, code = frames_until_close(ws)
+    ws.close()
+    assert code == 4400 and frames[0]["type"] == "error", (code, frames)
+    assert frames[0]["data"]["code"] == "bad_request" and frames[0]["data"]["field"] == field, frames
+
+
 def test_bad_socket_query_and_bad_client_frames(chat_api):
     sid = new_session(chat_api)
     ws = websocket.create_connection(ws_url(chat_api, sid) + "?after_seq=-3", timeout=10)

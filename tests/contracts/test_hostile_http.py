@@ -172,6 +172,11 @@ def test_a_path_whose_bytes_are_not_utf8_is_a_400_naming_the_parameter(api, path
     assert answer["message"] == f"{field}: is not valid UTF-8 once percent-decoded", answer
 
 
+def test_a_path_that_matches_no_route_is_a_404_whatever_its_bytes(api):
+    status, answer = send(api, "GET", b"/sagas/%FF/nothing-here", content_type=None)
+    assert_error(status, answer, 404)
+
+
 @pytest.mark.parametrize("raw, status, field", [
     (b"GET /sagas/\xff\xfe HTTP/1.1\r\nHost: t\r\n\r\n", 400, "request line"),
     (b"GET /sagas?state=\xff HTTP/1.1\r\nHost: t\r\n\r\n", 400, "request line"),

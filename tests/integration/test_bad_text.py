@@ -104,6 +104,13 @@ def test_a_query_parameter_given_twice_is_a_400_naming_it(client, url, field):
     assert "more than once" in r.json["message"], r.json
 
 
+def test_a_parameter_name_that_is_not_utf8_is_a_400_naming_the_query_and_an_unknown_path_a_404(client):
+    r = client.get("/sagas?%FF=1")
+    assert r.status_code == 400 and r.json["field"] == "query", r.json  # it named "\ufffd"
+    r = client.get("/sagas/x/nothing-here?a=1&a=2")
+    assert r.status_code == 404, r.json  # no route: its 404, not the query's 400
+
+
 def test_utf8_in_the_url_is_read_as_sent(client):
     started = client.post("/saga/order", json={"key": "café-1", "input": {}})
     assert started.status_code == 201, started.json
