@@ -26,8 +26,7 @@ from urllib.parse import unquote
 from typing import Annotated, Any, ClassVar, Literal, Mapping, TypeVar
 
 from dotenv import dotenv_values
-from pydantic import (AliasChoices, AliasGenerator, AfterValidator, Field, PrivateAttr, ValidationError, ValidationInfo,
-                      field_validator)
+from pydantic import AliasChoices, AliasGenerator, AfterValidator, Field, PrivateAttr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .errors import ConfigError
@@ -223,15 +222,13 @@ class Settings(EnvSettings):
 
     @field_validator("flower_basic_auth", "console_basic_auth")
     @classmethod
-    def _basic_auth(cls, value: str, info: ValidationInfo) -> str:
-        # Flower takes a comma-separated list of logins, the console one (its password may hold
-        # a comma); a login with an empty user or password would leave the page open to anyone
-        # who sends that user, or no user at all.
-        logins = value.split(",") if info.field_name == "flower_basic_auth" else [value]
-        for login in logins if value else []:
+    def _basic_auth(cls, value: str) -> str:
+        # A login with an empty user or password would let in anyone who sends that user, or no
+        # user at all.
+        for login in value.split(",") if value else []:
             user, colon, password = login.partition(":")
             if not colon:
-                raise ValueError("expected user:password")
+                raise ValueError("expected user:password (several separated by commas)")
             empty = "user" if not user.strip() else "password" if not password.strip() else None
             if empty:
                 raise ValueError(f"expected user:password, got an empty {empty}")
@@ -257,8 +254,8 @@ class Settings(EnvSettings):
                 continue
             if upper.endswith(("_TOKEN", "_PASSWORD", "_SECRET", "_KEY")):
                 found.add(value)
-            elif upper.endswith("_BASIC_AUTH") and ":" in value:
-                found.add(value.partition(":")[2])
+            elif upper.endswith("_BASIC_AUTH"):  # user:password, several separated by commas
+                found.update(login.partition(":")[2] for login in value.split(","))
             for m in _URL_PASSWORD.finditer(value):
                 found.update((m.group(1), unquote(m.group(1))))  # as written and as a client decodes it
         return sorted((s for s in found if s), key=len, reverse=True)

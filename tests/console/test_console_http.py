@@ -52,6 +52,15 @@ def test_refused_without_the_right_login(on, path, auth):
     assert r.json["error"] == "unauthorized"
 
 
+def test_several_logins_separated_by_commas_each_log_in(env, rt):
+    """As FLOWER_BASIC_AUTH takes them: "a:b,c:d" logged in only `a` with the password `b,c:d`."""
+    for app in app_with(env, rt, CONSOLE_BASIC_AUTH="ann:pw-1,bob:pw-2"):
+        assert app.get("/ui/", headers=basic("ann:pw-1")).status_code == 200
+        assert app.get("/ui/", headers=basic("bob:pw-2")).status_code == 200
+        for wrong in ("ann:pw-2", "bob:pw-1", "ann:pw-1,bob:pw-2"):
+            assert app.get("/ui/", headers=basic(wrong)).status_code == 401, wrong
+
+
 def test_a_bearer_token_is_no_login(on):
     assert on.get("/ui/", headers={"Authorization": "Bearer s3cret"}).status_code == 401
 

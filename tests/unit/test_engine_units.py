@@ -136,7 +136,7 @@ def test_config_aliases_and_driver_mapping():
                                          # an empty password or user let anyone in who sent it
                                          ("CONSOLE_BASIC_AUTH", "admin:"), ("CONSOLE_BASIC_AUTH", ":pw"),
                                          ("CONSOLE_BASIC_AUTH", "admin: "), ("FLOWER_BASIC_AUTH", "admin:"),
-                                         ("FLOWER_BASIC_AUTH", "ops:pw,admin:"),
+                                         ("FLOWER_BASIC_AUTH", "ops:pw,admin:"), ("CONSOLE_BASIC_AUTH", "ops:pw,admin:"),
                                          ("POLL_INTERVAL", "0"),
                                          ("DATABASE_PREPARED_STATEMENTS", "sometimes")])
 def test_misconfiguration_names_the_variable(name, value):

@@ -32,6 +32,8 @@ def test_settings_list_every_secret_they_hold():
     assert set(s.secrets()) >= {"db-pass-123", "mq-pass-456", "rd-pass-789", "admin-token-1", "gitlab-token-2",
                                 "console-pass", "flower-pass"}
     assert "INFO" not in s.secrets() and "op" not in s.secrets()
+    several = load_settings(environ={"FLOWER_BASIC_AUTH": "a:first-pass,b:second-pass"}, dotenv="/nonexistent")
+    assert {"first-pass", "second-pass"} <= set(several.secrets())  # each login's password alone
 
 
 def test_every_log_line_has_the_secrets_masked():
