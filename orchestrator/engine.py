@@ -155,12 +155,6 @@ class Filter:
     step_status: str | None = None
 
 
-def _share_reported(run: Record) -> float:
-    """A fan-out step's progress, 0-100: the share of its branches that have completed or
-    failed for good (a branch waiting for its retry is not counted)."""
-    return 100.0 * (run.done + run.failed) / run.total if run.total else 0.0
-
-
 def _branches_failed(run: Record) -> str:
     """A fan-out step's error once every branch has reported and some failed: the same words
     whichever branch reported last, with each distinct error of the failed ones, so that the
@@ -855,7 +849,6 @@ class Engine:
                 branches = list(range(len(items)))
                 run.total, run.done, run.failed = len(items), 0, 0
             run.data = {**(run.data or {}), "branches": previous}
-            run.progress = _share_reported(run)  # a restart keeps its completed branches
             if run.total == 0:
                 run.status = StepStatus.COMPLETED.value
                 run.finished_at = now
@@ -1240,7 +1233,6 @@ class Engine:
             b.update(status=StepStatus.COMPLETED.value, output=done.output, error=None, finished_at=now.isoformat())
             run.touch("data")
             run.done += 1
-            run.progress = _share_reported(run)
             if run.done < run.total:
                 if run.done + run.failed == run.total:
                     self._fail_step(uow, inst, cls, run, _branches_failed(run))
@@ -1300,7 +1292,6 @@ class Engine:
                                                 finished_at=utcnow().isoformat())
             run.touch("data")
             run.failed += 1
-            run.progress = _share_reported(run)
             if run.done + run.failed < run.total:
                 return  # the others may still finish; the step fails when all have reported
             error = _branches_failed(run)
@@ -1865,6 +1856,8 @@ def step_dict(run: Any) -> dict[str, Any]:
     }
     if data.get("branches") is not None:
         out.update(total=run.total, done=run.done, failed=run.failed)
+        if run.total:  # a fan-out's progress: the share of its branches completed or failed for good
+            out["progress"] = 100.0 * (run.done + run.failed) / run.total
     return out
 
 
