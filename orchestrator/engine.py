@@ -34,7 +34,7 @@ from . import ids, logs, tracing
 from .jsonutil import as_utc, digest, storable, utc_iso
 from .schemas import identifier_problem
 from .models import (ACTIVE_STEP_STATUSES, HistoryEntry, OutboxMessage, StepClaim, StepRun, StepStatus, StepToken,
-                     Timer, idempotency_key_problem, utcnow)
+                     Timer, business_key_problem, idempotency_key_problem, utcnow)
 from .rows import INSTANCES, Record, StaleBasis, Writes, execute_prepared, insert_many
 from .workflow import INSTANCE_STATUSES, ItemFailed, Registry, Step, Workflow, initial_entry, transition_table
 
@@ -609,9 +609,7 @@ class Engine:
         payload_digest = digest(data)
         fingerprint = payload_digest if getattr(cls.fingerprint, "__func__", None) is _DEFAULT_FINGERPRINT \
             else cls.fingerprint(data)
-        if key is not None and (not isinstance(key, str) or not key.strip() or len(key) > 255):
-            raise InvalidInput("key", "must be a non-empty string of at most 255 characters")
-        if key is not None and (found := identifier_problem(key)):
+        if key is not None and (found := business_key_problem(key)):
             raise InvalidInput("key", found)
         if idempotency_key is not None and (found := idempotency_key_problem(idempotency_key)):
             raise InvalidInput("Idempotency-Key", found)  # the words of the header's check (web.check_request_text)

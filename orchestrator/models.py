@@ -10,7 +10,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from .jsonutil import as_utc
-from .schemas import is_blank
+from .schemas import identifier_problem, is_blank
 
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 
@@ -100,6 +100,21 @@ def idempotency_key_problem(key: str) -> str | None:
     if len(key) > MAX_IDEMPOTENCY_KEY:
         return f"must be at most {MAX_IDEMPOTENCY_KEY} characters, got {len(key)}"
     return None
+
+
+#: The longest business key (`POST /saga`'s `key`, a route id, an event id): its column's length.
+MAX_BUSINESS_KEY: int = WorkflowInstance.__table__.c.business_key.type.length
+
+
+def business_key_problem(key: object) -> str | None:
+    """Why `key` cannot be a business key, or None: not a string, longer than its column, or not
+    an identifier (`schemas.identifier_problem`: blank, a hidden character, whitespace around
+    it, not NFC). The words match `idempotency_key_problem`'s for the same faults."""
+    if not isinstance(key, str):
+        return "must be a string"
+    if len(key) > MAX_BUSINESS_KEY:
+        return f"must be at most {MAX_BUSINESS_KEY} characters, got {len(key)}"
+    return identifier_problem(key)
 
 
 class StepRun(Base):

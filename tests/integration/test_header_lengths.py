@@ -100,3 +100,17 @@ def test_an_idempotency_key_is_one_rule_on_every_route(api, path):
         r = api.post(url, json=body, headers={"Idempotency-Key": bad})
         assert r.status_code == 400 and r.json["field"] == "Idempotency-Key", r.json
         assert r.json["problem"] == problem, r.json
+
+
+def test_a_business_key_is_refused_in_the_words_of_an_idempotency_key(api):
+    """`key` has the Idempotency-Key's column length and words: a 256-character key was refused as
+    "a non-empty string of at most 255 characters", which did not say which rule it broke."""
+    body = {"input": {"parcels": []}}
+    first = api.post("/saga/order", json={**body, "key": "k" * 255})
+    assert first.status_code == 201, first.json
+    assert api.post("/saga/order", json={**body, "key": "k" * 255}).json["id"] == first.json["id"]
+    for bad, problem in (("k" * 256, "must be at most 255 characters, got 256"), ("  ", "must not be empty"),
+                         (" k", "must not begin or end with whitespace")):
+        r = api.post("/saga/order", json={**body, "key": bad})
+        assert r.status_code == 400 and (r.json["field"], r.json["problem"]) == ("key", problem), r.json
+    assert api.get("/sagas?type=order&key=" + "k" * 256).json["items"] == []
