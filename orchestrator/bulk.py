@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 
 JOBS: Table = BulkJob.__table__  # type: ignore[assignment]
 ITEMS: Table = BulkItem.__table__  # type: ignore[assignment]
-ACTIONS = ("restart", "cancel", "event")
 RUNNING, COMPLETED, CANCELLED = "running", "completed", "cancelled"
 PENDING, DONE, SKIPPED, FAILED = "pending", "done", "skipped", "failed"
 DEFAULT_RATE = 10.0

@@ -170,12 +170,6 @@ class RabbitMQ(Service):
                                      stderr=subprocess.STDOUT, start_new_session=True)
         _wait(lambda: self.proc.poll() is None and _listening(self.port), 120, "RabbitMQ")  # type: ignore[union-attr]
 
-    def queue_depths(self) -> dict[str, int]:
-        """{queue: ready + unacknowledged messages} of the default vhost."""
-        out = self.ctl("list_queues", "-q", "name", "messages").stdout
-        rows = (line.split() for line in out.splitlines())
-        return {r[0]: int(r[1]) for r in rows if len(r) == 2 and r[1].isdigit()}
-
 
 class KafkaBroker(Service):
     """The bundled Tansu broker (orchestrator/entrypoints/kafka_broker.py), its log kept in the
