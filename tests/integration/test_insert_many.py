@@ -73,6 +73,26 @@ def test_it_stores_what_a_plain_insert_stores_and_skips_existing_keys(db):
     assert len(stored(db, INSTANCES, INSTANCES.c.id)) == 5
 
 
+
+def test_what_the_fast_encoder_refuses_gets_the_standard_encoders_verdict(db):
+    """The JSON parameter is written by orjson, which holds no integer beyond 64 bits and would
+    write a datetime inside a JSON value as text: such rows go through the standard encoder, so
+    a big integer is stored exactly and a datetime inside a context fails as a plain INSERT's
+    does, with the same error."""
+    big = instance("big", context={"n": 2 ** 70, "m": -(2 ** 64), "list": [2 ** 63]})
+    with db.begin() as conn:
+        insert_many(conn, INSTANCES, [big], skip_existing=True)
+    assert stored(db, INSTANCES, INSTANCES.c.id)[0]["context"] == big["context"]
+
+    dated = instance("dated", context={"at": AT})
+    with pytest.raises(Exception) as plain, db.begin() as conn:
+        conn.execute(INSTANCES.insert(), [dated])
+    with pytest.raises(Exception) as many, db.begin() as conn:
+        insert_many(conn, INSTANCES, [dated], skip_existing=True)
+    assert "datetime is not JSON serializable" in str(plain.value) and \
+        "datetime is not JSON serializable" in str(many.value)
+    assert [r["business_key"] for r in stored(db, INSTANCES, INSTANCES.c.id)] == ["big"]
+
 def test_serial_ids_follow_the_list_and_left_out_defaults_are_filled(db):
     parent = instance("parent")
     events = [f"e{i}" for i in range(30)]
