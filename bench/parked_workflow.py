@@ -49,13 +49,16 @@ class PollWorkflow(Workflow):
     type = "bench_poll"
     start_event = "start"
     success_states = frozenset({"done"})
+    failure_states = frozenset({"failed"})
 
     queued = State(initial=True)
     checking = State()
     done = State(final=True)
+    failed = State(final=True)
 
     start = queued.to(checking)
     checked = checking.to(done)
+    fail = checking.to(failed)
 
     steps = {checking: Step("bench.check")}
 

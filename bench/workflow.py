@@ -24,17 +24,20 @@ class BenchWorkflow(Workflow):
     type = "bench"
     start_event = "start"
     success_states = frozenset({"done"})
+    failure_states = frozenset({"failed"})
 
     queued = State(initial=True)
     one = State()
     two = State()
     three = State()
     done = State(final=True)
+    failed = State(final=True)
 
     start = queued.to(one)
     first = one.to(two)
     second = two.to(three)
     third = three.to(done)
+    fail = one.to(failed) | two.to(failed) | three.to(failed)
 
     steps = {
         one: Step("bench.one"),

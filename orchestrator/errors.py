@@ -138,9 +138,12 @@ class WorkflowDefinitionError(ValueError):
     it is registered, or at start-up once the Celery app has loaded its tasks, so the process
     stops naming the workflow and the misspelled name."""
 
-    def __init__(self, workflow: str, kind: str, name: str, where: str, known: Any = ()) -> None:
+    def __init__(self, workflow: str, kind: str, name: str, where: str, known: Any = (), why: str = "") -> None:
         hint = f"; known: {', '.join(sorted(known))}" if known else ""
-        super().__init__(f"workflow '{workflow}': {where} names unknown {kind} '{name}'{hint}")
+        if why:  # the name exists, but not where it is needed
+            super().__init__(f"workflow '{workflow}': {where} names {kind} '{name}', {why}{hint}")
+        else:
+            super().__init__(f"workflow '{workflow}': {where} names unknown {kind} '{name}'{hint}")
         self.workflow = workflow
         self.kind = kind
         self.name = name

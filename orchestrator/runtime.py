@@ -5,7 +5,6 @@ between processes (a prefork worker child gets its own).
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import threading
@@ -14,13 +13,15 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from celery import Celery
+from celery.utils.imports import import_from_cwd
 from sqlalchemy import Engine as SAEngine
 from sqlalchemy.orm import Session, sessionmaker
+from statemachine.exceptions import InvalidDefinition
 
 from .config import Settings, load_settings
 from .db import make_engine, make_session_factory
 from .engine import Engine
-from .errors import ConfigError
+from .errors import ConfigError, WorkflowDefinitionError
 from .logs import mask_url
 from .outbox_relay import OutboxRelay, celery_publisher
 from .workflow import registry
@@ -102,7 +103,15 @@ def load_workflow_modules(settings: Settings) -> None:
     """Import WORKFLOW_MODULES (registering workflows, tasks and their settings) and check the
     settings they brought (ConfigError naming a bad variable)."""
     for name in filter(None, (n.strip() for n in settings.workflow_modules.split(","))):
-        importlib.import_module(name)
+        try:
+            import_from_cwd(name)  # as Celery finds `-A proj`: the folder a process starts in comes first
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not (name == exc.name or name.startswith(exc.name + ".")):
+                raise  # the module is there, something it imports is not: its traceback says where
+            raise ConfigError("WORKFLOW_MODULES", f"no module named '{name}' in the current folder "
+                                                  f"({os.getcwd()}) or on PYTHONPATH") from None
+        except (WorkflowDefinitionError, InvalidDefinition) as exc:  # ours, or python-statemachine's
+            raise ConfigError("WORKFLOW_MODULES", f"{name}: {exc}") from None
     settings.check_areas()
 
 
@@ -111,7 +120,10 @@ def build(settings: Settings | None = None) -> Runtime:
     load_workflow_modules(settings)
     app = make_celery(settings)
     # A step naming a task no module defines stops start-up here, naming both.
-    registry.check_tasks(set(app.tasks.keys()))
+    try:
+        registry.check_tasks(set(app.tasks.keys()))
+    except WorkflowDefinitionError as exc:
+        raise ConfigError("WORKFLOW_MODULES", str(exc)) from None
     db = make_engine(settings.database_url)
     sessions = make_session_factory(db)
     # SQLite serialises writers anyway; a second pool there would only add lock waits (the

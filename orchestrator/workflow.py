@@ -354,6 +354,15 @@ def check_definition(cls: type[Workflow]) -> None:
         need("event", step.join, f"{where} join", events)
         if step.on_failure != Step.on_failure:  # the default names no event the workflow chose
             need("event", step.on_failure, f"{where} on_failure", events)
+        # Every step can fail (its retries run out, its deadline passes), and the engine then
+        # fires its on_failure from the step's state, the default `fail` included: a state that
+        # does not take it left the instance there for ever, its step run again at every lease.
+        accepted = {e.id for t in state.transitions for e in t.events}
+        if step.on_failure not in accepted:
+            raise WorkflowDefinitionError(
+                cls.type, "event", step.on_failure, f"{where} on_failure", accepted,
+                why=f"which state '{state.id}' does not take: the engine fires it there when the step fails "
+                    f"(declare a transition from '{state.id}' on it, or set Step(on_failure=...))")
         if step.items_method and not step.join:
             raise WorkflowDefinitionError(cls.type, "event", "", f"{where} join (it fans out)", events)
         methods = [step.fanout] + ([step.external.items, step.external.send, step.external.token]

@@ -231,19 +231,22 @@ class Trip(Workflow):
 
     type = "trip"
     start_event = "start"
+    failure_states = frozenset({"failed"})
 
     new = State(initial=True)
     hotel = State()
     flight = State()
     car = State()
     booked = State()
+    failed = State()
     cancelled = State(final=True)
 
     start = new.to(hotel)
     hotel_booked = hotel.to(flight)
     flight_booked = flight.to(car)
     car_booked = car.to(booked)
-    cancel = hotel.to(cancelled) | flight.to(cancelled) | car.to(cancelled) | booked.to(cancelled)
+    fail = hotel.to(failed) | flight.to(failed) | car.to(failed)  # a step that fails fires it
+    cancel = hotel.to(cancelled) | flight.to(cancelled) | car.to(cancelled) | booked.to(cancelled) | failed.to(cancelled)
 
     steps = {state: Step("trip.book", name=state.id, compensate="trip.unbook", compensate_retry=FAST)
              for state in (hotel, flight, car)}
@@ -316,17 +319,20 @@ class Hops(Workflow):
     type = "hops"
     start_event = "start"
     success_states = frozenset({"done"})
+    failure_states = frozenset({"failed"})
 
     new = State(initial=True)
     near = State()
     next = State()
     far = State()
     done = State(final=True)
+    failed = State(final=True)
 
     start = new.to(near)
     neared = near.to(next)
     nexted = next.to(far)
     fared = far.to(done)
+    fail = near.to(failed) | next.to(failed) | far.to(failed)
 
     steps = {near: Step("hops.step", name="near"), next: Step("hops.step", name="next", retry=FAST),
              far: Step("hops.far", name="far")}

@@ -461,3 +461,59 @@ def test_ctrl_c_stops_the_emulators_after_the_product_processes(tmp_path):
     assert all(gone[n] >= last_product for n in emulators), sorted(gone, key=gone.get)
     text = (tmp_path / "dev.log").read_text()
     assert text.index("stopped the product's processes") < text.index("stopped the emulators"), text[-3000:]
+
+
+OWN_WORKFLOW = '''
+from statemachine import State
+from orchestrator.steps import Done, step_task
+from orchestrator.workflow import Step, Workflow, register
+
+@step_task("{name}.work")
+def work(ctx):
+    return Done("worked")
+
+@register
+class Own(Workflow):
+    type = "{name}"
+    start_event = "go"
+    a, b, c, d = State(initial=True), State(), State(final=True), State(final=True)
+    go = a.to(b)
+    worked = b.to(c)
+    drop = a.to(d)
+    {fail}
+    steps = {{b: Step("{name}.work")}}
+'''
+
+
+def test_a_workflow_module_in_the_folder_a_process_starts_in_is_found_and_a_bad_one_named_in_one_line(env, tmp_path):
+    """WORKFLOW_MODULES names the user's own module, as the README says. A module beside the
+    checkout was not found by the `orchestrator` command (a ModuleNotFoundError traceback) unless
+    PYTHONPATH named its folder; a workflow whose step's state did not take `fail` registered,
+    and its first failed step left the instance running for ever. Both now stop start-up with
+    one line naming WORKFLOW_MODULES; a good module is found in the current folder, as Celery
+    finds `-A proj`."""
+    command = os.path.join(os.path.dirname(sys.executable), "orchestrator")  # the console script, not -m
+    (tmp_path / "own_flow.py").write_text(OWN_WORKFLOW.format(name="own_flow", fail="fail = b.to(d)"))
+    (tmp_path / "no_fail.py").write_text(OWN_WORKFLOW.format(name="no_fail", fail=""))
+    base = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+    base["DATABASE_URL"] = f"sqlite:///{tmp_path / 'own.db'}"
+
+    def upgrade(modules: str) -> "subprocess.CompletedProcess[str]":
+        return subprocess.run([command, "db", "upgrade"], env={**base, "WORKFLOW_MODULES": modules}, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+
+    good = upgrade("sagas,tasks,own_flow")
+    assert good.returncode == 0, good.stderr
+    for modules, line in (
+            ("sagas,tasks,no_fail", "configuration error: WORKFLOW_MODULES: no_fail: workflow 'no_fail': step 'b' "
+                                    "on_failure names event 'fail', which state 'b' does not take"),
+            ("sagas,tasks,nosuch", "configuration error: WORKFLOW_MODULES: no module named 'nosuch' in the current "
+                                   f"folder ({tmp_path}) or on PYTHONPATH")):
+        out = upgrade(modules)
+        assert out.returncode == 1 and out.stderr.startswith(line), out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    # python-statemachine's own refusal of a class, one line too
+    (tmp_path / "lonely.py").write_text(OWN_WORKFLOW.format(name="lonely", fail="").replace("drop = a.to(d)", ""))
+    out = upgrade("sagas,tasks,lonely")
+    assert out.returncode == 1 and out.stderr.startswith(
+        "configuration error: WORKFLOW_MODULES: lonely: There are unreachable states"), out.stderr

@@ -54,3 +54,23 @@ def test_a_step_given_the_task_object_names_it_once():
     cls = registry.register(_workflow("by-object", Step(reserve)))
     assert cls.step_table()["b"].task == "inproc.reserve"
     registry.check_tasks(set(make_celery(Settings()).tasks.keys()))  # found
+
+
+def test_a_step_whose_state_does_not_take_its_failure_event_fails_to_register():
+    """The engine fires a failed step's on_failure (default `fail`) from the step's state. A
+    workflow without it registered, and its first failed step raised "unknown event 'fail'" in
+    the worker: the instance stayed running, its step was run again at every lease, for ever."""
+    a, b, c = State(initial=True), State(), State(final=True)
+    ns = {"type": "no-fail", "start_event": "go", "a": a, "b": b, "c": c, "go": a.to(b), "finish": b.to(c),
+          "steps": {b: Step(reserve)}}
+    with pytest.raises(WorkflowDefinitionError) as err:
+        Registry().register(type("NoFail", (Workflow,), ns))
+    assert (err.value.workflow, err.value.kind, err.value.name) == ("no-fail", "event", "fail")
+    assert "state 'b' does not take" in str(err.value) and "known: finish" in str(err.value)
+
+    # the event exists, but not from the step's state
+    a, b, c, d = State(initial=True), State(), State(), State(final=True)
+    ns = {"type": "fail-elsewhere", "start_event": "go", "a": a, "b": b, "c": c, "d": d, "go": a.to(b),
+          "next": b.to(c), "fail": c.to(d), "steps": {b: Step(reserve)}}
+    with pytest.raises(WorkflowDefinitionError, match="state 'b' does not take"):
+        Registry().register(type("FailElsewhere", (Workflow,), ns))
