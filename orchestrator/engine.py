@@ -1624,6 +1624,12 @@ class Engine:
                 self._transition(uow, inst, failure, {"error": error}, "engine")
             except IllegalTransition:
                 log.warning("instance %s expired in state %s with no way to fail", inst.id, inst.state)
+                return
+            # No step failed, so no step row holds the reason: the context's `error`, where
+            # `GET /sagas?error=` and the console look, gets it unless a callback wrote one.
+            if isinstance(inst.context, dict) and not inst.context.get("error"):
+                inst.context["error"] = error
+                inst.touch("context")
 
     def redispatch_expired_leases(self) -> int:
         """A dispatched step not heard of within its lease lost its message or worker: deliver it again."""

@@ -37,3 +37,17 @@ def test_an_unknown_name_is_refused_naming_the_field(inproc, flt, field):
     with pytest.raises(InvalidInput) as err:
         inproc.engine.match_ids(flt)
     assert err.value.to_dict()["field"] == field
+
+
+def test_an_instance_its_deadline_failed_outside_a_step_is_found_by_its_reason(inproc):
+    """A deadline passing while no step runs (a wait for a signal) failed the instance and left
+    its reason nowhere: no step row held it and the workflow's callbacks wrote none, so
+    `GET /sagas?error=timed` found nothing and the console showed no error."""
+    waiting, _ = inproc.engine.start("inproc-approval", {})
+    approved, _ = inproc.engine.start("inproc-approval", {})
+    inproc.engine.fire(approved["id"], "approve", {}, actor="ann")
+    assert inproc.fire_timers() >= 1
+    snap = inproc.engine.snapshot(waiting["id"])
+    assert snap["state"] == "expired" and snap["context"]["error"] == "job timed out after 2 minutes"
+    assert inproc.engine.match_ids(Filter(error="TIMED OUT")) == [waiting["id"]]
+    assert inproc.engine.snapshot(approved["id"])["state"] == "approved"

@@ -136,3 +136,28 @@ class Survey(Workflow):
     def message_failed(cls, context: dict[str, Any], target: str, payload: dict[str, Any],
                        error: str) -> ItemFailed | None:
         return ItemFailed(payload["reply_token"], f"not asked: {error}") if target == "questions" else None
+
+
+@register
+class Approval(Workflow):
+    """A wait for a person's `approve` signal with a deadline on the whole instance, and no
+    callback of its own: what the engine records when the deadline fails it."""
+
+    type = "inproc-approval"
+    start_event = "start"
+    success_states = frozenset({"approved"})
+    failure_states = frozenset({"expired"})
+    signals = {"approve": lambda payload, _instance: payload}
+
+    new = State(initial=True)
+    awaiting = State()
+    approved = State(final=True)
+    expired = State(final=True)
+
+    start = new.to(awaiting)
+    approve = awaiting.to(approved)
+    fail = awaiting.to(expired)
+
+    @classmethod
+    def timeout(cls, settings: Any) -> timedelta | None:
+        return timedelta(minutes=2)
