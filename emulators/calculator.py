@@ -31,6 +31,7 @@ from kombu.mixins import ConsumerMixin
 
 from emulators import effects
 from orchestrator.config import Settings, load_settings
+from orchestrator.logs import shorten_retry_tracebacks
 from sagas.balance.calculations import CONTRACT_VERSION, results_queue, task_queue
 from sagas.balance.settings import BalanceSettings
 from sagas.balance.repository import FileMissing, commit_once, open_repository, project_from_repo_url
@@ -153,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = load_settings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s calculator: %(message)s")
+    shorten_retry_tracebacks()
     with Connection(settings.broker_url, heartbeat=10) as conn:
         worker = Calculator(conn, settings, args.seconds)
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -166,6 +166,32 @@ class TextFormatter(logging.Formatter):
         return super().format(record)
 
 
+class OneLineFilter(logging.Filter):
+    """A record with a traceback becomes one line: its message and the exception. For retry
+    loops of libraries that log a whole traceback at every try (RETRY_LOGGERS)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            record.msg = f"{record.getMessage().rstrip()} ({type(exc).__name__}: {exc})"
+            record.args = None
+            record.exc_info = record.exc_text = None
+        return True
+
+
+#: kombu's ConsumerMixin (calc-results, the calculator emulator) logs a traceback each time it
+#: tries the broker again, about once a second while it is down or refuses the vhost.
+RETRY_LOGGERS = ("kombu.mixins",)
+
+
+def shorten_retry_tracebacks() -> None:
+    """RETRY_LOGGERS log one line per try (OneLineFilter), not a traceback."""
+    for name in RETRY_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, OneLineFilter) for f in logger.filters):
+            logger.addFilter(OneLineFilter())
+
+
 def configure(level: str, fmt: str, secrets: "list[str] | tuple[str, ...]" = ()) -> None:
     """The root logger of this process writes `fmt` ("json" or "text") lines to stderr, with
     `secrets` (and URL passwords) masked in every line."""
@@ -179,3 +205,4 @@ def configure(level: str, fmt: str, secrets: "list[str] | tuple[str, ...]" = ())
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    shorten_retry_tracebacks()
