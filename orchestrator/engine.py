@@ -982,7 +982,7 @@ class Engine:
         return ACCEPTED
 
     def step_awaiting(self, instance_id: str, step: str, attempt: int, branch: int | None = None,
-                      basis: Basis | None = None) -> None:
+                      basis: Basis | None = None, started: datetime | None = None) -> None:
         """An external step's task sent its request: the step waits for its completion (no
         lease: nothing is lost if no worker hears of it again). A step whose request is sent again
         when no answer comes (`External(resend=True)`) waits under its lease."""
@@ -991,7 +991,7 @@ class Engine:
             if found is None:
                 return
             inst, run = found
-            run.started_at = run.started_at or utcnow()
+            run.started_at = run.started_at or started or utcnow()
             step_def = self.workflow_class(inst.type).step_named(step)
             if step_def is not None and step_def[1].external is not None and step_def[1].external.resend:
                 if branch is None:  # its request is out: waiting, but under its lease (sent again
@@ -1159,17 +1159,18 @@ class Engine:
                 run.touch("data")
 
     def step_progress(self, instance_id: str, step: str, attempt: int, poll: Poll,
-                      branch: int | None = None, basis: Basis | None = None) -> None:
-        """Record progress and re-arm a timer; the step gives its worker slot back meanwhile."""
-        self._report(basis, lambda uow: self._progress(uow, instance_id, step, attempt, poll, branch))
+                      branch: int | None = None, basis: Basis | None = None, started: datetime | None = None) -> None:
+        """Record progress and re-arm a timer; the step gives its worker slot back meanwhile.
+        `started`: when the task began to run the step (the step's `started_at` if it has none)."""
+        self._report(basis, lambda uow: self._progress(uow, instance_id, step, attempt, poll, branch, started))
 
     def _progress(self, uow: UnitOfWork, instance_id: str, step: str, attempt: int, poll: Poll,
-                  branch: int | None) -> None:
+                  branch: int | None, started: datetime | None) -> None:
         found = self._active_run(uow, instance_id, step, attempt, branch)
         if found is None:
             return
         _, run = found
-        run.started_at = run.started_at or utcnow()
+        run.started_at = run.started_at or started or utcnow()
         if poll.progress is not None:
             run.progress = max(0.0, min(100.0, float(poll.progress)))
         if poll.data:
@@ -1190,12 +1191,15 @@ class Engine:
 
     def step_succeeded(self, instance_id: str, step: str, attempt: int, done: Done,
                        branch: int | None = None, actor: str = "worker", basis: Basis | None = None,
-                       keep: Callable[[Record], bool] | None = None) -> list[Successor]:
+                       keep: Callable[[Record], bool] | None = None,
+                       started: datetime | None = None) -> list[Successor]:
         """Fire the step's event (a branch's: count it, and fire the join when all are in).
         `keep` (see `unit_of_work`) picks the successor's message its caller runs locally; the
-        successors kept are returned."""
-        return self._report(basis, lambda uow: self._succeed(uow, instance_id, step, attempt, done, branch, actor),
-                            keep)
+        successors kept are returned. `started`: when the task began to run the step, the
+        step's `started_at` if it has none (a step done in one delivery had its report's time,
+        and a duration of 0)."""
+        return self._report(basis, lambda uow: self._succeed(uow, instance_id, step, attempt, done, branch, actor,
+                                                             started), keep)
 
     def _report(self, basis: Basis | None, work: Callable[[UnitOfWork], None],
                 keep: Callable[[Record], bool] | None = None) -> list[Successor]:
@@ -1215,17 +1219,18 @@ class Engine:
         return uow.kept
 
     def _succeed(self, uow: UnitOfWork, instance_id: str, step: str, attempt: int, done: Done,
-                 branch: int | None, actor: str) -> None:
+                 branch: int | None, actor: str, started: datetime | None = None) -> None:
         found = self._active_run(uow, instance_id, step, attempt, branch)
         if found is None:
             return
-        self._succeed_run(uow, *found, done, branch, actor)
+        self._succeed_run(uow, *found, done, branch, actor, started)
 
     def _succeed_run(self, uow: UnitOfWork, inst: Record, run: Record, done: Done, branch: int | None,
-                     actor: str) -> None:
+                     actor: str, started: datetime | None = None) -> None:
         cls = self.workflow_class(inst.type)
         step = run.name
         now = utcnow()
+        run.started_at = run.started_at or started
         if branch is not None:
             b = run.data["branches"][branch]
             b.update(status=StepStatus.COMPLETED.value, output=done.output, error=None, finished_at=now.isoformat())
@@ -1252,18 +1257,20 @@ class Engine:
         self._transition(uow, inst, event, payload, actor, old_run=run)
 
     def step_failed(self, instance_id: str, step: str, attempt: int, error: str, retryable: bool,
-                    branch: int | None = None, basis: Basis | None = None) -> None:
-        """Retry after a backoff timer if the policy allows, else fail the step for good."""
+                    branch: int | None = None, basis: Basis | None = None, started: datetime | None = None) -> None:
+        """Retry after a backoff timer if the policy allows, else fail the step for good.
+        `started`: when the task began to run the step (the step's `started_at` if it has none)."""
         error = storable(error)  # it quotes others' text (a service, git, GitLab): keep it storable
-        self._report(basis, lambda uow: self._fail(uow, instance_id, step, attempt, error, retryable, branch))
+        self._report(basis, lambda uow: self._fail(uow, instance_id, step, attempt, error, retryable, branch,
+                                                   started))
 
     def _fail(self, uow: UnitOfWork, instance_id: str, step: str, attempt: int, error: str,
-              retryable: bool, branch: int | None) -> None:
+              retryable: bool, branch: int | None, started: datetime | None = None) -> None:
         found = self._active_run(uow, instance_id, step, attempt, branch)
         if found is None:
             return
         run = found[1]
-        run.started_at = run.started_at or utcnow()  # it ran, up to its failure (as a success records it)
+        run.started_at = run.started_at or started or utcnow()  # it ran, up to its failure
         self._fail_run(uow, *found, error, retryable, branch)
 
     def _fail_run(self, uow: UnitOfWork, inst: Record, run: Record, error: str, retryable: bool,

@@ -39,6 +39,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from . import logs, runtime, tracing
 from .engine import Await, Done, Poll, StepContext, Successor
 from .errors import InvalidInput, UpstreamError
+from .models import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -189,34 +190,37 @@ def execute_step(engine: Any, name: str, fn: StepFunction, instance_id: str, ste
     if ctx.basis is not None:
         tracing.annotate(tracing.workflow_attributes(instance_id, ctx.basis[0].get("type"),
                                                      ctx.basis[0].get("business_key")))
+    started = utcnow()  # the step's start, kept by its report (a step done in one delivery had none)
     try:
         outcome = fn(ctx)
     except UpstreamError as exc:
-        engine.step_failed(instance_id, step, attempt, exc.message, exc.retryable, branch, ctx.basis)
+        engine.step_failed(instance_id, step, attempt, exc.message, exc.retryable, branch, ctx.basis, started)
         return f"failed: {exc.message}"
     except (InvalidInput, StepError) as exc:
-        engine.step_failed(instance_id, step, attempt, str(exc), False, branch, ctx.basis)
+        engine.step_failed(instance_id, step, attempt, str(exc), False, branch, ctx.basis, started)
         return f"failed: {exc}"
     except (OperationalError, InterfaceError) as exc:
         # the database went away under the step (a restart): not the step's fault, so retried
         log.warning("step %s of %s lost its database connection: %s", step, instance_id, exc)
-        engine.step_failed(instance_id, step, attempt, f"database unavailable: {exc}", True, branch, ctx.basis)
+        engine.step_failed(instance_id, step, attempt, f"database unavailable: {exc}", True, branch, ctx.basis,
+                           started)
         return f"failed: {exc}"
     except Exception as exc:
         log.exception("step %s of %s raised", step, instance_id)
         engine.step_failed(instance_id, step, attempt, f"{type(exc).__name__}: {exc}", False, branch,
-                           ctx.basis)
+                           ctx.basis, started)
         return f"failed: {exc}"
     if isinstance(outcome, Poll):
-        engine.step_progress(instance_id, step, attempt, outcome, branch, ctx.basis)
+        engine.step_progress(instance_id, step, attempt, outcome, branch, ctx.basis, started)
         return "waiting"
     if isinstance(outcome, Done):
-        kept = engine.step_succeeded(instance_id, step, attempt, outcome, branch, basis=ctx.basis, keep=continuation)
+        kept = engine.step_succeeded(instance_id, step, attempt, outcome, branch, basis=ctx.basis, keep=continuation,
+                                     started=started)
         if continuation is not None and kept:
             continuation.next = kept[0]
         return "done"
     if isinstance(outcome, Await):  # an external step: its completion comes as an event
-        engine.step_awaiting(instance_id, step, attempt, branch, ctx.basis)
+        engine.step_awaiting(instance_id, step, attempt, branch, ctx.basis, started)
         return "awaiting"
     return "continued"
 

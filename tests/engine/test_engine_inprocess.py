@@ -32,6 +32,26 @@ def test_transitions_run_each_step_once_and_join_the_fan_out(inproc):
     assert [c[0] for c in CALLS] == ["inproc.reserve", "inproc.pack", "inproc.pack"]
 
 
+
+def test_a_step_done_in_one_delivery_shows_when_it_started_and_how_long_it_took(inproc):
+    """A step's start came from its report: one that finished in the same delivery had
+    `started_at` equal to `finished_at` and `duration_seconds` 0.0 (a media download of 6 s
+    showed 0.0 in /sagas/<id> and /jobs/<id>). The task's own start is kept now, for a failed
+    attempt too."""
+    SCRIPT["inproc.reserve"] = ["slow retryable", "ok"]
+    SCRIPT["inproc.pack"] = ["slow"]
+    inst, _ = inproc.engine.start("inproc-shop", {"parcels": ["x"]})
+    inproc.run()
+    failed_attempt = next(s for s in inproc.engine.snapshot(inst["id"])["steps"] if s["name"] == "reserve")
+    assert failed_attempt["started_at"] is not None
+    inproc.fire_timers("retry")
+    inproc.run()
+    steps = {s["name"]: s for s in inproc.engine.snapshot(inst["id"])["steps"]}
+    assert steps["pack"]["duration_seconds"] >= 0.3, steps["pack"]
+    assert steps["reserve"]["started_at"] == failed_attempt["started_at"]  # the first attempt's start
+    assert steps["reserve"]["duration_seconds"] >= 0.3, steps["reserve"]
+    assert datetime.fromisoformat(steps["pack"]["started_at"]) >= datetime.fromisoformat(steps["reserve"]["finished_at"])
+
 def test_a_retryable_failure_waits_on_a_timer_then_runs_again(inproc):
     SCRIPT["inproc.reserve"] = ["retryable"]
     inst, _ = inproc.engine.start("inproc-shop", {"parcels": []})

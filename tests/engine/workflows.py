@@ -2,6 +2,7 @@
 tasks record calls in `CALLS` and take their behaviour from `SCRIPT` (per test)."""
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -14,7 +15,8 @@ from orchestrator.workflow import External, ItemFailed, Retry, Step, Workflow, r
 
 #: (task, instance, step, branch) for every call
 CALLS: list[tuple[str, str, str, int | None]] = []
-#: task name -> list of behaviours consumed one per call: "ok", "retryable", "fatal"
+#: task name -> list of behaviours consumed one per call: "ok", "retryable", "fatal", "slow" (0.3 s,
+#: then ok), "slow retryable"
 SCRIPT: dict[str, list[str]] = {}
 
 
@@ -26,6 +28,10 @@ def _behave(name: str, ctx: StepContext) -> None:
         raise UpstreamError("svc", "503 from the service", 503)
     if what == "fatal":
         raise StepError("the service refused")
+    if what.startswith("slow"):  # "slow" then "ok", "retryable" or "fatal": the call takes 0.3 s first
+        time.sleep(0.3)
+        if what == "slow retryable":
+            raise UpstreamError("svc", "503 from the service", 503)
 
 
 @step_task("inproc.reserve")
