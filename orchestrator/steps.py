@@ -29,11 +29,12 @@ so the broker delivers it again and the step runs in the next worker.
 from __future__ import annotations
 
 import logging
+import mmap
 from typing import Any, Callable, Mapping
 
 from billiard.exceptions import WorkerLostError
 from celery import shared_task
-from celery.signals import task_failure
+from celery.signals import task_failure, worker_shutting_down
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from . import logs, runtime, tracing
@@ -86,6 +87,20 @@ def step_task(name: str, **options: Any) -> Callable[[StepFunction], Any]:
     return decorate
 
 
+#: One byte shared by a worker's main process and its pool processes (an anonymous shared mapping
+#: made at import, before the pool forks): set when the worker's warm shutdown begins. A worker
+#: that is stopping takes no new step, so its deliveries run no successor themselves; the
+#: successor goes through the broker to a worker that is not stopping. Without it a SIGTERMed
+#: worker went on running successors for up to LOCAL_CONTINUATION_STEPS steps, past the stop
+#: timeout an operator sets from their longest step.
+_STOPPING = mmap.mmap(-1, 1)
+
+
+@worker_shutting_down.connect(weak=False)
+def _worker_stopping(**_: Any) -> None:
+    _STOPPING[0] = 1
+
+
 class Continuation:
     """The successors one worker delivery runs itself (see the module's docstring).
 
@@ -112,6 +127,8 @@ class Continuation:
         return cls(tasks, steps) if tasks else None
 
     def __call__(self, row: Any) -> bool:
+        if _STOPPING[0]:
+            return False
         call = row.payload.get("task") if self.left > 0 and row.channel == "celery" else None
         return call is not None and call[0] in self.tasks and len(call[1]) == 3
 

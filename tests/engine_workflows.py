@@ -9,6 +9,7 @@ Every task counts its effects in Redis under (instance, task[, branch]) so tests
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import redis
@@ -314,7 +315,8 @@ class Hops(Workflow):
     Celery delivery (task id, worker) it ran under, so a test sees which ran locally.
     `input.die_after` names a step whose worker is SIGKILLed, whole, right after that step's
     report commits (once per instance). `input.die_in` names a step during whose first run its
-    pool process (`input.die_how` "process") or its whole worker ("worker") is SIGKILLed."""
+    pool process (`input.die_how` "process") or its whole worker ("worker") is SIGKILLed.
+    `input.slow_in` names a step whose first run takes 3 s."""
 
     type = "hops"
     start_event = "start"
@@ -345,6 +347,8 @@ def _hop(ctx: StepContext) -> Done:
     from celery import current_task
 
     first = count(ctx.instance_id, ctx.step) == 1
+    if first and ctx.input.get("slow_in") == ctx.step:
+        time.sleep(3)
     if first and ctx.input.get("die_in") == ctx.step:
         import signal
 

@@ -93,6 +93,33 @@ def test_worker_killed_between_commit_and_local_successor_completes_once(client,
     assert out["next"]["worker"].startswith(rescuer.name + "@"), out
 
 
+
+def test_a_worker_told_to_stop_runs_no_successor_itself(client, rt, env, sweeper, far_worker):
+    """A worker in its warm shutdown (SIGTERM to its whole process group, as systemd sends it)
+    finishes the step it runs and takes no new one: its successor goes through the broker to
+    another worker. Before, the stopping worker ran the successors itself (up to
+    LOCAL_CONTINUATION_STEPS of them), past a stop timeout set from the longest step."""
+    import signal
+
+    stopping = start_worker(env, rt, f"stopping{uuid.uuid4().hex[:6]}", concurrency=1)
+    try:
+        instance_id = client.post("/saga", json={"type": "hops", "input": {"slow_in": "near"}}).json["id"]
+        wait_for(lambda: _effects(instance_id).get("near") == 1, timeout=60, what="near to start")
+        stopping.kill(signal.SIGTERM)  # warm shutdown: `near` (3 s) finishes first
+    finally:
+        stopping.kill()
+    saga = client.get(f"/sagas/{instance_id}").json
+    assert {s["name"]: s["status"] for s in saga["steps"]}["near"] == "completed", saga
+    assert _effects(instance_id) == {"near": 1}, saga  # `next` did not run in the stopping worker
+    successor = start_worker(env, rt, f"successor{uuid.uuid4().hex[:6]}", concurrency=1)
+    try:
+        saga = _done(client, instance_id)
+    finally:
+        successor.stop()
+    assert _effects(instance_id) == {"near": 1, "next": 1, "far": 1}
+    out = _outputs(saga)
+    assert out["next"]["worker"].startswith(successor.name + "@"), out
+
 def test_on_sqlite_with_the_embedded_broker_only_the_first_step_crosses_the_broker(env, rt, tmp_path):
     """The embedded defaults (`make run`): SQLite state, kombu's SQLite broker. Each `hops`
     instance puts two messages on the broker (its first step, and `far` for the other worker);
