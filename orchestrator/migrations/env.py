@@ -6,6 +6,9 @@ from orchestrator.models import Base
 
 config = context.config
 
+#: The PostgreSQL advisory lock key that upgrades of one database take turns on.
+MIGRATION_LOCK = 7_204_311_842
+
 
 def run_migrations_online() -> None:
     url = config.get_main_option("sqlalchemy.url")
@@ -14,6 +17,11 @@ def run_migrations_online() -> None:
         context.configure(connection=connection, target_metadata=Base.metadata,
                           render_as_batch=url.startswith("sqlite"))
         with context.begin_transaction():
+            if connection.dialect.name == "postgresql":
+                # Upgrades started together (replicas, a deploy's jobs) take turns: each one after
+                # the first finds the schema at its head. Without it two created the same table
+                # and one failed with a 97-line IntegrityError. Released when the transaction ends.
+                connection.exec_driver_sql("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
             context.run_migrations()
     engine.dispose()
 
