@@ -222,10 +222,14 @@ def _celery_worker(app: Any, argv: list[str]) -> None:
     from click.exceptions import Exit
 
     try:
-        worker.main(args=argv, prog_name="orchestrator worker", standalone_mode=False,
-                    obj=CLIContext(app=app, no_color=None, workdir=None))
-    except Exit:
-        pass  # as app.worker_main: the worker has stopped
+        # click hands the status of ctx.exit back rather than exiting (standalone_mode off): the
+        # worker's own, 1 after an "Unrecoverable error", which a supervisor must see (it was 0)
+        status = worker.main(args=argv, prog_name="orchestrator worker", standalone_mode=False,
+                             obj=CLIContext(app=app, no_color=None, workdir=None))
+    except Exit as exc:
+        status = exc.exit_code
+    if isinstance(status, int) and status:
+        sys.exit(status)
 
 
 def _process(role: str, stop: threading.Event | None = None) -> Any:
@@ -726,7 +730,10 @@ def parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="a Celery worker for step tasks")
     worker.add_argument("--queues", default="default,media,engine")
     worker.add_argument("--concurrency", type=COUNT, default=2)
-    worker.add_argument("--name", default="worker@%h")
+    # Celery's node name, unique per worker on a broker: a second worker of one host under the same
+    # name lost the race for its control queue and stopped ("Unrecoverable error: ResourceLocked")
+    worker.add_argument("--name", default=f"worker{os.getpid()}@%h",
+                        help="Celery node name (default worker<pid>@<host>; %%h is the host name)")
     worker.add_argument("--pool", default="prefork")
     worker.set_defaults(func=cmd_worker)
 

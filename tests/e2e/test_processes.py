@@ -517,3 +517,35 @@ def test_a_workflow_module_in_the_folder_a_process_starts_in_is_found_and_a_bad_
     out = upgrade("sagas,tasks,lonely")
     assert out.returncode == 1 and out.stderr.startswith(
         "configuration error: WORKFLOW_MODULES: lonely: There are unreachable states"), out.stderr
+
+
+def test_two_workers_on_one_host_need_no_name_and_a_worker_that_cannot_run_exits_1(env, rt):
+    """`orchestrator worker` twice on one host, as the README's process list runs it: both ran
+    as `worker@<host>`, and the second lost the race for that name's control queue, logged
+    "Unrecoverable error: ResourceLocked" and exited 0, which a supervisor takes for a clean
+    stop. Each is now named after its process id, and a worker Celery stops on an error exits 1."""
+    def nodes() -> set[str]:
+        return {k for r in rt.celery.control.ping(timeout=0.5) for k in r}
+
+    before = nodes()
+    first = Process("unnamed-a", ["worker", "--concurrency", "1"], env).start()
+    second = Process("unnamed-b", ["worker", "--concurrency", "1"], env).start()
+    try:
+        pids = {first.proc.pid, second.proc.pid}  # type: ignore[union-attr]
+        wait_for(lambda: {f"worker{pid}@" for pid in pids} <= {n.split("@")[0] + "@" for n in nodes() - before},
+                 timeout=60, what="both workers to answer ping under their own names")
+        assert first.proc.poll() is None and second.proc.poll() is None  # type: ignore[union-attr]
+        # the same name twice on one broker: the second cannot take the name's control queue
+        name = f"twin{uuid.uuid4().hex[:6]}@%h"
+        twin = Process("twin", ["worker", "--concurrency", "1", "--name", name], env).start()
+        try:
+            wait_for(lambda: any(n.startswith(name.split("@")[0] + "@") for n in nodes()), timeout=60,
+                     what="the first twin to answer ping")
+            again = subprocess.run([sys.executable, "-m", "orchestrator.entrypoints.cli", "worker", "--concurrency", "1",
+                                    "--name", name], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+            assert again.returncode == 1 and "ResourceLocked" in again.stderr, again.stderr[-3000:]
+        finally:
+            twin.stop()
+    finally:
+        first.stop()
+        second.stop()
