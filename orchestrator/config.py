@@ -26,7 +26,7 @@ from urllib.parse import unquote
 from typing import Annotated, Any, ClassVar, Literal, Mapping, TypeVar
 
 from dotenv import dotenv_values
-from pydantic import AliasChoices, AliasGenerator, AfterValidator, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import AliasChoices, AliasGenerator, AfterValidator, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .errors import ConfigError
@@ -204,6 +204,51 @@ class Settings(EnvSettings):
         value = normalize_database_url(value)
         if not re.match(r"^(postgresql\+psycopg2|sqlite)://", value):
             raise ValueError("expected a postgresql:// or sqlite:// URL")
+        from sqlalchemy.engine import make_url
+
+        try:  # SQLAlchemy's own parse, which a bad port (`:notaport`, `[::1`) failed only on first use
+            make_url(value)
+        except Exception as exc:
+            raise ValueError(f"not a database URL SQLAlchemy can read ({exc})") from None
+        return value
+
+    @field_validator("broker_url", "result_backend")
+    @classmethod
+    def _celery_url(cls, value: str, info: ValidationInfo) -> str:
+        # Read by the libraries that will use them (kombu's transports, Celery's backends): a
+        # process waited for ever on `amqpp://` or a port that is no number, and a worker stopped
+        # on `CELERY_RESULT_BACKEND=garbage` with exit status 0.
+        if not value:
+            return value
+        if "://" not in value:
+            raise ValueError("expected a URL (scheme://...)")
+        from kombu.utils.url import parse_url
+
+        try:
+            parse_url(value)
+            if info.field_name == "broker_url":
+                from kombu import Connection
+
+                Connection(value).transport_cls  # noqa: B018  (resolves the transport by its scheme)
+            else:
+                from celery.app.backends import by_url
+
+                by_url(value)
+        except (ValueError, KeyError, ImportError) as exc:
+            why = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # a KeyError's str is quoted
+            raise ValueError(f"cannot be used: {why}") from None
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if value:
+            from redis.connection import parse_url
+
+            try:
+                parse_url(value)
+            except ValueError as exc:
+                raise ValueError(str(exc)) from None
         return value
 
     @field_validator("log_level")
