@@ -211,35 +211,65 @@ def execute_step(engine: Any, name: str, fn: StepFunction, instance_id: str, ste
     try:
         outcome = fn(ctx)
     except UpstreamError as exc:
-        engine.step_failed(instance_id, step, attempt, exc.message, exc.retryable, branch, ctx.basis, started)
+        _reported(lambda basis: engine.step_failed(instance_id, step, attempt, exc.message, exc.retryable, branch,
+                                                   basis, started), ctx.basis, instance_id, step)
         return f"failed: {exc.message}"
     except (InvalidInput, StepError) as exc:
-        engine.step_failed(instance_id, step, attempt, str(exc), False, branch, ctx.basis, started)
+        _reported(lambda basis: engine.step_failed(instance_id, step, attempt, str(exc), False, branch, basis,
+                                                   started), ctx.basis, instance_id, step)
         return f"failed: {exc}"
     except (OperationalError, InterfaceError) as exc:
         # the database went away under the step (a restart): not the step's fault, so retried
         log.warning("step %s of %s lost its database connection: %s", step, instance_id, exc)
-        engine.step_failed(instance_id, step, attempt, f"database unavailable: {exc}", True, branch, ctx.basis,
-                           started)
+        _reported(lambda basis: engine.step_failed(instance_id, step, attempt, f"database unavailable: {exc}", True,
+                                                   branch, basis, started), ctx.basis, instance_id, step)
         return f"failed: {exc}"
     except Exception as exc:
         log.exception("step %s of %s raised", step, instance_id)
-        engine.step_failed(instance_id, step, attempt, f"{type(exc).__name__}: {exc}", False, branch,
-                           ctx.basis, started)
+        _reported(lambda basis: engine.step_failed(instance_id, step, attempt, f"{type(exc).__name__}: {exc}",
+                                                   False, branch, basis, started), ctx.basis, instance_id, step)
         return f"failed: {exc}"
     if isinstance(outcome, Poll):
-        engine.step_progress(instance_id, step, attempt, outcome, branch, ctx.basis, started)
+        _reported(lambda basis: engine.step_progress(instance_id, step, attempt, outcome, branch, basis, started),
+                  ctx.basis, instance_id, step)
         return "waiting"
     if isinstance(outcome, Done):
-        kept = engine.step_succeeded(instance_id, step, attempt, outcome, branch, basis=ctx.basis, keep=continuation,
-                                     started=started)
+        kept = _reported(lambda basis: engine.step_succeeded(instance_id, step, attempt, outcome, branch, basis=basis,
+                                                             keep=continuation, started=started),
+                         ctx.basis, instance_id, step)
         if continuation is not None and kept:
             continuation.next = kept[0]
         return "done"
     if isinstance(outcome, Await):  # an external step: its completion comes as an event
-        engine.step_awaiting(instance_id, step, attempt, branch, ctx.basis, started)
+        _reported(lambda basis: engine.step_awaiting(instance_id, step, attempt, branch, basis, started),
+                  ctx.basis, instance_id, step)
         return "awaiting"
     return "continued"
+
+
+#: How long a step's report waits for the database to answer again. The outcome exists only in
+#: this process: given up, the step is run again when its lease runs out (STEP_LEASE_SECONDS,
+#: 10 minutes by default), which is what a 20-second outage cost every step that ended in it.
+REPORT_WAIT_SECONDS = 60.0
+
+
+def _reported(call: Callable[[Any], Any], basis: Any, instance_id: str, step: str) -> Any:
+    """`call(basis)`, a step's report to the engine, tried again while the database is
+    unreachable (OperationalError, InterfaceError), with backoff, for REPORT_WAIT_SECONDS. A
+    report is one transaction: one that failed wrote nothing, and one whose commit went through
+    before its connection broke finds the step no longer active when tried again, and does
+    nothing. Only the first try writes on `basis` (what the step read when it was claimed): a
+    try applies the report to it before it writes, so the next reads the rows afresh."""
+    from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
+    for attempt in Retrying(retry=retry_if_exception_type((OperationalError, InterfaceError)),
+                            stop=stop_after_delay(REPORT_WAIT_SECONDS), wait=wait_exponential(0.5, max=5),
+                            reraise=True, before_sleep=lambda state: log.warning(
+                                "the report of step %s of %s waits for the database: %s", step, instance_id,
+                                state.outcome.exception() if state.outcome else "")):
+        with attempt:
+            return call(basis if attempt.retry_state.attempt_number == 1 else None)
+    return None  # not reached: the last attempt returns or raises
 
 
 def compensation_task(name: str, **options: Any) -> Callable[[Callable[[StepContext], None]], Any]:

@@ -247,3 +247,33 @@ def test_sigquit_after_sigterm_still_stops_the_worker_at_once(env, rt, client, s
     finally:
         worker.kill()
         requests.delete(f"{slow_downloader.url}/_emulator/faults", timeout=5)
+
+
+def test_a_step_that_ends_while_the_database_is_away_reports_when_it_is_back(env, rt, client, sweeper):
+    """A step's outcome exists only in its worker: when its report met a database outage, the
+    task failed, its message was acknowledged, and the step waited out its lease (10 minutes by
+    default) to run again. The report now waits for the database (REPORT_WAIT_SECONDS), so a
+    20-second outage costs the workflow 20 seconds, and the step runs once."""
+    from engine_workflows import effects
+
+    url = urlparse(env["DATABASE_URL"])
+    gate = Proxy(url.hostname or "127.0.0.1", url.port or 5432).start()
+    gated = {**env, "DATABASE_URL": url._replace(netloc=f"{url.username}@127.0.0.1:{gate.port}").geturl()}
+    name = f"gated{uuid.uuid4().hex[:6]}"
+    worker = Process(name, ["worker", "--concurrency", "1", "--queues", "default,hops-far", "--name", f"{name}@%h"],
+                     gated).start()
+    try:
+        wait_for(lambda: any(k.startswith(f"{name}@") for r in rt.celery.control.ping(timeout=0.5) for k in r),
+                 timeout=60, what="the gated worker to answer ping")
+        instance_id = client.post("/saga", json={"type": "hops", "input": {"slow_in": "near"}}).json["id"]
+        wait_for(lambda: effects().hget(f"effects:{instance_id}", "near") == b"1", timeout=60, what="near to start")
+        gate.stop()  # near (3 s) ends while the database cannot be reached
+        wait_for(lambda: "waits for the database" in worker.output(), timeout=30, what="the report to wait")
+        gate.start()
+        saga = wait_for(lambda: (lambda s: s if s["state"] == "done" else None)(client.get(f"/sagas/{instance_id}").json),
+                        timeout=90, what="the workflow to finish well within its steps' lease (600 s)")
+    finally:
+        worker.stop()
+        gate.stop()
+    assert {k.decode(): int(v) for k, v in effects().hgetall(f"effects:{instance_id}").items()} == \
+        {"near": 1, "next": 1, "far": 1}, saga
