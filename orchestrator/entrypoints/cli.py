@@ -104,8 +104,9 @@ def cmd_db(args: argparse.Namespace) -> None:
 def cmd_api(args: argparse.Namespace) -> None:
     # before the settings import the workflow modules: a metric made earlier would not be shared
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="orchestrator-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = _own_temporary_folder("orchestrator-metrics-")
     settings = _settings("web.settings")  # API_* too: gunicorn's workers would only fail to boot
+    _listenable("the API", args.host or settings.host, args.port or settings.port, host_by="HOST", port_by="PORT")
     _logging(settings)
     _tracing("api", settings)  # gunicorn's workers inherit it; create_app instruments Flask
     from gunicorn.app.base import BaseApplication
@@ -322,6 +323,7 @@ def cmd_flower(args: argparse.Namespace) -> None:
     auth = rt.settings.flower_basic_auth
     if not auth:
         sys.exit("configuration error: FLOWER_BASIC_AUTH: required (user:password) so Flower is never open")
+    _listenable("Flower", args.address, args.port, host_by="--address", port_by="--port")
     from flower.views.monitor import Metrics
     from tornado.web import authenticated
 
@@ -337,6 +339,30 @@ DEV_RESTARTS = 5
 #: The login `orchestrator dev` gives Flower and the console unless FLOWER_BASIC_AUTH /
 #: CONSOLE_BASIC_AUTH are set (docs/operations.md, "Who may do what").
 DEV_LOGIN = "admin:admin"
+def _listenable(what: str, host: str, port: int, host_by: str, port_by: str) -> None:
+    """Exit with one line naming the variable or flag unless `what` can listen on host:port: a
+    port in use gave gunicorn's "Connection in use" five times, or a 34-line traceback from
+    Flower, and neither named what moves it."""
+    import socket
+
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        sys.exit(f"configuration error: {host_by}: {what} cannot listen on {host!r} ({exc.strerror})")
+    problems = port_problems([PortClaim(what, port_by, host, port)])
+    if problems:
+        sys.exit(f"configuration error: {port_by}: {problems[0]}")
+
+
+def _own_temporary_folder(prefix: str) -> str:
+    """A new folder, removed when this process exits (not when a process forked from it does)."""
+    import shutil
+
+    folder, owner = tempfile.mkdtemp(prefix=prefix), os.getpid()
+    atexit.register(lambda: os.getpid() == owner and shutil.rmtree(folder, ignore_errors=True))
+    return folder
+
+
 #: The admin token `orchestrator dev` gives the API (X-Admin-Token) unless ADMIN_TOKEN is set.
 DEV_ADMIN_TOKEN = "dev-admin-token"
 DEV_STABLE_SECONDS = 60.0
@@ -558,7 +584,8 @@ def cmd_dev(args: argparse.Namespace) -> None:
         children.append(("kafka-emulators", [sys.executable, "-m", "emulators.kafka_services",
                                              "--brokers", env.get("KAFKA_BROKERS") or settings.kafka_brokers]))
     # one metrics directory for every child, so the API's /metrics shows the bridge's too
-    env.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="orchestrator-metrics-"))
+    if not env.get("PROMETHEUS_MULTIPROC_DIR"):
+        env["PROMETHEUS_MULTIPROC_DIR"] = _own_temporary_folder("orchestrator-metrics-")
     children += [
         ("calc-results", py + ["calc-results"]),
         ("bridge", py + ["bridge"]),

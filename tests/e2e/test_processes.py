@@ -554,3 +554,22 @@ def test_two_workers_on_one_host_need_no_name_and_a_worker_that_cannot_run_exits
     finally:
         first.stop()
         second.stop()
+
+
+@pytest.mark.parametrize("args, variable", [(["api"], "PORT"), (["flower", "--address", "127.0.0.1"], "--port")])
+def test_a_port_in_use_is_refused_in_one_line_naming_what_moves_it(env, tmp_path, args, variable):
+    """`orchestrator api` on a port in use printed gunicorn's "Connection in use" five times and
+    exited without naming PORT; `orchestrator flower` a 34-line traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        extra = ["--port", str(port)] if args[0] == "flower" else []
+        out = subprocess.run([sys.executable, "-m", "orchestrator.entrypoints.cli", *args, *extra], cwd=tmp_path,
+                             env={**env, "HOST": "127.0.0.1", "PORT": str(port), "FLOWER_BASIC_AUTH": "a:b"},
+                             capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines() == [
+        f"configuration error: {variable}: port {port} for {'the API' if args[0] == 'api' else 'Flower'} on 127.0.0.1 "
+        f"is not available (Address already in use): stop what uses it or move "
+        f"{'the API' if args[0] == 'api' else 'Flower'} with {variable}"], out.stderr[-2000:]
