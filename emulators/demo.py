@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repos-dir", default="./data/repos", help="the local git backend's folder (GIT_REPOS_DIR)")
     args = p.parse_args(argv)
     if ensure_local_demo(args.repos_dir):
-        print(f"orchestrator dev: created the demo project {DEMO_PROJECT} in {args.repos_dir}", flush=True)
+        print(f"created the demo project {DEMO_PROJECT} in {args.repos_dir}", flush=True)
 
 
 if __name__ == "__main__":
