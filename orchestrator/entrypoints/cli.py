@@ -127,6 +127,11 @@ def cmd_api(args: argparse.Namespace) -> None:
             self.cfg.set("timeout", 60)
             self.cfg.set("graceful_timeout", 10)
             self.cfg.set("accesslog", "-" if args.access_log else None)
+            # gunicorn 25.1's control socket is one path per user (~/.gunicorn/gunicorn.ctl): a
+            # second API on the host took it over, and the first to stop deleted it for both.
+            # Signals (TERM, HUP, TTIN) manage the API; no gunicornc is needed.
+            if "control_socket_disable" in self.cfg.settings:
+                self.cfg.set("control_socket_disable", True)
 
         def load(self) -> Any:
             return create_app()

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from conftest import Process, ROOT, embedded, fresh_database, terminate, wait_for
+from conftest import Process, ROOT, embedded, fresh_database, serve_api, terminate, wait_for
 from orchestrator.entrypoints.ports import free_port
 
 
@@ -573,3 +573,16 @@ def test_a_port_in_use_is_refused_in_one_line_naming_what_moves_it(env, tmp_path
         f"configuration error: {variable}: port {port} for {'the API' if args[0] == 'api' else 'Flower'} on 127.0.0.1 "
         f"is not available (Address already in use): stop what uses it or move "
         f"{'the API' if args[0] == 'api' else 'Flower'} with {variable}"], out.stderr[-2000:]
+
+
+def test_the_api_leaves_no_control_socket_another_api_could_take(env, tmp_path):
+    """gunicorn (25.1 on) makes one control socket per user, `$XDG_RUNTIME_DIR/gunicorn.ctl`: two
+    APIs on one host shared it, and the first to stop deleted it under the other. Signals manage
+    the API, so it makes none."""
+    api = serve_api("no-ctl", {**env, "XDG_RUNTIME_DIR": str(tmp_path)})
+    host, port = next(api)
+    try:
+        assert requests.get(f"http://{host}:{port}/healthz", timeout=10).status_code == 200
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        next(api, None)  # stops it
