@@ -26,6 +26,21 @@ class DatabaseCollector:
         self.sessions = sessions
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        """The gauges, after `orchestrator_database_up` 1; only that gauge, at 0, when the
+        database does not answer or has no schema yet: the page still carries every other
+        metric (it answered 503, and a scrape during an outage lost the HTTP figures too)."""
+        from sqlalchemy.exc import DBAPIError
+
+        up = "orchestrator_database_up"
+        try:
+            families = list(self._read())
+        except DBAPIError:
+            yield GaugeMetricFamily(up, "Whether the database answered this scrape's queries", value=0)
+            return
+        yield GaugeMetricFamily(up, "Whether the database answered this scrape's queries", value=1)
+        yield from families
+
+    def _read(self) -> Iterator[GaugeMetricFamily]:
         from .models import OutboxMessage, StepRun, Timer, WorkflowInstance, utcnow
 
         instances = GaugeMetricFamily("orchestrator_workflow_instances", "Instances by type and state",

@@ -168,6 +168,12 @@ def test_an_unreachable_database_answers_503_naming_it(env):
                           timeout=30)
         assert r.status_code == 503 and r.json()["dependency"] == "database", r.text
         assert f"127.0.0.1:{nobody}" in r.json()["message"] and "secret" not in r.text, r.text
+        # /metrics still answers, with the HTTP figures and the database marked down (it was a
+        # 503: a scrape during an outage lost every metric)
+        page = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=30)
+        assert page.status_code == 200, page.text
+        assert "orchestrator_database_up 0.0" in page.text and "orchestrator_http_requests_total{" in page.text
+        assert "orchestrator_workflow_instances{" not in page.text
     finally:
         proc.stop()
 
