@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from conftest import PG_ADMIN, ROOT, _admin_engine
+from conftest import PG_ADMIN, ROOT, _admin_engine, fresh_database
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, inspect, text
 
@@ -128,12 +128,7 @@ def test_upgrades_started_together_take_turns(tmp_path: Path) -> None:
     """Several `db upgrade` at once on one new PostgreSQL database (replicas, the jobs of one
     deploy): each succeeds, the first migrating and the others finding the schema at its head.
     Before, two created the same table and one failed with a 97-line IntegrityError."""
-    name = f"orch_test_{uuid.uuid4().hex[:8]}"
-    admin = _admin_engine()
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = PG_ADMIN.rsplit("/", 1)[0] + "/" + name
-    try:
+    with fresh_database(migrated=False) as url:
         environ = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "POSTGRES_", "WORKFLOW_"))}
         environ.update(DATABASE_URL=url, PYTHONPATH=str(ROOT))
         procs = [subprocess.Popen([sys.executable, "-m", "orchestrator.entrypoints.cli", "db", "upgrade"], env=environ,
@@ -142,7 +137,3 @@ def test_upgrades_started_together_take_turns(tmp_path: Path) -> None:
         outs = [p.communicate(timeout=180) for p in procs]
         assert [p.returncode for p in procs] == [0] * 4, [err[-2000:] for _, err in outs]
         assert tables_and_heads(url)[1] == {ENGINE_HEAD}
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
