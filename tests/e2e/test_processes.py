@@ -178,6 +178,31 @@ def test_an_unreachable_database_answers_503_naming_it(env):
         proc.stop()
 
 
+
+def test_a_database_that_takes_connections_and_never_answers_is_down_within_seconds(env):
+    """A PostgreSQL host that accepts the connection and then says nothing (a partition, a hung
+    server): /readyz and /metrics waited for it without end (a scrape returned after 169 s, when
+    the connection was cut). A new connection now gives up after CONNECT_TIMEOUT_SECONDS."""
+    from orchestrator.db import CONNECT_TIMEOUT_SECONDS
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # the kernel accepts; nobody ever answers
+    port = free_port()
+    stalled = {**env, "DATABASE_URL": f"postgresql+psycopg2://postgres@127.0.0.1:{silent.getsockname()[1]}/db"}
+    proc = Process("api-silent-database", ["api", "--port", str(port), "--host", "127.0.0.1", "--workers", "1"],
+                   stalled).start()
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz")
+        limit = 3 * CONNECT_TIMEOUT_SECONDS + 10  # a bound on the answer, not a timing asserted
+        ready = requests.get(f"http://127.0.0.1:{port}/readyz", timeout=limit)
+        assert ready.status_code == 503 and "database" in ready.json()["down"], ready.text
+        page = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=limit)
+        assert page.status_code == 200 and "orchestrator_database_up 0.0" in page.text, page.text[-2000:]
+    finally:
+        proc.stop()
+        silent.close()
+
 # One variable of the core settings and one of each workflow's own (media, balance, chat): the
 # workflows' settings are checked at start-up too, not on the first request that reads them.
 @pytest.mark.parametrize("name, value", [("POLL_INTERVAL", "often"), ("API_THREADS", "0"), ("GITLAB_URL", "gitlab"),
