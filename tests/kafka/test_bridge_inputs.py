@@ -140,7 +140,8 @@ def test_same_route_confirmed_twice_has_one_effect(kclient, kafka, bridge, kafka
     wait_for(lambda: [m for m in kafka_emulators["delivery"].messages() if m["route_id"] == route_id],
              timeout=10, what="prefetch")
     assert len([m for m in kafka_emulators["delivery"].messages() if m["route_id"] == route_id]) == 1
-    assert metric(bridge, "orchestrator_kafka_events_total", topic="route.confirmed", outcome="ignored") >= 2
+    wait_for(lambda: metric(bridge, "orchestrator_kafka_events_total", topic="route.confirmed",
+                            outcome="ignored") >= 2, timeout=10, what="the repeated starts counted")
 
 
 def test_repeated_foreign_and_unknown_tts_results(kclient, kafka, bridge, kafka_emulators):
@@ -207,7 +208,9 @@ def test_same_event_id_twice_counts_once(kclient, kafka, krt, bridge):
     kafka.send("test.increments", {"counter": key, "n": 1, "seq": 1}, key=key)  # same partition, after
     wait_for(lambda: len(counters(krt, [key])[key]["seen"]) >= 2, timeout=20, what="both events")
     assert counters(krt, [key])[key]["total"] == 6
-    assert metric(bridge, "orchestrator_kafka_events_total", topic="test.increments", outcome="duplicate") >= 1
+    # the bridge counts a batch's outcomes once it has committed: just after its rows are seen
+    wait_for(lambda: metric(bridge, "orchestrator_kafka_events_total", topic="test.increments",
+                            outcome="duplicate") >= 1, timeout=10, what="the duplicate counted")
 
 
 def test_orchestrator_produce_sets_the_event_id_header(kafka, tmp_path):
