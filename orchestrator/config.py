@@ -26,7 +26,8 @@ from urllib.parse import unquote
 from typing import Annotated, Any, ClassVar, Literal, Mapping, TypeVar
 
 from dotenv import dotenv_values
-from pydantic import AliasChoices, AliasGenerator, AfterValidator, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator
+from pydantic import (AliasChoices, AliasGenerator, AfterValidator, Field, PrivateAttr, ValidationError, ValidationInfo,
+                      field_validator)
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .errors import ConfigError

@@ -247,7 +247,8 @@ class Trip(Workflow):
     flight_booked = flight.to(car)
     car_booked = car.to(booked)
     fail = hotel.to(failed) | flight.to(failed) | car.to(failed)  # a step that fails fires it
-    cancel = hotel.to(cancelled) | flight.to(cancelled) | car.to(cancelled) | booked.to(cancelled) | failed.to(cancelled)
+    cancel = (hotel.to(cancelled) | flight.to(cancelled) | car.to(cancelled) | booked.to(cancelled)
+              | failed.to(cancelled))
 
     steps = {state: Step("trip.book", name=state.id, compensate="trip.unbook", compensate_retry=FAST)
              for state in (hotel, flight, car)}

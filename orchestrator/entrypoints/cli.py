@@ -344,30 +344,6 @@ DEV_RESTARTS = 5
 #: The login `orchestrator dev` gives Flower and the console unless FLOWER_BASIC_AUTH /
 #: CONSOLE_BASIC_AUTH are set (docs/operations.md, "Who may do what").
 DEV_LOGIN = "admin:admin"
-def _listenable(what: str, host: str, port: int, host_by: str, port_by: str) -> None:
-    """Exit with one line naming the variable or flag unless `what` can listen on host:port: a
-    port in use gave gunicorn's "Connection in use" five times, or a 34-line traceback from
-    Flower, and neither named what moves it."""
-    import socket
-
-    try:
-        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        sys.exit(f"configuration error: {host_by}: {what} cannot listen on {host!r} ({exc.strerror})")
-    problems = port_problems([PortClaim(what, port_by, host, port)])
-    if problems:
-        sys.exit(f"configuration error: {port_by}: {problems[0]}")
-
-
-def _own_temporary_folder(prefix: str) -> str:
-    """A new folder, removed when this process exits (not when a process forked from it does)."""
-    import shutil
-
-    folder, owner = tempfile.mkdtemp(prefix=prefix), os.getpid()
-    atexit.register(lambda: os.getpid() == owner and shutil.rmtree(folder, ignore_errors=True))
-    return folder
-
-
 #: The admin token `orchestrator dev` gives the API (X-Admin-Token) unless ADMIN_TOKEN is set.
 DEV_ADMIN_TOKEN = "dev-admin-token"
 DEV_STABLE_SECONDS = 60.0
@@ -417,6 +393,30 @@ def port_problems(claims: list[PortClaim]) -> list[str]:
             problems.append(f"port {port} for {c.what} on {c.host} is not available ({exc.strerror or exc}): "
                             f"stop what uses it or move {c.what} with {c.moved_by}")
     return problems
+
+
+def _listenable(what: str, host: str, port: int, host_by: str, port_by: str) -> None:
+    """Exit with one line naming the variable or flag unless `what` can listen on host:port: a
+    port in use gave gunicorn's "Connection in use" five times, or a 34-line traceback from
+    Flower, and neither named what moves it."""
+    import socket
+
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        sys.exit(f"configuration error: {host_by}: {what} cannot listen on {host!r} ({exc.strerror})")
+    problems = port_problems([PortClaim(what, port_by, host, port)])
+    if problems:
+        sys.exit(f"configuration error: {port_by}: {problems[0]}")
+
+
+def _own_temporary_folder(prefix: str) -> str:
+    """A new folder, removed when this process exits (not when a process forked from it does)."""
+    import shutil
+
+    folder, owner = tempfile.mkdtemp(prefix=prefix), os.getpid()
+    atexit.register(lambda: os.getpid() == owner and shutil.rmtree(folder, ignore_errors=True))
+    return folder
 
 
 #: The file in ./data that one `orchestrator dev` holds locked for its whole life.

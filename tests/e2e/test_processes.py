@@ -243,7 +243,8 @@ def test_variable_names_are_exact_a_lower_case_one_is_not_read(tmp_path):
     ("dev", "API_MAX_BODY_BYTES", "10"), ("dev", "PORT", "70000"), ("dev", "GITLAB_EMULATOR_PORT", "70000"),
     # URLs the libraries that use them cannot read: processes waited for ever, or a worker stopped
     # with status 0 (docs: "configuration error: <VARIABLE>: <why>")
-    ("sweeper", "DATABASE_URL", "postgresql://postgres@127.0.0.1:notaport/db"), ("worker", "CELERY_BROKER_URL", "amqpp://x"),
+    ("sweeper", "DATABASE_URL", "postgresql://postgres@127.0.0.1:notaport/db"),
+    ("worker", "CELERY_BROKER_URL", "amqpp://x"),
     ("worker", "CELERY_BROKER_URL", "garbage"), ("worker", "CELERY_RESULT_BACKEND", "garbage://x"),
     ("api", "REDIS_URL", "garbage")])
 def test_a_value_no_process_can_run_with_is_refused_before_it_starts(env, tmp_path, command, name, value):
