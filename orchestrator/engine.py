@@ -18,7 +18,7 @@ import contextvars
 import copy
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterator, Protocol
@@ -74,11 +74,6 @@ _CLAIM_UPSERT_SQL = {
                "SET attempt = excluded.attempt, dispatch = excluded.dispatch, claimed_at = excluded.claimed_at "
                f"WHERE {_NEWER.format('<=' if takeover else '<')} RETURNING step_claims.attempt")
     for takeover in (False, True)}
-# A row run locally is sent as far as the relay is concerned ($8 now, $9 its message id).
-_MARK_SENT_SQL = ("UPDATE outbox SET sent_at = $8, publish_attempts = publish_attempts + 1 "
-                  "WHERE message_id = $9 AND sent_at IS NULL")
-_MARK_SENT = (update(OUTBOX).where(OUTBOX.c.message_id == bindparam("row"), OUTBOX.c.sent_at.is_(None))
-              .values(sent_at=bindparam("now"), publish_attempts=OUTBOX.c.publish_attempts + 1))
 _CLAIM_UPSERTS: dict[tuple[str, bool], Any] = {}
 
 
@@ -101,11 +96,20 @@ def _claim_upsert(dialect: str, takeover: bool) -> Any:
             where=newer).returning(c.attempt)
     return stmt
 
-
-# A local continuation's claim (Engine.claim_successor): the claim, the outbox mark and the read
-# in one statement; the first column says whether the claim was taken.
-CLAIM_SUCCESSOR_SQL = (f"WITH c AS ({_CLAIM_UPSERT_SQL[False]}), m AS ({_MARK_SENT_SQL}) "
-                       f"SELECT (SELECT count(*) FROM c), {CLAIM_SQL.removeprefix('SELECT ')}")
+# A delivery's claim (Engine.claim) on PostgreSQL: the claim of the dispatch its step row holds,
+# and the read of the basis, in one statement (one snapshot); the first column says whether the
+# claim was taken. ($1 instance, $2 step, $3 task, $4 branch, $5 attempt, $6 now)
+_ACTIVE_SQL = ", ".join(f"'{s.value}'" for s in ACTIVE_STEP_STATUSES)
+CLAIM_DELIVERY_SQL = {
+    takeover: ("WITH d AS (SELECT dispatches FROM step_runs WHERE instance_id = $1 AND name = $2 "
+               f"AND attempt = $5::integer AND status IN ({_ACTIVE_SQL})), "
+               "c AS (INSERT INTO step_claims (instance_id, step, task, branch, attempt, dispatch, claimed_at) "
+               "SELECT $1, $2, $3, $4::integer, $5::integer, d.dispatches, $6::timestamptz FROM d "
+               "ON CONFLICT (instance_id, step, task, branch) DO UPDATE SET attempt = excluded.attempt, "
+               "dispatch = excluded.dispatch, claimed_at = excluded.claimed_at "
+               f"WHERE {_NEWER.format('<=' if takeover else '<')} RETURNING step_claims.attempt) "
+               f"SELECT (SELECT count(*) FROM c), {CLAIM_SQL.removeprefix('SELECT ')}")
+    for takeover in (False, True)}
 
 #: (instance values, [step row values]) as read by the claim
 Basis = tuple[dict[str, Any], list[dict[str, Any]]]
@@ -230,7 +234,8 @@ class Poll:
 @dataclass(frozen=True)
 class Successor:
     """A step message its writer runs itself (a local continuation, `Engine.unit_of_work`): its
-    outbox row's message id, and the dispatch of the step it carries (`Engine.claim_successor`)."""
+    outbox row's message id, the dispatch of the step it carries, and the instance and step rows
+    as that writer's transaction left them (`Engine.claim_successor`; None: read them)."""
 
     message_id: str
     task: str
@@ -238,6 +243,7 @@ class Successor:
     step: str
     attempt: int
     dispatch: int
+    basis: "Basis | None" = field(default=None, repr=False)
 
 
 class UnitOfWork:
@@ -289,6 +295,16 @@ class UnitOfWork:
                       # its publish continues this trace (tracing.py); None when tracing is off
                       "trace_context": tracing.carrier()}, new=True)
         self.outbox.append(self.writes.add(OUTBOX, msg))
+
+    def written_basis(self, instance_id: str) -> Basis | None:
+        """The instance and every step row of it as a read right after this transaction's commit
+        would return them; None when they are not all in hand (the instance was not read)."""
+        inst, runs = self.writes.instances.get(instance_id), self.runs.get(instance_id)
+        if inst is None or runs is None or instance_id not in self.writes.versions:
+            return None
+        values = inst.as_read(INSTANCES)
+        values["version"] = self.writes.versions[instance_id] + 1  # every write bumps it once
+        return values, [run.as_read(RUNS) for run in runs.values()]
 
     def lock(self, instance_id: str) -> Record:
         inst = self._load(instance_id)
@@ -417,7 +433,7 @@ class Batch:
         uow.before_read = self.flush  # what it may read is written first
         yield uow
         w = uow.writes
-        if not w.loaded and not w.touched - set(w.instances) and all(r.is_new for _, r in w.new):
+        if not w.loaded and not w.upserts and not w.touched - set(w.instances) and all(r.is_new for _, r in w.new):
             self.held.append((self.tag, w))
         else:
             self.flush()
@@ -504,8 +520,8 @@ class Engine:
         """One transaction; its outbox rows are handed to the relay after commit. `keep` picks
         (at most) one step message (one task: `{"task": [name, [instance, step, attempt]]}`)
         its caller runs itself instead (`uow.kept`, a local continuation): that row is written
-        on the LOCAL channel, not relayed after commit, and stays unsent until its run claims it
-        (`claim_successor`), so a crash before then leaves it to the sweeper."""
+        on the LOCAL channel, marked sent, with the step's claim, and not relayed after commit
+        (see `_keep`)."""
         batch = _batch.get()
         if batch is not None and batch.engine is self:  # a batch's unit of work: no local continuation
             yield from batch.unit_of_work(basis)
@@ -517,6 +533,8 @@ class Engine:
                 if keep is not None:
                     self._keep(uow, keep)
                 uow.writes.flush(session.connection(), self.prepare)
+        if uow.kept:
+            uow.kept = [replace(s, basis=uow.written_basis(s.instance_id)) for s in uow.kept]
         outbox = [r for r in uow.outbox if r.channel != LOCAL] if uow.kept else uow.outbox
         if outbox and self.relay is not None:
             try:
@@ -526,16 +544,25 @@ class Engine:
 
     @staticmethod
     def _keep(uow: UnitOfWork, keep: Callable[[Record], bool]) -> None:
-        """Pick the step message `keep` wants to run locally; its row is written on the `local`
-        channel: not relayed after commit, and published through Celery by the sweeper only if
-        its run has not claimed it by then (the writer died first)."""
+        """Pick the step message `keep` wants to run locally. Its row is written on the `local`
+        channel and marked sent, and the step's claim with it (`take_claim`'s row): the
+        successor is this writer's from the commit on, as a delivered step is its delivery's
+        once claimed, and its run needs no statement of its own before it starts. A crash
+        after the commit is a crash of that run (`running_locally`, the step's lease).
+
+        The claim is written over any older one: this transaction dispatches the step (bumps
+        its dispatch under the instance's version), so no claim can be as new."""
         kept = next((r for r in uow.outbox if keep(r)), None)
         if kept is None:
             return
         task, (instance_id, step, attempt) = kept.payload["task"]
         run = uow.runs.get(instance_id, {}).get(step)
         if run is not None and run.attempt == attempt:
-            kept.channel = LOCAL
+            now = utcnow()
+            kept.channel, kept.sent_at, kept.publish_attempts = LOCAL, now, 1
+            uow.writes.upsert(CLAIMS, Record({"instance_id": instance_id, "step": step, "task": task, "branch": -1,
+                                              "attempt": attempt, "dispatch": run.dispatches, "claimed_at": now},
+                                             new=True))
             uow.kept = [Successor(kept.message_id, task, instance_id, step, attempt, run.dispatches)]
 
     @contextmanager
@@ -1026,24 +1053,34 @@ class Engine:
                 rows = conn.execute(CLAIM, {"id": instance_id}).all()
         return self._step_context(instance_id, step, attempt, branch, rows)
 
-    def claim_successor(self, successor: Successor) -> StepContext | None:
-        """`claim_step` and `take_claim` for a local continuation, whose dispatch is known: on
-        PostgreSQL one prepared statement claims it, marks its outbox row sent and reads the
-        basis (one snapshot). None: stale, or another delivery holds the claim."""
-        s = successor
-        if not self.prepare:
-            ctx = self.claim_step(s.instance_id, s.step, s.attempt)
-            return ctx if ctx is not None and self.take_claim(ctx, s.task, message_id=s.message_id) else None
-        now = utcnow()
+    def claim(self, task: str, instance_id: str, step: str, attempt: int, branch: int | None = None,
+              redelivered: bool = False) -> StepContext | None:
+        """`claim_step`, then `take_claim`: what a delivery of a step does before its work.
+        None: a stale or duplicate delivery, or another delivery holds the claim. On PostgreSQL
+        a step that is not a fan-out branch is claimed and read by one prepared statement
+        (a branch's dispatch is inside its step row's JSON: two statements, as elsewhere)."""
+        if not self.prepare or branch is not None:
+            ctx = self.claim_step(instance_id, step, attempt, branch)
+            return ctx if ctx is not None and self.take_claim(ctx, task, redelivered) else None
         try:
             with self.reads.begin() as conn:
-                rows = execute_prepared(conn, CLAIM_SUCCESSOR_SQL, [s.instance_id, s.step, s.task, -1, s.attempt,
-                                                                    s.dispatch, now, now, s.message_id]).all()
+                rows = execute_prepared(conn, CLAIM_DELIVERY_SQL[redelivered],
+                                        [instance_id, step, task, -1, attempt, utcnow()]).all()
         except IntegrityError:  # the instance was deleted meanwhile
             return None
         if not rows or not rows[0][0]:
             return None
-        ctx = self._step_context(s.instance_id, s.step, s.attempt, None, [row[1:] for row in rows])
+        return self._step_context(instance_id, step, attempt, None, [row[1:] for row in rows])
+
+    def claim_successor(self, successor: Successor) -> StepContext | None:
+        """The StepContext of a local continuation. Its claim was written by the report that
+        dispatched it (`_keep`), so no statement claims it; its basis is that report's rows as
+        written (`successor.basis`), read only when they were not all in hand. None: stale."""
+        s = successor
+        if s.basis is not None:
+            ctx = self._context_of(s.instance_id, s.step, s.attempt, None, *s.basis)
+        else:
+            ctx = self.claim_step(s.instance_id, s.step, s.attempt)
         return ctx if ctx is not None and ctx.dispatch == s.dispatch else None
 
     def running_locally(self, instance_id: str) -> tuple[str, int] | None:
@@ -1072,8 +1109,12 @@ class Engine:
         if not rows:
             return None
         k = len(INSTANCE_COLUMNS)
-        instance = dict(zip(INSTANCE_COLUMNS, rows[0][:k]))
-        runs = [dict(zip(RUN_COLUMNS, row[k:])) for row in rows if row[k] is not None]
+        return self._context_of(instance_id, step, attempt, branch, dict(zip(INSTANCE_COLUMNS, rows[0][:k])),
+                                [dict(zip(RUN_COLUMNS, row[k:])) for row in rows if row[k] is not None])
+
+    def _context_of(self, instance_id: str, step: str, attempt: int, branch: int | None,
+                    instance: dict[str, Any], runs: list[dict[str, Any]]) -> StepContext | None:
+        """The StepContext from the instance's values and its step rows' (None: not active)."""
         run = next((r for r in runs if r["name"] == step), None)
         if run is None or run["attempt"] != attempt or run["status"] not in ACTIVE:
             return None
@@ -1091,40 +1132,30 @@ class Engine:
                            restarts=run["restarts"], settings=self.settings, engine=self,
                            basis=(instance, runs), dispatch=dispatch, token=token)
 
-    def take_claim(self, ctx: StepContext, task: str = "", redelivered: bool = False,
-                   message_id: str | None = None) -> bool:
+    def take_claim(self, ctx: StepContext, task: str = "", redelivered: bool = False) -> bool:
         """Make this delivery the only one to run this dispatch of the step: copies of one
         outbox row delivered at once would otherwise both call out. False: another delivery
         holds it (or a newer dispatch was claimed), do nothing. `redelivered` (the broker gave
         back a message whose consumer died) takes over the claim of the same dispatch, since
-        its holder is gone. `task`: the task running, so each link of a chain claims its own.
-        `message_id`: the outbox row a local continuation runs (never published); it is marked
-        sent in the claim's transaction, so the sweeper does not send it too."""
+        its holder is gone. `task`: the task running, so each link of a chain claims its own."""
         return self._take_claim(ctx.instance_id, ctx.step, task, ctx.branch, ctx.attempt, ctx.dispatch,
-                                redelivered, message_id)
+                                redelivered)
 
     def _take_claim(self, instance_id: str, step: str, task: str, branch: int | None, attempt: int,
-                    dispatch: int, takeover: bool, message_id: str | None = None) -> bool:
+                    dispatch: int, takeover: bool) -> bool:
         """INSERT .. ON CONFLICT DO UPDATE .. WHERE the stored claim is older: atomic on both
         databases (a concurrent second upsert waits for the first and then finds it not older).
         Not part of the instance's version: a report on the claim's basis still writes.
-        On PostgreSQL one prepared statement (with the outbox mark, if any, in a CTE)."""
+        On PostgreSQL one prepared statement."""
         now = utcnow()
         values = [instance_id, step, task, -1 if branch is None else branch, attempt, dispatch, now]
         try:
             if self.prepare:
-                sql = _CLAIM_UPSERT_SQL[takeover]
-                if message_id is not None:
-                    sql = f"WITH c AS ({sql}), m AS ({_MARK_SENT_SQL}) SELECT attempt FROM c"
-                    values += [now, message_id]
                 with self.reads.begin() as conn:
-                    return execute_prepared(conn, sql, values).first() is not None
+                    return execute_prepared(conn, _CLAIM_UPSERT_SQL[takeover], values).first() is not None
             with self.reads.begin() as conn:
-                taken = conn.execute(_claim_upsert(self.reads.dialect.name, takeover),
-                                     dict(zip(_CLAIM_KEYS, values))).first() is not None
-                if message_id is not None:
-                    conn.execute(_MARK_SENT, {"now": now, "row": message_id})
-                return taken
+                return conn.execute(_claim_upsert(self.reads.dialect.name, takeover),
+                                    dict(zip(_CLAIM_KEYS, values))).first() is not None
         except IntegrityError:  # the instance was deleted meanwhile
             return False
 

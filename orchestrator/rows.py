@@ -7,7 +7,8 @@ instance row, whose `version` is checked and bumped:
     WITH i AS (UPDATE workflow_instances SET ..., version = version + 1
                WHERE id = :id AND version = :read RETURNING id),
          w1 AS (UPDATE step_runs SET ... FROM i WHERE step_runs.id = :run),
-         w2 AS (INSERT INTO history (...) SELECT ... FROM i), ...
+         w2 AS (INSERT INTO history (...) SELECT ... FROM i),
+         w3 AS (INSERT INTO step_claims (...) SELECT ... FROM i ON CONFLICT (...) DO UPDATE ...), ...
     SELECT count(*) FROM i
 
 Under the instance's lock the check always holds. A writer that read without the lock (a step
@@ -22,7 +23,7 @@ import json
 import weakref
 from typing import Any, Iterable
 
-from sqlalchemy import JSON, Connection, DateTime, Table, update
+from sqlalchemy import JSON, Connection, DateTime, Table, UniqueConstraint, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from .models import WorkflowInstance
@@ -31,6 +32,7 @@ INSTANCES: Table = WorkflowInstance.__table__  # type: ignore[assignment]
 
 
 _NAMES: dict[Table, frozenset[str]] = {}
+_JSON_NAMES: dict[Table, frozenset[str]] = {}
 
 
 def _names(table: Table) -> frozenset[str]:
@@ -38,6 +40,13 @@ def _names(table: Table) -> frozenset[str]:
     names = _NAMES.get(table)
     if names is None:
         names = _NAMES[table] = frozenset(c.name for c in table.c)
+    return names
+
+
+def _json_names(table: Table) -> frozenset[str]:
+    names = _JSON_NAMES.get(table)
+    if names is None:
+        names = _JSON_NAMES[table] = frozenset(c.name for c in table.c if isinstance(c.type, JSON))
     return names
 
 
@@ -87,6 +96,23 @@ class Record:
         names = _names(table)
         return {k: v for k, v in self._values.items() if k in names and not (k == "id" and v is None)}
 
+    def row_key(self, table: Table) -> dict[str, Any]:
+        """What an update finds the row by: its `id`, or, for a row inserted by an earlier
+        transaction whose id was never read (`as_read`), the table's unique constraint."""
+        if self._values.get("id") is not None:
+            return {"id": self._values["id"]}
+        unique = next(c for c in table.constraints if isinstance(c, UniqueConstraint))
+        return {c.name: self._values[c.name] for c in unique.columns}
+
+    def as_read(self, table: Table) -> dict[str, Any]:
+        """The row's values as a read right after its transaction committed would return them:
+        JSON values through JSON (a tuple comes back a list, an integer key a string), an `id`
+        the database assigned and nobody read as None (see `row_key`)."""
+        out = {"id": None} if "id" in _names(table) else {}
+        for k, v in self._values.items():
+            out[k] = json.loads(json.dumps(v)) if v is not None and k in _json_names(table) else v
+        return out
+
     def __repr__(self) -> str:
         return f"Record({self._values!r})"
 
@@ -100,6 +126,8 @@ class Writes:
 
     def __init__(self) -> None:
         self.new: list[tuple[Table, Record]] = []
+        # rows inserted or, when their primary key exists, written over (a step's claim)
+        self.upserts: list[tuple[Table, Record]] = []
         self.loaded: list[tuple[Table, Record]] = []
         self.instances: dict[str, Record] = {}
         self.versions: dict[str, int] = {}
@@ -111,6 +139,12 @@ class Writes:
             self.instances[record.id] = record
         else:
             self._touch(record)
+        return record
+
+    def upsert(self, table: Table, record: Record) -> Record:
+        """`record` inserted, or written over the row with the same primary key."""
+        self.upserts.append((table, record))
+        self._touch(record)
         return record
 
     def track(self, table: Table, record: Record) -> Record:
@@ -155,10 +189,17 @@ class Writes:
         for table, record in self.loaded:
             values = record.changes(table) if table is not INSTANCES else None
             if values:
-                conn.execute(update(table).where(table.c.id == record.id).values(**values))
+                conn.execute(update(table).where(*(table.c[k] == v for k, v in record.row_key(table).items()))
+                             .values(**values))
         for table, record in self.new:
             if table is not INSTANCES:
                 conn.execute(table.insert().values(record.insert_values(table)))
+        for table, record in self.upserts:
+            values = record.insert_values(table)
+            insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table).values(values)
+            conn.execute(insert.on_conflict_do_update(
+                index_elements=list(table.primary_key),
+                set_={k: insert.excluded[k] for k in values if k not in table.primary_key.columns}))
 
     # -- PostgreSQL: one statement, every write conditional on the instance's version ----------
     def _flush_one_statement(self, conn: Connection, instance_id: str, prepare: bool) -> None:
@@ -179,14 +220,20 @@ class Writes:
             values = record.changes(table) if table is not INSTANCES else None
             if values:
                 sets = ", ".join(f"{k} = {sql.param(table, k, v)}" for k, v in values.items())
-                parts.append(f"w{len(parts)} AS (UPDATE {table.name} SET {sets} FROM i "
-                             f"WHERE {table.name}.id = {sql.bind(record.id)})")
+                where = " AND ".join(f"{table.name}.{k} = {sql.bind(v)}" for k, v in record.row_key(table).items())
+                parts.append(f"w{len(parts)} AS (UPDATE {table.name} SET {sets} FROM i WHERE {where})")
         grouped: dict[Table, list[dict[str, Any]]] = {}
         for table, record in self.new:
             if table is not INSTANCES:
                 grouped.setdefault(table, []).append(record.insert_values(table))
         for table, rows in grouped.items():
             parts.append(f"w{len(parts)} AS ({sql.insert_rows(table, rows, 'i')})")
+        for table, record in self.upserts:
+            values = record.insert_values(table)
+            keys = [c.name for c in table.primary_key]
+            sets = ", ".join(f"{k} = excluded.{k}" for k in values if k not in keys)
+            parts.append(f"w{len(parts)} AS ({sql.insert_rows(table, [values], 'i')} "
+                         f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {sets})")
         statement = f"WITH {', '.join(parts)} SELECT count(*) FROM i"
         if prepare:
             written = execute_prepared(conn, statement, sql.params).scalar()

@@ -197,9 +197,7 @@ def execute_step(engine: Any, name: str, fn: StepFunction, instance_id: str, ste
     if successor is not None:
         ctx = engine.claim_successor(successor)
     else:
-        ctx = engine.claim_step(instance_id, step, attempt, branch)
-        if ctx is not None and not engine.take_claim(ctx, name, redelivered):
-            ctx = None
+        ctx = engine.claim(name, instance_id, step, attempt, branch, redelivered)
     if ctx is None:
         if redelivered and successor is None:
             return _fail_over(engine, instance_id, step)

@@ -370,3 +370,35 @@ def _hop(ctx: StepContext) -> Done:
 
 hop_step = step_task("hops.step")(_hop)
 hop_far = step_task("hops.far", queue="hops-far")(_hop)
+
+
+@register
+class Trio(Workflow):
+    """one -> two -> three, one task on the default queue, each step returning what it was
+    given: for the tests of a local continuation's claim and basis, run in-process."""
+
+    type = "trio"
+    start_event = "start"
+    success_states = frozenset({"done"})
+    failure_states = frozenset({"failed"})
+
+    new = State(initial=True)
+    one = State()
+    two = State()
+    three = State()
+    done = State(final=True)
+    failed = State(final=True)
+
+    start = new.to(one)
+    oned = one.to(two)
+    twod = two.to(three)
+    threed = three.to(done)
+    fail = one.to(failed) | two.to(failed) | three.to(failed)
+
+    steps = {one: Step("trio.step", name="one"), two: Step("trio.step", name="two"),
+             three: Step("trio.step", name="three")}
+
+
+@step_task("trio.step")
+def trio_step(ctx: StepContext) -> Done:
+    return Done(f"{ctx.step}d", {"input": ctx.input, "data": ctx.data, "dispatch": ctx.dispatch})

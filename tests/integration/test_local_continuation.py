@@ -1,16 +1,21 @@
 """Local continuation: a step whose successor is a task of the same worker runs that successor in
-its own delivery (no broker hop), and a crash between the report's commit and the successor's
-run still completes the workflow with each step's effect once (the sweeper sends the row)."""
+its own delivery (no broker hop). The report that dispatches the successor also claims it, so
+its run sends nothing before its step; a crash between that commit and the successor's end is a
+failed attempt of the successor, retried, and the workflow completes with each effect once."""
 from __future__ import annotations
 
 import uuid
 from typing import Any, Iterator
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, select, text
 
-from conftest import Process, start_worker, wait_for
-from engine_workflows import effects
+from conftest import Process, engine_on, fresh_database, start_worker, wait_for
+from engine_workflows import effects, trio_step
+from orchestrator import migrate
+from orchestrator.engine import CLAIMS, LOCAL, OUTBOX, RUNS
+from orchestrator.rows import INSTANCES
+from orchestrator.steps import Continuation, execute_step
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +78,7 @@ def test_worker_killed_between_commit_and_local_successor_completes_once(client,
     victim = start_worker(env, rt, f"victim{uuid.uuid4().hex[:6]}", concurrency=1)
     try:
         instance_id = client.post("/saga", json={"type": "hops", "input": {"die_after": "near"}}).json["id"]
-        # `near` kills its whole worker right after its report commits, before `next` is claimed.
+        # `near` kills its whole worker right after its report (which claims `next`) commits.
         assert victim.proc is not None
         victim.proc.wait(60)
     finally:
@@ -87,6 +92,9 @@ def test_worker_killed_between_commit_and_local_successor_completes_once(client,
         saga = _done(client, instance_id)
     finally:
         rescuer.stop()
+    # The broker gave the delivery of `near` to the rescuer, which found `next` claimed by the
+    # lost worker: its first attempt failed with that worker (it never ran), the second ran.
+    assert {s["name"]: s["attempt"] for s in saga["steps"]}["next"] == 2, saga["steps"]
     assert _effects(instance_id) == {"near": 1, "next": 1, "far": 1}
     assert [h["event"] for h in saga["history"]] == ["create", "start", "neared", "nexted", "fared"]
     out = _outputs(saga)
@@ -200,3 +208,67 @@ def test_a_local_successor_that_dies_with_its_worker_is_a_failed_attempt_retried
     assert f"step next of {instance_id} (attempt 1): " in reporter.log.read_text(), reporter.log.read_text()[-3000:]
     assert _effects(instance_id) == {"near": 1, "next": 2, "far": 1}
     assert [h["event"] for h in saga["history"]].count("nexted") == 1, saga["history"]
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def own_engine(request: Any, rt: Any, tmp_path: Any) -> Iterator[Any]:
+    """An engine of its own, without a relay, on a new database of either kind."""
+    if request.param == "postgresql":
+        with fresh_database() as url, engine_on(rt.settings, url) as engine:
+            yield engine
+    else:
+        url = f"sqlite:///{tmp_path / 'trio.db'}"
+        migrate.upgrade(url)
+        with engine_on(rt.settings, url) as engine:
+            yield engine
+
+
+def test_a_local_successor_is_claimed_by_the_report_that_dispatches_it(own_engine):
+    """The report of `one` dispatches `two`, which its delivery runs itself: that report also
+    claims `two` and marks its outbox row sent, and hands it the rows it wrote. So each local
+    hop is one transaction, its report, where it was two (a claim with its read, then the
+    report), and a step run so sees what a read would have given it. The delivery of `one`
+    claims and reads in one statement on PostgreSQL (it was two)."""
+    engine = own_engine
+    given = {"text": 'é "q" \\ \n', "list": [1, {"a": [2.5, None, True]}], "big": 2 ** 53 + 1}
+    snapshot, _ = engine.start("trio", given)
+    instance_id = snapshot["id"]
+    step = trio_step.step_function
+    continuation = Continuation({"trio.step": step}, 16)
+    commits: list[Any] = []
+    statements: list[str] = []
+    bind = engine.sessions.kw["bind"]
+
+    def on_commit(conn: Any) -> None:
+        commits.append(conn)
+
+    def on_statement(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if not statement.startswith("PREPARE "):  # once per connection and statement
+            statements.append(statement)
+
+    event.listen(bind, "commit", on_commit)
+    event.listen(bind, "before_cursor_execute", on_statement)
+    try:
+        assert execute_step(engine, "trio.step", step, instance_id, "one", 1, continuation=continuation) == "done"
+        first, statements[:], commits[:] = list(statements), [], []
+        continuation.run_successors(engine)
+    finally:
+        event.remove(bind, "commit", on_commit)
+        event.remove(bind, "before_cursor_execute", on_statement)
+
+    assert len(commits) == 2, statements  # the reports of `two` and `three`, nothing else
+    assert not [s for s in statements if s.lstrip().upper().startswith("SELECT")], statements
+    if bind.dialect.name == "postgresql":
+        assert len(first) == 2, first  # the claim with its read, the report
+        assert len(statements) == 2, statements  # each report is one statement there
+    with bind.connect() as conn:
+        assert conn.execute(select(INSTANCES.c.state).where(INSTANCES.c.id == instance_id)).scalar() == "done"
+        outputs = {name: data["output"] for name, data in conn.execute(
+            select(RUNS.c.name, RUNS.c.data).where(RUNS.c.instance_id == instance_id)).all()}
+        claims = dict(conn.execute(select(CLAIMS.c.step, CLAIMS.c.dispatch).where(
+            CLAIMS.c.instance_id == instance_id)).all())
+        local = conn.execute(select(OUTBOX.c.sent_at, OUTBOX.c.publish_attempts).where(
+            OUTBOX.c.instance_id == instance_id, OUTBOX.c.channel == LOCAL)).all()
+    assert [o["input"] for o in outputs.values()] == [given] * 3, outputs
+    assert claims == {name: o["dispatch"] for name, o in outputs.items()}, (claims, outputs)
+    assert len(local) == 2 and all(sent is not None and n == 1 for sent, n in local), local

@@ -261,3 +261,29 @@ def test_a_new_dispatch_of_the_same_attempt_is_claimed_again(engine):
     assert not engine.take_claim(engine.claim_step(inst["id"], "reserve", 1), "order.reserve")
     engine.step_succeeded(inst["id"], "reserve", 1, Done("reserved", {}), basis=again.basis)
     assert engine.snapshot(inst["id"], history=False)["state"] == "charging"
+
+
+def test_a_delivery_claims_and_reads_its_step_at_once(engine):
+    """`Engine.claim`, what a delivery does before its work (on PostgreSQL one statement that
+    claims the dispatch its step row holds and reads the basis): of copies of one dispatch
+    delivered at once one gets the step, a redelivery takes it over, an attempt that is not the
+    step's gets nothing, and a new dispatch of the same attempt is claimed again."""
+    from orchestrator.engine import Poll
+
+    inst, _ = engine.start("order", {"parcels": []})
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda _: engine.claim("order.reserve", inst["id"], "reserve", 1), range(8)))
+    taken = [c for c in got if c is not None]
+    assert len(taken) == 1, got
+    first = taken[0]
+    assert first.basis is not None and first.basis[0]["id"] == inst["id"] and first.input == {"parcels": []}
+    assert engine.claim("order.reserve", inst["id"], "reserve", 1) is None
+    assert engine.claim("order.reserve", inst["id"], "reserve", 1, redelivered=True) is not None
+    assert engine.claim("order.reserve", inst["id"], "reserve", 2) is None
+    assert engine.claim("order.other", inst["id"], "reserve", 1) is not None  # each chain link claims
+    engine.step_progress(inst["id"], "reserve", 1, Poll(after=0), basis=first.basis)
+    wait_for(lambda: (engine.fire_due_timers(), engine.snapshot(inst["id"], history=False)["steps"][0])[1]
+             ["status"] == "queued", timeout=10, what="the poll to dispatch the step again")
+    again = engine.claim("order.reserve", inst["id"], "reserve", 1)
+    assert again is not None and again.dispatch == first.dispatch + 1
+    assert engine.claim("order.reserve", inst["id"], "reserve", 1) is None

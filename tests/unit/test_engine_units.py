@@ -220,3 +220,17 @@ def test_workflow_settings_are_typed_and_beside_their_workflow():
     assert (c.callback_consumers, c.redis_url) == (3, "redis://r:6379/1")
     assert MediaSettings.from_settings(s).service_url("video-downloader") == "http://v:1"
     assert MediaSettings.from_settings(s) is MediaSettings.from_settings(s)  # read once
+
+
+def test_a_row_as_read_back_has_its_json_as_json_gives_it_and_is_found_by_its_unique_key():
+    """What a local successor is handed instead of a read (`Record.as_read`): its JSON values as
+    the database would give them back, and a step row whose id was never read is updated by its
+    unique (instance, name)."""
+    from orchestrator.engine import RUNS
+    from orchestrator.rows import Record
+
+    run = Record({"instance_id": "i", "name": "s", "data": {"pair": (1, 2), 3: "x"}, "error": None}, new=True)
+    assert run.as_read(RUNS) == {"id": None, "instance_id": "i", "name": "s", "data": {"pair": [1, 2], "3": "x"},
+                                 "error": None}
+    assert run.row_key(RUNS) == {"instance_id": "i", "name": "s"}
+    assert Record({"id": 7, "instance_id": "i", "name": "s"}).row_key(RUNS) == {"id": 7}
