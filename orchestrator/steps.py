@@ -197,7 +197,10 @@ def execute_step(engine: Any, name: str, fn: StepFunction, instance_id: str, ste
     if successor is not None:
         ctx = engine.claim_successor(successor)
     else:
-        ctx = engine.claim(name, instance_id, step, attempt, branch, redelivered)
+        # a later try takes the claim over: the try whose connection broke may have committed it
+        ctx = _while_unreachable(lambda first: engine.claim(name, instance_id, step, attempt, branch,
+                                                            redelivered or not first),
+                                 "the claim", instance_id, step)
     if ctx is None:
         if redelivered and successor is None:
             return _fail_over(engine, instance_id, step)
@@ -245,28 +248,38 @@ def execute_step(engine: Any, name: str, fn: StepFunction, instance_id: str, ste
     return "continued"
 
 
-#: How long a step's report waits for the database to answer again. The outcome exists only in
-#: this process: given up, the step is run again when its lease runs out (STEP_LEASE_SECONDS,
-#: 10 minutes by default), which is what a 20-second outage cost every step that ended in it.
+#: How long a step's (or a compensation's) claim and report wait for the database to answer
+#: again. The outcome exists only in this process, and a delivery that gives up is acknowledged:
+#: the step is run again when its lease runs out (STEP_LEASE_SECONDS, 10 minutes by default),
+#: which is what a 20-second outage cost every step that ended in it.
 REPORT_WAIT_SECONDS = 60.0
 
 
 def _reported(call: Callable[[Any], Any], basis: Any, instance_id: str, step: str) -> Any:
     """`call(basis)`, a step's report to the engine, tried again while the database is
-    unreachable (OperationalError, InterfaceError), with backoff, for REPORT_WAIT_SECONDS. A
-    report is one transaction: one that failed wrote nothing, and one whose commit went through
-    before its connection broke finds the step no longer active when tried again, and does
-    nothing. Only the first try writes on `basis` (what the step read when it was claimed): a
-    try applies the report to it before it writes, so the next reads the rows afresh."""
+    unreachable (`_while_unreachable`). A report is one transaction: one that failed wrote
+    nothing, and one whose commit went through before its connection broke finds the step no
+    longer active when tried again, and does nothing. Only the first try writes on `basis` (what
+    the step read when it was claimed): a try applies the report to it before it writes, so the
+    next reads the rows afresh."""
+    return _while_unreachable(lambda first: call(basis if first else None), "the report", instance_id, step)
+
+
+def _while_unreachable(call: Callable[[bool], Any], what: str, instance_id: str, step: str) -> Any:
+    """`call(first try?)`, tried again while the database is unreachable (OperationalError,
+    InterfaceError), with backoff, for REPORT_WAIT_SECONDS. A pooled connection that a database
+    restart broke fails its next statement once (SQLAlchemy then replaces the pool's
+    connections): without a second try, a delivery's claim that met one was acknowledged with
+    nothing done, and its step waited out its lease."""
     from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
     for attempt in Retrying(retry=retry_if_exception_type((OperationalError, InterfaceError)),
                             stop=stop_after_delay(REPORT_WAIT_SECONDS), wait=wait_exponential(0.5, max=5),
                             reraise=True, before_sleep=lambda state: log.warning(
-                                "the report of step %s of %s waits for the database: %s", step, instance_id,
+                                "%s of step %s of %s waits for the database: %s", what, step, instance_id,
                                 state.outcome.exception() if state.outcome else "")):
         with attempt:
-            return call(basis if attempt.retry_state.attempt_number == 1 else None)
+            return call(attempt.retry_state.attempt_number == 1)
     return None  # not reached: the last attempt returns or raises
 
 
@@ -298,22 +311,29 @@ def execute_compensation(engine: Any, fn: Callable[[StepContext], None], instanc
                          attempt: int) -> str:
     """The body of every compensation task (see `compensation_task`), runnable in-process."""
     tracing.annotate(tracing.workflow_attributes(instance_id, step=step, attempt=attempt))
-    ctx = engine.claim_compensation(instance_id, step, attempt)
+
+    def waiting(call: Callable[[], Any], what: str) -> Any:  # a claim is a read, a report one transaction
+        return _while_unreachable(lambda _first: call(), what, instance_id, step)
+
+    ctx = waiting(lambda: engine.claim_compensation(instance_id, step, attempt), "the compensation's claim")
     if ctx is None:
         return "skipped: stale or duplicate delivery"
     try:
         fn(ctx)
     except UpstreamError as exc:
-        engine.compensation_failed(instance_id, step, attempt, exc.message, exc.retryable)
+        waiting(lambda: engine.compensation_failed(instance_id, step, attempt, exc.message, exc.retryable),
+                "the compensation's report")
         return f"failed: {exc.message}"
     except (InvalidInput, StepError) as exc:
-        engine.compensation_failed(instance_id, step, attempt, str(exc), False)
+        waiting(lambda: engine.compensation_failed(instance_id, step, attempt, str(exc), False),
+                "the compensation's report")
         return f"failed: {exc}"
     except Exception as exc:
         log.exception("compensation of step %s of %s raised", step, instance_id)
-        engine.compensation_failed(instance_id, step, attempt, f"{type(exc).__name__}: {exc}", True)
+        waiting(lambda: engine.compensation_failed(instance_id, step, attempt, f"{type(exc).__name__}: {exc}",
+                                                   True), "the compensation's report")
         return f"failed: {exc}"
-    engine.compensated(instance_id, step, attempt)
+    waiting(lambda: engine.compensated(instance_id, step, attempt), "the compensation's report")
     return "compensated"
 
 

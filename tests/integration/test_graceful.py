@@ -277,3 +277,40 @@ def test_a_step_that_ends_while_the_database_is_away_reports_when_it_is_back(env
         gate.stop()
     assert {k.decode(): int(v) for k, v in effects().hgetall(f"effects:{instance_id}").items()} == \
         {"near": 1, "next": 1, "far": 1}, saga
+
+
+def test_a_delivery_right_after_a_database_restart_runs_at_once(env, rt, client):
+    """A database restart breaks every pooled connection of a worker; the next statement on each
+    fails once, and SQLAlchemy then replaces them. When that statement was a delivery's claim,
+    the task failed, its message was acknowledged, and the step waited out its lease
+    (STEP_LEASE_SECONDS: 20 s in these tests, 10 minutes by default). The claim is now tried
+    again, so workflows started right after the restart finish at once."""
+    import psutil
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.pool import NullPool
+
+    def done(instance_id: str) -> bool:
+        return client.get(f"/sagas/{instance_id}").json["state"] == "done"
+
+    name = f"restarted{uuid.uuid4().hex[:6]}"
+    worker = start_worker(env, rt, name, concurrency=2)
+    try:
+        for instance_id in [client.post("/saga", json={"type": "trio", "input": {}}).json["id"] for _ in range(4)]:
+            wait_for(lambda: done(instance_id), timeout=30, what="a first workflow (the pool processes connect)")
+        assert worker.proc is not None
+        tree = [psutil.Process(worker.proc.pid), *psutil.Process(worker.proc.pid).children(recursive=True)]
+        pg_port = urlparse(env["DATABASE_URL"]).port or 5432
+        ports = [c.laddr.port for p in tree for c in p.net_connections("tcp") if c.raddr and c.raddr.port == pg_port]
+        assert ports, "the worker holds no database connection"
+        admin = create_engine(env["DATABASE_URL"], poolclass=NullPool)
+        with admin.connect() as conn:  # what a restart of PostgreSQL does to the worker's connections
+            killed = conn.execute(text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                       "WHERE client_port = ANY(:ports)"), {"ports": ports}).scalar()
+        admin.dispose()
+        assert killed == len(ports), (killed, ports)
+        started = [client.post("/saga", json={"type": "trio", "input": {}}).json["id"] for _ in range(4)]
+        for instance_id in started:
+            wait_for(lambda: done(instance_id), timeout=12, what="the workflow to finish well within the 20 s lease")
+    finally:
+        worker.stop()
+    assert "waits for the database" in worker.output(), worker.output()[-3000:]
