@@ -249,7 +249,9 @@ class Bench:
             "LOG_LEVEL": "WARNING",
             "SWEEP_INTERVAL": "0.2",
         }
-        self.rt = runtime.install(runtime.build(load_settings(environ=self.env, dotenv=os.devnull)))
+        # this process starts the workflows and relays their first message, as the API does, and
+        # like the API it tests each pooled connection before use (`orchestrator api`)
+        self.rt = runtime.install(runtime.build(load_settings(environ=self.env, dotenv=os.devnull), pre_ping=True))
         with self.rt.sessions() as s, s.begin():
             s.execute(text(TABLE_DDL))
         self.plain = make_app(broker_url, REDIS)

@@ -15,8 +15,9 @@ CONNECT_TIMEOUT_SECONDS = 5
 def make_engine(url: str, **kwargs: Any) -> Engine:
     if url.startswith("sqlite"):
         return _sqlite_engine(url, **kwargs)
-    # No ping per checkout (it costs a round trip on every transaction); recycle instead, and a
-    # transaction that meets a dead connection fails and is redelivered like any other failure.
+    # No ping per checkout by default (it costs a round trip on every transaction); recycle
+    # instead. The API asks for the ping (runtime.build(pre_ping=True)); a step's claim and
+    # report that meet a dead connection are tried again (orchestrator/steps.py).
     kwargs.setdefault("pool_recycle", 300)
     kwargs.setdefault("pool_size", 5)
     kwargs.setdefault("max_overflow", 10)

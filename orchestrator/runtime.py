@@ -115,7 +115,13 @@ def load_workflow_modules(settings: Settings) -> None:
     settings.check_areas()
 
 
-def build(settings: Settings | None = None) -> Runtime:
+def build(settings: Settings | None = None, *, pre_ping: bool = False) -> Runtime:
+    """The process's runtime (settings, database pools, Celery app, relay, engine).
+
+    `pre_ping`: each pooled connection is tested (one round trip) before it is used, so a
+    connection a database restart broke is replaced instead of failing its request (SQLAlchemy's
+    `pool_pre_ping`). The API sets it; the step path would pay the round trip per statement and
+    tries a failed claim or report again instead (orchestrator/steps.py)."""
     settings = settings or load_settings()
     load_workflow_modules(settings)
     app = make_celery(settings)
@@ -124,12 +130,12 @@ def build(settings: Settings | None = None) -> Runtime:
         registry.check_tasks(set(app.tasks.keys()))
     except WorkflowDefinitionError as exc:
         raise ConfigError("WORKFLOW_MODULES", str(exc)) from None
-    db = make_engine(settings.database_url)
+    db = make_engine(settings.database_url, pool_pre_ping=pre_ping)
     sessions = make_session_factory(db)
     # SQLite serialises writers anyway; a second pool there would only add lock waits (the
     # relay's marks then go through the main engine, so they must commit explicitly)
     autocommit = None if settings.is_sqlite else make_engine(
-        settings.database_url, pool_size=2, isolation_level="AUTOCOMMIT",
+        settings.database_url, pool_size=2, isolation_level="AUTOCOMMIT", pool_pre_ping=pre_ping,
         # this pool only reads and marks outbox rows sent: a mark lost in a server crash costs
         # one duplicate send (consumers de-duplicate), so it need not wait for the disk
         connect_args={"options": "-c synchronous_commit=off"})

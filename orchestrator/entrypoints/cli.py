@@ -133,8 +133,10 @@ def cmd_api(args: argparse.Namespace) -> None:
             if "control_socket_disable" in self.cfg.settings:
                 self.cfg.set("control_socket_disable", True)
 
-        def load(self) -> Any:
-            return create_app()
+        def load(self) -> Any:  # in each gunicorn worker
+            from orchestrator import runtime
+
+            return create_app(runtime.build(pre_ping=True))
 
     Server().run()
 

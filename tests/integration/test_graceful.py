@@ -279,16 +279,32 @@ def test_a_step_that_ends_while_the_database_is_away_reports_when_it_is_back(env
         {"near": 1, "next": 1, "far": 1}, saga
 
 
+def _break_database_connections(env: dict[str, str], pid: int) -> int:
+    """What a restart of PostgreSQL does to the connections a process tree has pooled: their
+    backends are terminated. The number of them."""
+    import psutil
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.pool import NullPool
+
+    tree = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    pg_port = urlparse(env["DATABASE_URL"]).port or 5432
+    ports = [c.laddr.port for p in tree for c in p.net_connections("tcp") if c.raddr and c.raddr.port == pg_port]
+    assert ports, "the process holds no database connection"
+    admin = create_engine(env["DATABASE_URL"], poolclass=NullPool)
+    with admin.connect() as conn:
+        killed = conn.execute(text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                   "WHERE client_port = ANY(:ports)"), {"ports": ports}).scalar()
+    admin.dispose()
+    assert killed == len(ports), (killed, ports)
+    return killed
+
+
 def test_a_delivery_right_after_a_database_restart_runs_at_once(env, rt, client):
     """A database restart breaks every pooled connection of a worker; the next statement on each
     fails once, and SQLAlchemy then replaces them. When that statement was a delivery's claim,
     the task failed, its message was acknowledged, and the step waited out its lease
     (STEP_LEASE_SECONDS: 20 s in these tests, 10 minutes by default). The claim is now tried
     again, so workflows started right after the restart finish at once."""
-    import psutil
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.pool import NullPool
-
     def done(instance_id: str) -> bool:
         return client.get(f"/sagas/{instance_id}").json["state"] == "done"
 
@@ -298,19 +314,32 @@ def test_a_delivery_right_after_a_database_restart_runs_at_once(env, rt, client)
         for instance_id in [client.post("/saga", json={"type": "trio", "input": {}}).json["id"] for _ in range(4)]:
             wait_for(lambda: done(instance_id), timeout=30, what="a first workflow (the pool processes connect)")
         assert worker.proc is not None
-        tree = [psutil.Process(worker.proc.pid), *psutil.Process(worker.proc.pid).children(recursive=True)]
-        pg_port = urlparse(env["DATABASE_URL"]).port or 5432
-        ports = [c.laddr.port for p in tree for c in p.net_connections("tcp") if c.raddr and c.raddr.port == pg_port]
-        assert ports, "the worker holds no database connection"
-        admin = create_engine(env["DATABASE_URL"], poolclass=NullPool)
-        with admin.connect() as conn:  # what a restart of PostgreSQL does to the worker's connections
-            killed = conn.execute(text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                                       "WHERE client_port = ANY(:ports)"), {"ports": ports}).scalar()
-        admin.dispose()
-        assert killed == len(ports), (killed, ports)
+        _break_database_connections(env, worker.proc.pid)
         started = [client.post("/saga", json={"type": "trio", "input": {}}).json["id"] for _ in range(4)]
         for instance_id in started:
             wait_for(lambda: done(instance_id), timeout=12, what="the workflow to finish well within the 20 s lease")
     finally:
         worker.stop()
     assert "waits for the database" in worker.output(), worker.output()[-3000:]
+
+
+def test_the_api_answers_right_after_a_database_restart(env):
+    """The API tests a pooled connection before a request uses it (SQLAlchemy's pre-ping):
+    after a database restart it answered 503 "database unavailable" once per broken pooled
+    connection, the database being up."""
+    from contextlib import contextmanager
+
+    import psutil
+
+    from conftest import serve_api
+
+    with contextmanager(serve_api)(f"api{uuid.uuid4().hex[:6]}", env) as (host, port):
+        base = f"http://{host}:{port}"
+        for _ in range(10):  # each of its threads' connections in the pool
+            assert requests.get(f"{base}/sagas?limit=1", timeout=10).status_code == 200
+        master = next(c.pid for c in psutil.net_connections("tcp")
+                      if c.laddr.port == port and c.status == psutil.CONN_LISTEN)
+        _break_database_connections(env, master)
+        answers = [requests.get(f"{base}/sagas?limit=1", timeout=10) for _ in range(10)]
+        answers += [requests.post(f"{base}/saga", json={"type": "trio", "input": {}}, timeout=10) for _ in range(3)]
+    assert [a.status_code for a in answers] == [200] * 10 + [201] * 3, [a.text[:300] for a in answers]
