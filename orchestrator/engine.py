@@ -66,14 +66,16 @@ CLAIM_SQL = (f"SELECT {', '.join('i.' + c for c in INSTANCE_COLUMNS)}, {', '.joi
 # The claim upsert (Engine._take_claim): PostgreSQL's prepared text, and a Core statement per
 # dialect built once (building it costs more than running it).
 _CLAIM_KEYS = ("instance_id", "step", "task", "branch", "attempt", "dispatch", "claimed_at")
-_NEWER = "step_claims.attempt < excluded.attempt OR (step_claims.attempt = excluded.attempt AND " \
-         "step_claims.dispatch {} excluded.dispatch)"
-_CLAIM_UPSERT_SQL = {
-    takeover: ("INSERT INTO step_claims (instance_id, step, task, branch, attempt, dispatch, claimed_at) "
-               "VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (instance_id, step, task, branch) DO UPDATE "
-               "SET attempt = excluded.attempt, dispatch = excluded.dispatch, claimed_at = excluded.claimed_at "
-               f"WHERE {_NEWER.format('<=' if takeover else '<')} RETURNING step_claims.attempt")
+_CLAIM_INTO = "INSERT INTO step_claims (instance_id, step, task, branch, attempt, dispatch, claimed_at) "
+# taken only over an older claim (a takeover: or the same dispatch's); returns a row when taken
+_CLAIM_CONFLICT = {
+    takeover: ("ON CONFLICT (instance_id, step, task, branch) DO UPDATE SET attempt = excluded.attempt, "
+               "dispatch = excluded.dispatch, claimed_at = excluded.claimed_at "
+               "WHERE step_claims.attempt < excluded.attempt OR (step_claims.attempt = excluded.attempt AND "
+               f"step_claims.dispatch {'<=' if takeover else '<'} excluded.dispatch) RETURNING step_claims.attempt")
     for takeover in (False, True)}
+_CLAIM_UPSERT_SQL = {takeover: f"{_CLAIM_INTO}VALUES ($1, $2, $3, $4, $5, $6, $7) {_CLAIM_CONFLICT[takeover]}"
+                     for takeover in (False, True)}
 _CLAIM_UPSERTS: dict[tuple[str, bool], Any] = {}
 
 
@@ -96,6 +98,7 @@ def _claim_upsert(dialect: str, takeover: bool) -> Any:
             where=newer).returning(c.attempt)
     return stmt
 
+
 # A delivery's claim (Engine.claim) on PostgreSQL: the claim of the dispatch its step row holds,
 # and the read of the basis, in one statement (one snapshot); the first column says whether the
 # claim was taken. ($1 instance, $2 step, $3 task, $4 branch, $5 attempt, $6 now)
@@ -103,11 +106,8 @@ _ACTIVE_SQL = ", ".join(f"'{s.value}'" for s in ACTIVE_STEP_STATUSES)
 CLAIM_DELIVERY_SQL = {
     takeover: ("WITH d AS (SELECT dispatches FROM step_runs WHERE instance_id = $1 AND name = $2 "
                f"AND attempt = $5::integer AND status IN ({_ACTIVE_SQL})), "
-               "c AS (INSERT INTO step_claims (instance_id, step, task, branch, attempt, dispatch, claimed_at) "
-               "SELECT $1, $2, $3, $4::integer, $5::integer, d.dispatches, $6::timestamptz FROM d "
-               "ON CONFLICT (instance_id, step, task, branch) DO UPDATE SET attempt = excluded.attempt, "
-               "dispatch = excluded.dispatch, claimed_at = excluded.claimed_at "
-               f"WHERE {_NEWER.format('<=' if takeover else '<')} RETURNING step_claims.attempt) "
+               f"c AS ({_CLAIM_INTO}SELECT $1, $2, $3, $4::integer, $5::integer, d.dispatches, "
+               f"$6::timestamptz FROM d {_CLAIM_CONFLICT[takeover]}) "
                f"SELECT (SELECT count(*) FROM c), {CLAIM_SQL.removeprefix('SELECT ')}")
     for takeover in (False, True)}
 

@@ -31,14 +31,13 @@ class DatabaseCollector:
         metric (it answered 503, and a scrape during an outage lost the HTTP figures too)."""
         from sqlalchemy.exc import DBAPIError
 
-        up = "orchestrator_database_up"
         try:
-            families = list(self._read())
+            families: list[GaugeMetricFamily] | None = list(self._read())
         except DBAPIError:
-            yield GaugeMetricFamily(up, "Whether the database answered this scrape's queries", value=0)
-            return
-        yield GaugeMetricFamily(up, "Whether the database answered this scrape's queries", value=1)
-        yield from families
+            families = None
+        yield GaugeMetricFamily("orchestrator_database_up", "Whether the database answered this scrape's queries",
+                                value=0 if families is None else 1)
+        yield from families or ()
 
     def _read(self) -> Iterator[GaugeMetricFamily]:
         from .models import OutboxMessage, StepRun, Timer, WorkflowInstance, utcnow

@@ -196,10 +196,7 @@ class Writes:
                 conn.execute(table.insert().values(record.insert_values(table)))
         for table, record in self.upserts:
             values = record.insert_values(table)
-            insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table).values(values)
-            conn.execute(insert.on_conflict_do_update(
-                index_elements=list(table.primary_key),
-                set_={k: insert.excluded[k] for k in values if k not in table.primary_key.columns}))
+            conn.execute(_upsert(conn.dialect.name, table, tuple(values)), values)
 
     # -- PostgreSQL: one statement, every write conditional on the instance's version ----------
     def _flush_one_statement(self, conn: Connection, instance_id: str, prepare: bool) -> None:
@@ -292,6 +289,21 @@ def _pg_type(table: Table, column: str) -> str:
         found = _PG_TYPES[key] = table.c[column].type.compile(dialect=postgresql.dialect())
     return found
 
+
+
+_UPSERTS: dict[tuple[str, Table, tuple[str, ...]], Any] = {}
+
+
+def _upsert(dialect: str, table: Table, columns: tuple[str, ...]) -> Any:
+    """INSERT .. ON CONFLICT (primary key) DO UPDATE of the other columns, for a row of these
+    columns; built once per shape (building it costs more than running it)."""
+    stmt = _UPSERTS.get((dialect, table, columns))
+    if stmt is None:
+        insert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+        keys = set(table.primary_key.columns.keys())
+        stmt = _UPSERTS[(dialect, table, columns)] = insert.on_conflict_do_update(
+            index_elements=list(table.primary_key), set_={k: insert.excluded[k] for k in columns if k not in keys})
+    return stmt
 
 
 # -- many rows of one table -----------------------------------------------------------------------
