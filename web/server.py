@@ -4,7 +4,8 @@ request line over 4094 bytes, a broken chunked body) are the API's JSON error
 `{"error": "invalid_input", "message", "field"}` instead of an HTML page, and whose reads of a
 request give up after `read_timeout` seconds without a byte (API_READ_TIMEOUT_SECONDS): a client
 that stalls in its request line, headers or body gets a 408 and its connection is closed, instead
-of holding one of the worker's threads for as long as it likes.
+of holding one of the worker's threads for as long as it likes. An error answer to a request with
+a body closes the connection (`closing_after_errors`): the body may be unread.
 
 `orchestrator api` runs it (worker class `web.server.ThreadWorker`)."""
 from __future__ import annotations
@@ -14,8 +15,8 @@ import json
 from typing import Any
 
 from gunicorn import util
-from gunicorn.http.errors import (ChunkMissingTerminator, InvalidChunkExtension, InvalidChunkSize, InvalidHeader,
-                                  InvalidHeaderName, InvalidHTTPVersion, InvalidRequestLine, InvalidRequestMethod,
+from gunicorn.http.errors import (ChunkMissingTerminator, ExpectationFailed, InvalidChunkExtension, InvalidChunkSize,
+                                  InvalidHeader, InvalidHeaderName, InvalidHTTPVersion, InvalidRequestLine, InvalidRequestMethod,
                                   LimitRequestHeaders, LimitRequestLine, ObsoleteFolding,
                                   ParseException, UnsupportedTransferCoding)
 from gunicorn.http.unreader import SocketUnreader
@@ -46,6 +47,7 @@ MALFORMED: tuple[tuple[tuple[type[BaseException], ...], int, str, str], ...] = (
     ((LimitRequestHeaders,), 431, "Request Header Fields Too Large", "headers"),
     ((InvalidHeader, InvalidHeaderName, ObsoleteFolding), 400, "Bad Request", "headers"),
     ((InvalidChunkSize, ChunkMissingTerminator, InvalidChunkExtension), 400, "Bad Request", "body"),
+    ((ExpectationFailed,), 417, "Expectation Failed", "Expect"),  # anything but 100-continue
     # RFC 9112 asks for 501 here: the one 5xx, answered before the app runs, about the request
     ((UnsupportedTransferCoding,), 501, "Not Implemented", "Transfer-Encoding"),
 )
@@ -61,6 +63,31 @@ def malformed_answer(exc: BaseException) -> bytes | None:
                     f"Content-Length: {len(body)}\r\n\r\n")
             return head.encode("latin-1") + body
     return None
+
+
+def closing_after_errors(app: Any) -> Any:
+    """`app` (WSGI), but an error answer to a request with a body closes the connection.
+
+    The app may answer before reading the body (413 over API_MAX_BODY_BYTES, 415 for a content
+    type it does not take, 401 before a body is looked at), and gunicorn, to reuse a kept-alive
+    connection, reads at most 64 KiB of a body left unread and otherwise drops the connection it
+    had just announced as kept alive: the client's next request on it failed. gunicorn drops
+    hop-by-hop headers the app sets, so the close goes through its response (`force_close`,
+    which makes it answer `Connection: close`)."""
+
+    def wsgi(environ: dict[str, Any], start_response: Any) -> Any:
+        has_body = (environ.get("CONTENT_LENGTH") or "0") != "0" or "chunked" in environ.get(
+            "HTTP_TRANSFER_ENCODING", "").lower()
+
+        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            response = getattr(start_response, "__self__", None)  # gunicorn's Response
+            if has_body and status[:1] in "45" and hasattr(response, "force_close"):
+                response.force_close()
+            return start_response(status, headers, exc_info)
+
+        return app(environ, start)
+
+    return wsgi
 
 
 class TimedSocketUnreader(SocketUnreader):  # type: ignore[misc]
@@ -116,6 +143,10 @@ class ThreadWorker(_GunicornThreadWorker):  # type: ignore[misc]
     def init_process(self) -> None:
         streams.bound(self.cfg.threads)  # some threads stay free of chat streams (web.streams)
         super().init_process()
+
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        self.wsgi = closing_after_errors(self.wsgi)
 
     def accept(self, listener: Any) -> None:
         # gunicorn's accept, with a TimedConn for the connection

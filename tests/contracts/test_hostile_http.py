@@ -191,6 +191,8 @@ def test_a_path_that_matches_no_route_is_a_404_whatever_its_bytes(api):
     (b"POST /saga HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\r\n{}", 400, "headers"),
     (b"POST /saga HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n{}", 400,
      "headers"),  # both framings at once: a request-smuggling attempt
+    (b"POST /saga HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nExpect: 999-nonsense\r\n"
+     b"Content-Length: 2\r\n\r\n{}", 417, "Expect"),  # gunicorn's own answer was an HTML page
 ])
 def test_requests_the_server_cannot_parse_get_the_json_error_too(api, raw, status, field):
     with socket.create_connection(api, timeout=30) as s:
@@ -203,6 +205,33 @@ def test_requests_the_server_cannot_parse_get_the_json_error_too(api, raw, statu
     answer = json.loads(answer)
     assert isinstance(answer.get("error"), str) and isinstance(answer.get("message"), str), answer
     assert answer["field"] == field, answer
+
+
+@pytest.mark.parametrize("content_type, status", [(b"application/json", 413), (b"text/plain", 415)])
+def test_an_error_answer_to_a_body_it_did_not_read_closes_the_connection(api, content_type, status):
+    """The API answers these before reading the body; gunicorn reads at most 64 KiB of a body
+    left unread to keep a connection alive. The answer said `Connection: keep-alive` and the
+    connection was then dropped: a client's next request on it failed. Now it says close."""
+    body = b'{"x": "' + b"a" * (4 * LIMIT) + b'"}'
+    head = (b"POST /pipeline HTTP/1.1\r\nHost: t\r\nContent-Type: " + content_type
+            + b"\r\nContent-Length: %d\r\n\r\n" % len(body))
+    with socket.create_connection(api, timeout=30) as s:
+        try:
+            s.sendall(head + body)
+        except (BrokenPipeError, ConnectionResetError):  # answered before the whole body was read
+            pass
+        out = b""
+        while b"\r\n\r\n" not in out and (chunk := s.recv(65536)):
+            out += chunk
+    headers = out.partition(b"\r\n\r\n")[0].lower()
+    assert headers.split()[1] == str(status).encode(), out[:500]
+    assert b"\r\nconnection: close" in headers, headers
+    with requests.Session() as client:  # what a client library does with it: a fresh connection next
+        for _ in range(3):
+            r = client.post(f"http://{api[0]}:{api[1]}/pipeline", data=body,
+                            headers={"Content-Type": content_type.decode()}, timeout=30)
+            assert r.status_code == status, r.text
+            assert client.get(f"http://{api[0]}:{api[1]}/healthz", timeout=30).status_code == 200
 
 
 def test_the_limit_is_checked_at_start_up(env):
