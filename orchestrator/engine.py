@@ -346,6 +346,21 @@ class UnitOfWork:
 _NO_RUN = Record({"status": None})
 _DEFAULT_FINGERPRINT = Workflow.fingerprint.__func__  # type: ignore[attr-defined]  # digest(data)
 
+
+def _fingerprint(cls: type[Workflow], data: Any, payload_digest: str) -> str | None:
+    """A start's fingerprint: the input's digest, unless the workflow fingerprints its own way."""
+    if getattr(cls.fingerprint, "__func__", None) is _DEFAULT_FINGERPRINT:
+        return payload_digest
+    return cls.fingerprint(data)
+
+
+def _check_idempotency_key(key: str) -> None:
+    """InvalidInput (400) naming `Idempotency-Key` when the header's value cannot be one."""
+    if found := idempotency_key_problem(key):
+        raise InvalidInput("Idempotency-Key", found)  # the words of the header's check (web.check_request_text)
+    if found := identifier_problem(key):
+        raise InvalidInput("Idempotency-Key", found)  # an id like a business key: nothing hidden in it
+
 #: The batch the engine calls of this thread join (Engine.batch).
 _batch: "contextvars.ContextVar[Batch | None]" = contextvars.ContextVar("engine_batch", default=None)
 
@@ -634,14 +649,11 @@ class Engine:
         # The same input is both history rows' payload (create, start event) and, unless the
         # workflow fingerprints it its own way, the fingerprint: one digest serves all three.
         payload_digest = digest(data)
-        fingerprint = payload_digest if getattr(cls.fingerprint, "__func__", None) is _DEFAULT_FINGERPRINT \
-            else cls.fingerprint(data)
+        fingerprint = _fingerprint(cls, data, payload_digest)
         if key is not None and (found := business_key_problem(key)):
             raise InvalidInput("key", found)
-        if idempotency_key is not None and (found := idempotency_key_problem(idempotency_key)):
-            raise InvalidInput("Idempotency-Key", found)  # the words of the header's check (web.check_request_text)
-        if idempotency_key is not None and (found := identifier_problem(idempotency_key)):
-            raise InvalidInput("Idempotency-Key", found)  # an id like a business key: nothing hidden in it
+        if idempotency_key is not None:
+            _check_idempotency_key(idempotency_key)
 
         batch = _batch.get()
         if batch is not None and batch.engine is self and key is not None and idempotency_key is None \
@@ -689,6 +701,16 @@ class Engine:
         # Everything the answer needs was just written: no need to read it back.
         runs = sorted(uow.runs[instance_id].values(), key=lambda r: r.queued_at or now)
         return instance_dict(inst, runs, uow.history, cls), True
+
+    def started_with(self, type_name: str, data: dict[str, Any], idempotency_key: str) -> str | None:
+        """The id of the instance of `type_name` an earlier start with this Idempotency-Key made
+        from the same request, `data` as `validate_input` returned it; None when no start used the
+        key. Conflict (409 naming `Idempotency-Key`) when it was used with a different request.
+        For an endpoint that may answer with an instance it did not start (the balance saga's
+        running saga of a branch), so that one key never answers two instances."""
+        cls = self.workflow_class(type_name)
+        _check_idempotency_key(idempotency_key)
+        return self._find_existing(cls, None, idempotency_key, _fingerprint(cls, data, digest(data)))
 
     def _find_existing(self, cls: type[Workflow], key: str | None, idem: str | None,
                        fingerprint: str | None) -> str | None:

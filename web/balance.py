@@ -170,11 +170,14 @@ def start_balance() -> Any:
     rt = runtime()
     data = BalanceSaga.validate_input(body, rt.settings)
     data["project"] = _issue_branch_project(data["project"], data["branch"], "the saga")
+    idempotency_key = request.headers.get("Idempotency-Key")
     with _start_lock(data["project"], data["branch"]):
-        saga_id = _running_saga(data["project"], data["branch"])
+        # a key already used answers its own saga (409 for another request) before the branch's
+        # running saga does: one key never answers two sagas
+        saga_id = None if idempotency_key is None else rt.engine.started_with(BalanceSaga.type, data, idempotency_key)
+        saga_id = saga_id or _running_saga(data["project"], data["branch"])
         if saga_id is None:
-            snap, _ = rt.engine.start(BalanceSaga.type, data,
-                                      idempotency_key=request.headers.get("Idempotency-Key"), actor=who)
+            snap, _ = rt.engine.start(BalanceSaga.type, data, idempotency_key=idempotency_key, actor=who)
             saga_id = snap["id"]
     return _answer(_settle(saga_id, {"check"}))
 

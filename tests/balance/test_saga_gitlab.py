@@ -111,6 +111,13 @@ def test_idempotent_start_with_header(gitlab_stack):
     b = start(s, project, ["condenser"], headers=h).json()
     assert a == b
     assert len(markers(s, project)) == 1
+    # the key is looked at before a branch's running saga: used for `a`, it is not answered with
+    # the saga already running on another branch (one key, two sagas), but refused
+    other = start(s, project, ["condenser"], branch="issue/43-other").json()
+    r = start(s, project, ["condenser"], branch="issue/43-other", headers=h)
+    assert r.status_code == 409 and r.json()["field"] == "Idempotency-Key", r.text
+    assert r.json()["instance_id"] == a["saga_id"] != other["saga_id"]
+    assert start(s, project, ["condenser"], headers=h).json()["saga_id"] == a["saga_id"]
 
 
 def test_gitlab_401_404_and_5xx_then_success(gitlab_stack, faults):
