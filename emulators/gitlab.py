@@ -6,8 +6,9 @@ Each project is a real bare git repository under the data directory. Implemented
     GET  /api/v4/projects/:id                                  (id or url-encoded path)
     GET  /api/v4/projects/:id/repository/files/:path[?ref=]    (base64 content)
     GET  /api/v4/projects/:id/repository/files/:path/raw
-    GET  /api/v4/projects/:id/repository/branches[/:branch]
+    GET  /api/v4/projects/:id/repository/branches[/:branch]     (?search=: term, ^term, term$)
     POST /api/v4/projects/:id/repository/branches               (branch, ref)
+    GET  /api/v4/projects/:id/repository/tree[?path=&ref=]      (one directory, paginated)
     GET  /api/v4/projects/:id/repository/commits[?ref_name=]    and  /commits/:sha
     POST /api/v4/projects/:id/repository/commits                (branch, start_branch, actions)
     GET  /api/v4/issues[?assignee_username=&state=]   GET /api/v4/projects/:id/issues
@@ -38,14 +39,14 @@ import time
 import zlib
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from flask import Flask, jsonify, request
 from werkzeug.http import HTTP_STATUS_CODES
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 from emulators import effects
-from sagas.balance.repository import GitRepo
+from sagas.balance.repository import GitError, GitRepo, NameClash
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +249,8 @@ def create_app(data_dir: Path, tokens: dict[str, str]) -> Flask:
             return get_file(p, file_path, raw)
         if rest[:2] == ["repository", "branches"]:
             return branches(p, "/".join(rest[2:]) or None)
+        if rest == ["repository", "tree"] and m == "GET":
+            return tree(p)
         if rest[:2] == ["repository", "commits"]:
             return commits(p, rest[2] if len(rest) > 2 else None)
         raise GitLabError(404, "404 Not Found", key="error")
@@ -286,11 +289,46 @@ def create_app(data_dir: Path, tokens: dict[str, str]) -> Flask:
                 "web_url": f"{base()}/{p['path_with_namespace']}/-/tree/{name}",
                 "commit": _commit_json(c, base(), p)}
 
+    def paginated(items: list[Any]) -> Any:
+        """One page of `items` (`page`, `per_page`: 20, at most 100) with GitLab's pagination
+        headers; python-gitlab follows the `Link: rel="next"` header."""
+        per_page = max(1, min(100, int(request.args.get("per_page") or 20)))
+        page = max(1, int(request.args.get("page") or 1))
+        answer = jsonify(items[per_page * (page - 1):per_page * page])
+        answer.headers.update({"X-Page": str(page), "X-Per-Page": str(per_page), "X-Total": str(len(items))})
+        if per_page * page < len(items):
+            args = {**request.args.to_dict(), "page": str(page + 1), "per_page": str(per_page)}
+            query = "&".join(f"{k}={quote(v, safe='')}" for k, v in args.items())
+            answer.headers["X-Next-Page"] = str(page + 1)
+            answer.headers["Link"] = f'<{request.base_url}?{query}>; rel="next"'
+        return answer
+
+    def tree(p: dict[str, Any]) -> Any:
+        """The entries of one directory at `ref` (GitLab's "list repository tree", not recursive):
+        404 "Tree Not Found" for a path that is no directory there."""
+        repo = state.repo(p)
+        ref = request.args.get("ref") or p["default_branch"]
+        path = (request.args.get("path") or "").strip("/")
+        if repo.resolve(ref) is None or (path and repo.kinds(ref, {path}).get(path) != "tree"):
+            raise not_found("Tree")
+        listing = repo.git("ls-tree", "-z", f"{ref}:{path}" if path else ref)
+        entries = []
+        for line in filter(None, listing.split("\0")):
+            meta, name = line.split("\t", 1)
+            mode, kind, sha = meta.split()
+            entries.append({"id": sha, "name": name, "type": kind, "path": f"{path}/{name}" if path else name,
+                            "mode": mode})
+        return paginated(entries)
+
     def branches(p: dict[str, Any], name: str | None) -> Any:
         repo = state.repo(p)
         if request.method == "GET":
             if name is None:
-                return jsonify([branch_json(p, repo, b) for b in repo.branches()])
+                term = request.args.get("search") or ""
+                found = [b for b in repo.branches()
+                         if (b.startswith(term[1:]) if term.startswith("^") else
+                             b.endswith(term[:-1]) if term.endswith("$") else term in b)]
+                return paginated([branch_json(p, repo, b) for b in found])
             if repo.head(name) is None:
                 raise not_found("Branch")
             return branch_json(p, repo, name)
@@ -302,7 +340,10 @@ def create_app(data_dir: Path, tokens: dict[str, str]) -> Flask:
             if repo.resolve(ref) is None:
                 raise GitLabError(400, "Invalid reference name")
             with state.lock:
-                repo.create_branch(new, ref)
+                try:
+                    repo.create_branch(new, ref)
+                except GitError as exc:  # another branch stands in its way (`a` beside `a/b`)
+                    raise GitLabError(400, f"Failed to create branch '{new}': {exc}") from None
             return jsonify(branch_json(p, repo, new)), 201
         raise GitLabError(405, "405 Method Not Allowed")
 
@@ -337,11 +378,12 @@ def create_app(data_dir: Path, tokens: dict[str, str]) -> Flask:
                 raise GitLabError(400, f"A branch called '{start}' does not exist")
             ref = branch if exists else start
             files: dict[str, str | None] = {}
+            if any(not isinstance(a, dict) or not isinstance(a.get("file_path"), str) or not a["file_path"]
+                   or a.get("action") not in ("create", "update", "delete") for a in actions):
+                raise GitLabError(400, "actions is invalid", key="error")
+            kinds = repo.kinds(ref, {a["file_path"] for a in actions})  # one git process for them all
             for a in actions:
-                if not isinstance(a, dict) or not a.get("file_path") or a.get("action") not in (
-                        "create", "update", "delete"):
-                    raise GitLabError(400, "actions is invalid", key="error")
-                present = repo.read(ref, a["file_path"]) is not None
+                present = kinds.get(a["file_path"]) == "blob"
                 if a["action"] == "create" and present:
                     raise GitLabError(400, "A file with this name already exists")
                 if a["action"] in ("update", "delete") and not present:
@@ -350,8 +392,11 @@ def create_app(data_dir: Path, tokens: dict[str, str]) -> Flask:
                 if a.get("encoding") == "base64":
                     content = base64.b64decode(content).decode()
                 files[a["file_path"]] = None if a["action"] == "delete" else content
-            new = repo.commit(branch, files, message if message.endswith("\n") else message + "\n",
-                              start_branch=start)
+            try:
+                new = repo.commit(branch, files, message if message.endswith("\n") else message + "\n",
+                                  start_branch=start)
+            except NameClash as exc:
+                raise GitLabError(400, exc.problem) from None
             state.commits[p["path_with_namespace"]] = state.commits.get(p["path_with_namespace"], 0) + 1
             markers = [line for line in message.splitlines() if line.startswith("Orchestrator-Step:")]
             effects.record("gitlab_commit", f"{p['path_with_namespace']}@{branch}:{markers[-1] if markers else new}",

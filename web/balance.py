@@ -26,7 +26,7 @@ from sqlalchemy import select, text
 
 from orchestrator.errors import InvalidInput, NotFound, Unauthorized
 from orchestrator.models import WorkflowInstance
-from sagas.balance.repository import check_branch_name, check_project, geometries, open_repository
+from sagas.balance.repository import check_branch_name, check_names_free, check_project, geometries, open_repository
 from sagas.balance import STATE_ROLES, BalanceRequest, BalanceSaga, CalculationRequest, SimpleCalculation, Submission
 
 from . import actor, body, json_body, query, runtime
@@ -148,14 +148,19 @@ BALANCE = ("balance",)
 GITLAB = ("gitlab",)
 
 
-def _issue_branch_project(project: str, branch: str, what: str) -> str:
+def _issue_branch_project(project: str, branch: str, what: str, paths: dict[str, list[str]] | None = None) -> str:
     """The project's path; 404 for an unknown project (502 when GitLab fails), 400 naming `branch`
-    when it is the project's default branch: `what` commits there, and every issue branch made
-    from it afterwards would carry those commits."""
-    info = open_repository(runtime().settings).project(project)
+    when it is the project's default branch (`what` commits there, and every issue branch made
+    from it afterwards would carry those commits) or when an existing branch stands in the way of
+    creating it, 400 naming the field of a path in `paths` ({field: [path, ...]}) that cannot be
+    written beside the branch's files (repository.check_names_free): refused before anything
+    starts, not by git once the work runs."""
+    repo = open_repository(runtime().settings)
+    info = repo.project(project)
     if branch == info.default_branch:
         raise InvalidInput("branch", f"is the default branch of {info.path}; {what} works on an issue branch "
                                      "(its results reach the default branch through a merge request)")
+    check_names_free(repo, info.path, branch, paths)
     return info.path
 
 
@@ -241,7 +246,8 @@ def start_calculation() -> Any:
     who = actor("X-User")  # checked before anything is written
     rt = runtime()
     data = SimpleCalculation.validate_input(body, rt.settings)
-    data["project"] = _issue_branch_project(data["project"], data["branch"], "a calculation")
+    data["project"] = _issue_branch_project(data["project"], data["branch"], "a calculation",
+                                            {"files": list(data["files"]), "output_file": [data["output_file"]]})
     snap, created = rt.engine.start(SimpleCalculation.type, data,
                                     idempotency_key=request.headers.get("Idempotency-Key"), actor=who)
     deadline = time.monotonic() + SETTLE_SECONDS

@@ -198,6 +198,8 @@ class Submission(Closed):
 #: The longest calculation type: a name like a workflow's step and state names (64 characters in
 #: their columns), and well inside AMQP's 255-byte routing key (`calculation.<type>`).
 MAX_CALCULATION_TYPE = 64
+#: Input files of one simple calculation: one commit, and each is named in the task message.
+MAX_CALCULATION_FILES = 1000
 
 
 class CalculationRequest(Closed):
@@ -205,7 +207,8 @@ class CalculationRequest(Closed):
 
     project: Project
     branch: Branch
-    files: dict[str, Any] = Field(description="{path: content} of the input files (a string, or JSON written as such)")
+    files: dict[str, Any] = Field(description="{path: content} of the input files (a string, or JSON written as "
+                                              f"such), at most {MAX_CALCULATION_FILES}")
     output_file: str
     calculation: str = Field("generic", pattern=r"^[A-Za-z0-9_-]+$", max_length=MAX_CALCULATION_TYPE,
                              description="the calculation type (the task's routing key is calculation.<type>)")
@@ -367,6 +370,8 @@ class SimpleCalculation(Workflow):
         project, branch, files = req.project, req.branch, req.files
         if not files:
             raise InvalidInput("files", "is required: an object {path: content} of the input files")
+        if len(files) > MAX_CALCULATION_FILES:
+            raise InvalidInput("files", f"at most {MAX_CALCULATION_FILES} files, got {len(files)}")
         out_files: dict[str, str] = {}
         check_repository_paths(list(files), "files")
         for path, content in files.items():

@@ -121,6 +121,16 @@ class Repository(Protocol):
 
     def find_commit(self, project: str, branch: str, key: str) -> str | None: ...
 
+    def branch_clash(self, project: str, branch: str) -> str | None:
+        """An existing branch `branch` cannot be created beside (git keeps branch names as
+        paths: `issue` and `issue/42` cannot both be branches); None if there is none or
+        `branch` exists itself."""
+        ...
+
+    def path_kinds(self, project: str, ref: str, paths: set[str]) -> dict[str, str]:
+        """Which of `paths` exist at `ref`, and as what: {path: "blob" | "tree"}."""
+        ...
+
     def commit_files(self, project: str, branch: str, files: dict[str, str], message: str,
                      key: str) -> CommitResult: ...
 
@@ -149,6 +159,60 @@ def read_at_branch(repo: Repository, project: str, path: str, branch: str) -> Fi
     """Read at the branch, or at the default branch while the branch does not exist yet."""
     ref = branch if repo.branch_head(project, branch) is not None else repo.project(project).default_branch
     return repo.read_file(project, path, ref)
+
+
+class NameClash(InvalidInput):
+    """A branch or file name that the repository's existing names stand in the way of: git keeps
+    both as paths, so `a` and `a/b` cannot both exist. 400 naming `field` from the API's checks;
+    422 (the request was fine, the repository changed) from a step's commit."""
+
+
+def branch_in_the_way(branch: str, found: str, status: int = 400) -> NameClash:
+    """The NameClash naming `branch` that the existing branch `found` stands in the way of."""
+    return NameClash("branch", f"'{branch}' cannot be created beside the existing branch '{found}': git keeps "
+                               "branch names as paths, so 'a' and 'a/b' cannot both be branches", status)
+
+
+def _prefixes(path: str) -> list[str]:
+    parts = path.split("/")
+    return ["/".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def path_clash(paths: list[str], kinds: dict[str, str]) -> tuple[str, str] | None:
+    """The first of `paths` that cannot be written beside what `kinds` ({path: "blob" | "tree"},
+    a ref's content) holds, and why: a file where one of its directories would go, or a path
+    that is a directory. None when all can be written."""
+    for path in paths:
+        for prefix in _prefixes(path):
+            if kinds.get(prefix) == "blob":
+                return path, f"'{prefix}' is a file there, so '{path}' cannot be written beside it"
+        if kinds.get(path) == "tree":
+            return path, f"'{path}' is a directory there"
+    return None
+
+
+def clash_queries(paths: list[str]) -> set[str]:
+    """The names whose kind `path_clash` needs: each path and each of its directories."""
+    return {q for path in paths for q in (path, *_prefixes(path))}
+
+
+def check_names_free(repo: Repository, project: str, branch: str, paths: dict[str, list[str]] | None = None) -> None:
+    """Before anything is started: `branch` can be created (or exists), and the files the work
+    will write ({field: [path, ...]}) fit the branch's tree (the default branch's while the
+    branch does not exist). NameClash (400) naming `branch` or the field otherwise; git would
+    refuse the commit only once the work runs."""
+    found = repo.branch_clash(project, branch)
+    if found is not None:
+        raise branch_in_the_way(branch, found)
+    if not paths:
+        return
+    ref = branch if repo.branch_head(project, branch) is not None else repo.project(project).default_branch
+    every = [p for names in paths.values() for p in names]
+    kinds = repo.path_kinds(project, ref, clash_queries(every))
+    for field_name, names in paths.items():
+        clash = path_clash(names, kinds)
+        if clash is not None:
+            raise NameClash(field_name, f"{clash[1]} (branch '{ref}')")
 
 
 def commit_once(repo: Repository, project: str, branch: str, files: dict[str, str], message: str,
@@ -272,31 +336,45 @@ class GitRepo:
                 return sha
         return None
 
+    def kinds(self, ref: str, paths: set[str]) -> dict[str, str]:
+        """{path: "blob" | "tree"} of those of `paths` that exist at `ref`, in one git process."""
+        order = sorted(paths)
+        if not order or self.resolve(ref) is None:
+            return {}
+        out = self.git("cat-file", "--batch-check", input="".join(f"{ref}:{p}\n" for p in order).encode())
+        lines = out.splitlines()
+        return {p: line.split()[1] for p, line in zip(order, lines)
+                if not line.endswith(" missing") and len(line.split()) >= 3}
+
+    def branch_clash(self, branch: str) -> str | None:
+        """An existing branch that stands in the way of creating `branch` (see Repository)."""
+        if self.head(branch) is not None:
+            return None
+        for prefix in _prefixes(branch):
+            if self.head(prefix) is not None:
+                return prefix
+        under = self.git("for-each-ref", "--count=1", "--format=%(refname:short)", f"refs/heads/{branch}/")
+        return under.strip() or None
+
     def commit(self, branch: str, files: dict[str, str | None], message: str,
                start_branch: str | None = None) -> str:
         """One commit on `branch` (created from `start_branch` or the default branch when missing).
-        A file whose content is None is deleted. Retries if another writer moved the branch."""
+        A file whose content is None is deleted. Retries if another writer moved the branch.
+        NameClash (422) naming `files` when a path cannot go beside the tree's (`a/b` where `a`
+        is a file, or a directory's path), naming `branch` when an existing branch stands in
+        the way of creating it; GitError for anything else git refuses."""
+        written = [p for p, content in files.items() if content is not None]
         for _ in range(20):
             parent = self.head(branch)
             if parent is None:
+                found = self.branch_clash(branch)
+                if found is not None:  # before any object is written
+                    raise branch_in_the_way(branch, found, 422)
                 parent = self.head(start_branch or self.default_branch())
-            with tempfile.NamedTemporaryFile(prefix="orch-index-", delete=False) as tmp:
-                index = tmp.name
-            try:
-                env = {"GIT_INDEX_FILE": index}
-                os.unlink(index)
-                if parent:
-                    self.git("read-tree", parent, env=env)
-                for path, content in files.items():
-                    if content is None:
-                        self.git("update-index", "--force-remove", path, env=env)
-                        continue
-                    blob = self.git("hash-object", "-w", "--stdin", input=content.encode()).strip()
-                    self.git("update-index", "--add", "--cacheinfo", f"100644,{blob},{path}", env=env)
-                tree = self.git("write-tree", env=env).strip()
-            finally:
-                if os.path.exists(index):
-                    os.unlink(index)
+            clash = path_clash(written, self.kinds(parent, clash_queries(written))) if parent else None
+            if clash is not None:  # update-index would replace the file by the directory, silently
+                raise NameClash("files", f"{clash[1]} (branch '{branch}')", status=422)
+            tree = self._tree(parent, files)
             args = ["commit-tree", tree, "-F", "-"] + (["-p", parent] if parent else [])
             sha = self.git(*args, input=message.encode()).strip()
             old = self.head(branch) or ""
@@ -307,7 +385,33 @@ class GitRepo:
                                    expected or "0" * 40], capture_output=True)
             if proc.returncode == 0:
                 return sha
+            if (self.head(branch) or "") == old and self.branch_clash(branch) is None:
+                # refused, not moved (and no branch made in its way meanwhile): trying again changes nothing
+                raise GitError(proc.stderr.decode(errors="replace").strip() or f"update-ref {branch} failed")
         raise GitError(f"branch {branch} kept moving; commit abandoned")
+
+    def _tree(self, parent: str | None, files: dict[str, str | None]) -> str:
+        """The tree of `parent` with `files` written (None: deleted), in a private index: four git
+        processes whatever the number of files."""
+        with tempfile.TemporaryDirectory(prefix="orch-commit-") as tmp:
+            env = {"GIT_INDEX_FILE": os.path.join(tmp, "index")}
+            if parent:
+                self.git("read-tree", parent, env=env)
+            written = [(path, content) for path, content in files.items() if content is not None]
+            blobs = []
+            if written:
+                names = []
+                for i, (_, content) in enumerate(written):
+                    names.append(os.path.join(tmp, f"blob{i}"))
+                    with open(names[-1], "wb") as f:
+                        f.write(content.encode())
+                blobs = self.git("hash-object", "-w", "--no-filters", "--stdin-paths",
+                                 input="".join(f"{n}\n" for n in names).encode()).split()
+            entries = [f"100644 {blob}\t{path}\n" for (path, _), blob in zip(written, blobs)]
+            entries += [f"0 {'0' * 40}\t{path}\n" for path, content in files.items() if content is None]
+            if entries:
+                self.git("update-index", "--index-info", input="".join(entries).encode(), env=env)
+            return self.git("write-tree", env=env).strip()
 
     def create_branch(self, branch: str, ref: str) -> str:
         sha = self.resolve(ref)
@@ -490,8 +594,11 @@ class LocalRepository:
         if head is None:
             try:
                 head = repo.create_branch(branch, repo.default_branch())
-            except GitError:  # created concurrently
+            except GitError:  # created concurrently, or another branch stands in its way
                 head = repo.head(branch)
+                found = repo.branch_clash(branch) if head is None else None
+                if found is not None:
+                    raise branch_in_the_way(branch, found, 422) from None
         if head is None:
             raise InvalidInput("branch", f"branch '{branch}' cannot be created: the project has no commits", status=422)
         return head
@@ -502,6 +609,12 @@ class LocalRepository:
 
     def find_commit(self, project: str, branch: str, key: str) -> str | None:
         return self._repo(project).find_marker(branch, key)
+
+    def branch_clash(self, project: str, branch: str) -> str | None:
+        return self._repo(project).branch_clash(branch)
+
+    def path_kinds(self, project: str, ref: str, paths: set[str]) -> dict[str, str]:
+        return self._repo(project).kinds(ref, paths)
 
     def commit_files(self, project: str, branch: str, files: dict[str, str], message: str,
                      key: str) -> CommitResult:
@@ -622,14 +735,39 @@ class GitLabRepository:
                 return str(c.id)
         return None
 
+    def branch_clash(self, project: str, branch: str) -> str | None:
+        if self.branch_head(project, branch) is not None:
+            return None
+        for prefix in _prefixes(branch):
+            if self.branch_head(project, prefix) is not None:
+                return prefix
+        p = self._project(project)  # GitLab's search: '^term' for names that begin with term
+        under = self._call(f"GET branches under {branch}/", p.branches.list, search=f"^{branch}/", per_page=1,
+                           get_all=False)
+        return str(under[0].name) if under else None
+
+    def path_kinds(self, project: str, ref: str, paths: set[str]) -> dict[str, str]:
+        # one listing of each directory that holds one of the paths
+        p = self._project(project)
+        kinds: dict[str, str] = {}
+        for directory in sorted({path.rpartition("/")[0] for path in paths}):
+            try:
+                entries = self._call(f"GET tree {directory or '/'}@{ref}", p.repository_tree, path=directory,
+                                     ref=ref, per_page=100, get_all=True)
+            except UpstreamError as exc:
+                if exc.upstream_status == 404:  # no such directory (or ref)
+                    continue
+                raise
+            kinds.update({e["path"]: e["type"] for e in entries if e["path"] in paths})
+        return kinds
+
     def commit_files(self, project: str, branch: str, files: dict[str, str], message: str,
                      key: str) -> CommitResult:
         p = self._project(project)
         exists = self.branch_head(project, branch) is not None
-        actions = []
-        for path, content in files.items():
-            present = exists and not isinstance(self.read_file(project, path, branch), FileMissing)
-            actions.append({"action": "update" if present else "create", "file_path": path, "content": content})
+        present = self.path_kinds(project, branch, set(files)) if exists else {}  # a listing per directory
+        actions = [{"action": "update" if present.get(path) == "blob" else "create", "file_path": path,
+                    "content": content} for path, content in files.items()]
         data: dict[str, Any] = {"branch": branch, "commit_message": message, "actions": actions}
         if not exists:
             data["start_branch"] = self.project(project).default_branch

@@ -134,3 +134,42 @@ def test_local_backend_commits_once_per_marker(tmp_path):
     assert repo.ensure_branch("team/p", "issue/1") == first.sha
     mr = repo.create_merge_request("team/p", "issue/1", None, "t")
     assert mr.created and not repo.create_merge_request("team/p", "issue/1", None, "t").created
+
+
+def test_a_commit_git_refuses_fails_at_once_and_writes_nothing(tmp_path):
+    """A branch that an existing one stands in the way of, or a file where a directory of it is
+    a file: NameClash naming the field at once. It used to be taken for a moved branch, tried 20
+    times, each leaving an unreachable commit; and a file written where a file of its directory
+    was replaced that file silently."""
+    from sagas.balance.repository import GitRepo, NameClash
+
+    repo = GitRepo.init(tmp_path / "p")
+    repo.commit("main", {"a.json": "{}", "d/x.json": "{}"}, "init\n")
+    repo.create_branch("issue/1-a", "main")
+    for branch in ("issue", "issue/1-a/x"):
+        with pytest.raises(NameClash) as err:
+            repo.commit(branch, {"b.json": "1"}, "m\n")
+        assert err.value.field == "branch" and "'issue/1-a'" in err.value.problem
+    for files in ({"a.json/x": "1"}, {"d": "1"}):
+        with pytest.raises(NameClash) as err:
+            repo.commit("issue/1-a", files, "m\n")
+        assert err.value.field == "files" and err.value.status == 422
+    assert repo.git("fsck", "--unreachable", "--no-reflogs").strip() == ""
+    assert repo.head("issue/1-a") == repo.head("main") and repo.branches() == ["issue/1-a", "main"]
+    assert repo.branch_clash("issue") == "issue/1-a" and repo.branch_clash("issue/1-a/x") == "issue/1-a"
+    assert repo.branch_clash("issue/1-a") is None and repo.branch_clash("issue/2") is None
+
+
+def test_a_commit_of_many_files_is_one_commit_with_each(tmp_path):
+    """Files are hashed and staged in one git process each (not two per file): 600 files, one
+    commit holding every one; a None deletes."""
+    from sagas.balance.repository import GitRepo
+
+    repo = GitRepo.init(tmp_path / "p")
+    repo.commit("main", {"keep.json": "1", "gone.json": "2"}, "init\n")
+    files = {f"in/{i // 100}/f{i}.json": json.dumps({"i": i}) for i in range(600)}
+    sha = repo.commit("main", {**files, "gone.json": None}, "many\n")
+    listed = repo.git("ls-tree", "-r", "--name-only", sha).split()
+    assert sorted(listed) == sorted([*files, "keep.json"])
+    assert json.loads(repo.read("main", "in/5/f599.json")) == {"i": 599}
+    assert repo.git("rev-list", "--count", "main").strip() == "2"

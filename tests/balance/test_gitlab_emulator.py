@@ -105,3 +105,41 @@ def test_facade_over_the_emulator(emulator):
         repo.read_file("grp/proj", "x.json", "facade/1")
     assert err.value.retryable and err.value.upstream_status == 500
     assert repo.read_file("grp/proj", "x.json", "facade/1").text == "1"  # the fault was for one call
+
+
+def test_tree_listing_branch_search_and_names_git_keeps_as_paths(gl, emulator):
+    """GitLab's repository tree (one directory, paginated: python-gitlab follows the `Link`
+    header), branch search (`^term`: names that begin with it), and 400 for a branch or a file
+    that git cannot create beside an existing one (`a` beside `a/b`)."""
+    p = gl.projects.get("grp/proj")
+    files = [{"action": "create", "file_path": f"many/f{i:02d}.json", "content": "{}"} for i in range(45)]
+    p.commits.create({"branch": "tree/x", "start_branch": "main", "commit_message": "45 files", "actions": files})
+    listed = p.repository_tree(path="many", ref="tree/x", get_all=True)
+    assert sorted(e["path"] for e in listed) == [f"many/f{i:02d}.json" for i in range(45)]
+    assert {e["type"] for e in listed} == {"blob"}
+    r = requests.get(f"{emulator.url}/api/v4/projects/grp%2Fproj/repository/tree",
+                     params={"path": "many", "ref": "tree/x", "per_page": 20}, headers={"PRIVATE-TOKEN": "tok"},
+                     timeout=5)
+    assert len(r.json()) == 20 and r.headers["X-Next-Page"] == "2" and 'rel="next"' in r.headers["Link"]
+    root = {e["path"]: e["type"] for e in p.repository_tree(ref="tree/x", get_all=True)}
+    assert root["many"] == "tree" and root["balance_input.json"] == "blob"
+    for path in ("many/f00.json", "nothing"):  # a file or nothing: no directory to list
+        with pytest.raises(gitlab.exceptions.GitlabGetError) as err:
+            p.repository_tree(path=path, ref="tree/x", get_all=True)
+        assert err.value.response_code == 404 and err.value.error_message == "404 Tree Not Found"
+    assert [b.name for b in p.branches.list(search="^tree/", get_all=True)] == ["tree/x"]
+    assert [b.name for b in p.branches.list(search="^ree/", get_all=True)] == []
+    for name in ("tree", "tree/x/y"):
+        with pytest.raises(gitlab.exceptions.GitlabCreateError) as err:
+            p.branches.create({"branch": name, "ref": "main"})
+        assert err.value.response_code == 400 and "Failed to create branch" in err.value.error_message
+    for path in ("balance_input.json/x", "many"):
+        with pytest.raises(gitlab.exceptions.GitlabCreateError) as err:
+            p.commits.create({"branch": "tree/x", "commit_message": "m",
+                              "actions": [{"action": "create", "file_path": path, "content": "{}"}]})
+        assert err.value.response_code == 400, path
+    repo = GitLabRepository(emulator.url, "tok")
+    assert repo.branch_clash("grp/proj", "tree") == "tree/x" and repo.branch_clash("grp/proj", "tree/x/y") == "tree/x"
+    assert repo.branch_clash("grp/proj", "tree/x") is None and repo.branch_clash("grp/proj", "tree2") is None
+    assert repo.path_kinds("grp/proj", "tree/x", {"many", "many/f01.json", "many/none", "x/y"}) == {
+        "many": "tree", "many/f01.json": "blob"}

@@ -25,8 +25,8 @@ BAD_FILE_PATHS = [".git/config", "a//b.json", "./c.json", "dir/", "a/.git/x", "A
                   "in/pump\u202enosj.json", "in/a\u2028b.json", "in/\u200bpump.json"]
 
 
-def calculation(project: str, **overrides):
-    return stack_calculation(project, branch="calc/names", **overrides)
+def calculation(project: str, branch: str = "calc/names", **overrides):
+    return stack_calculation(project, branch=branch, **overrides)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -46,6 +46,62 @@ def test_file_paths_git_refuses_are_a_400_naming_files(request, backend):
     assert git_repo(s, project).head("calc/names") is None  # nothing was committed
     r = s.http("POST", "/calculations", json=calculation(project))  # a nested path is fine
     assert r.status_code == 201 and r.json()["input_commit"], r.text
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_names_the_repository_already_holds_otherwise_are_a_400_and_nothing_starts(request, backend):
+    """git keeps branch and file names as paths: no branch `issue` beside `issue/7-a` (nor
+    `issue/7-a/x`), no file `balance_input.json/x` where balance_input.json is a file, no file
+    where a directory is. Each was accepted, and the instance failed once git refused its commit
+    (after 20 tries that each left a commit behind). Now each is a 400 naming the field, and no
+    instance, branch or commit is made."""
+    s = request.getfixturevalue(backend)
+    project = new_project(s, extra={"inputs/old.json": "{}"})
+    repo = git_repo(s, project)
+    repo.create_branch("issue/7-a", "main")
+
+    def instances() -> int:
+        items = s.http("GET", "/sagas?limit=500").json()["items"]
+        return sum(1 for i in items if (i["context"].get("input") or {}).get("project") == project)
+
+    for branch in ("issue", "issue/7-a/x"):
+        for r in (start(s, project, ["condenser"], branch=branch),
+                  s.http("POST", "/calculations", json=calculation(project, branch=branch))):
+            assert r.status_code == 400 and r.json()["field"] == "branch", (branch, r.text)
+            assert "existing branch 'issue/7-a'" in r.json()["message"], r.text
+    for files, output, field in (({"balance_input.json/x": "1"}, "out.json", "files"),
+                                 ({"inputs": "1"}, "out.json", "files"),
+                                 ({"in.json": "1"}, "balance_input.json/out.json", "output_file"),
+                                 ({"in.json": "1"}, "inputs", "output_file")):
+        r = s.http("POST", "/calculations", json=calculation(project, files=files, output_file=output))
+        assert r.status_code == 400 and r.json()["field"] == field, (files, output, r.text)
+    assert instances() == 0 and repo.branches() == ["issue/7-a", "main"]
+    # on an existing branch, its own files count: inputs/pump_input.json is a file there now
+    assert s.http("POST", "/calculations", json=calculation(project)).status_code == 201
+    r = s.http("POST", "/calculations", json=calculation(project, files={"inputs/pump_input.json/x": "1"}))
+    assert r.status_code == 400 and r.json()["field"] == "files" and "calc/names" in r.json()["message"], r.text
+    assert instances() == 1
+    assert repo.git("fsck", "--unreachable", "--no-reflogs").strip() == ""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_calculation_of_many_files_is_one_commit_and_more_than_the_cap_a_400(request, backend):
+    """No limit on the files of a calculation, and two git processes (and on GitLab a request)
+    per file: 6,000 files held its step for half a minute. At most MAX_CALCULATION_FILES now,
+    committed in one commit with a fixed number of git processes."""
+    from sagas.balance import MAX_CALCULATION_FILES
+
+    s = request.getfixturevalue(backend)
+    project = new_project(s)
+    many = {f"inputs/f{i}.json": {"i": i} for i in range(MAX_CALCULATION_FILES + 1)}
+    r = s.http("POST", "/calculations", json=calculation(project, files=many))
+    assert r.status_code == 400 and r.json()["field"] == "files" and "at most" in r.json()["message"], r.text
+    many.pop(f"inputs/f{MAX_CALCULATION_FILES}.json")
+    r = s.http("POST", "/calculations", json=calculation(project, files=many))
+    assert r.status_code == 201 and r.json()["input_commit"], r.text
+    commit = r.json()["input_commit"]
+    listed = git_repo(s, project).git("ls-tree", "--name-only", f"{commit}:inputs").split()
+    assert len(listed) == MAX_CALCULATION_FILES
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
