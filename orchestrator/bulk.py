@@ -26,7 +26,7 @@ from typing import Any
 from sqlalchemy import Table, exists, func, insert, or_, select, update
 from sqlalchemy.exc import DBAPIError
 
-from .engine import Engine, InstanceFilter, UnitOfWork, _not_a_signal
+from .engine import Engine, InstanceFilter, UnitOfWork, _not_a_signal, unknown_step
 from .errors import Conflict, IllegalTransition, InvalidInput, NotFound
 from .jsonutil import as_utc
 from .models import BulkItem, BulkJob, utcnow
@@ -85,7 +85,7 @@ def check(engine: Engine, spec: Spec, type_name: str | None) -> None:
             raise InvalidInput("step", "a restart needs the step to restart")
         names = sorted({s.name for cls in classes if cls for s in cls.step_table().values()})
         if spec.step not in names:
-            raise InvalidInput("step", f"unknown step '{spec.step}'; steps: " + ", ".join(names))
+            raise InvalidInput("step", unknown_step(spec.step, names))
     elif spec.action == "event":
         if not spec.event:
             raise InvalidInput("event", "an event action needs the event (a signal) to send")

@@ -347,6 +347,14 @@ _NO_RUN = Record({"status": None})
 _DEFAULT_FINGERPRINT = Workflow.fingerprint.__func__  # type: ignore[attr-defined]  # digest(data)
 
 
+def unknown_step(step: Any, names: list[str]) -> str:
+    """The problem of a restart naming a step the workflow does not have: its steps, or that it
+    has none to restart (a workflow whose work runs in its handlers, not in steps)."""
+    if not names:
+        return f"unknown step '{step}'; this workflow has no steps to restart"
+    return f"unknown step '{step}'; steps: " + ", ".join(names)
+
+
 def _fingerprint(cls: type[Workflow], data: Any, payload_digest: str) -> str | None:
     """A start's fingerprint: the input's digest, unless the workflow fingerprints its own way."""
     if getattr(cls.fingerprint, "__func__", None) is _DEFAULT_FINGERPRINT:
@@ -1443,8 +1451,7 @@ class Engine:
             inst = uow.lock(instance_id)
             cls = self.workflow_class(inst.type)
             if not isinstance(step, str) or cls.step_named(step) is None:
-                raise InvalidInput("step", f"unknown step '{step}'; steps: "
-                                   + ", ".join(s.name for s in cls.step_table().values()))
+                raise InvalidInput("step", unknown_step(step, [s.name for s in cls.step_table().values()]))
             run = uow.step_run(instance_id, step)
             if running_after is not None and run is not None and run.status in ACTIVE:
                 since = run.queued_at or run.started_at

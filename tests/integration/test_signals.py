@@ -154,3 +154,15 @@ def test_the_generic_start_leaves_workflows_with_their_own_start_alone(client):
         assert client.get(f"/sagas?type={type_name}").json["total"] == total, type_name
     # workflows without a start of their own still start here
     assert client.post("/saga/order", json={"input": {}}).status_code == 201
+
+
+def test_restarting_a_step_of_a_workflow_without_steps_says_it_has_none(client, rt):
+    """A worker deployment's work runs in its handlers, not in steps: a restart's 400 said
+    "steps: " and listed nothing."""
+    snap, _ = rt.engine.start("worker_deployment", {"scenario_uuid": str(uuid.uuid4()), "camera_url": "rtsp://cam/1"})
+    r = client.post(f"/sagas/{snap['id']}/restart?step=deploy")
+    assert r.status_code == 400 and r.json["field"] == "step", r.json
+    assert r.json["message"] == "step: unknown step 'deploy'; this workflow has no steps to restart", r.json
+    r = client.post("/sagas/bulk", json={"action": "restart", "step": "deploy", "filter": {"type": "worker_deployment"},
+                                         "dry_run": True}, headers={"X-Admin-Token": "test-admin-token"})
+    assert r.status_code == 400 and r.json["message"].endswith("this workflow has no steps to restart"), r.json
