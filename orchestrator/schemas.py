@@ -15,6 +15,7 @@ by the central walk `jsonutil.check_storable` (it names object keys too, which a
 """
 from __future__ import annotations
 
+import ipaddress
 import re
 import unicodedata
 from typing import Annotated, Any, TypeVar
@@ -98,6 +99,22 @@ def _invisible(c: str) -> bool:
     return c.isspace() or unicodedata.category(c)[0] in "CZ"
 
 
+_HOST_NAME = re.compile(r"[A-Za-z0-9_.~-]+")
+
+
+def _valid_host(netloc: str, hostname: str) -> bool:
+    """A host a client can connect to: a bracketed IPv6 address, or a name (an IPv4 address
+    included) of letters, digits, `-`, `.`, `_`, `~` or non-ASCII letters (an internationalised
+    name). Refused: percent-encoded names (`%zz`), IPvFuture (`[v1.x]`), other punctuation."""
+    if netloc.startswith("["):
+        try:
+            ipaddress.IPv6Address(hostname.partition("%")[0])
+        except ValueError:
+            return False
+        return True
+    return all(_HOST_NAME.fullmatch(c) or (not c.isascii() and c.isalnum()) for c in hostname)
+
+
 def check_url(value: str, schemes: tuple[str, ...], *, credentials: bool = False) -> str:
     """`value` as a URL of one of `schemes` with a host, surrounding blanks removed, or a
     validator's error saying what is wrong: too long, a whitespace or control character inside
@@ -120,6 +137,8 @@ def check_url(value: str, schemes: tuple[str, ...], *, credentials: bool = False
         raise problem("must not contain credentials (user:password@ before the host)")
     if parsed.scheme.lower() not in schemes or not parsed.hostname:
         raise problem(f"must be an {'/'.join(schemes)} URL with a host, got {url[:80]!r}")
+    if not _valid_host(parsed.netloc.rpartition("@")[2], parsed.hostname):
+        raise problem("has an invalid host: a name, an IPv4 address or a bracketed IPv6 address")
     try:
         port = parsed.port  # ValueError: not a number, or past 65535
     except ValueError:

@@ -274,6 +274,10 @@ def test_bad_pipeline_input(client, body, field):
     ("youtube_url", "https://ex.com:99999/", "has an invalid port: it must be a number from 1 to 65535"),
     ("youtube_url", "https://ex.com:abc/", "has an invalid port"),
     ("youtube_url", "https://ex.com:0/", "has an invalid port"),
+    # hosts nobody can connect to: accepted, then failed at the downloader
+    ("youtube_url", "https://%zz/", "has an invalid host"),
+    ("youtube_url", "https://[v1.x]/", "has an invalid host"),
+    ("youtube_url", "https://ex$ample.com/", "has an invalid host"),
     ("youtube_url", "https://user:pass@ex.com/", "must not contain credentials"),
     ("youtube_url", "https://user@ex.com/", "must not contain credentials"),
     ("language", "xx-not-lang-\u221e", "must be a language code such as 'auto', 'en' or 'pt-BR'"),
