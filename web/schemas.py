@@ -495,7 +495,8 @@ class BulkRequest(Closed):
     filter: SagaFilter = Field(description="which instances (the GET /sagas filters as keys); required: "
                                            "`{}` acts on every instance of every type")
     dry_run: bool = Field(False, description="only count the matches and show a sample; change nothing")
-    rate_per_second: float = Field(10.0, gt=0, le=10000, description="actions per second at most")
+    # at least one action in 100 s: a bulk slower than that would not end within a working day
+    rate_per_second: float = Field(10.0, ge=0.01, le=10000, description="actions per second at most, 0.01 to 10000")
 
 
 class BulkDryRun(Answer):

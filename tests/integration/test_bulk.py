@@ -114,6 +114,7 @@ def test_bulk_needs_the_admin_token(client):
     ({"action": "cancel", "filter": {"state": "nope"}}, "filter.state"),
     ({"action": "cancel", "filter": {"type": "repair", "state": "tts_failed"}}, "filter.state"),
     ({"action": "cancel", "filter": {}, "rate_per_second": 0}, "rate_per_second"),
+    ({"action": "cancel", "filter": {}, "rate_per_second": 1e-7}, "rate_per_second"),  # accepted: a bulk never ending
     ({"action": "fix"}, "action"),
     # a field the action does not take was ignored silently; a type that cannot be cancelled matched
     ({"action": "cancel", "step": "download", "filter": {"type": "media"}}, "step"),
