@@ -156,12 +156,15 @@ MAX_LANGUAGE_LENGTH = 16
 
 
 def check_language(value: str) -> str:
-    """`value` if it is a language code (`auto`, `en`, `pt-BR`), else a validator's error."""
+    """`value` in BCP 47's usual case if it is a language code (`auto`, `en`, `pt-BR`: `EN` is
+    `en`, `pt-br` is `pt-BR`, as the tags are the same), else a validator's error."""
     if len(value) > MAX_LANGUAGE_LENGTH:
         raise problem(f"is too long: {len(value)} characters, at most {MAX_LANGUAGE_LENGTH}")
     if not _LANGUAGE.fullmatch(value):
         raise problem(f"must be a language code such as 'auto', 'en' or 'pt-BR', got {value[:40]!r}")
-    return value
+    language, *subtags = value.split("-")  # a region in capitals, a script in title case
+    return "-".join([language.lower(), *(t.upper() if len(t) == 2 else t.title() if len(t) == 4 else t.lower()
+                                         for t in subtags)])
 
 
 def json_type(value: Any) -> str:

@@ -395,3 +395,13 @@ def test_status_never_goes_back_while_a_slow_download_runs(client, worker, sweep
         assert rank.get(after[0], 1) >= rank.get(before[0], 1), (before, after)  # the job's status
         assert rank[after[1]] >= rank[before[1]], (before, after)  # the download stage's status
     assert all(s[1] == "processing" and s[0] != "queued" for s in midway)
+
+
+def test_a_language_code_is_kept_in_its_usual_case(client):
+    """BCP 47 tags are the same in any case: `EN` and `en` started two jobs for one request.
+    Now the stored input holds the usual case (`en`, `pt-BR`, `zh-Hant-TW`)."""
+    r = client.post("/pipeline", json={"youtube_url": url(), "language": "EN", "language_out": "zh-hant-tw"})
+    assert r.status_code == 200, r.json
+    given = client.get(f"/sagas/{r.json['job_id']}").json["context"]["input"]
+    assert (given["language"], given["language_out"]) == ("en", "zh-Hant-TW"), given
+    assert client.post("/pipeline", json={"youtube_url": url(), "language": "pt-br"}).status_code == 200
