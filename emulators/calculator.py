@@ -31,6 +31,7 @@ from kombu.mixins import ConsumerMixin
 
 from emulators import effects
 from orchestrator.config import Settings, load_settings
+from orchestrator.errors import InvalidInput, UpstreamError
 from orchestrator.logs import shorten_retry_tracebacks
 from sagas.balance.calculations import CONTRACT_VERSION, results_queue, task_queue
 from sagas.balance.settings import BalanceSettings
@@ -142,8 +143,15 @@ class Calculator(ConsumerMixin):  # type: ignore[misc]
         if reason:
             return answer("failed", error=reason)
         output = json.dumps(compute(calculation, inputs), indent=2, sort_keys=True) + "\n"
-        commit = commit_once(repo, project, task["branch"], {task["output_file"]: output},
-                             f"{calculation} calculation: {task['output_file']}", key)
+        try:
+            commit = commit_once(repo, project, task["branch"], {task["output_file"]: output},
+                                 f"{calculation} calculation: {task['output_file']}", key)
+        except InvalidInput as exc:  # the repository refuses the output's name (a file in its way)
+            return answer("failed", error=f"output not committed: {exc.problem}")
+        except UpstreamError as exc:
+            if exc.retryable:
+                raise  # GitLab is down: requeued
+            return answer("failed", error=f"output not committed: {exc}")
         effects.record("calculation", cid, commit.sha)
         return answer("succeeded", commit.sha)
 

@@ -148,19 +148,35 @@ BALANCE = ("balance",)
 GITLAB = ("gitlab",)
 
 
-def _issue_branch_project(project: str, branch: str, what: str, paths: dict[str, list[str]] | None = None) -> str:
+def _pending_paths(project: str, branch: str) -> list[str]:
+    """The files the simple calculations still running on `branch` of `project` will write (their
+    inputs, if not committed yet, and their outputs): a new calculation must fit beside them."""
+    with runtime().sessions() as s:
+        rows = s.execute(select(WorkflowInstance.context).where(
+            WorkflowInstance.type == SimpleCalculation.type, WorkflowInstance.finished.is_(False))).all()
+    out: list[str] = []
+    for row in rows:
+        given = (row.context or {}).get("input") or {}
+        if given.get("project") == project and given.get("branch") == branch:
+            out += [*(given.get("files") or {}), given.get("output_file") or ""]
+    return [p for p in out if p]
+
+
+def _issue_branch_project(project: str, branch: str, what: str, paths: dict[str, list[str]] | None = None,
+                          pending: bool = False) -> str:
     """The project's path; 404 for an unknown project (502 when GitLab fails), 400 naming `branch`
     when it is the project's default branch (`what` commits there, and every issue branch made
     from it afterwards would carry those commits) or when an existing branch stands in the way of
     creating it, 400 naming the field of a path in `paths` ({field: [path, ...]}) that cannot be
-    written beside the branch's files (repository.check_names_free): refused before anything
-    starts, not by git once the work runs."""
+    written beside the branch's files, or (`pending`) beside what the calculations still running on
+    it will write (repository.check_names_free): refused before anything starts, not by git once
+    the work runs."""
     repo = open_repository(runtime().settings)
     info = repo.project(project)
     if branch == info.default_branch:
         raise InvalidInput("branch", f"is the default branch of {info.path}; {what} works on an issue branch "
                                      "(its results reach the default branch through a merge request)")
-    check_names_free(repo, info.path, branch, paths)
+    check_names_free(repo, info.path, branch, paths, _pending_paths(info.path, branch) if pending else None)
     return info.path
 
 
@@ -247,7 +263,8 @@ def start_calculation() -> Any:
     rt = runtime()
     data = SimpleCalculation.validate_input(body, rt.settings)
     data["project"] = _issue_branch_project(data["project"], data["branch"], "a calculation",
-                                            {"files": list(data["files"]), "output_file": [data["output_file"]]})
+                                            {"files": list(data["files"]), "output_file": [data["output_file"]]},
+                                            pending=True)
     snap, created = rt.engine.start(SimpleCalculation.type, data,
                                     idempotency_key=request.headers.get("Idempotency-Key"), actor=who)
     deadline = time.monotonic() + SETTLE_SECONDS

@@ -180,12 +180,12 @@ def _prefixes(path: str) -> list[str]:
 
 def path_clash(paths: list[str], kinds: dict[str, str]) -> tuple[str, str] | None:
     """The first of `paths` that cannot be written beside what `kinds` ({path: "blob" | "tree"},
-    a ref's content) holds, and why: a file where one of its directories would go, or a path
-    that is a directory. None when all can be written."""
+    a ref's content) holds: (the existing name in its way, why). A file where one of its
+    directories would go, or a path that is a directory. None when all can be written."""
     for path in paths:
         for prefix in _prefixes(path):
             if kinds.get(prefix) == "blob":
-                return path, f"'{prefix}' is a file there, so '{path}' cannot be written beside it"
+                return prefix, f"'{prefix}' is a file there, so '{path}' cannot be written beside it"
         if kinds.get(path) == "tree":
             return path, f"'{path}' is a directory there"
     return None
@@ -196,11 +196,13 @@ def clash_queries(paths: list[str]) -> set[str]:
     return {q for path in paths for q in (path, *_prefixes(path))}
 
 
-def check_names_free(repo: Repository, project: str, branch: str, paths: dict[str, list[str]] | None = None) -> None:
+def check_names_free(repo: Repository, project: str, branch: str, paths: dict[str, list[str]] | None = None,
+                     pending: list[str] | None = None) -> None:
     """Before anything is started: `branch` can be created (or exists), and the files the work
     will write ({field: [path, ...]}) fit the branch's tree (the default branch's while the
-    branch does not exist). NameClash (400) naming `branch` or the field otherwise; git would
-    refuse the commit only once the work runs."""
+    branch does not exist) and the files that work still running on the branch will write
+    (`pending`). NameClash (400) naming `branch` or the field otherwise; git would refuse the
+    commit only once the work runs."""
     found = repo.branch_clash(project, branch)
     if found is not None:
         raise branch_in_the_way(branch, found)
@@ -209,10 +211,12 @@ def check_names_free(repo: Repository, project: str, branch: str, paths: dict[st
     ref = branch if repo.branch_head(project, branch) is not None else repo.project(project).default_branch
     every = [p for names in paths.values() for p in names]
     kinds = repo.path_kinds(project, ref, clash_queries(every))
+    planned = {q: "tree" for p in pending or () for q in _prefixes(p)} | {p: "blob" for p in pending or ()}
     for field_name, names in paths.items():
-        clash = path_clash(names, kinds)
+        clash = path_clash(names, planned | kinds)
         if clash is not None:
-            raise NameClash(field_name, f"{clash[1]} (branch '{ref}')")
+            whose = f"branch '{ref}'" if clash[0] in kinds else "written by a calculation still running on the branch"
+            raise NameClash(field_name, f"{clash[1]} ({whose})")
 
 
 def commit_once(repo: Repository, project: str, branch: str, files: dict[str, str], message: str,

@@ -84,6 +84,47 @@ def test_names_the_repository_already_holds_otherwise_are_a_400_and_nothing_star
     assert repo.git("fsck", "--unreachable", "--no-reflogs").strip() == ""
 
 
+def _calculation_state(s, calculation_id: str) -> str:
+    return s.http("GET", f"/calculations/{calculation_id}").json()["status"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_calculation_must_fit_beside_what_calculations_still_running_on_its_branch_write(request, backend):
+    """Only the repository's files were looked at: a second calculation whose input or output is
+    in the way of a running one's output (`res` beside `res/out.json`) was accepted, and once
+    the first output was committed the second's was refused for good, its task requeued by the
+    calculator until the step's timeout. Now it is a 400 naming the field and saying why; and
+    a calculator whose output the repository refuses (a file made in its way) answers failed."""
+    s = request.getfixturevalue(backend)
+    project = new_project(s)
+    s.stop("calculator")  # the first calculation stays running
+    try:
+        first = s.http("POST", "/calculations", json=calculation(project, branch="calc/pending",
+                                                                 output_file="res/out.json"))
+        assert first.status_code == 201, first.text
+        for files, output, field in (({"in2.json": "1"}, "res", "output_file"),
+                                     ({"res/out.json/deeper.json": "1"}, "z.json", "files"),
+                                     ({"res": "1"}, "z.json", "files")):
+            r = s.http("POST", "/calculations", json=calculation(project, branch="calc/pending", files=files,
+                                                                 output_file=output))
+            assert r.status_code == 400 and r.json()["field"] == field, (files, output, r.text)
+            assert "written by a calculation still running on the branch" in r.json()["message"], r.text
+        beside = s.http("POST", "/calculations", json=calculation(project, branch="calc/pending", files={"b.json": "1"},
+                                                                  output_file="res/other.json"))
+        assert beside.status_code == 201, beside.text
+        # a file made in the way of the first output meanwhile (another writer of the branch)
+        repo = git_repo(s, project)
+        repo.commit("calc/pending", {"res/out.json/x": "in the way"}, "another writer\n")
+    finally:
+        s.start("calculator")
+    wait_for(lambda: _calculation_state(s, beside.json()["correlationId"]) == "completed", timeout=60,
+             what="the calculation beside it to complete")
+    cid = first.json()["correlationId"]
+    wait_for(lambda: _calculation_state(s, cid) == "failed", timeout=60, what="the refused output to fail")
+    error = s.http("GET", f"/calculations/{cid}").json()["error"]
+    assert "output not committed" in error and "res/out.json" in error, error
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_calculation_of_many_files_is_one_commit_and_more_than_the_cap_a_400(request, backend):
     """No limit on the files of a calculation, and two git processes (and on GitLab a request)
