@@ -57,8 +57,9 @@ def malformed_answer(exc: BaseException) -> bytes | None:
     """The raw HTTP answer to a request gunicorn could not parse; None for any other error."""
     for types, status, reason, field in MALFORMED:
         if isinstance(exc, types):
-            body = json.dumps({"error": "invalid_input", "message": f"{field}: {str(exc)[:300]}",
-                               "field": field}).encode()
+            problem = str(exc)[:300]  # the shape of the app's InvalidInput answers
+            body = json.dumps({"error": "invalid_input", "message": f"{field}: {problem}", "field": field,
+                               "problem": problem}, separators=(",", ":")).encode()
             head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
                     f"Content-Length: {len(body)}\r\n\r\n")
             return head.encode("latin-1") + body

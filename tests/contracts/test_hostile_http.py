@@ -204,7 +204,7 @@ def test_requests_the_server_cannot_parse_get_the_json_error_too(api, raw, statu
     assert head.split()[1] == str(status).encode() and b"application/json" in head, out[:500]
     answer = json.loads(answer)
     assert isinstance(answer.get("error"), str) and isinstance(answer.get("message"), str), answer
-    assert answer["field"] == field, answer
+    assert answer["field"] == field and answer["message"] == f"{field}: {answer['problem']}", answer
 
 
 @pytest.mark.parametrize("content_type, status", [(b"application/json", 413), (b"text/plain", 415)])
