@@ -73,8 +73,14 @@ def start_api(env: dict[str, str], name: str = "chat-api", workers: int = 2, **e
 @pytest.fixture(scope="module")
 def chat_api(chat_env: dict[str, str], execution: Emulator, sweeper: Any) -> Iterator[str]:
     proc, base = start_api(chat_env)
-    wait_for(lambda: requests.get(f"{base}/health/detailed", timeout=5).json()["callback_consumers"]["this_process"],
-             timeout=20, what="a callback consumer")
+
+    def consuming() -> bool:
+        try:
+            return bool(requests.get(f"{base}/health/detailed", timeout=10).json()["callback_consumers"]["this_process"])
+        except requests.RequestException:  # a gunicorn worker still starting on a loaded machine
+            return False
+
+    wait_for(consuming, timeout=60, what="a callback consumer")
     yield base
     proc.stop()
 

@@ -196,8 +196,9 @@ def test_a_handler_that_reads_its_own_table_reads_through_the_batch(krt, store):
     with engine_on(krt.settings, url) as engine:
         ids = [engine.start("worker_deployment", {"scenario_uuid": str(uuid.uuid4()),
                                                   "camera_url": "rtsp://cam.example/s"})[0]["id"] for _ in range(3)]
-        for wid in ids:  # on the topic before the bridge joins: they arrive as one batch
-            kafka.send("worker.status", {"worker_id": wid, "status": "running", "process_pid": 7}, key=wid, flush=False)
+        for wid in ids:  # on one partition before the bridge joins: they arrive in one fetch, one batch
+            kafka.send("worker.status", {"worker_id": wid, "status": "running", "process_pid": 7}, key="one-partition",
+                       flush=False)
         kafka.flush()
         bridge = start_bridge(own_group(env, "reads"), "bridge-reads", log_level="DEBUG")  # logs every batch
         try:
