@@ -132,16 +132,20 @@ def _start_lock(project: str, branch: str) -> Iterator[None]:
         yield
 
 
-def _running_saga(project: str, branch: str) -> str | None:
+def _unfinished(type_name: str, project: str, branch: str) -> list[tuple[str, dict[str, Any]]]:
+    """(id, input) of the unfinished instances of `type_name` on `branch` of `project`, oldest
+    first; the database picks them by their input's project and branch."""
+    given = WorkflowInstance.context["input"]
     with runtime().sessions() as s:
         rows = s.execute(select(WorkflowInstance.id, WorkflowInstance.context).where(
-            WorkflowInstance.type == BalanceSaga.type, WorkflowInstance.finished.is_(False))
+            WorkflowInstance.type == type_name, WorkflowInstance.finished.is_(False),
+            given["project"].as_string() == project, given["branch"].as_string() == branch)
             .order_by(WorkflowInstance.created_at)).all()
-    for row in rows:
-        inp = (row.context or {}).get("input") or {}
-        if inp.get("project") == project and inp.get("branch") == branch:
-            return str(row.id)
-    return None
+    return [(str(row.id), (row.context or {}).get("input") or {}) for row in rows]
+
+
+def _running_saga(project: str, branch: str) -> str | None:
+    return next((saga_id for saga_id, _ in _unfinished(BalanceSaga.type, project, branch)), None)
 
 
 BALANCE = ("balance",)
@@ -151,14 +155,9 @@ GITLAB = ("gitlab",)
 def _pending_paths(project: str, branch: str) -> list[str]:
     """The files the simple calculations still running on `branch` of `project` will write (their
     inputs, if not committed yet, and their outputs): a new calculation must fit beside them."""
-    with runtime().sessions() as s:
-        rows = s.execute(select(WorkflowInstance.context).where(
-            WorkflowInstance.type == SimpleCalculation.type, WorkflowInstance.finished.is_(False))).all()
     out: list[str] = []
-    for row in rows:
-        given = (row.context or {}).get("input") or {}
-        if given.get("project") == project and given.get("branch") == branch:
-            out += [*(given.get("files") or {}), given.get("output_file") or ""]
+    for _, given in _unfinished(SimpleCalculation.type, project, branch):
+        out += [*(given.get("files") or {}), given.get("output_file") or ""]
     return [p for p in out if p]
 
 

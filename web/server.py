@@ -16,8 +16,8 @@ from typing import Any
 
 from gunicorn import util
 from gunicorn.http.errors import (ChunkMissingTerminator, ExpectationFailed, InvalidChunkExtension, InvalidChunkSize,
-                                  InvalidHeader, InvalidHeaderName, InvalidHTTPVersion, InvalidRequestLine, InvalidRequestMethod,
-                                  LimitRequestHeaders, LimitRequestLine, ObsoleteFolding,
+                                  InvalidHeader, InvalidHeaderName, InvalidHTTPVersion, InvalidRequestLine,
+                                  InvalidRequestMethod, LimitRequestHeaders, LimitRequestLine, ObsoleteFolding,
                                   ParseException, UnsupportedTransferCoding)
 from gunicorn.http.unreader import SocketUnreader
 from gunicorn.workers.gthread import TConn

@@ -509,10 +509,9 @@ def check_repository_paths(paths: list[str], field: str) -> list[str]:
         check_repository_path(path, field)
     given = set(paths)
     for path in paths:
-        parts = path.split("/")
-        for i in range(1, len(parts)):
-            if "/".join(parts[:i]) in given:
-                raise InvalidInput(field, f"'{'/'.join(parts[:i])}' is a file and also the directory of '{path}'")
+        for prefix in _prefixes(path):
+            if prefix in given:
+                raise InvalidInput(field, f"'{prefix}' is a file and also the directory of '{path}'")
     return paths
 
 
