@@ -219,6 +219,9 @@ class OutboxMessage(Base):
     failed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     # The trace the row was written in (W3C traceparent/tracestate): its publish continues it.
     trace_context: Mapped[dict[str, str] | None] = mapped_column(JSONType)
+    # Set while the process that wrote the row still means to send it but lags behind (a
+    # backlog past half the sweepers' grace period): sweepers leave the row alone until then.
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class Timer(Base):

@@ -7,6 +7,13 @@ with SKIP LOCKED so several sweepers never send the same row at once. Delivery i
 once: a crash after publish and before the mark sends the row again, and consumers
 de-duplicate (steps by (instance, step, attempt), and one claim per dispatch).
 
+A process whose backlog outgrows the grace period (a burst of thousands of starts, each publish
+waiting for its broker confirm) would otherwise see sweepers send its rows too, doubling the
+broker's and the workers' load just when they are busiest. So rows that wait in a process past
+half the grace period get a lease (`lease_until`, one UPDATE for all of them, renewed while they
+wait): sweepers leave leased rows alone, and send them once the lease has run out if the process
+died. A process that is keeping up writes no lease.
+
 A row that can never be published (a permanent error: too large for the broker, a payload that
 does not serialise) is failed: `failed_at` and `last_error` are set, it is not tried again,
 and the engine fails the step it belonged to (`on_failed`). A transient error (broker down,
@@ -23,10 +30,10 @@ import os
 import queue
 import threading
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Callable, Iterator
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import tracing
@@ -67,6 +74,16 @@ def describe(exc: BaseException) -> str:
 #: the sweeper's grace period: only a process that dies in between gets its rows sent twice.
 MARK_DELAY = 0.2
 MARK_BATCH = 500
+
+#: The sweepers' grace period (seconds): unsent rows younger than this are left to their writer.
+GRACE_SECONDS = 2.0
+#: A row still waiting in its writer this long (seconds) after it was written gets a lease ...
+LEASE_AFTER = GRACE_SECONDS / 2
+#: ... of this many seconds, renewed when less than half of it is left; a process that died
+#: holds its rows back from the sweepers for at most this long.
+LEASE_SECONDS = 10.0
+#: How often (seconds) a process looks for rows that need a lease.
+LEASE_CHECK = 0.25
 
 
 class OutboxRelay:
@@ -197,15 +214,28 @@ class OutboxRelay:
             conn.execute(table.update().where(table.c.message_id.in_(message_ids), table.c.sent_at.is_(None))
                          .values(sent_at=utcnow(), publish_attempts=table.c.publish_attempts + 1))
 
-    def publish(self, limit: int = 500, grace_seconds: float = 2.0) -> int:
+    def lease(self, message_ids: list[str], until: datetime | None) -> None:
+        """Keep sweepers off these unsent rows until `until` (None: at once), in one UPDATE
+        per 500 ids, committed. Raises the database's error (the caller logs it: without the
+        lease a sweeper may send a row twice, which consumers de-duplicate)."""
+        table = OutboxMessage.__table__
+        with self.marks.begin() as conn:
+            for i in range(0, len(message_ids), 500):
+                conn.execute(table.update().where(table.c.message_id.in_(message_ids[i:i + 500]),
+                                                  table.c.sent_at.is_(None))
+                             .values(lease_until=until))
+
+    def publish(self, limit: int = 500, grace_seconds: float = GRACE_SECONDS) -> int:
         """The sweep: publish unsent rows older than `grace_seconds` (younger ones are still
-        being sent by the process that wrote them), locked while they are sent (on PostgreSQL;
-        see below for SQLite); the number sent. Rows that fail
-        for good are failed after the sweep commits (their step's transaction locks the
+        being sent by the process that wrote them) whose lease, if any, has run out, locked
+        while they are sent (on PostgreSQL; see below for SQLite); the number sent. Rows that
+        fail for good are failed after the sweep commits (their step's transaction locks the
         instance, which must not wait inside this one)."""
+        now = utcnow()
         due = (select(OutboxMessage)
                .where(OutboxMessage.sent_at.is_(None), OutboxMessage.failed_at.is_(None),
-                      OutboxMessage.created_at < utcnow() - timedelta(seconds=grace_seconds))
+                      OutboxMessage.created_at < now - timedelta(seconds=grace_seconds),
+                      or_(OutboxMessage.lease_until.is_(None), OutboxMessage.lease_until < now))
                .order_by(OutboxMessage.id).limit(limit))
         if self.marks.dialect.name == "sqlite":
             # SQLite has one write lock for the whole file and no row locks: holding it while
@@ -244,8 +274,10 @@ class OutboxRelay:
 
 class Kicker:
     """The post-commit publisher of one process: a thread that takes committed rows in order,
-    publishes them, and marks what it sent with one UPDATE per MARK_DELAY. Whatever it has not
-    sent or marked when the process dies, a sweeper sends after the grace period."""
+    publishes them, and marks what it sent with one UPDATE per MARK_DELAY; and a thread that
+    leases the rows still waiting LEASE_AFTER after they were written (`_lease_loop`).
+    Whatever it has not sent or marked when the process dies, a sweeper sends after the grace
+    period, or once the lease has run out."""
 
     def __init__(self, relay: OutboxRelay) -> None:
         self.relay = relay
@@ -254,13 +286,56 @@ class Kicker:
         self.pending = 0  # submitted and not yet marked (or given up on)
         self.hurry = False  # flush(): mark now instead of after MARK_DELAY
         self.idle = threading.Condition()
+        self.waiting: dict[str, datetime] = {}  # message id -> written at, of rows not yet published
+        self.leased: dict[str, datetime] = {}  # message id -> lease end, of waiting rows with a lease
         threading.Thread(target=self._run, name="outbox-kicker", daemon=True).start()
+        threading.Thread(target=self._lease_loop, name="outbox-lease", daemon=True).start()
         atexit.register(self.flush)
 
     def submit(self, rows: list[OutboxMessage]) -> None:
         with self.idle:
             self.pending += len(rows)
+            for row in rows:
+                self.waiting[row.message_id] = row.created_at
         self.queue.put(rows)
+
+    def _published(self, batch: list[OutboxMessage], sent: list[str]) -> None:
+        """The batch is through (`sent`: the ids that went out): no longer waiting. A leased row
+        that did not go out (broker down) is released at once, for the sweepers to retry."""
+        with self.idle:
+            released = [r.message_id for r in batch
+                        if self.waiting.pop(r.message_id, None) is not None
+                        and self.leased.pop(r.message_id, None) is not None]
+        unsent = set(released) - set(sent) if released else None
+        if unsent:
+            try:
+                self.relay.lease(sorted(unsent), None)
+            except Exception:  # the lease runs out on its own
+                log.warning("releasing %d outbox rows failed", len(unsent), exc_info=True)
+
+    def _lease_loop(self) -> None:
+        """Every LEASE_CHECK: lease the rows waiting LEASE_AFTER or longer (and renew leases
+        with less than half left), in one UPDATE. Writes nothing while the process keeps up."""
+        while True:
+            time.sleep(LEASE_CHECK)
+            now = utcnow()
+            oldest = now - timedelta(seconds=LEASE_AFTER)
+            renew = now + timedelta(seconds=LEASE_SECONDS / 2)
+            with self.idle:
+                due = [m for m, written in self.waiting.items()
+                       if written <= oldest and self.leased.get(m, now) <= renew]
+            if not due:
+                continue
+            until = now + timedelta(seconds=LEASE_SECONDS)
+            try:
+                self.relay.lease(due, until)
+            except Exception:  # database down: a sweeper may send these too; consumers de-duplicate
+                log.warning("leasing %d outbox rows failed", len(due), exc_info=True)
+                continue
+            with self.idle:
+                for m in due:
+                    if m in self.waiting:
+                        self.leased[m] = until
 
     def _run(self) -> None:
         unmarked: list[str] = []
@@ -275,6 +350,7 @@ class Kicker:
                 except Exception:  # the sweeper sends these later
                     log.warning("publishing %d outbox rows failed; the sweeper will", len(batch), exc_info=True)
                     sent = []
+                self._published(batch, sent)
                 if sent and not unmarked:
                     mark_at = time.monotonic() + MARK_DELAY
                 unmarked += sent

@@ -5,6 +5,7 @@ message delivered twice runs its step once."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -24,20 +25,29 @@ from orchestrator.models import OutboxMessage
 
 #: Stands in for an API process: starts instances through the runtime (kick after commit, the
 #: kicker's marks at exit). With "twice", every step message is published twice, as after a
-#: crash between publish and the sent-mark.
+#: crash between publish and the sent-mark. With "slow", each publish takes 30 ms more (a
+#: broker slow to confirm: the process falls behind what it writes); "slow-hang" also waits,
+#: after printing the ids, to be killed.
 STARTER = textwrap.dedent("""
-    import json, sys
+    import json, sys, time
     from orchestrator import runtime
     from orchestrator.config import load_settings
     rt = runtime.build(load_settings())
+    publish = rt.relay.publishers["celery"]
     if sys.argv[1] == "twice":
-        publish = rt.relay.publishers["celery"]
         def twice(row):
             publish(row)
             publish(row)
         rt.relay.publishers["celery"] = twice
+    elif sys.argv[1].startswith("slow"):
+        def slow(row):
+            time.sleep(0.03)
+            publish(row)
+        rt.relay.publishers["celery"] = slow
     ids = [rt.engine.start(kind, data)[0]["id"] for kind, data in json.loads(sys.argv[2])]
-    print(json.dumps(ids))
+    print(json.dumps(ids), flush=True)
+    if sys.argv[1] == "slow-hang":
+        time.sleep(600)
 """)
 
 
@@ -109,6 +119,48 @@ def outbox(stack: dict[str, Any]) -> dict[str, Any]:
                 .scalar_one(),
                 "tasks": tasks,
             }
+    finally:
+        db.dispose()
+
+
+def queued_messages(stack: dict[str, Any]) -> int:
+    """Messages waiting in the broker's queues (no worker consumes them): on RabbitMQ from the
+    queues' counts (`declare_queues` first: RabbitMQ drops a message no queue is bound for), on
+    the embedded broker every message it was given."""
+    if stack["kind"] == "sqlite":
+        return sum(broker_messages(stack).values())
+    from celery import Celery
+
+    app = Celery(broker=stack["broker"], config_source="celeryconfig")
+    try:
+        with app.connection_for_write() as conn:
+            return sum(conn.default_channel.queue_declare(queue=q.name, passive=True).message_count
+                       for q in app.amqp.queues.values())
+    finally:
+        app.close()
+
+
+def declare_queues(stack: dict[str, Any]) -> None:
+    if stack["kind"] == "sqlite":
+        return
+    from celery import Celery
+
+    app = Celery(broker=stack["broker"], config_source="celeryconfig")
+    try:
+        with app.connection_for_write() as conn:
+            for q in app.amqp.queues.values():
+                q(conn.default_channel).declare()
+    finally:
+        app.close()
+
+
+def leased(stack: dict[str, Any]) -> int:
+    """Outbox rows that have had a publish lease."""
+    db = create_engine(stack["url"])
+    try:
+        with db.connect() as conn:
+            o = OutboxMessage.__table__.c
+            return conn.execute(select(func.count()).where(o.lease_until.is_not(None))).scalar_one()
     finally:
         db.dispose()
 
@@ -217,6 +269,49 @@ def test_a_step_message_delivered_twice_runs_its_step_once(stack, rt):
         assert (e["reserve"], e["authorize"], e["capture"]) == (1, 1, 1), e
     for service in stack["emulators"]:
         assert emulator_stats(stack["emulators"], service)["submit_requests"] == 1, service
+
+
+def test_a_process_that_falls_behind_keeps_its_rows_from_the_sweepers(stack):
+    # Each publish 30 ms: 150 starts written in about a second take 4.5 s to publish, so most
+    # rows are past the sweepers' 2 s grace period before their writer sends them. Their lease
+    # keeps the sweeper (every 0.2 s here) off them: each row reaches the broker once.
+    declare_queues(stack)
+    sweeper = Process("lsweeper", ["sweeper"], {**stack["env"], "SWEEP_INTERVAL": "0.2"}).start()
+    try:
+        ids = start(stack, orders(150), mode="slow")  # returns once its kicker has sent and marked all
+        wait_for(lambda: outbox(stack)["unsent"] == 0, timeout=30, what="every row marked sent")
+        rows = outbox(stack)
+    finally:
+        sweeper.stop()
+    assert len(ids) == 150 and rows["sent"] == 150, rows
+    assert leased(stack) > 0  # the writer fell behind, as meant
+    assert queued_messages(stack) == 150
+
+
+def test_the_rows_a_dead_process_had_leased_go_out_once_the_lease_runs_out(stack):
+    import signal
+
+    from orchestrator.outbox_relay import LEASE_SECONDS
+
+    declare_queues(stack)
+    sweeper = Process("ksweeper", ["sweeper"], {**stack["env"], "SWEEP_INTERVAL": "0.2"}).start()
+    starter = subprocess.Popen([sys.executable, "-c", STARTER, "slow-hang", json.dumps(orders(150))],
+                               env=stack["env"], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        ids = json.loads(starter.stdout.readline())  # type: ignore[union-attr]
+        wait_for(lambda: leased(stack) > 0, timeout=30, what="the starter to lease the rows it lags on")
+        os.killpg(starter.pid, signal.SIGKILL)
+        starter.wait(10)
+        killed_with = outbox(stack)["unsent"]
+        wait_for(lambda: outbox(stack)["unsent"] == 0, timeout=LEASE_SECONDS + 30,
+                 what="the sweeper to send the dead starter's rows")
+    finally:
+        if starter.poll() is None:
+            os.killpg(starter.pid, signal.SIGKILL)
+        sweeper.stop()
+    assert len(ids) == 150 and killed_with > 0 and outbox(stack)["sent"] == 150
+    assert queued_messages(stack) >= 150  # a row sent and not yet marked when killed goes twice
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
