@@ -182,6 +182,22 @@ def pool_processes_finish_their_step() -> None:
         if os.getpid() != main and signal.getsignal(signal.SIGTERM) is not on_term:
             signal.signal(signal.SIGTERM, on_term)
 
+    # An idle pool process, too, must outlive the worker's own SIGTERM: billiard's handler ends
+    # it with os._exit, and on the embedded broker (billiard's plain pool) an idle pool process
+    # waits for its next task holding the pool's queue lock, which it then never gives back: the
+    # main process waited on that lock at exit for ever, and `orchestrator dev` killed it after
+    # its 15 s grace. billiard sets its handler in each pool process right after Celery's
+    # worker_process_init (`reset_signals`); ours is set right after it.
+    import billiard.pool
+
+    reset_signals = billiard.pool.reset_signals
+
+    def reset_then_take_sigterm(*args: Any, **kwargs: Any) -> None:
+        reset_signals(*args, **kwargs)
+        if os.getpid() != main:
+            signal.signal(signal.SIGTERM, on_term)
+
+    billiard.pool.reset_signals = reset_then_take_sigterm
     worker_shutting_down.connect(shutting_down, weak=False)
     task_prerun.connect(before_task, weak=False)
 
@@ -685,6 +701,7 @@ def _stop_children(procs: dict[str, "subprocess.Popen[bytes]"], due: dict[str, f
         try:
             proc.wait(max(0.1, deadline - time.time()))
         except subprocess.TimeoutExpired:
+            print(f"orchestrator dev: {name} did not stop within {grace:g}s of SIGTERM; killing it", flush=True)
             _kill_group(proc.pid, signal.SIGKILL)
             proc.wait()
         _kill_group(proc.pid, signal.SIGKILL)  # what it left behind in its group (pool processes)

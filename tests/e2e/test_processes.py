@@ -503,6 +503,9 @@ def test_ctrl_c_stops_the_emulators_after_the_product_processes(tmp_path):
     assert all(gone[n] >= last_product for n in emulators), sorted(gone, key=gone.get)
     text = (tmp_path / "dev.log").read_text()
     assert text.index("stopped the product's processes") < text.index("stopped the emulators"), text[-3000:]
+    # each stopped by itself: the worker's main process, its idle pool processes killed by the
+    # same SIGTERM, waited at exit for the pool's queue lock one of them held, until dev killed it
+    assert "did not stop within" not in text, text[-3000:]
 
 
 OWN_WORKFLOW = '''

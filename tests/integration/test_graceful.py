@@ -18,9 +18,10 @@ import uuid
 from typing import Any
 from urllib.parse import urlparse
 
+import psutil
 import pytest
 import requests
-from conftest import Process, start_worker, wait_for
+from conftest import Process, embedded, start_worker, wait_for
 from orchestrator.entrypoints.ports import free_port
 from tcp_proxy import Proxy
 
@@ -223,6 +224,35 @@ def test_sigterm_lets_the_step_in_flight_finish_once(env, rt, client, sweeper, s
         assert stats["submit_requests"] == 1 and stats["submits"] == 1, stats
     finally:
         second.stop()
+
+
+@pytest.mark.parametrize("group", [False, True], ids=["main-process", "process-group"])
+def test_an_idle_worker_on_the_embedded_broker_stops_on_sigterm(env, tmp_path, group):
+    """`make run`'s configuration (SQLite and kombu's SQLite broker: billiard's plain pool, whose
+    idle pool process holds the pool's queue lock while it waits): a worker that has run nothing
+    stops by itself on SIGTERM, sent to its main process or to every process of it (what
+    `orchestrator dev` sends on Ctrl-C), its pool processes ending as the main process tells
+    them. Idle pool processes were ended by the signal itself; the one holding the lock never
+    gave it back, and the main process then often waited on it at exit until it was killed."""
+    from orchestrator.migrate import upgrade
+
+    files = embedded(tmp_path)
+    upgrade(files["DATABASE_URL"])
+    worker = Process(f"idle{uuid.uuid4().hex[:6]}", ["worker", "--concurrency", "4"], {**env, **files}).start()
+    try:
+        assert worker.proc is not None
+        main = psutil.Process(worker.proc.pid)
+        wait_for(lambda: len(main.children()) == 4, timeout=60, what="the worker's four pool processes")
+        time.sleep(2)  # they wait for their first task
+        if group:
+            os.killpg(worker.proc.pid, signal.SIGTERM)
+        else:
+            worker.proc.send_signal(signal.SIGTERM)
+        assert worker.proc.wait(30) == 0, worker.output()[-3000:]
+        # the pool processes finished as the worker told them, none was ended by the signal
+        assert "signal 15" not in worker.output(), worker.output()[-3000:]
+    finally:
+        worker.kill()
 
 
 def test_sigquit_after_sigterm_still_stops_the_worker_at_once(env, rt, client, sweeper, slow_downloader):
