@@ -18,9 +18,10 @@ import json
 import logging
 import re
 import sys
+import threading
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from . import ids
 
@@ -192,9 +193,35 @@ def shorten_retry_tracebacks() -> None:
             logger.addFilter(OneLineFilter())
 
 
+def log_uncaught_errors() -> None:
+    """An exception nothing caught (in the main thread or another one) and a Python warning are
+    logged through the root logger, as one line of the process's format, instead of a traceback
+    or a warning text printed on stderr past the formatter."""
+    logging.captureWarnings(True)  # warnings.warn(...) -> the "py.warnings" logger
+
+    def main_thread(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if issubclass(kind, KeyboardInterrupt):
+            sys.__excepthook__(kind, value, tb)
+            return
+        logging.getLogger("orchestrator").critical("uncaught %s: %s", kind.__name__, value,
+                                                   exc_info=(kind, value, tb))
+
+    def other_thread(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is SystemExit:
+            return
+        name = args.thread.name if args.thread is not None else "?"
+        logging.getLogger("orchestrator").error("uncaught %s in thread %s: %s", args.exc_type.__name__, name,
+                                                args.exc_value, exc_info=(args.exc_type, args.exc_value,
+                                                                          args.exc_traceback))
+
+    sys.excepthook = main_thread
+    threading.excepthook = other_thread
+
+
 def configure(level: str, fmt: str, secrets: "list[str] | tuple[str, ...]" = ()) -> None:
     """The root logger of this process writes `fmt` ("json" or "text") lines to stderr, with
-    `secrets` (and URL passwords) masked in every line."""
+    `secrets` (and URL passwords) masked in every line; Python warnings and uncaught exceptions
+    go through it too (`log_uncaught_errors`)."""
     set_secrets(secrets)
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(ContextFilter())
@@ -206,3 +233,4 @@ def configure(level: str, fmt: str, secrets: "list[str] | tuple[str, ...]" = ())
     root.addHandler(handler)
     root.setLevel(level.upper())
     shorten_retry_tracebacks()
+    log_uncaught_errors()
