@@ -15,6 +15,7 @@ import json
 from typing import Any
 
 from gunicorn import util
+from gunicorn.glogging import Logger as _GunicornLogger
 from gunicorn.http.errors import (ChunkMissingTerminator, ExpectationFailed, InvalidChunkExtension, InvalidChunkSize,
                                   InvalidHeader, InvalidHeaderName, InvalidHTTPVersion, InvalidRequestLine,
                                   InvalidRequestMethod, LimitRequestHeaders, LimitRequestLine, ObsoleteFolding,
@@ -25,6 +26,21 @@ from gunicorn.workers.gthread import ThreadWorker as _GunicornThreadWorker
 
 from . import streams
 from .settings import HttpSettings
+
+
+class GunicornLogger(_GunicornLogger):  # type: ignore[misc]
+    """gunicorn's logger, but its lines (`gunicorn.error`: start, workers booting and exiting,
+    signals; `gunicorn.access` with `--access-log`) go to the process's root handler
+    (orchestrator.logs.configure), so they are written in LOG_FORMAT like every other line, with
+    secrets masked, instead of gunicorn's own `[date] [pid] [INFO] ...` text."""
+
+    def setup(self, cfg: Any) -> None:
+        """gunicorn's setup (levels, access log on or off), then its handlers dropped."""
+        super().setup(cfg)
+        for log in (self.error_log, self.access_log):
+            for handler in list(log.handlers):
+                log.removeHandler(handler)
+            log.propagate = True
 
 
 class ReadTimeout(ParseException):

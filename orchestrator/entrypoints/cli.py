@@ -127,6 +127,9 @@ def cmd_api(args: argparse.Namespace) -> None:
             self.cfg.set("timeout", 60)
             self.cfg.set("graceful_timeout", 10)
             self.cfg.set("accesslog", "-" if args.access_log else None)
+            # gunicorn's own lines (and the access log) through our handler, in LOG_FORMAT
+            self.cfg.set("logger_class", "web.server.GunicornLogger")
+            self.cfg.set("loglevel", settings.log_level.lower())
             # gunicorn 25.1's control socket is one path per user (~/.gunicorn/gunicorn.ctl): a
             # second API on the host took it over, and the first to stop deleted it for both.
             # Signals (TERM, HUP, TTIN) manage the API; no gunicornc is needed.
