@@ -232,18 +232,43 @@ def cmd_worker(args: argparse.Namespace) -> None:
     @setup_logging.connect  # Celery leaves logging to us when this signal has a receiver
     def _setup(**_: Any) -> None:
         _logging(rt.settings)
+        from billiard.util import get_logger
+
+        # billiard's pool supervisor ("Process 'ForkPoolWorker-1' pid:… exited with …") logs to a
+        # logger of its own that does not propagate and has no handler: Python wrote its bare text.
+        # Its warnings and errors only: at INFO it tells of every mmap and child it makes.
+        billiard_log = get_logger()
+        billiard_log.propagate = True
+        billiard_log.setLevel(max(logging.WARNING, logging.getLogger().level))
 
     argv = ["--loglevel", rt.settings.log_level.upper(), "-Q", args.queues,
             "-c", str(args.concurrency), "-n", args.name, "--pool", args.pool]
-    _celery_worker(rt.celery, argv)
+    json_lines = rt.settings.log_format == "json"
+    if json_lines:
+        celery_says_through_logging()
+    _celery_worker(rt.celery, argv, quiet=json_lines)
 
 
-def _celery_worker(app: Any, argv: list[str]) -> None:
+def celery_says_through_logging() -> None:
+    """What a Celery worker writes on its terminal past logging (`worker: Warm shutdown
+    (MainProcess)`, `Hitting Ctrl+C again ...`) becomes a log line of the `celery.apps.worker`
+    logger, in LOG_FORMAT, instead of bare text on stdout (its banner is left out: `quiet`)."""
+    from celery.apps import worker as celery_worker
+
+    said = logging.getLogger("celery.apps.worker")
+
+    def to_log(msg: str, f: Any = None) -> None:  # called from its signal handlers, in the main thread
+        said.info("%s", str(msg).strip())
+
+    celery_worker.safe_say = to_log
+
+
+def _celery_worker(app: Any, argv: list[str], quiet: bool = False) -> None:
     """`celery worker` with `argv` (its options, no command name) on `app`, as `app.worker_main`
     runs it, but without the `celery` command group: that group loads every installed
     `celery.commands` plugin (Flower with tornado and prometheus_client, click-repl with
     prompt_toolkit and pygments), about 15 MiB in the main process and in each pool process it
-    forks (docs/performance.md, "Memory")."""
+    forks (docs/performance.md, "Memory"). `quiet`: no banner."""
     from celery.bin.base import CLIContext
     from celery.bin.worker import worker
     from click.exceptions import Exit
@@ -252,7 +277,7 @@ def _celery_worker(app: Any, argv: list[str]) -> None:
         # click hands the status of ctx.exit back rather than exiting (standalone_mode off): the
         # worker's own, 1 after an "Unrecoverable error", which a supervisor must see (it was 0)
         status = worker.main(args=argv, prog_name="orchestrator worker", standalone_mode=False,
-                             obj=CLIContext(app=app, no_color=None, workdir=None))
+                             obj=CLIContext(app=app, no_color=None, workdir=None, quiet=quiet))
     except Exit as exc:
         status = exc.exit_code
     if isinstance(status, int) and status:
@@ -356,7 +381,10 @@ def cmd_flower(args: argparse.Namespace) -> None:
     # Flower leaves its Prometheus page open (for scrapers); it names every task, worker and
     # queue, so here it takes the same login as the rest (`/healthcheck`, which says only OK, stays open)
     Metrics.get = authenticated(Metrics.get)  # type: ignore[method-assign]
-    rt.celery.start(["flower", f"--basic-auth={auth}", f"--port={args.port}", f"--address={args.address}"])
+    _logging(rt.settings)
+    # --logging=none: tornado keeps its own handler off the root logger, so Flower's lines are ours
+    rt.celery.start(["flower", f"--basic-auth={auth}", f"--port={args.port}", f"--address={args.address}",
+                     "--logging=none"])
 
 
 #: A dev child that exits on its own is started again after 1, 2, 4, ... (at most 30) seconds; one
