@@ -218,11 +218,27 @@ def log_uncaught_errors() -> None:
     threading.excepthook = other_thread
 
 
+#: The format `configure` set up last in this process ("json" or "text"; None: not set up).
+_format: str | None = None
+
+
+def say(message: str, logger: str = "orchestrator") -> None:
+    """Tell the operator `message` (a command's progress: `database upgraded: ...`, dev's pids):
+    a line of its own on stdout, as a terminal wants it, unless this process logs JSON
+    (`configure(fmt="json")`), where every line is a JSON object: then an INFO record of `logger`."""
+    if _format == "json":
+        logging.getLogger(logger).info("%s", message)
+    else:
+        print(message, flush=True)
+
+
 def configure(level: str, fmt: str, secrets: "list[str] | tuple[str, ...]" = ()) -> None:
     """The root logger of this process writes `fmt` ("json" or "text") lines to stderr, with
     `secrets` (and URL passwords) masked in every line; Python warnings and uncaught exceptions
     go through it too (`log_uncaught_errors`)."""
+    global _format
     set_secrets(secrets)
+    _format = fmt
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(ContextFilter())
     handler.addFilter(RedactFilter())

@@ -18,6 +18,7 @@ from typing import Any, TextIO
 from orchestrator.config import Settings, load_settings
 from orchestrator.errors import ConfigError
 from orchestrator.kafka_events import EVENT_ID_MAX, event_id_problem
+from orchestrator.logs import say
 
 log = logging.getLogger("orchestrator")
 
@@ -98,7 +99,7 @@ def cmd_db(args: argparse.Namespace) -> None:
         downgrade(settings.database_url, args.revision or "-1", settings.workflow_modules)
     from orchestrator.logs import mask_url
 
-    print(f"database {args.action}d: {mask_url(settings.database_url)}")
+    say(f"database {args.action}d: {mask_url(settings.database_url)}")
 
 
 def cmd_api(args: argparse.Namespace) -> None:
@@ -535,7 +536,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
 
     def unless_stopped(done: str) -> None:
         if stopping.is_set():
-            print(f"orchestrator dev: stopped during start-up ({done})", flush=True)
+            say(f"orchestrator dev: stopped during start-up ({done})")
             sys.exit(0)
 
     from .children import die_with_parent
@@ -666,13 +667,13 @@ def cmd_dev(args: argparse.Namespace) -> None:
     def login(name: str) -> str:  # dev's own default is shown, an operator's password never
         return env[name] if env[name] == DEV_LOGIN else f"{env[name].partition(':')[0]}:*** from {name}"
 
-    print(f"orchestrator dev: API http://{settings.host}:{settings.port}  "
+    say(f"orchestrator dev: API http://{settings.host}:{settings.port}  "
           f"Console http://{settings.host}:{settings.port}/ui/ ({login('CONSOLE_BASIC_AUTH')})  "
           f"Flower http://127.0.0.1:{args.flower_port} ({login('FLOWER_BASIC_AUTH')})  "
           f"{'X-Admin-Token ' + DEV_ADMIN_TOKEN + '  ' if env['ADMIN_TOKEN'] == DEV_ADMIN_TOKEN else ''}"
           f"Kafka {env.get('KAFKA_BROKERS') or settings.kafka_brokers}{' (bundled)' if broker else ''}  "
-          "Ctrl-C stops all", flush=True)
-    print("orchestrator dev: pids " + ", ".join(f"{n}={p.pid}" for n, p in procs.items()), flush=True)
+          "Ctrl-C stops all")
+    say("orchestrator dev: pids " + ", ".join(f"{n}={p.pid}" for n, p in procs.items()))
     code = 0
     while not stopping.is_set():
         now = time.monotonic()
@@ -716,7 +717,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
     _stop_children(emulators, due, "the emulators")
     if broker is not None:
         broker.stop()
-        print("orchestrator dev: stopped the bundled Kafka broker", flush=True)
+        say("orchestrator dev: stopped the bundled Kafka broker")
     sys.exit(code)
 
 
@@ -736,7 +737,7 @@ def _stop_children(procs: dict[str, "subprocess.Popen[bytes]"], due: dict[str, f
             _kill_group(proc.pid, signal.SIGKILL)
             proc.wait()
         _kill_group(proc.pid, signal.SIGKILL)  # what it left behind in its group (pool processes)
-    print(f"orchestrator dev: stopped {what} ({', '.join(procs)})", flush=True)
+    say(f"orchestrator dev: stopped {what} ({', '.join(procs)})")
 
 
 def _number(low: int, high: int | None = None, zero: str = "") -> Any:
