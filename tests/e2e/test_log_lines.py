@@ -6,8 +6,11 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 
-from conftest import ROOT
+import requests
+from conftest import ROOT, Process, wait_for
+from orchestrator.entrypoints.ports import free_port
 
 KEYS = {"ts", "level", "logger", "process", "message"}
 
@@ -24,6 +27,44 @@ def not_json_objects(text: str) -> list[str]:
         if not isinstance(record, dict) or not KEYS <= record.keys():
             bad.append(line)
     return bad
+
+
+def messages(text: str) -> list[str]:
+    return [json.loads(line)["message"] for line in text.splitlines()]
+
+
+def test_every_line_the_worker_and_the_api_write_is_a_json_object(env, rt):
+    json_env = {**env, "LOG_FORMAT": "json", "LOG_LEVEL": "INFO"}  # INFO, as an operator runs them
+    name = f"jsonlines{uuid.uuid4().hex[:6]}"
+    worker = Process(name, ["worker", "--concurrency", "2", "--name", f"{name}@%h"], json_env).start()
+    port = free_port()
+    api = Process("api-json", ["api", "--port", str(port), "--host", "127.0.0.1", "--workers", "2", "--access-log"],
+                  json_env).start()
+    try:
+        wait_for(lambda: any(k.startswith(f"{name}@") for r in rt.celery.control.ping(timeout=0.5) for k in r),
+                 timeout=60, what="the worker to answer ping")
+
+        def answers() -> bool:
+            try:
+                return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+            except requests.RequestException:
+                return False
+
+        wait_for(answers, timeout=60, interval=0.2, what="the API")
+        assert requests.get(f"http://127.0.0.1:{port}/no-such-route", timeout=5).status_code == 404
+    finally:
+        # SIGTERM to every process of each (as systemd stops a unit): the shutdown lines too
+        worker.stop()
+        api.stop()
+    for proc in (worker, api):
+        out = proc.output()
+        assert out.strip(), f"{proc.name} wrote nothing"
+        assert not_json_objects(out) == [], f"{proc.name}:\n" + "\n".join(not_json_objects(out))
+    worker_said, api_said = messages(worker.output()), messages(api.output())
+    # what Celery and gunicorn used to print past logging, now as log lines
+    assert "worker: Warm shutdown (MainProcess)" in worker_said
+    assert any(m.startswith("Listening at: http://127.0.0.1:") for m in api_said), api_said
+    assert any('"GET /no-such-route HTTP/1.1" 404' in m for m in api_said), api_said  # the access log
 
 
 def test_warnings_and_uncaught_errors_are_json_lines_too(tmp_path):
