@@ -128,6 +128,15 @@ class EnvSettings(BaseSettings):
         return str(alias or field)
 
     @classmethod
+    def variable_names(cls) -> list[str]:
+        """Every variable name this class reads (a field's aliases included)."""
+        names: list[str] = []
+        for field, info in cls.model_fields.items():
+            alias = info.validation_alias
+            names += [str(a) for a in alias.choices] if isinstance(alias, AliasChoices) else [cls.variable(field)]
+        return names
+
+    @classmethod
     def from_variables(cls, variables: Mapping[str, str]):  # type: ignore[no-untyped-def]
         """An instance from `variables` (name -> raw value). Raises ConfigError naming the variable."""
         values = _Variables(cls, variables)()
@@ -318,6 +327,19 @@ class Settings(EnvSettings):
             found = self._areas[cls] = cls.from_variables(self._variables)
         return found
 
+    def misspelled_variables(self) -> list[tuple[str, str]]:
+        """(variable, the setting it likely means) for each variable these settings were read
+        from that is no setting but closely resembles one (`close_setting_name`): a typo such as
+        DATABSE_URL is otherwise ignored, and the process runs on the default. The settings are
+        Settings' and every registered area's (their modules imported by then)."""
+        names = setting_names()
+        found = []
+        for variable in sorted(self._variables):
+            meant = close_setting_name(variable, names)
+            if meant is not None:
+                found.append((variable, meant))
+        return found
+
     def check_areas(self) -> "Settings":
         """Read every registered area's settings now, so a bad value stops start-up (ConfigError)."""
         for cls in AreaSettings.registered:
@@ -339,6 +361,43 @@ class AreaSettings(EnvSettings):
     def from_settings(cls: type[Area], settings: Settings) -> Area:
         """This area's settings, read from the variables `settings` came from."""
         return settings.area(cls)
+
+
+#: Variables read outside the settings classes, or by other programs, that resemble a setting's
+#: name without being a typo of it: the OpenTelemetry SDK's own (OTEL_EXPORTER_OTLP_HEADERS...),
+#: dev's and the emulators', and the postgres image's, often set beside ours (POSTGRES_DB is
+#: not POSTGRES_DSN misspelled).
+NOT_SETTINGS_PREFIXES = ("OTEL_",)
+NOT_SETTINGS = frozenset({"PROMETHEUS_MULTIPROC_DIR", "GITLAB_EMULATOR_PORT", "GITLAB_EMULATOR_DATA",
+                          "POSTGRES_DB", "POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_HOST", "POSTGRES_PORT"})
+#: How alike (difflib's ratio, over upper-case names) a variable must be to a setting's name to
+#: be taken for a typo of it: DATABSE_URL and SWEEP_INTERVL are about 0.96, PORTS 0.89, while
+#: HOME and HOST (0.75) or HOSTNAME and HOST (0.67) are different words.
+CLOSE_NAME_CUTOFF = 0.85
+
+
+def setting_names() -> list[str]:
+    """The variable names of Settings and of every registered AreaSettings class."""
+    names = Settings.variable_names()
+    for cls in AreaSettings.registered:
+        names += cls.variable_names()
+    return sorted(set(names))
+
+
+def close_setting_name(variable: str, names: "list[str] | None" = None) -> str | None:
+    """The setting name (of `names`, default `setting_names()`) that `variable` is likely a
+    misspelling of, compared without regard to case; None when `variable` is a setting's exact
+    name, is read elsewhere (NOT_SETTINGS), or resembles none (PATH, HOME, PYTHONPATH)."""
+    import difflib
+
+    names = setting_names() if names is None else names
+    if variable in names or variable in NOT_SETTINGS or variable.upper().startswith(NOT_SETTINGS_PREFIXES):
+        return None
+    by_upper = {name.upper(): name for name in names}
+    if variable.upper() in by_upper:  # log_level: names are exact, upper case
+        return by_upper[variable.upper()]
+    close = difflib.get_close_matches(variable.upper(), list(by_upper), n=1, cutoff=CLOSE_NAME_CUTOFF)
+    return by_upper[close[0]] if close else None
 
 
 def read_variables(environ: Mapping[str, str] | None = None, dotenv: str | Path = ".env") -> dict[str, str]:

@@ -42,9 +42,32 @@ def _settings(*areas: str) -> Settings:
 
 
 def _logging(settings: Settings) -> None:
+    """This process's logging (orchestrator.logs.configure), and, the first time, a warning for
+    each variable that looks like a misspelt setting (`warn_misspelled_variables`)."""
     from orchestrator.logs import configure
 
     configure(settings.log_level, settings.log_format, settings.secrets())
+    warn_misspelled_variables(settings)
+
+
+_warned_misspelled = False  # once per process: a forked one (pool, gunicorn worker) inherits it
+
+
+def warn_misspelled_variables(settings: Settings) -> None:
+    """Log one warning for each variable that is no setting but closely resembles one
+    (`DATABSE_URL is not a setting; did you mean DATABASE_URL?`), once per process: a misspelt
+    variable is otherwise ignored, and the process runs on the default without a word."""
+    global _warned_misspelled
+    if _warned_misspelled:
+        return
+    _warned_misspelled = True
+    import importlib
+
+    # the API's own variables (API_*), which every process shares an environment with, are
+    # settings too, whether or not this process runs the API
+    importlib.import_module("web.settings")
+    for variable, meant in settings.misspelled_variables():
+        log.warning("%s is not a setting; did you mean %s?", variable, meant)
 
 
 def _tracing(role: str, settings: Settings) -> None:
@@ -346,6 +369,7 @@ def cmd_produce(args: argparse.Namespace) -> None:
     from orchestrator.kafka import producer_config
 
     settings = _settings()
+    _logging(settings)  # a misspelt KAFKA_BROKERS would send the event to :9092 without a word
     brokers = settings.kafka_brokers or "127.0.0.1:9092"
     try:
         loads(args.payload)

@@ -1,5 +1,6 @@
 """What real processes write with LOG_FORMAT=json: every line, from start-up to a clean stop, is a
-JSON object a log pipeline can read (README, "Logs")."""
+JSON object a log pipeline can read (README, "Logs"); and a misspelt variable is named at start-up
+(README, "Configuration")."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,7 @@ import sys
 import uuid
 
 import requests
-from conftest import ROOT, Process, wait_for
+from conftest import ROOT, Process, embedded, wait_for
 from orchestrator.entrypoints.ports import free_port
 
 KEYS = {"ts", "level", "logger", "process", "message"}
@@ -34,7 +35,9 @@ def messages(text: str) -> list[str]:
 
 
 def test_every_line_the_worker_and_the_api_write_is_a_json_object(env, rt):
-    json_env = {**env, "LOG_FORMAT": "json", "LOG_LEVEL": "INFO"}  # INFO, as an operator runs them
+    # INFO, as an operator runs them; a misspelt variable to see it named once per process, not
+    # once more by each pool process or gunicorn worker
+    json_env = {**env, "LOG_FORMAT": "json", "LOG_LEVEL": "INFO", "SWEEP_INTERVL": "5"}
     name = f"jsonlines{uuid.uuid4().hex[:6]}"
     worker = Process(name, ["worker", "--concurrency", "2", "--name", f"{name}@%h"], json_env).start()
     port = free_port()
@@ -60,6 +63,7 @@ def test_every_line_the_worker_and_the_api_write_is_a_json_object(env, rt):
         out = proc.output()
         assert out.strip(), f"{proc.name} wrote nothing"
         assert not_json_objects(out) == [], f"{proc.name}:\n" + "\n".join(not_json_objects(out))
+        assert messages(out).count("SWEEP_INTERVL is not a setting; did you mean SWEEP_INTERVAL?") == 1, out
     worker_said, api_said = messages(worker.output()), messages(api.output())
     # what Celery and gunicorn used to print past logging, now as log lines
     assert "worker: Warm shutdown (MainProcess)" in worker_said
@@ -84,3 +88,17 @@ def test_warnings_and_uncaught_errors_are_json_lines_too(tmp_path):
     assert "UserWarning: careful" in lines[0]["message"]
     assert "helper" in lines[1]["message"] and "ZeroDivisionError" in lines[1]["exc"]
     assert lines[2]["message"] == "uncaught RuntimeError: boom" and "Traceback" in lines[2]["exc"]
+
+
+def test_a_misspelt_variable_is_named_at_start_up_with_the_setting_it_resembles(tmp_path):
+    env = {**os.environ, **embedded(tmp_path), "LOG_FORMAT": "json", "PYTHONPATH": str(ROOT),
+           "DATABSE_URL": "postgresql://nobody@127.0.0.1:1/x", "CELERY_BROKER_ULR": "amqp://x", "log_level": "debug",
+           "API_THREAD": "8", "HOME": str(tmp_path), "PATH": os.environ["PATH"], "POSTGRES_DB": "orchestrator"}
+    out = subprocess.run([sys.executable, "-m", "orchestrator.entrypoints.cli", "db", "upgrade"], env=env,
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    warnings = [line["message"] for line in map(json.loads, out.stderr.splitlines()) if line["level"] == "WARNING"]
+    assert warnings == ["API_THREAD is not a setting; did you mean API_THREADS?",  # the API's own (API_*) too
+                        "CELERY_BROKER_ULR is not a setting; did you mean CELERY_BROKER_URL?",
+                        "DATABSE_URL is not a setting; did you mean DATABASE_URL?",
+                        "log_level is not a setting; did you mean LOG_LEVEL?"], out.stderr

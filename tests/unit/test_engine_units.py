@@ -186,6 +186,20 @@ def test_settings_made_in_code_read_no_environment(monkeypatch):
     assert Settings().port == 8000 and Settings(port=9).port == 9
 
 
+def test_a_variable_that_resembles_a_setting_is_named_with_the_setting_and_no_other_is():
+    import sagas  # noqa: F401  (registers every workflow's settings, as the entry points do)
+
+    typos = {"DATABSE_URL": "DATABASE_URL", "CELERY_BROKER_ULR": "CELERY_BROKER_URL", "SWEEP_INTERVL": "SWEEP_INTERVAL",
+             "log_level": "LOG_LEVEL", "KAFKA_BROKER": "KAFKA_BROKERS", "POLL_INTERVALL": "POLL_INTERVAL",
+             "GITLAB_TOKN": "GITLAB_TOKEN"}
+    others = ["PATH", "HOME", "PYTHONPATH", "HOST", "PORT", "HOSTNAME", "USER", "LANG", "TERM", "PWD", "TZ",
+              "POSTGRES_DSN", "KAFKA_BOOTSTRAP_SERVERS", "POSTGRES_DB", "POSTGRES_PASSWORD", "OTEL_EXPORTER_OTLP_HEADERS",
+              "OTEL_SERVICE_NAME", "PROMETHEUS_MULTIPROC_DIR", "GITLAB_EMULATOR_PORT", "VIRTUAL_ENV", "HTTP_PROXY"]
+    s = load_settings(environ={**{name: "1" for name in others}, **{name: "x" for name in typos},
+                               "POSTGRES_DSN": "postgres://a@b/c"}, dotenv="/nonexistent")
+    assert dict(s.misspelled_variables()) == typos
+
+
 @pytest.mark.parametrize("name, value, problem", [
     ("API_THREADS", "0", "must be at least 1"), ("WORKERS", "0", "must be at least 1"),
     ("PORT", "65536", "must be at most 65535"), ("BULK_LEASE_SECONDS", "0", "must be greater than zero"),
