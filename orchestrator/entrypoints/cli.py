@@ -282,7 +282,9 @@ def celery_says_through_logging() -> None:
     said = logging.getLogger("celery.apps.worker")
 
     def to_log(msg: str, f: Any = None) -> None:  # called from its signal handlers, in the main thread
-        said.info("%s", str(msg).strip())
+        # WARNING: Celery wrote them whatever the level, and an operator stopping a worker at
+        # LOG_LEVEL=WARNING (the tests' too) still sees that it began a warm or cold shutdown
+        said.warning("%s", str(msg).strip())
 
     celery_worker.safe_say = to_log
 
