@@ -61,11 +61,9 @@ def warn_misspelled_variables(settings: Settings) -> None:
     if _warned_misspelled:
         return
     _warned_misspelled = True
-    import importlib
-
-    # the API's own variables (API_*), which every process shares an environment with, are
-    # settings too, whether or not this process runs the API
-    importlib.import_module("web.settings")
+    # Names of the settings this process has loaded: the API's own (API_*, web.settings) only in
+    # the commands that run it (api, dev); a worker importing `web` would load Flask into every
+    # pool process (docs/performance.md, "Memory"). The API's names resemble no other setting's.
     for variable, meant in settings.misspelled_variables():
         log.warning("%s is not a setting; did you mean %s?", variable, meant)
 

@@ -94,12 +94,13 @@ def test_warnings_and_uncaught_errors_are_json_lines_too(tmp_path):
 def test_a_misspelt_variable_is_named_at_start_up_with_the_setting_it_resembles(tmp_path):
     env = {**os.environ, **embedded(tmp_path), "LOG_FORMAT": "json", "PYTHONPATH": str(ROOT),
            "DATABSE_URL": "postgresql://nobody@127.0.0.1:1/x", "CELERY_BROKER_ULR": "amqp://x", "log_level": "debug",
-           "API_THREAD": "8", "HOME": str(tmp_path), "PATH": os.environ["PATH"], "POSTGRES_DB": "orchestrator"}
+           "CHAT_HEARTBEAT_SECOND": "8", "HOME": str(tmp_path), "PATH": os.environ["PATH"], "POSTGRES_DB": "orchestrator"}
     out = subprocess.run([sys.executable, "-m", "orchestrator.entrypoints.cli", "db", "upgrade"], env=env,
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     warnings = [line["message"] for line in map(json.loads, out.stderr.splitlines()) if line["level"] == "WARNING"]
-    assert warnings == ["API_THREAD is not a setting; did you mean API_THREADS?",  # the API's own (API_*) too
-                        "CELERY_BROKER_ULR is not a setting; did you mean CELERY_BROKER_URL?",
+    assert warnings == ["CELERY_BROKER_ULR is not a setting; did you mean CELERY_BROKER_URL?",
+                        # a workflow's own setting (sagas/chat/settings.py) too
+                        "CHAT_HEARTBEAT_SECOND is not a setting; did you mean CHAT_HEARTBEAT_SECONDS?",
                         "DATABSE_URL is not a setting; did you mean DATABASE_URL?",
                         "log_level is not a setting; did you mean LOG_LEVEL?"], out.stderr

@@ -14,8 +14,9 @@ ROOT = Path(__file__).resolve().parents[2]
 PROBE = """
 import contextlib, io, json, sys
 from orchestrator import runtime
-from orchestrator.entrypoints.cli import _celery_worker
+from orchestrator.entrypoints.cli import _celery_worker, _logging
 rt = runtime.current()
+_logging(rt.settings)  # as the worker starts: its logging, the check of the variables' names
 assert runtime.wait_for_services(rt.settings, ("database", "schema"))  # what the worker checks first
 with contextlib.redirect_stdout(io.StringIO()) as usage:
     _celery_worker(rt.celery, ["--help"])  # the worker command's own option parsing, then out
