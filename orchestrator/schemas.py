@@ -15,6 +15,7 @@ by the central walk `jsonutil.check_storable` (it names object keys too, which a
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import unicodedata
@@ -22,6 +23,8 @@ from typing import Annotated, Any, TypeVar
 from urllib.parse import urlparse
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, RootModel, TypeAdapter, ValidationError, WithJsonSchema
+from pydantic.annotated_handlers import GetJsonSchemaHandler
+from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import PydanticCustomError
 
 from .errors import InvalidInput
@@ -299,11 +302,73 @@ def _identifier(value: str) -> str:
     return value
 
 
+def _in_class(chars: list[int]) -> str:
+    """`chars` (sorted code points) as the inside of a regular-expression character class, in
+    ranges: `\\uXXXX` escapes in the Basic Multilingual Plane (read alike by ECMA-262, Python and
+    Rust), the characters themselves beyond it (no escape for them is common to the three)."""
+    def one(code: int) -> str:
+        return f"\\u{code:04X}" if code <= 0xFFFF else chr(code)
+
+    parts, start = [], 0
+    for i in range(1, len(chars) + 1):
+        if i == len(chars) or chars[i] != chars[i - 1] + 1:
+            first, last = chars[start], chars[i - 1]
+            parts.append(one(first) if first == last else f"{one(first)}-{one(last)}")
+            start = i
+    return "".join(parts)
+
+
+@functools.lru_cache(maxsize=None)
+def text_patterns() -> dict[str, str]:
+    """The JSON Schema `pattern`s of NonBlank and Identifier, made from this Python's Unicode
+    tables (once, when a schema is first generated; surrogates left out, which JSON text cannot
+    carry alone and `jsonutil.check_storable` refuses anyway):
+
+    - `nonblank`: found somewhere in the text (unanchored), a character that is not blank
+      (`is_blank`);
+    - `identifier`: the whole text, with no control, format or line separator character
+      (HIDDEN_CATEGORIES), no whitespace at either end, and no character that Unicode's composed
+      form NFC replaces wherever it stands (U+212B ANGSTROM SIGN). A combining sequence NFC would
+      compose (`e` U+0301) is not expressible here and stays refused by `identifier_problem`."""
+    points = [c for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF]
+    blank, hidden_or_changed, edge = [], [], []
+    for code in points:
+        c = chr(code)
+        category = unicodedata.category(c)
+        if c.isspace() or category in _BLANK:
+            blank.append(code)
+        hidden = category in HIDDEN_CATEGORIES or unicodedata.normalize("NFC", c) != c
+        if hidden:
+            hidden_or_changed.append(code)
+        if hidden or c.isspace():
+            edge.append(code)
+    inner, outer = _in_class(hidden_or_changed), _in_class(edge)
+    return {"nonblank": f"[^{_in_class(blank)}]", "identifier": f"^[^{outer}](?:[^{inner}]*[^{outer}])?$"}
+
+
+class _TextSchema:
+    """Annotated metadata that documents a text rule in the JSON Schema: `minLength: 1` and the
+    `pattern` named `rule` in `text_patterns`. It edits the schema pydantic generates, so it
+    composes with a Field's own keywords (`max_length`, a callable `json_schema_extra` such as
+    `omittable`'s), which a `WithJsonSchema` or a dict `json_schema_extra` would replace or
+    clash with."""
+
+    def __init__(self, rule: str) -> None:
+        self.rule = rule
+
+    def __get_pydantic_json_schema__(self, core_schema: Any, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        schema = handler(core_schema)
+        target = handler.resolve_ref_schema(schema)
+        target["minLength"] = max(1, target.get("minLength", 0))
+        target["pattern"] = text_patterns()[self.rule]
+        return schema
+
+
 #: A string with something in it besides whitespace, separators and format characters ("must not
 #: be empty" otherwise: a message of only U+202E is as empty as one of spaces).
-NonBlank = Annotated[str, AfterValidator(_nonblank)]
+NonBlank = Annotated[str, AfterValidator(_nonblank), _TextSchema("nonblank")]
 #: An identifier: not blank, no control, format or line separator character (`identifier_problem`).
-Identifier = Annotated[str, AfterValidator(_identifier)]
+Identifier = Annotated[str, AfterValidator(_identifier), _TextSchema("identifier")]
 
 
 def _id_text(value: Any) -> Any:
