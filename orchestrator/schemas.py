@@ -19,7 +19,7 @@ import functools
 import ipaddress
 import re
 import unicodedata
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Callable, TypeVar
 from urllib.parse import urlparse
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, RootModel, TypeAdapter, ValidationError, WithJsonSchema
@@ -73,17 +73,19 @@ class ErrorBody(BaseModel):
     field: str | None = None
 
 
-def _no_null_default(schema: dict[str, Any]) -> None:
-    schema.pop("default", None)
-
-
-def omittable(**kwargs: Any) -> Any:
+def omittable(*, json_schema_extra: dict[str, Any] | None = None, **kwargs: Any) -> Any:
     """A field a body may leave out (it is then None: the caller applies its default) but not
     send as `null`: declared with its type without None (`remove_noise: bool = omittable()`), so
     a `null` is refused naming the field like any other wrong type. `kwargs` go to `Field`; the
-    documented schema shows no `default: null`. A field whose contract allows `null` says so in
-    its type instead (`str | None = None`)."""
-    return Field(None, json_schema_extra=_no_null_default, **kwargs)
+    documented schema shows no `default: null`, and takes the keywords of `json_schema_extra`.
+    A field whose contract allows `null` says so in its type instead (`str | None = None`)."""
+    extra = dict(json_schema_extra or {})
+
+    def document(schema: dict[str, Any]) -> None:
+        schema.pop("default", None)
+        schema.update(extra)
+
+    return Field(None, json_schema_extra=document, **kwargs)
 
 
 def problem(text: str, kind: str = "invalid") -> PydanticCustomError:
@@ -329,46 +331,56 @@ def text_patterns() -> dict[str, str]:
     - `identifier`: the whole text, with no control, format or line separator character
       (HIDDEN_CATEGORIES), no whitespace at either end, and no character that Unicode's composed
       form NFC replaces wherever it stands (U+212B ANGSTROM SIGN). A combining sequence NFC would
-      compose (`e` U+0301) is not expressible here and stays refused by `identifier_problem`."""
+      compose (`e` U+0301) is not expressible here and stays refused by `identifier_problem`;
+    - `hidden` and `space`: the inside of a character class of the HIDDEN_CATEGORIES characters,
+      and of the whitespace characters (`str.isspace`), for the patterns of names (branch names,
+      repository paths)."""
     points = [c for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF]
-    blank, hidden_or_changed, edge = [], [], []
+    blank, hidden_only, hidden_or_changed, edge, space = [], [], [], [], []
     for code in points:
         c = chr(code)
         category = unicodedata.category(c)
+        if c.isspace():
+            space.append(code)
         if c.isspace() or category in _BLANK:
             blank.append(code)
+        if category in HIDDEN_CATEGORIES:
+            hidden_only.append(code)
         hidden = category in HIDDEN_CATEGORIES or unicodedata.normalize("NFC", c) != c
         if hidden:
             hidden_or_changed.append(code)
         if hidden or c.isspace():
             edge.append(code)
     inner, outer = _in_class(hidden_or_changed), _in_class(edge)
-    return {"nonblank": f"[^{_in_class(blank)}]", "identifier": f"^[^{outer}](?:[^{inner}]*[^{outer}])?$"}
+    return {"nonblank": f"[^{_in_class(blank)}]", "identifier": f"^[^{outer}](?:[^{inner}]*[^{outer}])?$",
+            "hidden": _in_class(hidden_only), "space": _in_class(space)}
 
 
-class _TextSchema:
-    """Annotated metadata that documents a text rule in the JSON Schema: `minLength: 1` and the
-    `pattern` named `rule` in `text_patterns`. It edits the schema pydantic generates, so it
-    composes with a Field's own keywords (`max_length`, a callable `json_schema_extra` such as
-    `omittable`'s), which a `WithJsonSchema` or a dict `json_schema_extra` would replace or
-    clash with."""
+class SchemaPattern:
+    """Annotated metadata that documents a text rule in the JSON Schema: `minLength` (at least
+    `min_length`) and the `pattern` that `make()` returns, called when a schema is generated
+    (a pattern made from the Unicode tables costs time that an import should not pay). It edits
+    the schema pydantic generates, so it composes with a Field's own keywords (`max_length`, a
+    callable `json_schema_extra` such as `omittable`'s), which a `WithJsonSchema` or a dict
+    `json_schema_extra` would replace or clash with."""
 
-    def __init__(self, rule: str) -> None:
-        self.rule = rule
+    def __init__(self, make: Callable[[], str], min_length: int = 1) -> None:
+        self.make = make
+        self.min_length = min_length
 
     def __get_pydantic_json_schema__(self, core_schema: Any, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
         schema = handler(core_schema)
         target = handler.resolve_ref_schema(schema)
-        target["minLength"] = max(1, target.get("minLength", 0))
-        target["pattern"] = text_patterns()[self.rule]
+        target["minLength"] = max(self.min_length, target.get("minLength", 0))
+        target["pattern"] = self.make()
         return schema
 
 
 #: A string with something in it besides whitespace, separators and format characters ("must not
 #: be empty" otherwise: a message of only U+202E is as empty as one of spaces).
-NonBlank = Annotated[str, AfterValidator(_nonblank), _TextSchema("nonblank")]
+NonBlank = Annotated[str, AfterValidator(_nonblank), SchemaPattern(lambda: text_patterns()["nonblank"])]
 #: An identifier: not blank, no control, format or line separator character (`identifier_problem`).
-Identifier = Annotated[str, AfterValidator(_identifier), _TextSchema("identifier")]
+Identifier = Annotated[str, AfterValidator(_identifier), SchemaPattern(lambda: text_patterns()["identifier"])]
 
 
 def _id_text(value: Any) -> Any:

@@ -9,7 +9,7 @@ from sagas.route_content import RouteContent, restart_step, route_view
 
 from . import actor, query, runtime
 from .openapi import doc
-from .schemas import RouteWorkflow, StepQuery
+from .schemas import RouteStepQuery, RouteWorkflow
 
 bp = Blueprint("routes", __name__)
 TAGS = ("route content",)
@@ -26,9 +26,9 @@ def get_route_workflow(route_id: str) -> Any:
 
 
 @bp.post("/workflows/<path:route_id>/restart")
-@doc(RouteWorkflow, errors=(400, 404, 409), query=StepQuery, tags=TAGS)
+@doc(RouteWorkflow, errors=(400, 404, 409), query=RouteStepQuery, tags=TAGS)
 def restart_route_step(route_id: str) -> Any:
     """Reset tts_batch to pending, bump its attempt, re-request the stories not completed
     (400 naming `step` for any other step, 409 unless the batch failed)."""
     engine = runtime().engine
-    return route_view(restart_step(engine, route_id, query(StepQuery).step, actor=actor()))
+    return route_view(restart_step(engine, route_id, query(RouteStepQuery).step, actor=actor()))

@@ -15,10 +15,11 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, RootModel, W
 
 from orchestrator.jsonutil import as_utc
 from orchestrator.models import MAX_IDEMPOTENCY_KEY, StepStatus
-from orchestrator.schemas import INT64_MAX, Closed, Contract, NonBlank, omittable, problem
+from orchestrator.schemas import INT64_MAX, Closed, Contract, NonBlank, SchemaPattern, omittable, problem, text_patterns
 from orchestrator.workflow import InstanceStatus
-from sagas.balance.repository import check_branch_name
+from sagas.balance.repository import MAX_PATH_CHARS, PROJECT_PATTERN, branch_pattern, check_branch_name
 from sagas.balance import Project
+from sagas.route_content import RESTARTABLE
 
 
 class Answer(BaseModel):
@@ -29,9 +30,10 @@ class Answer(BaseModel):
 
 # -- headers (documented; read where they are used) ----------------------------------------------
 class IdempotencyHeader(Contract):
-    idempotency_key: str | None = Field(None, alias="Idempotency-Key", max_length=MAX_IDEMPOTENCY_KEY,
-                                        description="repeats of a request with the same key answer the same instance; "
-                                                    "an identifier: no control, format or line separator character")
+    idempotency_key: Annotated[str, SchemaPattern(lambda: text_patterns()["identifier"])] = omittable(
+        alias="Idempotency-Key", max_length=MAX_IDEMPOTENCY_KEY,
+        description="repeats of a request with the same key answer the same instance; "
+                    "an identifier: no control, format or line separator character")
 
 
 class AdminHeader(Contract):
@@ -40,7 +42,8 @@ class AdminHeader(Contract):
 
 
 class UserHeader(Contract):
-    user: str | None = Field(None, alias="X-User", description="the GitLab username the API gateway authenticated")
+    user: Annotated[str, SchemaPattern(lambda: text_patterns()["identifier"])] = omittable(
+        alias="X-User", description="the GitLab username the API gateway authenticated")
 
 
 # -- the generic workflow API ----------------------------------------------------------------
@@ -118,6 +121,14 @@ class SagaListQuery(Paging, SagaFilter):
 
 class StepQuery(Contract):
     step: str = Field(min_length=1, description="the step to restart")
+
+
+class RouteStepQuery(Contract):
+    """POST /workflows/<route_id>/restart: the route content steps that can be restarted (the
+    route answers 400 naming `step` for another, in its own words)."""
+
+    step: str = Field(min_length=1, description="the step to restart",
+                      json_schema_extra={"enum": list(RESTARTABLE)})
 
 
 class StepView(Answer):
@@ -368,13 +379,14 @@ class CalculationStatus(Answer):
 
 
 class GeometriesQuery(Contract):
-    project: str = Field(description="a project id or path such as demo/balance")
-    ref: str | None = Field(None, description="a branch; the project's default branch when absent")
+    project: str = Field(description="a project id or path such as demo/balance (or its id)", min_length=1,
+                         max_length=MAX_PATH_CHARS, json_schema_extra={"pattern": PROJECT_PATTERN})
+    ref: Annotated[str, SchemaPattern(branch_pattern)] = omittable(
+        description="a branch; the project's default branch when absent")
 
 
 def _branch(field: str) -> Any:
-    return Annotated[str, BeforeValidator(partial(check_branch_name, field=field)),
-                     WithJsonSchema({"type": "string", "minLength": 1})]
+    return Annotated[str, BeforeValidator(partial(check_branch_name, field=field)), SchemaPattern(branch_pattern)]
 
 
 class MergeRequestBody(Closed):

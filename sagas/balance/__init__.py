@@ -27,11 +27,12 @@ from statemachine import State
 
 from orchestrator.config import Settings
 from orchestrator.errors import Conflict, InvalidInput
-from orchestrator.schemas import Closed, omittable, parse
+from orchestrator.schemas import Closed, SchemaPattern, omittable, parse
 from orchestrator.workflow import External, Retry, Step, Workflow, register
 
 from .calculations import correlation_id
-from .repository import check_branch_name, check_project, check_repository_path, check_repository_paths
+from .repository import (MAX_PATH_CHARS, PROJECT_PATTERN, branch_pattern, check_branch_name, check_project,
+                         check_repository_path, check_repository_paths, repository_path_pattern)
 
 #: The steps' Celery task names, written once: tasks/balance.py registers its tasks under them.
 CHECK_TASK, SAVE_INPUT_TASK = "balance.check", "balance.save_input"
@@ -170,10 +171,13 @@ def _build_balance_saga() -> type[Workflow]:
 # GitLab's own naming rules (repository.check_project, check_branch_name) run as the fields'
 # validators: they raise InvalidInput naming the field themselves.
 Project = Annotated[str, BeforeValidator(check_project), WithJsonSchema(
-    {"anyOf": [{"type": "string", "minLength": 1}, {"type": "integer"}],
+    {"anyOf": [{"type": "string", "minLength": 1, "maxLength": MAX_PATH_CHARS, "pattern": PROJECT_PATTERN},
+               {"type": "integer", "minimum": 0}],
      "description": "a project id or path such as demo/balance"})]
-Branch = Annotated[str, BeforeValidator(check_branch_name), WithJsonSchema(
-    {"type": "string", "minLength": 1, "description": "a git branch name such as issue/42-new-calculation"})]
+Branch = Annotated[str, BeforeValidator(check_branch_name), SchemaPattern(branch_pattern),
+                   Field(description="a git branch name such as issue/42-new-calculation")]
+#: A file path in the repository (`check_repository_path`).
+RepositoryPath = Annotated[str, SchemaPattern(repository_path_pattern)]
 
 
 class BalanceRequest(Closed):
@@ -181,7 +185,8 @@ class BalanceRequest(Closed):
 
     project: Project
     branch: Branch
-    dependencies: list[str] = omittable(description="the chain, in order; the catalog's default when absent")
+    dependencies: list[str] = omittable(description="the chain, in order; the catalog's default when absent",
+                                        json_schema_extra={"items": {"enum": list(CATALOG)}, "uniqueItems": True})
 
 
 class Submission(Closed):
@@ -202,14 +207,23 @@ MAX_CALCULATION_TYPE = 64
 MAX_CALCULATION_FILES = 1000
 
 
+def _document_files(schema: dict[str, Any]) -> None:
+    # the pattern is made when the schema is (see SchemaPattern); keys typed as RepositoryPath
+    # would come out as patternProperties, which do not refuse the other keys
+    schema.update(minProperties=1, maxProperties=MAX_CALCULATION_FILES,
+                  propertyNames={"minLength": 1, "pattern": repository_path_pattern()})
+
+
 class CalculationRequest(Closed):
     """POST /calculations. Unknown fields are refused."""
 
     project: Project
     branch: Branch
-    files: dict[str, Any] = Field(description="{path: content} of the input files (a string, or JSON written as "
-                                              f"such), at most {MAX_CALCULATION_FILES}")
-    output_file: str
+    files: dict[str, Any] = Field(
+        description="{path: content} of the input files (a string, or JSON written as such), at most "
+                    f"{MAX_CALCULATION_FILES}; no path the directory of another",
+        json_schema_extra=_document_files)
+    output_file: RepositoryPath
     calculation: str = Field("generic", pattern=r"^[A-Za-z0-9_-]+$", max_length=MAX_CALCULATION_TYPE,
                              description="the calculation type (the task's routing key is calculation.<type>)")
 

@@ -33,7 +33,7 @@ from urllib.parse import urlparse
 from orchestrator.config import Settings
 from orchestrator.errors import InvalidInput, NotFound, UpstreamError
 from orchestrator.jsonutil import loads, unstorable
-from orchestrator.schemas import hidden_character, json_type
+from orchestrator.schemas import hidden_character, json_type, text_patterns
 
 from .settings import BalanceSettings
 
@@ -459,6 +459,29 @@ MAX_PATH_CHARS = 1024
 MAX_SEGMENT_BYTES = 255
 _PROJECT_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+#: The JSON Schema of a project path (`check_project`): ASCII segments, so a segment's bytes are
+#: its characters.
+PROJECT_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}(?:/[A-Za-z0-9_][A-Za-z0-9_.-]{0,254})*$"
+
+
+def branch_pattern() -> str:
+    """The JSON Schema pattern of a branch name `check_branch_name` accepts: its rules, without
+    the surrounding whitespace it would drop (no whitespace at all: narrower than git, which takes
+    a no-break space inside a name)."""
+    chars = text_patterns()
+    return (r"^(?![/-])(?!.*[/.]$)(?!.*(?:\.\.|//|@\{))(?!(?:@|HEAD)$)(?!(?:.*/)?\.)(?!.*\.lock(?:/|$))"
+            rf"[^{chars['hidden']}{chars['space']}~^:?*\[\\]{{1,200}}$")
+
+
+def repository_path_pattern() -> str:
+    """The JSON Schema pattern of a path `check_repository_path` accepts, except the length of a
+    segment in UTF-8 bytes (MAX_SEGMENT_BYTES), which a pattern counts in characters."""
+    chars = text_patterns()
+    return (rf"^(?=.*[^{chars['space']}])(?!/)(?!.*/$)(?!.*//)(?!(?:.*/)?\.\.?(?:/|$))"
+            r"(?!(?:.*/)?\.[Gg][Ii][Tt](?:/|$))"
+            rf"[^{chars['hidden']}\\]{{1,{MAX_PATH_CHARS}}}$")
 
 
 def check_repository_path(path: Any, field: str) -> str:
