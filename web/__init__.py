@@ -11,6 +11,7 @@ from flask.json.provider import DefaultJSONProvider
 from gunicorn.http.errors import ParseException
 from sqlalchemy.exc import DBAPIError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.routing import BaseConverter
 
 from orchestrator import logs, tracing
 from orchestrator import runtime as runtime_module
@@ -45,6 +46,7 @@ def create_app(runtime: runtime_module.Runtime | None = None) -> Flask:
     app.config["RUNTIME"] = rt
     app.config["MAX_CONTENT_LENGTH"] = HttpSettings.from_settings(rt.settings).max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.url_map.converters["instance"] = InstanceIdConverter
 
     from . import asyncapi, balance, bulk, chat, console, definitions, health, media, openapi, routes, sagas, workers
 
@@ -139,6 +141,15 @@ def create_app(runtime: runtime_module.Runtime | None = None) -> Flask:
     return app
 
 
+class InstanceIdConverter(BaseConverter):
+    """`<instance:instance_id>` in `/sagas/...`: one path segment, but not `bulk`, which names
+    the bulk operations (`/sagas/bulk`, `/sagas/bulk/<bulk_id>/...`). An instance id is a UUID,
+    so no instance is lost; with the default converter `/sagas/bulk` also matched
+    `GET /sagas/<instance_id>`, so a 405 there listed GET in its Allow header."""
+
+    regex = r"(?!bulk(?:/|$))[^/]+"
+
+
 class StrictJSONProvider(DefaultJSONProvider):
     """Answers are JSON only: a NaN or infinity raises (a 500 naming no field, logged) instead
     of going out as `NaN`, which JSON clients cannot parse. Inputs are refused before that
@@ -150,8 +161,6 @@ class StrictJSONProvider(DefaultJSONProvider):
 
 
 def runtime() -> runtime_module.Runtime:
-    from flask import current_app
-
     return current_app.config["RUNTIME"]  # type: ignore[no-any-return]
 
 

@@ -54,7 +54,7 @@ def type_diagram(type: str) -> Any:  # noqa: A002
     return Response(render(_type(type)), mimetype=SVG)
 
 
-@bp.get("/sagas/<instance_id>/diagram.svg")
+@bp.get("/sagas/<instance:instance_id>/diagram.svg")
 @doc(None, errors=(400, 404), tags=TAGS)
 def instance_diagram(instance_id: str) -> Any:
     """The instance's state diagram: its current state filled (`data-current="true"`), the

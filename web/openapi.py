@@ -72,6 +72,8 @@ def doc(ok: Any = None, *, status: int = 200, also: dict[int, Any] | None = None
 #: here: spectree describes a path parameter by its URL converter only, and a `uuid` converter
 #: would answer a malformed id 404 instead of the 400 the contract promises.
 PATH_PARAMETERS: dict[str, dict[str, Any]] = {
+    # the `instance` converter (web.InstanceIdConverter), which spectree does not know
+    "instance_id": {"type": "string", "not": {"const": "bulk"}},
     "worker_id": {"type": "string", "format": "uuid",
                   "pattern": "^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$"},
 }
@@ -84,7 +86,7 @@ def document() -> dict[str, Any]:
         for op in path.values():
             for parameter in op.get("parameters", []):
                 if parameter.get("in") == "path" and parameter.get("name") in PATH_PARAMETERS:
-                    parameter["schema"] = {**parameter.get("schema", {}), **PATH_PARAMETERS[parameter["name"]]}
+                    parameter["schema"] = {**(parameter.get("schema") or {}), **PATH_PARAMETERS[parameter["name"]]}
             for code, answer in op.get("responses", {}).items():
                 if code.isdigit() and int(code) in MEANING:
                     answer["description"] = MEANING[int(code)]

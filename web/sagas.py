@@ -59,14 +59,14 @@ def list_sagas() -> Any:
     return {"total": total, "limit": q.limit, "offset": q.offset, "items": items}
 
 
-@bp.get("/sagas/<instance_id>")
+@bp.get("/sagas/<instance:instance_id>")
 @doc(Instance, errors=(400, 404), tags=TAGS)
 def get_saga(instance_id: str) -> Any:
     """State, context, steps and history."""
     return runtime().engine.snapshot(instance_id)
 
 
-@bp.post("/sagas/<instance_id>/events/<event>")
+@bp.post("/sagas/<instance:instance_id>/events/<event>")
 @doc(Instance, errors=(400, 404, 409), json=SignalPayload, tags=TAGS)
 def fire_event(instance_id: str, event: str) -> Any:
     """A signal the workflow declares for users (Workflow.signals); its own events are refused
@@ -75,7 +75,7 @@ def fire_event(instance_id: str, event: str) -> Any:
     return runtime().engine.signal(instance_id, event, payload, actor=actor())
 
 
-@bp.post("/sagas/<instance_id>/restart")
+@bp.post("/sagas/<instance:instance_id>/restart")
 @doc(Instance, errors=(400, 404, 409), query=StepQuery, tags=TAGS)
 def restart_step(instance_id: str) -> Any:
     """Restart a failed step."""
@@ -83,7 +83,7 @@ def restart_step(instance_id: str) -> Any:
     return runtime().engine.restart(instance_id, step, actor=actor())
 
 
-@bp.post("/sagas/<instance_id>/cancel")
+@bp.post("/sagas/<instance:instance_id>/cancel")
 @doc(Instance, errors=(400, 404, 409), tags=TAGS)
 def cancel(instance_id: str) -> Any:
     """Cancel; declared compensations run in reverse order."""
