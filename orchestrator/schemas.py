@@ -172,6 +172,19 @@ def check_language(value: str) -> str:
                                          for t in subtags)])
 
 
+#: An integer as text (a query parameter, a header): decimal digits, optionally after a minus
+#: sign. Python's int() and pydantic's lax mode also take `1_0`, ` 10`, `+10`, `10.0` and other
+#: scripts' digits (`١٠`), which no client means as 10.
+DECIMAL_INTEGER = re.compile(r"-?[0-9]+")
+
+
+def integer_text_problem(text: str) -> str | None:
+    """Why `text` is not an integer in decimal digits (DECIMAL_INTEGER), or None."""
+    if DECIMAL_INTEGER.fullmatch(text):
+        return None
+    return f"must be an integer in decimal digits, got {text[:40]!r}"
+
+
 def json_type(value: Any) -> str:
     """The JSON name of a parsed value's type (`string`, `integer`, `object`, ...), for messages."""
     return {"str": "string", "int": "integer", "float": "number", "bool": "boolean", "list": "array",

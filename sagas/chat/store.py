@@ -19,7 +19,7 @@ from orchestrator.engine import ACCEPTED, Engine
 from orchestrator.errors import IllegalTransition, InvalidInput, NotFound
 from orchestrator.jsonutil import NotJSON, iso, loads, unstorable
 from orchestrator.models import WorkflowInstance, utcnow
-from orchestrator.schemas import INT32_MAX, INT64_MAX, Event, parse
+from orchestrator.schemas import INT32_MAX, INT64_MAX, Event, integer_text_problem, parse
 
 from . import CALLBACK_TYPES, FINISHED, TASK_TYPE, ChatEvent, ChatSession, ChatSettings
 
@@ -370,7 +370,10 @@ def task_dict(inst: WorkflowInstance, events: list[ChatEvent]) -> dict[str, Any]
 
 def bad_after_seq(raw: Any, field: str = "after_seq") -> int:
     """A resume position: an integer from 0 to INT64_MAX (it is compared in SQL); InvalidInput
-    naming `field` (`after_seq`, or the `Last-Event-ID` header it came from) otherwise."""
+    naming `field` (`after_seq`, or the `Last-Event-ID` header it came from) otherwise. Text
+    must be decimal digits (`integer_text_problem`): int() would take `1_0` as 10."""
+    if isinstance(raw, str) and integer_text_problem(raw):
+        raise InvalidInput(field, f"must be an integer >= 0, got {raw[:40]!r}")
     try:
         value = int(raw)
     except (TypeError, ValueError):

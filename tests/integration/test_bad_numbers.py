@@ -3,6 +3,8 @@
 from float parsing (nan, 1e999)."""
 from __future__ import annotations
 
+from urllib.parse import quote
+
 import pytest
 
 HUGE = "9223372036854775808"  # 2**63: one past the largest signed 64-bit integer
@@ -48,3 +50,30 @@ def test_the_largest_allowed_values_are_answered(client, session):
     assert client.get("/sagas?offset=9223372036854775807").status_code == 200
     assert client.post("/admin/cleanup?max_age_hours=1000000", headers=ADMIN).status_code == 200
     assert client.get("/workers?offset=9223372036854775807").status_code == 200
+
+
+@pytest.mark.parametrize("value", ["1_0", " 10", "10 ", "+10", "10.0", "\u0661\u0660", "1e1"])
+@pytest.mark.parametrize("url, field", [
+    ("/sagas?limit={}", "limit"), ("/sagas?offset={}", "offset"), ("/workers?limit={}", "limit"),
+    ("/workers?offset={}", "offset"), ("/jobs?limit={}", "limit"),
+])
+def test_an_integer_in_the_query_is_decimal_digits_only(client, url, field, value):
+    """pydantic's lax mode read `limit=1_0` as 10 (and ` 10`, `+10`, `10.0`, Arabic-Indic digits):
+    a query parameter that a client did not mean as that number is a 400 naming it."""
+    r = client.get(url.format(quote(value)))
+    assert r.status_code == 400 and r.json["field"] == field, (url, value, r.status_code, r.json)
+    assert "decimal digits" in r.json["message"], r.json
+
+
+@pytest.mark.parametrize("value", ["1_0", "+10", "\u0661\u0660"])
+def test_a_resume_position_is_decimal_digits_only(client, session, value):
+    r = client.get(f"/api/v1/chat/{session}/events?after_seq={quote(value)}")
+    assert r.status_code == 400 and r.json["field"] == "after_seq", (value, r.json)
+    r = client.get(f"/api/v1/chat/{session}/events", headers={"Last-Event-ID": value.encode().decode("latin-1")})
+    assert r.status_code == 400 and r.json["field"] == "Last-Event-ID", (value, r.json)
+
+
+def test_plain_digits_are_still_integers(client):
+    r = client.get("/sagas?limit=10&offset=0")
+    assert r.status_code == 200 and r.json["limit"] == 10, r.json
+    assert client.get("/sagas?limit=-1").json["field"] == "limit"  # signed text: the range names it
