@@ -19,13 +19,14 @@ import functools
 import ipaddress
 import re
 import unicodedata
-from typing import Annotated, Any, Callable, TypeVar
+from typing import Annotated, Any, Callable, TypeVar, Union
 from urllib.parse import urlparse
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, RootModel, TypeAdapter, ValidationError, WithJsonSchema
 from pydantic.annotated_handlers import GetJsonSchemaHandler
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import PydanticCustomError
+from typing_extensions import TypeAliasType
 
 from .errors import InvalidInput
 
@@ -339,8 +340,8 @@ def text_patterns() -> dict[str, str]:
     tables (once, when a schema is first generated; surrogates left out, which JSON text cannot
     carry alone and `jsonutil.check_storable` refuses anyway):
 
-    - `nonblank`: found somewhere in the text (unanchored), a character that is not blank
-      (`is_blank`);
+    - `nonblank`: a character that is not blank (`is_blank`) somewhere in the text, and no NUL
+      (`jsonutil.check_storable`);
     - `identifier`: the whole text, with no control, format or line separator character
       (HIDDEN_CATEGORIES), no whitespace at either end, and no character that Unicode's composed
       form NFC replaces wherever it stands (U+212B ANGSTROM SIGN). A combining sequence NFC would
@@ -365,7 +366,9 @@ def text_patterns() -> dict[str, str]:
         if hidden or c.isspace():
             edge.append(code)
     inner, outer = _in_class(hidden_or_changed), _in_class(edge)
-    return {"nonblank": f"[^{_in_class(blank)}]", "identifier": f"^[^{outer}](?:[^{inner}]*[^{outer}])?$",
+    blanks = _in_class(blank)  # the blanks before the first other character: no backtracking
+    return {"nonblank": f"^[{blanks}]*[^\\u0000{blanks}][^\\u0000]*$",
+            "identifier": f"^[^{outer}](?:[^{inner}]*[^{outer}])?$",
             "hidden": _in_class(hidden_only), "space": _in_class(space)}
 
 
@@ -384,9 +387,36 @@ class SchemaPattern:
     def __get_pydantic_json_schema__(self, core_schema: Any, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
         schema = handler(core_schema)
         target = handler.resolve_ref_schema(schema)
-        target["minLength"] = max(self.min_length, target.get("minLength", 0))
+        if self.min_length:
+            target["minLength"] = max(self.min_length, target.get("minLength", 0))
         target["pattern"] = self.make()
         return schema
+
+
+#: Text a database can store (`jsonutil.check_storable`): no NUL character. (A lone surrogate,
+#: refused too, cannot be sent as UTF-8, and JSON Schema has no word for one sent escaped.)
+NO_NUL_PATTERN = "^[^\\u0000]*$"
+
+
+class _StorableKeys:
+    """Annotated metadata of an object whose keys are storable text: `propertyNames` with
+    NO_NUL_PATTERN (pydantic writes a key type's pattern as `patternProperties`, which lets the
+    other keys through)."""
+
+    def __get_pydantic_json_schema__(self, core_schema: Any, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        schema = handler(core_schema)
+        handler.resolve_ref_schema(schema)["propertyNames"] = {"pattern": NO_NUL_PATTERN}
+        return schema
+
+
+_StorableText = Annotated[str, SchemaPattern(lambda: NO_NUL_PATTERN, min_length=0)]
+#: Any JSON value a database can store: documented as such (no NUL in a string or a key, at any
+#: depth), validated as any JSON value (`check_storable` refuses the NUL before a model runs).
+StorableJson = TypeAliasType("StorableJson", Union[  # type: ignore[misc]
+    _StorableText, int, float, bool, None, list["StorableJson"],  # type: ignore[name-defined]
+    Annotated[dict[str, "StorableJson"], _StorableKeys()]])  # type: ignore[name-defined]
+#: A free-form JSON object (a workflow's input, a signal's payload, a chat's config) of StorableJson.
+JsonObject = Annotated[dict[str, StorableJson], _StorableKeys()]
 
 
 #: A string with something in it besides whitespace, separators and format characters ("must not

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 from flask import Blueprint, current_app
 from spectree import Response, SpecTree
 
-from orchestrator.schemas import ErrorBody
+from orchestrator.schemas import NO_NUL_PATTERN, ErrorBody
 
 bp = Blueprint("openapi", __name__)
 
@@ -90,7 +90,48 @@ def document() -> dict[str, Any]:
             for code, answer in op.get("responses", {}).items():
                 if code.isdigit() and int(code) in MEANING:
                     answer["description"] = MEANING[int(code)]
+            components = spec.get("components", {}).get("schemas", {})
+            for parameter in op.get("parameters", []):
+                _storable_text(parameter.get("schema"), components, set())
+            for media in op.get("requestBody", {}).get("content", {}).values():
+                _storable_text(media.get("schema"), components, set())
     return spec
+
+
+#: The component of `orchestrator.schemas.StorableJson` (the free-form request objects use it).
+STORABLE_JSON = "StorableJson"
+
+
+def _storable_text(schema: Any, components: dict[str, Any], seen: set[str]) -> None:
+    """Every string and object key of a request documented as text a database can store (no NUL
+    character; `web.check_request_text` and `jsonutil.check_storable` refuse one, naming the
+    field): a string with no pattern of its own gets NO_NUL_PATTERN, an object without
+    `propertyNames` gets it for its keys, and the fields an open object does not name are
+    StorableJson. A string with a format or an enum is left as it is (no
+    NUL fits one), as is a pattern, which already says what the text may hold."""
+    if isinstance(schema, list):
+        for item in schema:
+            _storable_text(item, components, seen)
+        return
+    if not isinstance(schema, dict):
+        return
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/components/schemas/"):
+        name = ref.rsplit("/", 1)[1]
+        if name not in seen:
+            seen.add(name)
+            _storable_text(components.get(name), components, seen)
+    kind = schema.get("type")
+    if kind == "string" and not {"pattern", "format", "enum", "const"} & schema.keys():
+        schema["pattern"] = NO_NUL_PATTERN
+    if kind == "object" and "propertyNames" not in schema:
+        schema["propertyNames"] = {"pattern": NO_NUL_PATTERN}
+    if kind == "object" and schema.get("additionalProperties", True) is True and STORABLE_JSON in components:
+        # an open model ignores the fields it does not name, once they are found storable
+        schema["additionalProperties"] = {"$ref": f"#/components/schemas/{STORABLE_JSON}"}
+    for key, value in schema.items():
+        if key not in ("default", "examples", "example", "enum", "const"):
+            _storable_text(value, components, seen)
 
 
 @bp.get("/openapi.json")

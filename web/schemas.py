@@ -15,7 +15,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, RootModel, W
 
 from orchestrator.jsonutil import as_utc
 from orchestrator.models import MAX_IDEMPOTENCY_KEY, StepStatus
-from orchestrator.schemas import INT64_MAX, Closed, Contract, NonBlank, SchemaPattern, omittable, problem, text_patterns
+from orchestrator.schemas import INT64_MAX, Closed, Contract, JsonObject, NonBlank, SchemaPattern, omittable, problem, text_patterns
 from orchestrator.workflow import InstanceStatus
 from sagas.balance.repository import MAX_PATH_CHARS, PROJECT_PATTERN, branch_pattern, check_branch_name
 from sagas.balance import Project
@@ -52,7 +52,7 @@ class StartSaga(Closed):
 
     type: str = Field(min_length=1, description="the workflow type (GET /sagas lists instances of each)")
     key: str = omittable(description="business key: a second start with it answers the same instance")
-    input: dict[str, Any] = Field(default_factory=dict, description="the workflow's input, checked by the workflow")
+    input: JsonObject = Field(default_factory=dict, description="the workflow's input, checked by the workflow")
 
 
 class StartSagaOfType(Contract):
@@ -61,10 +61,10 @@ class StartSagaOfType(Contract):
     model_config = ConfigDict(strict=True)
 
     key: str = omittable()
-    input: dict[str, Any] = Field(default_factory=dict)
+    input: JsonObject = Field(default_factory=dict)
 
 
-class SignalPayload(RootModel[dict[str, Any]]):
+class SignalPayload(RootModel[JsonObject]):
     """A signal's payload: any JSON object, checked by the workflow's own signal check."""
 
 

@@ -27,7 +27,7 @@ from statemachine import State
 
 from orchestrator.config import Settings
 from orchestrator.errors import Conflict, InvalidInput
-from orchestrator.schemas import Closed, SchemaPattern, omittable, parse
+from orchestrator.schemas import Closed, JsonObject, SchemaPattern, StorableJson, omittable, parse
 from orchestrator.workflow import External, Retry, Step, Workflow, register
 
 from .calculations import correlation_id
@@ -195,7 +195,7 @@ class Submission(Closed):
     step: str = Field(description="the dependency the input is for (case-insensitive)")
     # An object: the file holds the dependency's parameters by name (seed 002's example, the
     # emulated worker); a string, number or array would be committed and "calculated" to 0.0.
-    content: dict[str, Any] = omittable(description="the input file's content: a JSON object of the "
+    content: JsonObject = omittable(description="the input file's content: a JSON object of the "
                                                     "dependency's parameters")
     use_hydrated: bool = omittable()
 
@@ -219,7 +219,7 @@ class CalculationRequest(Closed):
 
     project: Project
     branch: Branch
-    files: dict[str, Any] = Field(
+    files: dict[str, StorableJson] = Field(
         description="{path: content} of the input files (a string, or JSON written as such), at most "
                     f"{MAX_CALCULATION_FILES}; no path the directory of another",
         json_schema_extra=_document_files)

@@ -25,7 +25,7 @@ from statemachine import State
 from orchestrator.config import Settings
 from orchestrator.errors import InvalidInput
 from orchestrator.models import Base, JSONType, UTCDateTime, utcnow
-from orchestrator.schemas import TOO_LARGE, Closed, Identifier, NonBlank, omittable, parse, problem
+from orchestrator.schemas import TOO_LARGE, Closed, Identifier, JsonObject, NonBlank, omittable, parse, problem
 from orchestrator.workflow import External, Step, Workflow, register
 
 from .settings import ChatSettings
@@ -178,7 +178,7 @@ class ChatMessage(Closed):
 class ChatInit(Closed):
     """POST /api/v1/chat/init (the body is optional). Unknown fields are refused."""
 
-    config: dict[str, Any] = omittable(description="at most CHAT_MAX_CONFIG_BYTES of JSON (413 over it)")
+    config: JsonObject = omittable(description="at most CHAT_MAX_CONFIG_BYTES of JSON (413 over it)")
     user_id: Identifier = omittable(max_length=255)
 
     @field_validator("config")
