@@ -222,12 +222,13 @@ def log_uncaught_errors() -> None:
 _format: str | None = None
 
 
-def say(message: str, logger: str = "orchestrator") -> None:
+def say(message: str, logger: str = "orchestrator", level: int = logging.INFO) -> None:
     """Tell the operator `message` (a command's progress: `database upgraded: ...`, dev's pids):
     a line of its own on stdout, as a terminal wants it, unless this process logs JSON
-    (`configure(fmt="json")`), where every line is a JSON object: then an INFO record of `logger`."""
+    (`configure(fmt="json")`), where every line is a JSON object: then a record of `logger` at
+    `level` (INFO unless told)."""
     if _format == "json":
-        logging.getLogger(logger).info("%s", message)
+        logging.getLogger(logger).log(level, "%s", message)
     else:
         print(message, flush=True)
 

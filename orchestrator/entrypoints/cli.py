@@ -757,7 +757,8 @@ def _stop_children(procs: dict[str, "subprocess.Popen[bytes]"], due: dict[str, f
         try:
             proc.wait(max(0.1, deadline - time.time()))
         except subprocess.TimeoutExpired:
-            print(f"orchestrator dev: {name} did not stop within {grace:g}s of SIGTERM; killing it", flush=True)
+            say(f"orchestrator dev: {name} did not stop within {grace:g}s of SIGTERM; killing it",
+                level=logging.WARNING)
             _kill_group(proc.pid, signal.SIGKILL)
             proc.wait()
         _kill_group(proc.pid, signal.SIGKILL)  # what it left behind in its group (pool processes)
