@@ -19,7 +19,9 @@ DBOS Transact process (bench/dbos_peer.py, on a system database of its own), and
   (e) parked workflows (bench/parked.py): memory growth of the worker and sweeper while N wait on
       timers and signals, and how fast the sweeper fires N timers that come due at once;
   (f) Kafka intake (bench/kafka_intake.py): one bridge against the raw consume rate, and the
-      outbox relay producing what the bridge wrote (how far its last message ends behind).
+      outbox relay producing what the bridge wrote (how far its last message ends behind);
+  (g) `make run`'s embedded defaults (bench/embedded.py): the engine and the raw chain on SQLite
+      and kombu's SQLite broker, printed without a target.
 
 It ends with one table: every figure, its peer, its target and whether it holds. Everything it
 created is removed at the end (results in the Redis backend expire on their own). Service
@@ -71,6 +73,7 @@ ROWS = (
     "parked: timers fired when all due at once",
     "Kafka intake (one bridge)",
     "Kafka: outbox relay behind the bridge",
+    "embedded defaults: throughput vs raw chain",
 )
 
 #: The outbox relay keeps up with the bridge when its last message goes out at most this long
@@ -625,6 +628,23 @@ def kafka_rows(n: int) -> list[Row]:
                 f"<= {RELAY_BEHIND_MAX_S:g}s behind", k["relay_behind_s"] <= RELAY_BEHIND_MAX_S)]
 
 
+def embedded_row(n: int, rounds: int) -> Row:
+    """The embedded defaults' figures (bench/embedded.py), printed, and their row (no target)."""
+    label = ROWS[12]
+    if not n:
+        return Row(label, "skipped", "-", "-", "-", None)
+    from .embedded import measure
+
+    try:
+        r = measure(n, rounds)
+    except Exception as exc:  # the other figures still stand; the row says why this one is missing
+        note(f"embedded defaults failed: {first_line(exc)}")
+        return Row(label, "failed", first_line(exc)[:60], "-", "-", None)
+    print(f"embedded defaults (SQLite, kombu's SQLite broker; median of {rounds} rounds of {n}): engine "
+          f"{r['engine']:.1f} workflows/s, raw Celery chain {r['raw']:.1f}/s")
+    return Row(label, f"{r['engine']:.1f}/s", f"{r['raw']:.1f}/s", f"{r['engine'] / r['raw']:.2f}x", "-", None)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -635,13 +655,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=None, help="alternating rounds of every peer; medians (3)")
     p.add_argument("--parked", type=int, default=None, help="workflows parked on timers and signals (10000; 0 skips)")
     p.add_argument("--kafka-n", type=int, default=None, help="events for the Kafka intake figures (2000; 0 skips)")
+    p.add_argument("--embedded-n", type=int, default=None,
+                   help="runs of each per round on the embedded defaults (200; 0 skips)")
     p.add_argument("--concurrency", type=int, default=4, help="worker pool processes, both workers (4)")
     p.add_argument("--pool", default="prefork", choices=("prefork", "threads"),
                    help="worker pool, the same for both workers (prefork)")
     p.add_argument("--threads", type=int, default=4, help="threads starting runs (4)")
     args = p.parse_args(argv)
-    defaults = (dict(n=30, latency_n=5, rounds=1, parked=200, kafka_n=200) if args.quick
-                else dict(n=300, latency_n=30, rounds=3, parked=10000, kafka_n=2000))
+    defaults = (dict(n=30, latency_n=5, rounds=1, parked=200, kafka_n=200, embedded_n=10) if args.quick
+                else dict(n=300, latency_n=30, rounds=3, parked=10000, kafka_n=2000, embedded_n=200))
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -649,6 +671,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--kafka-n must be 0 (skip) or at least 2")
     if args.parked < 0 or args.parked == 1:
         p.error("--parked must be 0 (skip) or at least 2")
+    if args.embedded_n < 0:
+        p.error("--embedded-n must be 0 (skip) or more")
     for name in ("n", "latency_n", "concurrency", "threads", "rounds"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -707,6 +731,7 @@ def main(argv: list[str] | None = None) -> None:
         note(f"Kafka intake failed: {first_line(exc)}")
         rows.append(Row(ROWS[10], "failed", first_line(exc)[:60], "-", ">= 5000 events/s", False))
         rows.append(Row(ROWS[11], "failed", "-", "-", f"<= {RELAY_BEHIND_MAX_S:g}s behind", False))
+    rows.append(embedded_row(args.embedded_n, min(args.rounds, 2)))
     print()
     print(f"{datetime.now(timezone.utc):%Y-%m-%d} on {machine()}")
     print(render(rows))
