@@ -211,7 +211,7 @@ def balance_saga_status(saga_id: str) -> Any:
     return balance_status(snap)
 
 
-@bp.post("/sagas/<saga_id>/events/submit_input")
+@bp.post("/sagas/<instance:saga_id>/events/submit_input")
 @doc(BalanceStatus, also={202: BalanceStatus}, errors=(400, 404, 409, 422, 502), json=Submission,
      tags=BALANCE)
 def submit_input(saga_id: str) -> Any:
