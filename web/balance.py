@@ -211,23 +211,23 @@ def balance_saga_status(saga_id: str) -> Any:
     return balance_status(snap)
 
 
-@bp.post("/sagas/<instance:saga_id>/events/submit_input")
+@bp.post("/sagas/<instance:instance_id>/events/submit_input")
 @doc(BalanceStatus, also={202: BalanceStatus}, errors=(400, 404, 409, 422, 502), json=Submission,
      tags=BALANCE)
-def submit_input(saga_id: str) -> Any:
+def submit_input(instance_id: str) -> Any:
     """The user's input for the dependency the saga waits for (other workflows: the generic
     signal's answer)."""
     engine = runtime().engine
-    snap = engine.snapshot(saga_id, history=False)
+    snap = engine.snapshot(instance_id, history=False)
     if snap["type"] != BalanceSaga.type:
         from .sagas import fire_event  # other workflows keep the generic answer
 
-        return fire_event(saga_id, "submit_input")
+        return fire_event(instance_id, "submit_input")
     # The checks (fields, chain, and that the saga waits for this input) are the signal's own:
     # sagas.balance.check_submission, run under the saga's lock.
-    engine.signal(saga_id, "submit_input", body(SignalPayload).root,
+    engine.signal(instance_id, "submit_input", body(SignalPayload).root,
                   actor=actor("X-User"))
-    return _answer(_settle(saga_id, {"save"}))
+    return _answer(_settle(instance_id, {"save"}))
 
 
 # -- simple calculations (FR-ORCH-3) -------------------------------------------------------------------
