@@ -186,6 +186,30 @@ def integer_text_problem(text: str) -> str | None:
     return f"must be an integer in decimal digits, got {text[:40]!r}"
 
 
+#: A number as text: decimal digits with an optional fraction and exponent (`24`, `0.5`, `1e3`),
+#: optionally after a minus sign. float() also takes `1_0`, ` 24`, `+24`, `inf`, `nan` and other
+#: scripts' digits.
+DECIMAL_NUMBER = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
+
+#: A boolean as text: what the seeds' clients send (`true`, seed 004's `deep`) and its usual
+#: spellings. pydantic's lax mode also takes `yes`, `on`, `t`, `y` and their opposites.
+BOOLEAN_TEXTS = {"true": True, "false": False, "1": True, "0": False}
+
+
+def number_text_problem(text: str) -> str | None:
+    """Why `text` is not a number in decimal digits (DECIMAL_NUMBER), or None."""
+    if DECIMAL_NUMBER.fullmatch(text):
+        return None
+    return f"must be a number in decimal digits, got {text[:40]!r}"
+
+
+def boolean_text_problem(text: str) -> str | None:
+    """Why `text` is not `true`, `false`, `1` or `0` (any case), or None."""
+    if text.lower() in BOOLEAN_TEXTS:
+        return None
+    return f"must be true or false, got {text[:40]!r}"
+
+
 def json_type(value: Any) -> str:
     """The JSON name of a parsed value's type (`string`, `integer`, `object`, ...), for messages."""
     return {"str": "string", "int": "integer", "float": "number", "bool": "boolean", "list": "array",

@@ -20,7 +20,8 @@ from orchestrator.jsonutil import NotJSON, check_storable, loads
 from orchestrator.logs import mask_url
 from orchestrator.metrics import HTTP_LATENCY, HTTP_REQUESTS
 from orchestrator.models import HistoryEntry, idempotency_key_problem
-from orchestrator.schemas import identifier_problem, integer_text_problem, is_blank, parse
+from orchestrator.schemas import (boolean_text_problem, identifier_problem, integer_text_problem, is_blank,
+                                  number_text_problem, parse)
 
 from .server import ReadTimeout
 from .settings import HttpSettings
@@ -292,13 +293,20 @@ def body(model: type[M], required: bool = True, context: dict[str, Any] | None =
 
 def query(model: type[M]) -> M:
     """The query parameters validated as `model`; an empty value counts as absent (`?limit=` is
-    the default). A 400 naming the parameter otherwise, an integer parameter included when it is
-    not plain decimal digits (`integer_text_problem`: pydantic would read `1_0` as 10)."""
+    the default). A 400 naming the parameter otherwise, a number or boolean included when its
+    text is not what a client means by one (pydantic's lax mode would read `1_0` as 10 and `on`
+    as true): integers in decimal digits (`integer_text_problem`), numbers in decimal digits
+    with a fraction or exponent (`number_text_problem`), booleans `true`/`false`/`1`/`0`
+    (`boolean_text_problem`)."""
     args = {k: v for k, v in request.args.items() if v != ""}
     for name, field in model.model_fields.items():  # type: ignore[attr-defined]
-        if field.annotation is not int:
+        check = _TEXT_CHECKS.get(field.annotation)
+        if check is None:
             continue
         for key in {name, field.alias or name}:
-            if key in args and (found := integer_text_problem(args[key])):
+            if key in args and (found := check(args[key])):
                 raise InvalidInput(key, found)
     return parse(model, args)
+
+
+_TEXT_CHECKS = {int: integer_text_problem, float: number_text_problem, bool: boolean_text_problem}

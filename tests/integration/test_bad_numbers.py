@@ -77,3 +77,24 @@ def test_plain_digits_are_still_integers(client):
     r = client.get("/sagas?limit=10&offset=0")
     assert r.status_code == 200 and r.json["limit"] == 10, r.json
     assert client.get("/sagas?limit=-1").json["field"] == "limit"  # signed text: the range names it
+
+
+@pytest.mark.parametrize("value", ["1_0", " 24", "24 ", "+24", "\u0661\u0660", "0x10", "24h"])
+def test_a_number_in_the_query_is_decimal_digits_only(client, value):
+    """`max_age_hours=1_0` cleaned up everything older than 10 hours: float() reads `1_0`, ` 24`
+    and `+24` too. A 400 naming the parameter, and nothing removed."""
+    r = client.post(f"/admin/cleanup?max_age_hours={quote(value)}", headers=ADMIN)
+    assert r.status_code == 400 and r.json["field"] == "max_age_hours", (value, r.status_code, r.json)
+    assert "decimal digits" in r.json["message"], r.json
+
+
+@pytest.mark.parametrize("value", ["yes", "on", "t", "y", "no", "off", "2", "truee"])
+def test_a_boolean_in_the_query_is_true_or_false(client, value):
+    r = client.post(f"/admin/cleanup?deep={quote(value)}", headers=ADMIN)
+    assert r.status_code == 400 and r.json["field"] == "deep", (value, r.status_code, r.json)
+
+
+@pytest.mark.parametrize("query", ["max_age_hours=24", "max_age_hours=0.5", "max_age_hours=1e3", "deep=true",
+                                   "deep=FALSE", "deep=1", "deep=0"])
+def test_plain_numbers_and_booleans_are_still_taken(client, query):
+    assert client.post(f"/admin/cleanup?{query}", headers=ADMIN).status_code == 200, query
