@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, RootModel, WithJsonSchema
 
 from orchestrator.jsonutil import as_utc
-from orchestrator.models import MAX_IDEMPOTENCY_KEY, StepStatus
+from orchestrator.models import MAX_BUSINESS_KEY, MAX_IDEMPOTENCY_KEY, StepStatus
 from orchestrator.schemas import INT64_MAX, Closed, Contract, JsonObject, NonBlank, SchemaPattern, omittable, problem, text_patterns
 from orchestrator.workflow import InstanceStatus
 from sagas.balance.repository import MAX_PATH_CHARS, PROJECT_PATTERN, branch_pattern, check_branch_name
@@ -47,11 +47,17 @@ class UserHeader(Contract):
 
 
 # -- the generic workflow API ----------------------------------------------------------------
+#: A business key as the schema documents it: an identifier (`models.business_key_problem`, which
+#: the engine checks, answering 400 naming `key`).
+BusinessKey = Annotated[str, SchemaPattern(lambda: text_patterns()["identifier"])]
+
+
 class StartSaga(Closed):
     """POST /saga: unknown fields are refused."""
 
     type: str = Field(min_length=1, description="the workflow type (GET /sagas lists instances of each)")
-    key: str = omittable(description="business key: a second start with it answers the same instance")
+    key: BusinessKey = omittable(json_schema_extra={"maxLength": MAX_BUSINESS_KEY},
+                                 description="business key: a second start with it answers the same instance")
     input: JsonObject = Field(default_factory=dict, description="the workflow's input, checked by the workflow")
 
 
@@ -60,7 +66,7 @@ class StartSagaOfType(Contract):
 
     model_config = ConfigDict(strict=True)
 
-    key: str = omittable()
+    key: BusinessKey = omittable(json_schema_extra={"maxLength": MAX_BUSINESS_KEY})
     input: JsonObject = Field(default_factory=dict)
 
 

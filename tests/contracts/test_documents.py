@@ -57,3 +57,27 @@ def test_asyncapi_document_is_valid_and_describes_every_topic_and_queue(app, cli
             payload = spec["payload"].get("$ref")
             if payload:
                 assert payload.rsplit("/", 1)[1] in doc["components"]["schemas"]
+
+
+def test_the_business_key_the_api_refuses_is_refused_by_its_schema(client):
+    """`key` of POST /saga and POST /saga/<type> is refused empty, blank or over 255 characters
+    (models.business_key_problem, a 400 naming it); its schema said any string, so a client
+    generating requests from it sent "" and got a 400."""
+    doc = client.get("/openapi.json").json
+    for name in ("StartSaga", "StartSagaOfType"):
+        key = doc["components"]["schemas"][name]["properties"]["key"]
+        for bad in ("", " ", " k", "k" * 256):
+            assert not _valid(key, bad), (name, bad)
+        assert _valid(key, "order-42"), name
+    for path in ("/saga", "/saga/order"):
+        body = {"key": "", "input": {}} if path != "/saga" else {"type": "order", "key": "", "input": {}}
+        r = client.post(path, json=body)
+        assert r.status_code == 400 and r.json["field"] == "key", (path, r.json)
+
+
+def _valid(schema: dict, value: str) -> bool:
+    try:
+        jsonschema.validate(value, schema)
+    except jsonschema.ValidationError:
+        return False
+    return True
