@@ -63,11 +63,12 @@ def configure_celery(app: Celery, settings: Settings) -> None:
             prepare_embedded_broker(app)
 
 
-_prepared_brokers: set[str] = set()  # per process; a forked child inherits it
+_prepared_brokers: dict[str, set[str]] = {}  # url -> its queues made; per process, a forked child inherits it
 
 
-def prepare_embedded_broker(app: Celery) -> None:
-    """Create the tables of kombu's SQLAlchemy transport and a row for each of `app`'s queues,
+def prepare_embedded_broker(app: Celery, queues: Iterable[str] = ()) -> None:
+    """Create the tables of kombu's SQLAlchemy transport and a row for each of `app`'s queues
+    and of `queues` (names: those of a plain kombu consumer, such as the calculation queues),
     once, under SQLite's write lock (BEGIN IMMEDIATE, see db.make_engine).
 
     kombu creates both lazily in every process, unguarded: processes that first use a new
@@ -76,22 +77,22 @@ def prepare_embedded_broker(app: Celery) -> None:
     ("Unrecoverable error: IntegrityError"), and a publisher's session is left unusable until
     its process restarts. Idempotent; the tables' names come from kombu's own channel."""
     url = app.conf.broker_url
-    if url in _prepared_brokers:
+    names = sorted({app.conf.task_default_queue, *app.amqp.queues, *queues})
+    if set(names) <= _prepared_brokers.get(url, set()):
         return
     from kombu.transport.sqlalchemy.models import metadata
     from sqlalchemy.dialects.sqlite import insert
 
     with app.connection_for_write() as conn:
-        queues = conn.default_channel.queue_cls.__table__  # registers kombu's models in `metadata`
-    names = sorted({app.conf.task_default_queue, *app.amqp.queues})
+        table = conn.default_channel.queue_cls.__table__  # registers kombu's models in `metadata`
     db = make_engine(url.removeprefix("sqla+"))
     try:
         with db.begin() as tx:
             metadata.create_all(tx)  # checkfirst, inside the transaction: one process creates them
-            tx.execute(insert(queues).on_conflict_do_nothing(), [{"name": n} for n in names])
+            tx.execute(insert(table).on_conflict_do_nothing(), [{"name": n} for n in names])
     finally:
         db.dispose()
-    _prepared_brokers.add(url)
+    _prepared_brokers.setdefault(url, set()).update(names)
 
 
 @dataclass

@@ -631,6 +631,15 @@ def cmd_dev(args: argparse.Namespace) -> None:
     # GITLAB_URL points at it) and the emulated calculation worker.
     # Run as a process of its own: nothing in the product imports the emulators.
     set_up("creating the demo project", [sys.executable, "-m", "emulators.demo", "--repos-dir", balance.git_repos_dir])
+    if settings.broker_url.startswith("sqla+sqlite:"):
+        # every queue of the embedded broker made before the processes that use it start together
+        # (kombu would make them in each, unguarded: the loser logged a lost connection)
+        from orchestrator.runtime import make_celery, prepare_embedded_broker
+        from sagas.balance.calculations import results_queue, task_queue
+
+        app = make_celery(settings)
+        prepare_embedded_broker(app, [task_queue(settings).name, results_queue(settings).name])
+        app.close()
     if gitlab:
         children.append(("gitlab", [sys.executable, "-m", "emulators.gitlab", "--port", str(gitlab_port),
                                     "--data", "data/gitlab", "--demo"]))
