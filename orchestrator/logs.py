@@ -139,12 +139,29 @@ class ContextFilter(logging.Filter):
         return True
 
 
+#: The command this process runs (`api`, `worker`, `sweeper`, `bridge`, ...), set by the CLI: the
+#: `service` of its JSON lines, so that one pipeline of every process's lines tells them apart.
+_service: str | None = None
+
+
+def set_service(name: str) -> None:
+    """Name this process's lines (`service` in JSON) after the command it runs."""
+    global _service
+    _service = name
+
+
 class JsonFormatter(logging.Formatter):
+    """One JSON object per record: `ts`, `level`, `logger`, `service` (the command: api, worker,
+    ...), `pid`, `process` (Celery's and billiard's name: MainProcess, ForkPoolWorker-1),
+    `message`, and `workflow_id`, `correlation_id`, `exc` when there are."""
+
     def format(self, record: logging.LogRecord) -> str:
         out = {
             "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
+            "service": _service,
+            "pid": record.process,
             "process": record.processName,
             "message": record.getMessage(),
         }

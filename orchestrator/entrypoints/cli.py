@@ -899,6 +899,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    from orchestrator.logs import set_service
+
+    set_service(args.command)
     try:
         args.func(args)
     except ConfigError as exc:  # a bad variable: one line naming it, not a traceback

@@ -13,7 +13,7 @@ import requests
 from conftest import ROOT, Process, embedded, wait_for
 from orchestrator.entrypoints.ports import free_port
 
-KEYS = {"ts", "level", "logger", "process", "message"}
+KEYS = {"ts", "level", "logger", "service", "pid", "process", "message"}
 
 
 def not_json_objects(text: str) -> list[str]:
@@ -65,6 +65,11 @@ def test_every_line_the_worker_and_the_api_write_is_a_json_object(env, rt):
     for proc in (worker, api):
         said = messages(proc.output())
         assert said.count("SWEEP_INTERVL is not a setting; did you mean SWEEP_INTERVAL?") == 1, said
+    # each line says which process wrote it: every one of them said "MainProcess"
+    for proc, service in ((worker, "worker"), (api, "api")):
+        lines = [json.loads(line) for line in proc.output().splitlines()]
+        assert {line["service"] for line in lines} == {service}, proc.name
+        assert all(isinstance(line["pid"], int) for line in lines), proc.name
     worker_said, api_said = messages(worker.output()), messages(api.output())
     # what Celery and gunicorn used to print past logging, now as log lines
     assert "worker: Warm shutdown (MainProcess)" in worker_said
