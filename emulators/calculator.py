@@ -33,8 +33,8 @@ from emulators import effects
 from orchestrator.config import Settings, load_settings
 from orchestrator.errors import InvalidInput, UpstreamError
 from orchestrator.logs import shorten_retry_tracebacks
-from orchestrator.runtime import make_celery, prepare_embedded_broker
-from sagas.balance.calculations import CONTRACT_VERSION, results_queue, task_queue
+from sagas.balance.calculations import (CONTRACT_VERSION, prepare_embedded_calculation_queues, results_queue,
+                                        task_queue)
 from sagas.balance.settings import BalanceSettings
 from sagas.balance.repository import FileMissing, commit_once, open_repository, project_from_repo_url
 
@@ -164,13 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s calculator: %(message)s")
     shorten_retry_tracebacks()
-    if settings.broker_url.startswith("sqla+sqlite:"):
-        # the embedded broker's tables and queues, created under SQLite's write lock before kombu
-        # would create them unguarded (`make run` starts this beside the product's processes, and
-        # the loser of that race logged "table kombu_queue already exists" and reconnected)
-        app = make_celery(settings)
-        prepare_embedded_broker(app, [task_queue(settings).name, results_queue(settings).name])
-        app.close()
+    prepare_embedded_calculation_queues(settings)  # `make run` starts this beside the product's processes
     with Connection(settings.broker_url, heartbeat=10) as conn:
         worker = Calculator(conn, settings, args.seconds)
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -18,7 +18,7 @@ from typing import Any, TextIO
 from orchestrator.config import Settings, load_settings
 from orchestrator.errors import ConfigError
 from orchestrator.kafka_events import EVENT_ID_MAX, event_id_problem
-from orchestrator.logs import say
+from orchestrator.logs import say, set_service
 
 log = logging.getLogger("orchestrator")
 
@@ -631,15 +631,9 @@ def cmd_dev(args: argparse.Namespace) -> None:
     # GITLAB_URL points at it) and the emulated calculation worker.
     # Run as a process of its own: nothing in the product imports the emulators.
     set_up("creating the demo project", [sys.executable, "-m", "emulators.demo", "--repos-dir", balance.git_repos_dir])
-    if settings.broker_url.startswith("sqla+sqlite:"):
-        # every queue of the embedded broker made before the processes that use it start together
-        # (kombu would make them in each, unguarded: the loser logged a lost connection)
-        from orchestrator.runtime import make_celery, prepare_embedded_broker
-        from sagas.balance.calculations import results_queue, task_queue
+    from sagas.balance.calculations import prepare_embedded_calculation_queues
 
-        app = make_celery(settings)
-        prepare_embedded_broker(app, [task_queue(settings).name, results_queue(settings).name])
-        app.close()
+    prepare_embedded_calculation_queues(settings)  # before the processes that use them start together
     if gitlab:
         children.append(("gitlab", [sys.executable, "-m", "emulators.gitlab", "--port", str(gitlab_port),
                                     "--data", "data/gitlab", "--demo"]))
@@ -899,8 +893,6 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    from orchestrator.logs import set_service
-
     set_service(args.command)
     try:
         args.func(args)

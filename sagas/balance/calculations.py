@@ -86,6 +86,24 @@ def results_queue(settings: Settings) -> Queue:
     return Queue(name, Exchange(name, type="direct", durable=True), routing_key=name, durable=True)
 
 
+def prepare_embedded_calculation_queues(settings: Settings) -> None:
+    """On the embedded broker (`sqla+sqlite:`), kombu's tables and every queue, the calculation
+    queues included, made under SQLite's write lock (`runtime.prepare_embedded_broker`) before
+    the processes that use them start together; nothing on another broker. Only plain kombu
+    clients use the calculation queues (the calculation worker, the results consumer, the step
+    that sends a task), so no Celery app names them; kombu made them lazily in each, and the
+    loser of that race logged a lost connection."""
+    if not settings.broker_url.startswith("sqla+sqlite:"):
+        return
+    from orchestrator.runtime import make_celery, prepare_embedded_broker
+
+    app = make_celery(settings)
+    try:
+        prepare_embedded_broker(app, [task_queue(settings).name, results_queue(settings).name])
+    finally:
+        app.close()
+
+
 def task_message(correlation: str, repo_url: str, branch: str, commit: str, input_files: list[str],
                  output_file: str) -> dict[str, Any]:
     return CalculationTask(correlationId=correlation, repoUrl=repo_url, branch=branch, commitHash=commit,

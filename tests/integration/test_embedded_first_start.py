@@ -88,18 +88,18 @@ def test_processes_starting_at_once_on_new_embedded_files_all_publish(tmp_path):
 def test_the_queues_of_plain_kombu_consumers_are_made_before_they_start(tmp_path):
     """The calculation queues, which only plain kombu clients use (the calculation worker, the
     results consumer, the step that sends a calculation), are made with the others under the
-    write lock (`prepare_embedded_broker(app, queues)`, called by `orchestrator dev` and the
+    write lock (`prepare_embedded_calculation_queues`, called by `orchestrator dev` and the
     calculation emulator before they consume): kombu made them lazily in each process, and the
     calculation emulator that lost the race logged a lost connection on `make run`'s first start."""
     from orchestrator import runtime
     from orchestrator.config import load_settings
-    from sagas.balance.calculations import results_queue, task_queue
+    from sagas.balance.calculations import prepare_embedded_calculation_queues, results_queue, task_queue
 
     settings = load_settings(environ=embedded(tmp_path), dotenv="/nonexistent")
+    prepare_embedded_calculation_queues(settings)
     app = runtime.make_celery(settings)
     try:
         calculation = [task_queue(settings).name, results_queue(settings).name]
-        runtime.prepare_embedded_broker(app, calculation)
         names, messages, _ = broker_rows(tmp_path)
         assert set(calculation) | set(QUEUES) <= set(names) and len(names) == len(set(names)), names
         with app.connection_for_read() as conn:
