@@ -27,6 +27,17 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     return create_engine(url, **kwargs)
 
 
+def make_autocommit_engine(url: str, **kwargs: Any) -> Engine | None:
+    """A second, small pool in autocommit mode for statements that are a transaction of their
+    own (reads, claims, outbox marks, transitions written in one statement): each goes without
+    the BEGIN and COMMIT round trips around it. Its commits wait for the disk like any other, so
+    a transition written there is as durable as one written in a session. None on SQLite, which
+    serialises writers anyway: a second pool there would only add lock waits."""
+    if url.startswith("sqlite"):
+        return None
+    return make_engine(url, pool_size=2, isolation_level="AUTOCOMMIT", **kwargs)
+
+
 def _sqlite_engine(url: str, **kwargs: Any) -> Engine:
     """SQLite shared by several processes: WAL, a busy timeout, and BEGIN IMMEDIATE so that
     a read-then-write transaction takes the write lock up front instead of failing later."""
@@ -69,4 +80,18 @@ def _use_wal(dbapi_connection: Any) -> None:
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
-    return sessionmaker(engine, expire_on_commit=False)
+    """Sessions that note when they first use a connection (see `untouched`)."""
+    factory = sessionmaker(engine, expire_on_commit=False)
+
+    @event.listens_for(factory, "after_begin")
+    def _connected(session: Session, *_: Any) -> None:
+        session.info["connected"] = True
+
+    return factory
+
+
+def untouched(session: Session) -> bool:
+    """True while `session` (of `make_session_factory`) has sent no statement and holds no
+    ORM change to flush: a write that is the whole of its transaction may then go on a
+    connection of its own."""
+    return not session.info.get("connected") and not (session.new or session.dirty or session.deleted)

@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from statemachine.exceptions import TransitionNotAllowed
 
 from .config import Settings
+from .db import untouched
 from .errors import Conflict, IllegalTransition, InvalidInput, NotFound, nested_field
 from . import ids, logs, tracing
 from .jsonutil import as_utc, digest, storable, utc_iso
@@ -529,8 +530,10 @@ class Engine:
                  autocommit: SAEngine | None = None) -> None:
         self.settings = settings
         self.sessions = session_factory
-        # Single-statement reads need no transaction: a pool in autocommit mode saves the
-        # BEGIN/ROLLBACK round trips on the step path.
+        # A statement that is a whole transaction needs no BEGIN and COMMIT around it: a pool in
+        # autocommit mode (PostgreSQL only) saves those two round trips for single-statement
+        # reads, claims, and transitions whose writes are one statement (`unit_of_work`).
+        self.autocommit = autocommit
         self.reads = autocommit or session_factory.kw["bind"]
         self.registry = registry
         self.relay = relay
@@ -555,7 +558,13 @@ class Engine:
                 yield uow
                 if keep is not None:
                     self._keep(uow, keep)
-                uow.writes.flush(session.connection(), self.prepare)
+                if self.autocommit is not None and untouched(session) and uow.writes.one_statement():
+                    # The whole transaction is that statement: PostgreSQL runs it as one
+                    # transaction of its own, without the BEGIN and COMMIT round trips.
+                    with self.autocommit.begin() as conn:
+                        uow.writes.flush(conn, self.prepare)
+                else:
+                    uow.writes.flush(session.connection(), self.prepare)
         if uow.kept:
             uow.kept = [replace(s, basis=uow.written_basis(s.instance_id)) for s in uow.kept]
         outbox = [r for r in uow.outbox if r.channel != LOCAL] if uow.kept else uow.outbox

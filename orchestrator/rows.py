@@ -159,11 +159,19 @@ class Writes:
         if instance_id is not None:
             self.touched.add(instance_id)
 
-    def flush(self, conn: Connection, prepare: bool = False) -> None:
+    def _ids(self) -> set[str]:
+        """The instances whose rows this transaction writes."""
         for table, record in self.loaded:
             if table is not INSTANCES and record.changes(table):
                 self._touch(record)
-        ids = self.touched | {i for i, r in self.instances.items() if r.is_new or r.changes(INSTANCES)}
+        return self.touched | {i for i, r in self.instances.items() if r.is_new or r.changes(INSTANCES)}
+
+    def one_statement(self) -> bool:
+        """Whether `flush` on PostgreSQL sends one statement (it writes one instance's rows)."""
+        return len(self._ids()) == 1
+
+    def flush(self, conn: Connection, prepare: bool = False) -> None:
+        ids = self._ids()
         if not ids and not self.new:
             return
         if conn.dialect.name == "postgresql" and len(ids) == 1:

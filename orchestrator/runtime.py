@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from statemachine.exceptions import InvalidDefinition
 
 from .config import Settings, load_settings
-from .db import make_engine, make_session_factory
+from .db import make_autocommit_engine, make_engine, make_session_factory
 from .engine import Engine
 from .errors import ConfigError, WorkflowDefinitionError
 from .logs import mask_url
@@ -143,13 +143,7 @@ def build(settings: Settings | None = None, *, pre_ping: bool = False) -> Runtim
         raise ConfigError("WORKFLOW_MODULES", str(exc)) from None
     db = make_engine(settings.database_url, pool_pre_ping=pre_ping)
     sessions = make_session_factory(db)
-    # SQLite serialises writers anyway; a second pool there would only add lock waits (the
-    # relay's marks then go through the main engine, so they must commit explicitly)
-    autocommit = None if settings.is_sqlite else make_engine(
-        settings.database_url, pool_size=2, isolation_level="AUTOCOMMIT", pool_pre_ping=pre_ping,
-        # this pool only reads and marks outbox rows sent: a mark lost in a server crash costs
-        # one duplicate send (consumers de-duplicate), so it need not wait for the disk
-        connect_args={"options": "-c synchronous_commit=off"})
+    autocommit = make_autocommit_engine(settings.database_url, pool_pre_ping=pre_ping)
     relay = OutboxRelay(sessions, autocommit)
     relay.register("celery", celery_publisher(app))
     if settings.kafka_brokers:

@@ -103,16 +103,20 @@ def embedded(directory: Any) -> dict[str, str]:
 
 @contextmanager
 def engine_on(settings: Any, url: str, **overrides: Any) -> Iterator[Any]:
-    """An engine of its own on `url` (no relay: the tests read the outbox instead)."""
-    from orchestrator.db import make_engine, make_session_factory
+    """An engine of its own on `url`, with its pools as a process's runtime makes them (no relay:
+    the tests read the outbox instead)."""
+    from orchestrator.db import make_autocommit_engine, make_engine, make_session_factory
     from orchestrator.engine import Engine
     from orchestrator.workflow import registry
 
-    db = make_engine(url)
+    db, autocommit = make_engine(url), make_autocommit_engine(url)
     try:
-        yield Engine(settings.model_copy(update={"database_url": url, **overrides}), make_session_factory(db), registry)
+        yield Engine(settings.model_copy(update={"database_url": url, **overrides}), make_session_factory(db), registry,
+                     autocommit=autocommit)
     finally:
         db.dispose()
+        if autocommit is not None:
+            autocommit.dispose()
 
 
 @pytest.fixture(scope="session")

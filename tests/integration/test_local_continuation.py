@@ -228,39 +228,49 @@ def test_a_local_successor_is_claimed_by_the_report_that_dispatches_it(own_engin
     claims `two` and marks its outbox row sent, and hands it the rows it wrote. So each local
     hop is one transaction, its report, where it was two (a claim with its read, then the
     report), and a step run so sees what a read would have given it. The delivery of `one`
-    claims and reads in one statement on PostgreSQL (it was two)."""
+    claims and reads in one statement on PostgreSQL (it was two).
+
+    On PostgreSQL each of those transactions is one statement, run on the autocommit pool as a
+    transaction of its own: no BEGIN and no COMMIT round trip around it (the sessions' engine
+    begins nothing). On SQLite each report is a transaction of several statements."""
     engine = own_engine
     given = {"text": 'é "q" \\ \n', "list": [1, {"a": [2.5, None, True]}], "big": 2 ** 53 + 1}
     snapshot, _ = engine.start("trio", given)
     instance_id = snapshot["id"]
     step = trio_step.step_function
     continuation = Continuation({"trio.step": step}, 16)
-    commits: list[Any] = []
+    begins: list[Any] = []
     statements: list[str] = []
     bind = engine.sessions.kw["bind"]
+    engines = {bind, engine.reads}
 
-    def on_commit(conn: Any) -> None:
-        commits.append(conn)
+    def on_begin(conn: Any) -> None:
+        begins.append(conn)
 
     def on_statement(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
         if not statement.startswith("PREPARE "):  # once per connection and statement
             statements.append(statement)
 
-    event.listen(bind, "commit", on_commit)
-    event.listen(bind, "before_cursor_execute", on_statement)
+    event.listen(bind, "begin", on_begin)
+    for e in engines:
+        event.listen(e, "before_cursor_execute", on_statement)
     try:
         assert execute_step(engine, "trio.step", step, instance_id, "one", 1, continuation=continuation) == "done"
-        first, statements[:], commits[:] = list(statements), [], []
+        first, statements[:], begun = list(statements), [], list(begins)
         continuation.run_successors(engine)
     finally:
-        event.remove(bind, "commit", on_commit)
-        event.remove(bind, "before_cursor_execute", on_statement)
+        event.remove(bind, "begin", on_begin)
+        for e in engines:
+            event.remove(e, "before_cursor_execute", on_statement)
 
-    assert len(commits) == 2, statements  # the reports of `two` and `three`, nothing else
     assert not [s for s in statements if s.lstrip().upper().startswith("SELECT")], statements
     if bind.dialect.name == "postgresql":
+        assert engine.reads is not bind
         assert len(first) == 2, first  # the claim with its read, the report
         assert len(statements) == 2, statements  # each report is one statement there
+        assert begins == [], statements  # ... and a transaction of its own
+    else:
+        assert len(begins) - len(begun) == 2, statements  # the reports of `two` and `three`, nothing else
     with bind.connect() as conn:
         assert conn.execute(select(INSTANCES.c.state).where(INSTANCES.c.id == instance_id)).scalar() == "done"
         outputs = {name: data["output"] for name, data in conn.execute(
