@@ -107,15 +107,15 @@ class SagaFilter(Closed):
 
     model_config = ConfigDict(extra="forbid", strict=False, populate_by_name=True)
 
-    type: str = omittable(description="the workflow type (GET /workflow-types lists them)")
-    state: str = omittable(description="the instance's current state (one the type has; without a type, one any type has)")
+    type: str = omittable(min_length=1, description="the workflow type (GET /workflow-types lists them)")
+    state: str = omittable(min_length=1, description="the instance's current state (one the type has; without a type, one any type has)")
     status: InstanceStatus = omittable(description="running (not finished), completed (a success state), failed (a "
                                                    "failure state, e.g. route_content's tts_failed or story_failed) or cancelled")
-    key: str = omittable(description="the business key, exactly")
+    key: str = omittable(min_length=1, description="the business key, exactly")
     created_after: Instant = omittable(description="created at or after this ISO 8601 time (UTC when no offset)")
     created_before: Instant = omittable(description="created before this ISO 8601 time (UTC when no offset)")
-    error: str = omittable(description="a case-insensitive part of the instance's or a step's failure message")
-    step: str = omittable(description="the instance has a step of this name (with step_status: in that status)")
+    error: str = omittable(min_length=1, description="a case-insensitive part of the instance's or a step's failure message")
+    step: str = omittable(min_length=1, description="the instance has a step of this name (with step_status: in that status)")
     step_status: StepStatus = omittable(description="a step's current status (with step: that step's)")
 
 

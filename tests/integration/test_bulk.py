@@ -149,6 +149,24 @@ def test_bulk_without_a_filter_is_refused_and_touches_nothing(client, rt):
     assert "filter" in schema["required"], schema
 
 
+@pytest.mark.parametrize("name", ["type", "state", "key", "error", "step"])
+def test_an_empty_filter_value_is_refused_not_read_as_every_instance(client, rt, name):
+    """`{"type": ""}` (a template whose variable was empty) matched every instance of every type,
+    as only `{}` may: it is refused naming the field, and nothing is started."""
+    def jobs() -> int:
+        with rt.db.connect() as conn:
+            return len(conn.execute(select(BulkJob.id)).all())
+
+    client.post("/saga", json={"type": "order", "input": {"limit": 50, "parcels": [{"id": "p1"}]}})
+    before = jobs()
+    for dry_run in (True, False):
+        resp = client.post("/sagas/bulk", json={"action": "cancel", "filter": {name: ""}, "dry_run": dry_run},
+                           headers=ADMIN)
+        assert resp.status_code == 400, resp.json
+        assert resp.json["field"] == f"filter.{name}", resp.json
+    assert jobs() == before
+
+
 def test_cancel_stops_a_bulk_run_and_skips_what_is_no_longer_eligible(client, rt, worker):
     batch, ids = start_failed(client, 4)
     flt = {"type": "repair", "error": batch}
