@@ -1292,8 +1292,33 @@ class Engine:
                  branch: int | None, actor: str, started: datetime | None = None) -> None:
         found = self._active_run(uow, instance_id, step, attempt, branch)
         if found is None:
+            if branch is None:
+                self._completed_after_cancel(uow, instance_id, step, attempt, done, started)
             return
         self._succeed_run(uow, *found, done, branch, actor, started)
+
+    def _completed_after_cancel(self, uow: UnitOfWork, instance_id: str, step: str, attempt: int, done: Done,
+                                started: datetime | None) -> None:
+        """A step still running when its instance was cancelled (its run `cancelled`, the
+        instance in a cancelled state) reports that it did its work after all: the cancel could
+        not undo what had not happened yet, so the step is recorded completed and, if it
+        declares a compensation, compensated with the others (newest first: after any under
+        way). No transition: the instance stays cancelled."""
+        inst, run = uow.writes.instances.get(instance_id), uow.runs.get(instance_id, {}).get(step)
+        if inst is None or run is None or run.attempt != attempt or run.status != StepStatus.CANCELLED.value:
+            return
+        cls = self.workflow_class(inst.type)
+        found = cls.step_named(step)
+        if cls.status_of(inst.state) != "cancelled" or found is None or not found[1].compensate:
+            return
+        log.warning("step %s of %s completed after the instance was cancelled; its compensation follows",
+                    step, instance_id)
+        run.status = StepStatus.COMPLETED.value
+        run.data = {**(run.data or {}), "output": done.output}
+        run.progress = 100.0
+        run.started_at = run.started_at or started
+        run.finished_at = utcnow()
+        self._compensate(uow, inst, cls)
 
     def _succeed_run(self, uow: UnitOfWork, inst: Record, run: Record, done: Done, branch: int | None,
                      actor: str, started: datetime | None = None) -> None:

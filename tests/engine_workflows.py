@@ -256,6 +256,11 @@ class Trip(Workflow):
 
 @step_task("trip.book")
 def trip_book(ctx: StepContext) -> Done:
+    """`input.sleep`: {step: seconds} the booking takes, counted as begun (`book:<step>`) first."""
+    seconds = (ctx.input.get("sleep") or {}).get(ctx.step)
+    if seconds:
+        count(ctx.instance_id, f"book:{ctx.step}")
+        time.sleep(seconds)
     return Done(f"{ctx.step}_booked", {"booking": f"{ctx.step}-{ctx.instance_id[:8]}"})
 
 

@@ -122,6 +122,30 @@ def test_cancel_compensates_the_completed_step(inproc):
     assert [c[0] for c in CALLS].count("inproc.release") == 2
 
 
+def test_a_step_that_completes_after_the_cancel_is_compensated(inproc):
+    """The reserve step was claimed (running) when the cancel came; its report after the cancel
+    records it completed and runs its compensation, once (a duplicate report does nothing)."""
+    from orchestrator.engine import Done
+
+    inst, _ = inproc.engine.start("inproc-shop", {"parcels": ["a"]})
+    ctx = inproc.engine.claim_step(inst["id"], "reserve", 1)
+    assert ctx is not None
+    inproc.drop_pending()
+    assert inproc.engine.cancel(inst["id"])["compensation"] is None  # nothing completed yet
+    assert inproc.step(inst["id"], "reserve")["status"] == "cancelled"
+    inproc.engine.step_succeeded(inst["id"], "reserve", 1, Done("reserved", {"reservation": "late"}), basis=ctx.basis)
+    assert inproc.step(inst["id"], "reserve")["status"] == "compensating"
+    inproc.run()
+    snap = inproc.engine.snapshot(inst["id"])
+    assert snap["state"] == "cancelled" and snap["compensation"] == "completed", snap
+    assert inproc.step(inst["id"], "reserve")["status"] == "compensated"
+    assert inproc.step(inst["id"], "reserve")["data"]["output"] == {"reservation": "late"}
+    assert [c[0] for c in CALLS] == ["inproc.release"]
+    assert [h["event"] for h in snap["history"]] == ["create", "start", "cancel"]
+    inproc.engine.step_succeeded(inst["id"], "reserve", 1, Done("reserved", {}))  # a duplicate report
+    assert inproc.engine.snapshot(inst["id"])["compensation"] == "completed" and not inproc.outbox.pending
+
+
 # -- external steps ------------------------------------------------------------------------------
 def _questions(inproc):
     return inproc.outbox.sent("kafka", "questions")
