@@ -1757,6 +1757,30 @@ class Engine:
                     count += self._redispatch(uow, cls, run, found[1])
         return count
 
+    def resend_awaited_requests(self) -> int:
+        """Let the lease of every step that waits, under a lease, for the answer to a request it
+        sent (`External(resend=True)`, e.g. the balance saga's calculations) run out now: the
+        sweeper sends those requests again at once instead of STEP_LEASE_SECONDS later. For a
+        start on the embedded broker, which never hands out again a message that a process killed
+        with kill -9 had fetched: a request the other side had taken was lost with it. The other
+        side treats a repeat as one request (the contract of `resend`), and no worker runs these
+        steps meanwhile (their task has returned), so nothing runs twice. Returns how many."""
+        now = utcnow()
+        with self.unit_of_work() as uow:
+            rows = uow.execute(
+                select(RUNS.c.instance_id, RUNS.c.name, INSTANCES.c.type)
+                .join(INSTANCES, INSTANCES.c.id == RUNS.c.instance_id)
+                .where(RUNS.c.status == StepStatus.WAITING.value, RUNS.c.lease_until > now)).all()
+            awaited = [(row.instance_id, row.name) for row in rows
+                       if (cls := self.registry.get(row.type)) is not None
+                       and (found := cls.step_named(row.name)) is not None
+                       and found[1].external is not None and found[1].external.resend]
+            for instance_id, name in awaited:
+                uow.execute(update(RUNS).where(RUNS.c.instance_id == instance_id, RUNS.c.name == name,
+                                               RUNS.c.status == StepStatus.WAITING.value)
+                            .values(lease_until=now))
+        return len(awaited)
+
     def _redispatch(self, uow: UnitOfWork, cls: type[Workflow], run: Record, step: Step) -> int:
         """Deliver a step (or compensation) whose lease ran out again; 1 if it was sent."""
         if run.status == StepStatus.COMPENSATING.value:

@@ -49,6 +49,16 @@ def run(rt: Runtime, stop: threading.Event) -> None:
     each row wait for its delivery timeout, and timers, leases and bulk operations (every other
     workflow's progress) must not wait behind it."""
     log.info("sweeper running every %.2fs", rt.settings.sweep_interval)
+    if rt.settings.broker_url.startswith("sqla+"):
+        # The embedded broker lost what a process killed with kill -9 had fetched: requests
+        # waited on go again now rather than when their lease runs out (10 minutes by default).
+        try:
+            resent = rt.engine.resend_awaited_requests()
+        except Exception:  # the database is not there yet: their leases will run out instead
+            log.warning("could not send the requests waited on again at start", exc_info=True)
+        else:
+            if resent:
+                log.info("embedded broker: %d request(s) waited on sent again at start", resent)
     relay = threading.Thread(target=_loop, args=(rt, stop, "outbox sweep", publish_once), name="outbox-sweep",
                              daemon=True)
     relay.start()

@@ -468,6 +468,70 @@ def test_kill_9_of_dev_takes_every_child_with_it_and_dev_starts_again(tmp_path):
     assert code == 0, (tmp_path / "dev2.log").read_text()[-3000:]
 
 
+def _taken_calculations(tmp_path) -> int:
+    """Calculation tasks the emulated calculation worker has fetched from the embedded broker
+    (kombu's SQLAlchemy transport keeps a fetched message, invisible)."""
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "data" / "broker.db", timeout=30) as db:
+        return db.execute("SELECT count(*) FROM kombu_message m JOIN kombu_queue q ON q.id = m.queue_id "
+                          "WHERE q.name = 'orchestrator.calculations' AND NOT m.visible").fetchone()[0]
+
+
+def test_a_calculation_lost_in_a_kill_9_goes_again_when_dev_starts_again(tmp_path):
+    """`kill -9` of make run's process group while the emulated calculation worker computes: the
+    embedded broker never hands out again a message it had fetched, so the saga waited out the
+    step's lease (10 minutes). The next dev's sweeper sends the request again at start, and the
+    saga goes on at once (the calculation worker answers a repeat with the same commit)."""
+    import psutil
+
+    port, flower, emulators, gitlab = free_port(), free_port(), free_port_run(3), free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = _dev(tmp_path, port, flower, emulators, gitlab, "dev.log")
+    seen: list = []
+    try:
+        wait_http(f"{base}/healthz", timeout=120)
+        wait_for(lambda: requests.get(f"{base}/readyz", timeout=5).status_code == 200, timeout=60,
+                 what="dev to be ready")
+        saga = requests.post(f"{base}/saga/calculate-balance", timeout=30,
+                             json={"project": "demo/balance", "branch": "issue/7-kill"}).json()
+        assert saga["state"] == "AWAIT_USER_CONDENSER_INPUT", saga
+        taken = _taken_calculations(tmp_path)
+        answer = requests.post(f"{base}/sagas/{saga['saga_id']}/events/submit_input", timeout=30,
+                               json={"step": "CONDENSER", "use_hydrated": True})
+        assert answer.status_code == 200, answer.text
+        # the calculation worker takes 2 s per task: kill everything while it computes this one
+        wait_for(lambda: _taken_calculations(tmp_path) > taken, timeout=60, interval=0.05,
+                 what="the calculation worker to take the task")
+        seen = psutil.Process(proc.pid).children(recursive=True)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        wait_for(lambda: not _alive(seen), timeout=60, what="every process of the first dev to end")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for p in _alive(seen):
+            p.kill()
+
+    def moved_on() -> dict | None:
+        try:
+            found = requests.get(f"{base}/sagas/{saga['saga_id']}", timeout=5).json()
+        except requests.RequestException:
+            return None
+        return found if found["state"] != "CONDENSER_CALCULATION" else None
+
+    again = _dev(tmp_path, port, flower, emulators, gitlab, "dev2.log")
+    try:
+        state = wait_for(moved_on, timeout=120, interval=0.5,
+                         what="the saga to get past its lost calculation (its lease is 600 s)")
+    finally:
+        code = terminate(again)
+    assert code == 0, (tmp_path / "dev2.log").read_text()[-3000:]
+    assert state["status"] == "running", state
+    condenser = [s for s in state["steps"] if "condenser" in s["name"].lower() and "calc" in s["name"].lower()]
+    assert condenser and condenser[0]["status"] == "completed", state["steps"]
+
+
 def test_ctrl_c_stops_the_emulators_after_the_product_processes(tmp_path):
     """Ctrl-C stopped every child at once: the media emulators were gone while the worker, in its
     warm shutdown, still polled them, and the running stage counted the ConnectionError as a
