@@ -258,12 +258,16 @@ def _check_raw_url() -> None:
 
 def json_body(required: bool = True) -> Any:
     """The request's JSON body, or a 4xx that says what is wrong with it: a body that is not
-    `application/json` (415 naming `Content-Type`), more than API_MAX_BODY_BYTES (413), not JSON
+    `application/json`, or said to be in a charset other than UTF-8 (415 naming `Content-Type`),
+    more than API_MAX_BODY_BYTES (413), not JSON
     (invalid UTF-8 included) or nested deeper than the parser goes (400), or text the database
     cannot store, named by its dotted path (400)."""
     sent = bool(request.content_length) or "chunked" in request.headers.get("Transfer-Encoding", "").lower()
     if sent and not request.is_json:  # before reading: a form body would be parsed away
         raise InvalidInput("Content-Type", f"must be application/json, got {request.mimetype or 'none'!r}", 415)
+    charset = request.mimetype_params.get("charset")
+    if sent and charset is not None and charset.lower().replace("-", "") != "utf8":  # JSON is UTF-8 (RFC 8259)
+        raise InvalidInput("Content-Type", f"JSON must be utf-8, got charset {charset!r}", 415)
     data = request.get_data(cache=True)
     limit = request.max_content_length
     if request.content_length is None and limit is not None and len(data) >= limit:

@@ -123,6 +123,18 @@ def test_a_body_that_is_not_json_is_a_415_naming_the_content_type(api, ctype):
     assert_error(status, answer, 400, "type")
 
 
+@pytest.mark.parametrize("charset", [b"utf-16", b"latin-1", b"UTF-32BE"])
+def test_json_in_another_charset_is_a_415_not_read_as_utf8(api, charset):
+    """JSON is UTF-8 (RFC 8259): a body said to be in another charset was read as UTF-8 anyway,
+    so `é` sent in latin-1 became a 400 about bad UTF-8, or worse, other text."""
+    body = '{"type": "order", "input": {"note": "é"}}'.encode("latin-1" if charset == b"latin-1" else "utf-8")
+    status, answer = send(api, "POST", b"/saga", body, b"application/json; charset=" + charset)
+    assert_error(status, answer, 415, "Content-Type")
+    assert "utf-8" in answer["message"], answer
+    status, answer = send(api, "POST", b"/saga", b'{"type": "no-such-type"}', b'application/json; charset="UTF8"')
+    assert_error(status, answer, 400, "type")
+
+
 @pytest.mark.parametrize("body, field", [
     (b"[" * 50_000, "body"), (b'{"type": ' + b"[" * 990 + b"]" * 990 + b"}", None),
     (b'{"type": "order", "input": {"n": ' + b"9" * 5000 + b"}}", "body"), (b'{"type": "\xff"}', "body"),
