@@ -119,6 +119,21 @@ def engine_on(settings: Any, url: str, **overrides: Any) -> Iterator[Any]:
             autocommit.dispose()
 
 
+@pytest.fixture(params=["postgresql", "sqlite"])
+def own_engine(request: Any, rt: Any, tmp_path: Any) -> Iterator[Any]:
+    """An engine of its own (`engine_on`, no relay) on a new database of either kind."""
+    from orchestrator import migrate
+
+    if request.param == "postgresql":
+        with fresh_database() as url, engine_on(rt.settings, url) as engine:
+            yield engine
+    else:
+        url = f"sqlite:///{tmp_path / 'own.db'}"
+        migrate.upgrade(url)
+        with engine_on(rt.settings, url) as engine:
+            yield engine
+
+
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
     with fresh_database() as url:

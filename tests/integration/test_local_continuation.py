@@ -10,9 +10,8 @@ from typing import Any, Iterator
 import pytest
 from sqlalchemy import event, select, text
 
-from conftest import Process, engine_on, fresh_database, start_worker, wait_for
+from conftest import Process, start_worker, wait_for
 from engine_workflows import effects, trio_step
-from orchestrator import migrate
 from orchestrator.engine import CLAIMS, LOCAL, OUTBOX, RUNS
 from orchestrator.rows import INSTANCES
 from orchestrator.steps import Continuation, execute_step
@@ -208,19 +207,6 @@ def test_a_local_successor_that_dies_with_its_worker_is_a_failed_attempt_retried
     assert f"step next of {instance_id} (attempt 1): " in reporter.log.read_text(), reporter.log.read_text()[-3000:]
     assert _effects(instance_id) == {"near": 1, "next": 2, "far": 1}
     assert [h["event"] for h in saga["history"]].count("nexted") == 1, saga["history"]
-
-
-@pytest.fixture(params=["postgresql", "sqlite"])
-def own_engine(request: Any, rt: Any, tmp_path: Any) -> Iterator[Any]:
-    """An engine of its own, without a relay, on a new database of either kind."""
-    if request.param == "postgresql":
-        with fresh_database() as url, engine_on(rt.settings, url) as engine:
-            yield engine
-    else:
-        url = f"sqlite:///{tmp_path / 'trio.db'}"
-        migrate.upgrade(url)
-        with engine_on(rt.settings, url) as engine:
-            yield engine
 
 
 def test_a_local_successor_is_claimed_by_the_report_that_dispatches_it(own_engine):

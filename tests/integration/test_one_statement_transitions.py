@@ -6,15 +6,13 @@ so that what the workflow wrote commits, or fails, with the transition."""
 from __future__ import annotations
 
 import uuid
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from sqlalchemy import event, func, select
 from sqlalchemy.exc import IntegrityError
 from statemachine import State
 
-from conftest import engine_on, fresh_database
-from orchestrator import migrate
 from orchestrator.models import utcnow
 from orchestrator.rows import INSTANCES
 from orchestrator.workflow import Workflow, register
@@ -38,19 +36,6 @@ class WorkerRow(Workflow):
         self.session.add(Worker(worker_id=self.model.context["input"]["worker_id"], scenario_uuid="s",
                                 camera_url="rtsp://camera", status="pending", created_at=utcnow(),
                                 updated_at=utcnow()))
-
-
-@pytest.fixture(params=["postgresql", "sqlite"])
-def own_engine(request: Any, rt: Any, tmp_path: Any) -> Iterator[Any]:
-    """An engine of its own, its pools as a runtime makes them, on a new database of either kind."""
-    if request.param == "postgresql":
-        with fresh_database() as url, engine_on(rt.settings, url) as engine:
-            yield engine
-    else:
-        url = f"sqlite:///{tmp_path / 'rows.db'}"
-        migrate.upgrade(url)
-        with engine_on(rt.settings, url) as engine:
-            yield engine
 
 
 def test_a_start_is_one_statement_and_a_transaction_of_its_own_on_postgresql(own_engine):
