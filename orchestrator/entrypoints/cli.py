@@ -393,6 +393,9 @@ def cmd_produce(args: argparse.Namespace) -> None:
 
 
 def cmd_flower(args: argparse.Namespace) -> None:
+    # Flower serves its own metrics from its process: in the directory the API's /metrics
+    # gathers (orchestrator dev shares one among its children) they showed up there as well
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
     from orchestrator import runtime
 
     rt = runtime.current()
