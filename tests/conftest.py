@@ -269,6 +269,29 @@ def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.1, what:
         time.sleep(interval)
 
 
+def start_flower(name: str, env: dict[str, str]) -> tuple[Process, str]:
+    """`orchestrator flower` on a free port with `env` (FLOWER_BASIC_AUTH included), once its
+    open /healthcheck answers: the process and its base URL."""
+    from orchestrator.entrypoints.ports import free_port
+
+    port = free_port()
+    proc = Process(name, ["flower", "--port", str(port)], env).start()
+    base = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return requests.get(f"{base}/healthcheck", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    try:
+        wait_for(up, timeout=60, interval=0.3, what="flower")
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, base
+
+
 def start_worker(env: dict[str, str], rt: Any, name: str, concurrency: int = 4) -> Process:
     worker = Process(name, ["worker", "--concurrency", str(concurrency), "--name", f"{name}@%h"], env).start()
     node = f"{name}@"

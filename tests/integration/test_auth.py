@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import pytest
 import requests
-from conftest import Process, wait_for
+from conftest import Process, start_flower, wait_for
 from orchestrator.entrypoints.ports import free_port
 
 TOKEN = "test-admin-token"
@@ -158,17 +158,8 @@ def test_the_console_is_off_without_a_login_configured(api_without_token):
 
 
 def test_flower_refuses_without_its_login(env):
-    port = free_port()
-    proc = Process("flower-auth", ["flower", "--port", str(port)], {**env, "FLOWER_BASIC_AUTH": FLOWER}).start()
-    base = f"http://127.0.0.1:{port}"
+    proc, base = start_flower("flower-auth", {**env, "FLOWER_BASIC_AUTH": FLOWER})
     try:
-        def up() -> bool:
-            try:
-                return requests.get(f"{base}/healthcheck", timeout=1).status_code == 200
-            except requests.RequestException:
-                return False
-
-        wait_for(up, timeout=60, interval=0.3, what="flower")
         for path in ("/", "/api/tasks", "/api/workers", "/tasks", "/broker", "/metrics"):
             for auth in (None, ("flower", "wrong"), ("admin", "admin")):
                 r = requests.get(base + path, auth=auth, timeout=10)
